@@ -1,0 +1,31 @@
+# Every target creates .venv and installs what it needs first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-all bench models clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/swinv2 train --config configs/demo_digits.yaml --out runs/demo_digits
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m ''
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_cpu.py --out benchmarks/results
+
+models: $(STAMP)
+	$(VENV)/bin/swinv2 models
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,14 @@
+"""swinv2: Swin Transformer V2 with the official numerics, every variant and weight format."""
+from .flops import count_flops
+from .model import SwinTransformerV2, SwinV2Config
+from .registry import create_model, get_variant, list_models
+
+__all__ = [
+    "SwinTransformerV2",
+    "SwinV2Config",
+    "count_flops",
+    "create_model",
+    "get_variant",
+    "list_models",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,495 @@
+"""Swin Transformer V2 (Liu et al., arXiv 2111.09883), with the official parameter names and numerics.
+
+Read bottom-up: window helpers -> continuous position bias -> attention -> block -> patch merging ->
+stage -> model. Feature maps stay channels-last, (B, H, W, C), from the patch embedding to the head.
+
+What V2 changes over V1, and where it lives here:
+  * res-post-norm (paper §3.2): `SwinTransformerBlock.forward`, post-norms zero-initialised.
+  * scaled cosine attention (paper §3.2): `WindowAttention`, per-head `logit_scale` clamped at log(100).
+  * log-spaced continuous position bias (paper §3.3): `log_spaced_coords` + `cpb_mlp`, `16 * sigmoid`.
+  * v2 patch merging: `PatchMerging`, reduction THEN norm.
+
+Beyond the official code: any input size (pad to a window multiple, then shift; odd sizes padded
+before merging), windows clamped at run time from the actual feature-map size, masks and tables
+cached per size, the position bias cached while its parameters are unchanged (inference only),
+attention through `F.scaled_dot_product_attention`, activation checkpointing, multi-scale features.
+This module imports torch only.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from functools import lru_cache
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import Tensor, nn
+
+# Official mask value for token pairs from different regions of a shifted window.
+MASK_VALUE = -100.0
+# Names of the derived tensors the official code stores as buffers; never ours, tolerated on load.
+DERIVED_KEYS = ("relative_coords_table", "relative_position_index", "attn_mask")
+
+
+@dataclass(frozen=True)
+class SwinV2Config:
+    """Architecture of a SwinV2 model. `img_size` is the nominal (training) size; any size runs."""
+
+    img_size: tuple[int, int] = (256, 256)
+    patch_size: int = 4
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 96
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: tuple[int, ...] = (3, 6, 12, 24)
+    window_size: int = 8
+    # Per stage, the window the weights were pre-trained with (0 = none): the CPB input is
+    # normalised by it so that a larger window extrapolates in log space (paper §3.3).
+    pretrained_window_sizes: tuple[int, ...] = (0, 0, 0, 0)
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.1
+    patch_norm: bool = True
+    cpb_hidden_dim: int = 512
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: normalise types once, here
+        size = self.img_size
+        set_(self, "img_size", (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size))
+        for name in ("depths", "num_heads", "pretrained_window_sizes"):
+            set_(self, name, tuple(int(v) for v in getattr(self, name)))
+        n = len(self.depths)
+        if len(self.num_heads) != n or len(self.pretrained_window_sizes) != n:
+            raise ValueError(
+                f"depths, num_heads and pretrained_window_sizes need one entry per stage; got "
+                f"{self.depths}, {self.num_heads}, {self.pretrained_window_sizes}"
+            )
+        for i, heads in enumerate(self.num_heads):
+            if (self.embed_dim * 2**i) % heads:
+                raise ValueError(f"stage {i}: dim {self.embed_dim * 2**i} is not divisible by {heads} heads")
+        if self.window_size < 1 or self.patch_size < 1:
+            raise ValueError("window_size and patch_size must be positive")
+
+    @property
+    def num_features(self) -> int:
+        return int(self.embed_dim * 2 ** (len(self.depths) - 1))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SwinV2Config":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown SwinV2Config keys: {', '.join(unknown)}")
+        return cls(**d)
+
+
+# --------------------------------------------------------------------------- window helpers
+
+
+def window_partition(x: Tensor, window: int) -> Tensor:
+    """(B, H, W, C) -> (B*nW, window*window, C); H and W are multiples of `window`."""
+    B, H, W, C = x.shape
+    x = x.view(B, H // window, window, W // window, window, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, C)
+
+
+def window_reverse(windows: Tensor, window: int, H: int, W: int) -> Tensor:
+    """(B*nW, window*window, C) -> (B, H, W, C); the inverse of `window_partition`."""
+    C = windows.shape[-1]
+    x = windows.view(-1, H // window, W // window, window, window, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)
+
+
+def effective_window(H: int, W: int, window: int, shift: int) -> tuple[int, int]:
+    """Official rule: a map not larger than the window is one window, unshifted."""
+    if min(H, W) <= window:
+        return min(H, W), 0
+    return window, shift
+
+
+@lru_cache(maxsize=64)
+def shift_mask(Hp: int, Wp: int, window: int, shift: int, device: torch.device) -> Tensor:
+    """(nW, N, N) fp32 mask of 0 / -100 for a shifted (padded) Hp x Wp map, as the official code.
+
+    Cached per size and device: never rebuilt per call. Created outside inference mode so the
+    cached tensor may later take part in autograd.
+    """
+    with torch.inference_mode(False), torch.no_grad():
+        def region(n: int) -> Tensor:  # slices (0,-window), (-window,-shift), (-shift,None)
+            idx = torch.arange(n, device=device)
+            return (idx >= n - window).long() + (idx >= n - shift).long()
+
+        img = (region(Hp)[:, None] * 3 + region(Wp)[None, :]).float()  # (Hp, Wp)
+        win = window_partition(img[None, :, :, None], window).squeeze(-1)  # (nW, N)
+        diff = win[:, None, :] - win[:, :, None]
+        return torch.where(diff != 0, MASK_VALUE, 0.0)
+
+
+@lru_cache(maxsize=64)
+def log_spaced_coords(window: int, pretrained_window: int, device: torch.device) -> Tensor:
+    """((2w-1)^2, 2) fp32 CPB input: relative offsets, normalised, then sign*log2(1+|x|)/log2(8)."""
+    with torch.inference_mode(False), torch.no_grad():
+        r = torch.arange(-(window - 1), window, dtype=torch.float32, device=device)
+        table = torch.stack(torch.meshgrid(r, r, indexing="ij"), dim=-1)  # (2w-1, 2w-1, 2)
+        # A window of 1 has the single offset 0; dividing by max(.,1) keeps it 0 instead of 0/0.
+        table = table / max((pretrained_window if pretrained_window > 0 else window) - 1, 1)
+        table = table * 8  # to [-8, 8]
+        table = torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
+        return table.reshape(-1, 2)
+
+
+@lru_cache(maxsize=64)
+def relative_position_index(window: int, device: torch.device) -> Tensor:
+    """(N, N) index of each token pair's offset into the (2w-1)^2 table, N = window^2."""
+    with torch.inference_mode(False), torch.no_grad():
+        coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)  # (N, N, 2)
+        return (rel[..., 0] * (2 * window - 1) + rel[..., 1]).to(device)
+
+
+# --------------------------------------------------------------------------- layers
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (Huang et al. 2016), scaled by 1/keep in training."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class WindowAttention(nn.Module):
+    """Scaled cosine attention within windows plus the log-spaced continuous position bias.
+
+    attn = softmax(cos(q, k) * exp(min(logit_scale, log 100)) + 16*sigmoid(cpb_mlp(table)) [+ mask])
+    """
+
+    fused: bool = True  # F.scaled_dot_product_attention; False runs the plain official formula
+
+    def __init__(self, dim: int, num_heads: int, *, pretrained_window_size: int = 0, qkv_bias: bool = True,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, cpb_hidden_dim: int = 512) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.pretrained_window_size = pretrained_window_size
+        self.logit_scale = nn.Parameter(torch.log(10 * torch.ones(num_heads, 1, 1)))
+        self.cpb_mlp = nn.Sequential(
+            nn.Linear(2, cpb_hidden_dim), nn.ReLU(inplace=True), nn.Linear(cpb_hidden_dim, num_heads, bias=False)
+        )
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        # The k bias is fixed at zero (official): only q and v carry learnable biases.
+        self.q_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
+        self.v_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self._bias_cache: dict[int, tuple[tuple, Tensor | None, Tensor]] = {}
+
+    def position_bias(self, window: int) -> Tensor:
+        """(nH, N, N) = 16 * sigmoid(cpb_mlp(log-spaced table))[relative_position_index]."""
+        weight = self.cpb_mlp[0].weight
+        table = log_spaced_coords(window, self.pretrained_window_size, weight.device).to(weight.dtype)
+        bias = self.cpb_mlp(table)  # ((2w-1)^2, nH)
+        index = relative_position_index(window, weight.device).view(-1)
+        N = window * window
+        bias = bias[index].view(N, N, self.num_heads).permute(2, 0, 1)
+        return 16 * torch.sigmoid(bias)
+
+    def _param_versions(self) -> tuple:
+        return tuple((p.data_ptr(), p._version, p.dtype) for p in self.cpb_mlp.parameters())
+
+    def attention_bias(self, window: int, mask: Tensor | None) -> Tensor:
+        """(nW or 1, nH, N, N) position bias plus shift mask.
+
+        Without autograd the result is cached and reused until a CPB parameter changes (its data
+        pointer, dtype or in-place version counter: optimiser steps, `load_state_dict`, `.to()`).
+        """
+        cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        if cacheable:
+            versions = self._param_versions()
+            hit = self._bias_cache.get(window)
+            # The entry holds the mask itself, so an identity check cannot see a recycled id.
+            if hit is not None and hit[0] == versions and hit[1] is mask:
+                return hit[2]
+        bias = self.position_bias(window)[None]  # (1, nH, N, N)
+        if mask is not None:
+            bias = bias + mask.to(bias.dtype)[:, None]  # (nW, nH, N, N)
+        if cacheable:
+            with torch.inference_mode(False):
+                bias = bias.clone()
+            self._bias_cache[window] = (versions, mask, bias)
+        return bias
+
+    def forward(self, x: Tensor, window: int, mask: Tensor | None = None) -> Tensor:
+        """x: (B*nW, N, C) windows of B images; mask: (nW, N, N) or None. Returns (B*nW, N, C)."""
+        BnW, N, C = x.shape
+        nH = self.num_heads
+        nW = 1 if mask is None else mask.shape[0]
+        B = BnW // nW
+        qkv_bias = None
+        if self.q_bias is not None:
+            qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
+        qkv = F.linear(x, self.qkv.weight, qkv_bias)  # (B*nW, N, 3C)
+        qkv = qkv.view(B, nW, N, 3, nH, C // nH).permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, nH, N, d)
+        q, k, v = qkv.unbind(0)
+        logit_scale = torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()  # (nH, 1, 1)
+        bias = self.attention_bias(window, mask)  # (nW|1, nH, N, N)
+        if self.fused:
+            # softmax((q/|q| * s) @ (k/|k|)^T + bias): SDPA with scale=1. Windows and heads share
+            # one axis so the (nW, nH, N, N) bias broadcasts over the batch without a copy.
+            q = (F.normalize(q, dim=-1) * logit_scale.to(q.dtype)).reshape(B, nW * nH, N, -1)
+            k = F.normalize(k, dim=-1).reshape(B, nW * nH, N, -1)
+            v = v.reshape(B, nW * nH, N, -1)
+            attn_mask = bias.to(q.dtype).expand(nW, nH, N, N).reshape(1, nW * nH, N, N)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0.0, scale=1.0
+            ).view(B, nW, nH, N, -1)
+        else:  # the official formula, op for op
+            attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)  # (B, nW, nH, N, N)
+            attn = attn * logit_scale + bias.to(attn.dtype)
+            attn = F.dropout(attn.softmax(dim=-1), self.attn_drop, self.training)
+            out = attn @ v  # (B, nW, nH, N, d)
+        out = out.permute(0, 1, 3, 2, 4).reshape(BnW, N, C)
+        return self.proj_drop(self.proj(out))
+
+
+class SwinTransformerBlock(nn.Module):
+    """(Shifted-)window attention and MLP, each followed by its res-post-norm (paper §3.2)."""
+
+    def __init__(self, dim: int, num_heads: int, *, window_size: int, shift_size: int, pretrained_window_size: int,
+                 mlp_ratio: float, qkv_bias: bool, drop: float, attn_drop: float, drop_path: float,
+                 cpb_hidden_dim: int) -> None:
+        super().__init__()
+        self.window_size = window_size
+        self.shift_size = shift_size
+        self.attn = WindowAttention(dim, num_heads, pretrained_window_size=pretrained_window_size,
+                                    qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop,
+                                    cpb_hidden_dim=cpb_hidden_dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.drop_path = DropPath(drop_path)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.norm2 = nn.LayerNorm(dim)
+
+    def _attend(self, x: Tensor) -> Tensor:
+        """(B, H, W, C) -> (B, H, W, C): pad to a window multiple, THEN shift, attend, undo both."""
+        B, H, W, C = x.shape
+        window, shift = effective_window(H, W, self.window_size, self.shift_size)
+        pad_h, pad_w = -H % window, -W % window
+        if pad_h or pad_w:
+            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        Hp, Wp = H + pad_h, W + pad_w
+        if shift:
+            x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
+        mask = shift_mask(Hp, Wp, window, shift, x.device) if shift else None
+        x = window_reverse(self.attn(window_partition(x, window), window, mask), window, Hp, Wp)
+        if shift:
+            x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
+        return x[:, :H, :W] if (pad_h or pad_w) else x
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path(self.norm1(self._attend(x)))
+        return x + self.drop_path(self.norm2(self.mlp(x)))
+
+
+class PatchMerging(nn.Module):
+    """2x2 neighbours concatenated, Linear(4C, 2C), THEN LayerNorm(2C) (the V2 order)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = nn.LayerNorm(2 * dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 2C); odd sizes are zero-padded first."""
+        B, H, W, C = x.shape
+        if H % 2 or W % 2:
+            x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+            H, W = H + H % 2, W + W % 2
+        # Official order x0=[0::2,0::2], x1=[1::2,0::2], x2=[0::2,1::2], x3=[1::2,1::2]: the row
+        # offset varies fastest, so the (row, col) offset axes are swapped before flattening.
+        x = x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, H // 2, W // 2, 4 * C)
+        return self.norm(self.reduction(x))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patch_size x patch_size patches -> embed_dim, channels-last, optional norm."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, norm: bool) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim) if norm else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, ceil(H/p), ceil(W/p), C); sizes not divisible by p are padded."""
+        p = self.patch_size
+        pad_h, pad_w = -x.shape[2] % p, -x.shape[3] % p
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class BasicLayer(nn.Module):
+    """One stage: `depth` blocks alternating regular / shifted windows, then optional merging."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, *, window_size: int, pretrained_window_size: int,
+                 drop_path: list[float], downsample: bool, cfg: SwinV2Config) -> None:
+        super().__init__()
+        self.grad_checkpointing = False
+        self.blocks = nn.ModuleList(
+            SwinTransformerBlock(
+                dim, num_heads, window_size=window_size, shift_size=0 if i % 2 == 0 else window_size // 2,
+                pretrained_window_size=pretrained_window_size, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
+                drop=cfg.drop_rate, attn_drop=cfg.attn_drop_rate, drop_path=drop_path[i],
+                cpb_hidden_dim=cfg.cpb_hidden_dim,
+            )
+            for i in range(depth)
+        )
+        self.downsample = PatchMerging(dim) if downsample else None
+
+    def forward_blocks(self, x: Tensor) -> Tensor:
+        for blk in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.forward_blocks(x)
+        return x if self.downsample is None else self.downsample(x)
+
+    def _init_respostnorm(self) -> None:
+        # Official init: post-norms start at zero, so every block starts as an identity map.
+        for blk in self.blocks:
+            for norm in (blk.norm1, blk.norm2):
+                nn.init.zeros_(norm.weight)
+                nn.init.zeros_(norm.bias)
+
+
+# --------------------------------------------------------------------------- model
+
+
+class SwinTransformerV2(nn.Module):
+    """SwinV2 image classifier / backbone. Input (B, in_chans, H, W) of any size."""
+
+    def __init__(self, config: SwinV2Config | None = None, **kwargs: Any) -> None:
+        super().__init__()
+        cfg = config if config is not None else SwinV2Config(**kwargs)
+        self.config = cfg
+        self.num_classes = cfg.num_classes
+        self.num_features = cfg.num_features
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.patch_norm)
+        self.pos_drop = nn.Dropout(cfg.drop_rate)
+        dpr = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths), device="cpu").tolist()  # linear rule
+        n_stages = len(cfg.depths)
+        self.layers = nn.ModuleList(
+            BasicLayer(
+                cfg.embed_dim * 2**i, depth, cfg.num_heads[i], window_size=cfg.window_size,
+                pretrained_window_size=cfg.pretrained_window_sizes[i],
+                drop_path=dpr[sum(cfg.depths[:i]): sum(cfg.depths[: i + 1])],
+                downsample=i < n_stages - 1, cfg=cfg,
+            )
+            for i, depth in enumerate(cfg.depths)
+        )
+        self.norm = nn.LayerNorm(self.num_features)
+        self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+        for layer in self.layers:
+            layer._init_respostnorm()
+        self.register_load_state_dict_pre_hook(_drop_derived_keys)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def no_weight_decay_keywords(self) -> set[str]:
+        """Parameter-name substrings exempt from weight decay (official set, plus 1-D params)."""
+        return {"cpb_mlp", "logit_scale", "relative_position_bias_table"}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass instead of storing its activations."""
+        for layer in self.layers:
+            layer.grad_checkpointing = enable
+
+    def set_fused_attention(self, enable: bool = True) -> None:
+        """Attention via `F.scaled_dot_product_attention` (default) or the plain official formula."""
+        for m in self.modules():
+            if isinstance(m, WindowAttention):
+                m.fused = enable
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            self._init_weights(self.head)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, h, w, num_features), final norm applied."""
+        x = self.pos_drop(self.patch_embed(x))
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """(B, h, w, C) -> (B, num_classes), or the pooled (B, C) features with `pre_logits`."""
+        x = x.mean(dim=(1, 2))
+        return x if pre_logits else self.head(x)
+
+    def forward_intermediates(self, x: Tensor, *, norm: bool = False) -> list[Tensor]:
+        """Each stage's output before its merging, as (B, C_i, H_i, W_i) maps (C_i = embed_dim*2^i).
+
+        With `norm`, the last map goes through the final LayerNorm, as `forward_features` does.
+        """
+        x = self.pos_drop(self.patch_embed(x))
+        maps = []
+        for i, layer in enumerate(self.layers):
+            x = layer.forward_blocks(x)
+            out = self.norm(x) if (norm and i == len(self.layers) - 1) else x
+            maps.append(out.permute(0, 3, 1, 2).contiguous())
+            if layer.downsample is not None:
+                x = layer.downsample(x)
+        return maps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _drop_derived_keys(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """Official checkpoints still carry derived buffers; they are recomputed here, so drop them."""
+    for key in [k for k in state_dict if k.startswith(prefix) and k.rsplit(".", 1)[-1] in DERIVED_KEYS]:
+        del state_dict[key]

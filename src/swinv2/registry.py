@@ -1,0 +1,158 @@
+"""The official SwinV2 variants: architecture, eval preprocessing and the paper's reference numbers.
+
+Each record is documentation and test oracle at once (the torchvision weights-record idea): what the
+model is, how the official code evaluates it, and what the paper / official model zoo report for it.
+Names follow timm; the official config names are aliases.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from .model import SwinTransformerV2, SwinV2Config
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class EvalPreprocess:
+    """Official eval transform: resize to img_size / crop_pct (bicubic), centre crop img_size."""
+
+    img_size: int
+    crop_pct: float
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    config: SwinV2Config
+    preprocess: EvalPreprocess
+    aliases: tuple[str, ...] = ()
+    pretrain: str = "in1k"            # in1k | in22k | in22k->in1k
+    top1: float | None = None         # paper / official model zoo, ImageNet-1k val
+    top5: float | None = None
+    paper_gmacs: float | None = None  # the paper table's FLOPs column (MACs, 1000-class head)
+    fps_v100: int | None = None       # the official table's throughput (V100, batch 64)
+    official: bool = True
+
+
+_FAMILIES: dict[str, dict[str, Any]] = {
+    "tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2),
+    "small": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3),
+    "base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5),
+    "large": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), drop_path_rate=0.2),
+}
+# Reference parameter counts of the official code, 1000-class heads.
+OFFICIAL_PARAMS = {"tiny": 28_347_154, "small": 49_728_418, "base": 87_918_816, "large": 196_739_932}
+
+
+def _variant(family: str, window: int, img: int, *, pretrained: int = 0, classes: int = 1000,
+             drop_path: float | None = None, alias: str, pretrain: str = "in1k", top1=None, top5=None,
+             gmacs=None, fps=None, name: str | None = None) -> Variant:
+    arch = dict(_FAMILIES[family])
+    if drop_path is not None:
+        arch["drop_path_rate"] = drop_path
+    pws = (pretrained, pretrained, pretrained, pretrained // 2) if pretrained else (0, 0, 0, 0)
+    cfg = SwinV2Config(img_size=(img, img), window_size=window, pretrained_window_sizes=pws,
+                       num_classes=classes, **arch)
+    if name is None:
+        win = f"window{pretrained}to{window}" if pretrained else f"window{window}"
+        res = f"_192to{img}" if pretrained else f"_{img}"
+        name = f"swinv2_{family}_{win}{res}"
+    # Official eval: resize to img/0.875 and centre-crop below 384 px; plain resize at 384.
+    crop = 1.0 if img >= 384 else 0.875
+    return Variant(name, cfg, EvalPreprocess(img, crop), (alias,), pretrain, top1, top5, gmacs, fps)
+
+
+_VARIANTS = [
+    _variant("tiny", 8, 256, alias="swinv2_tiny_patch4_window8_256", top1=81.8, top5=95.9, gmacs=5.9, fps=572),
+    _variant("tiny", 16, 256, alias="swinv2_tiny_patch4_window16_256", top1=82.8, top5=96.2, gmacs=6.6, fps=437),
+    _variant("small", 8, 256, alias="swinv2_small_patch4_window8_256", top1=83.7, top5=96.6, gmacs=11.5, fps=327),
+    _variant("small", 16, 256, alias="swinv2_small_patch4_window16_256", top1=84.1, top5=96.8, gmacs=12.6,
+             fps=257),
+    _variant("base", 8, 256, alias="swinv2_base_patch4_window8_256", top1=84.2, top5=96.9, gmacs=20.3, fps=217),
+    _variant("base", 16, 256, alias="swinv2_base_patch4_window16_256", top1=84.6, top5=97.0, gmacs=21.8, fps=174),
+    _variant("base", 12, 192, classes=21841, drop_path=0.2, alias="swinv2_base_patch4_window12_192_22k",
+             pretrain="in22k", name="swinv2_base_window12_192"),
+    _variant("large", 12, 192, classes=21841, drop_path=0.2, alias="swinv2_large_patch4_window12_192_22k",
+             pretrain="in22k", name="swinv2_large_window12_192"),
+    _variant("base", 16, 256, pretrained=12, drop_path=0.2, pretrain="in22k->in1k",
+             alias="swinv2_base_patch4_window12to16_192to256_22kto1k_ft", top1=86.2, top5=97.9, gmacs=21.8,
+             fps=174),
+    _variant("base", 24, 384, pretrained=12, drop_path=0.2, pretrain="in22k->in1k",
+             alias="swinv2_base_patch4_window12to24_192to384_22kto1k_ft", top1=87.1, top5=98.2, gmacs=54.7,
+             fps=57),
+    _variant("large", 16, 256, pretrained=12, drop_path=0.2, pretrain="in22k->in1k",
+             alias="swinv2_large_patch4_window12to16_192to256_22kto1k_ft", top1=86.9, top5=98.0, gmacs=47.5,
+             fps=95),
+    _variant("large", 24, 384, pretrained=12, drop_path=0.2, pretrain="in22k->in1k",
+             alias="swinv2_large_patch4_window12to24_192to384_22kto1k_ft", top1=87.6, top5=98.3, gmacs=115.4,
+             fps=33),
+    # Not official: a model small enough for unit tests and for demos on a CPU in minutes.
+    Variant("swinv2_micro_window4_32",
+            SwinV2Config(img_size=(32, 32), embed_dim=24, depths=(2, 2), num_heads=(2, 4), window_size=4,
+                         pretrained_window_sizes=(0, 0), drop_path_rate=0.1),
+            EvalPreprocess(32, 0.875), official=False),
+]
+VARIANTS: dict[str, Variant] = {v.name: v for v in _VARIANTS}
+ALIASES: dict[str, str] = {a: v.name for v in _VARIANTS for a in v.aliases}
+
+
+def list_models(*, include_unofficial: bool = False) -> list[str]:
+    """Names of the registered variants (the 12 official ones unless `include_unofficial`)."""
+    return [v.name for v in _VARIANTS if v.official or include_unofficial]
+
+
+def get_variant(name: str) -> Variant:
+    """The record for `name` (or an official config-name alias); unknown names suggest the closest."""
+    key = ALIASES.get(name, name)
+    if key not in VARIANTS:
+        close = difflib.get_close_matches(name, list(VARIANTS) + list(ALIASES), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise KeyError(f"unknown model {name!r}{hint}; `swinv2 models` lists them")
+    return VARIANTS[key]
+
+
+def model_config(name: str, **overrides: Any) -> SwinV2Config:
+    """The variant's config with `overrides` applied (None values are ignored)."""
+    cfg = get_variant(name).config
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if isinstance(overrides.get("pretrained_window_sizes"), int):
+        overrides["pretrained_window_sizes"] = (overrides["pretrained_window_sizes"],) * len(cfg.depths)
+    try:
+        return replace(cfg, **overrides)
+    except TypeError as e:
+        raise TypeError(f"create_model({name!r}): {e}") from None
+
+
+def create_model(name: str, *, num_classes: int | None = None, img_size: int | tuple[int, int] | None = None,
+                 window_size: int | None = None, pretrained_window_sizes: tuple[int, ...] | None = None,
+                 drop_path_rate: float | None = None, weights: Any = None, strict: bool = True,
+                 **kw: Any) -> SwinTransformerV2:
+    """Build a registered variant, optionally overriding its config and loading `weights`.
+
+    `weights` is a path or a state dict in any supported format (see `swinv2.load_weights`); window
+    and resolution changes transfer by construction, 21841 -> 1000 heads through the official map.
+    """
+    cfg = model_config(name, num_classes=num_classes, img_size=img_size, window_size=window_size,
+                       pretrained_window_sizes=pretrained_window_sizes, drop_path_rate=drop_path_rate, **kw)
+    model = SwinTransformerV2(cfg)
+    if weights is not None:
+        from .checkpoint import load_weights  # checkpoint sits above registry; imported on use
+
+        load_weights(model, weights, strict=strict)
+    return model
+
+
+def count_params(config: SwinV2Config) -> int:
+    """Parameter count of `config`, built on the meta device (no memory, no init cost)."""
+    with torch.device("meta"):
+        model = SwinTransformerV2(config)
+    return sum(p.numel() for p in model.parameters())
