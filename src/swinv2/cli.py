@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     try:
         return int(args.func(args) or 0)
-    except (UserError, FileNotFoundError, KeyError, ValueError, TypeError) as e:
+    except (UserError, OSError, KeyError, ValueError, TypeError) as e:  # OSError: checkpoint.CheckpointError too
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"swinv2 {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -1,0 +1,27 @@
+"""`swinv2 models`: the zoo table a user first meets."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import swinv2
+from swinv2.cli import main
+
+
+def test_models_lists_every_variant_with_its_numbers(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in swinv2.list_models():
+        assert name in out
+    assert "28.3M" in out and "115.4" in out and "87.6" in out
+    assert "swinv2_micro_window4_32" not in out
+
+
+def test_python_dash_m_entry_point():
+    res = subprocess.run([sys.executable, "-m", "swinv2", "models", "--all"], capture_output=True, text=True)
+    assert res.returncode == 0 and "swinv2_micro_window4_32" in res.stdout
+
+
+def test_unknown_subcommand_fails_cleanly():
+    res = subprocess.run([sys.executable, "-m", "swinv2", "frobnicate"], capture_output=True, text=True)
+    assert res.returncode != 0 and "invalid choice" in res.stderr
