@@ -225,3 +225,44 @@ def test_fused_error_is_float_rounding():
     timm_err = (timm32 - truth).abs().max().item()
     ours_err = (ours32 - truth).abs().max().item()
     assert ours_err <= 2 * timm_err + 1e-6
+
+
+def _cached_bias(model) -> torch.Tensor:
+    attn = model.layers[0].blocks[1].attn
+    return next(iter(attn._bias_cache.values()))[2]
+
+
+def test_cached_bias_is_reused_then_recomputed_after_an_optimizer_step():
+    model = randomize_(micro(), seed=8)
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        y0 = model(x)
+        first = _cached_bias(model)
+        assert torch.equal(model(x), y0) and _cached_bias(model) is first  # reused, same logits
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(x).square().sum().backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        y1 = model(x)
+        second = _cached_bias(model)
+        assert second is not first and not torch.equal(second, first)
+        model.set_fused_attention(False)  # the uncached official formula agrees with the new cache
+        assert (model(x) - y1).abs().max() <= 1e-5
+
+
+def test_cached_bias_is_recomputed_after_load_state_dict_and_dtype_change():
+    model = randomize_(micro(), seed=9).eval()
+    other = randomize_(micro(), seed=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+        before = _cached_bias(model)
+        model.load_state_dict(other.state_dict())
+        assert torch.equal(model(x), other(x))
+        assert not torch.equal(_cached_bias(model), before)
+        model.to(torch.float64)
+        y = model(x.double())
+        assert _cached_bias(model).dtype == torch.float64 and y.dtype == torch.float64

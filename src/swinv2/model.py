@@ -93,6 +93,11 @@ class SwinV2Config:
 # --------------------------------------------------------------------------- window helpers
 
 
+def _cached(fn: Any, *args: Any) -> Any:
+    """Call an lru-cached table builder; under torch.compile trace it directly (constants in-graph)."""
+    return fn.__wrapped__(*args) if torch.compiler.is_compiling() else fn(*args)
+
+
 def window_partition(x: Tensor, window: int) -> Tensor:
     """(B, H, W, C) -> (B*nW, window*window, C); H and W are multiples of `window`."""
     B, H, W, C = x.shape
@@ -100,18 +105,32 @@ def window_partition(x: Tensor, window: int) -> Tensor:
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, C)
 
 
-def window_reverse(windows: Tensor, window: int, H: int, W: int) -> Tensor:
-    """(B*nW, window*window, C) -> (B, H, W, C); the inverse of `window_partition`."""
-    C = windows.shape[-1]
-    x = windows.view(-1, H // window, W // window, window, window, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)
-
-
 def effective_window(H: int, W: int, window: int, shift: int) -> tuple[int, int]:
     """Official rule: a map not larger than the window is one window, unshifted."""
     if min(H, W) <= window:
         return min(H, W), 0
     return window, shift
+
+
+@lru_cache(maxsize=64)
+def window_order(H: int, W: int, window: int, shift: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Token orders that fuse (roll by -shift, window partition) and (reverse, roll back, crop).
+
+    `gather` (Hp*Wp,): flat position in the padded Hp x Wp map of each token in window order, so
+    `x.view(B, Hp*Wp, C).index_select(1, gather)` is `window_partition(roll(x, -shift), window)`;
+    `scatter` (H*W,): for each unpadded position, where it sits in window order. One gather instead
+    of a roll plus a permute-copy each way (the roll alone costs more than the gather on CPU).
+    """
+    with torch.inference_mode(False), torch.no_grad():
+        Hp, Wp = H + (-H % window), W + (-W % window)
+        pos = torch.arange(Hp * Wp).view(1, Hp, Wp, 1)
+        if shift:
+            pos = torch.roll(pos, shifts=(-shift, -shift), dims=(1, 2))
+        gather = window_partition(pos, window).reshape(-1)
+        inverse = torch.empty_like(gather)
+        inverse[gather] = torch.arange(gather.numel())
+        scatter = inverse.view(Hp, Wp)[:H, :W].reshape(-1)
+        return gather.to(device), scatter.to(device)
 
 
 @lru_cache(maxsize=64)
@@ -187,6 +206,11 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
+def _l2norm(x: Tensor) -> Tensor:
+    """|x| over the last dim, clamped as F.normalize does (eps 1e-12)."""
+    return torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
+
+
 class WindowAttention(nn.Module):
     """Scaled cosine attention within windows plus the log-spaced continuous position bias.
 
@@ -216,9 +240,9 @@ class WindowAttention(nn.Module):
     def position_bias(self, window: int) -> Tensor:
         """(nH, N, N) = 16 * sigmoid(cpb_mlp(log-spaced table))[relative_position_index]."""
         weight = self.cpb_mlp[0].weight
-        table = log_spaced_coords(window, self.pretrained_window_size, weight.device).to(weight.dtype)
+        table = _cached(log_spaced_coords, window, self.pretrained_window_size, weight.device).to(weight.dtype)
         bias = self.cpb_mlp(table)  # ((2w-1)^2, nH)
-        index = relative_position_index(window, weight.device).view(-1)
+        index = _cached(relative_position_index, window, weight.device).view(-1)
         N = window * window
         bias = bias[index].view(N, N, self.num_heads).permute(2, 0, 1)
         return 16 * torch.sigmoid(bias)
@@ -258,21 +282,30 @@ class WindowAttention(nn.Module):
         if self.q_bias is not None:
             qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
         qkv = F.linear(x, self.qkv.weight, qkv_bias)  # (B*nW, N, 3C)
-        qkv = qkv.view(B, nW, N, 3, nH, C // nH).permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, nH, N, d)
-        q, k, v = qkv.unbind(0)
         logit_scale = torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()  # (nH, 1, 1)
         bias = self.attention_bias(window, mask)  # (nW|1, nH, N, N)
         if self.fused:
-            # softmax((q/|q| * s) @ (k/|k|)^T + bias): SDPA with scale=1. Windows and heads share
-            # one axis so the (nW, nH, N, N) bias broadcasts over the batch without a copy.
-            q = (F.normalize(q, dim=-1) * logit_scale.to(q.dtype)).reshape(B, nW * nH, N, -1)
-            k = F.normalize(k, dim=-1).reshape(B, nW * nH, N, -1)
-            v = v.reshape(B, nW * nH, N, -1)
-            attn_mask = bias.to(q.dtype).expand(nW, nH, N, N).reshape(1, nW * nH, N, N)
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0.0, scale=1.0
-            ).view(B, nW, nH, N, -1)
+            # One copy puts q, k, v in (B, nW, nH, N, d) order, where windows and heads merge into one
+            # axis: attention then runs on (B, nW*nH, N, d) and the (nW*nH, N, N) bias broadcasts over
+            # the batch with no copy. q/|q| * s and k/|k| with scale 1 is the scaled cosine attention;
+            # folding s into q also spares autograd from saving the (N, N) logits for its gradient.
+            q, k, v = qkv.view(B, nW, N, 3, nH, C // nH).permute(3, 0, 1, 4, 2, 5).contiguous().unbind(0)
+            q = (q * (logit_scale.to(q.dtype) / _l2norm(q))).view(B, nW * nH, N, -1)
+            k = (k / _l2norm(k)).view(B, nW * nH, N, -1)
+            v = v.view(B, nW * nH, N, -1)
+            bias = bias.to(q.dtype).reshape(1, nW * nH, N, N)
+            if torch.is_grad_enabled() and bias.requires_grad and q.device.type == "cpu":
+                # SDPA's CPU kernels give no gradient for attn_mask, so autograd would route it to the
+                # slower math fallback; the same three ops written out are faster. (CUDA's
+                # memory-efficient kernel does differentiate the mask.)
+                attn = F.dropout((q @ k.transpose(-2, -1) + bias).softmax(dim=-1), self.attn_drop, self.training)
+                out = attn @ v
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0,
+                                                     dropout_p=self.attn_drop if self.training else 0.0)
+            out = out.view(B, nW, nH, N, -1)
         else:  # the official formula, op for op
+            q, k, v = qkv.view(B, nW, N, 3, nH, C // nH).permute(3, 0, 1, 4, 2, 5).unbind(0)
             attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)  # (B, nW, nH, N, N)
             attn = attn * logit_scale + bias.to(attn.dtype)
             attn = F.dropout(attn.softmax(dim=-1), self.attn_drop, self.training)
@@ -306,13 +339,11 @@ class SwinTransformerBlock(nn.Module):
         if pad_h or pad_w:
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         Hp, Wp = H + pad_h, W + pad_w
-        if shift:
-            x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
-        mask = shift_mask(Hp, Wp, window, shift, x.device) if shift else None
-        x = window_reverse(self.attn(window_partition(x, window), window, mask), window, Hp, Wp)
-        if shift:
-            x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
-        return x[:, :H, :W] if (pad_h or pad_w) else x
+        gather, scatter = _cached(window_order, H, W, window, shift, x.device)
+        mask = _cached(shift_mask, Hp, Wp, window, shift, x.device) if shift else None
+        windows = x.reshape(B, Hp * Wp, C).index_select(1, gather).view(-1, window * window, C)
+        out = self.attn(windows, window, mask)  # (B*nW, N, C)
+        return out.view(B, Hp * Wp, C).index_select(1, scatter).view(B, H, W, C)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.drop_path(self.norm1(self._attend(x)))
