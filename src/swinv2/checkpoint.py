@@ -1,0 +1,590 @@
+"""The only module that reads or writes files of weights or training state.
+
+Two kinds of files:
+  * training state (`save_training_state` / `load_training_state` / `find_resumable`): one torch
+    file per save holding tensors and plain Python data only, written atomically (temp file, fsync,
+    `os.replace`, fsync of the directory), so a kill or a full disk never leaves a torn file under
+    the final name, and always read with `torch.load(weights_only=True)`.
+  * weights (`read_state_dict`, `load_weights`, `save_weights`, `load_model`, `write_weights`): our
+    self-describing `.safetensors` (config, class names and eval preprocessing in the metadata) and
+    every foreign format `convert.py` maps (official `.pth`, timm, Hugging Face folders, torchvision,
+    SwinV1).
+
+Never `weights_only=False`: a pickle that needs any global beyond torch's allow-list is refused
+with one line naming that global, before anything in it runs.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import pickle
+import re
+import tempfile
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import convert
+from .model import SwinTransformerV2, SwinV2Config
+from .registry import EvalPreprocess, get_variant
+
+log = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike
+
+
+class CheckpointError(OSError):
+    """A checkpoint or weights file that cannot be read or written; the message names the file.
+
+    An `OSError` because every cause is a property of a file (missing, torn, full disk, unsafe).
+    """
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle that needs a global outside torch's weights-only allow-list; nothing was executed."""
+
+
+# --------------------------------------------------------------------------- safe torch files
+
+_GLOBAL_RE = re.compile(r"GLOBAL (\S+)")
+# The other messages of torch's weights-only unpickler that mean "this pickle wants to run code".
+_UNSAFE_PREFIXES = ("Trying to call reduce", "Can only build", "Can only create new object")
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+def torch_load(path: PathLike) -> Any:
+    """`torch.load(path, weights_only=True, map_location="cpu")` with one-line errors naming `path`.
+
+    Raises FileNotFoundError if `path` is missing, UnsafeCheckpointError (naming the global) for a
+    pickle that needs code outside torch's allow-list, CheckpointError for empty/torn/garbage files.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message is a paragraph suggesting weights_only=False; keep the fact, drop the advice.
+        m = _GLOBAL_RE.search(str(e))
+        if m:
+            raise UnsafeCheckpointError(
+                f"{path}: refused to load: the pickle needs the global {m.group(1)!r}, which is not allowed "
+                f"for a weights-only checkpoint (nothing was executed)") from None
+        unsafe = next((ln.strip() for ln in str(e).splitlines() if ln.strip().startswith(_UNSAFE_PREFIXES)), None)
+        if unsafe:
+            raise UnsafeCheckpointError(f"{path}: refused to load: {unsafe} (nothing was executed)") from None
+        raise CheckpointError(f"{path}: not a readable torch checkpoint (corrupt pickle): "
+                              f"{_describe(e).splitlines()[0]}") from None
+    except Exception as e:  # torch raises RuntimeError/EOFError/KeyError/... for torn or foreign bytes
+        raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): "
+                              f"{_describe(e).splitlines()[0]}") from None
+
+
+# --------------------------------------------------------------------------- training state
+
+_PLAIN = (torch.Tensor, int, float, bool, str, bytes, complex, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def _check_plain(obj: Any, where: str) -> None:
+    """Raise CheckpointError if `obj` holds anything `torch.load(weights_only=True)` would refuse."""
+    if isinstance(obj, _PLAIN):
+        return
+    if isinstance(obj, (dict, OrderedDict)) and type(obj) in (dict, OrderedDict):
+        for k, v in obj.items():
+            _check_plain(k, where)
+            _check_plain(v, f"{where}[{k!r}]")
+        return
+    if type(obj) in (list, tuple, set, frozenset):
+        for i, v in enumerate(obj):
+            _check_plain(v, f"{where}[{i}]")
+        return
+    raise CheckpointError(
+        f"training state {where} is a {type(obj).__module__}.{type(obj).__qualname__}; only tensors and plain "
+        f"Python data (dict/list/tuple/int/float/str/bool/None) can be saved so that the file loads with "
+        f"weights_only=True")
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable (POSIX); platforms without directory fds skip it."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some filesystems refuse fsync on a directory; the data is already synced
+        if e.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _temp_name(path: Path) -> str:
+    return f".{path.name}."  # prefix of temp files: hidden, and never matching "*.pt"
+
+
+def atomic_write(path: PathLike, write: Any) -> None:
+    """Call `write(fileobj)` on a temp file beside `path`, fsync it, then `os.replace` it onto `path`.
+
+    On any failure the temp file is removed, a previous `path` is left untouched and CheckpointError
+    names `path` and the cause (e.g. "No space left on device").
+    """
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise CheckpointError(f"cannot save {path}: directory {directory} does not exist")
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=_temp_name(path), suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        _fsync_dir(directory)
+    except BaseException as e:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        if isinstance(e, CheckpointError):
+            raise
+        if not isinstance(e, Exception):  # KeyboardInterrupt / SystemExit: cleaned up, pass on
+            raise
+        cause = e.strerror if isinstance(e, OSError) and e.strerror else _describe(e)
+        raise CheckpointError(f"could not save {path}: {cause}; the previous file (if any) is unchanged") from e
+
+
+def save_training_state(path: PathLike, state: dict[str, Any]) -> None:
+    """Atomically write `state` (tensors and plain Python data only) to `path` with `torch.save`.
+
+    Written to a temp file in the same directory, flushed and fsynced, then renamed over `path`,
+    and the directory fsynced: a reader sees the old file or the new one, never a torn one.
+    Raises CheckpointError (naming `path` and the cause) on any failure, e.g. a full disk; the
+    previous file under `path` is then untouched and no temp file remains.
+    """
+    if not isinstance(state, dict):
+        raise CheckpointError(f"cannot save {path}: training state must be a dict, got {type(state).__name__}")
+    _check_plain(state, "state")
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_training_state(path: PathLike) -> dict[str, Any]:
+    """Read a training-state file written by `save_training_state` (weights_only, on the CPU).
+
+    Raises FileNotFoundError if missing, CheckpointError naming the file if empty, truncated or not
+    a torch file, UnsafeCheckpointError naming the offending global for a pickle with code.
+    """
+    state = torch_load(path)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a training-state dict")
+    return state
+
+
+def find_resumable(directory: PathLike, pattern: str = "*.pt", *, remove_temp: bool = True) -> Path | None:
+    """The newest (by modification time, then name) file matching `pattern` in `directory` that loads.
+
+    Files that fail to load are skipped with a warning naming them. Temp files left by a save that
+    was killed (`.NAME.*.tmp`) are never candidates and are removed when `remove_temp` (set it False
+    while another process may be saving into `directory`). Returns None if nothing loads.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    if remove_temp:
+        for tmp in directory.glob(".*.tmp"):
+            log.warning("removing %s: temp file of an interrupted checkpoint save", tmp)
+            try:
+                tmp.unlink()
+            except OSError as e:
+                log.warning("could not remove %s: %s", tmp, e)
+    candidates = [p for p in directory.glob(pattern) if p.is_file() and not p.name.endswith(".tmp")]
+    candidates.sort(key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
+    for p in candidates:
+        try:
+            load_training_state(p)
+        except OSError as e:  # CheckpointError, or the file vanished meanwhile
+            log.warning("skipping checkpoint %s: %s", p, e)
+            continue
+        return p
+    return None
+
+
+# --------------------------------------------------------------------------- reading weights
+
+SAFETENSORS_FORMAT = {"format": "pt"}  # the key transformers and timm check in safetensors metadata
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        raise FileNotFoundError(f"weights not found: {path}")
+    try:
+        return load_file(path, device="cpu")
+    except Exception as e:  # SafetensorError, OSError: torn header, wrong bytes
+        raise CheckpointError(f"{path}: not a readable .safetensors file: {_describe(e).splitlines()[0]}") from None
+
+
+def read_metadata(path: PathLike) -> dict[str, str]:
+    """The string metadata of a `.safetensors` file (empty for other files and folders)."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable .safetensors file: {_describe(e).splitlines()[0]}") from None
+
+
+def _read_hf_folder(path: Path) -> dict[str, torch.Tensor]:
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).is_file():
+            return read_state_dict(path / name)
+        index = path / f"{name}.index.json"
+        if index.is_file():  # sharded: {"weight_map": {key: shard file}}
+            out: dict[str, torch.Tensor] = {}
+            for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+                out.update(read_state_dict(path / shard))
+            return out
+    raise FileNotFoundError(f"{path}: folder holds no model.safetensors or pytorch_model.bin")
+
+
+def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a `.pth`/`.pt`/`.bin`/`.safetensors` file or a Hugging Face folder, unwrapped.
+
+    Torch files are read with `weights_only=True` only (see `torch_load`); ``model`` / ``state_dict``
+    containers and a DDP ``module.`` prefix are removed, non-tensor entries dropped.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _read_hf_folder(path)
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path)
+    obj = torch_load(path)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    sd = convert.unwrap(obj)
+    if not sd:
+        raise CheckpointError(f"{path}: holds no tensors (keys: {', '.join(map(str, list(obj)[:5]))})")
+    return sd
+
+
+# --------------------------------------------------------------------------- loading into a model
+
+
+@dataclass
+class LoadReport:
+    """What `load_weights` did, key by key (native names)."""
+
+    src: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)        # in the model, not in the weights
+    unexpected: list[str] = field(default_factory=list)     # in the weights, not in the model
+    mismatched: list[str] = field(default_factory=list)     # "key: weights (a, b) vs model (c, d)"
+    reshaped: list[str] = field(default_factory=list)       # transformed to fit, e.g. 22k -> 1k head rows
+    reinitialised: list[str] = field(default_factory=list)  # deliberately left at the model's init
+    dropped: list[str] = field(default_factory=list)        # "key (why)": in the weights, deliberately unused
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def __str__(self) -> str:
+        lines = [f"format: {self.src}; loaded {len(self.loaded)} tensors"]
+        for name in ("missing", "unexpected", "mismatched", "reshaped", "reinitialised", "dropped"):
+            keys = getattr(self, name)
+            if keys:
+                lines.append(f"{name} ({len(keys)}): {_abbreviate(keys, 12)}")
+        return "\n".join(lines)
+
+
+def _abbreviate(keys: list[str], n: int = 6) -> str:
+    return ", ".join(keys[:n]) + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
+
+
+@lru_cache(maxsize=1)
+def imagenet_22k_to_1k() -> list[int]:
+    """Row of each ImageNet-1k class in the official 21841-class head (official map22kto1k.txt)."""
+    text = resources.files("swinv2").joinpath("data/map22kto1k.txt").read_text()
+    return [int(line) for line in text.split()]
+
+
+def _fit_head(sd: dict[str, torch.Tensor], target: dict[str, torch.Tensor], report: LoadReport) -> None:
+    """Make the checkpoint's classifier fit the model's, in place: map 22k -> 1k, drop or reinitialise."""
+    head = [k for k in ("head.weight", "head.bias") if k in target]
+    src_w = sd.get("head.weight")
+    if not head:  # num_classes=0: a feature extractor
+        for k in [k for k in ("head.weight", "head.bias") if k in sd]:
+            report.dropped.append(f"{k} (the model has no head)")
+            del sd[k]
+        return
+    n_model = target["head.weight"].shape[0]
+    if src_w is not None and src_w.shape == target["head.weight"].shape:
+        return
+    if src_w is not None and src_w.shape[1:] == target["head.weight"].shape[1:] and src_w.shape[0] == 21841 \
+            and n_model == 1000:
+        sd["head.weight"], bias = convert.map_head_rows(src_w, sd.get("head.bias"), imagenet_22k_to_1k())
+        if bias is not None:
+            sd["head.bias"] = bias
+        report.reshaped += [f"{k} (21841 -> 1000 rows, official 22k->1k map)" for k in ("head.weight", "head.bias")
+                            if k in sd]
+        log.info("classifier head mapped from 21841 to 1000 ImageNet-1k classes (official map)")
+        return
+    what = "no classifier head" if src_w is None else f"a {src_w.shape[0]}-class head"
+    log.warning("the weights have %s; the model's %d-class head keeps its fresh initialisation", what, n_model)
+    for k in ("head.weight", "head.bias"):
+        sd.pop(k, None)
+    report.reinitialised += head
+
+
+def load_weights(model: nn.Module, path_or_state_dict: PathLike | Mapping[str, Any], *, src: str = "auto",
+                 strict: bool = True) -> LoadReport:
+    """Load weights of any supported format into a `SwinTransformerV2`; returns what happened.
+
+    Window and resolution changes need nothing (no derived table is stored); a 21841-class head
+    becomes 1000 classes through the official map; any other class-count change keeps the model's
+    fresh head with a warning; a `num_classes=0` model drops the head. SwinV1 weights leave the
+    V2-only parameters at their init (listed as reinitialised). With `strict`, any missing,
+    unexpected or mis-shaped key raises ValueError listing them, before the model is touched.
+    """
+    if isinstance(path_or_state_dict, Mapping):
+        raw, origin = path_or_state_dict, "state dict"
+    else:
+        raw, origin = read_state_dict(path_or_state_dict), str(path_or_state_dict)
+    conv = convert.to_native(raw, src)
+    sd = dict(conv.state_dict)
+    target = model.state_dict()
+    report = LoadReport(src=conv.src, dropped=[f"{k} ({why})" for k, why in conv.dropped.items()])
+    _fit_head(sd, target, report)
+    for key, t in target.items():
+        if key not in sd:
+            if conv.reinitialised is not None and conv.reinitialised.search(key):
+                report.reinitialised.append(key)
+            elif key not in report.reinitialised:
+                report.missing.append(key)
+        elif sd[key].shape != t.shape:
+            report.mismatched.append(f"{key}: weights {tuple(sd[key].shape)} vs model {tuple(t.shape)}")
+    report.unexpected = [k for k in sd if k not in target]
+    if strict and not report.ok:
+        parts = [f"{n} ({len(getattr(report, n))}): {_abbreviate(getattr(report, n))}"
+                 for n in ("missing", "unexpected", "mismatched") if getattr(report, n)]
+        raise ValueError(f"{origin} ({conv.src} format) does not fit the model: " + "; ".join(parts))
+    usable = {k: v for k, v in sd.items() if k in target and v.shape == target[k].shape}
+    model.load_state_dict(usable, strict=False)
+    report.loaded = list(usable)
+    if report.reinitialised:
+        log.info("left at their initialisation: %s", _abbreviate(report.reinitialised))
+    if not report.ok:
+        log.warning("weights loaded non-strictly: %s", str(report).replace("\n", "; "))
+    return report
+
+
+# --------------------------------------------------------------------------- self-describing weights
+
+
+def _default_preprocess(cfg: SwinV2Config) -> EvalPreprocess:
+    """The official eval transform for a size: resize + centre crop 0.875 below 384 px, resize at 384+."""
+    size = cfg.img_size[0]
+    return EvalPreprocess(size, 1.0 if size >= 384 else 0.875)
+
+
+def _preprocess_from_json(text: str) -> EvalPreprocess:
+    d = json.loads(text)
+    return EvalPreprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def save_weights(model: SwinTransformerV2, path: PathLike, *, class_names: Sequence[str] | None = None,
+                 preprocess: EvalPreprocess | None = None, model_name: str | None = None) -> None:
+    """Write `model`'s weights to a self-describing `.safetensors` file, atomically.
+
+    Metadata: "swinv2.config" (JSON of the config), "swinv2.class_names" (JSON list, if any),
+    "swinv2.preprocess" (JSON of the eval transform) and "swinv2.model_name" (if any), so `load_model`
+    and `swinv2 eval/predict --weights` need nothing else. `class_names` / `preprocess` /
+    `model_name` default to the attributes `load_model` sets.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: weights are saved as .safetensors (got {path.suffix or 'no suffix'})")
+    cfg = model.config
+    names = class_names if class_names is not None else getattr(model, "class_names", None)
+    if names is not None and len(names) != cfg.num_classes:
+        raise ValueError(f"{len(names)} class names for a {cfg.num_classes}-class model")
+    prep = preprocess or getattr(model, "preprocess", None) or _default_preprocess(cfg)
+    meta = {**SAFETENSORS_FORMAT, "swinv2.config": json.dumps(cfg.to_dict()),
+            "swinv2.preprocess": json.dumps(asdict(prep))}
+    if names is not None:
+        meta["swinv2.class_names"] = json.dumps(list(map(str, names)))
+    model_name = model_name or getattr(model, "model_name", None)
+    if model_name:
+        meta["swinv2.model_name"] = model_name
+    _write_safetensors(path, model.state_dict(), meta)
+
+
+def _write_safetensors(path: Path, sd: Mapping[str, torch.Tensor], meta: dict[str, str]) -> None:
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    atomic_write(path, lambda f: f.write(save(tensors, metadata=meta)))
+
+
+def _config_with(cfg: SwinV2Config, overrides: dict[str, Any]) -> SwinV2Config:
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if isinstance(overrides.get("pretrained_window_sizes"), int):
+        overrides["pretrained_window_sizes"] = (overrides["pretrained_window_sizes"],) * len(cfg.depths)
+    return replace(cfg, **overrides)
+
+
+def load_model(path: PathLike, *, name: str | None = None, src: str = "auto", **overrides: Any) -> SwinTransformerV2:
+    """Build a model from weights, in eval mode, with `class_names` and `preprocess` attributes set.
+
+    The architecture comes from our `.safetensors` metadata, a Hugging Face folder's config.json,
+    or, for formats that do not describe it (official `.pth`, timm, torchvision), the registry
+    `name`, whose class count then follows the weights' head (a 21841-class head for a 1000-class
+    variant is mapped, see `load_weights`). `overrides` change the config (e.g. ``num_classes=10``,
+    ``img_size=384``). The load is strict; its `LoadReport` is kept as `model.load_report`.
+    `preprocess` comes from the metadata, else the registry record of `name`, else the official
+    rule for the config's img_size (any img_size override also selects that rule). `model_name`
+    is set from the metadata or `name`.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"weights not found: {path}")
+    meta = read_metadata(path)
+    sd = read_state_dict(path)
+    class_names: list[str] | None = None
+    preprocess: EvalPreprocess | None = None
+    if "swinv2.config" in meta:
+        cfg = SwinV2Config.from_dict(json.loads(meta["swinv2.config"]))
+        class_names = json.loads(meta["swinv2.class_names"]) if "swinv2.class_names" in meta else None
+        preprocess = _preprocess_from_json(meta["swinv2.preprocess"]) if "swinv2.preprocess" in meta else None
+    elif path.is_dir() and (path / "config.json").is_file():
+        kwargs, class_names = convert.hf_config_to_kwargs(json.loads((path / "config.json").read_text()))
+        cfg = SwinV2Config(**kwargs)
+    elif name is not None:
+        variant = get_variant(name)
+        cfg = variant.config
+        head = convert.to_native(sd, src).state_dict.get("head.weight")
+        rows = 0 if head is None else head.shape[0]
+        if rows and rows != cfg.num_classes and not (rows == 21841 and cfg.num_classes == 1000):
+            cfg = replace(cfg, num_classes=rows)  # a fine-tuned checkpoint keeps its own classes
+        preprocess = variant.preprocess
+    else:
+        raise ValueError(f"{path} does not describe its architecture; pass the registry model name "
+                         f"(--model NAME, see `swinv2 models`)")
+    new_cfg = _config_with(cfg, overrides)
+    if new_cfg.num_classes != cfg.num_classes:
+        class_names = None
+    if new_cfg.img_size != cfg.img_size:
+        preprocess = None
+    model = SwinTransformerV2(new_cfg)
+    model.load_report = load_weights(model, sd, src=src, strict=True)
+    model.class_names = class_names
+    model.preprocess = preprocess or _default_preprocess(new_cfg)
+    model.model_name = meta.get("swinv2.model_name") or name
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- writing any format
+
+WRITE_FORMATS = ("native", "official", "timm", "hf", "torchvision")
+
+
+def guess_write_format(path: PathLike) -> str:
+    """native for .safetensors, official for .pth/.pt/.bin, hf for a folder (no suffix)."""
+    suffix = Path(path).suffix
+    if suffix == ".safetensors":
+        return "native"
+    if suffix in (".pth", ".pt", ".bin"):
+        return "official"
+    if not suffix:
+        return "hf"
+    raise ValueError(f"{path}: cannot tell the format to write from {suffix!r}; pass --dst "
+                     f"({', '.join(WRITE_FORMATS)})")
+
+
+def write_weights(model: SwinTransformerV2, path: PathLike, fmt: str = "native", *,
+                  class_names: Sequence[str] | None = None, preprocess: EvalPreprocess | None = None,
+                  model_name: str | None = None) -> Path:
+    """Write `model`'s weights as `fmt`; returns the path written.
+
+    native: our `.safetensors` (see `save_weights`). official: ``{"model": state_dict}`` `.pth`
+    (derived buffers omitted: the official loaders use ``strict=False`` and rebuild them). timm:
+    `.safetensors` or a torch file by suffix, for `timm.create_model(name, pretrained=True,
+    pretrained_cfg_overlay=dict(file=...))` or `load_state_dict`. torchvision: a torch state dict
+    with its derived buffers, for `swin_v2_*().load_state_dict(torch.load(...))`. hf: a folder with config.json and
+    model.safetensors for `Swinv2ForImageClassification.from_pretrained(folder)`.
+    """
+    path = Path(path)
+    if fmt == "native":
+        save_weights(model, path, class_names=class_names, preprocess=preprocess, model_name=model_name)
+        return path
+    sd = convert.from_native(model.state_dict(), fmt, config=model.config).state_dict
+    if fmt == "hf":
+        path.mkdir(parents=True, exist_ok=True)
+        names = class_names if class_names is not None else getattr(model, "class_names", None)
+        _write_safetensors(path / "model.safetensors", sd, dict(SAFETENSORS_FORMAT))
+        text = json.dumps(convert.hf_config_from_kwargs(model.config.to_dict(), names), indent=2) + "\n"
+        atomic_write(path / "config.json", lambda f: f.write(text.encode()))
+    else:
+        _write_state_dict(sd, path, fmt)
+    return path
+
+
+def _write_state_dict(sd: Mapping[str, torch.Tensor], path: Path, fmt: str) -> None:
+    """A plain `.safetensors` by suffix, else a torch file (official ones wrapped in ``{"model": ...}``)."""
+    if path.suffix == ".safetensors":
+        _write_safetensors(path, sd, dict(SAFETENSORS_FORMAT))
+    else:
+        obj = {"model": dict(sd)} if fmt == "official" else dict(sd)
+        atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def convert_file(src: PathLike, dst: PathLike, *, src_format: str = "auto", dst_format: str | None = None,
+                 model_name: str | None = None) -> str:
+    """Convert a weights file or folder to another format; returns a summary for the user.
+
+    With an architecture (our `.safetensors`, a Hugging Face folder, or `model_name`) the weights go
+    through a model (strict load, so the result is known to fit). Without one, official/timm targets
+    are a pure key mapping; other targets need `model_name`.
+    """
+    fmt = dst_format or guess_write_format(dst)
+    if fmt not in WRITE_FORMATS:
+        raise ValueError(f"unknown weights format {fmt!r}; writable: {', '.join(WRITE_FORMATS)}")
+    src = Path(src)
+    describes = "swinv2.config" in read_metadata(src) or (src.is_dir() and (src / "config.json").is_file())
+    if describes or model_name is not None:
+        model = load_model(src, name=model_name, src=src_format)
+        out = write_weights(model, dst, fmt, model_name=model_name)
+        return f"{model.load_report}\nwrote {out} ({fmt})"
+    if fmt not in ("official", "timm"):
+        raise ValueError(f"{src} does not describe its architecture; writing {fmt} needs --model NAME")
+    conv = convert.convert(read_state_dict(src), src_format, fmt)
+    _write_state_dict(conv.state_dict, Path(dst), fmt)
+    lines = [f"format: {conv.src} -> {fmt}; {len(conv.state_dict)} tensors (pure key mapping, no --model)"]
+    if conv.dropped:
+        lines.append(f"dropped ({len(conv.dropped)}): {_abbreviate(list(conv.dropped), 12)}")
+    if conv.unmapped:
+        lines.append(f"kept unmapped ({len(conv.unmapped)}): {_abbreviate(conv.unmapped, 12)}")
+    return "\n".join(lines + [f"wrote {dst} ({fmt})"])

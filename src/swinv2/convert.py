@@ -1,0 +1,461 @@
+"""Pure state-dict mappings between the SwinV2 weight formats; no file I/O, no network.
+
+Formats (names accepted by `src` / `dst`):
+  * ``native`` / ``official`` — the microsoft/Swin-Transformer names, which are ours. Reading unwraps
+    ``model`` / ``state_dict`` / ``module.`` and drops the derived buffers.
+  * ``timm`` — `timm.models.swin_transformer_v2`: merging at the START of stage i+1, ``head.fc``.
+  * ``hf`` — transformers `Swinv2ForImageClassification` (``swinv2.`` prefix, ``classifier``) or
+    `Swinv2Model` (no prefix, read only): separate query/key/value, ``layernorm_before/after``.
+  * ``torchvision`` — `swin_v2_t/s/b`: ``features.N`` layout, one full ``qkv.bias`` whose k part is
+    ignored, and persistent derived buffers (so writing them needs ``config.window_size``).
+  * ``swinv1`` (read only) — official Swin V1 weights initialising a V2 model: patch embedding,
+    qkv / proj, MLPs, merging reduction, final norm and head transfer; the V1 pre-norms, the V1
+    merging norm (over 4C, before the reduction), the relative-position-bias tables and the k bias
+    are dropped; the V2-only logit scales, CPB MLPs and post-norms keep the V2 model's init.
+
+Key renames are declarative tables of templates (``{i}`` stage, ``{j}`` block, ``{2i+1}`` an index
+computed from ``i``, ``{*}`` the rest of the key); the few tensor operations (qkv split/merge,
+torchvision's qkv bias and derived buffers) sit beside them with shape checks.
+
+Caveat — torchvision's numerics differ from the official model in two places, so its logits agree
+with ours only where the math coincides: it never shrinks the window to a small feature map (it pads
+the map up to the window and attends over the zero padding, where the official rule uses one
+window of the map's size) and it has no ``pretrained_window_size`` (its CPB table is always
+normalised by its own window). At 256 px with window 8 every stage coincides; ``swin_v2_t/s/b``
+at their native 256 px / window 8 therefore convert exactly. Its patch embedding also drops pixels
+of a size not divisible by 4 where ours pads.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+# Same names as `model.DERIVED_KEYS` (this module imports nothing of ours): recomputed, never stored.
+DERIVED_KEYS = ("relative_coords_table", "relative_position_index", "attn_mask")
+FORMATS = ("native", "official", "timm", "hf", "torchvision", "swinv1")
+READ_ONLY = ("swinv1",)
+CPB_HIDDEN = 512  # timm, transformers and torchvision hard-code the CPB MLP width
+
+
+class _Template:
+    """A key pattern such as ``features.{2i+1}.{j}.{*}``: matched against keys, formatted from values."""
+
+    _FIELD = re.compile(r"\{(?:(\d*)([ij])([+-]\d+)?|(\*))\}")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.fields: list[tuple[int, str, int] | None] = []  # (a, var, b) for a*var+b; None for {*}
+        parts, pos = [], 0
+        for m in self._FIELD.finditer(text):
+            parts.append(re.escape(text[pos:m.start()]))
+            if m.group(4):
+                parts.append("(.+)")
+                self.fields.append(None)
+            else:
+                parts.append(r"(\d+)")
+                self.fields.append((int(m.group(1) or 1), m.group(2), int(m.group(3) or 0)))
+            pos = m.end()
+        parts.append(re.escape(text[pos:]))
+        self.regex = re.compile("".join(parts))
+
+    def match(self, key: str) -> dict[str, Any] | None:
+        m = self.regex.fullmatch(key)
+        if m is None:
+            return None
+        values: dict[str, Any] = {}
+        for spec, group in zip(self.fields, m.groups()):
+            if spec is None:
+                values["*"] = group
+                continue
+            a, var, b = spec
+            v, rem = divmod(int(group) - b, a)
+            if rem or v < 0 or values.get(var, v) != v:
+                return None
+            values[var] = v
+        return values
+
+    def format(self, values: Mapping[str, Any]) -> str:
+        def sub(m: re.Match) -> str:
+            if m.group(4):
+                return values["*"]
+            return str(int(m.group(1) or 1) * values[m.group(2)] + int(m.group(3) or 0))
+
+        return self._FIELD.sub(sub, self.text)
+
+
+# (native template, foreign template); the first rule that matches wins, in both directions.
+_RULES_TEXT: dict[str, list[tuple[str, str]]] = {
+    "timm": [
+        ("layers.{i}.downsample.{*}", "layers.{i+1}.downsample.{*}"),
+        ("head.{*}", "head.fc.{*}"),
+        ("{*}", "{*}"),
+    ],
+    "hf": [
+        ("patch_embed.proj.{*}", "swinv2.embeddings.patch_embeddings.projection.{*}"),
+        ("patch_embed.norm.{*}", "swinv2.embeddings.norm.{*}"),
+        ("layers.{i}.blocks.{j}.norm1.{*}", "swinv2.encoder.layers.{i}.blocks.{j}.layernorm_before.{*}"),
+        ("layers.{i}.blocks.{j}.norm2.{*}", "swinv2.encoder.layers.{i}.blocks.{j}.layernorm_after.{*}"),
+        ("layers.{i}.blocks.{j}.mlp.fc1.{*}", "swinv2.encoder.layers.{i}.blocks.{j}.intermediate.dense.{*}"),
+        ("layers.{i}.blocks.{j}.mlp.fc2.{*}", "swinv2.encoder.layers.{i}.blocks.{j}.output.dense.{*}"),
+        ("layers.{i}.blocks.{j}.attn.logit_scale", "swinv2.encoder.layers.{i}.blocks.{j}.attention.self.logit_scale"),
+        ("layers.{i}.blocks.{j}.attn.cpb_mlp.{*}",
+         "swinv2.encoder.layers.{i}.blocks.{j}.attention.self.continuous_position_bias_mlp.{*}"),
+        # q/k/v weights: the split `qkv.weight` (see `_split_qkv`), under these interim names
+        ("layers.{i}.blocks.{j}.attn.q.weight", "swinv2.encoder.layers.{i}.blocks.{j}.attention.self.query.weight"),
+        ("layers.{i}.blocks.{j}.attn.k.weight", "swinv2.encoder.layers.{i}.blocks.{j}.attention.self.key.weight"),
+        ("layers.{i}.blocks.{j}.attn.v.weight", "swinv2.encoder.layers.{i}.blocks.{j}.attention.self.value.weight"),
+        ("layers.{i}.blocks.{j}.attn.q_bias", "swinv2.encoder.layers.{i}.blocks.{j}.attention.self.query.bias"),
+        ("layers.{i}.blocks.{j}.attn.v_bias", "swinv2.encoder.layers.{i}.blocks.{j}.attention.self.value.bias"),
+        ("layers.{i}.blocks.{j}.attn.proj.{*}", "swinv2.encoder.layers.{i}.blocks.{j}.attention.output.dense.{*}"),
+        ("layers.{i}.downsample.{*}", "swinv2.encoder.layers.{i}.downsample.{*}"),
+        ("norm.{*}", "swinv2.layernorm.{*}"),
+        ("head.{*}", "classifier.{*}"),
+    ],
+    "torchvision": [
+        ("patch_embed.proj.{*}", "features.0.0.{*}"),
+        ("patch_embed.norm.{*}", "features.0.2.{*}"),
+        ("layers.{i}.blocks.{j}.mlp.fc1.{*}", "features.{2i+1}.{j}.mlp.0.{*}"),
+        ("layers.{i}.blocks.{j}.mlp.fc2.{*}", "features.{2i+1}.{j}.mlp.3.{*}"),
+        # one (3C,) bias = [q_bias, k part, v_bias] (see `_merge_tv_bias`), under this interim name
+        ("layers.{i}.blocks.{j}.attn.qkv_bias", "features.{2i+1}.{j}.attn.qkv.bias"),
+        ("layers.{i}.blocks.{j}.{*}", "features.{2i+1}.{j}.{*}"),
+        ("layers.{i}.downsample.{*}", "features.{2i+2}.{*}"),
+        ("norm.{*}", "norm.{*}"),
+        ("head.{*}", "head.{*}"),
+    ],
+}
+_RULES = {fmt: [(_Template(a), _Template(b)) for a, b in rules] for fmt, rules in _RULES_TEXT.items()}
+
+_BLOCK = re.compile(r"layers\.(\d+)\.blocks\.(\d+)\.")
+# Native parameters a V1 checkpoint cannot provide: they keep the V2 model's initialisation.
+V1_REINITIALISED = re.compile(
+    r"(attn\.logit_scale|attn\.cpb_mlp\.\d+\.(weight|bias)|blocks\.\d+\.norm[12]\.(weight|bias)"
+    r"|downsample\.norm\.(weight|bias))$")
+
+
+@dataclass
+class Conversion:
+    """Result of one mapping: the state dict plus what the mapping deliberately left out.
+
+    `dropped` maps each source key not carried over to the reason; `unmapped` lists keys no rule
+    of the format knows (passed through unchanged, so a loader reports them as unexpected);
+    `reinitialised` matches native keys the source format cannot provide (SwinV1 -> V2).
+    """
+
+    src: str
+    dst: str
+    state_dict: dict[str, Tensor]
+    dropped: dict[str, str] = field(default_factory=dict)
+    unmapped: list[str] = field(default_factory=list)
+    reinitialised: re.Pattern | None = None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def unwrap(sd: Mapping[str, Any]) -> dict[str, Tensor]:
+    """Unwrap ``model`` / ``state_dict`` containers and a DDP ``module.`` prefix; keep tensors only."""
+    for _ in range(3):  # e.g. {"state_dict": {"model": ...}}
+        inner = next((sd[k] for k in ("model", "state_dict") if isinstance(sd.get(k), Mapping)), None)
+        if inner is None:
+            break
+        sd = inner
+    out = {k: v for k, v in sd.items() if isinstance(v, Tensor)}
+    if out and all(k.startswith("module.") for k in out):
+        out = {k[len("module."):]: v for k, v in out.items()}
+    return out
+
+
+def _drop_derived(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v for k, v in sd.items() if k.rsplit(".", 1)[-1] not in DERIVED_KEYS}
+
+
+def detect_format(sd: Mapping[str, Tensor]) -> str:
+    """Guess the format of an unwrapped state dict from its keys."""
+    keys = list(sd)
+    if any(k.startswith("features.0.0.") or re.match(r"features\.\d+\.\d+\.attn\.", k) for k in keys):
+        return "torchvision"
+    if any(k.startswith(("swinv2.", "embeddings.patch_embeddings.", "encoder.layers.")) for k in keys):
+        return "hf"
+    if any(k.endswith("relative_position_bias_table") for k in keys) and not any(".cpb_mlp." in k for k in keys):
+        return "swinv1"
+    if _is_timm_layout(keys):
+        return "timm"
+    if any(k.startswith(("patch_embed.", "layers.")) for k in keys):
+        return "native"
+    raise ValueError(f"cannot tell the format of this state dict (first keys: {', '.join(keys[:4]) or 'none'}); "
+                     f"pass src= one of {', '.join(FORMATS)}")
+
+
+def _is_timm_layout(keys: list[str]) -> bool:
+    """timm merges at the start of stages 1.. (official: at the end of 0..) and names the head head.fc."""
+    if "head.fc.weight" in keys:
+        return True
+    has_merge = any(re.match(r"layers\.\d+\.downsample\.", k) for k in keys)
+    return has_merge and not any(k.startswith("layers.0.downsample.") for k in keys)
+
+
+def _rename(sd: dict[str, Tensor], fmt: str, to_native: bool) -> tuple[dict[str, Tensor], list[str]]:
+    out, unmapped = {}, []
+    for key, value in sd.items():
+        for native, foreign in _RULES[fmt]:
+            src, dst = (foreign, native) if to_native else (native, foreign)
+            values = src.match(key)
+            if values is not None:
+                key = dst.format(values)
+                break
+        else:
+            unmapped.append(key)
+        _check(key not in out, f"two {fmt} keys map to {key!r}")
+        out[key] = value
+    return out, unmapped
+
+
+def _blocks(sd: Mapping[str, Tensor]) -> list[str]:
+    """Native block prefixes ``layers.i.blocks.j.`` present in `sd`, in order."""
+    found = {m.group(0): (int(m.group(1)), int(m.group(2))) for k in sd if (m := _BLOCK.match(k))}
+    return sorted(found, key=found.get)
+
+
+# --------------------------------------------------------------------------- tensor operations
+
+
+def _split_qkv(sd: dict[str, Tensor]) -> None:
+    """``attn.qkv.weight`` (3C, C) -> ``attn.{q,k,v}.weight`` (C, C) each, in place."""
+    for p in _blocks(sd):
+        w = sd.pop(p + "attn.qkv.weight", None)
+        if w is None:
+            continue
+        _check(w.ndim == 2 and w.shape[0] == 3 * w.shape[1],
+               f"{p}attn.qkv.weight: expected (3C, C), got {tuple(w.shape)}")
+        for name, part in zip("qkv", w.chunk(3, dim=0)):
+            sd[f"{p}attn.{name}.weight"] = part.clone()
+
+
+def _merge_qkv(sd: dict[str, Tensor]) -> None:
+    """``attn.{q,k,v}.weight`` (C, C) each -> ``attn.qkv.weight`` (3C, C), in place."""
+    for p in _blocks(sd):
+        parts = [sd.pop(f"{p}attn.{n}.weight", None) for n in "qkv"]
+        if all(t is None for t in parts):
+            continue
+        _check(all(t is not None for t in parts), f"{p}attn: query, key and value weights must all be present")
+        square = parts[0].ndim == 2 and parts[0].shape[0] == parts[0].shape[1]
+        _check(len({tuple(t.shape) for t in parts}) == 1 and square,
+               f"{p}attn: query/key/value weights must be square and equal, got {[tuple(t.shape) for t in parts]}")
+        sd[p + "attn.qkv.weight"] = torch.cat(parts, dim=0)
+
+
+def _merge_tv_bias(sd: dict[str, Tensor]) -> None:
+    """``q_bias``, ``v_bias`` (C,) -> ``qkv_bias`` (3C,) with a zero k part, in place."""
+    for p in _blocks(sd):
+        q, v = sd.pop(p + "attn.q_bias", None), sd.pop(p + "attn.v_bias", None)
+        if q is None and v is None:
+            continue
+        _check(q is not None and v is not None and q.shape == v.shape and q.ndim == 1,
+               f"{p}attn: q_bias and v_bias must both be present, (C,) each")
+        sd[p + "attn.qkv_bias"] = torch.cat((q, torch.zeros_like(q), v))
+
+
+def _split_full_bias(sd: dict[str, Tensor], key: str, dropped: dict[str, str], why: str) -> None:
+    """A full (3C,) ``qkv`` bias under `key` -> ``q_bias``, ``v_bias``; the k part is dropped."""
+    for p in _blocks(sd):
+        b = sd.pop(p + key, None)
+        if b is None:
+            continue
+        _check(b.ndim == 1 and b.numel() % 3 == 0, f"{p}{key}: expected (3C,), got {tuple(b.shape)}")
+        q, k, v = b.chunk(3)
+        sd[p + "attn.q_bias"], sd[p + "attn.v_bias"] = q.clone(), v.clone()
+        if torch.count_nonzero(k):
+            dropped[f"{p}attn.qkv.bias[C:2C]"] = why
+
+
+def tv_derived_buffers(window: int) -> tuple[Tensor, Tensor]:
+    """torchvision's persistent buffers for a window: coords table (1, 2w-1, 2w-1, 2), index (w^4,).
+
+    Its formula (no pretrained window): offsets / (w-1) * 8, then sign * log2(|x|+1) / 3.
+    """
+    r = torch.arange(-(window - 1), window, dtype=torch.float32)
+    table = torch.stack(torch.meshgrid(r, r, indexing="ij"), dim=-1)[None]  # (1, 2w-1, 2w-1, 2)
+    table = table / (window - 1) * 8
+    table = torch.sign(table) * torch.log2(table.abs() + 1.0) / 3.0
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)  # (N, N, 2)
+    index = (rel[..., 0] * (2 * window - 1) + rel[..., 1]).flatten()
+    return table, index
+
+
+# --------------------------------------------------------------------------- to / from native
+
+
+def _from_swinv1(sd: dict[str, Tensor], dropped: dict[str, str]) -> dict[str, Tensor]:
+    if _is_timm_layout(list(sd)):
+        sd, _ = _rename(sd, "timm", to_native=True)
+    out = {}
+    for k, v in sd.items():
+        if k.endswith("attn.relative_position_bias_table"):
+            dropped[k] = "V1 relative position bias table; V2 computes its bias with the CPB MLP"
+        elif re.search(r"blocks\.\d+\.norm[12]\.(weight|bias)$", k):
+            dropped[k] = "V1 pre-norm; V2 post-norms keep their V2 init"
+        elif re.search(r"downsample\.norm\.(weight|bias)$", k):
+            dropped[k] = "V1 merging norm over 4C before the reduction; V2 normalises 2C after it"
+        else:
+            out[k] = v
+    _split_full_bias(out, "attn.qkv.bias", dropped, "V1 k bias; V2 fixes the k bias at zero")
+    return out
+
+
+def to_native(sd: Mapping[str, Any], src: str = "auto") -> Conversion:
+    """Map a state dict of format `src` (or "auto") to native names. See the module docstring."""
+    flat = unwrap(sd)
+    if src == "auto":
+        src = detect_format(flat)
+        log.info("weights format detected: %s", src)
+    _check(src in FORMATS, f"unknown weights format {src!r}; known: {', '.join(FORMATS)}")
+    flat = _drop_derived(flat)
+    conv = Conversion(src, "native", {})
+    if src in ("native", "official"):
+        conv.state_dict = dict(flat)
+    elif src == "swinv1":
+        conv.state_dict = _from_swinv1(flat, conv.dropped)
+        conv.reinitialised = V1_REINITIALISED
+    else:
+        if src == "hf" and not any(k.startswith("swinv2.") for k in flat):  # Swinv2Model: no prefix
+            flat = {k if k.startswith("classifier.") else "swinv2." + k: v for k, v in flat.items()}
+        out, conv.unmapped = _rename(flat, src, to_native=True)
+        if src == "hf":
+            _merge_qkv(out)
+        elif src == "torchvision":
+            _split_full_bias(out, "attn.qkv_bias", conv.dropped, "torchvision k bias; ignored by its forward too")
+        conv.state_dict = out
+    return conv
+
+
+def from_native(sd: Mapping[str, Tensor], dst: str, *, config: Any = None) -> Conversion:
+    """Map a native state dict to format `dst`. torchvision needs `config` (its window size)."""
+    _check(dst in FORMATS and dst not in READ_ONLY,
+           f"cannot write weights format {dst!r}; writable: {', '.join(f for f in FORMATS if f not in READ_ONLY)}")
+    out = _drop_derived(dict(sd))
+    conv = Conversion("native", dst, out)
+    if dst in ("native", "official"):
+        return conv
+    cpb = [v for k, v in out.items() if k.endswith("attn.cpb_mlp.0.weight")]
+    _check(all(t.shape[0] == CPB_HIDDEN for t in cpb),
+           f"{dst} hard-codes a CPB MLP of width {CPB_HIDDEN}; these weights have {cpb[0].shape[0] if cpb else '?'}")
+    if dst == "hf":
+        _split_qkv(out)
+    elif dst == "torchvision":
+        _check(config is not None, "writing torchvision weights needs the model config (for its window size)")
+        if any(config.pretrained_window_sizes):
+            log.warning("torchvision has no pretrained_window_size: its CPB table is normalised by the window "
+                        "(%d), not by %s, so its outputs will differ", config.window_size,
+                        config.pretrained_window_sizes)
+        _merge_tv_bias(out)
+        table, index = tv_derived_buffers(config.window_size)
+        for p in _blocks(out):
+            out[p + "attn.relative_coords_table"] = table.clone()
+            out[p + "attn.relative_position_index"] = index.clone()
+    conv.state_dict, conv.unmapped = _rename(out, dst, to_native=False)
+    if conv.unmapped:
+        log.warning("%d key(s) have no %s name and were kept as they are: %s", len(conv.unmapped), dst,
+                    ", ".join(conv.unmapped[:5]))
+    return conv
+
+
+def convert(sd: Mapping[str, Any], src: str = "auto", dst: str = "native", *, config: Any = None) -> Conversion:
+    """`convert_state_dict` with the record of what was dropped, unmapped or left to initialise."""
+    to = to_native(sd, src)
+    if dst == "native":
+        return to
+    out = from_native(to.state_dict, dst, config=config)
+    out.src, out.dropped, out.reinitialised = to.src, {**to.dropped, **out.dropped}, to.reinitialised
+    out.unmapped = to.unmapped + out.unmapped
+    return out
+
+
+def convert_state_dict(sd: Mapping[str, Any], src: str = "auto", dst: str = "native", *,
+                       config: Any = None) -> dict[str, Tensor]:
+    """Map a SwinV2 state dict between formats: native/official, timm, hf, torchvision (and swinv1 in).
+
+    `sd` may be wrapped (``{"model": ...}``); `src="auto"` detects the format from the keys and logs
+    it. `config` (a `SwinV2Config`) is needed only for ``dst="torchvision"``. Tensors are shared,
+    not copied, where no operation changes them. Dropped keys are logged.
+    """
+    conv = convert(sd, src, dst, config=config)
+    for key, why in conv.dropped.items():
+        log.info("dropped %s: %s", key, why)
+    return conv.state_dict
+
+
+def map_head_rows(weight: Tensor, bias: Tensor | None, index: list[int]) -> tuple[Tensor, Tensor | None]:
+    """Select head rows (e.g. the official 22k->1k map): (K, C), (K,) -> (len(index), C), (len(index),)."""
+    _check(max(index) < weight.shape[0], f"head has {weight.shape[0]} rows; the class map needs {max(index) + 1}")
+    idx = torch.as_tensor(index, dtype=torch.long)
+    return weight[idx].clone(), None if bias is None else bias[idx].clone()
+
+
+# --------------------------------------------------------------------------- Hugging Face config.json
+
+
+def hf_config_to_kwargs(hf: Mapping[str, Any]) -> tuple[dict[str, Any], list[str] | None]:
+    """A transformers `Swinv2Config` dict (config.json) -> `SwinV2Config` kwargs and class names.
+
+    Defaults are transformers' own; its placeholder labels (``LABEL_i``) give no class names.
+    """
+    _check(hf.get("model_type") in (None, "swinv2"), f"config.json is for {hf.get('model_type')!r}, not swinv2")
+    _check(not hf.get("use_absolute_embeddings"), "config.json: use_absolute_embeddings=true is not supported")
+    _check(hf.get("hidden_act", "gelu") == "gelu", f"config.json: hidden_act {hf.get('hidden_act')!r} is not gelu")
+    depths = tuple(hf.get("depths", (2, 2, 6, 2)))
+    id2label = {str(k): v for k, v in (hf.get("id2label") or {}).items()}
+    classify = any("ForImageClassification" in a for a in hf.get("architectures") or ["ForImageClassification"])
+    n = len(id2label) if classify else 0
+    names = [str(id2label.get(str(i), i)) for i in range(n)] or None
+    if names and all(s == f"LABEL_{i}" for i, s in enumerate(names)):
+        names = None
+    kwargs = dict(
+        img_size=hf.get("image_size", 224), patch_size=hf.get("patch_size", 4), in_chans=hf.get("num_channels", 3),
+        num_classes=n, embed_dim=hf.get("embed_dim", 96), depths=depths,
+        num_heads=tuple(hf.get("num_heads", (3, 6, 12, 24))), window_size=hf.get("window_size", 7),
+        pretrained_window_sizes=tuple(hf.get("pretrained_window_sizes") or (0,) * len(depths)),
+        mlp_ratio=hf.get("mlp_ratio", 4.0), qkv_bias=hf.get("qkv_bias", True),
+        drop_rate=hf.get("hidden_dropout_prob", 0.0), attn_drop_rate=hf.get("attention_probs_dropout_prob", 0.0),
+        drop_path_rate=hf.get("drop_path_rate", 0.1),
+    )
+    return kwargs, names
+
+
+def hf_config_from_kwargs(cfg: Mapping[str, Any], class_names: list[str] | None = None) -> dict[str, Any]:
+    """`SwinV2Config.to_dict()` -> a transformers `Swinv2Config` dict that `from_pretrained` reads offline."""
+    _check(cfg["cpb_hidden_dim"] == CPB_HIDDEN and cfg["patch_norm"],
+           f"transformers hard-codes patch_norm=True and a CPB MLP of width {CPB_HIDDEN}")
+    n = cfg["num_classes"]
+    names = list(class_names) if class_names is not None else [f"LABEL_{i}" for i in range(n)]
+    return {
+        "architectures": ["Swinv2ForImageClassification" if n else "Swinv2Model"],
+        "model_type": "swinv2", "image_size": list(cfg["img_size"]), "patch_size": cfg["patch_size"],
+        "num_channels": cfg["in_chans"], "embed_dim": cfg["embed_dim"], "depths": list(cfg["depths"]),
+        "num_heads": list(cfg["num_heads"]), "window_size": cfg["window_size"],
+        "pretrained_window_sizes": list(cfg["pretrained_window_sizes"]), "mlp_ratio": cfg["mlp_ratio"],
+        "qkv_bias": cfg["qkv_bias"], "hidden_dropout_prob": cfg["drop_rate"],
+        "attention_probs_dropout_prob": cfg["attn_drop_rate"], "drop_path_rate": cfg["drop_path_rate"],
+        "hidden_act": "gelu", "use_absolute_embeddings": False, "layer_norm_eps": 1e-5, "initializer_range": 0.02,
+        "encoder_stride": cfg["patch_size"] * 2 ** (len(cfg["depths"]) - 1),
+        "id2label": {str(i): name for i, name in enumerate(names)},
+        "label2id": {name: i for i, name in enumerate(names)}, "torch_dtype": "float32",
+    }
+
+
+__all__ = ["Conversion", "DERIVED_KEYS", "FORMATS", "convert", "convert_state_dict", "detect_format",
+           "from_native", "hf_config_from_kwargs", "hf_config_to_kwargs", "map_head_rows", "to_native",
+           "tv_derived_buffers", "unwrap"]
