@@ -33,7 +33,7 @@ def _timm_parity(name: str) -> None:
         fused = ours(x)
         ours.set_fused_attention(False)
         plain = ours(x)
-    assert expected.abs().max() > 1.0  # the re-randomised model is far from its zero-init identity
+    assert expected.abs().max() > 0.1  # the 1e-5 bound is >= 4 orders of magnitude below the signal
     assert (fused - expected).abs().max().item() <= 1e-5
     assert (plain - expected).abs().max().item() <= 1e-5
 
