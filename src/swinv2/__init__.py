@@ -1,9 +1,16 @@
 """swinv2: Swin Transformer V2 with the official numerics, every variant and weight format."""
+from .checkpoint import LoadReport, load_model, load_weights, save_weights
+from .convert import convert_state_dict
 from .flops import count_flops
 from .model import SwinTransformerV2, SwinV2Config
 from .registry import create_model, get_variant, list_models
 
 __all__ = [
+    "LoadReport",
+    "convert_state_dict",
+    "load_model",
+    "load_weights",
+    "save_weights",
     "SwinTransformerV2",
     "SwinV2Config",
     "count_flops",

@@ -58,9 +58,344 @@ def _run_models(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- convert
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="convert weights between formats (native, official, timm, hf, torchvision)",
+                       description="Convert SwinV2 weights. Reads native .safetensors, official .pth (also SwinV1 "
+                       "and 22k heads), timm, Hugging Face folders and torchvision files; torch files only "
+                       "with weights_only=True.")
+    p.add_argument("src", help="weights file or Hugging Face folder")
+    p.add_argument("dst", help="output file (.safetensors: native, .pth: official) or folder (hf)")
+    p.add_argument("--src", dest="src_format", default="auto",
+                   choices=["auto", "native", "official", "timm", "hf", "torchvision", "swinv1"],
+                   help="source format (default: detected from the keys)")
+    p.add_argument("--dst", dest="dst_format", default=None,
+                   choices=["native", "official", "timm", "hf", "torchvision"],
+                   help="target format (default: from DST's suffix)")
+    p.add_argument("--model", default=None, help="registry name, for sources that do not describe their "
+                   "architecture (needed for native, hf and torchvision targets)")
+    p.set_defaults(func=_run_convert)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from .checkpoint import convert_file
+
+    print(convert_file(args.src, args.dst, src_format=args.src_format, dst_format=args.dst_format,
+                       model_name=args.model))
+    return 0
+
+
+# --------------------------------------------------------------------------- eval, predict, export, bench, viz-cpb
+
+
+def _add_weights_args(p: argparse.ArgumentParser, *, preprocess: bool = True) -> None:
+    p.add_argument("--weights", required=True, help="weights: our .safetensors, an official .pth (with --model), "
+                   "timm / torchvision files (with --model) or a Hugging Face folder")
+    p.add_argument("--model", default=None, help="registry name, for weights that do not describe their "
+                   "architecture (see `swinv2 models`)")
+    if preprocess:
+        p.add_argument("--img-size", type=int, default=None, help="eval image size (default: from the weights)")
+        p.add_argument("--crop-pct", type=float, default=None, help="resize to img_size / crop_pct, then centre-crop")
+        p.add_argument("--interpolation", default=None, choices=["bicubic", "bilinear", "nearest"],
+                       help="resize interpolation (default: from the weights, bicubic)")
+
+
+def _load_for_use(args: argparse.Namespace):
+    """(model, eval preprocessing) from --weights / --model and the preprocessing overrides."""
+    from .checkpoint import load_model
+    from .predict import resolve_preprocess
+
+    model = load_model(args.weights, name=args.model)
+    prep = resolve_preprocess(model, img_size=getattr(args, "img_size", None), crop_pct=getattr(args, "crop_pct", None),
+                              interpolation=getattr(args, "interpolation", None))
+    return model, prep
+
+
+def _write_json(path: str, record: object) -> None:
+    """Write JSON next to `path`, then rename: never a half-written file."""
+    import json
+    import os
+
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="top-1 / top-5 / loss / per-class accuracy of weights on an image folder",
+                       description="Evaluate weights on DIR/<class>/<images>. With class names in the weights, every "
+                       "class folder must be one of them; without (official .pth), the sorted folders are the class "
+                       "indices and must number exactly the model's classes. Unreadable images are reported and "
+                       "skipped.")
+    _add_weights_args(p)
+    p.add_argument("--data", required=True, help="class folder: DIR/<class>/<image files>")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="data-loading processes (default 0: in this process)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--json", metavar="OUT", default=None, help="write every metric, the per-class accuracy and the "
+                   "confusion matrix to this JSON file")
+    p.add_argument("--plots", metavar="DIR", default=None, help="write confusion_matrix.png and "
+                   "per_class_accuracy.png into DIR")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from .predict import evaluate_folder, save_eval_plots
+
+    model, prep = _load_for_use(args)
+    report = evaluate_folder(model, args.data, weights=args.weights, batch_size=args.batch_size,
+                             workers=args.workers, device=args.device, preprocess=prep)
+    for e in report["errors"]:
+        print(f"swinv2 eval: skipped {e['path']}: {e['error']}", file=sys.stderr)
+    skipped = f", {len(report['errors'])} unreadable skipped" if report["errors"] else ""
+    print(f"{args.data}: {report['n']} images, {len(report['per_class'])} classes{skipped}; "
+          f"{prep.img_size} px, crop {prep.crop_pct}, {prep.interpolation}")
+    print(f"top-1 {report['top1']:.2f}%  top-5 {report['top5']:.2f}%  loss {report['loss']:.4f}  "
+          f"({report['img_per_s']:.1f} img/s)")
+    rows = sorted(report["per_class"], key=lambda r: r["top1"])
+    shown = rows if len(rows) <= 30 else rows[:10]
+    print("per-class top-1" + ("" if shown is rows else f" (the 10 worst of {len(rows)})") + ":")
+    width = max(len(r["class"]) for r in shown)
+    for r in shown:
+        print(f"  {r['class']:<{width}}  {r['top1']:6.2f}%  ({r['correct']}/{r['n']})")
+    if args.json:
+        _write_json(args.json, {"weights": args.weights, "data": args.data, **report})
+        print(f"wrote {args.json}")
+    if args.plots:
+        for path in save_eval_plots(report, args.plots):
+            print(f"wrote {path}")
+    return 0
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="classify image files, folders and globs",
+                       description="Print the top-k classes of each image. Unreadable files are reported on stderr "
+                       "and skipped; the exit code is non-zero for them only with --fail-on-error. --json prints "
+                       '{"topk", "class_names_from", "results": [{"path", "top": [{"index", "label", "prob"}]}], '
+                       '"errors": [{"path", "error"}]} (prob: softmax probability, 0..1).')
+    _add_weights_args(p)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or globs")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    p.add_argument("--plot", metavar="OUT.png", default=None, help="draw a grid of the images (up to 32) with "
+                   "their top-k labels")
+    p.add_argument("--fail-on-error", action="store_true", help="exit with code 1 if any file could not be read")
+    p.set_defaults(func=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from .predict import predict
+
+    model, prep = _load_for_use(args)
+    preds = predict(model, args.paths, topk=args.topk, batch_size=args.batch_size, device=args.device,
+                    preprocess=prep, thumbnails=32 if args.plot else 0)
+    if args.json:
+        print(json.dumps(preds.to_json(), indent=1))
+    else:
+        for r in preds.results:
+            print(f"{r['path']}: " + ", ".join(f"{t['label']} {100 * t['prob']:.1f}%" for t in r["top"]))
+    for e in preds.errors:
+        print(f"swinv2 predict: skipped {e['path']}: {e['error']}", file=sys.stderr)
+    if args.plot and preds.thumbnails:
+        from .plots import plot_prediction_grid
+
+        shown = preds.results[: len(preds.thumbnails)]
+        width = min(24, max(len(t["label"]) for r in shown for t in r["top"]))
+        captions = ["\n".join(f"{t['label'][:width]:<{width}} {100 * t['prob']:5.1f}%" for t in r["top"])
+                    for r in shown]
+        titles = [os.path.join(os.path.basename(os.path.dirname(r["path"])), os.path.basename(r["path"]))
+                  for r in shown]
+        path = plot_prediction_grid(preds.thumbnails, captions, args.plot, titles=titles)
+        print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
+    return 1 if (args.fail_on_error and preds.errors) else 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export weights to ONNX (dynamic batch), checked in ONNX Runtime",
+                       description="Export to ONNX with a dynamic batch axis. The graph is fixed at one image size "
+                       "(default: the weights' eval size): export again for another size. The file is kept only if "
+                       "ONNX Runtime reproduces PyTorch within 1e-4 at batch 1 and 3; a sidecar OUT.onnx.json holds "
+                       "the input/output names, preprocessing and class names.")
+    _add_weights_args(p, preprocess=False)
+    p.add_argument("--onnx", required=True, metavar="OUT.onnx")
+    p.add_argument("--img-size", type=int, default=None, help="input size of the exported graph")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime comparison")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model
+    from .export import export_onnx
+
+    model = load_model(args.weights, name=args.model)
+    print(export_onnx(model, args.onnx, img_size=args.img_size, opset=args.opset, check=not args.no_check))
+    return 0
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="throughput, latency and peak memory, side by side with timm / hf / torchvision",
+                       description="Benchmark a registry variant, optionally against timm, Hugging Face and "
+                       "torchvision built with the same weights and timed interleaved in this process. "
+                       "'ours x' = how many times faster ours is (median of per-round paired ratios); "
+                       "'ours mem' = our peak memory / theirs. See swinv2.bench for the method and JSON fields.")
+    p.add_argument("--model", required=True, help="registry name (see `swinv2 models`)")
+    p.add_argument("--weights", default=None, help="weights to time (default: the same random weights for all)")
+    p.add_argument("--batch-size", type=int, nargs="+", default=[8])
+    p.add_argument("--img-size", type=int, nargs="+", default=[None], help="default: the variant's size")
+    p.add_argument("--dtype", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"],
+                   help="inference: weights and input in this dtype; --train: autocast (fp16: CUDA only)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every implementation")
+    p.add_argument("--train", action="store_true", help="time forward + backward + AdamW step instead of inference")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (median and spread over them)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls per implementation first")
+    p.add_argument("--iters", type=int, default=3, help="timed calls per implementation per round")
+    p.add_argument("--compare", default="", help="comma-separated peers: timm,hf,torchvision")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--matmul-peak", action="store_true", help="also measure the matrix-multiply GFLOP/s limit")
+    p.add_argument("--json", metavar="OUT", default=None, help="write meta + results to this JSON file")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import bench
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    compare = [c.strip() for c in args.compare.split(",") if c.strip()]
+    results = bench.run(args.model, batch_sizes=args.batch_size, img_sizes=args.img_size, dtypes=args.dtype,
+                        compile=args.compile, train=args.train, device=args.device, repeats=args.repeats,
+                        warmup=args.warmup, iters=args.iters, compare=compare, weights=args.weights,
+                        measure_memory=not args.no_memory)
+    print(bench.format_table(results))
+    print("ours x: how many times faster ours is than the row (median of paired rounds); ours mem: our peak "
+          "memory / the row's")
+    meta = {}
+    if args.matmul_peak:
+        for dtype in dict.fromkeys(args.dtype):
+            meta[f"matmul_peak_gflop_s_{dtype}"] = bench.matmul_peak(args.device, dtype)
+            print(f"matmul peak ({dtype}, 2048^3): {meta[f'matmul_peak_gflop_s_{dtype}']:.0f} GFLOP/s")
+    if args.json:
+        bench.write_json(args.json, results, meta=meta)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _add_viz_cpb(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("viz-cpb", help="heat maps of the learned continuous position bias, every layer and head",
+                       description="Draw 16*sigmoid(cpb_mlp(offset)) over the (2w-1)x(2w-1) relative offsets of every "
+                       "block and head, one PNG per stage. --window evaluates every stage at that window (any size: "
+                       "shows the log-spaced extrapolation).")
+    _add_weights_args(p, preprocess=False)
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--window", type=int, default=None, help="window for every stage (default: each stage's own)")
+    p.set_defaults(func=_run_viz_cpb)
+
+
+def _run_viz_cpb(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .checkpoint import load_model
+    from .cpb import cpb_tables
+    from .plots import plot_cpb_maps
+
+    model = load_model(args.weights, name=args.model)
+    tables = cpb_tables(model, args.window)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stage in sorted({t.stage for t in tables}):
+        rows = [t for t in tables if t.stage == stage]
+        path = plot_cpb_maps([t.bias.numpy() for t in rows], out / f"cpb_stage{stage}.png", stage=stage,
+                             window=rows[0].window, pretrained_window=rows[0].pretrained_window)
+        print(f"wrote {path}")
+    return 0
+
+
+# --------------------------------------------------------------------------- train
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train a SwinV2 from a YAML recipe (auto-resumes; torchrun for data-parallel)",
+        description="Train with the official SwinV2 recipe. Starting again with the same --out resumes from the "
+        "newest valid checkpoint in it. A config with `stages:` trains them in turn, each in --out/stage<k>_<name> "
+        "from the previous stage's weights; running it again skips finished stages. Data-parallel: "
+        "torchrun --nproc_per_node N -m swinv2 train ...")
+    p.add_argument("--config", help="YAML recipe, e.g. configs/demo_digits.yaml (default: built-in defaults)")
+    p.add_argument("--out", help="run directory (default: runs/<config file name>)")
+    p.add_argument("--resume", metavar="CKPT", help="resume from this training-state file instead of the newest "
+                   "checkpoint in --out")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--check-data", action="store_true", help="scan the dataset (unreadable files, image modes, "
+                   "empty or mismatched classes, class balance) and exit; non-zero exit if files are unreadable")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.epochs=2 "
+                   "data.batch_size=64 optim.lr=1e-3; a stage's own keys: stages.0.train.epochs=1")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    from .engine import NonFiniteError, TrainingInterrupted, check_data, fit
+
+    if args.check_data:
+        report = check_data(cfg)
+        print(report.format())
+        return 0 if report.ok else 1
+    out = args.out or str(Path("runs") / (Path(args.config).stem if args.config else "default"))
+    try:
+        if cfg.stages:  # a multi-stage recipe: one run directory per stage under --out
+            from .recipes import fit_recipe, shadowed_overrides
+
+            for warning in shadowed_overrides(cfg, args.overrides):
+                log.warning("%s", warning)
+            summary = fit_recipe(cfg, out, resume=args.resume)
+        else:
+            summary = fit(cfg, out, resume=args.resume)
+    except TrainingInterrupted as e:
+        print(f"swinv2 train: {e}", file=sys.stderr)
+        return e.exit_code
+    except NonFiniteError as e:
+        print(f"swinv2 train: error: {e}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", "0")) == 0:
+        final = summary.get("final", {})
+        if "val_top1" in final:
+            print(f"final val top-1 {final['val_top1']:.2f}%  top-5 {final['val_top5']:.2f}%  "
+                  f"(best {summary['best']})" if "best" in summary else "")
+        print(f"run directory: {summary['run_dir']}")
+        if "weights" in summary:
+            print(f"weights:       {summary['weights']}")
+        print(f"curves:        {summary['curves']}")
+        print(f"metrics:       {summary['metrics']}")
+        print(f"checkpoint:    {summary['checkpoint']}")
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_models]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_models, _add_convert, _add_eval, _add_predict, _add_export, _add_bench, _add_viz_cpb, _add_train,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,475 @@
+"""Throughput, latency and peak memory of SwinV2, side by side with timm, Hugging Face and torchvision.
+
+`run(...)` times every implementation of one variant with the SAME weights in the same process: for
+each setting (batch size x image size x dtype) it builds all implementations, warms each up, measures
+one step's peak memory, then times `repeats` rounds in which every implementation runs `iters` calls;
+the order rotates every round, so slow drifts (thermal, other processes) hit all of them alike. The
+ratios are medians of the per-round paired ratios.
+
+What one call ("step") is:
+  * inference (default): `model(x)` under `torch.inference_mode()`, the model in eval mode. With bf16 /
+    fp16 the weights and the input are cast to that dtype ("half weights", as a deployment would).
+  * `train=True`: zero_grad, forward, cross-entropy on random labels, backward, AdamW step, model in
+    train mode (dropout / stochastic depth as configured). bf16 / fp16 use autocast over fp32 weights
+    (mixed precision, as a training run would), fp16 with a GradScaler.
+On CUDA every timed call is bracketed by `torch.cuda.synchronize()`.
+
+Peak memory of one step, in bytes, above what was allocated before the step (so weights, and in
+training the optimizer state, are excluded; activations, gradients and workspaces are included):
+  * CUDA: `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()`, minus the bytes
+    allocated before the step.
+  * CPU: the step is run once under `torch.profiler` with `profile_memory=True`; every allocation and
+    free of PyTorch's CPU allocator is recorded with the running total ("Total Allocated"), and the
+    peak is the largest running total minus the total before the first event. This sees exactly the
+    tensors PyTorch allocates, in process, per implementation; it does not see memory that libraries
+    allocate behind PyTorch's back (oneDNN scratch pads, the Python heap), and unlike peak RSS it is
+    not blurred by the allocator's caching or by what earlier implementations left behind.
+
+Result fields (one dict per implementation and setting; `write_json` adds a `meta` record):
+  impl                 "ours" | "timm" | "hf" | "torchvision"
+  model, mode          registry name; "infer" or "train"
+  device, dtype        "cpu" / "cuda[:i]"; "fp32" | "bf16" | "fp16"
+  compiled             torch.compile used (compile_s: duration of the first, compiling call)
+  batch_size, img_size     images per call, square input side in pixels
+  warmup, repeats, iters   untimed calls; timed rounds; calls per round
+  img_per_s            median over rounds of images per second; img_per_s_min, img_per_s_max: extremes
+  spread_pct           (max - min) / median of the per-round img/s, in percent
+  latency_ms_p50, latency_ms_p90   percentiles of the single-call times over all timed calls
+  peak_mem_bytes       peak memory of one step above its starting point (see above)
+  weights_bytes        bytes of parameters and buffers
+  gmacs_per_img        forward MACs per image (paper convention, `swinv2.count_flops`)
+  gflop_per_s          2 * MACs * img/s (x3 for a training step, the usual forward+backward rule)
+  ours_speedup         median over rounds of (this impl's time / ours), i.e. how many times faster
+                       ours is (1.0 for ours); ours_speedup_min, ours_speedup_max: its extremes
+  ours_mem_ratio       ours' peak_mem_bytes / this impl's (below 1: ours needs less)
+  max_abs_diff         max |logits - ours' logits| in fp32 eval at batch 1 (None for ours): proves
+                       the peers run the same weights
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .flops import count_flops
+from .model import SwinTransformerV2, SwinV2Config
+from .registry import model_config
+
+log = logging.getLogger(__name__)
+
+IMPLS = ("ours", "timm", "hf", "torchvision")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# --------------------------------------------------------------------------- the implementations
+
+
+class _HFLogits(nn.Module):
+    """Hugging Face models take `pixel_values=` and return an output object; bench calls `m(x)`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(pixel_values=x).logits
+
+
+@torch.no_grad()
+def randomize_weights_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Draws every parameter afresh (std 0.02, norm weights around 1, logit scales kept).
+
+    The official init zeroes the res-post-norms, which makes every block an identity: the peers'
+    logits would then agree however their attention differed, and `max_abs_diff` would prove nothing.
+    """
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "logit_scale" in name:
+            continue
+        if p.ndim == 1 and "norm" in name and name.endswith("weight"):
+            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+        else:
+            p.copy_(0.02 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def build_impl(impl: str, config: SwinV2Config, state_dict: dict[str, Tensor]) -> nn.Module:
+    """The `impl` implementation of `config` with our `state_dict` loaded (strict); `m(x) -> logits`.
+
+    timm takes our state dict through its own `checkpoint_filter_fn` (our names are the official
+    ones); Hugging Face and torchvision through `swinv2.convert_state_dict`.
+    """
+    c = config
+    if impl == "ours":
+        model: nn.Module = SwinTransformerV2(c)
+        model.load_state_dict(state_dict)
+        return model
+    if impl == "timm":
+        from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2
+        from timm.models.swin_transformer_v2 import checkpoint_filter_fn
+
+        # The class timm.create_model builds for the registered names, here for any config.
+        model = TimmSwinV2(img_size=c.img_size, patch_size=c.patch_size, in_chans=c.in_chans,
+                           num_classes=c.num_classes, embed_dim=c.embed_dim, depths=c.depths,
+                           num_heads=c.num_heads, window_size=c.window_size, mlp_ratio=c.mlp_ratio,
+                           qkv_bias=c.qkv_bias, drop_rate=c.drop_rate, attn_drop_rate=c.attn_drop_rate,
+                           drop_path_rate=c.drop_path_rate, pretrained_window_sizes=c.pretrained_window_sizes)
+        model.load_state_dict(checkpoint_filter_fn(state_dict, model))
+        return model
+    if impl == "hf":
+        from transformers import Swinv2Config, Swinv2ForImageClassification
+
+        from .convert import convert_state_dict
+
+        hf_cfg = Swinv2Config(image_size=c.img_size[0], patch_size=c.patch_size, num_channels=c.in_chans,
+                              embed_dim=c.embed_dim, depths=list(c.depths), num_heads=list(c.num_heads),
+                              window_size=c.window_size, pretrained_window_sizes=list(c.pretrained_window_sizes),
+                              mlp_ratio=c.mlp_ratio, qkv_bias=c.qkv_bias, hidden_dropout_prob=c.drop_rate,
+                              attention_probs_dropout_prob=c.attn_drop_rate, drop_path_rate=c.drop_path_rate,
+                              num_labels=c.num_classes, layer_norm_eps=1e-5)
+        hf = Swinv2ForImageClassification(hf_cfg)
+        hf.load_state_dict(convert_state_dict(state_dict, src="native", dst="hf", config=c))
+        return _HFLogits(hf)
+    if impl == "torchvision":
+        from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
+
+        from .convert import convert_state_dict
+
+        if any(c.pretrained_window_sizes):
+            raise ValueError("torchvision's SwinV2 has no pretrained_window_sizes; compare this variant "
+                             "with timm or hf instead")
+        model = SwinTransformer(patch_size=[c.patch_size] * 2, embed_dim=c.embed_dim, depths=list(c.depths),
+                                num_heads=list(c.num_heads), window_size=[c.window_size] * 2,
+                                mlp_ratio=c.mlp_ratio, dropout=c.drop_rate, attention_dropout=c.attn_drop_rate,
+                                stochastic_depth_prob=c.drop_path_rate, num_classes=c.num_classes,
+                                block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2)
+        model.load_state_dict(convert_state_dict(state_dict, src="native", dst="torchvision", config=c))
+        return model
+    raise ValueError(f"unknown implementation {impl!r}; choose from {', '.join(IMPLS[1:])}")
+
+
+# --------------------------------------------------------------------------- measuring one step
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _make_step(module: nn.Module, *, train: bool, x: Tensor, dtype: torch.dtype,
+               device: torch.device) -> Callable[[], Any]:
+    """One benchmark call of `module` (already on `device`, cast for inference) as a closure."""
+    if not train:
+        def infer() -> Tensor:
+            with torch.inference_mode():
+                return module(x)
+        return infer
+
+    half = dtype != torch.float32
+    labels = torch.randint(0, 1000, (x.shape[0],), generator=torch.Generator().manual_seed(0)).to(device)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-5, weight_decay=0.05)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    def train_step() -> Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=half):
+            logits = module(x)
+        loss = F.cross_entropy(logits.float(), labels % logits.shape[-1])
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return loss.detach()
+
+    return train_step
+
+
+def _timed(step: Callable[[], Any], device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    step()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _cpu_peak_from_trace(path: str) -> int:
+    """Peak of the CPU allocator's running total in a chrome trace, above its value before the trace."""
+    with open(path) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    mem = sorted((e for e in events if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0),
+                 key=lambda e: e["ts"])
+    if not mem:
+        return 0
+    start = mem[0]["args"]["Total Allocated"] - mem[0]["args"]["Bytes"]
+    return max(0, max(e["args"]["Total Allocated"] for e in mem) - start)
+
+
+@contextlib.contextmanager
+def _stderr_muted() -> Iterator[None]:
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def peak_memory(step: Callable[[], Any], device: torch.device) -> int:
+    """Peak bytes allocated during one call of `step` above those allocated before it (see module doc)."""
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        out = step()
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+        del out
+        return int(peak)
+    from torch.profiler import ProfilerActivity, profile
+
+    # The profiler's C++ side (kineto) prints start/stop and device-probe lines straight to file
+    # descriptor 2, which no Python setting silences once torch is loaded; the step itself already
+    # ran (and warned, if it had to) during warm-up, so stderr is muted for this one call.
+    with _stderr_muted(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = step()
+    del out
+    fd, path = tempfile.mkstemp(suffix=".json", prefix="swinv2-bench-")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        return _cpu_peak_from_trace(path)
+    finally:
+        os.unlink(path)
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolation percentile (numpy's default rule), q in [0, 100]."""
+    s = sorted(values)
+    pos = (len(s) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def matmul_peak(device: str | torch.device = "cpu", dtype: str = "fp32", *, n: int = 2048,
+                repeats: int = 5) -> float:
+    """Measured GFLOP/s of an n x n x n matrix multiply: the machine's practical compute limit."""
+    dev = torch.device(device)
+    a = torch.randn(n, n, device=dev).to(DTYPES[dtype])
+    b = torch.randn(n, n, device=dev).to(DTYPES[dtype])
+    torch.mm(a, b)  # warm-up: thread pool, kernel selection
+    best = min(_timed(lambda: torch.mm(a, b), dev) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+# --------------------------------------------------------------------------- the harness
+
+
+def _check_dtype(dtype: str, device: torch.device) -> None:
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    if dtype == "fp16" and device.type != "cuda":
+        raise ValueError("fp16 is benchmarked on CUDA only (CPU fp16 kernels are not a deployment path); "
+                         "use bf16 on CPU")
+
+
+def run(model: str, *, batch_sizes: Sequence[int] = (8,), img_sizes: Sequence[int | None] = (None,),
+        dtypes: Sequence[str] = ("fp32",), compile: bool = False, compile_kwargs: dict[str, Any] | None = None,
+        train: bool = False, device: str = "cpu", repeats: int = 5, warmup: int = 2, iters: int = 3,
+        compare: Sequence[str] = (), weights: str | os.PathLike | None = None, measure_memory: bool = True,
+        seed: int = 0) -> list[dict[str, Any]]:
+    """Benchmark `model` (a registry name) and the `compare` peers; one result dict per impl and setting.
+
+    `img_sizes` entries of None mean the variant's nominal size. Without `weights` every impl gets the
+    same re-randomised weights (`randomize_weights_`); with `weights` (any file `swinv2.load_model`
+    reads) they get those. See the module docstring for the fields and the method.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    impls = ["ours"] + [p for p in compare if p != "ours"]
+    for p in impls:
+        if p not in IMPLS:
+            raise ValueError(f"unknown implementation {p!r} in --compare; choose from {', '.join(IMPLS[1:])}")
+    for d in dtypes:
+        _check_dtype(d, dev)
+    if repeats < 1 or iters < 1 or warmup < 0:
+        raise ValueError("repeats and iters must be >= 1 and warmup >= 0")
+
+    if weights is not None:
+        from .checkpoint import load_model
+
+        base = load_model(weights, name=model)
+        base_config = base.config
+    else:
+        torch.manual_seed(seed)
+        base_config = model_config(model)
+        base = randomize_weights_(SwinTransformerV2(base_config), seed)
+    state_dict = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    del base
+
+    results = []
+    for img in img_sizes:
+        size = img or base_config.img_size[0]
+        config = replace(base_config, img_size=(size, size))
+        modules = {p: build_impl(p, config, state_dict) for p in impls}
+        diffs = _max_abs_diffs(modules, size)
+        for dtype in dtypes:
+            for batch in batch_sizes:
+                results += _bench_setting(modules, diffs, model=model, config=config, size=size, batch=batch,
+                                          dtype=dtype, compile=compile, compile_kwargs=compile_kwargs or {},
+                                          train=train, device=dev, repeats=repeats, warmup=warmup,
+                                          iters=iters, measure_memory=measure_memory, seed=seed)
+    return results
+
+
+@torch.no_grad()
+def _max_abs_diffs(modules: dict[str, nn.Module], size: int) -> dict[str, float | None]:
+    """fp32 eval logits of every impl against ours on one seeded image."""
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    outs = {p: m.eval()(x) for p, m in modules.items()}
+    diffs: dict[str, float | None] = {"ours": None}
+    for p, out in outs.items():
+        if p != "ours":
+            diffs[p] = float((out - outs["ours"]).abs().max())
+            if diffs[p] > 1e-3:
+                log.warning("%s logits differ from ours by %.3g: not the same computation", p, diffs[p])
+    return diffs
+
+
+def _bench_setting(modules: dict[str, nn.Module], diffs: dict[str, float | None], *, model: str,
+                   config: SwinV2Config, size: int, batch: int, dtype: str, compile: bool,
+                   compile_kwargs: dict[str, Any], train: bool, device: torch.device, repeats: int,
+                   warmup: int, iters: int, measure_memory: bool, seed: int) -> list[dict[str, Any]]:
+    """Warm-up, memory and interleaved timed rounds of every impl at one (batch, size, dtype)."""
+    torch_dtype = DTYPES[dtype]
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)).to(device)
+    steps: dict[str, Callable[[], Any]] = {}
+    rows: dict[str, dict[str, Any]] = {}
+    for p, base in modules.items():
+        # Each setting times a fresh copy: training steps and dtype casts must not leak between settings.
+        m = copy.deepcopy(base).to(device)
+        if train:
+            m.train()
+        else:
+            m.eval().to(torch_dtype)
+        weights_bytes = sum(t.numel() * t.element_size() for t in (*m.parameters(), *m.buffers()))
+        run_m = torch.compile(m, **compile_kwargs) if compile else m
+        steps[p] = _make_step(run_m, train=train, x=x if train else x.to(torch_dtype), dtype=torch_dtype,
+                              device=device)
+        compile_s = None
+        for i in range(warmup):
+            t = _timed(steps[p], device)
+            if i == 0 and compile:
+                compile_s = t
+        peak = peak_memory(steps[p], device) if measure_memory else None
+        rows[p] = dict(impl=p, model=model, mode="train" if train else "infer", device=str(device), dtype=dtype,
+                       compiled=compile, compile_s=compile_s, batch_size=batch, img_size=size, warmup=warmup,
+                       repeats=repeats, iters=iters, peak_mem_bytes=peak, weights_bytes=weights_bytes,
+                       gmacs_per_img=count_flops(config, size) / 1e9, max_abs_diff=diffs[p])
+        log.info("%s %s %s batch %d img %d: warmed up%s", p, rows[p]["mode"], dtype, batch, size,
+                 f", compiled in {compile_s:.1f}s" if compile_s is not None else "")
+
+    names = list(steps)
+    round_times: dict[str, list[float]] = {p: [] for p in names}
+    call_times: dict[str, list[float]] = {p: [] for p in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[: r % len(names)]  # rotate: no impl always runs first
+        for p in order:
+            times = [_timed(steps[p], device) for _ in range(iters)]
+            call_times[p] += times
+            round_times[p].append(sum(times))
+
+    ours = round_times["ours"]
+    for p in names:
+        per_round = [batch * iters / t for t in round_times[p]]
+        med = statistics.median(per_round)
+        paired = [t / o for t, o in zip(round_times[p], ours)]
+        row = rows[p]
+        row.update(img_per_s=med, img_per_s_min=min(per_round), img_per_s_max=max(per_round),
+                   spread_pct=100 * (max(per_round) - min(per_round)) / med,
+                   latency_ms_p50=1e3 * _percentile(call_times[p], 50),
+                   latency_ms_p90=1e3 * _percentile(call_times[p], 90),
+                   gflop_per_s=2 * row["gmacs_per_img"] * med * (3 if train else 1),
+                   ours_speedup=statistics.median(paired), ours_speedup_min=min(paired),
+                   ours_speedup_max=max(paired))
+        ours_peak, peak = rows["ours"]["peak_mem_bytes"], row["peak_mem_bytes"]
+        row["ours_mem_ratio"] = ours_peak / peak if ours_peak is not None and peak else None
+    return [rows[p] for p in names]
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def environment(device: str = "cpu") -> dict[str, Any]:
+    """Where the numbers were measured: machine, versions, threads, date."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    env: dict[str, Any] = dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                               cpu=cpu, cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
+                               python=platform.python_version(), torch=torch.__version__,
+                               platform=platform.platform())
+    if torch.device(device).type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    for lib in ("timm", "transformers", "torchvision"):
+        try:
+            env[lib] = __import__(lib).__version__
+        except ImportError:
+            env[lib] = None
+    return env
+
+
+def format_table(results: Sequence[dict[str, Any]]) -> str:
+    """A fixed-width text table of `run`'s results; 'ours x' is how many times faster ours is."""
+    header = ("impl", "mode", "dtype", "compiled", "batch", "img", "img/s", "spread", "p50 ms", "p90 ms",
+              "peak MB", "ours x", "ours mem", "max|d|")
+    rows = []
+    for r in results:
+        peak = r["peak_mem_bytes"]
+        rows.append((
+            r["impl"], r["mode"], r["dtype"], "yes" if r["compiled"] else "no", str(r["batch_size"]),
+            str(r["img_size"]), f"{r['img_per_s']:.2f}", f"{r['spread_pct']:.0f}%", f"{r['latency_ms_p50']:.1f}",
+            f"{r['latency_ms_p90']:.1f}", "-" if peak is None else f"{peak / 2**20:.1f}",
+            f"{r['ours_speedup']:.2f}", "-" if r["ours_mem_ratio"] is None else f"{r['ours_mem_ratio']:.2f}",
+            "-" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.1e}",
+        ))
+    widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) if i > 3 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in [header] + rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_json(path: str | os.PathLike, results: Sequence[dict[str, Any]], *,
+               meta: dict[str, Any] | None = None) -> None:
+    """{"meta": environment + `meta`, "results": [...]}, written to a temp file then renamed."""
+    path = os.fspath(path)
+    record = {"meta": {**environment(results[0]["device"] if results else "cpu"), **(meta or {})},
+              "results": list(results)}
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(tmp, path)

@@ -1,0 +1,524 @@
+"""Images, class folders, transforms and samplers: the only module that imports PIL.
+
+* `load_image` turns any file PIL can read (every mode, EXIF rotation) into an RGB image, or raises
+  `BadImageError` naming the path.
+* `ImageFolderDataset` reads `root/<class>/**/<image>`; hidden entries are never classes or samples,
+  an empty class folder stays a class (so labels never shift), stray files are recorded.
+* `eval_transform` is the official / timm eval pipeline; `train_transform` and `build_mixup` are
+  timm's training pipeline (RandAugment, random erasing, Mixup/CutMix, label smoothing).
+* `ShardedSampler` + `SeededSamples` + `collate` make training data a pure function of
+  (seed, epoch, sample index): each sample's augmentation RNGs are seeded from those three numbers,
+  so the stream is identical whatever the worker count, and a run resumed mid-epoch from its
+  position continues with exactly the samples and augmentations it would have seen. Unreadable
+  files are dropped from their batch (never replaced by another sample under their label) and
+  reported with the batch.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import Dataset, Sampler
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+# Transparent pixels are composited onto white: what a viewer shows for a transparent PNG, and
+# independent of the (arbitrary) colour values stored under alpha 0.
+ALPHA_BACKGROUND = (255, 255, 255)
+
+
+class BadImageError(ValueError):
+    """A file that is not a readable image; the message starts with its path."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------- images
+
+
+def _open_image(path: str | os.PathLike) -> tuple[Image.Image, str]:
+    """(RGB image, the file's original mode). Raises BadImageError naming `path`."""
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            im.load()  # decode fully now: a truncated file fails here, not later in a transform
+            im = ImageOps.exif_transpose(im)  # apply (and drop) the EXIF orientation
+            return _to_rgb(im), mode
+    except FileNotFoundError:
+        raise BadImageError(path, "file not found") from None
+    except UnidentifiedImageError:
+        size = os.path.getsize(path) if os.path.exists(path) else -1
+        raise BadImageError(path, "empty file (0 bytes)" if size == 0 else "not an image PIL can identify") from None
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        raise BadImageError(path, f"cannot decode image ({type(e).__name__}: {e})") from None
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. Alpha is composited on ALPHA_BACKGROUND; 16/32-bit integer grey is
+    scaled from 0..65535 (PIL's own convert would clip at 255); float grey 'F' is clipped to 0..255."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        arr = np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8)  # 65535 / 255 = 257
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if im.mode == "F":
+        arr = np.clip(np.asarray(im, dtype=np.float64), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if im.mode in ("P", "PA") and (im.mode == "PA" or "transparency" in im.info):
+        im = im.convert("RGBA")
+    elif im.mode in ("LA", "La", "RGBa"):
+        im = im.convert("RGBA")
+    if im.mode == "RGBA":
+        background = Image.new("RGBA", im.size, ALPHA_BACKGROUND + (255,))
+        return Image.alpha_composite(background, im).convert("RGB")
+    return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """The image at `path` as a fully decoded RGB PIL image, upright (EXIF orientation applied).
+
+    Handles every PIL mode: L, LA, P (with or without transparency), RGBA (composited on white,
+    `ALPHA_BACKGROUND`), CMYK, 16-bit grey (scaled, not clipped), 1-bit. Raises `BadImageError` (a
+    ValueError) naming `path` for missing, empty, truncated or non-image files.
+    """
+    return _open_image(path)[0]
+
+
+def eval_transform(img_size: int, crop_pct: float, interpolation: str = "bicubic",
+                   mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Callable:
+    """PIL image -> (3, img_size, img_size) normalised float tensor, the official / timm eval way:
+    resize the shorter side to floor(img_size / crop_pct), centre-crop img_size."""
+    from torchvision import transforms
+    from torchvision.transforms import InterpolationMode
+
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    return transforms.Compose([
+        transforms.Resize(math.floor(img_size / crop_pct), interpolation=InterpolationMode(interpolation)),
+        transforms.CenterCrop(img_size),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+def train_transform(img_size: int, *, scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (0.75, 4 / 3),
+                    hflip: float = 0.5, color_jitter: float = 0.4, auto_augment: str | None = "rand-m9-mstd0.5-inc1",
+                    interpolation: str = "bicubic", re_prob: float = 0.25, re_mode: str = "pixel", re_count: int = 1,
+                    mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Callable:
+    """timm's training pipeline (`timm.data.create_transform(is_training=True)`), as the official code.
+
+    Official rule kept: at img_size <= 32 the random-resized crop is replaced by RandomCrop(img_size,
+    padding=4) (microsoft/Swin-Transformer data/build.py, for CIFAR-sized inputs).
+    """
+    from timm.data import create_transform
+    from torchvision import transforms
+
+    tf = create_transform(img_size, is_training=True, scale=tuple(scale), ratio=tuple(ratio), hflip=hflip,
+                          color_jitter=color_jitter, auto_augment=auto_augment, interpolation=interpolation,
+                          re_prob=re_prob, re_mode=re_mode, re_count=re_count, mean=tuple(mean), std=tuple(std))
+    if img_size <= 32:
+        tf.transforms[0] = transforms.RandomCrop(img_size, padding=4)
+    for t in tf.transforms:
+        for op in getattr(t, "ops", ()):
+            if getattr(op, "name", "").startswith("Posterize"):
+                op.aug_fn = _posterize
+    return tf
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's posterize for current Pillow: RandAugment's increasing posterize reaches 0 bits at
+    magnitude 10 (m9 + mstd0.5 gets there ~2% of the time), which Pillow now rejects; an all-zero
+    mask, i.e. a black image, is what 0 bits gave with the Pillow timm was written against."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def build_mixup(num_classes: int, *, mixup: float, cutmix: float, cutmix_minmax: Sequence[float] | None = None,
+                prob: float = 1.0, switch_prob: float = 0.5, mode: str = "batch", label_smoothing: float = 0.1):
+    """timm's Mixup/CutMix (soft targets incl. label smoothing), or None when both alphas are 0."""
+    if not (mixup > 0 or cutmix > 0 or cutmix_minmax is not None) or prob <= 0:
+        return None
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, cutmix_minmax=list(cutmix_minmax) if cutmix_minmax else None,
+                 prob=prob, switch_prob=switch_prob, mode=mode, label_smoothing=label_smoothing,
+                 num_classes=num_classes)
+
+
+# --------------------------------------------------------------------------- class folders
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name.startswith("__")  # .git, .ipynb_checkpoints, __MACOSX
+
+
+def scan_class_folders(root: str | os.PathLike) -> list[str]:
+    """Sorted names of the class folders directly under `root`; hidden folders are never classes.
+
+    Raises FileNotFoundError if `root` is not a directory, ValueError if it holds no class folder.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not _hidden(e.name))
+    if not classes:
+        raise ValueError(f"{root}: no class folders (expected {root}/<class>/<image files>)")
+    return classes
+
+
+class ImageFolderDataset(Dataset):
+    """`root/<class>/**/<image>` -> (transform(image), class index).
+
+    `class_names` fixes the class list (e.g. the training classes for a val folder): a val class
+    folder missing there is an error, a training class without a val folder is fine. Attributes:
+    `classes`, `samples` [(path, label)], `empty_classes`, `stray` (files that are not images, or sit
+    outside class folders), `missing_classes` (in `class_names` but with no folder).
+    """
+
+    def __init__(self, root: str | os.PathLike, transform: Callable | None = None,
+                 class_names: Sequence[str] | None = None) -> None:
+        self.root = Path(root)
+        found = scan_class_folders(self.root)
+        if class_names is None:
+            self.classes = found
+        else:
+            self.classes = list(class_names)
+            extra = sorted(set(found) - set(self.classes))
+            if extra:
+                raise ValueError(f"{self.root}: class folders not among the {len(self.classes)} training classes: "
+                                 f"{', '.join(extra[:10])}{' ...' if len(extra) > 10 else ''}")
+        self.missing_classes = sorted(set(self.classes) - set(found))
+        self.transform = transform
+        self.samples: list[tuple[str, int]] = []
+        self.stray: list[str] = [str(self.root / e.name) for e in os.scandir(self.root)
+                                 if e.is_file() and not _hidden(e.name)]
+        self.empty_classes: list[str] = []
+        for label, name in enumerate(self.classes):
+            if name in self.missing_classes:
+                continue
+            n_before = len(self.samples)
+            for dirpath, dirnames, filenames in os.walk(self.root / name, followlinks=True):
+                dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
+                for fname in sorted(filenames):
+                    if _hidden(fname):
+                        continue
+                    path = os.path.join(dirpath, fname)
+                    if fname.lower().endswith(IMG_EXTENSIONS):
+                        self.samples.append((path, label))
+                    else:
+                        self.stray.append(path)
+            if len(self.samples) == n_before:
+                self.empty_classes.append(name)
+        if not self.samples:
+            raise ValueError(f"{self.root}: no image files ({', '.join(IMG_EXTENSIONS)}) in its class folders")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        path, label = self.samples[index]
+        img = load_image(path)
+        return (self.transform(img) if self.transform is not None else img), label
+
+    def class_counts(self) -> list[int]:
+        counts = Counter(label for _, label in self.samples)
+        return [counts.get(i, 0) for i in range(len(self.classes))]
+
+
+def hygiene_warnings(train: ImageFolderDataset, val: ImageFolderDataset | None = None) -> list[str]:
+    """One line per class-folder problem worth a warning before training."""
+    out = []
+    for ds in (train, val):
+        if ds is None:
+            continue
+        if ds.empty_classes:
+            out.append(f"{ds.root}: empty class folders (kept as classes so labels do not shift): "
+                       f"{', '.join(ds.empty_classes)}")
+        if ds.stray:
+            more = f" ... (+{len(ds.stray) - 5})" if len(ds.stray) > 5 else ""
+            out.append(f"{ds.root}: {len(ds.stray)} files ignored (not images, or outside class folders): "
+                       f"{', '.join(ds.stray[:5])}{more}")
+    if val is not None and val.missing_classes:
+        out.append(f"{val.root}: no folder for training classes {', '.join(val.missing_classes)} "
+                   f"(they are never evaluated)")
+    return out
+
+
+# --------------------------------------------------------------------------- dataset check
+
+
+@dataclass
+class DataReport:
+    """What `check_dataset` found: per split, class counts, image modes and unreadable files."""
+
+    splits: dict[str, ImageFolderDataset] = field(default_factory=dict)
+    bad: dict[str, list[tuple[str, str]]] = field(default_factory=dict)     # split -> [(path, reason)]
+    modes: dict[str, Counter] = field(default_factory=dict)                 # split -> Counter(mode)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not any(self.bad.values())
+
+    def format(self) -> str:
+        lines = []
+        for split, ds in self.splits.items():
+            counts = ds.class_counts()
+            lines.append(f"{split}: {ds.root}: {len(ds)} images, {len(ds.classes)} classes "
+                         f"(per class min {min(counts)}, max {max(counts)}, mean {sum(counts) / len(counts):.1f})")
+            width = max(len(c) for c in ds.classes)
+            for name, n in zip(ds.classes, counts):
+                lines.append(f"  {name:<{width}}  {n:>7}  {'#' * round(40 * n / max(max(counts), 1))}")
+            modes = ", ".join(f"{m}: {n}" for m, n in self.modes[split].most_common())
+            lines.append(f"  image modes: {modes or '-'}")
+            for path, reason in self.bad.get(split, []):
+                lines.append(f"  BAD {path}: {reason}")
+        lines += [f"warning: {w}" for w in self.warnings]
+        n_bad = sum(len(b) for b in self.bad.values())
+        lines.append("OK: every image decodes" if self.ok else f"{n_bad} unreadable image files")
+        return "\n".join(lines)
+
+
+def check_dataset(train_root: str | os.PathLike, val_root: str | os.PathLike | None = None, *,
+                  decode: bool = True, workers: int = 4) -> DataReport:
+    """Scan the class folders (and, with `decode`, decode every image) and report what is wrong."""
+    report = DataReport()
+    train = ImageFolderDataset(train_root)
+    report.splits["train"] = train
+    val = None
+    if val_root is not None and Path(val_root).exists():
+        val = ImageFolderDataset(val_root, class_names=train.classes)
+        report.splits["val"] = val
+    report.warnings = hygiene_warnings(train, val)
+
+    def probe(path: str) -> tuple[str, str | None]:
+        try:
+            return _open_image(path)[1], None
+        except BadImageError as e:
+            return "unreadable", e.reason
+
+    for split, ds in report.splits.items():
+        report.bad[split], report.modes[split] = [], Counter()
+        if not decode:
+            continue
+        paths = [p for p, _ in ds.samples]
+        with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decoders release the GIL
+            for path, (mode, reason) in zip(paths, pool.map(probe, paths)):
+                report.modes[split][mode] += 1
+                if reason is not None:
+                    report.bad[split].append((path, reason))
+    return report
+
+
+# --------------------------------------------------------------------------- seeded sampling
+
+
+def sample_seed(*values: int) -> int:
+    """A well-mixed 63-bit seed from integers (splitmix64 chain), e.g. (seed, epoch, index)."""
+    x = 0x9E3779B97F4A7C15
+    for v in values:
+        x = (x ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) & 0xFFFFFFFFFFFFFFFF
+        x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return x >> 1
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's `random`, numpy's global RNG and torch (CPU and CUDA) from one integer."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class ShardedSampler(Sampler):
+    """Yields (sample index, sample seed) keys for one rank, resumable mid-epoch.
+
+    Epoch `e`'s order is a permutation seeded by (seed, e) (or 0..n-1 without `shuffle`). With
+    `drop_last`, the order is cut to whole global batches (`batch_size * num_replicas`), so every
+    rank takes the same number of batches; rank r takes positions r, r + R, r + 2R, ... (R = replicas),
+    which makes each global batch the same set of samples whatever R is. `start` skips this rank's
+    first samples of the epoch: the position of a resumed run. Without `drop_last` (evaluation),
+    every sample goes to exactly one rank and nothing is padded.
+    """
+
+    def __init__(self, num_samples: int, *, batch_size: int = 1, num_replicas: int = 1, rank: int = 0, seed: int = 0,
+                 shuffle: bool = True, drop_last: bool = True) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} not in [0, {num_replicas})")
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.num_replicas, self.rank, self.seed = num_replicas, rank, seed
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.epoch, self.start = 0, 0
+        if drop_last and self.batches_per_epoch == 0:
+            raise ValueError(f"{num_samples} samples make no full global batch of {batch_size} x {num_replicas}")
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Local batches per epoch (the same on every rank with drop_last)."""
+        if self.drop_last:
+            return self.num_samples // (self.batch_size * self.num_replicas)
+        return math.ceil(len(range(self.rank, self.num_samples, self.num_replicas)) / self.batch_size)
+
+    def _local_order(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch))
+            order = torch.randperm(self.num_samples, generator=g).tolist()
+        else:
+            order = list(range(self.num_samples))
+        if self.drop_last:
+            order = order[: self.batches_per_epoch * self.batch_size * self.num_replicas]
+        return order[self.rank:: self.num_replicas]
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for index in self._local_order()[self.start:]:
+            yield index, sample_seed(self.seed, self.epoch, index)
+
+    def __len__(self) -> int:
+        return max(0, len(self._local_order()) - self.start)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "start": self.start, "seed": self.seed, "num_samples": self.num_samples}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["num_samples"] != self.num_samples:
+            raise ValueError(f"the checkpoint's sampler covered {state['num_samples']} samples; the dataset now has "
+                             f"{self.num_samples}: the data changed, an exact resume is impossible")
+        self.epoch, self.start, self.seed = state["epoch"], state["start"], state["seed"]
+
+
+class Sample(NamedTuple):
+    image: Tensor | None
+    label: int
+    index: int
+    error: tuple[str, str] | None  # (path, reason) of an unreadable file
+
+
+class Batch(NamedTuple):
+    images: Tensor                # (B, 3, H, W); B may be smaller than the batch size (bad files dropped)
+    labels: Tensor                # (B,) int64
+    indices: Tensor               # (B,) int64, dataset indices
+    bad: list[tuple[str, str]]    # (path, reason) of the files dropped from this batch
+
+
+class SeededSamples(Dataset):
+    """`dataset[(index, seed)]` -> Sample: python/numpy/torch RNGs seeded with `seed` before the
+    transform, so the augmentation of a sample depends on its key alone. Unreadable files give a
+    Sample with `image=None` and the error, never another image."""
+
+    def __init__(self, dataset: ImageFolderDataset, transform: Callable) -> None:
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int] | int) -> Sample:
+        index, seed = key if isinstance(key, tuple) else (key, 0)
+        path, label = self.dataset.samples[index]
+        try:
+            img = load_image(path)
+        except BadImageError as e:
+            return Sample(None, label, index, (path, e.reason))
+        seed_everything(seed)
+        return Sample(self.transform(img), label, index, None)
+
+
+def collate(samples: list[Sample]) -> Batch:
+    good = [s for s in samples if s.error is None]
+    bad = [s.error for s in samples if s.error is not None]
+    images = torch.stack([s.image for s in good]) if good else torch.empty(0)
+    labels = torch.tensor([s.label for s in good], dtype=torch.int64)
+    indices = torch.tensor([s.index for s in good], dtype=torch.int64)
+    return Batch(images, labels, indices, bad)
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group; the main process saves a checkpoint at the next step
+    # and stops the workers itself, so a worker must not die of it first. (SIGTERM keeps its default:
+    # it is sent to the main process only, and is how multiprocessing ends workers at exit.)
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def make_loader(samples: SeededSamples, sampler: ShardedSampler, *, batch_size: int, workers: int,
+                pin_memory: bool = False, persistent_workers: bool = True, drop_last: bool = False):
+    """A DataLoader over `samples` in `sampler`'s order, batched by `collate`.
+
+    It gets its own generator so that starting an epoch never draws from the global torch RNG
+    (the training trajectory stays independent of how often loaders are iterated).
+    """
+    from torch.utils.data import DataLoader
+
+    return DataLoader(samples, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+                      pin_memory=pin_memory, drop_last=drop_last, persistent_workers=persistent_workers and workers > 0,
+                      worker_init_fn=_ignore_sigint if workers > 0 else None, generator=torch.Generator())
+
+
+# --------------------------------------------------------------------------- the demo data
+
+
+def build_digits_folder(root: str | os.PathLike, *, img_size: int = 32, val_fraction: float = 0.2,
+                        seed: int = 0) -> Path:
+    """scikit-learn's handwritten digits (1797 real 8x8 scans, shipped inside scikit-learn) as an
+    image folder `root/{train,val}/<digit>/<n>.png`, upscaled to `img_size` (bicubic), split
+    stratified and deterministically. Built once: an existing complete folder is reused; the build
+    goes to a temp folder renamed into place, so a killed build never leaves half a dataset."""
+    root = Path(root)
+    if (root / ".complete").exists():
+        return root
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = (digits.images * (255.0 / 16.0)).round().clip(0, 255).astype(np.uint8)  # values 0..16
+    idx = np.arange(len(images))
+    train_idx, val_idx = train_test_split(idx, test_size=val_fraction, random_state=seed, stratify=digits.target)
+    if root.exists() and any(root.iterdir()):
+        raise FileExistsError(f"{root} exists but is not a complete digits folder (no .complete marker); "
+                              f"remove it or point data.root elsewhere")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.{os.getpid()}.tmp"
+    for split, ids in (("train", train_idx), ("val", val_idx)):
+        for i in sorted(ids):
+            d = tmp / split / str(digits.target[i])
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[i], mode="L").resize((img_size, img_size), Image.BICUBIC).save(d / f"{i:04d}.png")
+    (tmp / ".complete").write_text(f"sklearn.datasets.load_digits, {img_size}px, val_fraction {val_fraction}, "
+                                   f"seed {seed}\n")
+    try:
+        os.replace(tmp, root)
+    except OSError:  # another process finished first (or root exists partially): keep theirs
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (root / ".complete").exists():
+            raise
+    log.info("built the digits image folder at %s (%d train, %d val)", root, len(train_idx), len(val_idx))
+    return root

@@ -1,0 +1,578 @@
+"""`fit(cfg, out_dir)`: the official SwinV2 training recipe, resumable exactly, on 1..N processes.
+
+One optimizer step = `optim.accum_steps` micro-batches of `data.batch_size` images on each rank:
+timm augmentation and Mixup/CutMix, autocast (bf16, or fp16 with a dynamic loss scaler), backward
+(DDP all-reduces gradients), global-norm clipping, a finiteness check, AdamW, the per-step LR and
+the EMA update. Every epoch: evaluation of the model (and the EMA), one metrics row, a checkpoint.
+
+Exact resume: all randomness is derived from numbers the training state holds. Data order and
+each sample's augmentation come from (seed, epoch, sample index) (see `data.ShardedSampler`); the
+per-step randomness (Mixup/CutMix, stochastic depth) from (seed, step, rank), reseeded before
+every step. So no generator state needs saving, and the training state is the model, EMA,
+optimizer, scheduler, scaler, progress (epoch, step in epoch, global step), sampler position,
+metric history, best-k list, class map and resolved config. A run killed at any point and started
+again with the same command continues bit-identically (on CPU) from its last checkpoint.
+
+Faults (../RELIABILITY.md): SIGTERM/SIGINT save a checkpoint at the next step boundary and raise
+`TrainingInterrupted` (exit 143/130); a non-finite loss or gradient skips the step (weights, EMA
+and optimizer untouched), `train.max_bad_steps` in a row raise `NonFiniteError`; no checkpoint
+holding a non-finite tensor is ever written; unreadable images are dropped from their batch and
+listed once per epoch.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fnmatch
+import logging
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import distributed as D
+from .config import Config
+from .data import (Batch, DataReport, ImageFolderDataset, SeededSamples, ShardedSampler, build_digits_folder, build_mixup,
+                   check_dataset, eval_transform, hygiene_warnings, make_loader, sample_seed, seed_everything,
+                   train_transform)
+from .evaluate import evaluate
+from .registry import EvalPreprocess, create_model, get_variant
+from .rundir import RunDir
+from .schedule import WarmupCosineLR, build_optimizer, scaled_lrs
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = "swinv2.training_state"
+STATE_VERSION = 1
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM/SIGINT arrived; a checkpoint was saved at the step boundary. `exit_code` = 128 + signal."""
+
+    def __init__(self, signum: int, checkpoint: Path | None) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} after saving {checkpoint}; "
+                         f"run the same command again to resume")
+        self.signum, self.checkpoint, self.exit_code = signum, checkpoint, 128 + signum
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite steps: training cannot recover by skipping."""
+
+
+class BadDataError(ValueError):
+    """`data.strict`: unreadable images were found before training; the message lists them."""
+
+
+# --------------------------------------------------------------------------- signals
+
+
+class StopSignals:
+    """Within the block, SIGTERM/SIGINT only record the signal (a second SIGINT interrupts at once).
+    Handlers can only be installed from the main thread; elsewhere signals keep their defaults."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("received %s: saving a checkpoint at the end of this step", signal.Signals(signum).name)
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._old[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def build_model(cfg: Config, num_classes: int) -> nn.Module:
+    """The configured variant with `num_classes` outputs, init weights loaded, patterns frozen."""
+    m = cfg.model
+    model = create_model(m.name, num_classes=num_classes, img_size=m.img_size, window_size=m.window_size,
+                         pretrained_window_sizes=m.pretrained_window_sizes, drop_path_rate=m.drop_path_rate,
+                         weights=m.weights, strict=m.weights_strict)
+    freeze(model, m.freeze)
+    if cfg.train.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def freeze(model: nn.Module, patterns: tuple[str, ...] | list[str]) -> list[str]:
+    """requires_grad=False for parameters whose name matches an fnmatch pattern; returns their names.
+    A pattern matching nothing is an error (a typo would otherwise silently train everything)."""
+    names = [n for n, _ in model.named_parameters()]
+    frozen = []
+    for pat in patterns:
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
+        if not hits:
+            raise ValueError(f"model.freeze: pattern {pat!r} matches no parameter (e.g. {names[0]!r})")
+        frozen += hits
+    for n, p in model.named_parameters():
+        if n in frozen:
+            p.requires_grad_(False)
+    return sorted(set(frozen))
+
+
+def data_roots(cfg: Config, env: D.DistEnv | None = None) -> tuple[Path, Path]:
+    """(train folder, val folder) of the config; the digits demo folder is built first if asked."""
+    d = cfg.data
+    if not d.root:
+        raise ValueError("data.root is not set (the folder holding train/ and val/ class folders)")
+    root = Path(d.root)
+    if d.source == "digits":
+        if env is None or env.is_main:
+            build_digits_folder(root, img_size=cfg.model.img_size or get_variant(cfg.model.name).config.img_size[0])
+        if env is not None:
+            D.barrier(env)
+    train_root = root / d.train_dir
+    if not train_root.is_dir():
+        raise FileNotFoundError(f"training folder not found: {train_root}")
+    return train_root, Path(d.val_root) if d.val_root else root / d.val_dir
+
+
+def check_data(cfg: Config) -> DataReport:
+    """`swinv2 train --check-data`: decode every image of the configured folders and report."""
+    train_root, val_root = data_roots(cfg)
+    return check_dataset(train_root, val_root if val_root.is_dir() else None, workers=max(cfg.data.workers, 1))
+
+
+def prepare_data(cfg: Config, env: D.DistEnv) -> tuple[ImageFolderDataset, ImageFolderDataset | None]:
+    """The train and val folders, hygiene reported; in strict mode every image decoded first."""
+    train_root, val_root = data_roots(cfg, env)
+    if cfg.data.strict:
+        report = check_data(cfg)
+        if not report.ok:
+            bad = [f"{p}: {r}" for items in report.bad.values() for p, r in items]
+            raise BadDataError(f"data.strict: {len(bad)} unreadable images: " + "; ".join(bad))
+    train = ImageFolderDataset(train_root)
+    val = ImageFolderDataset(val_root, class_names=train.classes) if val_root.is_dir() else None
+    if val is None:
+        log.warning("no validation folder at %s: training without evaluation", val_root)
+    if env.is_main:
+        for w in hygiene_warnings(train, val):
+            log.warning("%s", w)
+    return train, val
+
+
+def eval_preprocess(cfg: Config, model: nn.Module) -> EvalPreprocess:
+    d = cfg.data
+    crop = d.crop_pct if d.crop_pct is not None else get_variant(cfg.model.name).preprocess.crop_pct
+    return EvalPreprocess(model.config.img_size[0], crop, d.interpolation, tuple(d.mean), tuple(d.std))
+
+
+def build_criterion(cfg: Config, mixup_active: bool) -> nn.Module:
+    """Soft-target CE under Mixup (its targets carry the smoothing), else label smoothing, else CE."""
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if mixup_active:
+        return SoftTargetCrossEntropy()
+    if cfg.data.aug.label_smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=cfg.data.aug.label_smoothing)
+    return nn.CrossEntropyLoss()
+
+
+def assert_finite(state: dict[str, Any], where: str = "state") -> None:
+    """Raise ValueError naming the first non-finite floating tensor in a nested state."""
+    if isinstance(state, torch.Tensor):
+        if state.is_floating_point() and not bool(torch.isfinite(state).all()):
+            raise ValueError(f"refusing to save a checkpoint: {where} holds non-finite values")
+    elif isinstance(state, dict):
+        for k, v in state.items():
+            assert_finite(v, f"{where}.{k}")
+    elif isinstance(state, (list, tuple)):
+        for i, v in enumerate(state):
+            assert_finite(v, f"{where}[{i}]")
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """Everything a run holds, built from the config; `run()` trains to the end or to a signal."""
+
+    def __init__(self, cfg: Config, out_dir: Path, env: D.DistEnv) -> None:
+        self.env, self.out = env, out_dir
+        t = cfg.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.amp_dtype = AMP_DTYPES[t.amp]
+        if t.amp == "fp16" and env.device.type != "cuda":
+            raise ValueError("train.amp=fp16 needs CUDA (dynamic loss scaling); use train.amp=bf16 on the CPU")
+        if t.parallel == "fsdp" and t.ema and env.distributed:
+            raise ValueError("train.ema is not supported with train.parallel=fsdp (the EMA would need its own "
+                             "sharding); use ddp, or turn the EMA off")
+        self.train_ds, self.val_ds = prepare_data(cfg, env)
+        self.classes = self.train_ds.classes
+        num_classes = cfg.model.num_classes or len(self.classes)
+        if num_classes < len(self.classes):
+            raise ValueError(f"model.num_classes={num_classes} but the training folder has {len(self.classes)} classes")
+        self.cfg = cfg = cfg.replace(**{"model.num_classes": num_classes})
+
+        seed_everything(t.seed)  # model init: identical on every rank and every run
+        self.model = build_model(cfg, num_classes).to(env.device)
+        self.preprocess = eval_preprocess(cfg, self.model)
+        img_size = self.model.config.img_size[0]
+        self.ema = None
+        if t.ema:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.model, decay=t.ema_decay, use_warmup=t.ema_warmup)
+        # Wrapped before the optimizer is built: FSDP replaces the parameters by sharded ones.
+        self.wrapped = D.wrap_model(self.model, env, t.parallel)
+        self.forward = torch.compile(self.wrapped) if t.compile else self.wrapped
+
+        # Data: per-rank batches; one sampler "batch" = the images of one optimizer step on this rank.
+        d, a = cfg.data, cfg.data.aug
+        self.accum = cfg.optim.accum_steps
+        self.sampler = ShardedSampler(len(self.train_ds), batch_size=d.batch_size * self.accum,
+                                      num_replicas=env.world_size, rank=env.rank, seed=t.seed)
+        tf = train_transform(img_size, scale=a.scale, ratio=a.ratio, hflip=a.hflip, color_jitter=a.color_jitter,
+                             auto_augment=a.auto_augment, interpolation=a.interpolation, re_prob=a.re_prob,
+                             re_mode=a.re_mode, re_count=a.re_count, mean=d.mean, std=d.std)
+        pin = d.pin_memory and env.device.type == "cuda"
+        self.train_loader = make_loader(SeededSamples(self.train_ds, tf), self.sampler, batch_size=d.batch_size,
+                                        workers=d.workers, pin_memory=pin, persistent_workers=d.persistent_workers)
+        self.val_loader = None
+        if self.val_ds is not None:
+            p = self.preprocess
+            etf = eval_transform(p.img_size, p.crop_pct, p.interpolation, p.mean, p.std)
+            val_sampler = ShardedSampler(len(self.val_ds), num_replicas=env.world_size, rank=env.rank,
+                                         shuffle=False, drop_last=False)
+            self.val_loader = make_loader(SeededSamples(self.val_ds, etf), val_sampler,
+                                          batch_size=d.eval_batch_size or 2 * d.batch_size, workers=d.workers,
+                                          pin_memory=pin, persistent_workers=d.persistent_workers)
+        self.mixup = build_mixup(num_classes, mixup=a.mixup, cutmix=a.cutmix, cutmix_minmax=a.cutmix_minmax,
+                                 prob=a.mixup_prob, switch_prob=a.switch_prob, mode=a.mixup_mode,
+                                 label_smoothing=a.label_smoothing)
+        self.criterion = build_criterion(cfg, self.mixup is not None)
+
+        # Optimisation.
+        o, s = cfg.optim, cfg.schedule
+        self.total_batch = d.batch_size * self.accum * env.world_size
+        lr, warmup_lr, min_lr = scaled_lrs(o.lr, s.warmup_lr, s.min_lr, total_batch=self.total_batch,
+                                           base_batch=o.lr_base_batch, scaling=o.lr_scaling)
+        self.optimizer = build_optimizer(self.model, lr=lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps,
+                                         layer_decay=o.layer_decay)
+        self.steps_per_epoch = self.sampler.batches_per_epoch
+        cooldown_lr = None if s.cooldown_lr is None else scaled_lrs(
+            s.cooldown_lr, 0, 0, total_batch=self.total_batch, base_batch=o.lr_base_batch, scaling=o.lr_scaling)[0]
+        self.scheduler = WarmupCosineLR(
+            self.optimizer, lr=lr, warmup_lr=warmup_lr, min_lr=min_lr,
+            warmup_steps=round(s.warmup_epochs * self.steps_per_epoch),
+            total_steps=t.epochs * self.steps_per_epoch,
+            cooldown_steps=round(s.cooldown_epochs * self.steps_per_epoch), cooldown_lr=cooldown_lr)
+        self.scaler = torch.amp.GradScaler(env.device.type) if t.amp == "fp16" else None
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+
+        self.progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "bad_steps": 0, "consecutive_bad": 0,
+                         "overflow_steps": 0}
+        self.history: list[dict[str, Any]] = []
+        self.best: list[dict[str, Any]] = []
+        self.rundir = RunDir(out_dir, env, cfg)
+
+    # ----------------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The whole training state: tensors and plain Python data only (loads weights_only)."""
+        return {
+            "format": STATE_FORMAT, "version": STATE_VERSION,
+            "model": D.full_model_state(self.model, self.env),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "optimizer": D.full_optimizer_state(self.model, self.optimizer, self.env),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "progress": dict(self.progress),
+            "sampler": self.sampler.state_dict(),
+            "history": [dict(h) for h in self.history],
+            "best": [dict(b) for b in self.best],
+            "classes": list(self.classes),
+            "preprocess": dataclasses.asdict(self.preprocess),
+            "model_name": self.cfg.model.name,
+            "model_config": self.model.config.to_dict(),
+            "config": self.cfg.to_dict(),
+            "world_size": self.env.world_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"{source}: not a swinv2 training state (no '{STATE_FORMAT}' format tag)")
+        if state["classes"] != list(self.classes):
+            raise ValueError(f"{source}: trained on classes {state['classes'][:5]}... but the data now has "
+                             f"{self.classes[:5]}...: the class map changed")
+        try:
+            D.load_full_model_state(self.model, state["model"], self.env)
+            if self.ema is not None:
+                if state["ema"] is None:
+                    log.warning("%s holds no EMA; the EMA restarts from the current weights", source)
+                    self.ema.module.load_state_dict(self.model.state_dict())
+                else:
+                    self.ema.module.load_state_dict(state["ema"])
+            D.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"], self.env)
+        except RuntimeError as e:  # shape / key mismatches from load_state_dict
+            raise ValueError(f"{source} does not fit this model/optimizer: {str(e).splitlines()[0]}") from None
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None:
+            if state["scaler"] is None:
+                log.warning("%s holds no loss-scaler state; the fp16 scaler starts fresh", source)
+            else:
+                self.scaler.load_state_dict(state["scaler"])
+        self.progress = dict(state["progress"])
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.env.world_size:
+            log.warning("%s was written by %d processes, resuming on %d: data order continues, per-rank "
+                        "randomness differs", source, saved_world, self.env.world_size)
+        self.sampler.load_state_dict(state["sampler"])
+        self.history = [dict(h) for h in state["history"]]
+        self.best = [dict(b) for b in state["best"]]
+
+    def save(self, state: dict[str, Any] | None = None) -> Path:
+        """Checkpoint to checkpoints/last.pt (rank 0 writes; every rank takes part in gathering)."""
+        state = self.checked_state() if state is None else state
+        path = self.rundir.checkpoint_dir / "last.pt"
+        if self.env.is_main:
+            self.rundir.save_state(path, state)
+        D.barrier(self.env)
+        return path
+
+    def checked_state(self) -> dict[str, Any]:
+        """`state_dict()` after checking that no saved tensor is non-finite."""
+        state = self.state_dict()
+        if self.env.is_main:
+            assert_finite({k: state[k] for k in ("model", "ema", "optimizer", "scaler")})
+        return state
+
+    # ----------------------------------------------------------------------- one step
+
+    def train_step(self, micro_batches: list[Batch], stop: StopSignals) -> dict[str, float]:
+        """Forward/backward over the micro-batches, then clip, check and step. Returns step stats;
+        `stop` is True on every rank if any rank received a stop signal."""
+        t, env = self.cfg.train, self.env
+        step = self.progress["global_step"]
+        seed_everything(sample_seed(t.seed, step, env.rank, 1))  # Mixup/CutMix, stochastic depth
+        self.wrapped.train()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
+        n_sum = 0
+        for i, batch in enumerate(micro_batches):
+            x, y = batch.images, batch.labels
+            if self.mixup is not None and len(y) % 2:  # Mixup pairs images: drop one to make it even
+                x, y = x[:-1], y[:-1]
+            weight = 1.0
+            if len(y) == 0:  # every file of this micro-batch was unreadable: take part with zero weight
+                size = self.model.config.img_size
+                x, y, weight = torch.zeros(1, 3, *size), torch.zeros(1, dtype=torch.int64), 0.0
+            x = x.to(env.device, non_blocking=True)
+            y = y.to(env.device, non_blocking=True)
+            if self.mixup is not None:
+                x, y = self.mixup(x, y)
+            sync = i == len(micro_batches) - 1 or not env.distributed or t.parallel != "ddp"
+            with (contextlib.nullcontext() if sync else self.wrapped.no_sync()):
+                with torch.autocast(env.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    loss = self.criterion(self.forward(x), y)
+                scaled = loss * (weight / len(micro_batches))
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            n = int(weight) * len(y)
+            loss_sum += loss.detach().double() * n
+            n_sum += n
+        stats = torch.tensor([0.0, float(n_sum), float(stop.signum is not None)], dtype=torch.float64,
+                             device=env.device)
+        stats[0] = loss_sum
+        D.all_reduce_sum(stats, env)
+        loss_mean = (stats[0] / stats[1]).item() if stats[1] > 0 else float("nan")
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        clip = self.cfg.optim.clip_grad
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, clip if clip else math.inf))
+        bad = not math.isfinite(loss_mean) or (self.scaler is None and not math.isfinite(grad_norm))
+        stepped = False
+        if bad:
+            self.progress["bad_steps"] += 1
+            self.progress["consecutive_bad"] += 1
+            log.warning("step %d: non-finite %s (loss %s, grad norm %s): step skipped (%d in a row)", step,
+                        "loss" if not math.isfinite(loss_mean) else "gradient", loss_mean, grad_norm,
+                        self.progress["consecutive_bad"])
+            if self.scaler is not None:
+                self.scaler.update()  # back off the scale as for an overflow
+        else:
+            self.progress["consecutive_bad"] = 0
+            if self.scaler is not None:
+                stepped = math.isfinite(grad_norm)  # the scaler skips overflowed steps itself
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                if not stepped:
+                    self.progress["overflow_steps"] += 1
+            else:
+                self.optimizer.step()
+                stepped = True
+        self.optimizer.zero_grad(set_to_none=True)
+        if stepped and self.ema is not None:
+            self.ema.update(self.model, step=step)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        self.progress["global_step"] += 1
+        self.progress["step_in_epoch"] += 1
+        if self.progress["consecutive_bad"] >= t.max_bad_steps:
+            raise NonFiniteError(
+                f"{self.progress['consecutive_bad']} consecutive steps with a non-finite loss or gradient "
+                f"(last at step {step}); stopping. Lower optim.lr, set optim.clip_grad, or use train.amp=bf16; "
+                f"the last checkpoint is in {self.rundir.checkpoint_dir}")
+        return {"loss": loss_mean, "grad_norm": grad_norm, "lr": lr, "n": float(stats[1]), "stop": bool(stats[2] > 0),
+                "skipped": bad}
+
+    # ----------------------------------------------------------------------- epochs
+
+    def train_epoch(self, epoch: int, stop: StopSignals) -> dict[str, float]:
+        """The remaining steps of `epoch`; returns the mean loss and throughput of the steps run."""
+        start_step = self.progress["step_in_epoch"]
+        self.sampler.set_epoch(epoch, start_step * self.sampler.batch_size)
+        bar = self.rundir.progress_bar(self.steps_per_epoch, start_step, f"epoch {epoch + 1}/{self.cfg.train.epochs}")
+        bad_files: dict[str, str] = {}
+        loss_sum, steps, images, t0 = 0.0, 0, 0.0, time.perf_counter()
+        it = iter(self.train_loader) if start_step < self.steps_per_epoch else iter(())
+        try:
+            for _ in range(start_step, self.steps_per_epoch):
+                micro = [next(it) for _ in range(self.accum)]
+                for b in micro:
+                    bad_files.update(dict(b.bad))
+                out = self.train_step(micro, stop)
+                if math.isfinite(out["loss"]):
+                    loss_sum, steps = loss_sum + out["loss"], steps + 1
+                images += out["n"]
+                rate = images / max(time.perf_counter() - t0, 1e-9)
+                bar.update(1)
+                bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}", img_s=f"{rate:.0f}", refresh=False)
+                gs = self.progress["global_step"]
+                if gs % self.cfg.train.log_every == 0:
+                    self.rundir.scalars(gs, {"train/loss": out["loss"], "train/lr": out["lr"],
+                                             "train/grad_norm": out["grad_norm"]})
+                if out["stop"]:
+                    path = self.save()
+                    raise TrainingInterrupted(stop.signum or signal.SIGTERM, path)
+                every = self.cfg.train.checkpoint_every
+                if every and gs % every == 0:
+                    self.save()
+        finally:
+            bar.close()
+        elapsed = time.perf_counter() - t0
+        n_bad = self.rundir.report_bad_files(epoch, "train", bad_files)
+        return {"train_loss": loss_sum / steps if steps else float("nan"), "img_per_s": images / max(elapsed, 1e-9),
+                "train_time_s": elapsed, "bad_images": n_bad}
+
+    def validate(self, epoch: int) -> dict[str, float]:
+        """Top-1/top-5/loss of the model (and the EMA) on the whole val set, reduced over ranks."""
+        dev, bad = self.env.device, {}
+
+        def batches():
+            for b in self.val_loader:
+                bad.update(dict(b.bad))
+                yield b
+
+        # The plain (unwrapped) module: each rank evaluates its own shard with no collective inside.
+        m = evaluate(self.model, batches(), device=dev, amp_dtype=self.amp_dtype)
+        out = {"val_loss": m["loss"], "val_top1": m["top1"], "val_top5": m["top5"], "val_n": m["n"]}
+        if self.ema is not None:
+            e = evaluate(self.ema.module, self.val_loader, device=dev, amp_dtype=self.amp_dtype)
+            out |= {"val_ema_loss": e["loss"], "val_ema_top1": e["top1"], "val_ema_top5": e["top5"]}
+        if self.rundir.report_bad_files(epoch, "val", bad):
+            out["val_bad_images"] = len(bad)
+        return out
+
+    def end_epoch(self, epoch: int, train_stats: dict[str, float], epoch_start: float) -> dict[str, Any]:
+        """Evaluate, record the metrics row, keep the best-k, checkpoint (the epoch's commit point)."""
+        t = self.cfg.train
+        evaluated = self.val_loader is not None and ((epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs)
+        row: dict[str, Any] = {"epoch": epoch + 1, "step": self.progress["global_step"],
+                               "lr": self.optimizer.param_groups[0]["lr"], **train_stats}
+        if evaluated:
+            row |= self.validate(epoch)
+        row |= {"epoch_time_s": time.perf_counter() - epoch_start, "skipped_steps": self.progress["bad_steps"]}
+        self.history.append(row)
+        self.progress.update(epoch=epoch + 1, step_in_epoch=0)
+        self.sampler.set_epoch(epoch + 1, 0)
+        new_best = self._rank_best(row) if evaluated else None
+        state = self.checked_state()
+        names = (self.classes, self.preprocess, self.cfg.model.name)
+        if new_best is not None:
+            self.rundir.write_best(new_best, state, self._best_model(), *names, top=new_best is self.best[0])
+        elif self.val_loader is None:
+            self.rundir.write_weights(self.model, *names)
+        self.save(state)
+        self.rundir.prune_best(self.best)
+        self.rundir.epoch_done(self.history)
+        return row
+
+    def _rank_best(self, row: dict[str, Any]) -> dict[str, Any] | None:
+        metric = self.cfg.train.best_metric
+        if metric not in row:
+            raise ValueError(f"train.best_metric={metric} but the run has no such metric (is train.ema on?)")
+        entry = {"epoch": row["epoch"], "metric": float(row[metric]), "file": f"best_epoch{row['epoch']:04d}.pt"}
+        ranked = sorted(self.best + [entry], key=lambda b: (-b["metric"], b["epoch"]))
+        kept = ranked[: self.cfg.train.keep_best]
+        if entry not in kept:
+            return None
+        self.best = kept
+        return entry
+
+    def _best_model(self) -> nn.Module:
+        return self.ema.module if self.cfg.train.best_metric == "val_ema_top1" else self.model
+
+    # ----------------------------------------------------------------------- the run
+
+    def resume(self, explicit: str | Path | None) -> None:
+        """Load `explicit` (errors are fatal) or the newest valid checkpoint of the run directory."""
+        from .checkpoint import load_training_state
+
+        path = Path(explicit) if explicit else self.rundir.find_resumable()
+        if path is None:
+            return
+        state = load_training_state(path)
+        self.load_state_dict(state, path)
+        self.rundir.resumed(self.history, self.best, self.progress["global_step"])
+        p = self.progress
+        log.info("resumed from %s: epoch %d, step %d of %d in the epoch (global step %d)", path, p["epoch"] + 1,
+                 p["step_in_epoch"], self.steps_per_epoch, p["global_step"])
+
+    def run(self, resume: str | Path | None = None) -> dict[str, Any]:
+        t = self.cfg.train
+        self.resume(resume)
+        if self.progress["epoch"] >= t.epochs:
+            log.info("the run in %s already finished its %d epochs", self.out, t.epochs)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        log.info("training %s (%.2fM params, %d classes) on %s x%d: %d images, %d steps/epoch of %d images, "
+                 "lr %.3g", self.cfg.model.name, n_params / 1e6, len(self.classes), self.env.device,
+                 self.env.world_size, len(self.train_ds), self.steps_per_epoch, self.total_batch,
+                 self.scheduler.lr)
+        with StopSignals() as self._stop:
+            for epoch in range(self.progress["epoch"], t.epochs):
+                t0 = time.perf_counter()
+                stats = self.train_epoch(epoch, self._stop)
+                row = self.end_epoch(epoch, stats, t0)
+                self.rundir.log_epoch(row, t.epochs)
+                if D.any_rank(self._stop.signum is not None, self.env):  # arrived during evaluation
+                    raise TrainingInterrupted(self._stop.signum or signal.SIGTERM, self.rundir.checkpoint_dir / "last.pt")
+        return self.rundir.summary(self.history, self.best)
+
+
+def fit(cfg: Config, out_dir: str | Path, *, resume: str | Path | None = None) -> dict[str, Any]:
+    """Train as `cfg` says, writing the run directory `out_dir`; resume from `resume` or, if
+    `out_dir` already holds checkpoints, from the newest valid one. Returns the run summary
+    (paths, best and final metrics). Raises TrainingInterrupted on SIGTERM/SIGINT (after saving)."""
+    env = D.setup(cfg.train.device)
+    try:
+        return Trainer(cfg, Path(out_dir), env).run(resume)
+    finally:
+        D.teardown(env)

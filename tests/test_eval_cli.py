@@ -1,0 +1,140 @@
+"""swinv2 eval: top-1 / top-5 / loss / per-class accuracy reproduced independently from the model's
+logits; class-map mismatches fail naming both sides; official .pth files work with --model."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import swinv2
+from swinv2.checkpoint import load_model, save_weights
+from swinv2.cli import main
+from randomize import randomize_
+
+timm_data = pytest.importorskip("timm.data")
+
+CLASSES = ["ant", "bee", "cat", "dog", "eel", "fox"]
+
+
+def _write_images(folder, n, rng, size=(40, 44)):
+    """Smooth colour gradients (each image its own): varied enough that the model's argmax varies."""
+    folder.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[0:size[0], 0:size[1]] / max(size)
+    for i in range(n):
+        a, b, c = rng.uniform(0, 255, (3, 3))
+        img = a + b * yy[..., None] - c * xx[..., None] + rng.normal(0, 8, (*size, 3))
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"{i}.png")
+
+
+def _reference(model, data, classes, *, varied=True):
+    """Independent metrics: timm's eval transform, the model's logits, our own arithmetic."""
+    tf = timm_data.create_transform(input_size=32, crop_pct=0.875, interpolation="bicubic", is_training=False)
+    xs, ys = [], []
+    for label, c in enumerate(classes):
+        for p in sorted((data / c).glob("*.png")) if (data / c).is_dir() else []:
+            try:
+                xs.append(tf(Image.open(p).convert("RGB")))
+            except OSError:
+                continue  # the corrupt file: eval skips it too
+            ys.append(label)
+    x, y = torch.stack(xs), torch.tensor(ys)
+    with torch.no_grad():
+        logits = model(x)
+    top5 = logits.topk(5, dim=1).indices
+    pred = top5[:, 0]
+    per_class = {classes[c]: 100.0 * int((pred[y == c] == c).sum()) / int((y == c).sum()) for c in y.unique().tolist()}
+    assert not varied or len(pred.unique()) > 1, "degenerate test data: the model predicts one class for every image"
+    return {"top1": 100.0 * int((pred == y).sum()) / len(y),
+            "top5": 100.0 * int((top5 == y[:, None]).any(1).sum()) / len(y),
+            "loss": float(F.cross_entropy(logits, y)), "n": len(y), "per_class": per_class}
+
+
+@pytest.fixture(scope="module")
+def named(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    torch.manual_seed(0)
+    model = randomize_(swinv2.create_model("swinv2_micro_window4_32", num_classes=len(CLASSES)), seed=5, std=0.02)
+    weights = root / "w.safetensors"
+    save_weights(model, weights, class_names=CLASSES)
+    rng = np.random.default_rng(1)
+    data = root / "val"
+    for c in CLASSES[:5]:  # the val folder lacks "fox": allowed
+        _write_images(data / c, 4, rng)
+    (data / "bee" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
+    return root, weights, data
+
+
+def test_eval_reproduces_independent_metrics(named, tmp_path, capsys):
+    root, weights, data = named
+    out, plots = tmp_path / "eval.json", tmp_path / "plots"
+    assert main(["eval", "--weights", str(weights), "--data", str(data), "--batch-size", "7", "--json", str(out),
+                 "--plots", str(plots)]) == 0
+    text, err = capsys.readouterr()
+    assert "broken.png" in err and "top-1" in text
+    report = json.loads(out.read_text())
+    ref = _reference(load_model(weights), data, CLASSES)
+    assert report["n"] == ref["n"] == 20 and len(report["errors"]) == 1
+    assert report["top1"] == pytest.approx(ref["top1"], abs=1e-9)
+    assert report["top5"] == pytest.approx(ref["top5"], abs=1e-9)
+    assert report["top5"] < 100  # 6 classes: top-5 is a real test
+    assert report["loss"] == pytest.approx(ref["loss"], abs=1e-5)
+    assert {r["class"]: r["top1"] for r in report["per_class"]} == pytest.approx(ref["per_class"])
+    assert report["classes"] == CLASSES and np.array(report["confusion"]).shape == (6, 6)
+    assert np.array(report["confusion"]).sum() == 20
+    for name in ("confusion_matrix.png", "per_class_accuracy.png"):
+        with Image.open(plots / name) as im:
+            im.verify()
+            assert im.format == "PNG"
+
+
+def test_class_map_mismatch_names_both(named, tmp_path, capsys):
+    root, weights, data = named
+    bad = tmp_path / "val"
+    rng = np.random.default_rng(2)
+    _write_images(bad / "ant", 1, rng)
+    _write_images(bad / "zebra", 1, rng)
+    assert main(["eval", "--weights", str(weights), "--data", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "class map mismatch" in err and "zebra" in err and str(weights) in err and str(bad) in err
+
+
+def test_official_pth_with_model_name(tmp_path, capsys):
+    """An official-format .pth (no architecture, no class names) evaluates with --model; the sorted
+    folders are the 1000 class indices, so 999 folders are refused."""
+    torch.manual_seed(0)
+    model = randomize_(swinv2.create_model("swinv2_micro_window4_32"), seed=7, std=0.02).eval()
+    pth = tmp_path / "official.pth"
+    torch.save({"model": model.state_dict()}, pth)
+    data = tmp_path / "val"
+    classes = [f"n{i:04d}" for i in range(1000)]
+    rng = np.random.default_rng(3)
+    for c in classes:
+        (data / c).mkdir(parents=True)
+    for c in (classes[0], classes[7], classes[999]):
+        _write_images(data / c, 2, rng)
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--weights", str(pth), "--model", "swinv2_micro_window4_32", "--data", str(data),
+                 "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    ref = _reference(model, data, classes, varied=False)  # 1000 classes, 6 images: top-1 is ~0 anyway
+    assert report["n"] == 6 and report["top1"] == pytest.approx(ref["top1"])
+    assert report["top5"] == pytest.approx(ref["top5"]) and report["loss"] == pytest.approx(ref["loss"], abs=1e-5)
+    assert [r["class"] for r in report["per_class"]] == ["n0000", "n0007", "n0999"]
+    capsys.readouterr()
+
+    (data / "n0500").rmdir()
+    assert main(["eval", "--weights", str(pth), "--model", "swinv2_micro_window4_32", "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert "class map mismatch" in err and "999 class folders" in err and str(pth) in err
+
+
+def test_missing_inputs_fail_in_one_line(named, tmp_path, capsys):
+    root, weights, data = named
+    assert main(["eval", "--weights", str(tmp_path / "nope.safetensors"), "--data", str(data)]) == 2
+    assert "nope.safetensors" in capsys.readouterr().err
+    assert main(["eval", "--weights", str(weights), "--data", str(tmp_path / "nodata")]) == 2
+    assert "nodata" in capsys.readouterr().err
