@@ -17,6 +17,7 @@ This module imports torch only.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
@@ -93,6 +94,12 @@ class SwinV2Config:
 # --------------------------------------------------------------------------- window helpers
 
 
+def _plain_tensors() -> Any:
+    """Cached tables must be ordinary tensors even when first built under `inference_mode`, since a
+    later training forward uses them with autograd; under torch.compile / export they are traced."""
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else torch.inference_mode(False)
+
+
 def _cached(fn: Any, *args: Any) -> Any:
     """Call an lru-cached table builder; under torch.compile trace it directly (constants in-graph)."""
     return fn.__wrapped__(*args) if torch.compiler.is_compiling() else fn(*args)
@@ -121,7 +128,7 @@ def window_order(H: int, W: int, window: int, shift: int, device: torch.device) 
     `scatter` (H*W,): for each unpadded position, where it sits in window order. One gather instead
     of a roll plus a permute-copy each way (the roll alone costs more than the gather on CPU).
     """
-    with torch.inference_mode(False), torch.no_grad():
+    with _plain_tensors(), torch.no_grad():
         Hp, Wp = H + (-H % window), W + (-W % window)
         pos = torch.arange(Hp * Wp).view(1, Hp, Wp, 1)
         if shift:
@@ -140,7 +147,7 @@ def shift_mask(Hp: int, Wp: int, window: int, shift: int, device: torch.device) 
     Cached per size and device: never rebuilt per call. Created outside inference mode so the
     cached tensor may later take part in autograd.
     """
-    with torch.inference_mode(False), torch.no_grad():
+    with _plain_tensors(), torch.no_grad():
         def region(n: int) -> Tensor:  # slices (0,-window), (-window,-shift), (-shift,None)
             idx = torch.arange(n, device=device)
             return (idx >= n - window).long() + (idx >= n - shift).long()
@@ -154,7 +161,7 @@ def shift_mask(Hp: int, Wp: int, window: int, shift: int, device: torch.device) 
 @lru_cache(maxsize=64)
 def log_spaced_coords(window: int, pretrained_window: int, device: torch.device) -> Tensor:
     """((2w-1)^2, 2) fp32 CPB input: relative offsets, normalised, then sign*log2(1+|x|)/log2(8)."""
-    with torch.inference_mode(False), torch.no_grad():
+    with _plain_tensors(), torch.no_grad():
         r = torch.arange(-(window - 1), window, dtype=torch.float32, device=device)
         table = torch.stack(torch.meshgrid(r, r, indexing="ij"), dim=-1)  # (2w-1, 2w-1, 2)
         # A window of 1 has the single offset 0; dividing by max(.,1) keeps it 0 instead of 0/0.
@@ -167,7 +174,7 @@ def log_spaced_coords(window: int, pretrained_window: int, device: torch.device)
 @lru_cache(maxsize=64)
 def relative_position_index(window: int, device: torch.device) -> Tensor:
     """(N, N) index of each token pair's offset into the (2w-1)^2 table, N = window^2."""
-    with torch.inference_mode(False), torch.no_grad():
+    with _plain_tensors(), torch.no_grad():
         coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
         rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)  # (N, N, 2)
         return (rel[..., 0] * (2 * window - 1) + rel[..., 1]).to(device)
@@ -267,7 +274,7 @@ class WindowAttention(nn.Module):
         if mask is not None:
             bias = bias + mask.to(bias.dtype)[:, None]  # (nW, nH, N, N)
         if cacheable:
-            with torch.inference_mode(False):
+            with _plain_tensors():
                 bias = bias.clone()
             self._bias_cache[window] = (versions, mask, bias)
         return bias
