@@ -255,6 +255,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="inference: weights and input in this dtype; --train: autocast (fp16: CUDA only)")
     p.add_argument("--compile", action="store_true", help="torch.compile every implementation")
     p.add_argument("--train", action="store_true", help="time forward + backward + AdamW step instead of inference")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="ours with per-block activation checkpointing (peers unchanged)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (median and spread over them)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per implementation first")
@@ -278,7 +280,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     results = bench.run(args.model, batch_sizes=args.batch_size, img_sizes=args.img_size, dtypes=args.dtype,
                         compile=args.compile, train=args.train, device=args.device, repeats=args.repeats,
                         warmup=args.warmup, iters=args.iters, compare=compare, weights=args.weights,
-                        measure_memory=not args.no_memory)
+                        measure_memory=not args.no_memory, grad_checkpointing=args.grad_checkpointing)
     print(bench.format_table(results))
     print("ours x: how many times faster ours is than the row (median of paired rounds); ours mem: our peak "
           "memory / the row's")
@@ -362,6 +364,10 @@ def _run_train(args: argparse.Namespace) -> int:
         print(report.format())
         return 0 if report.ok else 1
     out = args.out or str(Path("runs") / (Path(args.config).stem if args.config else "default"))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: say which rank speaks
+        for h in logging.getLogger().handlers:
+            h.setFormatter(logging.Formatter(f"%(asctime)s [rank {os.environ.get('RANK', '0')}] %(levelname)s "
+                                             f"%(message)s", datefmt="%H:%M:%S"))
     try:
         if cfg.stages:  # a multi-stage recipe: one run directory per stage under --out
             from .recipes import fit_recipe, shadowed_overrides
@@ -380,8 +386,10 @@ def _run_train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         final = summary.get("final", {})
         if "val_top1" in final:
-            print(f"final val top-1 {final['val_top1']:.2f}%  top-5 {final['val_top5']:.2f}%  "
-                  f"(best {summary['best']})" if "best" in summary else "")
+            best = summary.get("best")
+            best = f"; best {best[next(k for k in best if k != 'epoch')]:.2f}% at epoch {best['epoch']}" if best else ""
+            ema = f" (EMA top-1 {final['val_ema_top1']:.2f}%)" if "val_ema_top1" in final else ""
+            print(f"final val top-1 {final['val_top1']:.2f}%  top-5 {final['val_top5']:.2f}%{ema}{best}")
         print(f"run directory: {summary['run_dir']}")
         if "weights" in summary:
             print(f"weights:       {summary['weights']}")
@@ -410,7 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE overrides may follow options too (`train --config F a=1 --out D b=2`), which plain
+    # argparse cannot take for one positional list.
+    if extra and isinstance(getattr(args, "overrides", None), list) and all(
+            "=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.parse_args(argv)  # argparse's own error for anything else
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     if args.debug:
         return int(args.func(args) or 0)

@@ -13,7 +13,7 @@ Beyond the official code: any input size (pad to a window multiple, then shift; 
 before merging), windows clamped at run time from the actual feature-map size, masks and tables
 cached per size, the position bias cached while its parameters are unchanged (inference only),
 attention through `F.scaled_dot_product_attention`, activation checkpointing, multi-scale features.
-This module imports torch only.
+This module imports torch only (and `fused.py`, its torch-only autograd functions).
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
+
+from .fused import gelu_linear, scaled_normalize
 
 # Official mask value for token pairs from different regions of a shifted window.
 MASK_VALUE = -100.0
@@ -210,12 +212,10 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
-
-
-def _l2norm(x: Tensor) -> Tensor:
-    """|x| over the last dim, clamped as F.normalize does (eps 1e-12)."""
-    return torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
+        h = self.fc1(x)
+        if self.drop.p == 0.0:
+            return gelu_linear(h, self.fc2.weight, self.fc2.bias)  # same ops; GELU recomputed in backward
+        return self.drop(self.fc2(self.drop(self.act(h))))
 
 
 class WindowAttention(nn.Module):
@@ -292,20 +292,23 @@ class WindowAttention(nn.Module):
         logit_scale = torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()  # (nH, 1, 1)
         bias = self.attention_bias(window, mask)  # (nW|1, nH, N, N)
         if self.fused:
-            # One copy puts q, k, v in (B, nW, nH, N, d) order, where windows and heads merge into one
+            # q, k, v are written in (B, nW, nH, N, d) order, where windows and heads merge into one
             # axis: attention then runs on (B, nW*nH, N, d) and the (nW*nH, N, N) bias broadcasts over
             # the batch with no copy. q/|q| * s and k/|k| with scale 1 is the scaled cosine attention;
-            # folding s into q also spares autograd from saving the (N, N) logits for its gradient.
-            q, k, v = qkv.view(B, nW, N, 3, nH, C // nH).permute(3, 0, 1, 4, 2, 5).contiguous().unbind(0)
-            q = (q * (logit_scale.to(q.dtype) / _l2norm(q))).view(B, nW * nH, N, -1)
-            k = (k / _l2norm(k)).view(B, nW * nH, N, -1)
-            v = v.view(B, nW * nH, N, -1)
+            # folding s into q also spares autograd from saving the (N, N) logits for its gradient,
+            # and the normalisation writes the new layout itself (no separate copy).
+            q, k, v = qkv.view(B, nW, N, 3, nH, C // nH).permute(3, 0, 1, 4, 2, 5).unbind(0)
+            q = scaled_normalize(q, logit_scale.to(q.dtype)).view(B, nW * nH, N, -1)
+            k = scaled_normalize(k).view(B, nW * nH, N, -1)
+            v = v.reshape(B, nW * nH, N, -1)
             bias = bias.to(q.dtype).reshape(1, nW * nH, N, N)
             if torch.is_grad_enabled() and bias.requires_grad and q.device.type == "cpu":
                 # SDPA's CPU kernels give no gradient for attn_mask, so autograd would route it to the
                 # slower math fallback; the same three ops written out are faster. (CUDA's
                 # memory-efficient kernel does differentiate the mask.)
-                attn = F.dropout((q @ k.transpose(-2, -1) + bias).softmax(dim=-1), self.attn_drop, self.training)
+                attn = (q @ k.transpose(-2, -1) + bias).softmax(dim=-1)
+                if self.attn_drop:
+                    attn = F.dropout(attn, self.attn_drop, self.training)
                 out = attn @ v
             else:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0,

@@ -1,0 +1,158 @@
+"""Issue 8's performance table, reproduced side by side with the peers in one process: `make bench`.
+
+Every row runs `swinv2.bench.run` (same weights for every implementation, interleaved repeats,
+median of paired ratios; see that module's docstring for the method) and compares with the target.
+Writes `OUT/cpu.json` (every measurement, the environment) and `OUT/cpu.md` (the table).
+
+    python benchmarks/run_cpu.py --out benchmarks/results [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import swinv2
+from swinv2 import bench
+
+MODEL = "swinv2_tiny_window8_256"
+
+
+def _by_impl(results: list[dict]) -> dict[str, dict]:
+    return {r["impl"]: r for r in results}
+
+
+def _row(what: str, ours: str, peer: str, ratio: float | None, target: str, met: bool | None) -> dict:
+    return dict(what=what, ours=ours, peer=peer, ratio=ratio, target=target,
+                met=None if met is None else bool(met))
+
+
+def fullgraph_check(size: int) -> tuple[bool, str]:
+    """torch.compile(fullgraph=True) at a fixed size; three calls on fresh inputs, recompiles are errors."""
+    model = swinv2.create_model(MODEL).eval()
+    torch._dynamo.reset()
+    old = torch._dynamo.config.error_on_recompile
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        compiled = torch.compile(model, fullgraph=True)
+        with torch.no_grad():
+            outs = [compiled(torch.randn(2, 3, size, size)) for _ in range(3)]
+            x = torch.randn(2, 3, size, size)
+            diff = (compiled(x) - model(x)).abs().max().item()
+        return all(torch.isfinite(o).all() for o in outs) and diff <= 1e-4, f"max |d| vs eager {diff:.1e}"
+    except Exception as e:  # a graph break or a recompile is the answer we report, not a crash
+        return False, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    finally:
+        torch._dynamo.config.error_on_recompile = old
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="fewer repeats, skip compiled rows (a smoke run)")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    reps = 2 if args.quick else args.repeats
+    common = dict(repeats=reps, warmup=2, iters=1)
+    peers = ("timm", "hf", "torchvision")
+    rows, raw = [], {}
+    t_start = time.time()
+
+    def run(key: str, **kw) -> dict[str, dict]:
+        print(f"[{time.time() - t_start:6.0f}s] {key}", flush=True)
+        res = bench.run(MODEL, **{**common, **kw})
+        raw[key] = res
+        return _by_impl(res)
+
+    peak32 = bench.matmul_peak("cpu", "fp32")
+    # Without native bf16 (AVX-512 BF16 / AMX) a bf16 matmul is emulated and runs far below fp32: a
+    # small probe decides whether the bf16 rows can run at all in reasonable time.
+    peak16 = bench.matmul_peak("cpu", "bf16", n=512, repeats=2)
+    native_bf16 = peak16 >= 0.5 * peak32
+
+    r = run("eager_fp32", batch_sizes=(8,), compare=peers)
+    fastest = max(peers, key=lambda p: r[p]["img_per_s"])
+    ratio = r["ours"]["img_per_s"] / r[fastest]["img_per_s"]
+    rows.append(_row("eager fp32 inference (img/s)", f"{r['ours']['img_per_s']:.2f}",
+                     ", ".join(f"{p} {r[p]['img_per_s']:.2f}" for p in peers), ratio,
+                     ">= 1.3 x fastest peer", ratio >= 1.3))
+    rows.append(_row("eager fp32, share of matmul peak", f"{r['ours']['gflop_per_s']:.0f} GFLOP/s",
+                     f"peak {peak32:.0f} GFLOP/s", r["ours"]["gflop_per_s"] / peak32, "(reference)", None))
+
+    if not args.quick:
+        r = run("compiled_fp32", batch_sizes=(8,), compare=("timm",), compile=True)
+        ratio = r["ours"]["img_per_s"] / r["timm"]["img_per_s"]
+        share = r["ours"]["gflop_per_s"] / peak32
+        rows.append(_row("compiled fp32 inference (img/s)", f"{r['ours']['img_per_s']:.2f}",
+                         f"timm {r['timm']['img_per_s']:.2f}", ratio, ">= 1.0 x timm compiled", ratio >= 1.0))
+        rows.append(_row("compiled fp32, share of matmul peak", f"{r['ours']['gflop_per_s']:.0f} GFLOP/s",
+                         f"peak {peak32:.0f} GFLOP/s", share, ">= 0.85", share >= 0.85))
+
+    for compiled in ((False,) if args.quick else (False, True)) if native_bf16 else ():
+        key = "compiled_bf16" if compiled else "eager_bf16"
+        r = run(key, batch_sizes=(8,), dtypes=("bf16",), compare=("timm",), compile=compiled)
+        ratio = r["ours"]["img_per_s"] / r["timm"]["img_per_s"]
+        rows.append(_row(f"{'compiled' if compiled else 'eager'} bf16 inference (img/s)",
+                         f"{r['ours']['img_per_s']:.2f}", f"timm {r['timm']['img_per_s']:.2f}", ratio,
+                         ">= 1.5 x timm", ratio >= 1.5))
+    rows.append(_row("bf16 matmul peak", "" if native_bf16 else "bf16 rows skipped: no native bf16 on this CPU",
+                     f"{peak16:.1f} GFLOP/s", peak16 / peak32, "(x fp32 peak)", None))
+
+    r = run("train_fp32", batch_sizes=(8,), compare=("timm",), train=True)
+    ratio = r["ours"]["img_per_s"] / r["timm"]["img_per_s"]
+    mem = r["ours"]["peak_mem_bytes"] / r["timm"]["peak_mem_bytes"]
+    rows.append(_row("train step fp32 eager (img/s)", f"{r['ours']['img_per_s']:.2f}",
+                     f"timm {r['timm']['img_per_s']:.2f}", ratio, ">= 1.25 x timm", ratio >= 1.25))
+    rows.append(_row("train step fp32, peak memory (MB)", f"{r['ours']['peak_mem_bytes'] / 2**20:.0f}",
+                     f"timm {r['timm']['peak_mem_bytes'] / 2**20:.0f}", mem, "<= 0.8 x timm", mem <= 0.8))
+
+    for ckpt in (False, True):
+        key = "train_512_ckpt" if ckpt else "train_512"
+        r = run(key, batch_sizes=(4,), img_sizes=(512,), compare=("timm",), train=True,
+                grad_checkpointing=ckpt, repeats=1 if args.quick else 2)
+        mem = r["ours"]["peak_mem_bytes"] / r["timm"]["peak_mem_bytes"]
+        target = 0.35 if ckpt else 0.7
+        rows.append(_row(f"train 512 px batch 4{' + checkpointing' if ckpt else ''}, peak memory (MB)",
+                         f"{r['ours']['peak_mem_bytes'] / 2**20:.0f}",
+                         f"timm {r['timm']['peak_mem_bytes'] / 2**20:.0f}", mem, f"<= {target} x timm",
+                         mem <= target))
+
+    r256 = run("scale_256", batch_sizes=(1,), img_sizes=(256,), measure_memory=False)["ours"]
+    r1024 = run("scale_1024", batch_sizes=(1,), img_sizes=(1024,), measure_memory=False,
+                repeats=1 if args.quick else 3)["ours"]
+    per_px = (1 / (r1024["img_per_s"] * 1024**2)) / (1 / (r256["img_per_s"] * 256**2))
+    rows.append(_row("time per pixel, 1024 px vs 256 px (batch 1)", f"{r1024['img_per_s']:.3f} img/s @1024",
+                     f"{r256['img_per_s']:.2f} img/s @256", per_px, "<= 1.15", per_px <= 1.15))
+
+    if not args.quick:
+        ok, detail = fullgraph_check(256)
+        rows.append(_row("torch.compile fullgraph=True, no recompiles", "yes" if ok else "no", detail, None,
+                         "compiles", ok))
+
+    meta = dict(date=datetime.date.today().isoformat(), model=MODEL, python=sys.version.split()[0],
+                machine=platform.machine(), processor=platform.processor(), torch=torch.__version__,
+                threads=torch.get_num_threads(), matmul_peak_fp32_gflop_s=peak32,
+                matmul_peak_bf16_gflop_s=peak16, env=bench.environment("cpu"))
+    (out / "cpu.json").write_text(json.dumps(dict(meta=meta, rows=rows, results=raw), indent=1, default=str))
+    lines = [f"SwinV2-T window 8, 256 px, CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, "
+             f"{meta['date']}", "", "| what | ours | peers | ratio | target | met |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        ratio = "" if row["ratio"] is None else f"{row['ratio']:.2f}"
+        met = "" if row["met"] is None else ("yes" if row["met"] else "**no**")
+        lines.append(f"| {row['what']} | {row['ours']} | {row['peer']} | {ratio} | {row['target']} | {met} |")
+    table = "\n".join(lines)
+    (out / "cpu.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

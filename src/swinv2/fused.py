@@ -1,0 +1,100 @@
+"""Memory-lean autograd functions for the SwinV2 training path (torch only; used by model.py).
+
+Each computes exactly the ops of the plain formula in its forward, so outputs are unchanged; what
+differs is what autograd keeps for the backward pass:
+
+* `scaled_normalize(x, scale)`: y = x * scale / max(|x|, eps) written straight into a fresh
+  contiguous tensor. Saves y and |x| instead of x, the norm, the quotient and the product, so the raw
+  q/k (views of the whole qkv projection) are not kept alive, and the layout copy is fused in.
+* `gelu_linear(h, weight, bias)`: fc2(GELU(h)). Saves h only and recomputes GELU(h) in the backward
+  (one elementwise op) instead of keeping the 4C-wide activation twice (GELU input and fc2 input).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+EPS = 1e-12  # F.normalize's default
+
+
+def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
+    """Sum `t` over the dimensions that broadcasting expanded from `shape`."""
+    lead = t.ndim - len(shape)
+    dims = list(range(lead)) + [lead + i for i, n in enumerate(shape) if n == 1 and t.shape[lead + i] != 1]
+    return t.sum(dims, keepdim=True).reshape(shape) if dims else t
+
+
+def _normalize_into_contiguous(x: Tensor, scale: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(y, |x|) with y = x [* scale] / max(|x|, eps) written into a fresh contiguous tensor."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous, whatever x's strides
+    if scale is None:  # F.normalize, op for op
+        torch.div(x, norm.clamp_min(EPS), out=out)
+    else:
+        torch.mul(x, scale / norm.clamp_min(EPS), out=out)
+    return out, norm
+
+
+def _traced() -> bool:
+    """Under tracing / compiling / ONNX export the plain functional ops are used (no `out=`, no Function)."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+
+
+class _ScaledNormalize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, scale: Tensor | None) -> Tensor:
+        out, norm = _normalize_into_contiguous(x, scale)
+        ctx.save_for_backward(out, norm, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor | None]:
+        y, norm, scale = ctx.saved_tensors
+        unit = y if scale is None else y / scale  # x / max(|x|, eps)
+        # d(x/|x|) = (g - u (u.g)) / |x|; where |x| was clamped to eps, x/eps is linear: g / eps.
+        proj = (unit * grad).sum(-1, keepdim=True)
+        gain = 1 / norm.clamp_min(EPS) if scale is None else scale / norm.clamp_min(EPS)
+        grad_x = torch.where(norm <= EPS, grad, grad - unit * proj) * gain
+        grad_scale = _sum_to(grad * unit, scale.shape) if scale is not None and ctx.needs_input_grad[1] else None
+        return grad_x, grad_scale
+
+
+class _GeluLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(h, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(F.gelu(h), weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        h, weight = ctx.saved_tensors
+        grad2d = grad.reshape(-1, grad.shape[-1])
+        grad_h = grad_w = grad_b = None
+        if ctx.needs_input_grad[1]:
+            grad_w = grad2d.t() @ F.gelu(h).reshape(-1, h.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad2d.sum(0)
+        if ctx.needs_input_grad[0]:
+            grad_h = torch.ops.aten.gelu_backward(grad @ weight, h)
+        return grad_h, grad_w, grad_b
+
+
+def scaled_normalize(x: Tensor, scale: Tensor | None = None) -> Tensor:
+    """x [* scale] / max(|x|_2 over the last dim, 1e-12), returned contiguous; `scale` broadcasts."""
+    if _traced():
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(EPS)
+        return (x / norm if scale is None else x * (scale / norm)).contiguous()
+    if torch.is_grad_enabled():
+        return _ScaledNormalize.apply(x, scale)
+    return _normalize_into_contiguous(x, scale)[0]
+
+
+def gelu_linear(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """F.linear(F.gelu(h), weight, bias), recomputing GELU(h) in the backward pass when training."""
+    if _traced() or not torch.is_grad_enabled():
+        return F.linear(F.gelu(h), weight, bias)
+    return _GeluLinear.apply(h, weight, bias)

@@ -1,0 +1,50 @@
+"""The memory-lean autograd functions: forward identical to the plain ops, gradients checked
+numerically (float64) and against autograd of the plain formula at the clamped (zero-vector) point."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from swinv2.fused import gelu_linear, scaled_normalize
+
+
+def _qk(dtype=torch.float64):
+    # (B, nW, N, nH, d) viewed as (B, nW, nH, N, d), as the attention hands them over
+    return torch.randn(2, 3, 5, 4, 6, dtype=dtype).permute(0, 1, 3, 2, 4)
+
+
+def test_forward_is_the_plain_formula():
+    x, s = _qk(torch.float32), torch.rand(4, 1, 1) * 50
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            y = scaled_normalize(x, s)
+            assert y.is_contiguous() and torch.equal(y, x * (s / norm))
+            assert torch.equal(scaled_normalize(x), F.normalize(x, dim=-1))
+    h, w, b = torch.randn(3, 7, 8), torch.randn(5, 8), torch.randn(5)
+    assert torch.equal(gelu_linear(h.requires_grad_(), w, b), F.linear(F.gelu(h), w, b))
+
+
+def test_gradients_numerically():
+    x = _qk().detach().requires_grad_()
+    s = torch.rand(4, 1, 1, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(scaled_normalize, (x, s))
+    assert torch.autograd.gradcheck(scaled_normalize, (x,))
+    h = torch.randn(3, 7, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(gelu_linear, (h, w, b))
+
+
+def test_zero_vector_gradient_matches_autograd_of_the_plain_formula():
+    """Padded tokens give k = 0: the norm is clamped, and the gradient must be the plain one."""
+    x = _qk().detach().clone()
+    x[0, 0, 0, 0].zero_()
+    x.requires_grad_()
+    s = torch.rand(4, 1, 1, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(x.shape, dtype=torch.float64)
+    ours = torch.autograd.grad((scaled_normalize(x, s) * g).sum(), (x, s))
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
+    ref = torch.autograd.grad((x * (s / norm) * g).sum(), (x, s))
+    for a, b in zip(ours, ref):
+        assert torch.allclose(a, b)
