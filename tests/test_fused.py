@@ -48,3 +48,27 @@ def test_zero_vector_gradient_matches_autograd_of_the_plain_formula():
     ref = torch.autograd.grad((x * (s / norm) * g).sum(), (x, s))
     for a, b in zip(ours, ref):
         assert torch.allclose(a, b)
+
+
+def test_autocast_training_matches_the_plain_path():
+    """Under bf16 autocast the backward runs outside autocast: it must keep the forward's dtype, and
+    its gradients must be as close to the fp32 gradients as the plain ops' bf16 gradients are."""
+    torch.manual_seed(0)
+    h0 = torch.randn(4, 6, 16)
+    fc2 = torch.nn.Linear(16, 8)
+
+    def grads(fn, amp: bool):
+        h = h0.clone().requires_grad_()
+        fc2.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = fn(h, fc2.weight, fc2.bias)
+        assert out.dtype == (torch.bfloat16 if amp else torch.float32)
+        out.float().square().sum().backward()
+        return h.grad, fc2.weight.grad, fc2.bias.grad
+
+    plain = lambda h, w, b: F.linear(F.gelu(h), w, b)  # noqa: E731
+    exact = grads(plain, amp=False)
+    for ours, ref, truth in zip(grads(gelu_linear, True), grads(plain, True), exact):
+        assert ours.dtype == ref.dtype == torch.float32
+        err = lambda g: ((g - truth).norm() / truth.norm()).item()  # noqa: E731
+        assert err(ours) <= 2 * err(ref) + 1e-3

@@ -65,21 +65,29 @@ class _ScaledNormalize(torch.autograd.Function):
 class _GeluLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        ctx.save_for_backward(h, weight)
-        ctx.has_bias = bias is not None
-        return F.linear(F.gelu(h), weight, bias)
+        # Under autocast, compute in its dtype as F.linear would, and keep that dtype for the backward
+        # (which runs outside autocast).
+        device = h.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+        with torch.autocast(device, enabled=False):
+            h, w = h.to(dtype), weight.to(dtype)
+            out = F.linear(F.gelu(h), w, None if bias is None else bias.to(dtype))
+        ctx.save_for_backward(h, w)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        h, weight = ctx.saved_tensors
+        h, w = ctx.saved_tensors
+        grad = grad.to(h.dtype)
         grad2d = grad.reshape(-1, grad.shape[-1])
         grad_h = grad_w = grad_b = None
         if ctx.needs_input_grad[1]:
-            grad_w = grad2d.t() @ F.gelu(h).reshape(-1, h.shape[-1])
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad2d.sum(0)
+            grad_w = (grad2d.t() @ F.gelu(h).reshape(-1, h.shape[-1])).to(ctx.dtypes[0])
+        if ctx.dtypes[1] is not None and ctx.needs_input_grad[2]:
+            grad_b = grad2d.sum(0).to(ctx.dtypes[1])
         if ctx.needs_input_grad[0]:
-            grad_h = torch.ops.aten.gelu_backward(grad @ weight, h)
+            grad_h = torch.ops.aten.gelu_backward(grad @ w, h)
         return grad_h, grad_w, grad_b
 
 
