@@ -403,14 +403,21 @@ class ShardedSampler(Sampler):
     def __len__(self) -> int:
         return max(0, len(self._local_order()) - self.start)
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "start": self.start, "seed": self.seed, "num_samples": self.num_samples}
+    def state_dict(self, consumed: int | None = None) -> dict[str, int]:
+        """The position as global samples into the epoch (the same on every rank, and meaningful for
+        another number of ranks at the same global batch). `consumed`: this rank's samples of the
+        epoch taken so far, when iteration has moved past `start`."""
+        local = self.start if consumed is None else consumed
+        return {"epoch": self.epoch, "position": local * self.num_replicas, "seed": self.seed,
+                "num_samples": self.num_samples}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state["num_samples"] != self.num_samples:
             raise ValueError(f"the checkpoint's sampler covered {state['num_samples']} samples; the dataset now has "
                              f"{self.num_samples}: the data changed, an exact resume is impossible")
-        self.epoch, self.start, self.seed = state["epoch"], state["start"], state["seed"]
+        if state["position"] % self.num_replicas:
+            raise ValueError(f"sampler position {state['position']} is not a multiple of {self.num_replicas} ranks")
+        self.epoch, self.start, self.seed = state["epoch"], state["position"] // self.num_replicas, state["seed"]
 
 
 class Sample(NamedTuple):

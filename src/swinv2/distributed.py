@@ -35,22 +35,6 @@ class DistEnv:
         return self.world_size > 1
 
 
-class RankFilter(logging.Filter):
-    """Rank 0 logs everything; other ranks only warnings and errors, tagged with their rank."""
-
-    def __init__(self, rank: int) -> None:
-        super().__init__()
-        self.rank = rank
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self.rank == 0:
-            return True
-        if record.levelno < logging.WARNING:
-            return False
-        record.msg = f"[rank {self.rank}] {record.msg}"
-        return True
-
-
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -61,8 +45,8 @@ def resolve_device(device: str) -> torch.device:
 
 def setup(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT),
-    with gloo on CPU and nccl on CUDA, or return a world of one. Installs the rank filter on the
-    `swinv2` logger."""
+    with gloo on CPU and nccl on CUDA, or return a world of one. The rank-0 filter: on other ranks
+    the `swinv2` loggers pass warnings and errors only (until `teardown`)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -75,17 +59,17 @@ def setup(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv:
             backend = "nccl" if dev.type == "cuda" else "gloo"
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
                                     **({"device_id": dev} if dev.type == "cuda" else {}))
-    logger = logging.getLogger("swinv2")
-    for f in list(logger.filters):
-        if isinstance(f, RankFilter):
-            logger.removeFilter(f)
-    logger.addFilter(RankFilter(rank))
+    if rank != 0:
+        # A level, not a logger filter: filters on "swinv2" would not see records of its children.
+        logging.getLogger("swinv2").setLevel(logging.WARNING)
     return DistEnv(rank, world, local_rank, dev)
 
 
 def teardown(env: DistEnv) -> None:
     if env.distributed and dist.is_initialized():
         dist.destroy_process_group()
+    if env.rank != 0:
+        logging.getLogger("swinv2").setLevel(logging.NOTSET)
 
 
 def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
@@ -148,7 +132,7 @@ def any_rank(flag: bool, env: DistEnv) -> bool:
 # --------------------------------------------------------------------------- full (unsharded) state
 
 
-def _is_fsdp(model: nn.Module) -> bool:
+def is_fsdp(model: nn.Module) -> bool:
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:
@@ -162,17 +146,19 @@ def _full_options(**kw: Any):
     return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
 
 
-def full_model_state(model: nn.Module, env: DistEnv) -> dict[str, torch.Tensor]:
-    """The model's whole state dict (gathered from the shards under FSDP; a collective then)."""
-    if _is_fsdp(model):
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+def full_model_state(model: nn.Module, env: DistEnv, *, everywhere: bool = False) -> dict[str, torch.Tensor]:
+    """The model's whole state dict. Under FSDP it is gathered from the shards (a collective) to
+    rank 0's CPU, or with `everywhere` to every rank's device."""
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(model, options=_full_options())
+        opts = StateDictOptions(full_state_dict=True) if everywhere else _full_options()
+        return get_model_state_dict(model, options=opts)
     return model.state_dict()
 
 
 def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor], env: DistEnv) -> None:
-    if _is_fsdp(model):
+    if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
         set_model_state_dict(model, state, options=_full_options())
@@ -182,7 +168,7 @@ def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor], env:
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv) -> dict[str, Any]:
     """The optimizer's state dict; under FSDP gathered to full tensors (keyed by parameter name)."""
-    if _is_fsdp(model):
+    if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         return get_optimizer_state_dict(model, optimizer, options=_full_options())
@@ -191,7 +177,7 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, env
 
 def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
                               env: DistEnv) -> None:
-    if _is_fsdp(model):
+    if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
         set_optimizer_state_dict(model, optimizer, state, options=_full_options())

@@ -27,7 +27,6 @@ import fnmatch
 import logging
 import math
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,8 @@ from .data import (Batch, DataReport, ImageFolderDataset, SeededSamples, Sharded
                    check_dataset, eval_transform, hygiene_warnings, make_loader, sample_seed, seed_everything,
                    train_transform)
 from .evaluate import evaluate
+from .faults import NonFiniteError, StopSignals, TrainingInterrupted, assert_finite, check_fits
+from .model import SwinTransformerV2
 from .registry import EvalPreprocess, create_model, get_variant
 from .rundir import RunDir
 from .schedule import WarmupCosineLR, build_optimizer, scaled_lrs
@@ -52,49 +53,8 @@ STATE_VERSION = 1
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class TrainingInterrupted(Exception):
-    """SIGTERM/SIGINT arrived; a checkpoint was saved at the step boundary. `exit_code` = 128 + signal."""
-
-    def __init__(self, signum: int, checkpoint: Path | None) -> None:
-        super().__init__(f"stopped by {signal.Signals(signum).name} after saving {checkpoint}; "
-                         f"run the same command again to resume")
-        self.signum, self.checkpoint, self.exit_code = signum, checkpoint, 128 + signum
-
-
-class NonFiniteError(RuntimeError):
-    """Too many consecutive non-finite steps: training cannot recover by skipping."""
-
-
 class BadDataError(ValueError):
     """`data.strict`: unreadable images were found before training; the message lists them."""
-
-
-# --------------------------------------------------------------------------- signals
-
-
-class StopSignals:
-    """Within the block, SIGTERM/SIGINT only record the signal (a second SIGINT interrupts at once).
-    Handlers can only be installed from the main thread; elsewhere signals keep their defaults."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        if signum == signal.SIGINT and self.signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        log.warning("received %s: saving a checkpoint at the end of this step", signal.Signals(signum).name)
-
-    def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGINT):
-                self._old[s] = signal.signal(s, self._handler)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -186,19 +146,6 @@ def build_criterion(cfg: Config, mixup_active: bool) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
-def assert_finite(state: dict[str, Any], where: str = "state") -> None:
-    """Raise ValueError naming the first non-finite floating tensor in a nested state."""
-    if isinstance(state, torch.Tensor):
-        if state.is_floating_point() and not bool(torch.isfinite(state).all()):
-            raise ValueError(f"refusing to save a checkpoint: {where} holds non-finite values")
-    elif isinstance(state, dict):
-        for k, v in state.items():
-            assert_finite(v, f"{where}.{k}")
-    elif isinstance(state, (list, tuple)):
-        for i, v in enumerate(state):
-            assert_finite(v, f"{where}[{i}]")
-
-
 # --------------------------------------------------------------------------- the trainer
 
 
@@ -208,11 +155,11 @@ class Trainer:
     def __init__(self, cfg: Config, out_dir: Path, env: D.DistEnv) -> None:
         self.env, self.out = env, out_dir
         t = cfg.train
-        if t.threads:
-            torch.set_num_threads(t.threads)
+        get_variant(cfg.model.name)  # an unknown model name fails before any data is scanned
         self.amp_dtype = AMP_DTYPES[t.amp]
         if t.amp == "fp16" and env.device.type != "cuda":
-            raise ValueError("train.amp=fp16 needs CUDA (dynamic loss scaling); use train.amp=bf16 on the CPU")
+            log.warning("train.amp=fp16 on the CPU is slow (it exists for testing the loss scaler); "
+                        "use train.amp=bf16 or none")
         if t.parallel == "fsdp" and t.ema and env.distributed:
             raise ValueError("train.ema is not supported with train.parallel=fsdp (the EMA would need its own "
                              "sharding); use ddp, or turn the EMA off")
@@ -280,7 +227,7 @@ class Trainer:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
 
         self.progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "bad_steps": 0, "consecutive_bad": 0,
-                         "overflow_steps": 0}
+                         "overflow_steps": 0, "epoch_loss_sum": 0.0, "epoch_loss_steps": 0}
         self.history: list[dict[str, Any]] = []
         self.best: list[dict[str, Any]] = []
         self.rundir = RunDir(out_dir, env, cfg)
@@ -297,7 +244,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "progress": dict(self.progress),
-            "sampler": self.sampler.state_dict(),
+            "sampler": self.sampler.state_dict(consumed=self.progress["step_in_epoch"] * self.sampler.batch_size),
             "history": [dict(h) for h in self.history],
             "best": [dict(b) for b in self.best],
             "classes": list(self.classes),
@@ -314,17 +261,21 @@ class Trainer:
         if state["classes"] != list(self.classes):
             raise ValueError(f"{source}: trained on classes {state['classes'][:5]}... but the data now has "
                              f"{self.classes[:5]}...: the class map changed")
+        expected = self.model.state_dict()
+        check_fits(expected, state["model"], f"{source} (model)")
+        D.load_full_model_state(self.model, state["model"], self.env)
+        if self.ema is not None:
+            if state["ema"] is None:
+                log.warning("%s holds no EMA; the EMA restarts from the current weights", source)
+                self.ema.module.load_state_dict(self.model.state_dict())
+            else:
+                check_fits(expected, state["ema"], f"{source} (EMA)")
+                self.ema.module.load_state_dict(state["ema"])
         try:
-            D.load_full_model_state(self.model, state["model"], self.env)
-            if self.ema is not None:
-                if state["ema"] is None:
-                    log.warning("%s holds no EMA; the EMA restarts from the current weights", source)
-                    self.ema.module.load_state_dict(self.model.state_dict())
-                else:
-                    self.ema.module.load_state_dict(state["ema"])
             D.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"], self.env)
-        except RuntimeError as e:  # shape / key mismatches from load_state_dict
-            raise ValueError(f"{source} does not fit this model/optimizer: {str(e).splitlines()[0]}") from None
+        except (RuntimeError, ValueError, KeyError) as e:  # e.g. another set of frozen parameters
+            raise ValueError(f"{source}: the optimizer state does not fit this run (were other parameters "
+                             f"frozen?): {str(e).splitlines()[0]}") from None
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None:
             if state["scaler"] is None:
@@ -337,6 +288,10 @@ class Trainer:
             log.warning("%s was written by %d processes, resuming on %d: data order continues, per-rank "
                         "randomness differs", source, saved_world, self.env.world_size)
         self.sampler.load_state_dict(state["sampler"])
+        if (self.sampler.epoch, self.sampler.start) != (self.progress["epoch"],
+                                                        self.progress["step_in_epoch"] * self.sampler.batch_size):
+            raise ValueError(f"{source}: sampler position {state['sampler']} does not match the progress "
+                             f"{self.progress} (a different batch size, accumulation or number of processes?)")
         self.history = [dict(h) for h in state["history"]]
         self.best = [dict(b) for b in state["best"]]
 
@@ -358,9 +313,9 @@ class Trainer:
 
     # ----------------------------------------------------------------------- one step
 
-    def train_step(self, micro_batches: list[Batch], stop: StopSignals) -> dict[str, float]:
-        """Forward/backward over the micro-batches, then clip, check and step. Returns step stats;
-        `stop` is True on every rank if any rank received a stop signal."""
+    def train_step(self, micro_batches: list[Batch]) -> dict[str, float]:
+        """Forward/backward over the micro-batches, then clip, check and step; returns the step's
+        stats. The loss is the mean over every rank's images; a step is skipped on all ranks alike."""
         t, env = self.cfg.train, self.env
         step = self.progress["global_step"]
         seed_everything(sample_seed(t.seed, step, env.rank, 1))  # Mixup/CutMix, stochastic depth
@@ -388,8 +343,7 @@ class Trainer:
             n = int(weight) * len(y)
             loss_sum += loss.detach().double() * n
             n_sum += n
-        stats = torch.tensor([0.0, float(n_sum), float(stop.signum is not None)], dtype=torch.float64,
-                             device=env.device)
+        stats = torch.tensor([0.0, float(n_sum)], dtype=torch.float64, device=env.device)
         stats[0] = loss_sum
         D.all_reduce_sum(stats, env)
         loss_mean = (stats[0] / stats[1]).item() if stats[1] > 0 else float("nan")
@@ -430,7 +384,7 @@ class Trainer:
                 f"{self.progress['consecutive_bad']} consecutive steps with a non-finite loss or gradient "
                 f"(last at step {step}); stopping. Lower optim.lr, set optim.clip_grad, or use train.amp=bf16; "
                 f"the last checkpoint is in {self.rundir.checkpoint_dir}")
-        return {"loss": loss_mean, "grad_norm": grad_norm, "lr": lr, "n": float(stats[1]), "stop": bool(stats[2] > 0),
+        return {"loss": loss_mean, "grad_norm": grad_norm, "lr": lr, "n": float(stats[1]),
                 "skipped": bad}
 
     # ----------------------------------------------------------------------- epochs
@@ -441,25 +395,29 @@ class Trainer:
         self.sampler.set_epoch(epoch, start_step * self.sampler.batch_size)
         bar = self.rundir.progress_bar(self.steps_per_epoch, start_step, f"epoch {epoch + 1}/{self.cfg.train.epochs}")
         bad_files: dict[str, str] = {}
-        loss_sum, steps, images, t0 = 0.0, 0, 0.0, time.perf_counter()
+        if start_step == 0:
+            self.progress.update(epoch_loss_sum=0.0, epoch_loss_steps=0)
+        images, t0 = 0.0, time.perf_counter()
         it = iter(self.train_loader) if start_step < self.steps_per_epoch else iter(())
         try:
             for _ in range(start_step, self.steps_per_epoch):
                 micro = [next(it) for _ in range(self.accum)]
                 for b in micro:
                     bad_files.update(dict(b.bad))
-                out = self.train_step(micro, stop)
+                out = self.train_step(micro)
                 if math.isfinite(out["loss"]):
-                    loss_sum, steps = loss_sum + out["loss"], steps + 1
+                    # kept in the progress, so that an epoch resumed mid-way reports the mean of all its steps
+                    self.progress["epoch_loss_sum"] += out["loss"]
+                    self.progress["epoch_loss_steps"] += 1
                 images += out["n"]
                 rate = images / max(time.perf_counter() - t0, 1e-9)
                 bar.update(1)
                 bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}", img_s=f"{rate:.0f}", refresh=False)
                 gs = self.progress["global_step"]
                 if gs % self.cfg.train.log_every == 0:
-                    self.rundir.scalars(gs, {"train/loss": out["loss"], "train/lr": out["lr"],
-                                             "train/grad_norm": out["grad_norm"]})
-                if out["stop"]:
+                    self.rundir.log_step({"step": gs, "epoch": epoch + 1, "loss": out["loss"], "lr": out["lr"],
+                                          "grad_norm": out["grad_norm"], "skipped": out["skipped"]})
+                if D.any_rank(stop.signum is not None, self.env):  # at this step boundary, on every rank
                     path = self.save()
                     raise TrainingInterrupted(stop.signum or signal.SIGTERM, path)
                 every = self.cfg.train.checkpoint_every
@@ -469,10 +427,20 @@ class Trainer:
             bar.close()
         elapsed = time.perf_counter() - t0
         n_bad = self.rundir.report_bad_files(epoch, "train", bad_files)
+        loss_sum, steps = self.progress["epoch_loss_sum"], self.progress["epoch_loss_steps"]
         return {"train_loss": loss_sum / steps if steps else float("nan"), "img_per_s": images / max(elapsed, 1e-9),
                 "train_time_s": elapsed, "bad_images": n_bad}
 
-    def validate(self, epoch: int) -> dict[str, float]:
+    def plain_model(self) -> nn.Module:
+        """The model as an ordinary module: itself, or under FSDP an unsharded copy gathered on every
+        rank (for evaluation on each rank's shard of the val set, and for the weights file)."""
+        if not D.is_fsdp(self.model):
+            return self.model
+        plain = SwinTransformerV2(self.model.config).to(self.env.device)
+        plain.load_state_dict(D.full_model_state(self.model, self.env, everywhere=True))
+        return plain
+
+    def validate(self, epoch: int, model: nn.Module) -> dict[str, float]:
         """Top-1/top-5/loss of the model (and the EMA) on the whole val set, reduced over ranks."""
         dev, bad = self.env.device, {}
 
@@ -481,8 +449,9 @@ class Trainer:
                 bad.update(dict(b.bad))
                 yield b
 
-        # The plain (unwrapped) module: each rank evaluates its own shard with no collective inside.
-        m = evaluate(self.model, batches(), device=dev, amp_dtype=self.amp_dtype)
+        # A plain module (not the DDP/FSDP wrapper): each rank evaluates its own shard with no
+        # collective inside the forward, so uneven shards are fine; evaluate() reduces the sums.
+        m = evaluate(model, batches(), device=dev, amp_dtype=self.amp_dtype)
         out = {"val_loss": m["loss"], "val_top1": m["top1"], "val_top5": m["top5"], "val_n": m["n"]}
         if self.ema is not None:
             e = evaluate(self.ema.module, self.val_loader, device=dev, amp_dtype=self.amp_dtype)
@@ -498,7 +467,8 @@ class Trainer:
         row: dict[str, Any] = {"epoch": epoch + 1, "step": self.progress["global_step"],
                                "lr": self.optimizer.param_groups[0]["lr"], **train_stats}
         if evaluated:
-            row |= self.validate(epoch)
+            plain = self.plain_model()
+            row |= self.validate(epoch, plain)
         row |= {"epoch_time_s": time.perf_counter() - epoch_start, "skipped_steps": self.progress["bad_steps"]}
         self.history.append(row)
         self.progress.update(epoch=epoch + 1, step_in_epoch=0)
@@ -507,9 +477,10 @@ class Trainer:
         state = self.checked_state()
         names = (self.classes, self.preprocess, self.cfg.model.name)
         if new_best is not None:
-            self.rundir.write_best(new_best, state, self._best_model(), *names, top=new_best is self.best[0])
+            best_model = self.ema.module if t.best_metric == "val_ema_top1" else plain
+            self.rundir.write_best(new_best, state, best_model, *names, top=new_best is self.best[0])
         elif self.val_loader is None:
-            self.rundir.write_weights(self.model, *names)
+            self.rundir.write_weights(self.plain_model(), *names)
         self.save(state)
         self.rundir.prune_best(self.best)
         self.rundir.epoch_done(self.history)
@@ -526,9 +497,6 @@ class Trainer:
             return None
         self.best = kept
         return entry
-
-    def _best_model(self) -> nn.Module:
-        return self.ema.module if self.cfg.train.best_metric == "val_ema_top1" else self.model
 
     # ----------------------------------------------------------------------- the run
 
@@ -571,8 +539,14 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: str | Path | None = None) -
     """Train as `cfg` says, writing the run directory `out_dir`; resume from `resume` or, if
     `out_dir` already holds checkpoints, from the newest valid one. Returns the run summary
     (paths, best and final metrics). Raises TrainingInterrupted on SIGTERM/SIGINT (after saving)."""
+    threads = torch.get_num_threads()
+    if cfg.train.threads:
+        # On a small shared CPU, one intra-op thread per process (data in a worker process) is often
+        # several times faster than two threads that wait on each other at every small op.
+        torch.set_num_threads(cfg.train.threads)
     env = D.setup(cfg.train.device)
     try:
         return Trainer(cfg, Path(out_dir), env).run(resume)
     finally:
         D.teardown(env)
+        torch.set_num_threads(threads)

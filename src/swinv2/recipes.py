@@ -40,7 +40,7 @@ import torch
 
 from .config import INHERIT, Config, ConfigError
 from .model import SwinV2Config, SwinTransformerV2, effective_window
-from .registry import model_config
+from .registry import get_variant, model_config
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,13 @@ def _arch(cfg: Config) -> SwinV2Config:
                         pretrained_window_sizes=m.pretrained_window_sizes, drop_path_rate=m.drop_path_rate)
 
 
+def _n_layers(name: str) -> int | None:
+    try:
+        return len(get_variant(name).config.depths)
+    except KeyError:  # an unknown name is reported when the stage's model is built
+        return None
+
+
 def _frozen(model: SwinTransformerV2, patterns: Sequence[str], where: str) -> tuple[str, ...]:
     names = [n for n, _ in model.named_parameters()]
     for pat in patterns:
@@ -149,7 +156,7 @@ def plan_recipe(cfg: Config, out_dir: str | os.PathLike) -> list[StagePlan]:
         where = f"stages[{i}]"
         if stage.name and not _NAME_RE.fullmatch(stage.name):
             raise ConfigError(f"{where}.name: {stage.name!r} must be letters, digits, '_', '.' or '-' (a folder name)")
-        if stage.name and names.count(stage.name) > 1:
+        if stage.name and stage.name in names[:i]:
             raise ConfigError(f"{where}.name: {stage.name!r} names two stages")
         keys = {k: v for sec in ("model", "data", "optim", "schedule", "train")
                 for k, v in _stage_keys(getattr(stage, sec), f"{sec}.").items()}
@@ -164,8 +171,10 @@ def plan_recipe(cfg: Config, out_dir: str | os.PathLike) -> list[StagePlan]:
                 raise ConfigError(f"{where}.model.weights: a later stage starts from the previous stage's weights "
                                   f"(choose which with {where}.init_from: best | last)")
             auto = {"model.weights": str(prev.handoff(stage.init_from)), "model.weights_strict": True}
-            if "model.pretrained_window_sizes" not in keys:
-                auto["model.pretrained_window_sizes"] = list(next_pretrained_windows(prev.arch))
+            pws = next_pretrained_windows(prev.arch)
+            if "model.pretrained_window_sizes" not in keys and _n_layers(keys.get("model.name", base.model.name)) \
+                    in (len(pws), None):  # another layer count is reported by _check_fits below
+                auto["model.pretrained_window_sizes"] = list(pws)
                 note = f"from {prev.title}"
         try:
             scfg = base.replace(**{**keys, **auto})
@@ -177,7 +186,7 @@ def plan_recipe(cfg: Config, out_dir: str | os.PathLike) -> list[StagePlan]:
         frozen = _frozen(model, scfg.model.freeze, f"{where}.model.freeze")
         sizes = {n: p.numel() for n, p in model.named_parameters()}
         if plans:
-            _check_fits(plans[-1], model, arch, where)
+            _check_fits(plans[-1], model, where)
         elif scfg.model.weights and not Path(scfg.model.weights).exists():
             raise FileNotFoundError(f"model.weights not found: {scfg.model.weights} (set model.weights=PATH)")
         dir_name = f"stage{i + 1}_{stage.name}" if stage.name else f"stage{i + 1}"
@@ -186,7 +195,7 @@ def plan_recipe(cfg: Config, out_dir: str | os.PathLike) -> list[StagePlan]:
     return plans
 
 
-def _check_fits(prev: StagePlan, model: SwinTransformerV2, arch: SwinV2Config, where: str) -> None:
+def _check_fits(prev: StagePlan, model: SwinTransformerV2, where: str) -> None:
     """The previous stage's weights must load into this stage's model (same names and shapes)."""
     # The head is left out: a class count of None is only known from the data (strict loading checks it).
     mine = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("head.")}
@@ -210,8 +219,9 @@ def describe_stage(plan: StagePlan, prev: StagePlan | None) -> list[str]:
     c, a = plan.cfg, plan.arch
     src = (f"{prev.title}'s {plan.init_from} weights {c.model.weights}" if prev is not None
            else (f"{c.model.weights}" if c.model.weights else "a fresh initialisation"))
+    pws = f"{list(a.pretrained_window_sizes)} ({plan.pretrained_note})" if any(a.pretrained_window_sizes) else "none"
     lines = [f"{plan.title} in {plan.dir}: {c.train.epochs} epochs at {a.img_size[0]} px, window {a.window_size}, "
-             f"pretrained windows {list(a.pretrained_window_sizes)} ({plan.pretrained_note}), from {src}",
+             f"pretrained windows {pws}, from {src}",
              f"{plan.title} sets: " + (", ".join(f"{k}={list(v) if isinstance(v, tuple) else v}"
                                                  for k, v in plan.set_keys.items()) or "nothing")]
     pats = list(c.model.freeze)
@@ -226,9 +236,11 @@ def describe_stage(plan: StagePlan, prev: StagePlan | None) -> list[str]:
             lines.append(f"{plan.title} freezing unchanged from {prev.title}" + (" (nothing frozen)" if not now else ""))
         else:
             if before - now:
-                lines.append(f"{plan.title} UNFROZEN since {prev.title}: {', '.join(sorted(before - now))}")
+                lines.append(f"{plan.title} UNFROZEN since {prev.title}: "
+                             + ", ".join(n for n in prev.frozen if n not in now))
             if now - before:
-                lines.append(f"{plan.title} newly frozen since {prev.title}: {', '.join(sorted(now - before))}")
+                lines.append(f"{plan.title} newly frozen since {prev.title}: "
+                             + ", ".join(n for n in plan.frozen if n not in before))
     return lines
 
 

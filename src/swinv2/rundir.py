@@ -3,6 +3,7 @@
     config.yaml          the resolved config
     metrics.jsonl        one JSON object per epoch (epoch, train_loss, val_loss, val_top1, val_top5, lr,
                          img_per_s, epoch_time_s, ...); rewritten from the training state on resume
+    steps.jsonl          every train.log_every steps: step, epoch, loss, lr, grad_norm, skipped
     tensorboard/         TensorBoard events (train loss / LR / grad norm per log_every steps, val per epoch)
     checkpoints/last.pt  the training state at the latest step boundary
     checkpoints/best_epochNNNN.pt   the best-k training states by train.best_metric
@@ -92,6 +93,15 @@ class RunDir:
 
             self._tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=self._tb_purge)
         return self._tb
+
+    def log_step(self, row: dict[str, Any]) -> None:
+        """One line of steps.jsonl (step, epoch, loss, lr, grad_norm, skipped) and its TensorBoard points.
+        Lines are only appended: after a resume, re-done steps appear twice (with identical losses)."""
+        if not self.is_main:
+            return
+        with open(self.out / "steps.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.scalars(row["step"], {f"train/{k}": float(row[k]) for k in ("loss", "lr", "grad_norm")})
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         w = self._writer()

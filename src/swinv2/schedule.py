@@ -93,15 +93,13 @@ class WarmupCosineLR:
 
         step < W:              warmup_lr + (lr - warmup_lr) * step / W
         W <= step < T - C:     min_lr + (lr - min_lr) * (1 + cos(pi * (step - W) / (T - C - W))) / 2
-        step >= T - C:         cooldown_lr
-    with W warm-up steps, C cool-down steps, T total steps.
+        step >= max(W, T - C): cooldown_lr (min_lr without a cool-down)
+    with W warm-up steps, C cool-down steps, T total steps. A run shorter than W + C (e.g. a
+    one-epoch smoke test of a long recipe) stays in warm-up: warm-up comes first.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, lr: float, warmup_lr: float, min_lr: float,
                  warmup_steps: int, total_steps: int, cooldown_steps: int = 0, cooldown_lr: float | None = None) -> None:
-        if warmup_steps + cooldown_steps > total_steps:
-            raise ValueError(f"warm-up ({warmup_steps}) + cool-down ({cooldown_steps}) steps exceed the "
-                             f"{total_steps} training steps")
         self.optimizer = optimizer
         self.lr, self.warmup_lr, self.min_lr = lr, warmup_lr, min_lr
         self.cooldown_lr = min_lr if cooldown_lr is None else cooldown_lr

@@ -1,0 +1,653 @@
+"""Every row of ../shared/RELIABILITY.md, each with the fault injected for real: SIGKILL of a training
+process at a random step (and during a checkpoint write), SIGTERM/SIGINT, torn and zero-byte
+checkpoints, a full disk, NaN/Inf losses and gradients, corrupt images, every image mode, messy
+class folders, pickles with code, checkpoints of another model, reseeding, bad command lines.
+
+The tiny run: SwinV2 micro (embed 24, depths (2,2), window 4, 32 px) on 16 generated images,
+batch 4, 3 epochs = 12 steps, with the full augmentation recipe (RandAugment, random erasing,
+Mixup/CutMix, stochastic depth) and an EMA, so that "bit-identical" covers every random draw.
+Faults are injected by `install_faults`, which a driver script (`python driver.py FAULTS ARGS`)
+installs in a real `swinv2 train` process; the uninterrupted reference and most resumes run in
+this process through `swinv2.cli.main`.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+from test_data import make_image_folder  # noqa: E402
+
+TINY = """\
+model: {{name: swinv2_micro_window4_32, drop_path_rate: 0.1}}
+data: {{root: {root}, batch_size: 4, workers: 0}}
+optim: {{lr: 2.0e-3, lr_scaling: none}}
+schedule: {{warmup_epochs: 1, warmup_lr: 1.0e-5, min_lr: 1.0e-5}}
+train: {{epochs: 3, ema: true, ema_decay: 0.9, log_every: 1, threads: 1, progress: false, tensorboard: false,
+        checkpoint_every: 3, keep_best: 2}}
+"""
+STEPS = 12  # 16 images / batch 4 x 3 epochs
+DRIVER = """\
+import json, sys
+sys.path.insert(0, {tests!r})
+from test_reliability import install_faults
+install_faults(**json.loads(sys.argv[1]))
+from swinv2.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+# --------------------------------------------------------------------------- fault injection
+
+
+def install_faults(*, kill_at: int | None = None, signal_at: list | None = None, kill_in_save: int | None = None,
+                   record: str | None = None, dump_params: str | None = None, readonly: str | None = None) -> None:
+    """Patch this process (the driver's, or the test's own for `record`):
+
+    kill_at: SIGKILL itself inside the optimizer step of global step `kill_at` (after backward).
+    signal_at: [step, signum]: send itself that signal inside that step's optimizer step.
+    kill_in_save: SIGKILL half-way through writing the n-th torch.save (1-based).
+    record: append {"step", "indices"} of every train step's samples to this JSONL file.
+    dump_params: after training, save this rank's model state dict to DIR/rank{r}.pt.
+    readonly: on ranks other than 0, any attempt to create or write a file under this folder raises.
+    """
+    import builtins
+    import io
+
+    from swinv2 import engine
+
+    if kill_at is not None or signal_at is not None:
+        orig_step = torch.optim.AdamW.step
+        calls = [0]
+
+        def step(self, *a, **kw):
+            calls[0] += 1  # call n happens in global step n - 1 of a fresh run
+            if kill_at is not None and calls[0] == kill_at + 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if signal_at is not None and calls[0] == signal_at[0] + 1:
+                os.kill(os.getpid(), signal_at[1])
+            return orig_step(self, *a, **kw)
+
+        torch.optim.AdamW.step = step
+    if kill_in_save is not None:
+        orig_save = torch.save
+        saves = [0]
+
+        def save(obj, f, *a, **kw):
+            saves[0] += 1
+            if saves[0] == kill_in_save:
+                buf = io.BytesIO()
+                orig_save(obj, buf, *a, **kw)
+                data = buf.getvalue()
+                f.write(data[: len(data) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+                os.kill(os.getpid(), signal.SIGKILL)
+            return orig_save(obj, f, *a, **kw)
+
+        torch.save = save
+    if record is not None:
+        record_batches(engine, record)
+    if dump_params is not None:
+        orig_run = engine.Trainer.run
+
+        def run(self, *a, **kw):
+            out = orig_run(self, *a, **kw)
+            torch.save({k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                       os.path.join(dump_params, f"rank{self.env.rank}.pt"))
+            return out
+
+        engine.Trainer.run = run
+    if readonly is not None and int(os.environ.get("RANK", "0")) != 0:
+        root = os.path.realpath(readonly)
+        writes = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+        def inside(path) -> bool:
+            try:
+                return os.path.realpath(os.fspath(path)).startswith(root)
+            except TypeError:  # a file descriptor
+                return False
+
+        def guard(fn, is_write):
+            def wrapper(path, *a, **kw):
+                if inside(path) and is_write(*a, **kw):
+                    raise PermissionError(f"rank {os.environ['RANK']} tried to write {path}")
+                return fn(path, *a, **kw)
+            return wrapper
+
+        mode_writes = lambda mode="r", *a, **kw: any(c in mode for c in "wax+")  # noqa: E731
+        builtins.open = io.open = guard(builtins.open, mode_writes)
+        os.open = guard(os.open, lambda flags, *a, **kw: bool(flags & writes))
+        os.mkdir = guard(os.mkdir, lambda *a, **kw: True)
+        os.replace = guard(os.replace, lambda *a, **kw: True)
+
+
+def record_batches(engine: Any, path: str) -> None:
+    orig = engine.Trainer.train_step
+
+    def train_step(self, micro):
+        with open(path, "a") as f:
+            f.write(json.dumps({"step": self.progress["global_step"],
+                                "indices": [i for b in micro for i in b.indices.tolist()]}) + "\n")
+        return orig(self, micro)
+
+    engine.Trainer.train_step = train_step
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def tiny_config(tmp: Path, data_root: Path | None = None, text: str = TINY) -> Path:
+    root = data_root or make_image_folder(tmp / "data")
+    cfg = tmp / "tiny.yaml"
+    cfg.write_text(text.format(root=root))
+    return cfg
+
+
+def train(cfg: Path, out: Path, *overrides: str, resume: str | None = None) -> int:
+    """`swinv2 train` in this process."""
+    from swinv2.cli import main
+
+    before = torch.get_num_threads()
+    try:
+        return main(["train", "--config", str(cfg), "--out", str(out), *overrides,
+                     *(["--resume", resume] if resume else [])])
+    finally:
+        torch.set_num_threads(before)
+
+
+def drive(tmp: Path, faults: dict, cfg: Path, out: Path, *overrides: str, nproc: int = 1,
+          timeout: float = 240) -> subprocess.CompletedProcess:
+    """`swinv2 train` in a fresh process (or `nproc` torchrun processes) with `faults` installed."""
+    driver = tmp / "driver.py"
+    driver.write_text(DRIVER.format(tests=str(TESTS)))
+    launcher = [sys.executable] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*launcher, str(driver), json.dumps(faults), "train", "--config", str(cfg), "--out",
+                           str(out), *overrides], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def load_state(out: Path, name: str = "last.pt") -> dict:
+    from swinv2.checkpoint import load_training_state
+
+    return load_training_state(out / "checkpoints" / name)
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    """Model, EMA, optimizer, scheduler, scaler, progress and sampler position bit-identical."""
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k}"
+    oa, ob = a["optimizer"], b["optimizer"]
+    assert oa["param_groups"] == ob["param_groups"]
+    assert oa["state"].keys() == ob["state"].keys()
+    for pid in oa["state"]:
+        for k, v in oa["state"][pid].items():
+            assert torch.equal(v, ob["state"][pid][k]), f"optimizer state {pid}.{k}"
+    for part in ("scheduler", "scaler", "progress", "sampler", "best", "classes"):
+        assert a[part] == b[part], part
+    timing = {"img_per_s", "epoch_time_s", "train_time_s"}
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
+    assert strip(a["history"]) == strip(b["history"])
+
+
+def steps_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+
+
+def read_records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture(autouse=True)
+def _threads_and_logs(caplog):
+    caplog.set_level("INFO")
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    """The uninterrupted tiny run: final state, loss trace and the samples of every step."""
+    tmp = tmp_path_factory.mktemp("reference")
+    cfg = tiny_config(tmp)
+    from swinv2 import engine
+
+    orig = engine.Trainer.train_step
+    record_batches(engine, str(tmp / "batches.jsonl"))
+    try:
+        assert train(cfg, tmp / "run") == 0
+    finally:
+        engine.Trainer.train_step = orig
+    return {"tmp": tmp, "cfg": cfg, "data": tmp / "data", "out": tmp / "run", "state": load_state(tmp / "run"),
+            "steps": steps_log(tmp / "run"), "batches": read_records(tmp / "batches.jsonl")}
+
+
+def resume_recording(cfg: Path, out: Path, record: Path, monkeypatch, *overrides: str) -> int:
+    from swinv2 import engine
+
+    monkeypatch.setattr(engine.Trainer, "train_step", engine.Trainer.train_step)
+    record_batches(engine, str(record))
+    return train(cfg, out, *overrides)
+
+
+# --------------------------------------------------------------------------- rows 1, 2: SIGKILL, mid-epoch
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sigkill_at_a_random_step_then_resume_is_bit_identical(reference, tmp_path, monkeypatch, seed):
+    kill_at = random.Random(seed).randrange(1, STEPS)
+    out, record = tmp_path / "run", tmp_path / "batches.jsonl"
+    # The killed process loads data in a worker process; the resumed one in-process: same stream.
+    r = drive(tmp_path, {"kill_at": kill_at, "record": str(record)}, reference["cfg"], out, "data.workers=1")
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    killed = read_records(record)
+    assert killed[-1]["step"] == kill_at
+    assert resume_recording(reference["cfg"], out, record, monkeypatch) == 0
+    assert_same_state(load_state(out), reference["state"])
+
+    # Row 1: losses of the steps run twice (after the last checkpoint, before the kill) are identical.
+    ref_loss = {s["step"]: s["loss"] for s in reference["steps"]}
+    logged = steps_log(out)
+    assert all(s["loss"] == ref_loss[s["step"]] for s in logged)
+    assert {s["step"] for s in logged} == set(ref_loss)
+    # Row 2: every step's samples in the reference order; each epoch sees every sample exactly once.
+    records = read_records(record)
+    resumed_from = records[len(killed)]["step"]
+    saves = {3, 4, 6, 8, 9}  # checkpoint_every=3 and every epoch end (4 steps per epoch)
+    assert resumed_from == max({0} | {s for s in saves if s <= kill_at})  # the last save before the kill
+    committed = [b for b in killed if b["step"] < resumed_from] + records[len(killed):]
+    assert committed == reference["batches"] and [b["step"] for b in committed] == list(range(STEPS))
+    for epoch in range(3):
+        seen = [i for b in committed[4 * epoch: 4 * epoch + 4] for i in b["indices"]]
+        assert sorted(seen) == list(range(16))
+    assert all(b in reference["batches"] for b in killed)  # the re-done steps drew the same samples
+
+
+# --------------------------------------------------------------------------- row 3: kill during a write
+
+
+def test_kill_during_a_checkpoint_write(reference, tmp_path):
+    from swinv2.checkpoint import load_training_state
+
+    out = tmp_path / "run"
+    r = drive(tmp_path, {"kill_in_save": 3}, reference["cfg"], out)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    ckpts = out / "checkpoints"
+    temps = list(ckpts.glob(".*.tmp"))
+    assert temps, "the kill should leave the temp file of the interrupted save"
+    for p in ckpts.glob("*.pt"):
+        load_training_state(p)  # every file under a final name is complete
+    assert train(reference["cfg"], out) == 0
+    assert not list(ckpts.glob(".*.tmp"))
+    assert_same_state(load_state(out), reference["state"])
+
+
+# --------------------------------------------------------------------------- row 4: torn checkpoints
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zero bytes"])
+def test_damaged_latest_checkpoint_falls_back(reference, tmp_path, caplog, capsys, damage):
+    out = tmp_path / "run"
+    shutil.copytree(reference["out"], out)
+    last = out / "checkpoints" / "last.pt"
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 3] if damage == "truncated" else b"")
+    assert train(reference["cfg"], out) == 0
+    assert any("skipping checkpoint" in m and str(last) in m for m in caplog.messages)
+    assert any("resumed from" in m and "best_epoch" in m for m in caplog.messages)
+    assert_same_state(load_state(out), reference["state"])
+    # an explicit --resume of a damaged file is an error naming it
+    capsys.readouterr()
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(data[:100])
+    assert train(reference["cfg"], tmp_path / "other", resume=str(bad)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bad) in err[0]
+
+
+# --------------------------------------------------------------------------- row 5: disk full
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(reference, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(reference["out"], out)
+    last = out / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    orig_save = torch.save
+
+    def full_disk(obj, f, *a, **kw):
+        if hasattr(f, "write"):
+            f.write(b"\0" * 4096)  # part of the file made it to disk, then the disk was full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return orig_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert train(reference["cfg"], out, "train.epochs=4") == 2  # one more epoch: its first save fails
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and str(last) in err[0]
+    assert last.read_bytes() == before
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+
+
+# --------------------------------------------------------------------------- row 6: preemption
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_sigint_checkpoint_at_the_step_boundary(reference, tmp_path, signum, code):
+    out = tmp_path / "run"
+    r = drive(tmp_path, {"signal_at": [5, int(signum)]}, reference["cfg"], out)
+    assert r.returncode == code, r.stderr[-2000:]
+    assert signal.Signals(signum).name in r.stderr and "run the same command again" in r.stderr
+    state = load_state(out)
+    assert state["progress"]["global_step"] == 6  # the signalled step finished, then the save
+    assert state["progress"]["step_in_epoch"] == 2 and state["sampler"]["position"] == 8
+    assert train(reference["cfg"], out) == 0
+    assert_same_state(load_state(out), reference["state"])
+
+
+# --------------------------------------------------------------------------- row 7: NaN / Inf
+
+
+def _trainer(tmp: Path, *overrides: str):
+    from swinv2 import distributed as D
+    from swinv2 import engine
+    from swinv2.config import load_config
+
+    cfg = load_config(tiny_config(tmp), [*overrides])
+    torch.set_num_threads(1)
+    tr = engine.Trainer(cfg, tmp / "run", D.setup("cpu"))
+    tr.sampler.set_epoch(0)
+    return tr, iter(tr.train_loader)
+
+
+def _snapshot(tr) -> dict:
+    return {"model": {k: v.clone() for k, v in tr.model.state_dict().items()},
+            "ema": {k: v.clone() for k, v in tr.ema.module.state_dict().items()},
+            "opt": {p: {k: v.clone() for k, v in s.items()} for p, s in tr.optimizer.state_dict()["state"].items()}}
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return all(torch.equal(x, y) for part in ("model", "ema") for x, y in zip(a[part].values(), b[part].values())) and \
+        all(torch.equal(v, b["opt"][p][k]) for p, s in a["opt"].items() for k, v in s.items())
+
+
+def test_non_finite_steps_are_skipped_counted_and_abort(tmp_path, caplog):
+    from swinv2 import engine
+
+    tr, it = _trainer(tmp_path, "train.max_bad_steps=3")
+    tr.train_step([next(it)])
+    criterion = tr.criterion
+    # A NaN loss ...
+    tr.criterion = lambda out, y: criterion(out, y) * float("nan")
+    before = _snapshot(tr)
+    out = tr.train_step([next(it)])
+    assert out["skipped"] and _equal(before, _snapshot(tr))
+    assert tr.progress["bad_steps"] == 1 and any("step 1: non-finite loss" in m for m in caplog.messages)
+    # ... and an Inf gradient with a finite loss.
+    tr.criterion = criterion
+    handle = tr.model.head.weight.register_hook(lambda g: g * float("inf"))
+    before = _snapshot(tr)
+    out = tr.train_step([next(it)])
+    assert out["skipped"] and math_isfinite(out["loss"]) and _equal(before, _snapshot(tr))
+    assert any("step 2: non-finite gradient" in m for m in caplog.messages)
+    handle.remove()
+    out = tr.train_step([next(it)])  # a good step resets the run of bad ones
+    assert not out["skipped"] and not _equal(before, _snapshot(tr)) and tr.progress["consecutive_bad"] == 0
+    # K in a row abort with a clear message
+    tr.criterion = lambda out, y: criterion(out, y) * float("inf")
+    tr.sampler.set_epoch(1)
+    it = iter(tr.train_loader)
+    tr.train_step([next(it)])
+    tr.train_step([next(it)])
+    with pytest.raises(engine.NonFiniteError, match="3 consecutive steps"):
+        tr.train_step([next(it)])
+    assert tr.progress["bad_steps"] == 5
+
+
+def math_isfinite(x: float) -> bool:
+    return x == x and abs(x) != float("inf")
+
+
+def test_no_checkpoint_ever_holds_a_non_finite_tensor(tmp_path):
+    tr, it = _trainer(tmp_path)
+    tr.train_step([next(it)])
+    tr.save()
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    with torch.no_grad():
+        tr.ema.module.head.bias[0] = float("nan")
+    with pytest.raises(ValueError, match=r"refusing to save a checkpoint: state\.ema\.head\.bias holds non-finite"):
+        tr.save()
+    assert last.read_bytes() == before
+
+
+# --------------------------------------------------------------------------- row 8: fp16 loss scaling
+
+
+def test_fp16_scaler_and_scheduler_survive_a_kill(tmp_path):
+    cfg = tiny_config(tmp_path)
+    fp16 = ("train.amp=fp16", "train.epochs=2")
+    assert train(cfg, tmp_path / "ref", *fp16) == 0
+    ref = load_state(tmp_path / "ref")
+    assert ref["scaler"]["_growth_tracker"] > 0 or ref["scaler"]["scale"] < 2.0**16  # the scaler really ran
+    out = tmp_path / "run"
+    r = drive(tmp_path, {"kill_at": 5}, cfg, out, *fp16)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert load_state(out)["scaler"] is not None
+    assert train(cfg, out, *fp16) == 0
+    got = load_state(out)
+    assert got["scaler"] == ref["scaler"] and got["scheduler"] == ref["scheduler"]
+    assert_same_state(got, ref)
+
+
+# --------------------------------------------------------------------------- row 9: corrupt images
+
+
+def _break_images(train_dir: Path) -> list[str]:
+    files = sorted(train_dir.rglob("*.png"))
+    bad = [files[1], files[6], files[12]]
+    bad[0].write_bytes(b"")                                   # zero bytes
+    bad[1].write_bytes(b"GIF89a but not really an image")     # garbage
+    jpeg = bad[2].with_suffix(".jpg")
+    from PIL import Image
+
+    Image.open(bad[2]).convert("RGB").save(jpeg, "JPEG")
+    jpeg.write_bytes(jpeg.read_bytes()[:300])                 # truncated JPEG
+    bad[2].unlink()
+    return sorted(map(str, bad[:2] + [jpeg]))
+
+
+def test_corrupt_images_are_reported_and_never_substituted(tmp_path, monkeypatch, caplog, capsys):
+    from swinv2 import engine
+    from swinv2.data import ImageFolderDataset
+
+    root = make_image_folder(tmp_path / "data")
+    bad = _break_images(root / "train")
+    cfg = tiny_config(tmp_path, root)
+    record = tmp_path / "batches.jsonl"
+    monkeypatch.setattr(engine.Trainer, "train_step", engine.Trainer.train_step)
+    record_batches(engine, str(record))
+    assert train(cfg, tmp_path / "run", "train.epochs=2") == 0
+    for epoch in (1, 2):
+        reports = [m for m in caplog.messages if m.startswith(f"epoch {epoch}: 3 unreadable train images")]
+        assert len(reports) == 1 and all(p in reports[0] for p in bad)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "bad_images.jsonl").read_text().splitlines()]
+    assert sorted(x["path"] for x in lines if x["epoch"] == 1) == bad
+    samples = ImageFolderDataset(root / "train").samples
+    bad_idx = {i for i, (p, _) in enumerate(samples) if p in bad}
+    seen = [i for b in read_records(record) for i in b["indices"]]
+    assert not bad_idx & set(seen) and len(seen) == 2 * (16 - 3)  # dropped, never replaced
+    # strict mode: fails up front, listing all of them, before anything is written
+    capsys.readouterr()
+    assert train(cfg, tmp_path / "strict", "data.strict=true") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "3 unreadable images" in err[0] and all(p in err[0] for p in bad)
+    assert not (tmp_path / "strict").exists()
+
+
+# --------------------------------------------------------------------------- row 10: image modes
+
+
+def test_every_image_mode_trains(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    root = make_image_folder(tmp_path / "data", n_train=2, n_val=1)
+    rgb = Image.open(next((root / "train" / "a").glob("*.png"))).convert("RGB")
+    for cls in ("a", "b"):
+        d = root / "train" / cls
+        rgb.convert("L").save(d / "l.png")
+        rgb.convert("LA").save(d / "la.png")
+        rgb.convert("P").save(d / "p.png")
+        rgb.convert("RGBA").save(d / "rgba.png")
+        rgb.convert("CMYK").save(d / "cmyk.jpg")
+        Image.fromarray((np.asarray(rgb.convert("L")).astype(np.uint16) * 257)).save(d / "grey16.png")
+        exif = Image.Exif()
+        exif[0x0112] = 8
+        rgb.save(d / "exif.jpg", exif=exif.tobytes())
+    cfg = tiny_config(tmp_path, root)
+    out = tmp_path / "run"
+    assert train(cfg, out, "train.epochs=1", "data.batch_size=2") == 0
+    assert not (out / "bad_images.jsonl").exists()
+    assert all(math_isfinite(s["loss"]) and not s["skipped"] for s in steps_log(out))
+    assert len(steps_log(out)) == (2 + 7) * 2 // 2
+
+
+# --------------------------------------------------------------------------- row 11: class folders
+
+
+def test_class_folder_hygiene_is_reported_and_stored(tmp_path, caplog):
+    from swinv2.checkpoint import load_model
+
+    root = make_image_folder(tmp_path / "data", classes=("ant", "bee", "cow"))
+    (root / "train" / "dog").mkdir()                      # empty class: kept, so labels never shift
+    (root / "train" / ".cache").mkdir()                   # hidden: never a class
+    (root / "train" / ".cache" / "x.png").write_bytes((root / "train" / "ant" / "00.png").read_bytes())
+    (root / "train" / "labels.csv").write_text("stray")
+    shutil.rmtree(root / "val" / "cow")                   # a class missing from val
+    out = tmp_path / "run"
+    assert train(tiny_config(tmp_path, root), out, "train.epochs=1") == 0
+    text = "\n".join(caplog.messages)
+    first_step = text.index("training swinv2_micro")
+    for needle in ("empty class folders", "dog", "labels.csv", "no folder for training classes cow"):
+        assert needle in text[:first_step], needle  # reported before training starts
+    classes = ["ant", "bee", "cow", "dog"]
+    for ckpt in (out / "checkpoints").glob("*.pt"):
+        assert load_state(out, ckpt.name)["classes"] == classes
+    model = load_model(out / "best.safetensors")
+    assert model.class_names == classes and model.num_classes == 4
+
+
+# --------------------------------------------------------------------------- row 12: untrusted pickles
+
+
+class _Evil:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_checkpoint_with_code_is_refused(reference, tmp_path, capsys, caplog):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": _Evil(str(marker))}, evil)  # a .pt file whose unpickling would run a shell command
+    capsys.readouterr()
+    assert train(reference["cfg"], tmp_path / "run", resume=str(evil)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(evil) in err[0] and "system" in err[0] and "nothing was executed" in err[0]
+    # planted as the run's latest checkpoint: skipped with a warning, training starts afresh
+    out = tmp_path / "planted"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copy(evil, out / "checkpoints" / "last.pt")
+    assert train(reference["cfg"], out, "train.epochs=1") == 0
+    assert any("skipping checkpoint" in m and "system" in m for m in caplog.messages)
+    assert not marker.exists()
+
+
+# --------------------------------------------------------------------------- row 13: wrong checkpoint
+
+
+def test_wrong_checkpoint_lists_the_keys(reference, tmp_path, capsys):
+    capsys.readouterr()
+    last = str(reference["out"] / "checkpoints" / "last.pt")
+    assert train(reference["cfg"], tmp_path / "a", "model.num_classes=3", resume=last) == 2
+    err = capsys.readouterr().err
+    assert "mis-shaped (2): head.weight (2, 48) vs model (3, 48), head.bias (2,) vs model (3,)" in err
+    state = load_state(reference["out"])
+    del state["model"]["norm.weight"]
+    state["model"]["extra.weight"] = torch.zeros(1)
+    from swinv2.checkpoint import save_training_state
+
+    save_training_state(tmp_path / "edited.pt", state)
+    assert train(reference["cfg"], tmp_path / "b", resume=str(tmp_path / "edited.pt")) == 2
+    err = capsys.readouterr().err
+    assert "missing (1): norm.weight" in err and "unexpected (1): extra.weight" in err
+
+
+# --------------------------------------------------------------------------- row 14: seeds
+
+
+def test_same_seed_same_bits_other_seed_differs(reference, tmp_path):
+    assert train(reference["cfg"], tmp_path / "again") == 0
+    assert_same_state(load_state(tmp_path / "again"), reference["state"])
+    assert [s["loss"] for s in steps_log(tmp_path / "again")] == [s["loss"] for s in reference["steps"]]
+    assert train(reference["cfg"], tmp_path / "seed1", "train.seed=1", "train.epochs=1") == 0
+    other = load_state(tmp_path / "seed1")
+    assert not torch.equal(other["model"]["head.weight"], reference["state"]["model"]["head.weight"])
+    assert steps_log(tmp_path / "seed1")[0]["loss"] != reference["steps"][0]["loss"]
+
+
+# --------------------------------------------------------------------------- row 16: bad command lines
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--config", "{tmp}/missing.yaml"], "missing.yaml"),
+    (["model.name=swinv2_tiny_windw8_256"], "did you mean 'swinv2_tiny_window8_256'"),
+    (["optim.lrr=1"], "did you mean 'optim.lr'"),
+    (["data.root={tmp}/nowhere"], "nowhere"),
+    (["data.batch_size=many"], "data.batch_size"),
+])
+def test_bad_command_lines_fail_in_one_line(reference, tmp_path, capsys, args, needle):
+    from swinv2.cli import main
+
+    args = [a.format(tmp=tmp_path) for a in args]
+    config = [] if args[0] == "--config" else ["--config", str(reference["cfg"])]
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["train", *config, "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("swinv2 train: error:") and needle in err[0], err
+    assert not out.exists()
+
+
+def test_check_data_reports_without_training(tmp_path, capsys):
+    from swinv2.cli import main
+
+    root = make_image_folder(tmp_path / "data")
+    cfg = tiny_config(tmp_path, root)
+    assert main(["train", "--config", str(cfg), "--check-data"]) == 0
+    ok = capsys.readouterr().out
+    assert "train:" in ok and "16 images, 2 classes" in ok and "RGB: 16" in ok and "OK" in ok
+    bad = _break_images(root / "train")
+    (root / "train" / "empty_class").mkdir()
+    assert main(["train", "--config", str(cfg), "--check-data"]) == 1
+    report = capsys.readouterr().out
+    assert all(p in report for p in bad) and "empty_class" in report and "3 unreadable image files" in report
