@@ -47,11 +47,11 @@ def _image_folder(root: Path, *, n_train: int = 8, n_val: int = 4, size: int = 3
     return root
 
 
-def _recipe(data: Path, stages: list[dict], **top: dict) -> dict:
+def _recipe(root: Path, stages: list[dict], **top: dict) -> dict:
     """A tiny recipe: batch 8 over 16 training images = 2 steps per epoch, one epoch per stage."""
     d = {
         "model": {"name": MICRO, "drop_path_rate": 0.0},
-        "data": {"root": str(data), "batch_size": 8, "workers": 0, "persistent_workers": False,
+        "data": {"root": str(root), "batch_size": 8, "workers": 0, "persistent_workers": False,
                  "pin_memory": False, "crop_pct": 1.0,
                  "aug": {"auto_augment": None, "mixup": 0.0, "cutmix": 0.0, "re_prob": 0.0}},
         "optim": {"lr": 2e-3, "lr_base_batch": 8},
@@ -89,7 +89,11 @@ def test_three_stages_hand_off_exact_weights_with_the_declared_freezing(tmp_path
          "optim": {"layer_decay": 0.8}},
         {"name": "c32w8", "init_from": "last", "model": {"img_size": 32, "window_size": 8, "freeze": []}},
     ]
-    cfg = Config.from_dict(_recipe(data, stages, model={"weights": str(init_path)}))
+    # With the EMA ranked, best.safetensors holds EMA weights, which differ from the raw weights in
+    # last.pt (timm's EMA copies the weights for its first two updates: 4 steps per stage here), so
+    # the `best` and `last` hand-offs are told apart.
+    cfg = Config.from_dict(_recipe(data, stages, model={"weights": str(init_path)}, data={"batch_size": 4},
+                                   train={"ema": True, "ema_decay": 0.5, "best_metric": "val_ema_top1"}))
 
     starts = []  # what engine.fit built for each stage, before any training step
     real_build = engine.build_model
@@ -112,6 +116,9 @@ def test_three_stages_hand_off_exact_weights_with_the_declared_freezing(tmp_path
     _assert_same(starts[0]["state"], read_state_dict(init_path))
     _assert_same(starts[1]["state"], read_state_dict(dirs[0] / "best.safetensors"))   # init_from: best
     _assert_same(starts[2]["state"], finals[1])                                       # init_from: last
+    for best, last in ((read_state_dict(dirs[0] / "best.safetensors"), finals[0]),
+                       (read_state_dict(dirs[1] / "best.safetensors"), finals[1])):
+        assert any(not torch.equal(best[k], last[k]) for k in last)  # the two hand-offs differ
     assert any(not torch.equal(starts[1]["state"][k], finals[1][k]) for k in finals[1])  # stage 2 did train
 
     # Freezing is exactly what each stage says, and holds through the stage.

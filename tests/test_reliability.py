@@ -501,6 +501,20 @@ def test_corrupt_images_are_reported_and_never_substituted(tmp_path, monkeypatch
     assert not (tmp_path / "strict").exists()
 
 
+def test_micro_batch_of_only_unreadable_files(tmp_path):
+    from swinv2.data import Batch
+
+    tr, it = _trainer(tmp_path, "optim.accum_steps=2", "data.aug.mixup=0", "data.aug.cutmix=0")
+    good = next(it)
+    empty = Batch(torch.empty(0), torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64),
+                  [("x.png", "empty file")] * 4)
+    out = tr.train_step([good, empty])  # takes part with zero weight: the loss is the good batch's
+    assert not out["skipped"] and out["n"] == 4 and math_isfinite(out["loss"])
+    before = _snapshot(tr)
+    out = tr.train_step([empty, empty])  # nothing readable at all: a skipped, counted step
+    assert out["skipped"] and tr.progress["bad_steps"] == 1 and _equal(before, _snapshot(tr))
+
+
 # --------------------------------------------------------------------------- row 10: image modes
 
 

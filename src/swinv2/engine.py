@@ -114,11 +114,15 @@ def check_data(cfg: Config) -> DataReport:
 def prepare_data(cfg: Config, env: D.DistEnv) -> tuple[ImageFolderDataset, ImageFolderDataset | None]:
     """The train and val folders, hygiene reported; in strict mode every image decoded first."""
     train_root, val_root = data_roots(cfg, env)
-    if cfg.data.strict:
-        report = check_data(cfg)
-        if not report.ok:
+    if cfg.data.strict:  # rank 0 decodes every image; every rank learns the verdict
+        problem = None
+        if env.is_main:
+            report = check_data(cfg)
             bad = [f"{p}: {r}" for items in report.bad.values() for p, r in items]
-            raise BadDataError(f"data.strict: {len(bad)} unreadable images: " + "; ".join(bad))
+            problem = f"data.strict: {len(bad)} unreadable images: " + "; ".join(bad) if bad else None
+        problem = D.broadcast_object(problem, env)
+        if problem:
+            raise BadDataError(problem)
     train = ImageFolderDataset(train_root)
     val = ImageFolderDataset(val_root, class_names=train.classes) if val_root.is_dir() else None
     if val is None:
@@ -297,10 +301,7 @@ class Trainer:
 
     def save(self, state: dict[str, Any] | None = None) -> Path:
         """Checkpoint to checkpoints/last.pt (rank 0 writes; every rank takes part in gathering)."""
-        state = self.checked_state() if state is None else state
-        path = self.rundir.checkpoint_dir / "last.pt"
-        if self.env.is_main:
-            self.rundir.save_state(path, state)
+        path = self.rundir.write_last(self.checked_state() if state is None else state)
         D.barrier(self.env)
         return path
 
@@ -326,23 +327,22 @@ class Trainer:
             x, y = batch.images, batch.labels
             if self.mixup is not None and len(y) % 2:  # Mixup pairs images: drop one to make it even
                 x, y = x[:-1], y[:-1]
-            weight = 1.0
-            if len(y) == 0:  # every file of this micro-batch was unreadable: take part with zero weight
-                size = self.model.config.img_size
-                x, y, weight = torch.zeros(1, 3, *size), torch.zeros(1, dtype=torch.int64), 0.0
+            empty = len(y) == 0  # every file of this micro-batch was unreadable
+            if empty:  # a rank still takes part in the gradient all-reduce, with zero weight
+                x = torch.zeros(1, 3, *self.model.config.img_size)
             x = x.to(env.device, non_blocking=True)
             y = y.to(env.device, non_blocking=True)
-            if self.mixup is not None:
+            if self.mixup is not None and not empty:
                 x, y = self.mixup(x, y)
             sync = i == len(micro_batches) - 1 or not env.distributed or t.parallel != "ddp"
             with (contextlib.nullcontext() if sync else self.wrapped.no_sync()):
                 with torch.autocast(env.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                    loss = self.criterion(self.forward(x), y)
-                scaled = loss * (weight / len(micro_batches))
+                    out = self.forward(x)
+                    loss = out.sum() * 0.0 if empty else self.criterion(out, y)
+                scaled = loss / len(micro_batches)
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            n = int(weight) * len(y)
-            loss_sum += loss.detach().double() * n
-            n_sum += n
+            loss_sum += loss.detach().double() * len(y)
+            n_sum += len(y)
         stats = torch.tensor([0.0, float(n_sum)], dtype=torch.float64, device=env.device)
         stats[0] = loss_sum
         D.all_reduce_sum(stats, env)
@@ -356,9 +356,10 @@ class Trainer:
         if bad:
             self.progress["bad_steps"] += 1
             self.progress["consecutive_bad"] += 1
-            log.warning("step %d: non-finite %s (loss %s, grad norm %s): step skipped (%d in a row)", step,
-                        "loss" if not math.isfinite(loss_mean) else "gradient", loss_mean, grad_norm,
-                        self.progress["consecutive_bad"])
+            what = ("no readable image on any rank" if stats[1] == 0 else
+                    "non-finite loss" if not math.isfinite(loss_mean) else "non-finite gradient")
+            log.warning("step %d: %s (loss %s, grad norm %s): step skipped (%d in a row)", step, what, loss_mean,
+                        grad_norm, self.progress["consecutive_bad"])
             if self.scaler is not None:
                 self.scaler.update()  # back off the scale as for an overflow
         else:
@@ -519,6 +520,7 @@ class Trainer:
         self.resume(resume)
         if self.progress["epoch"] >= t.epochs:
             log.info("the run in %s already finished its %d epochs", self.out, t.epochs)
+            return self.rundir.summary(self.history, self.best)
         n_params = sum(p.numel() for p in self.model.parameters())
         log.info("training %s (%.2fM params, %d classes) on %s x%d: %d images, %d steps/epoch of %d images, "
                  "lr %.3g", self.cfg.model.name, n_params / 1e6, len(self.classes), self.env.device,

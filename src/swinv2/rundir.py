@@ -50,22 +50,24 @@ class RunDir:
         path = D.broadcast_object(str(path) if path else None, self.env)
         return Path(path) if path else None
 
-    def save_state(self, path: Path, state: dict[str, Any]) -> None:
-        save_training_state(path, state)
+    def write_last(self, state: dict[str, Any]) -> Path:
+        """checkpoints/last.pt (rank 0)."""
+        path = self.checkpoint_dir / "last.pt"
+        if self.is_main:
+            save_training_state(path, state)
+        return path
 
     def write_best(self, entry: dict[str, Any], state: dict[str, Any], model: nn.Module, classes: list[str],
                    preprocess: EvalPreprocess, model_name: str, *, top: bool) -> None:
         """The new best-k member's training state, and best.safetensors when it ranks first. Written
         before last.pt: a kill in between leaves the best file as the newest complete checkpoint."""
-        if not self.is_main:
-            return
-        save_training_state(self.checkpoint_dir / entry["file"], state)
+        if self.is_main:
+            save_training_state(self.checkpoint_dir / entry["file"], state)
         if top:
-            save_weights(model, self.out / "best.safetensors", class_names=classes, preprocess=preprocess,
-                         model_name=model_name)
+            self.write_weights(model, classes, preprocess, model_name)
 
     def write_weights(self, model: nn.Module, classes: list[str], preprocess: EvalPreprocess, model_name: str) -> None:
-        """best.safetensors for a run without validation data: the latest weights."""
+        """best.safetensors (rank 0): the best weights, or the latest for a run without validation data."""
         if self.is_main:
             save_weights(model, self.out / "best.safetensors", class_names=classes, preprocess=preprocess,
                          model_name=model_name)
