@@ -4,7 +4,6 @@ mid-way resumes bit-identically when torchrun starts it again."""
 from __future__ import annotations
 
 import json
-import signal
 import sys
 from pathlib import Path
 

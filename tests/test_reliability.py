@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import random
 import shutil
@@ -404,7 +405,7 @@ def test_non_finite_steps_are_skipped_counted_and_abort(tmp_path, caplog):
     handle = tr.model.head.weight.register_hook(lambda g: g * float("inf"))
     before = _snapshot(tr)
     out = tr.train_step([next(it)])
-    assert out["skipped"] and math_isfinite(out["loss"]) and _equal(before, _snapshot(tr))
+    assert out["skipped"] and math.isfinite(out["loss"]) and _equal(before, _snapshot(tr))
     assert any("step 2: non-finite gradient" in m for m in caplog.messages)
     handle.remove()
     out = tr.train_step([next(it)])  # a good step resets the run of bad ones
@@ -418,10 +419,6 @@ def test_non_finite_steps_are_skipped_counted_and_abort(tmp_path, caplog):
     with pytest.raises(engine.NonFiniteError, match="3 consecutive steps"):
         tr.train_step([next(it)])
     assert tr.progress["bad_steps"] == 5
-
-
-def math_isfinite(x: float) -> bool:
-    return x == x and abs(x) != float("inf")
 
 
 def test_no_checkpoint_ever_holds_a_non_finite_tensor(tmp_path):
@@ -509,7 +506,7 @@ def test_micro_batch_of_only_unreadable_files(tmp_path):
     empty = Batch(torch.empty(0), torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64),
                   [("x.png", "empty file")] * 4)
     out = tr.train_step([good, empty])  # takes part with zero weight: the loss is the good batch's
-    assert not out["skipped"] and out["n"] == 4 and math_isfinite(out["loss"])
+    assert not out["skipped"] and out["n"] == 4 and math.isfinite(out["loss"])
     before = _snapshot(tr)
     out = tr.train_step([empty, empty])  # nothing readable at all: a skipped, counted step
     assert out["skipped"] and tr.progress["bad_steps"] == 1 and _equal(before, _snapshot(tr))
@@ -539,7 +536,7 @@ def test_every_image_mode_trains(tmp_path):
     out = tmp_path / "run"
     assert train(cfg, out, "train.epochs=1", "data.batch_size=2") == 0
     assert not (out / "bad_images.jsonl").exists()
-    assert all(math_isfinite(s["loss"]) and not s["skipped"] for s in steps_log(out))
+    assert all(math.isfinite(s["loss"]) and not s["skipped"] for s in steps_log(out))
     assert len(steps_log(out)) == (2 + 7) * 2 // 2
 
 

@@ -231,7 +231,7 @@ class Trainer:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
 
         self.progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "bad_steps": 0, "consecutive_bad": 0,
-                         "overflow_steps": 0, "epoch_loss_sum": 0.0, "epoch_loss_steps": 0}
+                         "overflow_steps": 0, "epoch_loss_sum": 0.0, "epoch_loss_steps": 0, "epoch_bad_files": {}}
         self.history: list[dict[str, Any]] = []
         self.best: list[dict[str, Any]] = []
         self.rundir = RunDir(out_dir, env, cfg)
@@ -395,19 +395,17 @@ class Trainer:
         start_step = self.progress["step_in_epoch"]
         self.sampler.set_epoch(epoch, start_step * self.sampler.batch_size)
         bar = self.rundir.progress_bar(self.steps_per_epoch, start_step, f"epoch {epoch + 1}/{self.cfg.train.epochs}")
-        bad_files: dict[str, str] = {}
-        if start_step == 0:
-            self.progress.update(epoch_loss_sum=0.0, epoch_loss_steps=0)
+        if start_step == 0:  # per-epoch tallies live in the progress: a resumed epoch reports all its steps
+            self.progress.update(epoch_loss_sum=0.0, epoch_loss_steps=0, epoch_bad_files={})
         images, t0 = 0.0, time.perf_counter()
         it = iter(self.train_loader) if start_step < self.steps_per_epoch else iter(())
         try:
             for _ in range(start_step, self.steps_per_epoch):
                 micro = [next(it) for _ in range(self.accum)]
                 for b in micro:
-                    bad_files.update(dict(b.bad))
+                    self.progress["epoch_bad_files"].update(dict(b.bad))
                 out = self.train_step(micro)
                 if math.isfinite(out["loss"]):
-                    # kept in the progress, so that an epoch resumed mid-way reports the mean of all its steps
                     self.progress["epoch_loss_sum"] += out["loss"]
                     self.progress["epoch_loss_steps"] += 1
                 images += out["n"]
@@ -427,7 +425,7 @@ class Trainer:
         finally:
             bar.close()
         elapsed = time.perf_counter() - t0
-        n_bad = self.rundir.report_bad_files(epoch, "train", bad_files)
+        n_bad = self.rundir.report_bad_files(epoch, "train", self.progress["epoch_bad_files"])
         loss_sum, steps = self.progress["epoch_loss_sum"], self.progress["epoch_loss_steps"]
         return {"train_loss": loss_sum / steps if steps else float("nan"), "img_per_s": images / max(elapsed, 1e-9),
                 "train_time_s": elapsed, "bad_images": n_bad}
@@ -457,8 +455,9 @@ class Trainer:
         if self.ema is not None:
             e = evaluate(self.ema.module, self.val_loader, device=dev, amp_dtype=self.amp_dtype)
             out |= {"val_ema_loss": e["loss"], "val_ema_top1": e["top1"], "val_ema_top5": e["top5"]}
-        if self.rundir.report_bad_files(epoch, "val", bad):
-            out["val_bad_images"] = len(bad)
+        n_bad = self.rundir.report_bad_files(epoch, "val", bad)
+        if n_bad:
+            out["val_bad_images"] = n_bad
         return out
 
     def end_epoch(self, epoch: int, train_stats: dict[str, float], epoch_start: float) -> dict[str, Any]:
