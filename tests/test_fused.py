@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from randomize import randomize_
+from swinv2 import create_model, fused
 from swinv2.fused import gelu_linear, scaled_normalize
 
 
@@ -30,6 +32,9 @@ def test_gradients_numerically():
     s = torch.rand(4, 1, 1, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(scaled_normalize, (x, s))
     assert torch.autograd.gradcheck(scaled_normalize, (x,))
+    # With |x| handed in (computed once for q, k and v), the gradient is still the whole one.
+    assert torch.autograd.gradcheck(
+        lambda x, s: scaled_normalize(x, s, torch.linalg.vector_norm(x, dim=-1, keepdim=True)), (x, s))
     h = torch.randn(3, 7, 8, dtype=torch.float64, requires_grad=True)
     w = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
     b = torch.randn(5, dtype=torch.float64, requires_grad=True)
@@ -72,3 +77,28 @@ def test_autocast_training_matches_the_plain_path():
         assert ours.dtype == ref.dtype == torch.float32
         err = lambda g: ((g - truth).norm() / truth.norm()).item()  # noqa: E731
         assert err(ours) <= 2 * err(ref) + 1e-3
+
+
+def test_linear_gelu_equals_the_plain_ops_with_and_without_the_fast_path(monkeypatch):
+    """fc1 + GELU: in fp32 CPU inference (oneDNN's fused epilogue where the probe finds it) and with
+    autograd (plain ops, differentiable) it is F.gelu(F.linear(x, w, b))."""
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(40, 24, generator=g) * 0.2, torch.randn(40, generator=g)
+    for x in (torch.randn(6, 24, generator=g), torch.randn(2, 5, 7, 24, generator=g),
+              torch.randn(2, 24, 5, 7, generator=g).permute(0, 2, 3, 1)):  # non-contiguous, channels-last
+        for bias in (b, None):
+            ref = F.gelu(F.linear(x, w, bias))
+            with torch.inference_mode():
+                fast = fused.linear_gelu(x, w, bias)
+            assert fast.shape == ref.shape and torch.allclose(fast, ref, rtol=1e-5, atol=1e-6)
+    xg = torch.randn(3, 24, requires_grad=True)
+    fused.linear_gelu(xg, w, b).sum().backward()  # the autograd path
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+    # The model's logits do not depend on whether the fused op is there.
+    model = randomize_(create_model("swinv2_micro_window4_32").eval())
+    img = torch.randn(2, 3, 32, 32, generator=g)
+    with torch.inference_mode():
+        with_op = model(img)
+        monkeypatch.setattr(fused, "_onednn_linear_gelu_works", lambda: False)
+        without = model(img)
+    assert (with_op - without).abs().max() <= 1e-5

@@ -8,9 +8,17 @@ differs is what autograd keeps for the backward pass:
   q/k (views of the whole qkv projection) are not kept alive, and the layout copy is fused in.
 * `gelu_linear(h, weight, bias)`: fc2(GELU(h)). Saves h only and recomputes GELU(h) in the backward
   (one elementwise op) instead of keeping the 4C-wide activation twice (GELU input and fc2 input).
+
+And one inference fast path:
+
+* `linear_gelu(x, weight, bias)`: GELU(fc1(x)). Without autograd on the CPU in fp32 it is one oneDNN
+  matmul with the bias and the exact (erf) GELU applied in its epilogue (the op torch.compile's CPU
+  backend emits for the same pattern), sparing two passes over the 4C-wide activation. It is used only
+  after a one-time probe shows the op exists here and equals the plain ops.
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -27,9 +35,10 @@ def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
     return t.sum(dims, keepdim=True).reshape(shape) if dims else t
 
 
-def _normalize_into_contiguous(x: Tensor, scale: Tensor | None) -> tuple[Tensor, Tensor]:
+def _normalize_into_contiguous(x: Tensor, scale: Tensor | None, norm: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(y, |x|) with y = x [* scale] / max(|x|, eps) written into a fresh contiguous tensor."""
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    if norm is None:
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous, whatever x's strides
     if scale is None:  # F.normalize, op for op
         torch.div(x, norm.clamp_min(EPS), out=out)
@@ -38,20 +47,20 @@ def _normalize_into_contiguous(x: Tensor, scale: Tensor | None) -> tuple[Tensor,
     return out, norm
 
 
-def _traced() -> bool:
+def traced() -> bool:
     """Under tracing / compiling / ONNX export the plain functional ops are used (no `out=`, no Function)."""
     return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
 
 
 class _ScaledNormalize(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor, scale: Tensor | None) -> Tensor:
-        out, norm = _normalize_into_contiguous(x, scale)
+    def forward(ctx: Any, x: Tensor, scale: Tensor | None, norm: Tensor | None) -> Tensor:
+        out, norm = _normalize_into_contiguous(x, scale, norm)
         ctx.save_for_backward(out, norm, scale)
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor | None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor | None, None]:
         y, norm, scale = ctx.saved_tensors
         unit = y if scale is None else y / scale  # x / max(|x|, eps)
         # d(x/|x|) = (g - u (u.g)) / |x|; where |x| was clamped to eps, x/eps is linear: g / eps.
@@ -59,7 +68,7 @@ class _ScaledNormalize(torch.autograd.Function):
         gain = 1 / norm.clamp_min(EPS) if scale is None else scale / norm.clamp_min(EPS)
         grad_x = torch.where(norm <= EPS, grad, grad - unit * proj) * gain
         grad_scale = _sum_to(grad * unit, scale.shape) if scale is not None and ctx.needs_input_grad[1] else None
-        return grad_x, grad_scale
+        return grad_x, grad_scale, None  # `norm` is |x|: its dependence on x is in grad_x
 
 
 class _GeluLinear(torch.autograd.Function):
@@ -91,18 +100,50 @@ class _GeluLinear(torch.autograd.Function):
         return grad_h, grad_w, grad_b
 
 
-def scaled_normalize(x: Tensor, scale: Tensor | None = None) -> Tensor:
-    """x [* scale] / max(|x|_2 over the last dim, 1e-12), returned contiguous; `scale` broadcasts."""
-    if _traced():
+def scaled_normalize(x: Tensor, scale: Tensor | None = None, norm: Tensor | None = None) -> Tensor:
+    """x [* scale] / max(|x|_2 over the last dim, 1e-12), returned contiguous; `scale` broadcasts.
+
+    `norm`, if given, is |x| over the last dim (keepdim) already computed, e.g. for q, k and v in one
+    reduction; it is taken as a constant (the gradient through it is part of x's). Traced, it is
+    recomputed so that the graph differentiates it.
+    """
+    if traced():
         norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(EPS)
         return (x / norm if scale is None else x * (scale / norm)).contiguous()
+    if norm is not None:
+        norm = norm.detach()
     if torch.is_grad_enabled():
-        return _ScaledNormalize.apply(x, scale)
-    return _normalize_into_contiguous(x, scale)[0]
+        return _ScaledNormalize.apply(x, scale, norm)
+    return _normalize_into_contiguous(x, scale, norm)[0]
 
 
 def gelu_linear(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """F.linear(F.gelu(h), weight, bias), recomputing GELU(h) in the backward pass when training."""
-    if _traced() or not torch.is_grad_enabled():
+    if traced() or not torch.is_grad_enabled():
         return F.linear(F.gelu(h), weight, bias)
     return _GeluLinear.apply(h, weight, bias)
+
+
+@lru_cache(maxsize=1)
+def _onednn_linear_gelu_works() -> bool:
+    """Whether oneDNN's fused linear + bias + GELU runs here and equals the plain ops (probed once)."""
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if op is None or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            g = torch.Generator().manual_seed(0)
+            x, w, b = (torch.randn(s, generator=g) for s in ((3, 5, 16), (24, 16), (24,)))
+            fused = op(x, w, b, "gelu", [], "none")
+            return bool(torch.allclose(fused, F.gelu(F.linear(x, w, b)), rtol=1e-5, atol=1e-6))
+    except RuntimeError:  # e.g. a build or CPU without the primitive
+        return False
+
+
+def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """F.gelu(F.linear(x, weight, bias)); fused by oneDNN for fp32 CPU inference when it can be."""
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and not traced()
+            and _onednn_linear_gelu_works()):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
+    return F.gelu(F.linear(x, weight, bias))
