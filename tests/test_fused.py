@@ -79,26 +79,29 @@ def test_autocast_training_matches_the_plain_path():
         assert err(ours) <= 2 * err(ref) + 1e-3
 
 
-def test_linear_gelu_equals_the_plain_ops_with_and_without_the_fast_path(monkeypatch):
-    """fc1 + GELU: in fp32 CPU inference (oneDNN's fused epilogue where the probe finds it) and with
-    autograd (plain ops, differentiable) it is F.gelu(F.linear(x, w, b))."""
+def test_linears_equal_the_plain_ops_with_and_without_the_fast_path(monkeypatch):
+    """linear and linear + GELU: in fp32 CPU inference (oneDNN's fused epilogue where the probe finds
+    it) and with autograd (plain ops, differentiable) they are F.linear and F.gelu(F.linear)."""
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(40, 24, generator=g) * 0.2, torch.randn(40, generator=g)
     for x in (torch.randn(6, 24, generator=g), torch.randn(2, 5, 7, 24, generator=g),
               torch.randn(2, 24, 5, 7, generator=g).permute(0, 2, 3, 1)):  # non-contiguous, channels-last
         for bias in (b, None):
-            ref = F.gelu(F.linear(x, w, bias))
+            ref = F.linear(x, w, bias)
             with torch.inference_mode():
-                fast = fused.linear_gelu(x, w, bias)
+                fast, fast_gelu = fused.linear(x, w, bias), fused.linear_gelu(x, w, bias)
             assert fast.shape == ref.shape and torch.allclose(fast, ref, rtol=1e-5, atol=1e-6)
+            assert torch.allclose(fast_gelu, F.gelu(ref), rtol=1e-5, atol=1e-6)
     xg = torch.randn(3, 24, requires_grad=True)
-    fused.linear_gelu(xg, w, b).sum().backward()  # the autograd path
+    (fused.linear(xg, w, b) + fused.linear_gelu(xg, w, b)).sum().backward()  # the autograd path
     assert xg.grad is not None and torch.isfinite(xg.grad).all()
-    # The model's logits do not depend on whether the fused op is there.
+    assert fused._onednn_linear_works() == (getattr(torch.ops.mkldnn, "_linear_pointwise", None) is not None
+                                            and torch.backends.mkldnn.is_available())
+    # The model's logits do not depend on whether the fused ops are there.
     model = randomize_(create_model("swinv2_micro_window4_32").eval())
     img = torch.randn(2, 3, 32, 32, generator=g)
     with torch.inference_mode():
         with_op = model(img)
-        monkeypatch.setattr(fused, "_onednn_linear_gelu_works", lambda: False)
+        monkeypatch.setattr(fused, "_onednn_linear_works", lambda: False)
         without = model(img)
     assert (with_op - without).abs().max() <= 1e-5

@@ -9,12 +9,13 @@ differs is what autograd keeps for the backward pass:
 * `gelu_linear(h, weight, bias)`: fc2(GELU(h)). Saves h only and recomputes GELU(h) in the backward
   (one elementwise op) instead of keeping the 4C-wide activation twice (GELU input and fc2 input).
 
-And one inference fast path:
+And the inference fast path for the linears:
 
-* `linear_gelu(x, weight, bias)`: GELU(fc1(x)). Without autograd on the CPU in fp32 it is one oneDNN
-  matmul with the bias and the exact (erf) GELU applied in its epilogue (the op torch.compile's CPU
-  backend emits for the same pattern), sparing two passes over the 4C-wide activation. It is used only
-  after a one-time probe shows the op exists here and equals the plain ops.
+* `linear(x, weight, bias)` and `linear_gelu(x, weight, bias)`: without autograd on the CPU in fp32,
+  one oneDNN matmul with the bias (and the exact, erf, GELU) applied in its epilogue (torch's
+  `mkldnn._linear_pointwise`, the op torch.compile's CPU backend emits for the same pattern). That spares
+  addmm's copy of the bias into the whole output and, for fc1, two passes over the 4C-wide activation.
+  Used only after a one-time probe shows the op exists here and equals the plain ops.
 """
 from __future__ import annotations
 
@@ -125,8 +126,9 @@ def gelu_linear(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 @lru_cache(maxsize=1)
-def _onednn_linear_gelu_works() -> bool:
-    """Whether oneDNN's fused linear + bias + GELU runs here and equals the plain ops (probed once)."""
+def _onednn_linear_works() -> bool:
+    """Whether oneDNN's linear (bias, and bias + GELU, in the epilogue) runs here and equals the plain
+    ops; probed once per process."""
     op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
     if op is None or not torch.backends.mkldnn.is_available():
         return False
@@ -134,16 +136,31 @@ def _onednn_linear_gelu_works() -> bool:
         with torch.inference_mode(False), torch.no_grad():
             g = torch.Generator().manual_seed(0)
             x, w, b = (torch.randn(s, generator=g) for s in ((3, 5, 16), (24, 16), (24,)))
-            fused = op(x, w, b, "gelu", [], "none")
-            return bool(torch.allclose(fused, F.gelu(F.linear(x, w, b)), rtol=1e-5, atol=1e-6))
+            plain = F.linear(x, w, b)
+            return bool(torch.allclose(op(x, w, b, "none", [], ""), plain, rtol=1e-5, atol=1e-6)
+                        and torch.allclose(op(x, w, b, "gelu", [], "none"), F.gelu(plain), rtol=1e-5, atol=1e-6))
     except RuntimeError:  # e.g. a build or CPU without the primitive
         return False
 
 
-def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """F.gelu(F.linear(x, weight, bias)); fused by oneDNN for fp32 CPU inference when it can be."""
-    if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+def _onednn_path(x: Tensor, weight: Tensor) -> bool:
+    """fp32 CPU inference outside tracing/autocast, where the probe found the op."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and not traced()
-            and _onednn_linear_gelu_works()):
+            and _onednn_linear_works())
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear(x, weight, bias); in fp32 CPU inference a oneDNN matmul with the bias in its epilogue
+    (addmm instead first copies the bias into the whole output, then accumulates onto it)."""
+    if _onednn_path(x, weight):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """F.gelu(F.linear(x, weight, bias)); in fp32 CPU inference one oneDNN matmul with the bias and the
+    exact GELU in its epilogue."""
+    if _onednn_path(x, weight):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
     return F.gelu(F.linear(x, weight, bias))

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from .fused import gelu_linear, linear_gelu, scaled_normalize, traced
+from .fused import gelu_linear, linear, linear_gelu, scaled_normalize, traced
 
 # Official mask value for token pairs from different regions of a shifted window.
 MASK_VALUE = -100.0
@@ -213,7 +213,8 @@ class Mlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if not torch.is_grad_enabled() and (self.drop.p == 0.0 or not self.training):
-            return self.fc2(linear_gelu(x, self.fc1.weight, self.fc1.bias))  # fc1 + GELU fused on CPU
+            h = linear_gelu(x, self.fc1.weight, self.fc1.bias)  # one oneDNN matmul on the CPU
+            return linear(h, self.fc2.weight, self.fc2.bias)
         h = self.fc1(x)
         if self.drop.p == 0.0:
             return gelu_linear(h, self.fc2.weight, self.fc2.bias)  # same ops; GELU recomputed in backward
@@ -290,7 +291,7 @@ class WindowAttention(nn.Module):
         qkv_bias = None
         if self.q_bias is not None:
             qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, qkv_bias)  # (B*nW, N, 3C)
+        qkv = linear(x, self.qkv.weight, qkv_bias)  # (B*nW, N, 3C)
         logit_scale = torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()  # (nH, 1, 1)
         bias = self.attention_bias(window, mask)  # (nW|1, nH, N, N)
         if self.fused:
@@ -331,7 +332,7 @@ class WindowAttention(nn.Module):
             attn = F.dropout(attn.softmax(dim=-1), self.attn_drop, self.training)
             out = attn @ v  # (B, nW, nH, N, d)
         out = out.permute(0, 1, 3, 2, 4).reshape(BnW, N, C)
-        return self.proj_drop(self.proj(out))
+        return self.proj_drop(linear(out, self.proj.weight, self.proj.bias))
 
 
 class SwinTransformerBlock(nn.Module):
@@ -387,7 +388,7 @@ class PatchMerging(nn.Module):
         # Official order x0=[0::2,0::2], x1=[1::2,0::2], x2=[0::2,1::2], x3=[1::2,1::2]: the row
         # offset varies fastest, so the (row, col) offset axes are swapped before flattening.
         x = x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, H // 2, W // 2, 4 * C)
-        return self.norm(self.reduction(x))
+        return self.norm(linear(x, self.reduction.weight))
 
 
 class PatchEmbed(nn.Module):
