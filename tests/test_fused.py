@@ -95,13 +95,40 @@ def test_linears_equal_the_plain_ops_with_and_without_the_fast_path(monkeypatch)
     xg = torch.randn(3, 24, requires_grad=True)
     (fused.linear(xg, w, b) + fused.linear_gelu(xg, w, b)).sum().backward()  # the autograd path
     assert xg.grad is not None and torch.isfinite(xg.grad).all()
-    assert fused._onednn_linear_works() == (getattr(torch.ops.mkldnn, "_linear_pointwise", None) is not None
+    assert fused.ONEDNN_LINEAR == (getattr(torch.ops.mkldnn, "_linear_pointwise", None) is not None
                                             and torch.backends.mkldnn.is_available())
     # The model's logits do not depend on whether the fused ops are there.
     model = randomize_(create_model("swinv2_micro_window4_32").eval())
     img = torch.randn(2, 3, 32, 32, generator=g)
     with torch.inference_mode():
         with_op = model(img)
-        monkeypatch.setattr(fused, "_onednn_linear_works", lambda: False)
+        monkeypatch.setattr(fused, "ONEDNN_LINEAR", False)
         without = model(img)
     assert (with_op - without).abs().max() <= 1e-5
+
+
+def test_compiled_inference_keeps_the_onednn_linears(monkeypatch):
+    """Under torch.compile(fullgraph=True) the fp32 CPU inference graph calls the oneDNN linears
+    through the `swinv2::onednn_linear` custom op (inductor cannot lower them unfrozen), with no graph
+    break or recompile, and gives the eager logits."""
+    calls = []
+    eager_op = fused._onednn_linear_eager
+    monkeypatch.setattr(fused, "_onednn_linear_eager", lambda *a: calls.append(1) or eager_op(*a))
+    model = randomize_(create_model("swinv2_micro_window4_32").eval())
+    g = torch.Generator().manual_seed(0)
+    imgs = [torch.randn(2, 3, 32, 32, generator=g) for _ in range(2)]
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.inference_mode():
+        refs = [model(img) for img in imgs]
+        eager_calls = len(calls)
+        calls.clear()
+        outs = [compiled(img) for img in imgs]
+    for out, ref in zip(outs, refs):
+        assert (out - ref).abs().max() <= 1e-5
+    # Every linear but the head's and the CPB MLP's (cached) runs through oneDNN, eager and compiled.
+    n_linears = len([m for m in model.modules() if isinstance(m, torch.nn.Linear)])
+    expected = n_linears - 1 - 2 * sum(model.config.depths) if fused.ONEDNN_LINEAR else 0
+    assert eager_calls == 2 * expected
+    assert len(calls) == 2 * expected

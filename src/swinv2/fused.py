@@ -19,7 +19,6 @@ And the inference fast path for the linears:
 """
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Any
 
 import torch
@@ -125,10 +124,9 @@ def gelu_linear(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return _GeluLinear.apply(h, weight, bias)
 
 
-@lru_cache(maxsize=1)
-def _onednn_linear_works() -> bool:
+def _probe_onednn_linear() -> bool:
     """Whether oneDNN's linear (bias, and bias + GELU, in the epilogue) runs here and equals the plain
-    ops; probed once per process."""
+    ops."""
     op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
     if op is None or not torch.backends.mkldnn.is_available():
         return False
@@ -143,18 +141,51 @@ def _onednn_linear_works() -> bool:
         return False
 
 
+# Probed once, at import (three tiny matmuls), so that torch.compile reads a plain global instead of
+# tracing the probe.
+ONEDNN_LINEAR: bool = _probe_onednn_linear()
+
+
+def _onednn_linear_eager(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [],
+                                              "none" if gelu else "")
+
+
+# The same call as an opaque custom op for torch.compile: inductor's own lowering of
+# `mkldnn._linear_pointwise` accepts only frozen (constant, pre-packed) weights, and unfrozen it
+# lowers F.linear to addmm plus a separate bias/GELU pass. Through this op a compiled graph keeps
+# the one oneDNN call per linear and fuses the elementwise work around it.
+@torch.library.custom_op("swinv2::onednn_linear", mutates_args=())
+def _onednn_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> Tensor:
+    return _onednn_linear_eager(x, weight, bias, gelu)
+
+
+@_onednn_linear_op.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 def _onednn_path(x: Tensor, weight: Tensor) -> bool:
-    """fp32 CPU inference outside tracing/autocast, where the probe found the op."""
+    """fp32 CPU inference, eager or under torch.compile (not jit tracing, ONNX or torch.export, whose
+    graphs must hold standard ops only), without autocast, where the probe found the op."""
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
+        return False
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and not traced()
-            and _onednn_linear_works())
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+            and ONEDNN_LINEAR)
+
+
+def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> Tensor:
+    if torch.compiler.is_compiling():
+        return _onednn_linear_op(x, weight, bias, gelu)
+    return _onednn_linear_eager(x, weight, bias, gelu)  # no custom-op dispatch overhead in eager
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear(x, weight, bias); in fp32 CPU inference a oneDNN matmul with the bias in its epilogue
     (addmm instead first copies the bias into the whole output, then accumulates onto it)."""
     if _onednn_path(x, weight):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return _onednn_linear(x, weight, bias, False)
     return F.linear(x, weight, bias)
 
 
@@ -162,5 +193,5 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """F.gelu(F.linear(x, weight, bias)); in fp32 CPU inference one oneDNN matmul with the bias and the
     exact GELU in its epilogue."""
     if _onednn_path(x, weight):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
+        return _onednn_linear(x, weight, bias, True)
     return F.gelu(F.linear(x, weight, bias))
