@@ -3,9 +3,10 @@
 Each computes exactly the ops of the plain formula in its forward, so outputs are unchanged; what
 differs is what autograd keeps for the backward pass:
 
-* `scaled_normalize(x, scale)`: y = x * scale / max(|x|, eps) written straight into a fresh
-  contiguous tensor. Saves y and |x| instead of x, the norm, the quotient and the product, so the raw
-  q/k (views of the whole qkv projection) are not kept alive, and the layout copy is fused in.
+* `cosine_qkv(qkv, windows, heads, scale)`: q/|q| * scale, k/|k| and v from the qkv projection,
+  each written straight into a fresh contiguous tensor in the attention's layout. Saves the normalised
+  q and k and the norms instead of the raw projection, the norms, quotients and products; its backward
+  writes the q, k and v gradients straight into qkv's layout (no stack, no layout copy).
 * `gelu_linear(h, weight, bias)`: fc2(GELU(h)). Saves h only and recomputes GELU(h) in the backward
   (one elementwise op) instead of keeping the 4C-wide activation twice (GELU input and fc2 input).
 
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 EPS = 1e-12  # F.normalize's default
 
@@ -35,40 +37,102 @@ def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
     return t.sum(dims, keepdim=True).reshape(shape) if dims else t
 
 
-def _normalize_into_contiguous(x: Tensor, scale: Tensor | None, norm: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """(y, |x|) with y = x [* scale] / max(|x|, eps) written into a fresh contiguous tensor."""
-    if norm is None:
-        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous, whatever x's strides
-    if scale is None:  # F.normalize, op for op
-        torch.div(x, norm.clamp_min(EPS), out=out)
-    else:
-        torch.mul(x, scale / norm.clamp_min(EPS), out=out)
-    return out, norm
-
-
 def traced() -> bool:
     """Under tracing / compiling / ONNX export the plain functional ops are used (no `out=`, no Function)."""
     return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
 
 
-class _ScaledNormalize(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, scale: Tensor | None, norm: Tensor | None) -> Tensor:
-        out, norm = _normalize_into_contiguous(x, scale, norm)
-        ctx.save_for_backward(out, norm, scale)
-        return out
+def _qkv_view(qkv: Tensor, windows: int, heads: int) -> Tensor:
+    """(B*nW, N, 3C) -> the (3, B, nW, nH, N, d) view of q, k and v (no copy)."""
+    BnW, N, C3 = qkv.shape
+    return qkv.view(BnW // windows, windows, N, 3, heads, C3 // (3 * heads)).permute(3, 0, 1, 4, 2, 5)
+
+
+def _cosine_qkv_plain(qkv: Tensor, windows: int, heads: int, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The plain ops (for tracing, compiling and export): q/|q|*scale, k/|k|, v, each contiguous."""
+    q, k, v = _qkv_view(qkv, windows, heads).unbind(0)
+    q = q * (scale / torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(EPS))
+    k = k / torch.linalg.vector_norm(k, dim=-1, keepdim=True).clamp_min(EPS)
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
+def _cosine_qkv_forward(qkv: Tensor, windows: int, heads: int, scale: Tensor) -> tuple[Tensor, ...]:
+    """(q/|q|*scale, k/|k|, v, |q|, |k|), the three outputs written straight into fresh contiguous
+    (B, nW, nH, N, d) tensors: the op that normalises also does the layout change."""
+    q, k, v = _qkv_view(qkv, windows, heads).unbind(0)
+    # |q| and |k| in one reduction over the contiguous rows of qkv; on the CPU that is faster than
+    # reducing the strided q and k views one by one.
+    BnW, N, C3 = qkv.shape
+    rows = qkv.view(BnW // windows, windows, N, 3, heads, C3 // (3 * heads))[:, :, :, :2]
+    norm_q, norm_k = torch.linalg.vector_norm(rows, dim=-1, keepdim=True).permute(3, 0, 1, 4, 2, 5).unbind(0)
+    out_q, out_k, out_v = (torch.empty(q.shape, dtype=qkv.dtype, device=qkv.device) for _ in range(3))
+    torch.mul(q, scale / norm_q.clamp_min(EPS), out=out_q)
+    torch.div(k, norm_k.clamp_min(EPS), out=out_k)
+    out_v.copy_(v)
+    return out_q, out_k, out_v, norm_q, norm_k
+
+
+class _CosineQKV(torch.autograd.Function):
+    """Saves the normalised q and k and the norms; the raw qkv projection is not kept. The backward
+    writes the q, k and v gradients straight into one (B*nW, N, 3C) tensor laid out like qkv (autograd
+    of unbind + permute would stack them, then copy that into the layout)."""
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor | None, None]:
-        y, norm, scale = ctx.saved_tensors
-        unit = y if scale is None else y / scale  # x / max(|x|, eps)
-        # d(x/|x|) = (g - u (u.g)) / |x|; where |x| was clamped to eps, x/eps is linear: g / eps.
-        proj = (unit * grad).sum(-1, keepdim=True)
-        gain = 1 / norm.clamp_min(EPS) if scale is None else scale / norm.clamp_min(EPS)
-        grad_x = torch.where(norm <= EPS, grad, grad - unit * proj) * gain
-        grad_scale = _sum_to(grad * unit, scale.shape) if scale is not None and ctx.needs_input_grad[1] else None
-        return grad_x, grad_scale, None  # `norm` is |x|: its dependence on x is in grad_x
+    def forward(ctx: Any, qkv: Tensor, windows: int, heads: int, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v, norm_q, norm_k = _cosine_qkv_forward(qkv, windows, heads, scale)
+        ctx.save_for_backward(q, k, norm_q, norm_k, scale)
+        ctx.windows, ctx.heads, ctx.qkv_shape = windows, heads, qkv.shape
+        return q, k, v
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_q: Tensor, grad_k: Tensor, grad_v: Tensor) -> tuple[Tensor | None, None, None,
+                                                                                        Tensor | None]:
+        y_q, y_k, norm_q, norm_k, scale = ctx.saved_tensors
+        grad_qkv = grad_scale = None
+        if ctx.needs_input_grad[0]:
+            grad_qkv = torch.empty(ctx.qkv_shape, dtype=y_q.dtype, device=y_q.device)
+            into_q, into_k, into_v = _qkv_view(grad_qkv, ctx.windows, ctx.heads).unbind(0)
+        # y = x * s / n with n = max(|x|, eps), u = x / n = y / s:
+        #   dL/dx = (g - u (u.g)) * s / n = (g - y (y.g) / s^2) * s / n, and g * s / eps where |x| <= eps
+        #   (x / eps is linear there); dL/ds = sum over the broadcast dims of g.u = (g.y) / s.
+        for g, y, norm, s, into in ((grad_q, y_q, norm_q, scale, "q"), (grad_k, y_k, norm_k, None, "k")):
+            if g is None:
+                if grad_qkv is not None:
+                    (into_q if into == "q" else into_k).zero_()
+                continue
+            gy = g * y
+            if s is not None and ctx.needs_input_grad[3]:
+                grad_scale = _sum_to(gy, s.shape) / s
+            if grad_qkv is None:
+                continue
+            coef = gy.sum(-1, keepdim=True).masked_fill_(norm <= EPS, 0.0)
+            gain = 1 / norm.clamp_min(EPS)
+            if s is not None:
+                coef = coef / (s * s)
+                gain = gain * s
+            out = into_q if into == "q" else into_k
+            torch.mul(torch.addcmul(g, y, coef, value=-1.0), gain, out=out)
+        if grad_qkv is not None:
+            if grad_v is None:
+                into_v.zero_()
+            else:
+                into_v.copy_(grad_v.view(into_v.shape))
+        return grad_qkv, None, None, grad_scale
+
+
+def cosine_qkv(qkv: Tensor, windows: int, heads: int, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Split the (B*nW, N, 3C) projection into scaled cosine attention's operands.
+
+    Returns q/max(|q|, 1e-12) * scale, k/max(|k|, 1e-12) and v, each a contiguous (B, nW, nH, N, d)
+    tensor (nW = `windows`, nH = `heads`), norms over d; `scale` broadcasts to (nH, 1, 1). The forward
+    is the plain formula op for op (and, traced or compiled, the plain ops themselves).
+    """
+    if traced():
+        return _cosine_qkv_plain(qkv, windows, heads, scale)
+    if torch.is_grad_enabled() and (qkv.requires_grad or scale.requires_grad):
+        return _CosineQKV.apply(qkv, windows, heads, scale)
+    return _cosine_qkv_forward(qkv, windows, heads, scale)[:3]
 
 
 class _GeluLinear(torch.autograd.Function):
@@ -80,7 +144,9 @@ class _GeluLinear(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
         with torch.autocast(device, enabled=False):
             h, w = h.to(dtype), weight.to(dtype)
-            out = F.linear(F.gelu(h), w, None if bias is None else bias.to(dtype))
+            ctx.onednn = _onednn_train_path(h, w)
+            b = None if bias is None else bias.to(dtype)
+            out = _onednn_linear_eager(F.gelu(h), w, b, False) if ctx.onednn else F.linear(F.gelu(h), w, b)
         ctx.save_for_backward(h, w)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return out
@@ -96,25 +162,8 @@ class _GeluLinear(torch.autograd.Function):
         if ctx.dtypes[1] is not None and ctx.needs_input_grad[2]:
             grad_b = grad2d.sum(0).to(ctx.dtypes[1])
         if ctx.needs_input_grad[0]:
-            grad_h = torch.ops.aten.gelu_backward(grad @ w, h)
+            grad_h = torch.ops.aten.gelu_backward(_grad_input(grad, w, ctx.onednn), h)
         return grad_h, grad_w, grad_b
-
-
-def scaled_normalize(x: Tensor, scale: Tensor | None = None, norm: Tensor | None = None) -> Tensor:
-    """x [* scale] / max(|x|_2 over the last dim, 1e-12), returned contiguous; `scale` broadcasts.
-
-    `norm`, if given, is |x| over the last dim (keepdim) already computed, e.g. for q, k and v in one
-    reduction; it is taken as a constant (the gradient through it is part of x's). Traced, it is
-    recomputed so that the graph differentiates it.
-    """
-    if traced():
-        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(EPS)
-        return (x / norm if scale is None else x * (scale / norm)).contiguous()
-    if norm is not None:
-        norm = norm.detach()
-    if torch.is_grad_enabled():
-        return _ScaledNormalize.apply(x, scale, norm)
-    return _normalize_into_contiguous(x, scale, norm)[0]
 
 
 def gelu_linear(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -181,11 +230,49 @@ def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -
     return _onednn_linear_eager(x, weight, bias, gelu)  # no custom-op dispatch overhead in eager
 
 
+def _onednn_train_path(x: Tensor, weight: Tensor) -> bool:
+    """fp32 CPU in eager autograd (no autocast, tracing or compiling), where the probe found the op."""
+    return (ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32
+            and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu") and not traced())
+
+
+def _grad_input(grad: Tensor, weight: Tensor, onednn: bool) -> Tensor:
+    """grad @ weight, the input gradient of a linear; through oneDNN with weight^T laid out for it (a
+    copy of the small weight) when `onednn`."""
+    if onednn:
+        return _onednn_linear_eager(grad, weight.t().contiguous(), None, False)
+    return grad @ weight
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """F.linear with oneDNN's matmul (bias in the epilogue) in the forward and for the input gradient;
+    the weight gradient is the plain mm. Saves what addmm's backward saves: x and the weight."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_linear_eager(x, weight, bias, False)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, weight = ctx.saved_tensors
+        grad2d = grad.reshape(-1, grad.shape[-1])
+        grad_x = _grad_input(grad, weight, True) if ctx.needs_input_grad[0] else None
+        grad_w = grad2d.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
+        grad_b = grad2d.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear(x, weight, bias); in fp32 CPU inference a oneDNN matmul with the bias in its epilogue
-    (addmm instead first copies the bias into the whole output, then accumulates onto it)."""
+    """F.linear(x, weight, bias). On the CPU in fp32 a oneDNN matmul with the bias in its epilogue
+    (addmm instead first copies the bias into the whole output, then accumulates onto it): in inference
+    (eager or compiled) directly, in eager training through `_OneDNNLinear`."""
     if _onednn_path(x, weight):
         return _onednn_linear(x, weight, bias, False)
+    if torch.is_grad_enabled() and _onednn_train_path(x, weight):
+        return _OneDNNLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 
 

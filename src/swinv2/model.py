@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from .fused import gelu_linear, linear, linear_gelu, scaled_normalize, traced
+from .fused import cosine_qkv, gelu_linear, linear, linear_gelu
 
 # Official mask value for token pairs from different regions of a shifted window.
 MASK_VALUE = -100.0
@@ -216,7 +216,7 @@ class Mlp(nn.Module):
         if not torch.is_grad_enabled() and (self.drop.p == 0.0 or not self.training):
             h = linear_gelu(x, self.fc1.weight, self.fc1.bias)  # one oneDNN matmul on the CPU
             return linear(h, self.fc2.weight, self.fc2.bias)
-        h = self.fc1(x)
+        h = linear(x, self.fc1.weight, self.fc1.bias)
         if self.drop.p == 0.0:
             return gelu_linear(h, self.fc2.weight, self.fc2.bias)  # same ops; GELU recomputed in backward
         return self.drop(self.fc2(self.drop(self.act(h))))
@@ -301,18 +301,7 @@ class WindowAttention(nn.Module):
             # the batch with no copy. q/|q| * s and k/|k| with scale 1 is the scaled cosine attention;
             # folding s into q also spares autograd from saving the (N, N) logits for its gradient,
             # and the normalisation writes the new layout itself (no separate copy).
-            qkv = qkv.view(B, nW, N, 3, nH, C // nH)
-            q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)
-            norm_q = norm_k = None
-            if not traced():
-                # |q| and |k| (and an unused |v|) in one reduction over the contiguous qkv: on the CPU
-                # that is faster than reducing the strided q and k views one by one.
-                with torch.no_grad():
-                    norm_q, norm_k, _ = torch.linalg.vector_norm(qkv, dim=-1, keepdim=True).permute(
-                        3, 0, 1, 4, 2, 5).unbind(0)
-            q = scaled_normalize(q, logit_scale.to(q.dtype), norm_q).view(B, nW * nH, N, -1)
-            k = scaled_normalize(k, None, norm_k).view(B, nW * nH, N, -1)
-            v = v.reshape(B, nW * nH, N, -1)
+            q, k, v = (t.view(B, nW * nH, N, -1) for t in cosine_qkv(qkv, nW, nH, logit_scale.to(qkv.dtype)))
             bias = bias.to(q.dtype).reshape(1, nW * nH, N, N)
             if torch.is_grad_enabled() and bias.requires_grad and q.device.type == "cpu":
                 # SDPA's CPU kernels give no gradient for attn_mask, so autograd would route it to the
