@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from randomize import randomize_
 from swinv2 import create_model, fused
-from swinv2.fused import cosine_qkv, gelu_linear
+from swinv2.fused import cosine_qkv, gelu_linear, permute_tokens
 
 
 def _qkv(dtype=torch.float64, zero_row: bool = False):
@@ -144,3 +144,17 @@ def test_compiled_inference_keeps_the_onednn_linears(monkeypatch):
     expected = n_linears - 1 - 2 * sum(model.config.depths) if fused.ONEDNN_LINEAR else 0
     assert eager_calls == 2 * expected
     assert len(calls) == 2 * expected
+
+
+def test_permute_tokens_gradient_is_the_inverse_gather():
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(0))
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(12)
+    x = torch.randn(2, 12, 5, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 12, 5, dtype=torch.float64)
+    out = permute_tokens(x, order, inverse)
+    assert torch.equal(out, x.index_select(1, order))
+    (ours,) = torch.autograd.grad((out * g).sum(), x)
+    (ref,) = torch.autograd.grad((x.index_select(1, order) * g).sum(), x)
+    assert torch.equal(ours, ref)
+    assert torch.autograd.gradgradcheck(lambda x: permute_tokens(x, order, inverse), (x,))

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from .fused import cosine_qkv, gelu_linear, linear, linear_gelu
+from .fused import cosine_qkv, gelu_linear, linear, linear_gelu, permute_tokens
 
 # Official mask value for token pairs from different regions of a shifted window.
 MASK_VALUE = -100.0
@@ -123,13 +123,14 @@ def effective_window(H: int, W: int, window: int, shift: int) -> tuple[int, int]
 
 
 @lru_cache(maxsize=64)
-def window_order(H: int, W: int, window: int, shift: int, device: torch.device) -> tuple[Tensor, Tensor]:
+def window_order(H: int, W: int, window: int, shift: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """Token orders that fuse (roll by -shift, window partition) and (reverse, roll back, crop).
 
     `gather` (Hp*Wp,): flat position in the padded Hp x Wp map of each token in window order, so
     `x.view(B, Hp*Wp, C).index_select(1, gather)` is `window_partition(roll(x, -shift), window)`;
-    `scatter` (H*W,): for each unpadded position, where it sits in window order. One gather instead
-    of a roll plus a permute-copy each way (the roll alone costs more than the gather on CPU).
+    `inverse` (Hp*Wp,): its inverse permutation; `scatter` (H*W,): for each unpadded position, where it
+    sits in window order (`inverse` itself when nothing is padded). One gather instead of a roll plus a
+    permute-copy each way (the roll alone costs more than the gather on CPU).
     """
     with _plain_tensors(), torch.no_grad():
         Hp, Wp = H + (-H % window), W + (-W % window)
@@ -140,7 +141,7 @@ def window_order(H: int, W: int, window: int, shift: int, device: torch.device) 
         inverse = torch.empty_like(gather)
         inverse[gather] = torch.arange(gather.numel())
         scatter = inverse.view(Hp, Wp)[:H, :W].reshape(-1)
-        return gather.to(device), scatter.to(device)
+        return gather.to(device), inverse.to(device), scatter.to(device)
 
 
 @lru_cache(maxsize=64)
@@ -350,11 +351,13 @@ class SwinTransformerBlock(nn.Module):
         if pad_h or pad_w:
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         Hp, Wp = H + pad_h, W + pad_w
-        gather, scatter = _cached(window_order, H, W, window, shift, x.device)
+        gather, inverse, scatter = _cached(window_order, H, W, window, shift, x.device)
         mask = _cached(shift_mask, Hp, Wp, window, shift, x.device) if shift else None
-        windows = x.reshape(B, Hp * Wp, C).index_select(1, gather).view(-1, window * window, C)
-        out = self.attn(windows, window, mask)  # (B*nW, N, C)
-        return out.view(B, Hp * Wp, C).index_select(1, scatter).view(B, H, W, C)
+        windows = permute_tokens(x.reshape(B, Hp * Wp, C), gather, inverse).view(-1, window * window, C)
+        out = self.attn(windows, window, mask).view(B, Hp * Wp, C)  # (B*nW, N, C) -> (B, Hp*Wp, C)
+        if pad_h or pad_w:  # crop: `scatter` picks H*W of the Hp*Wp tokens
+            return out.index_select(1, scatter).view(B, H, W, C)
+        return permute_tokens(out, inverse, gather).view(B, H, W, C)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.drop_path(self.norm1(self._attend(x)))
