@@ -60,11 +60,11 @@ def _cosine_qkv_forward(qkv: Tensor, windows: int, heads: int, scale: Tensor) ->
     """(q/|q|*scale, k/|k|, v, |q|, |k|), the three outputs written straight into fresh contiguous
     (B, nW, nH, N, d) tensors: the op that normalises also does the layout change."""
     q, k, v = _qkv_view(qkv, windows, heads).unbind(0)
-    # |q| and |k| in one reduction over the contiguous rows of qkv; on the CPU that is faster than
-    # reducing the strided q and k views one by one.
+    # |q| and |k| (and an unused |v|) in one reduction over the contiguous rows of qkv: on the CPU that
+    # is faster than reducing the strided q and k views one by one, or a slice of just q and k.
     BnW, N, C3 = qkv.shape
-    rows = qkv.view(BnW // windows, windows, N, 3, heads, C3 // (3 * heads))[:, :, :, :2]
-    norm_q, norm_k = torch.linalg.vector_norm(rows, dim=-1, keepdim=True).permute(3, 0, 1, 4, 2, 5).unbind(0)
+    rows = qkv.view(BnW // windows, windows, N, 3, heads, C3 // (3 * heads))
+    norm_q, norm_k, _ = torch.linalg.vector_norm(rows, dim=-1, keepdim=True).permute(3, 0, 1, 4, 2, 5).unbind(0)
     out_q, out_k, out_v = (torch.empty(q.shape, dtype=qkv.dtype, device=qkv.device) for _ in range(3))
     torch.mul(q, scale / norm_q.clamp_min(EPS), out=out_q)
     torch.div(k, norm_k.clamp_min(EPS), out=out_k)
