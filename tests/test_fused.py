@@ -158,3 +158,28 @@ def test_permute_tokens_gradient_is_the_inverse_gather():
     (ref,) = torch.autograd.grad((x.index_select(1, order) * g).sum(), x)
     assert torch.equal(ours, ref)
     assert torch.autograd.gradgradcheck(lambda x: permute_tokens(x, order, inverse), (x,))
+
+
+def test_training_linear_gradients_equal_the_plain_ones(monkeypatch):
+    """The eager fp32 training linear (oneDNN forward and input gradient where the probe found it) and
+    the GELU-recomputing fc2 give F.linear's outputs and gradients, for x, weight and bias."""
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(2, 5, 7, 24, generator=g)
+    w0, b0 = torch.randn(40, 24, generator=g) * 0.2, torch.randn(40, generator=g)
+    up = torch.randn(2, 5, 7, 40, generator=g)
+
+    def run(fn):
+        x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
+        out = fn(x, w, b)
+        return (out, *torch.autograd.grad((out * up).sum(), (x, w, b)))
+
+    for ours, plain in ((fused.linear, F.linear),
+                        (gelu_linear, lambda x, w, b: F.linear(F.gelu(x), w, b))):
+        for a, r in zip(run(ours), run(plain)):
+            assert torch.allclose(a, r, rtol=1e-5, atol=1e-5)
+    # The oneDNN path is the one taken where the probe found it.
+    calls = []
+    eager_op = fused._onednn_linear_eager
+    monkeypatch.setattr(fused, "_onednn_linear_eager", lambda *a: calls.append(1) or eager_op(*a))
+    run(fused.linear)
+    assert len(calls) == (2 if fused.ONEDNN_LINEAR else 0)  # forward and input gradient

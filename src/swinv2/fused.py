@@ -1,7 +1,8 @@
-"""Memory-lean autograd functions for the SwinV2 training path (torch only; used by model.py).
+"""Fused and memory-lean ops for SwinV2's hot paths (torch only; used by model.py).
 
-Each computes exactly the ops of the plain formula in its forward, so outputs are unchanged; what
-differs is what autograd keeps for the backward pass:
+Each forward computes the ops of the plain formula, so outputs are unchanged up to float rounding (the
+oneDNN matmuls round differently from addmm in the last bits); what differs is how many passes over
+memory they take and what autograd keeps for the backward pass:
 
 * `cosine_qkv(qkv, windows, heads, scale)`: q/|q| * scale, k/|k| and v from the qkv projection,
   each written straight into a fresh contiguous tensor in the attention's layout. Saves the normalised
@@ -9,14 +10,15 @@ differs is what autograd keeps for the backward pass:
   writes the q, k and v gradients straight into qkv's layout (no stack, no layout copy).
 * `gelu_linear(h, weight, bias)`: fc2(GELU(h)). Saves h only and recomputes GELU(h) in the backward
   (one elementwise op) instead of keeping the 4C-wide activation twice (GELU input and fc2 input).
-
-And the inference fast path for the linears:
-
-* `linear(x, weight, bias)` and `linear_gelu(x, weight, bias)`: without autograd on the CPU in fp32,
-  one oneDNN matmul with the bias (and the exact, erf, GELU) applied in its epilogue (torch's
-  `mkldnn._linear_pointwise`, the op torch.compile's CPU backend emits for the same pattern). That spares
+* `permute_tokens(x, order, inverse)`: the window gather/scatter, whose gradient is the inverse gather
+  instead of a zero-fill plus index_add_.
+* `linear(x, weight, bias)` and `linear_gelu(x, weight, bias)`: on the CPU in fp32, one oneDNN matmul
+  with the bias (and the exact, erf, GELU) applied in its epilogue (torch's `mkldnn._linear_pointwise`,
+  the op torch.compile's CPU backend emits for the same pattern when weights are frozen). That spares
   addmm's copy of the bias into the whole output and, for fc1, two passes over the 4C-wide activation.
-  Used only after a one-time probe shows the op exists here and equals the plain ops.
+  Inference uses it eagerly and, through the `swinv2::onednn_linear` custom op, under torch.compile;
+  eager training through `_OneDNNLinear` (oneDNN for the forward and the input gradient). Used only
+  where a probe at import shows the op exists here and equals the plain ops.
 """
 from __future__ import annotations
 

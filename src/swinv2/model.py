@@ -13,8 +13,8 @@ Beyond the official code: any input size (pad to a window multiple, then shift; 
 before merging), windows clamped at run time from the actual feature-map size, masks and tables
 cached per size, the position bias cached while its parameters are unchanged (inference only),
 attention through `F.scaled_dot_product_attention`, activation checkpointing, multi-scale features.
-This module imports torch only (and `fused.py`: torch-only autograd functions for training, oneDNN
-linears with fused epilogues for CPU inference).
+This module imports torch only (and `fused.py`: torch-only fused autograd functions, and oneDNN
+linears with the bias and GELU in their epilogues for fp32 on the CPU, eager and compiled).
 """
 from __future__ import annotations
 
