@@ -229,7 +229,8 @@ def _onednn_linear_eager(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: b
 # `mkldnn._linear_pointwise` accepts only frozen (constant, pre-packed) weights, and unfrozen it
 # lowers F.linear to addmm plus a separate bias/GELU pass. Through this op a compiled graph keeps
 # the one oneDNN call per linear and fuses the elementwise work around it.
-@torch.library.custom_op("swinv2::onednn_linear", mutates_args=())
+@torch.library.custom_op("swinv2::onednn_linear", mutates_args=(),
+                         schema="(Tensor x, Tensor weight, Tensor? bias, bool gelu) -> Tensor")
 def _onednn_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> Tensor:
     return _onednn_linear_eager(x, weight, bias, gelu)
 
@@ -239,10 +240,14 @@ def _(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+# torch.export's flag (torch >= 2.7); before it, torch.export is not told apart from torch.compile.
+_is_exporting = getattr(torch.compiler, "is_exporting", None) or (lambda: False)
+
+
 def _onednn_path(x: Tensor, weight: Tensor) -> bool:
     """fp32 CPU inference, eager or under torch.compile (not jit tracing, ONNX or torch.export, whose
     graphs must hold standard ops only), without autocast, where the probe found the op."""
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or _is_exporting():
         return False
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
