@@ -119,13 +119,19 @@ def test_linears_equal_the_plain_ops_with_and_without_the_fast_path(monkeypatch)
     assert (with_op - without).abs().max() <= 1e-5
 
 
+def _count_onednn_calls(monkeypatch) -> list:
+    """A list that grows by one on every oneDNN linear call (eager, or inside the compiled custom op)."""
+    calls = []
+    eager_op = fused._onednn_linear_eager
+    monkeypatch.setattr(fused, "_onednn_linear_eager", lambda *a: calls.append(1) or eager_op(*a))
+    return calls
+
+
 def test_compiled_inference_keeps_the_onednn_linears(monkeypatch):
     """Under torch.compile(fullgraph=True) the fp32 CPU inference graph calls the oneDNN linears
     through the `swinv2::onednn_linear` custom op (inductor cannot lower them unfrozen), with no graph
     break or recompile, and gives the eager logits."""
-    calls = []
-    eager_op = fused._onednn_linear_eager
-    monkeypatch.setattr(fused, "_onednn_linear_eager", lambda *a: calls.append(1) or eager_op(*a))
+    calls = _count_onednn_calls(monkeypatch)
     model = randomize_(create_model("swinv2_micro_window4_32").eval())
     g = torch.Generator().manual_seed(0)
     imgs = [torch.randn(2, 3, 32, 32, generator=g) for _ in range(2)]
@@ -178,8 +184,6 @@ def test_training_linear_gradients_equal_the_plain_ones(monkeypatch):
         for a, r in zip(run(ours), run(plain)):
             assert torch.allclose(a, r, rtol=1e-5, atol=1e-5)
     # The oneDNN path is the one taken where the probe found it.
-    calls = []
-    eager_op = fused._onednn_linear_eager
-    monkeypatch.setattr(fused, "_onednn_linear_eager", lambda *a: calls.append(1) or eager_op(*a))
+    calls = _count_onednn_calls(monkeypatch)
     run(fused.linear)
     assert len(calls) == (2 if fused.ONEDNN_LINEAR else 0)  # forward and input gradient

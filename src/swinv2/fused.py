@@ -44,10 +44,20 @@ def traced() -> bool:
     return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
 
 
+def _qkv_rows(qkv: Tensor, windows: int, heads: int) -> Tensor:
+    """(B*nW, N, 3C) -> its (B, nW, N, 3, nH, d) view, still contiguous (no copy)."""
+    BnW, N, C3 = qkv.shape
+    return qkv.view(BnW // windows, windows, N, 3, heads, C3 // (3 * heads))
+
+
+def _to_heads(t: Tensor) -> Tensor:
+    """(B, nW, N, 3, nH, d') -> (3, B, nW, nH, N, d'), a view."""
+    return t.permute(3, 0, 1, 4, 2, 5)
+
+
 def _qkv_view(qkv: Tensor, windows: int, heads: int) -> Tensor:
     """(B*nW, N, 3C) -> the (3, B, nW, nH, N, d) view of q, k and v (no copy)."""
-    BnW, N, C3 = qkv.shape
-    return qkv.view(BnW // windows, windows, N, 3, heads, C3 // (3 * heads)).permute(3, 0, 1, 4, 2, 5)
+    return _to_heads(_qkv_rows(qkv, windows, heads))
 
 
 def _cosine_qkv_plain(qkv: Tensor, windows: int, heads: int, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -61,12 +71,11 @@ def _cosine_qkv_plain(qkv: Tensor, windows: int, heads: int, scale: Tensor) -> t
 def _cosine_qkv_forward(qkv: Tensor, windows: int, heads: int, scale: Tensor) -> tuple[Tensor, ...]:
     """(q/|q|*scale, k/|k|, v, |q|, |k|), the three outputs written straight into fresh contiguous
     (B, nW, nH, N, d) tensors: the op that normalises also does the layout change."""
-    q, k, v = _qkv_view(qkv, windows, heads).unbind(0)
+    rows = _qkv_rows(qkv, windows, heads)
+    q, k, v = _to_heads(rows).unbind(0)
     # |q| and |k| (and an unused |v|) in one reduction over the contiguous rows of qkv: on the CPU that
     # is faster than reducing the strided q and k views one by one, or a slice of just q and k.
-    BnW, N, C3 = qkv.shape
-    rows = qkv.view(BnW // windows, windows, N, 3, heads, C3 // (3 * heads))
-    norm_q, norm_k, _ = torch.linalg.vector_norm(rows, dim=-1, keepdim=True).permute(3, 0, 1, 4, 2, 5).unbind(0)
+    norm_q, norm_k, _ = _to_heads(torch.linalg.vector_norm(rows, dim=-1, keepdim=True)).unbind(0)
     out_q, out_k, out_v = (torch.empty(q.shape, dtype=qkv.dtype, device=qkv.device) for _ in range(3))
     torch.mul(q, scale / norm_q.clamp_min(EPS), out=out_q)
     torch.div(k, norm_k.clamp_min(EPS), out=out_k)
@@ -92,30 +101,30 @@ class _CosineQKV(torch.autograd.Function):
                                                                                         Tensor | None]:
         y_q, y_k, norm_q, norm_k, scale = ctx.saved_tensors
         grad_qkv = grad_scale = None
+        into_q = into_k = into_v = None  # q, k, v's slots in grad_qkv, when its gradient is wanted
         if ctx.needs_input_grad[0]:
             grad_qkv = torch.empty(ctx.qkv_shape, dtype=y_q.dtype, device=y_q.device)
             into_q, into_k, into_v = _qkv_view(grad_qkv, ctx.windows, ctx.heads).unbind(0)
         # y = x * s / n with n = max(|x|, eps), u = x / n = y / s:
         #   dL/dx = (g - u (u.g)) * s / n = (g - y (y.g) / s^2) * s / n, and g * s / eps where |x| <= eps
         #   (x / eps is linear there); dL/ds = sum over the broadcast dims of g.u = (g.y) / s.
-        for g, y, norm, s, into in ((grad_q, y_q, norm_q, scale, "q"), (grad_k, y_k, norm_k, None, "k")):
+        for g, y, norm, s, into in ((grad_q, y_q, norm_q, scale, into_q), (grad_k, y_k, norm_k, None, into_k)):
             if g is None:
-                if grad_qkv is not None:
-                    (into_q if into == "q" else into_k).zero_()
+                if into is not None:
+                    into.zero_()
                 continue
             gy = g * y
             if s is not None and ctx.needs_input_grad[3]:
                 grad_scale = _sum_to(gy, s.shape) / s
-            if grad_qkv is None:
+            if into is None:
                 continue
             coef = gy.sum(-1, keepdim=True).masked_fill_(norm <= EPS, 0.0)
             gain = 1 / norm.clamp_min(EPS)
             if s is not None:
                 coef = coef / (s * s)
                 gain = gain * s
-            out = into_q if into == "q" else into_k
-            torch.mul(torch.addcmul(g, y, coef, value=-1.0), gain, out=out)
-        if grad_qkv is not None:
+            torch.mul(torch.addcmul(g, y, coef, value=-1.0), gain, out=into)
+        if into_v is not None:
             if grad_v is None:
                 into_v.zero_()
             else:
@@ -244,14 +253,18 @@ def _(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> Tensor:
 _is_exporting = getattr(torch.compiler, "is_exporting", None) or (lambda: False)
 
 
+def _onednn_fp32_cpu(x: Tensor, weight: Tensor) -> bool:
+    """fp32 on the CPU without autocast, where the probe found the op."""
+    return (ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32
+            and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"))
+
+
 def _onednn_path(x: Tensor, weight: Tensor) -> bool:
-    """fp32 CPU inference, eager or under torch.compile (not jit tracing, ONNX or torch.export, whose
-    graphs must hold standard ops only), without autocast, where the probe found the op."""
+    """Inference, eager or under torch.compile (not jit tracing, ONNX or torch.export, whose graphs
+    must hold standard ops only)."""
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or _is_exporting():
         return False
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-            and ONEDNN_LINEAR)
+    return not torch.is_grad_enabled() and _onednn_fp32_cpu(x, weight)
 
 
 def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> Tensor:
@@ -261,9 +274,8 @@ def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -
 
 
 def _onednn_train_path(x: Tensor, weight: Tensor) -> bool:
-    """fp32 CPU in eager autograd (no autocast, tracing or compiling), where the probe found the op."""
-    return (ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32
-            and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu") and not traced())
+    """Eager autograd (no tracing or compiling: those differentiate the plain ops themselves)."""
+    return not traced() and _onednn_fp32_cpu(x, weight)
 
 
 def _grad_input(grad: Tensor, weight: Tensor, onednn: bool) -> Tensor:
