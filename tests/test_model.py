@@ -227,6 +227,38 @@ def test_fused_error_is_float_rounding():
     assert ours_err <= 2 * timm_err + 1e-6
 
 
+def test_chunked_cpu_inference_matches_timm_and_the_whole_batch(monkeypatch):
+    """Eager CPU inference runs each block over groups of images (`INFERENCE_CHUNK_BYTES`). Forced down
+    to one image per group, every block runs per image and the logits still match timm's at 1e-5 and
+    the whole-batch forward's; with grad enabled nothing is grouped."""
+    import swinv2.model as M
+
+    ours = randomize_(swinv2.create_model("swinv2_tiny_window8_256", depths=(2, 2, 2, 2)), seed=3).eval()
+    ref = timm.create_model("swinv2_tiny_window8_256", depths=(2, 2, 2, 2)).eval()
+    ref.load_state_dict(checkpoint_filter_fn(ours.state_dict(), ref), strict=True)
+    x = torch.randn(3, 3, 256, 256)
+    group_sizes = []
+    block_forward = M.SwinTransformerBlock._forward
+    monkeypatch.setattr(M.SwinTransformerBlock, "_forward",
+                        lambda self, x, out=None: group_sizes.append(x.shape[0]) or block_forward(self, x, out))
+    with torch.no_grad():
+        expected = ref(x)
+        monkeypatch.setattr(M, "INFERENCE_CHUNK_BYTES", 1)
+        grouped = ours(x)
+        assert group_sizes == [1] * (3 * 8)  # 8 blocks, one image at a time
+        group_sizes.clear()
+        monkeypatch.setattr(M, "INFERENCE_CHUNK_BYTES", 1 << 62)
+        whole = ours(x)
+        assert group_sizes == [3] * 8
+    assert expected.abs().max() > 0.1
+    assert (grouped - expected).abs().max().item() <= 1e-5
+    assert (grouped - whole).abs().max().item() <= 1e-6
+    group_sizes.clear()
+    monkeypatch.setattr(M, "INFERENCE_CHUNK_BYTES", 1)
+    ours(x[:2]).sum().backward()  # training: the whole batch at once
+    assert group_sizes == [2] * 8
+
+
 def _cached_bias(model) -> torch.Tensor:
     attn = model.layers[0].blocks[1].attn
     return next(iter(attn._bias_cache.values()))[2]

@@ -12,7 +12,8 @@ What V2 changes over V1, and where it lives here:
 Beyond the official code: any input size (pad to a window multiple, then shift; odd sizes padded
 before merging), windows clamped at run time from the actual feature-map size, masks and tables
 cached per size, the position bias cached while its parameters are unchanged (inference only),
-attention through `F.scaled_dot_product_attention`, activation checkpointing, multi-scale features.
+attention through `F.scaled_dot_product_attention`, eager CPU inference over groups of images sized
+to stay off fresh pages (`INFERENCE_CHUNK_BYTES`), activation checkpointing, multi-scale features.
 This module imports torch only (and `fused.py`: torch-only fused autograd functions, and oneDNN
 linears with the bias and GELU in their epilogues for fp32 on the CPU, eager and compiled).
 """
@@ -29,10 +30,17 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from .fused import cosine_qkv, gelu_linear, linear, linear_gelu, permute_tokens
+from .fused import cosine_qkv, gelu_linear, linear, linear_gelu, permute_tokens, traced
 
 # Official mask value for token pairs from different regions of a shifted window.
 MASK_VALUE = -100.0
+# Eager CPU inference runs each block over groups of images whose widest intermediate fits in this
+# many bytes. glibc serves allocations above its mmap threshold (at most 32 MiB) from fresh pages, so
+# a whole batch's 4C-wide MLP activation (50 MB at batch 8, 256 px) page-faults in again on every
+# call (about 60k faults per forward at batch 8); groups of this size are reused from the heap and
+# stay in cache. Measured (SwinV2-T, 256 px, 2 cores): 4-9 % faster at batch 8, 30 % at batch 32;
+# smaller groups lose it again to smaller matmuls.
+INFERENCE_CHUNK_BYTES = 16 << 20
 # Names of the derived tensors the official code stores as buffers; never ours, tolerated on load.
 DERIVED_KEYS = ("relative_coords_table", "relative_position_index", "attn_mask")
 
@@ -359,9 +367,29 @@ class SwinTransformerBlock(nn.Module):
             return out.index_select(1, scatter).view(B, H, W, C)
         return permute_tokens(out, inverse, gather).view(B, H, W, C)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _images_per_chunk(self, x: Tensor) -> int:
+        """How many images of `x` go through the block at once: all of them, except in eager CPU
+        inference, where as many as keep the widest intermediate (the MLP's hidden activation) within
+        `INFERENCE_CHUNK_BYTES`."""
+        B, H, W, _ = x.shape
+        if torch.is_grad_enabled() or x.device.type != "cpu" or traced():
+            return B
+        per_image = H * W * self.mlp.fc1.out_features * x.element_size()
+        return max(1, INFERENCE_CHUNK_BYTES // per_image)
+
+    def _forward(self, x: Tensor, out: Tensor | None = None) -> Tensor:
         x = x + self.drop_path(self.norm1(self._attend(x)))
-        return x + self.drop_path(self.norm2(self.mlp(x)))
+        y = self.drop_path(self.norm2(self.mlp(x)))
+        return x + y if out is None else torch.add(x, y, out=out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n = self._images_per_chunk(x)
+        if n >= x.shape[0]:
+            return self._forward(x)
+        out = torch.empty_like(x)
+        for start in range(0, x.shape[0], n):
+            self._forward(x[start:start + n], out=out[start:start + n])
+        return out
 
 
 class PatchMerging(nn.Module):
