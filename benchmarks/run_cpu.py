@@ -72,30 +72,38 @@ def main() -> int:
         raw[key] = res
         return _by_impl(res)
 
-    peak32 = bench.matmul_peak("cpu", "fp32")
+    # The peak is the best of several probes, taken before, between and after the inference rows: on a
+    # shared machine one probe can land in a slow spell and read far below what the rows then reach.
+    peak_probes = [bench.matmul_peak("cpu", "fp32")]
     # Without native bf16 (AVX-512 BF16 / AMX) a bf16 matmul is emulated and runs far below fp32: a
     # small probe decides whether the bf16 rows can run at all in reasonable time.
     peak16 = bench.matmul_peak("cpu", "bf16", n=512, repeats=2)
-    native_bf16 = peak16 >= 0.5 * peak32
+    native_bf16 = peak16 >= 0.5 * peak_probes[0]
 
     r = run("eager_fp32", batch_sizes=(8,), compare=peers)
     # Ratios are medians of the per-round paired ratios (`ours_speedup`), robust to drift between
     # rounds; against the fastest peer means the smallest of them.
+    eager = r["ours"]["gflop_per_s"]
+    peak_probes.append(bench.matmul_peak("cpu", "fp32"))
     ratio = min(r[p]["ours_speedup"] for p in peers)
     rows.append(_row("eager fp32 inference (img/s)", f"{r['ours']['img_per_s']:.2f}",
                      ", ".join(f"{p} {r[p]['img_per_s']:.2f}" for p in peers), ratio,
                      ">= 1.3 x fastest peer", ratio >= 1.3))
-    rows.append(_row("eager fp32, share of matmul peak", f"{r['ours']['gflop_per_s']:.0f} GFLOP/s",
-                     f"peak {peak32:.0f} GFLOP/s", r["ours"]["gflop_per_s"] / peak32, "(reference)", None))
+    share_rows = [("eager fp32, share of matmul peak", eager, "(reference)", None)]
 
     if not args.quick:
         r = run("compiled_fp32", batch_sizes=(8,), compare=("timm",), compile=True)
+        peak_probes.append(bench.matmul_peak("cpu", "fp32"))
         ratio = r["timm"]["ours_speedup"]
-        share = r["ours"]["gflop_per_s"] / peak32
         rows.append(_row("compiled fp32 inference (img/s)", f"{r['ours']['img_per_s']:.2f}",
                          f"timm {r['timm']['img_per_s']:.2f}", ratio, ">= 1.0 x timm compiled", ratio >= 1.0))
-        rows.append(_row("compiled fp32, share of matmul peak", f"{r['ours']['gflop_per_s']:.0f} GFLOP/s",
-                         f"peak {peak32:.0f} GFLOP/s", share, ">= 0.85", share >= 0.85))
+        share_rows.append(("compiled fp32, share of matmul peak", r["ours"]["gflop_per_s"], ">= 0.85", 0.85))
+    peak32 = max(peak_probes)
+    for what, gflop_s, target, need in share_rows:
+        share = gflop_s / peak32
+        rows.append(_row(what, f"{gflop_s:.0f} GFLOP/s", f"peak {peak32:.0f} GFLOP/s (best of "
+                         f"{', '.join(f'{p:.0f}' for p in peak_probes)})", share, target,
+                         None if need is None else share >= need))
 
     for compiled in ((False,) if args.quick else (False, True)) if native_bf16 else ():
         key = "compiled_bf16" if compiled else "eager_bf16"
@@ -140,7 +148,7 @@ def main() -> int:
 
     meta = dict(date=datetime.date.today().isoformat(), model=MODEL, python=sys.version.split()[0],
                 machine=platform.machine(), processor=platform.processor(), torch=torch.__version__,
-                threads=torch.get_num_threads(), matmul_peak_fp32_gflop_s=peak32,
+                threads=torch.get_num_threads(), matmul_peak_fp32_gflop_s=peak32, matmul_peak_fp32_probes=peak_probes,
                 matmul_peak_bf16_gflop_s=peak16, env=bench.environment("cpu"))
     (out / "cpu.json").write_text(json.dumps(dict(meta=meta, rows=rows, results=raw), indent=1, default=str))
     lines = [f"SwinV2-T window 8, 256 px, CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, "
