@@ -92,8 +92,9 @@ def test_autocast_training_matches_the_plain_path():
 
 
 def test_linears_equal_the_plain_ops_with_and_without_the_fast_path(monkeypatch):
-    """linear and linear + GELU: in fp32 CPU inference (oneDNN's fused epilogue where the probe finds
-    it) and with autograd (plain ops, differentiable) they are F.linear and F.gelu(F.linear)."""
+    """linear and linear + GELU: in fp32 CPU inference (oneDNN's linear with the bias in its epilogue
+    where the probe finds it, the GELU then in place) and with autograd (plain ops, differentiable)
+    they are F.linear and F.gelu(F.linear)."""
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(40, 24, generator=g) * 0.2, torch.randn(40, generator=g)
     for x in (torch.randn(6, 24, generator=g), torch.randn(2, 5, 7, 24, generator=g),

@@ -1,0 +1,102 @@
+"""Same-process A/B of an eager CPU inference fast path against its alternative.
+
+Each comparison switches one setting on the same model and alternates the two settings in interleaved
+rounds (this shared 2-core machine drifts by +-10 % between runs, so only paired, same-process
+ratios mean anything). It prints throughput, minor page faults per forward (`getrusage`), and the
+median of the per-round paired speed-ups with its quartiles.
+
+  grouping  each block over groups of images within `swinv2.model.INFERENCE_CHUNK_BYTES`, against
+            the whole batch at once
+  gelu      fc1's GELU in place after the oneDNN linear (ours), against oneDNN's GELU epilogue
+
+    python benchmarks/inference_ab.py grouping --batch 8 --rounds 21
+    python benchmarks/inference_ab.py gelu --batch 8 --rounds 25
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import resource
+import statistics
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+
+import swinv2
+import swinv2.fused as fused
+import swinv2.model as swin_model
+
+
+@contextlib.contextmanager
+def whole_batch() -> Iterator[None]:
+    saved = swin_model.INFERENCE_CHUNK_BYTES
+    swin_model.INFERENCE_CHUNK_BYTES = 1 << 62
+    try:
+        yield
+    finally:
+        swin_model.INFERENCE_CHUNK_BYTES = saved
+
+
+@contextlib.contextmanager
+def gelu_epilogue() -> Iterator[None]:
+    """fc1 as one oneDNN matmul with the bias and the exact GELU in its epilogue."""
+    saved = fused.linear_gelu
+
+    def epilogue(x, weight, bias):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
+
+    swin_model.linear_gelu = epilogue
+    try:
+        yield
+    finally:
+        swin_model.linear_gelu = saved
+
+
+# name -> (label of ours, label of the alternative, context manager that switches to the alternative)
+COMPARISONS: dict[str, tuple[str, str, Callable[[], contextlib.AbstractContextManager]]] = {
+    "grouping": ("grouped", "whole batch", whole_batch),
+    "gelu": ("GELU in place", "oneDNN GELU epilogue", gelu_epilogue),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("comparison", choices=sorted(COMPARISONS))
+    ap.add_argument("--model", default="swinv2_tiny_window8_256")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--img-size", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=21)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+
+    ours, alternative, switch = COMPARISONS[args.comparison]
+    settings = {alternative: switch, ours: contextlib.nullcontext}
+    torch.set_num_threads(args.threads)
+    model = swinv2.create_model(args.model).eval()
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size)
+    seconds: dict[str, list[float]] = {k: [] for k in settings}
+    faults = dict.fromkeys(settings, 0)
+    with torch.inference_mode():
+        for setting in settings.values():
+            with setting():
+                model(x)
+        for _ in range(args.rounds):
+            for name, setting in settings.items():
+                with setting():
+                    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                    start = time.perf_counter()
+                    model(x)
+                    seconds[name].append(time.perf_counter() - start)
+                    faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    n = args.rounds
+    width = max(map(len, settings))
+    for name in settings:
+        paired = sorted(a / b for a, b in zip(seconds[alternative], seconds[name]))
+        print(f"{args.model} batch {args.batch} {name:{width}s}: {args.batch / statistics.median(seconds[name]):6.2f} "
+              f"img/s, {faults[name] // n:7d} page faults/forward, speed-up {paired[n // 2]:.3f} "
+              f"(quartiles {paired[n // 4]:.3f}-{paired[3 * n // 4]:.3f})")
+
+
+if __name__ == "__main__":
+    main()
