@@ -15,12 +15,12 @@ memory they take and what autograd keeps for the backward pass:
 * `linear(x, weight, bias)` and `linear_gelu(x, weight, bias)`: on the CPU in fp32, one oneDNN matmul
   with the bias applied in its epilogue (torch's `mkldnn._linear_pointwise`, the op torch.compile's
   CPU backend emits for the same pattern when weights are frozen). That spares addmm's copy of the
-  bias into the whole output. fc1's exact GELU then runs in place on the matmul's output: oneDNN's
-  own GELU epilogue measured 5-15 % slower per fc1 for 192-768 input features (and 6 % on the whole
-  forward), its erf being slower than ATen's. Inference uses it eagerly and, through the
-  `swinv2::onednn_linear` custom op, under torch.compile; eager training through `_OneDNNLinear`
-  (oneDNN for the forward and the input gradient). Used only where a probe at import shows the op
-  exists here and equals the plain op.
+  bias into the whole output. fc1's exact GELU then runs in place on the matmul's output: with
+  oneDNN's own GELU epilogue instead, fc1 measured 16-31 % slower in isolation for 192-768 input
+  features (within +-7 % at 96) and the whole forward 2-6 % slower. Inference uses the linear
+  eagerly and, through the `swinv2::onednn_linear` custom op, under torch.compile; eager training
+  through `_OneDNNLinear` (oneDNN for the forward and the input gradient). Used only where a probe at
+  import shows the op exists here and equals the plain op.
 """
 from __future__ import annotations
 
