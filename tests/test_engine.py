@@ -92,6 +92,28 @@ def test_linear_lr_scaling():
     assert scaled_lrs(5e-4, 5e-7, 5e-6, total_batch=1024, base_batch=512, scaling="none") == (5e-4, 5e-7, 5e-6)
 
 
+def test_optimizer_is_fused_adamw_and_steps_like_the_for_loop_one():
+    """build_optimizer uses torch's fused AdamW on the CPU; a few steps give what torch's reference
+    for-loop implementation gives from the same state, weight decay and no-decay groups included."""
+    model = create_model("swinv2_micro_window4_32", num_classes=5)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ref_params = {n: torch.nn.Parameter(p.clone()) for n, p in start.items()}
+    opt = build_optimizer(model, lr=1e-2, weight_decay=0.05)
+    assert [g["fused"] for g in opt.param_groups] == [True, True]
+    ref = torch.optim.AdamW([{"params": [ref_params[n] for n in g["param_names"]], "weight_decay": g["weight_decay"]}
+                             for g in opt.param_groups], lr=1e-2, foreach=False)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for n, p in model.named_parameters():
+            p.grad = torch.randn(p.shape, generator=g)
+            ref_params[n].grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    for n, p in model.named_parameters():
+        assert torch.allclose(p, ref_params[n], rtol=1e-5, atol=1e-7), n
+        assert not torch.equal(p, start[n]), n  # every parameter moved (decayed or not)
+
+
 def test_no_weight_decay_set_is_the_official_one():
     model = create_model("swinv2_micro_window4_32", num_classes=5)
     model.patch_embed.proj.weight.requires_grad_(False)

@@ -285,6 +285,35 @@ def test_cached_bias_is_reused_then_recomputed_after_an_optimizer_step():
         assert (model(x) - y1).abs().max() <= 1e-5
 
 
+def test_cached_bias_is_recomputed_after_updates_that_bump_no_version_counter():
+    """A fused AdamW step and an in-place update through `.data` leave the parameters' version counters
+    as they were; the cache still sees the new values."""
+    model = randomize_(micro(), seed=11)
+    x = torch.randn(2, 3, 32, 32)
+    cpb = model.layers[0].blocks[1].attn.cpb_mlp[2].weight
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+    for update in ("fused AdamW step", ".data"):
+        model.eval()
+        with torch.no_grad():
+            model(x)
+        before = _cached_bias(model)
+        version = cpb._version
+        if update == ".data":
+            cpb.data.mul_(3.0)
+        else:
+            model.train()
+            model(x).square().sum().backward()
+            opt.step()
+        assert cpb._version == version, update  # what a version-counter check would miss
+        model.eval()
+        with torch.no_grad():
+            y = model(x)
+            assert not torch.equal(_cached_bias(model), before), update
+            model.set_fused_attention(False)  # the uncached official formula
+            assert (model(x) - y).abs().max() <= 1e-5, update
+            model.set_fused_attention(True)
+
+
 def test_cached_bias_is_recomputed_after_load_state_dict_and_dtype_change():
     model = randomize_(micro(), seed=9).eval()
     other = randomize_(micro(), seed=10).eval()

@@ -231,6 +231,12 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(self.act(h))))
 
 
+def _same_values(a: list[Tensor], b: list[Tensor]) -> bool:
+    """Same dtypes, devices, shapes and values, element for element."""
+    return len(a) == len(b) and all(
+        x.dtype == y.dtype and x.device == y.device and x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
+
+
 class WindowAttention(nn.Module):
     """Scaled cosine attention within windows plus the log-spaced continuous position bias.
 
@@ -255,7 +261,7 @@ class WindowAttention(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self._bias_cache: dict[int, tuple[tuple, Tensor | None, Tensor]] = {}
+        self._bias_cache: dict[int, tuple[list[Tensor], Tensor | None, Tensor]] = {}
 
     def position_bias(self, window: int) -> Tensor:
         """(nH, N, N) = 16 * sigmoid(cpb_mlp(log-spaced table))[relative_position_index]."""
@@ -267,29 +273,30 @@ class WindowAttention(nn.Module):
         bias = bias[index].view(N, N, self.num_heads).permute(2, 0, 1)
         return 16 * torch.sigmoid(bias)
 
-    def _param_versions(self) -> tuple:
-        return tuple((p.data_ptr(), p._version, p.dtype) for p in self.cpb_mlp.parameters())
-
     def attention_bias(self, window: int, mask: Tensor | None) -> Tensor:
         """(nW or 1, nH, N, N) position bias plus shift mask.
 
-        Without autograd the result is cached and reused until a CPB parameter changes (its data
-        pointer, dtype or in-place version counter: optimiser steps, `load_state_dict`, `.to()`).
+        In CPU inference the result is cached and reused while the CPB parameters hold the values it
+        was computed from: the check compares values with a snapshot (a few thousand numbers), because
+        version counters miss fused optimiser steps (`AdamW(fused=True)` does not bump them) and
+        in-place updates through `.data`. Elsewhere it is recomputed: on an accelerator the value
+        check would cost a host sync, more than the few small kernels it saves.
         """
-        cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        params = [p.detach() for p in self.cpb_mlp.parameters()]
+        cacheable = (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                     and params[0].device.type == "cpu")
         if cacheable:
-            versions = self._param_versions()
             hit = self._bias_cache.get(window)
             # The entry holds the mask itself, so an identity check cannot see a recycled id.
-            if hit is not None and hit[0] == versions and hit[1] is mask:
+            if hit is not None and hit[1] is mask and _same_values(hit[0], params):
                 return hit[2]
         bias = self.position_bias(window)[None]  # (1, nH, N, N)
         if mask is not None:
             bias = bias + mask.to(bias.dtype)[:, None]  # (nW, nH, N, N)
         if cacheable:
             with _plain_tensors():
-                bias = bias.clone()
-            self._bias_cache[window] = (versions, mask, bias)
+                bias, snapshot = bias.clone(), [p.clone() for p in params]
+            self._bias_cache[window] = (snapshot, mask, bias)
         return bias
 
     def forward(self, x: Tensor, window: int, mask: Tensor | None = None) -> Tensor:
