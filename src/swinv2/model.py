@@ -270,7 +270,10 @@ class WindowAttention(nn.Module):
         bias = self.cpb_mlp(table)  # ((2w-1)^2, nH)
         index = _cached(relative_position_index, window, weight.device).view(-1)
         N = window * window
-        bias = bias[index].view(N, N, self.num_heads).permute(2, 0, 1)
+        # Gathered along the table axis of the (nH, (2w-1)^2) transpose, so the result is a contiguous
+        # (nH, N, N): the (N, N, nH) gather permuted would leave the heads innermost, and every
+        # (windows x heads) reshape of bias + mask downstream would copy it.
+        bias = bias.t().index_select(1, index).view(self.num_heads, N, N)
         return 16 * torch.sigmoid(bias)
 
     def attention_bias(self, window: int, mask: Tensor | None) -> Tensor:
