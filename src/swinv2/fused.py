@@ -235,8 +235,9 @@ def _onednn_linear_eager(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tens
 
 # The same call as an opaque custom op for torch.compile: inductor's own lowering of
 # `mkldnn._linear_pointwise` accepts only frozen (constant, pre-packed) weights, and unfrozen it
-# lowers F.linear to addmm (a copy of the bias into the output, then the matmul onto it). Through this op a compiled graph keeps
-# the one oneDNN call per linear and fuses the elementwise work around it.
+# lowers F.linear to addmm (a copy of the bias into the output, then the matmul onto it). Through
+# this op a compiled graph keeps the one oneDNN call per linear and fuses the elementwise work around
+# it.
 @torch.library.custom_op("swinv2::onednn_linear", mutates_args=(),
                          schema="(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 def _onednn_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

@@ -11,7 +11,7 @@ What V2 changes over V1, and where it lives here:
 
 Beyond the official code: any input size (pad to a window multiple, then shift; odd sizes padded
 before merging), windows clamped at run time from the actual feature-map size, masks and tables
-cached per size, the position bias cached while its parameters are unchanged (inference only),
+cached per size, the position bias cached while its parameters keep their values (CPU inference),
 attention through `F.scaled_dot_product_attention`, eager CPU inference over groups of images sized
 to stay off fresh pages (`INFERENCE_CHUNK_BYTES`), activation checkpointing, multi-scale features.
 This module imports torch only (and `fused.py`: torch-only fused autograd functions, and oneDNN
