@@ -19,38 +19,26 @@ import contextlib
 import resource
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from unittest import mock
 
 import torch
 
 import swinv2
-import swinv2.fused as fused
 import swinv2.model as swin_model
 
 
-@contextlib.contextmanager
-def whole_batch() -> Iterator[None]:
-    saved = swin_model.INFERENCE_CHUNK_BYTES
-    swin_model.INFERENCE_CHUNK_BYTES = 1 << 62
-    try:
-        yield
-    finally:
-        swin_model.INFERENCE_CHUNK_BYTES = saved
+def whole_batch() -> contextlib.AbstractContextManager:
+    return mock.patch.object(swin_model, "INFERENCE_CHUNK_BYTES", 1 << 62)
 
 
-@contextlib.contextmanager
-def gelu_epilogue() -> Iterator[None]:
+def _epilogue_linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """fc1 as one oneDNN matmul with the bias and the exact GELU in its epilogue."""
-    saved = fused.linear_gelu
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
 
-    def epilogue(x, weight, bias):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
 
-    swin_model.linear_gelu = epilogue
-    try:
-        yield
-    finally:
-        swin_model.linear_gelu = saved
+def gelu_epilogue() -> contextlib.AbstractContextManager:
+    return mock.patch.object(swin_model, "linear_gelu", _epilogue_linear_gelu)
 
 
 # name -> (label of ours, label of the alternative, context manager that switches to the alternative)
