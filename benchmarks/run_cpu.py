@@ -4,7 +4,14 @@ Every row runs `swinv2.bench.run` (same weights for every implementation, interl
 median of paired ratios; see that module's docstring for the method) and compares with the target.
 Writes `OUT/cpu.json` (every measurement, the environment) and `OUT/cpu.md` (the table).
 
-    python benchmarks/run_cpu.py --out benchmarks/results [--quick]
+The implementations share this process's heap, so the process first makes malloc keep freed memory for
+reuse (`swinv2.allocator`): after its warm-up no implementation page-faults, whichever ran before it.
+Under glibc's defaults (`--default-malloc`) the page faults each one takes depend on the heap the others
+left, and the ratios with the build order (measured: eager timm 1.10x or 1.29x slower than ours, the
+training step 1.06x or 1.15x, with the order swapped). `benchmarks/own_process.py` measures each
+implementation alone in its own process instead, under either policy.
+
+    python benchmarks/run_cpu.py --out benchmarks/results [--quick] [--default-malloc]
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ import torch
 
 import swinv2
 from swinv2 import bench
+from swinv2.allocator import retain_freed_cpu_memory
 
 MODEL = "swinv2_tiny_window8_256"
 
@@ -57,7 +65,10 @@ def main() -> int:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="fewer repeats, skip compiled rows (a smoke run)")
+    ap.add_argument("--default-malloc", action="store_true", help="keep glibc's malloc defaults (see above)")
     args = ap.parse_args()
+    retained = False if args.default_malloc else retain_freed_cpu_memory()
+    malloc = "freed memory retained for reuse (swinv2.allocator)" if retained else "malloc as given"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     reps = 2 if args.quick else args.repeats
@@ -149,10 +160,10 @@ def main() -> int:
     meta = dict(date=datetime.date.today().isoformat(), model=MODEL, python=sys.version.split()[0],
                 machine=platform.machine(), processor=platform.processor(), torch=torch.__version__,
                 threads=torch.get_num_threads(), matmul_peak_fp32_gflop_s=peak32, matmul_peak_fp32_probes=peak_probes,
-                matmul_peak_bf16_gflop_s=peak16, env=bench.environment("cpu"))
+                matmul_peak_bf16_gflop_s=peak16, malloc=malloc, env=bench.environment("cpu"))
     (out / "cpu.json").write_text(json.dumps(dict(meta=meta, rows=rows, results=raw), indent=1, default=str))
     lines = [f"SwinV2-T window 8, 256 px, CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, "
-             f"{meta['date']}", "", "| what | ours | peers | ratio | target | met |", "|---|---|---|---|---|---|"]
+             f"{meta['date']}, {malloc}", "", "| what | ours | peers | ratio | target | met |", "|---|---|---|---|---|---|"]
     for row in rows:
         ratio = "" if row["ratio"] is None else f"{row['ratio']:.2f}"
         met = "" if row["met"] is None else ("yes" if row["met"] else "**no**")

@@ -1,0 +1,73 @@
+"""`swinv2.allocator`: freed CPU memory stays mapped for reuse, so repeated steps stop faulting pages in.
+
+The policy is process-wide, so every test that applies it does so in a child process.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from swinv2 import allocator, cli
+
+# A child allocates, touches and frees a 64 MiB tensor twice and prints whether the policy was applied
+# and the minor page faults of the second round. 64 MiB is above glibc's largest dynamic mmap threshold
+# (32 MiB), so by default every round maps, faults in (16384 pages of 4 KiB) and unmaps it again.
+CHILD = """
+import resource, sys, torch
+from swinv2.allocator import retain_freed_cpu_memory
+applied = retain_freed_cpu_memory() if sys.argv[1] == "retain" else False
+def one_round():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t = torch.empty(16 << 20)
+    t.fill_(1.0)
+    del t
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+one_round()
+print(applied, one_round())
+"""
+PAGES = (64 << 20) // 4096
+
+
+def _second_round_faults(policy: str, **env: str) -> tuple[bool, int]:
+    res = subprocess.run([sys.executable, "-c", CHILD, policy], capture_output=True, text=True,
+                         env={**os.environ, **env}, check=True)
+    applied, faults = res.stdout.split()
+    return applied == "True", int(faults)
+
+
+def test_retained_memory_is_reused_without_page_faults():
+    applied, faults = _second_round_faults("default")
+    assert not applied and faults >= PAGES // 2  # the cost being removed: the block is faulted in again
+    applied, faults = _second_round_faults("retain")
+    assert applied and faults < PAGES // 16
+
+
+def test_opt_out_and_the_users_own_malloc_settings_change_nothing(monkeypatch):
+    applied, faults = _second_round_faults("retain", SWINV2_RETAIN_FREED_MEMORY="0")
+    assert not applied and faults >= PAGES // 2
+    # In this process these return before touching malloc.
+    monkeypatch.setenv("SWINV2_RETAIN_FREED_MEMORY", "off")
+    assert allocator.retain_freed_cpu_memory() is False
+    monkeypatch.delenv("SWINV2_RETAIN_FREED_MEMORY")
+    for name, value in (("MALLOC_TRIM_THRESHOLD_", "1000000"), ("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=1")):
+        with monkeypatch.context() as m:
+            m.setenv(name, value)
+            assert allocator.retain_freed_cpu_memory() is False
+
+
+@pytest.mark.parametrize("limit", [0, -1, 2**31])
+def test_limits_outside_a_c_int_are_refused(limit):
+    with pytest.raises(ValueError, match="limit"):
+        allocator.retain_freed_cpu_memory(limit)
+
+
+def test_the_cli_applies_it_for_the_commands_that_compute(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(allocator, "retain_freed_cpu_memory", lambda: calls.append(1) or True)
+    assert cli.main(["train", "--print-config"]) == 0
+    assert calls == [1]
+    assert cli.main(["models"]) == 0
+    assert calls == [1]
