@@ -3,14 +3,16 @@
 Each comparison switches one setting on the same model and alternates the two settings in interleaved
 rounds (this shared 2-core machine drifts by +-10 % between runs, so only paired, same-process
 ratios mean anything). It prints throughput, minor page faults per forward (`getrusage`), and the
-median of the per-round paired speed-ups with its quartiles.
+median of the per-round paired speed-ups with its quartiles. As `make bench`, the process first keeps
+freed memory for reuse (`swinv2.allocator`); `--default-malloc` keeps glibc's defaults instead.
 
   grouping  each block over groups of images within `swinv2.model.INFERENCE_CHUNK_BYTES`, against
             the whole batch at once
-  gelu      fc1's GELU in place after the oneDNN linear (ours), against oneDNN's GELU epilogue
+  linear    the linears as F.linear (MKL's addmm) with fc1's GELU in place (ours), against oneDNN's
+            linear with the bias in its epilogue (`mkldnn._linear_pointwise`), GELU in place too
 
     python benchmarks/inference_ab.py grouping --batch 8 --rounds 21
-    python benchmarks/inference_ab.py gelu --batch 8 --rounds 25
+    python benchmarks/inference_ab.py linear --batch 8 --rounds 21 [--default-malloc]
 """
 from __future__ import annotations
 
@@ -19,32 +21,39 @@ import contextlib
 import resource
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from unittest import mock
 
 import torch
 
 import swinv2
 import swinv2.model as swin_model
+from swinv2.allocator import retain_freed_cpu_memory
 
 
 def whole_batch() -> contextlib.AbstractContextManager:
     return mock.patch.object(swin_model, "INFERENCE_CHUNK_BYTES", 1 << 62)
 
 
-def _epilogue_linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """fc1 as one oneDNN matmul with the bias and the exact GELU in its epilogue."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-def gelu_epilogue() -> contextlib.AbstractContextManager:
-    return mock.patch.object(swin_model, "linear_gelu", _epilogue_linear_gelu)
+def _onednn_linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.aten.gelu_(_onednn_linear(x, weight, bias))
+
+
+@contextlib.contextmanager
+def onednn_linears() -> Iterator[None]:
+    with mock.patch.object(swin_model, "linear", _onednn_linear), \
+            mock.patch.object(swin_model, "linear_gelu", _onednn_linear_gelu):
+        yield
 
 
 # name -> (label of ours, label of the alternative, context manager that switches to the alternative)
 COMPARISONS: dict[str, tuple[str, str, Callable[[], contextlib.AbstractContextManager]]] = {
     "grouping": ("grouped", "whole batch", whole_batch),
-    "gelu": ("GELU in place", "oneDNN GELU epilogue", gelu_epilogue),
+    "linear": ("addmm", "oneDNN linear", onednn_linears),
 }
 
 
@@ -56,7 +65,10 @@ def main() -> None:
     ap.add_argument("--img-size", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=21)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--default-malloc", action="store_true", help="keep glibc's malloc defaults")
     args = ap.parse_args()
+    if not args.default_malloc:
+        retain_freed_cpu_memory()
 
     ours, alternative, switch = COMPARISONS[args.comparison]
     settings = {alternative: switch, ours: contextlib.nullcontext}

@@ -1,4 +1,5 @@
 """swinv2: Swin Transformer V2 with the official numerics, every variant and weight format."""
+from .allocator import retain_freed_cpu_memory
 from .checkpoint import LoadReport, load_model, load_weights, save_weights
 from .convert import convert_state_dict
 from .flops import count_flops
@@ -14,6 +15,7 @@ __all__ = [
     "SwinTransformerV2",
     "SwinV2Config",
     "count_flops",
+    "retain_freed_cpu_memory",
     "create_model",
     "get_variant",
     "list_models",

@@ -12,15 +12,17 @@ memory they take and what autograd keeps for the backward pass:
   (one elementwise op) instead of keeping the 4C-wide activation twice (GELU input and fc2 input).
 * `permute_tokens(x, order, inverse)`: the window gather/scatter, whose gradient is the inverse gather
   instead of a zero-fill plus index_add_.
-* `linear(x, weight, bias)` and `linear_gelu(x, weight, bias)`: on the CPU in fp32, one oneDNN matmul
-  with the bias applied in its epilogue (torch's `mkldnn._linear_pointwise`, the op torch.compile's
-  CPU backend emits for the same pattern when weights are frozen). That spares addmm's copy of the
-  bias into the whole output. fc1's exact GELU then runs in place on the matmul's output: with
-  oneDNN's own GELU epilogue instead, fc1 measured 16-31 % slower in isolation for 192-768 input
-  features (within +-7 % at 96) and the whole forward 2-6 % slower. Inference uses the linear
-  eagerly and, through the `swinv2::onednn_linear` custom op, under torch.compile; eager training
-  through `_OneDNNLinear` (oneDNN for the forward and the input gradient). Used only where a probe at
-  import shows the op exists here and equals the plain op.
+* `linear(x, weight, bias)` and `linear_gelu(x, weight, bias)`: F.linear (MKL's addmm on the CPU),
+  and in eager inference fc1's exact GELU in place on the matmul's fresh output (no second 4C-wide
+  buffer). Under torch.compile, fp32 CPU inference calls oneDNN's matmul with the bias in its epilogue
+  (`mkldnn._linear_pointwise`) through the `swinv2::onednn_linear` custom op: inductor lowers that op
+  only for frozen weights, and otherwise emits addmm after a copy of the bias into the output. Used
+  only where a probe at import shows the op exists here and equals the plain op.
+  Eagerly, oneDNN's linear is not used: with freed memory retained (`swinv2.allocator`, no page faults)
+  addmm ran the SwinV2-T forward 1.07-1.10x and the training step 1.15x faster than the oneDNN linears
+  (same-process A/Bs, batch 8); under glibc's default malloc they were level in inference (the image
+  grouping keeps both off fresh pages). Earlier measurements that favoured oneDNN were dominated by
+  addmm's bias copy landing on freshly mapped pages.
 """
 from __future__ import annotations
 
@@ -180,9 +182,7 @@ class _GeluLinear(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
         with torch.autocast(device, enabled=False):
             h, w = h.to(dtype), weight.to(dtype)
-            ctx.onednn = _onednn_train_path(h, w)
-            b = None if bias is None else bias.to(dtype)
-            out = _onednn_linear_eager(F.gelu(h), w, b) if ctx.onednn else F.linear(F.gelu(h), w, b)
+            out = F.linear(F.gelu(h), w, None if bias is None else bias.to(dtype))
         ctx.save_for_backward(h, w)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return out
@@ -198,7 +198,7 @@ class _GeluLinear(torch.autograd.Function):
         if ctx.dtypes[1] is not None and ctx.needs_input_grad[2]:
             grad_b = grad2d.sum(0).to(ctx.dtypes[1])
         if ctx.needs_input_grad[0]:
-            grad_h = torch.ops.aten.gelu_backward(_grad_input(grad, w, ctx.onednn), h)
+            grad_h = torch.ops.aten.gelu_backward(grad @ w, h)
         return grad_h, grad_w, grad_b
 
 
@@ -253,75 +253,28 @@ def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 _is_exporting = getattr(torch.compiler, "is_exporting", None) or (lambda: False)
 
 
-def _onednn_fp32_cpu(x: Tensor, weight: Tensor) -> bool:
-    """fp32 on the CPU without autocast, where the probe found the op."""
-    return (ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32
-            and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"))
-
-
-def _onednn_path(x: Tensor, weight: Tensor) -> bool:
-    """Inference, eager or under torch.compile (not jit tracing, ONNX or torch.export, whose graphs
-    must hold standard ops only)."""
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or _is_exporting():
+def _compiled_onednn_path(x: Tensor, weight: Tensor) -> bool:
+    """fp32 CPU inference under torch.compile (not jit tracing, ONNX or torch.export, whose graphs must
+    hold standard ops only), without autocast, where the probe found the op."""
+    if not torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return False
-    return not torch.is_grad_enabled() and _onednn_fp32_cpu(x, weight)
-
-
-def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    if torch.compiler.is_compiling():
-        return _onednn_linear_op(x, weight, bias)
-    return _onednn_linear_eager(x, weight, bias)  # no custom-op dispatch overhead in eager
-
-
-def _onednn_train_path(x: Tensor, weight: Tensor) -> bool:
-    """Eager autograd (no tracing or compiling: those differentiate the plain ops themselves)."""
-    return not traced() and _onednn_fp32_cpu(x, weight)
-
-
-def _grad_input(grad: Tensor, weight: Tensor, onednn: bool) -> Tensor:
-    """grad @ weight, the input gradient of a linear; through oneDNN with weight^T laid out for it (a
-    copy of the small weight) when `onednn`."""
-    if onednn:
-        return _onednn_linear_eager(grad, weight.t().contiguous(), None)
-    return grad @ weight
-
-
-class _OneDNNLinear(torch.autograd.Function):
-    """F.linear with oneDNN's matmul (bias in the epilogue) in the forward and for the input gradient;
-    the weight gradient is the plain mm. Saves what addmm's backward saves: x and the weight."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return _onednn_linear_eager(x, weight, bias)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        x, weight = ctx.saved_tensors
-        grad2d = grad.reshape(-1, grad.shape[-1])
-        grad_x = _grad_input(grad, weight, True) if ctx.needs_input_grad[0] else None
-        grad_w = grad2d.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
-        grad_b = grad2d.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b
+    return (ONEDNN_LINEAR and not _is_exporting() and not torch.is_grad_enabled() and x.device.type == "cpu"
+            and x.dtype == torch.float32 and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"))
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear(x, weight, bias). On the CPU in fp32 a oneDNN matmul with the bias in its epilogue
-    (addmm instead first copies the bias into the whole output, then accumulates onto it): in inference
-    (eager or compiled) directly, in eager training through `_OneDNNLinear`."""
-    if _onednn_path(x, weight):
-        return _onednn_linear(x, weight, bias)
-    if torch.is_grad_enabled() and _onednn_train_path(x, weight):
-        return _OneDNNLinear.apply(x, weight, bias)
+    """F.linear(x, weight, bias); compiled fp32 CPU inference calls oneDNN's linear through the custom op."""
+    if _compiled_onednn_path(x, weight):
+        return _onednn_linear_op(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
 def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """F.gelu(F.linear(x, weight, bias)); in fp32 CPU inference the oneDNN linear, then the GELU in
-    place on its output (eager: no second 4C-wide buffer; compiled: inductor's own GELU kernel)."""
-    if _onednn_path(x, weight):
-        h = _onednn_linear(x, weight, bias)
-        return F.gelu(h) if torch.compiler.is_compiling() else torch.ops.aten.gelu_(h)
-    return F.gelu(F.linear(x, weight, bias))
+    """F.gelu(F.linear(x, weight, bias)). Eager without autograd the GELU runs in place on the matmul's
+    fresh output; compiled fp32 CPU inference calls oneDNN's linear and leaves the GELU to inductor."""
+    if _compiled_onednn_path(x, weight):
+        return F.gelu(_onednn_linear_op(x, weight, bias))
+    h = F.linear(x, weight, bias)
+    if traced() or torch.is_grad_enabled():
+        return F.gelu(h)
+    return torch.ops.aten.gelu_(h)

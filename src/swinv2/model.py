@@ -15,7 +15,7 @@ cached per size, the position bias cached while its parameters keep their values
 attention through `F.scaled_dot_product_attention`, eager CPU inference over groups of images sized
 to stay off fresh pages (`INFERENCE_CHUNK_BYTES`), activation checkpointing, multi-scale features.
 This module imports torch only (and `fused.py`: torch-only fused autograd functions, and oneDNN
-linears with the bias in their epilogue for fp32 on the CPU, eager and compiled).
+linears with the bias in their epilogue for compiled fp32 CPU inference).
 """
 from __future__ import annotations
 
@@ -223,7 +223,7 @@ class Mlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if not torch.is_grad_enabled() and (self.drop.p == 0.0 or not self.training):
-            h = linear_gelu(x, self.fc1.weight, self.fc1.bias)  # oneDNN matmul, then GELU in place
+            h = linear_gelu(x, self.fc1.weight, self.fc1.bias)  # eager: GELU in place on the matmul output
             return linear(h, self.fc2.weight, self.fc2.bias)
         h = linear(x, self.fc1.weight, self.fc1.bias)
         if self.drop.p == 0.0:
