@@ -12,42 +12,43 @@ import pytest
 
 from swinv2 import allocator, cli
 
-# A child allocates, touches and frees a 64 MiB tensor twice and prints whether the policy was applied
-# and the minor page faults of the second round. 64 MiB is above glibc's largest dynamic mmap threshold
-# (32 MiB), so by default every round maps, faults in (16384 pages of 4 KiB) and unmaps it again.
+# A child allocates, touches and frees a 48 MiB tensor eight times and prints whether the policy was
+# applied and the minor page faults of each round. 48 MiB is above glibc's largest dynamic mmap
+# threshold (32 MiB), so by default every round maps, faults in (12288 pages of 4 KiB) and unmaps it
+# again. Retained, the first rounds may still fault in a second region (whatever small allocations
+# land between two rounds shift the block), then the rounds reuse what is mapped.
 CHILD = """
 import resource, sys, torch
 from swinv2.allocator import retain_freed_cpu_memory
 applied = retain_freed_cpu_memory() if sys.argv[1] == "retain" else False
 def one_round():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    t = torch.empty(16 << 20)
+    t = torch.empty(12 << 20)
     t.fill_(1.0)
     del t
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-one_round()
-print(applied, one_round())
+print(applied, *[one_round() for _ in range(8)])
 """
-PAGES = (64 << 20) // 4096
+PAGES = (48 << 20) // 4096
 
 
-def _second_round_faults(policy: str, **env: str) -> tuple[bool, int]:
+def _faults_per_round(policy: str, **env: str) -> tuple[bool, list[int]]:
     res = subprocess.run([sys.executable, "-c", CHILD, policy], capture_output=True, text=True,
                          env={**os.environ, **env}, check=True)
-    applied, faults = res.stdout.split()
-    return applied == "True", int(faults)
+    applied, *faults = res.stdout.split()
+    return applied == "True", [int(f) for f in faults]
 
 
 def test_retained_memory_is_reused_without_page_faults():
-    applied, faults = _second_round_faults("default")
-    assert not applied and faults >= PAGES // 2  # the cost being removed: the block is faulted in again
-    applied, faults = _second_round_faults("retain")
-    assert applied and faults < PAGES // 16
+    applied, faults = _faults_per_round("default")
+    assert not applied and min(faults) >= PAGES // 2  # the cost being removed: faulted in every round
+    applied, faults = _faults_per_round("retain")
+    assert applied and max(faults[-3:]) < PAGES // 16
 
 
 def test_opt_out_and_the_users_own_malloc_settings_change_nothing(monkeypatch):
-    applied, faults = _second_round_faults("retain", SWINV2_RETAIN_FREED_MEMORY="0")
-    assert not applied and faults >= PAGES // 2
+    applied, faults = _faults_per_round("retain", SWINV2_RETAIN_FREED_MEMORY="0")
+    assert not applied and min(faults) >= PAGES // 2
     # In this process these return before touching malloc.
     monkeypatch.setenv("SWINV2_RETAIN_FREED_MEMORY", "off")
     assert allocator.retain_freed_cpu_memory() is False

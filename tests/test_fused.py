@@ -90,42 +90,26 @@ def test_autocast_training_matches_the_plain_path():
         assert err(ours) <= 2 * err(ref) + 1e-3
 
 
-def test_linears_equal_the_plain_ops():
-    """linear and linear + GELU: in eager inference (the GELU in place on the matmul's output) and with
-    autograd (differentiable) they are F.linear and F.gelu(F.linear), bit for bit; the oneDNN op the
-    compiled path calls equals F.linear where the probe found it."""
+def test_linear_gelu_is_the_plain_ops():
+    """fc1 + GELU: in eager inference (the GELU in place on the matmul's output) and with autograd
+    (differentiable) it is F.gelu(F.linear), bit for bit."""
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(40, 24, generator=g) * 0.2, torch.randn(40, generator=g)
     for x in (torch.randn(6, 24, generator=g), torch.randn(2, 5, 7, 24, generator=g),
               torch.randn(2, 24, 5, 7, generator=g).permute(0, 2, 3, 1)):  # non-contiguous, channels-last
         for bias in (b, None):
-            ref = F.linear(x, w, bias)
+            ref = F.gelu(F.linear(x, w, bias))
             with torch.inference_mode():
-                fast, fast_gelu = fused.linear(x, w, bias), fused.linear_gelu(x, w, bias)
-            assert fast.shape == ref.shape and torch.equal(fast, ref)
-            assert torch.equal(fast_gelu, F.gelu(ref))
-            if fused.ONEDNN_LINEAR:
-                assert torch.allclose(fused._onednn_linear_op(x, w, bias), ref, rtol=1e-5, atol=1e-6)
+                assert torch.equal(fused.linear_gelu(x, w, bias), ref)
     xg = torch.randn(3, 24, requires_grad=True)
-    (fused.linear(xg, w, b) + fused.linear_gelu(xg, w, b)).sum().backward()  # the autograd path
-    assert xg.grad is not None and torch.isfinite(xg.grad).all()
-    assert fused.ONEDNN_LINEAR == (getattr(torch.ops.mkldnn, "_linear_pointwise", None) is not None
-                                            and torch.backends.mkldnn.is_available())
+    fused.linear_gelu(xg, w, b).sum().backward()  # the autograd path
+    (ref,) = torch.autograd.grad(F.gelu(F.linear(xg, w, b)).sum(), xg)
+    assert torch.equal(xg.grad, ref)
 
 
-def _count_onednn_calls(monkeypatch) -> list:
-    """A list that grows by one on every oneDNN linear call (eager, or inside the compiled custom op)."""
-    calls = []
-    eager_op = fused._onednn_linear_eager
-    monkeypatch.setattr(fused, "_onednn_linear_eager", lambda *a: calls.append(1) or eager_op(*a))
-    return calls
-
-
-def test_compiled_inference_keeps_the_onednn_linears(monkeypatch):
-    """Under torch.compile(fullgraph=True) the fp32 CPU inference graph calls the oneDNN linears
-    through the `swinv2::onednn_linear` custom op (inductor cannot lower them unfrozen), with no graph
-    break or recompile, and gives the eager logits (whose linears are F.linear)."""
-    calls = _count_onednn_calls(monkeypatch)
+def test_compiled_inference_is_one_graph_with_the_eager_logits(monkeypatch):
+    """torch.compile(fullgraph=True) of fp32 CPU inference: no graph break, no recompile on a new
+    input of the same size, the eager logits within 1e-5."""
     model = randomize_(create_model("swinv2_micro_window4_32").eval())
     g = torch.Generator().manual_seed(0)
     imgs = [torch.randn(2, 3, 32, 32, generator=g) for _ in range(2)]
@@ -134,16 +118,9 @@ def test_compiled_inference_keeps_the_onednn_linears(monkeypatch):
     compiled = torch.compile(model, fullgraph=True)
     with torch.inference_mode():
         refs = [model(img) for img in imgs]
-        eager_calls = len(calls)
-        calls.clear()
         outs = [compiled(img) for img in imgs]
     for out, ref in zip(outs, refs):
         assert (out - ref).abs().max() <= 1e-5
-    # Compiled, every linear but the head's and the CPB MLP's (cached) runs through oneDNN; eager, none.
-    n_linears = len([m for m in model.modules() if isinstance(m, torch.nn.Linear)])
-    expected = n_linears - 1 - 2 * sum(model.config.depths) if fused.ONEDNN_LINEAR else 0
-    assert eager_calls == 0
-    assert len(calls) == 2 * expected
 
 
 def test_permute_tokens_gradient_is_the_inverse_gather():
@@ -160,9 +137,9 @@ def test_permute_tokens_gradient_is_the_inverse_gather():
     assert torch.autograd.gradgradcheck(lambda x: permute_tokens(x, order, inverse), (x,))
 
 
-def test_training_linear_gradients_equal_the_plain_ones(monkeypatch):
-    """The eager training linear and the GELU-recomputing fc2 give F.linear's outputs and gradients,
-    for x, weight and bias."""
+def test_gelu_recomputing_fc2_gives_the_plain_gradients():
+    """The GELU-recomputing fc2 gives F.linear(F.gelu(h))'s output and gradients, for h, weight and
+    bias."""
     g = torch.Generator().manual_seed(1)
     x0 = torch.randn(2, 5, 7, 24, generator=g)
     w0, b0 = torch.randn(40, 24, generator=g) * 0.2, torch.randn(40, generator=g)
@@ -173,12 +150,5 @@ def test_training_linear_gradients_equal_the_plain_ones(monkeypatch):
         out = fn(x, w, b)
         return (out, *torch.autograd.grad((out * up).sum(), (x, w, b)))
 
-    for ours, plain in ((fused.linear, F.linear),
-                        (gelu_linear, lambda x, w, b: F.linear(F.gelu(x), w, b))):
-        for a, r in zip(run(ours), run(plain)):
-            assert torch.allclose(a, r, rtol=1e-5, atol=1e-5)
-    # Eager training never takes the oneDNN op (slower than addmm here; see fused.py).
-    calls = _count_onednn_calls(monkeypatch)
-    run(fused.linear)
-    run(gelu_linear)
-    assert calls == []
+    for a, r in zip(run(gelu_linear), run(lambda x, w, b: F.linear(F.gelu(x), w, b))):
+        assert torch.allclose(a, r, rtol=1e-5, atol=1e-5)

@@ -1,8 +1,7 @@
 """Fused and memory-lean ops for SwinV2's hot paths (torch only; used by model.py).
 
-Each forward computes the ops of the plain formula, so outputs are unchanged up to float rounding (the
-oneDNN matmuls round differently from addmm in the last bits); what differs is how many passes over
-memory they take and what autograd keeps for the backward pass:
+Each forward computes the ops of the plain formula, so outputs are unchanged up to float rounding; what
+differs is how many passes over memory they take and what autograd keeps for the backward pass:
 
 * `cosine_qkv(qkv, windows, heads, scale)`: q/|q| * scale, k/|k| and v from the qkv projection,
   each written straight into a fresh contiguous tensor in the attention's layout. Saves the normalised
@@ -12,17 +11,14 @@ memory they take and what autograd keeps for the backward pass:
   (one elementwise op) instead of keeping the 4C-wide activation twice (GELU input and fc2 input).
 * `permute_tokens(x, order, inverse)`: the window gather/scatter, whose gradient is the inverse gather
   instead of a zero-fill plus index_add_.
-* `linear(x, weight, bias)` and `linear_gelu(x, weight, bias)`: F.linear (MKL's addmm on the CPU),
-  and in eager inference fc1's exact GELU in place on the matmul's fresh output (no second 4C-wide
-  buffer). Under torch.compile, fp32 CPU inference calls oneDNN's matmul with the bias in its epilogue
-  (`mkldnn._linear_pointwise`) through the `swinv2::onednn_linear` custom op: inductor lowers that op
-  only for frozen weights, and otherwise emits addmm after a copy of the bias into the output. Used
-  only where a probe at import shows the op exists here and equals the plain op.
-  Eagerly, oneDNN's linear is not used: with freed memory retained (`swinv2.allocator`, no page faults)
-  addmm ran the SwinV2-T forward 1.07-1.10x and the training step 1.15x faster than the oneDNN linears
-  (same-process A/Bs, batch 8); under glibc's default malloc they were level in inference (the image
-  grouping keeps both off fresh pages). Earlier measurements that favoured oneDNN were dominated by
-  addmm's bias copy landing on freshly mapped pages.
+* `linear_gelu(x, weight, bias)`: fc1 and its GELU; the linear is F.linear (MKL's addmm on the CPU),
+  and in eager inference the exact GELU runs in place on the matmul's fresh output (no second 4C-wide
+  buffer). oneDNN's linear with the bias in its epilogue (`mkldnn._linear_pointwise`, eagerly, and
+  under torch.compile through a custom op) is not used: with freed memory retained
+  (`swinv2.allocator`, no page faults) addmm ran the SwinV2-T forward 1.05-1.10x and the training
+  step 1.15x faster in eager, and the compiled forward 1.12x (same-process A/Bs, batch 8,
+  `benchmarks/inference_ab.py linear`). The measurements that had favoured oneDNN were dominated by
+  addmm's bias copy landing on freshly mapped pages under glibc's default malloc.
 """
 from __future__ import annotations
 
@@ -209,71 +205,9 @@ def gelu_linear(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return _GeluLinear.apply(h, weight, bias)
 
 
-def _probe_onednn_linear() -> bool:
-    """Whether oneDNN's linear (the bias in its epilogue) runs here and equals the plain op."""
-    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-    if op is None or not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        with torch.inference_mode(False), torch.no_grad():
-            g = torch.Generator().manual_seed(0)
-            x, w, b = (torch.randn(s, generator=g) for s in ((3, 5, 16), (24, 16), (24,)))
-            plain = F.linear(x, w, b)
-            return bool(torch.allclose(op(x, w, b, "none", [], ""), plain, rtol=1e-5, atol=1e-6))
-    except RuntimeError:  # e.g. a build or CPU without the primitive
-        return False
-
-
-# Probed once, at import (three tiny matmuls), so that torch.compile reads a plain global instead of
-# tracing the probe.
-ONEDNN_LINEAR: bool = _probe_onednn_linear()
-
-
-def _onednn_linear_eager(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-
-# The same call as an opaque custom op for torch.compile: inductor's own lowering of
-# `mkldnn._linear_pointwise` accepts only frozen (constant, pre-packed) weights, and unfrozen it
-# lowers F.linear to addmm (a copy of the bias into the output, then the matmul onto it). Through
-# this op a compiled graph keeps the one oneDNN call per linear and fuses the elementwise work around
-# it.
-@torch.library.custom_op("swinv2::onednn_linear", mutates_args=(),
-                         schema="(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
-def _onednn_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    return _onednn_linear_eager(x, weight, bias)
-
-
-@_onednn_linear_op.register_fake
-def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-# torch.export's flag (torch >= 2.7); before it, torch.export is not told apart from torch.compile.
-_is_exporting = getattr(torch.compiler, "is_exporting", None) or (lambda: False)
-
-
-def _compiled_onednn_path(x: Tensor, weight: Tensor) -> bool:
-    """fp32 CPU inference under torch.compile (not jit tracing, ONNX or torch.export, whose graphs must
-    hold standard ops only), without autocast, where the probe found the op."""
-    if not torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-        return False
-    return (ONEDNN_LINEAR and not _is_exporting() and not torch.is_grad_enabled() and x.device.type == "cpu"
-            and x.dtype == torch.float32 and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"))
-
-
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear(x, weight, bias); compiled fp32 CPU inference calls oneDNN's linear through the custom op."""
-    if _compiled_onednn_path(x, weight):
-        return _onednn_linear_op(x, weight, bias)
-    return F.linear(x, weight, bias)
-
-
 def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """F.gelu(F.linear(x, weight, bias)). Eager without autograd the GELU runs in place on the matmul's
-    fresh output; compiled fp32 CPU inference calls oneDNN's linear and leaves the GELU to inductor."""
-    if _compiled_onednn_path(x, weight):
-        return F.gelu(_onednn_linear_op(x, weight, bias))
+    """F.gelu(F.linear(x, weight, bias)); eager without autograd, the GELU runs in place on the matmul's
+    fresh output (traced or compiled, inductor fuses it on its own)."""
     h = F.linear(x, weight, bias)
     if traced() or torch.is_grad_enabled():
         return F.gelu(h)
