@@ -4,7 +4,10 @@
 each setting (batch size x image size x dtype) it builds all implementations, warms each up, measures
 one step's peak memory, then times `repeats` rounds in which every implementation runs `iters` calls;
 the order rotates every round, so slow drifts (thermal, other processes) hit all of them alike. The
-ratios are medians of the per-round paired ratios.
+ratios are medians of the per-round paired ratios. All implementations share the process's heap: the
+callers (`swinv2 bench`, `benchmarks/run_cpu.py`) first make malloc retain freed memory
+(`swinv2.allocator`), because under glibc's defaults the page faults each implementation takes, and so
+the ratios, depend on which one ran before it.
 
 What one call ("step") is:
   * inference (default): `model(x)` under `torch.inference_mode()`, the model in eval mode. With bf16 /
