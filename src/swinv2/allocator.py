@@ -7,7 +7,7 @@ after step, so under these defaults each step faults its memory in again: the ke
 page on first touch, about 1.7 us each here. Measured on a 2-core x86 VM (SwinV2-T, 256 px, batch 8,
 fp32, each run in its own process, `python benchmarks/own_process.py --mode train`): 110k-260k
 minor page faults per step (0.4-1 GB of fresh pages) under the defaults, and 0-3k with this policy;
-9-17 % less time per step. Which process history happens to leave a large heap behind decides how much
+3-17 % less time per step across runs (more when the machine is busy). Which process history happens to leave a large heap behind decides how much
 of this a given process pays, so the defaults also make timings depend on what ran before.
 
 What. `retain_freed_cpu_memory()` raises the mmap threshold and the trim threshold to `limit` bytes

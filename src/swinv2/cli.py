@@ -282,8 +282,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     # The implementations share this process's heap. Under glibc's defaults each one's page faults
-    # then depend on the heap the others left behind (measured: a peer 1.3x slower or faster with the
-    # build order); retained, none faults after its warm-up, whatever the order.
+    # then depend on the heap the others left behind (measured: eager ours vs timm 1.10x or 1.29x with
+    # the build order swapped); retained, none faults after its warm-up, whatever the order.
     retained = False if args.default_malloc else allocator.retain_freed_cpu_memory()
     compare = [c.strip() for c in args.compare.split(",") if c.strip()]
     results = bench.run(args.model, batch_sizes=args.batch_size, img_sizes=args.img_size, dtypes=args.dtype,
@@ -411,7 +411,7 @@ def _run_train(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- entry point
 
 # Commands whose process runs the model step after step: freed CPU memory is kept for reuse (see
-# `swinv2.allocator`; about 10 % faster SwinV2-T training steps on the CPU). `bench` decides for itself
+# `swinv2.allocator`; SwinV2-T training steps 3-10 % faster on the CPU here). `bench` decides for itself
 # (`--default-malloc`).
 RETAIN_MEMORY_COMMANDS = ("train", "eval", "predict")
 
