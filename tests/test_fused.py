@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from randomize import randomize_
 from swinv2 import create_model, fused
-from swinv2.fused import cosine_qkv, gelu_linear, permute_tokens
+from swinv2.fused import cosine_qkv, gelu_linear, permute_tokens, softmax_flushed
 
 
 def _qkv(dtype=torch.float64, zero_row: bool = False):
@@ -152,3 +152,56 @@ def test_gelu_recomputing_fc2_gives_the_plain_gradients():
 
     for a, r in zip(run(gelu_linear), run(lambda x, w, b: F.linear(F.gelu(x), w, b))):
         assert torch.allclose(a, r, rtol=1e-5, atol=1e-5)
+
+
+def _subnormal(t):
+    return (t != 0) & (t.abs() < torch.finfo(t.dtype).tiny)
+
+
+def test_softmax_flushed_zeroes_only_the_subnormal_probabilities():
+    """Masked logits about 100 below their row's maximum (the shift mask's -100) give subnormal
+    probabilities; the flushed softmax returns 0 there and the plain softmax everywhere else."""
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        s = torch.randn(4, 6, 64, 64, generator=g) * 2
+        s[:, :, :, 40:] -= 90  # masked: exp lands in the subnormal range for many entries
+        s = s.to(dtype)
+        plain = s.softmax(-1)
+        assert _subnormal(plain).sum() > 100  # the premise: there are subnormals to flush
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                ours = softmax_flushed(s.clone().requires_grad_(grad))
+            assert not _subnormal(ours).any()
+            assert torch.equal(ours, torch.where(_subnormal(plain), 0.0, plain).to(dtype))
+
+
+def test_softmax_flushed_gradient_is_the_softmax_gradient():
+    g = torch.Generator().manual_seed(1)
+    s0 = torch.randn(3, 5, 16, 16, generator=g) * 5
+    s0[..., 10:] -= 90
+    up = torch.randn(3, 5, 16, 16, generator=g)
+    s = s0.clone().requires_grad_()
+    assert _subnormal(s0.softmax(-1)).any()
+    (ours,) = torch.autograd.grad((softmax_flushed(s) * up).sum(), s)
+    (ref,) = torch.autograd.grad((s.softmax(-1) * up).sum(), s)
+    # Identical up to the flushed terms, each below 1.2e-38, and the rounding of the row sums.
+    assert torch.allclose(ours, ref, rtol=1e-6, atol=1e-30)
+
+
+def test_training_attention_gives_the_official_formula_gradients():
+    """With autograd, the CPU attention is written out with the flushed softmax: logits and every
+    parameter's gradient match the plain official formula's (float rounding only)."""
+    model = randomize_(create_model("swinv2_micro_window4_32", drop_path_rate=0.0), seed=3).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    results = []
+    for fused_attention in (True, False):
+        model.set_fused_attention(fused_attention)
+        model.zero_grad(set_to_none=True)
+        logits = model(x)
+        (logits * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (ours, ours_grads), (ref, ref_grads) = results
+    assert (ours - ref).abs().max() <= 1e-5
+    for name, grad in ref_grads.items():
+        err = (ours_grads[name] - grad).abs().max() / grad.abs().max().clamp_min(1e-12)
+        assert err <= 1e-4, (name, err)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from .fused import cosine_qkv, gelu_linear, linear_gelu, permute_tokens, traced
+from .fused import cosine_qkv, gelu_linear, linear_gelu, permute_tokens, softmax_flushed, traced
 
 # Official mask value for token pairs from different regions of a shifted window.
 MASK_VALUE = -100.0
@@ -329,7 +329,8 @@ class WindowAttention(nn.Module):
                 # eager or compiled, stays on SDPA's fused kernel: compiled, it measured 1.36x faster
                 # than the written-out ops that inductor fuses (AVX-512 machine; equal within noise
                 # on an AVX2 one).
-                attn = (q @ k.transpose(-2, -1) + bias).softmax(dim=-1)
+                # Flushed: the masked probabilities would be subnormal, and every bmm over them slow.
+                attn = softmax_flushed(q @ k.transpose(-2, -1) + bias)
                 if self.attn_drop:
                     attn = F.dropout(attn, self.attn_drop, self.training)
                 out = attn @ v
