@@ -13,6 +13,7 @@ freed memory for reuse (`swinv2.allocator`); `--default-malloc` keeps glibc's de
 
     python benchmarks/inference_ab.py grouping --batch 8 --rounds 21
     python benchmarks/inference_ab.py linear --batch 8 --rounds 21 [--default-malloc]
+    python benchmarks/inference_ab.py linear --dtype bf16 --rounds 15   (bf16 weights and input)
 """
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ def main() -> None:
     ap.add_argument("--img-size", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=21)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--default-malloc", action="store_true", help="keep glibc's malloc defaults")
     args = ap.parse_args()
     if not args.default_malloc:
@@ -67,8 +69,9 @@ def main() -> None:
     ours, alternative, switch = COMPARISONS[args.comparison]
     settings = {alternative: switch, ours: contextlib.nullcontext}
     torch.set_num_threads(args.threads)
-    model = swinv2.create_model(args.model).eval()
-    x = torch.randn(args.batch, 3, args.img_size, args.img_size)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    model = swinv2.create_model(args.model).eval().to(dtype)
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size).to(dtype)
     seconds: dict[str, list[float]] = {k: [] for k in settings}
     faults = dict.fromkeys(settings, 0)
     with torch.inference_mode():
@@ -87,7 +90,7 @@ def main() -> None:
     width = max(map(len, settings))
     for name in settings:
         paired = sorted(a / b for a, b in zip(seconds[alternative], seconds[name]))
-        print(f"{args.model} batch {args.batch} {name:{width}s}: {args.batch / statistics.median(seconds[name]):6.2f} "
+        print(f"{args.model} {args.dtype} batch {args.batch} {name:{width}s}: {args.batch / statistics.median(seconds[name]):6.2f} "
               f"img/s, {faults[name] // n:7d} page faults/forward, speed-up {paired[n // 2]:.3f} "
               f"(quartiles {paired[n // 4]:.3f}-{paired[3 * n // 4]:.3f})")
 
