@@ -2,6 +2,7 @@
 numerically (float64) and against autograd of the plain formula at the clamped (zero-vector) point."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -158,9 +159,12 @@ def _subnormal(t):
     return (t != 0) & (t.abs() < torch.finfo(t.dtype).tiny)
 
 
-def test_softmax_flushed_zeroes_only_the_subnormal_probabilities():
+@pytest.mark.parametrize("traced", [False, True])
+def test_softmax_flushed_zeroes_only_the_subnormal_probabilities(traced, monkeypatch):
     """Masked logits about 100 below their row's maximum (the shift mask's -100) give subnormal
-    probabilities; the flushed softmax returns 0 there and the plain softmax everywhere else."""
+    probabilities; the flushed softmax returns 0 there and the plain softmax everywhere else, eager
+    and in the plain ops used when traced or compiled."""
+    monkeypatch.setattr(fused, "traced", lambda: traced)
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
         s = torch.randn(4, 6, 64, 64, generator=g) * 2

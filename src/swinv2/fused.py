@@ -223,9 +223,12 @@ class _SoftmaxFlushed(torch.autograd.Function):
 def softmax_flushed(s: Tensor) -> Tensor:
     """softmax(s, dim=-1) with subnormal probabilities flushed to zero (fp32 / bf16; see the module doc).
 
-    Traced or compiled, or in other dtypes, the plain softmax."""
-    if traced() or s.dtype not in (torch.float32, torch.bfloat16):
+    Traced or compiled, the same as plain ops (inductor fuses the flush into the softmax kernel); in
+    other dtypes, the plain softmax."""
+    if s.dtype not in (torch.float32, torch.bfloat16):
         return s.softmax(dim=-1)
+    if traced():
+        return F.threshold(s.softmax(dim=-1), torch.finfo(s.dtype).tiny, 0.0)
     if torch.is_grad_enabled() and s.requires_grad:
         return _SoftmaxFlushed.apply(s)
     p = torch.softmax(s, dim=-1)
