@@ -205,11 +205,15 @@ class _GeluLinear(torch.autograd.Function):
         return grad_h, grad_w, grad_b
 
 
+def _softmax_then_flush(s: Tensor) -> Tensor:
+    """softmax(s, dim=-1), then p if p > tiny else 0, in place on the fresh output."""
+    return F.threshold_(torch.softmax(s, dim=-1), torch.finfo(s.dtype).tiny, 0.0)
+
+
 class _SoftmaxFlushed(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, s: Tensor) -> Tensor:
-        p = torch.softmax(s, dim=-1)
-        F.threshold_(p, torch.finfo(p.dtype).tiny, 0.0)  # p if p > tiny else 0, in place
+        p = _softmax_then_flush(s)
         ctx.save_for_backward(p)
         return p
 
@@ -231,8 +235,7 @@ def softmax_flushed(s: Tensor) -> Tensor:
         return F.threshold(s.softmax(dim=-1), torch.finfo(s.dtype).tiny, 0.0)
     if torch.is_grad_enabled() and s.requires_grad:
         return _SoftmaxFlushed.apply(s)
-    p = torch.softmax(s, dim=-1)
-    return F.threshold_(p, torch.finfo(p.dtype).tiny, 0.0)
+    return _softmax_then_flush(s)
 
 
 def gelu_linear(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
