@@ -23,7 +23,8 @@ differs is how many passes over memory they take and what autograd keeps for the
   buffer). oneDNN's linear with the bias in its epilogue (`mkldnn._linear_pointwise`, eagerly, and
   under torch.compile through a custom op) is not used: with freed memory retained
   (`swinv2.allocator`, no page faults) addmm ran the SwinV2-T forward 1.05-1.10x and the training
-  step 1.15x faster in eager, and the compiled forward 1.12x (same-process A/Bs, batch 8,
+  step 1.15x faster in eager, and the compiled forward 1.12x, on an AVX2 machine; on an AVX-512 one
+  the two were level (1.00x fp32, 0.997x bf16) (same-process A/Bs, batch 8,
   `benchmarks/inference_ab.py linear`). The measurements that had favoured oneDNN were dominated by
   addmm's bias copy landing on freshly mapped pages under glibc's default malloc.
 """
