@@ -100,6 +100,10 @@ def main() -> int:
     rows.append(_row("eager fp32 inference (img/s)", f"{r['ours']['img_per_s']:.2f}",
                      ", ".join(f"{p} {r[p]['img_per_s']:.2f}" for p in peers), ratio,
                      ">= 1.3 x fastest peer", ratio >= 1.3))
+    # What the ratio target asks of the machine: the share of the matmul peak ours would have to reach
+    # (the fastest peer's FLOP rate times the target, over the peak). Shown beside our share, it says
+    # how far the target is from what the matmuls alone allow.
+    needs = [("eager fp32", 1.3 * max(r[p]["gflop_per_s"] for p in peers), "1.3 x fastest peer")]
     share_rows = [("eager fp32, share of matmul peak", eager, "(reference)", None)]
 
     if not args.quick:
@@ -110,11 +114,6 @@ def main() -> int:
                          f"timm {r['timm']['img_per_s']:.2f}", ratio, ">= 1.0 x timm compiled", ratio >= 1.0))
         share_rows.append(("compiled fp32, share of matmul peak", r["ours"]["gflop_per_s"], ">= 0.85", 0.85))
     peak32 = max(peak_probes)
-    for what, gflop_s, target, need in share_rows:
-        share = gflop_s / peak32
-        rows.append(_row(what, f"{gflop_s:.0f} GFLOP/s", f"peak {peak32:.0f} GFLOP/s (best of "
-                         f"{', '.join(f'{p:.0f}' for p in peak_probes)})", share, target,
-                         None if need is None else share >= need))
 
     for compiled in ((False,) if args.quick else (False, True)) if native_bf16 else ():
         key = "compiled_bf16" if compiled else "eager_bf16"
@@ -131,8 +130,20 @@ def main() -> int:
     mem = r["ours"]["peak_mem_bytes"] / r["timm"]["peak_mem_bytes"]
     rows.append(_row("train step fp32 eager (img/s)", f"{r['ours']['img_per_s']:.2f}",
                      f"timm {r['timm']['img_per_s']:.2f}", ratio, ">= 1.25 x timm", ratio >= 1.25))
+    needs.append(("train step fp32", 1.25 * r["timm"]["gflop_per_s"], "1.25 x timm"))
+    share_rows.append(("train step fp32, share of matmul peak (3 x forward FLOPs)", r["ours"]["gflop_per_s"],
+                       "(reference)", None))
     rows.append(_row("train step fp32, peak memory (MB)", f"{r['ours']['peak_mem_bytes'] / 2**20:.0f}",
                      f"timm {r['timm']['peak_mem_bytes'] / 2**20:.0f}", mem, "<= 0.8 x timm", mem <= 0.8))
+
+    peak_note = f"peak {peak32:.0f} GFLOP/s (best of {', '.join(f'{p:.0f}' for p in peak_probes)})"
+    for what, gflop_s, target, need in share_rows:
+        share = gflop_s / peak32
+        rows.append(_row(what, f"{gflop_s:.0f} GFLOP/s", peak_note, share, target,
+                         None if need is None else share >= need))
+    for what, gflop_s, target in needs:
+        rows.append(_row(f"{what}: share of the peak that {target} needs", f"{gflop_s:.0f} GFLOP/s", peak_note,
+                         gflop_s / peak32, "(reference)", None))
 
     for ckpt in (False, True):
         key = "train_512_ckpt" if ckpt else "train_512"
