@@ -176,6 +176,21 @@ def test_grad_checkpointing_and_bf16_steps(tmp_path):
     assert math.isfinite(out["loss"]) and not out["skipped"]
 
 
+def test_bf16_amp_on_a_cpu_without_native_bf16_warns_naming_the_setting(tmp_path, monkeypatch, caplog):
+    from swinv2 import bench
+
+    calls = []
+    monkeypatch.setattr(bench, "bf16_matmul_slowdown", lambda device, n=256: calls.append(device) or 80.0)
+    with caplog.at_level("WARNING", logger="swinv2.bench"):
+        make_trainer(tmp_path, "train.amp=bf16")
+    assert [torch.device(d).type for d in calls] == ["cpu"]
+    assert any(r.getMessage().startswith("train.amp=bf16: this CPU has no native bf16") for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="swinv2.bench"):
+        make_trainer(tmp_path / "fp32")  # train.amp=none: no probe
+    assert len(calls) == 1 and not caplog.records
+
+
 def test_stochastic_depth_and_init_weights(tmp_path):
     from swinv2.checkpoint import save_weights
 

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from . import distributed as D
+from .bench import warn_if_bf16_emulated
 from .config import Config
 from .data import (Batch, DataReport, ImageFolderDataset, SeededSamples, ShardedSampler, build_digits_folder, build_mixup,
                    check_dataset, eval_transform, hygiene_warnings, make_loader, sample_seed, seed_everything,
@@ -163,7 +164,9 @@ class Trainer:
         self.amp_dtype = AMP_DTYPES[t.amp]
         if t.amp == "fp16" and env.device.type != "cuda":
             log.warning("train.amp=fp16 on the CPU is slow (it exists for testing the loss scaler); "
-                        "use train.amp=bf16 or none")
+                        "use train.amp=none, or bf16 on a CPU with AVX-512 BF16 or AMX")
+        if t.amp == "bf16":
+            warn_if_bf16_emulated(env.device, "train.amp=bf16")
         if t.parallel == "fsdp" and t.ema and env.distributed:
             raise ValueError("train.ema is not supported with train.parallel=fsdp (the EMA would need its own "
                              "sharding); use ddp, or turn the EMA off")
