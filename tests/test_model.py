@@ -190,8 +190,8 @@ def test_window_clamp_when_stage_not_larger_than_window():
     with torch.no_grad():
         y = model(torch.randn(1, 3, 16, 16))
     assert torch.isfinite(y).all()
-    cached = {w for m in model.modules() if isinstance(m, WindowAttention) for w in m._bias_cache}
-    assert cached == {4, 2}
+    cached = {key for m in model.modules() if isinstance(m, WindowAttention) for key in m._bias_cache}
+    assert cached == {(4, None), (2, None)}
 
 
 def test_cpb_table_extrapolates_with_pretrained_window():
@@ -283,6 +283,33 @@ def test_cached_bias_is_reused_then_recomputed_after_an_optimizer_step():
         assert second is not first and not torch.equal(second, first)
         model.set_fused_attention(False)  # the uncached official formula agrees with the new cache
         assert (model(x) - y1).abs().max() <= 1e-5
+
+
+def test_cached_bias_follows_autocast():
+    """Under bf16 autocast the CPB MLP runs in bf16: a model that first ran in fp32 must not reuse its
+    fp32 bias there, and back in fp32 it must not reuse the bf16 one."""
+    x = torch.randn(2, 3, 32, 32)
+    state = randomize_(micro(), seed=12, std=0.05).state_dict()  # a CPB output large enough for bf16 to show
+
+    def fresh() -> swinv2.SwinTransformerV2:
+        model = micro().eval()
+        model.load_state_dict(state)
+        return model
+
+    def bf16(model):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(x).float()
+
+    with torch.no_grad():
+        ref32, ref16 = fresh()(x), bf16(fresh())
+        assert (ref32 - ref16).abs().max() > 1e-3  # premise: autocast changes the logits
+        model = fresh()
+        assert torch.equal(model(x), ref32)
+        assert torch.equal(bf16(model), ref16)  # not the fp32 bias
+        assert torch.equal(model(x), ref32)  # not the bf16 bias
+    entries = {key[1]: bias for key, (_, _, bias) in model.layers[0].blocks[1].attn._bias_cache.items()}
+    assert entries.keys() == {None, torch.bfloat16} and entries[torch.bfloat16].dtype == torch.bfloat16
+    assert not torch.equal(entries[None].bfloat16(), entries[torch.bfloat16])  # premise: they differ
 
 
 def test_cached_bias_is_recomputed_after_updates_that_bump_no_version_counter():

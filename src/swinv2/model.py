@@ -261,7 +261,8 @@ class WindowAttention(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self._bias_cache: dict[int, tuple[list[Tensor], Tensor | None, Tensor]] = {}
+        # (window, autocast dtype or None) -> (CPB parameter snapshot, mask, bias); see attention_bias.
+        self._bias_cache: dict[tuple[int, torch.dtype | None], tuple[list[Tensor], Tensor | None, Tensor]] = {}
 
     def position_bias(self, window: int) -> Tensor:
         """(nH, N, N) = 16 * sigmoid(cpb_mlp(log-spaced table))[relative_position_index]."""
@@ -282,14 +283,16 @@ class WindowAttention(nn.Module):
         In CPU inference the result is cached and reused while the CPB parameters hold the values it
         was computed from: the check compares values with a snapshot (a few thousand numbers), because
         version counters miss fused optimiser steps (`AdamW(fused=True)` does not bump them) and
-        in-place updates through `.data`. Elsewhere it is recomputed: on an accelerator the value
-        check would cost a host sync, more than the few small kernels it saves.
+        in-place updates through `.data`. Entries are per autocast dtype, since autocast computes the
+        CPB MLP in its own dtype. Elsewhere it is recomputed: on an accelerator the value check would
+        cost a host sync, more than the few small kernels it saves.
         """
         params = [p.detach() for p in self.cpb_mlp.parameters()]
-        cacheable = (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                     and params[0].device.type == "cpu")
+        device = params[0].device.type
+        cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling() and device == "cpu"
         if cacheable:
-            hit = self._bias_cache.get(window)
+            key = (window, torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
+            hit = self._bias_cache.get(key)
             # The entry holds the mask itself, so an identity check cannot see a recycled id.
             if hit is not None and hit[1] is mask and _same_values(hit[0], params):
                 return hit[2]
@@ -299,7 +302,7 @@ class WindowAttention(nn.Module):
         if cacheable:
             with _plain_tensors():
                 bias, snapshot = bias.clone(), [p.clone() for p in params]
-            self._bias_cache[window] = (snapshot, mask, bias)
+            self._bias_cache[key] = (snapshot, mask, bias)
         return bias
 
     def forward(self, x: Tensor, window: int, mask: Tensor | None = None) -> Tensor:
