@@ -91,6 +91,32 @@ def test_eval_reproduces_independent_metrics(named, tmp_path, capsys):
             assert im.format == "PNG"
 
 
+def test_eval_under_bf16_autocast_reproduces_the_model_under_autocast(named, tmp_path, capsys):
+    root, weights, data = named
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--weights", str(weights), "--data", str(data), "--amp", "bf16", "--json", str(out)]) == 0
+    assert "autocast bf16" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    model = load_model(weights)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref16 = _reference(model, data, CLASSES, varied=False)
+    ref32 = _reference(model, data, CLASSES, varied=False)
+    assert abs(ref16["loss"] - ref32["loss"]) > 1e-5  # premise: bf16 autocast moves the loss (4e-5 here)
+    assert report["amp"] == "bf16" and report["n"] == ref16["n"] == 20
+    assert report["loss"] == pytest.approx(ref16["loss"], abs=1e-6)
+    assert report["top1"] == pytest.approx(ref16["top1"], abs=1e-9)
+
+
+def test_amp_fp16_on_the_cpu_fails_in_one_line(named, tmp_path, capsys):
+    root, weights, data = named
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--weights", str(weights), "--data", str(data), "--amp", "fp16", "--json", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["swinv2 eval: error: --amp fp16 needs a CUDA device, not cpu (CPU fp16 autocast is a slow "
+                   "reference path); use --amp bf16 or none"]
+    assert not out.exists()
+
+
 def test_class_map_mismatch_names_both(named, tmp_path, capsys):
     root, weights, data = named
     bad = tmp_path / "val"

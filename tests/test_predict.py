@@ -38,14 +38,16 @@ def setup(tmp_path_factory):
     return root, weights, imgs
 
 
-def _reference_top(weights, path, k):
-    """timm's eval transform (same crop_pct / interpolation) + the model's logits, softmax, top-k."""
+def _reference_top(weights, path, k, amp_dtype=None):
+    """timm's eval transform (same crop_pct / interpolation) + the model's logits (under autocast in
+    `amp_dtype`, if given), softmax in fp32, top-k."""
     model = load_model(weights)
     tf = timm_data.create_transform(input_size=32, crop_pct=0.875, interpolation="bicubic", is_training=False,
                                     mean=timm_data.IMAGENET_DEFAULT_MEAN, std=timm_data.IMAGENET_DEFAULT_STD)
     x = tf(Image.open(path).convert("RGB"))[None]
-    with torch.no_grad():
-        p = model(x).softmax(-1)[0]
+    with torch.no_grad(), torch.autocast("cpu", dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        logits = model(x)
+    p = logits.float().softmax(-1)[0]
     top = p.topk(k)
     return top.indices.tolist(), top.values.tolist()
 
@@ -83,6 +85,20 @@ def test_cli_json_fields_and_exit_codes(setup, capsys):
     assert "corrupt.jpg" in err and "missing.png" in err
     assert main(args + ["--fail-on-error"]) == 1  # ... unless asked to
     capsys.readouterr()
+
+
+def test_bf16_autocast_is_applied_and_stays_close_to_fp32(setup):
+    root, weights, imgs = setup
+    model = load_model(weights)
+    fp32 = predict(model, [imgs], topk=5)
+    bf16 = predict(model, [imgs], topk=5, amp_dtype=torch.bfloat16)
+    probs = [{r["path"]: {t["index"]: t["prob"] for t in r["top"]} for r in p.results} for p in (fp32, bf16)]
+    assert probs[0].keys() == probs[1].keys() and len(probs[0]) == 6
+    diffs = [abs(p32[i] - probs[1][path][i]) for path, p32 in probs[0].items() for i in p32]
+    assert 0 < max(diffs) < 0.02  # moved by bf16 rounding (autocast ran), by no more than that
+    idx, vals = _reference_top(weights, imgs / "rgb0.png", 5, amp_dtype=torch.bfloat16)
+    got = probs[1][str(imgs / "rgb0.png")]
+    assert max(abs(got[i] - v) for i, v in zip(idx, vals)) < 1e-6
 
 
 def test_plain_output_and_plot(setup, capsys, tmp_path):

@@ -10,8 +10,12 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from . import allocator
+
+if TYPE_CHECKING:  # torch is imported inside the commands that need it: `swinv2 models` stays fast
+    import torch
 
 log = logging.getLogger("swinv2")
 
@@ -126,6 +130,29 @@ def _write_json(path: str, record: object) -> None:
     os.replace(tmp, path)
 
 
+def _add_amp_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
+                   help="run the model under autocast in this dtype (fp16: CUDA only; on a CPU, bf16 pays off only "
+                   "with AVX-512 BF16 or AMX, and a warning says when it is emulated)")
+
+
+def _amp_dtype(args: argparse.Namespace) -> torch.dtype | None:
+    """--amp as an autocast dtype (None for none), checked against --device."""
+    import torch
+
+    from .bench import warn_if_bf16_emulated
+
+    if args.amp == "none":
+        return None
+    device = torch.device(args.device)
+    if args.amp == "fp16" and device.type != "cuda":
+        raise UserError(f"--amp fp16 needs a CUDA device, not {args.device} (CPU fp16 autocast is a slow "
+                        "reference path); use --amp bf16 or none")
+    if args.amp == "bf16":
+        warn_if_bf16_emulated(device, "--amp bf16")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+
+
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="top-1 / top-5 / loss / per-class accuracy of weights on an image folder",
                        description="Evaluate weights on DIR/<class>/<images>. With class names in the weights, every "
@@ -137,6 +164,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0, help="data-loading processes (default 0: in this process)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    _add_amp_arg(p)
     p.add_argument("--json", metavar="OUT", default=None, help="write every metric, the per-class accuracy and the "
                    "confusion matrix to this JSON file")
     p.add_argument("--plots", metavar="DIR", default=None, help="write confusion_matrix.png and "
@@ -147,14 +175,16 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _run_eval(args: argparse.Namespace) -> int:
     from .predict import evaluate_folder, save_eval_plots
 
+    amp_dtype = _amp_dtype(args)
     model, prep = _load_for_use(args)
     report = evaluate_folder(model, args.data, weights=args.weights, batch_size=args.batch_size,
-                             workers=args.workers, device=args.device, preprocess=prep)
+                             workers=args.workers, device=args.device, preprocess=prep, amp_dtype=amp_dtype)
     for e in report["errors"]:
         print(f"swinv2 eval: skipped {e['path']}: {e['error']}", file=sys.stderr)
     skipped = f", {len(report['errors'])} unreadable skipped" if report["errors"] else ""
     print(f"{args.data}: {report['n']} images, {len(report['per_class'])} classes{skipped}; "
-          f"{prep.img_size} px, crop {prep.crop_pct}, {prep.interpolation}")
+          f"{prep.img_size} px, crop {prep.crop_pct}, {prep.interpolation}"
+          + ("" if amp_dtype is None else f", autocast {args.amp}"))
     print(f"top-1 {report['top1']:.2f}%  top-5 {report['top5']:.2f}%  loss {report['loss']:.4f}  "
           f"({report['img_per_s']:.1f} img/s)")
     rows = sorted(report["per_class"], key=lambda r: r["top1"])
@@ -164,7 +194,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     for r in shown:
         print(f"  {r['class']:<{width}}  {r['top1']:6.2f}%  ({r['correct']}/{r['n']})")
     if args.json:
-        _write_json(args.json, {"weights": args.weights, "data": args.data, **report})
+        _write_json(args.json, {"weights": args.weights, "data": args.data, "amp": args.amp, **report})
         print(f"wrote {args.json}")
     if args.plots:
         for path in save_eval_plots(report, args.plots):
@@ -183,6 +213,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu")
+    _add_amp_arg(p)
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     p.add_argument("--plot", metavar="OUT.png", default=None, help="draw a grid of the images (up to 32) with "
                    "their top-k labels")
@@ -196,9 +227,10 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     from .predict import predict
 
+    amp_dtype = _amp_dtype(args)
     model, prep = _load_for_use(args)
     preds = predict(model, args.paths, topk=args.topk, batch_size=args.batch_size, device=args.device,
-                    preprocess=prep, thumbnails=32 if args.plot else 0)
+                    preprocess=prep, thumbnails=32 if args.plot else 0, amp_dtype=amp_dtype)
     if args.json:
         print(json.dumps(preds.to_json(), indent=1))
     else:

@@ -144,12 +144,13 @@ def _batches(files: Sequence[str], transform, batch_size: int, errors: list[dict
 @torch.no_grad()
 def predict(model: nn.Module, paths: Sequence[str | os.PathLike], *, topk: int = 5, batch_size: int = 32,
             device: str | torch.device = "cpu", preprocess: EvalPreprocess | None = None,
-            thumbnails: int = 0) -> PredictionSet:
+            thumbnails: int = 0, amp_dtype: torch.dtype | None = None) -> PredictionSet:
     """Classify the images named by `paths` (files, folders, globs; see `expand_paths`).
 
-    Each result holds the `topk` classes with their softmax probabilities. Unreadable files and
-    arguments that name nothing are in `.errors`, never fatal. `thumbnails` keeps that many small
-    RGB arrays of the first readable images for a picture of the predictions.
+    Each result holds the `topk` classes with their softmax probabilities (taken in fp32, also under
+    `amp_dtype` autocast). Unreadable files and arguments that name nothing are in `.errors`, never
+    fatal. `thumbnails` keeps that many small RGB arrays of the first readable images for a picture of
+    the predictions.
     """
     if topk < 1 or batch_size < 1:
         raise ValueError("topk and batch_size must be at least 1")
@@ -161,7 +162,9 @@ def predict(model: nn.Module, paths: Sequence[str | os.PathLike], *, topk: int =
     device = torch.device(device)
     model = model.eval().to(device)
     for batch_paths, x in _batches(files, transform, batch_size, out.errors, out.thumbnails, thumbnails):
-        probs = model(x.to(device)).float().softmax(dim=-1)  # (B, C)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(x.to(device))
+        probs = logits.float().softmax(dim=-1)  # (B, C)
         p, idx = probs.topk(k, dim=-1)
         for path, pi, ii in zip(batch_paths, p.tolist(), idx.tolist()):
             out.results.append({"path": path, "top": [{"index": i, "label": names[i], "prob": q}
