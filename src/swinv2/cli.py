@@ -140,7 +140,7 @@ def _amp_dtype(args: argparse.Namespace) -> torch.dtype | None:
     """--amp as an autocast dtype (None for none), checked against --device."""
     import torch
 
-    from .bench import warn_if_bf16_emulated
+    from .bench import DTYPES, warn_if_bf16_emulated
 
     if args.amp == "none":
         return None
@@ -150,7 +150,7 @@ def _amp_dtype(args: argparse.Namespace) -> torch.dtype | None:
                         "reference path); use --amp bf16 or none")
     if args.amp == "bf16":
         warn_if_bf16_emulated(device, "--amp bf16")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    return DTYPES[args.amp]
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
