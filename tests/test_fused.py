@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from randomize import randomize_
 from swinv2 import create_model, fused
-from swinv2.fused import cosine_qkv, gelu_linear, permute_tokens, softmax_flushed
+from swinv2.fused import cosine_qkv, gelu_linear, permute_rows, softmax_flushed
 
 
 def _qkv(dtype=torch.float64, zero_row: bool = False):
@@ -124,18 +124,18 @@ def test_compiled_inference_is_one_graph_with_the_eager_logits(monkeypatch):
         assert (out - ref).abs().max() <= 1e-5
 
 
-def test_permute_tokens_gradient_is_the_inverse_gather():
+def test_permute_rows_gradient_is_the_inverse_gather():
     order = torch.randperm(12, generator=torch.Generator().manual_seed(0))
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(12)
-    x = torch.randn(2, 12, 5, dtype=torch.float64, requires_grad=True)
-    g = torch.randn(2, 12, 5, dtype=torch.float64)
-    out = permute_tokens(x, order, inverse)
-    assert torch.equal(out, x.index_select(1, order))
+    x = torch.randn(12, 5, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(12, 5, dtype=torch.float64)
+    out = permute_rows(x, order, inverse)
+    assert torch.equal(out, x.index_select(0, order))
     (ours,) = torch.autograd.grad((out * g).sum(), x)
-    (ref,) = torch.autograd.grad((x.index_select(1, order) * g).sum(), x)
+    (ref,) = torch.autograd.grad((x.index_select(0, order) * g).sum(), x)
     assert torch.equal(ours, ref)
-    assert torch.autograd.gradgradcheck(lambda x: permute_tokens(x, order, inverse), (x,))
+    assert torch.autograd.gradgradcheck(lambda x: permute_rows(x, order, inverse), (x,))
 
 
 def test_gelu_recomputing_fc2_gives_the_plain_gradients():

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import swinv2
-from swinv2.model import DERIVED_KEYS, WindowAttention, shift_mask
+from swinv2.model import DERIVED_KEYS, WindowAttention, class_masks, shift_mask, window_order
 from randomize import randomize_
 
 timm = pytest.importorskip("timm")
@@ -113,6 +113,69 @@ def test_pad_then_shift_mask_matches_the_official_slices():
     ref = ref.masked_fill(ref != 0, -100.0).masked_fill(ref == 0, 0.0)
     assert torch.equal(shift_mask(Hp, Wp, w, s, torch.device("cpu")), ref)
     assert shift_mask(Hp, Wp, w, s, torch.device("cpu")) is shift_mask(Hp, Wp, w, s, torch.device("cpu"))
+
+@pytest.mark.parametrize("H, W, w, s", [(12, 16, 4, 2), (16, 16, 4, 2), (19, 23, 4, 2), (9, 30, 8, 4), (24, 24, 6, 3)])
+def test_windows_are_grouped_by_their_shift_mask(H, W, w, s):
+    """`window_order` puts the windows in runs of `counts` by mask class; every window of run c carries
+    (in the official raster-order mask) exactly `class_masks[c]`, and the gather is still the shifted
+    windows' tokens, only with the windows reordered."""
+    cpu = torch.device("cpu")
+    gather, inverse, scatter, counts = window_order(H, W, w, s, cpu)
+    Hp, Wp = H + -H % w, W + -W % w
+    N, nW = w * w, (Hp // w) * (Wp // w)
+    assert len(counts) == 4 and sum(counts) == nW and min(counts) >= 1
+    rolled = torch.roll(torch.arange(Hp * Wp).view(1, Hp, Wp, 1), (-s, -s), (1, 2))
+    raster = rolled.view(Hp // w, w, Wp // w, w).permute(0, 2, 1, 3).reshape(nW, N)  # official order
+    where = {tuple(row.tolist()): i for i, row in enumerate(raster)}
+    official = shift_mask(Hp, Wp, w, s, cpu)
+    masks = class_masks(w, s, cpu)
+    windows = gather.view(nW, N)
+    start = 0
+    for c, n in enumerate(counts):
+        for row in windows[start:start + n]:
+            assert torch.equal(official[where[tuple(row.tolist())]], masks[c])
+        start += n
+    assert sorted(where[tuple(r.tolist())] for r in windows) == list(range(nW))  # each window once
+    assert torch.equal(gather[inverse], torch.arange(Hp * Wp))
+    assert torch.equal(masks[0], torch.zeros(N, N)) and all((masks[c] != 0).any() for c in (1, 2, 3))
+
+
+def test_cached_bias_does_not_grow_with_the_image():
+    """The bias of a shifted block is one (nH, N, N) per mask class: the cache holds the same four at
+    32 px (2 x 2 windows) and at 160 px (10 x 10 windows), and the logits are timm's (which builds one
+    bias per window) at both sizes."""
+    from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2
+
+    model = randomize_(micro(), seed=13).eval()
+    attn = model.layers[0].blocks[1].attn
+    with torch.no_grad():
+        for size in (32, 160):
+            ref = TimmSwinV2(img_size=size, embed_dim=24, depths=(2, 2), num_heads=(2, 4), window_size=4).eval()
+            ref.load_state_dict(checkpoint_filter_fn(model.state_dict(), ref), strict=True)
+            x = torch.randn(1, 3, size, size)
+            expected = ref(x)
+            assert expected.abs().max() > 0.1
+            assert (model(x) - expected).abs().max() <= 1e-5
+            (bias,) = [entry[2] for entry in attn._bias_cache.values()]
+            assert bias.shape == (4, attn.num_heads, 16, 16)
+
+
+def test_training_gradients_match_timm():
+    """The CPU training path (attention written out, each window biased by its mask class, the
+    memory-lean autograd functions) gives timm's gradients for every parameter."""
+    ours = randomize_(swinv2.create_model("swinv2_tiny_window8_256", depths=(2, 2, 2, 2), drop_path_rate=0.0),
+                      seed=5).train()
+    ref = timm.create_model("swinv2_tiny_window8_256", depths=(2, 2, 2, 2), drop_path_rate=0.0).train()
+    ref.load_state_dict(checkpoint_filter_fn(ours.state_dict(), ref), strict=True)
+    x = torch.randn(2, 3, 256, 256)
+    ours(x).square().mean().backward()
+    ref(x).square().mean().backward()
+    grads = checkpoint_filter_fn({n: p.grad for n, p in ours.named_parameters()}, ref)
+    for name, p in ref.named_parameters():
+        scale = p.grad.abs().max().item()
+        assert scale > 0, name
+        assert (grads[name] - p.grad).abs().max().item() <= 1e-4 * scale, name
+
 
 
 def test_state_dict_has_no_derived_buffers_and_official_extras_load():

@@ -9,7 +9,7 @@ differs is how many passes over memory they take and what autograd keeps for the
   writes the q, k and v gradients straight into qkv's layout (no stack, no layout copy).
 * `gelu_linear(h, weight, bias)`: fc2(GELU(h)). Saves h only and recomputes GELU(h) in the backward
   (one elementwise op) instead of keeping the 4C-wide activation twice (GELU input and fc2 input).
-* `permute_tokens(x, order, inverse)`: the window gather/scatter, whose gradient is the inverse gather
+* `permute_rows(x, order, inverse)`: the window gather/scatter, whose gradient is the inverse gather
   instead of a zero-fill plus index_add_.
 * `softmax_flushed(s)`: softmax over the last dim whose subnormal outputs (below the dtype's
   smallest normal number, 1.2e-38 in fp32 and bf16) are flushed to zero. The shift mask's -100 puts
@@ -154,27 +154,27 @@ def cosine_qkv(qkv: Tensor, windows: int, heads: int, scale: Tensor) -> tuple[Te
     return _cosine_qkv_forward(qkv, windows, heads, scale)[:3]
 
 
-class _PermuteTokens(torch.autograd.Function):
+class _PermuteRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, order: Tensor, inverse: Tensor) -> Tensor:
         ctx.save_for_backward(inverse)
-        return x.index_select(1, order)
+        return x.index_select(0, order)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         (inverse,) = ctx.saved_tensors
-        return permute_tokens(grad, inverse, None), None, None  # differentiable again
+        return permute_rows(grad, inverse, None), None, None  # differentiable again
 
 
-def permute_tokens(x: Tensor, order: Tensor, inverse: Tensor | None) -> Tensor:
-    """x.index_select(1, order) where `order` is a permutation of dim 1 and `inverse` its inverse.
+def permute_rows(x: Tensor, order: Tensor, inverse: Tensor | None) -> Tensor:
+    """x.index_select(0, order) where `order` is a permutation of dim 0 and `inverse` its inverse.
 
     Its gradient is the inverse gather, instead of index_select's generic backward (zero-fill, then
     index_add_), which on the CPU costs about twice as much.
     """
     if inverse is None or traced() or not (torch.is_grad_enabled() and x.requires_grad):
-        return x.index_select(1, order)
-    return _PermuteTokens.apply(x, order, inverse)
+        return x.index_select(0, order)
+    return _PermuteRows.apply(x, order, inverse)
 
 
 class _GeluLinear(torch.autograd.Function):

@@ -10,8 +10,9 @@ What V2 changes over V1, and where it lives here:
   * v2 patch merging: `PatchMerging`, reduction THEN norm.
 
 Beyond the official code: any input size (pad to a window multiple, then shift; odd sizes padded
-before merging), windows clamped at run time from the actual feature-map size, masks and tables
-cached per size, the position bias cached while its parameters keep their values (CPU inference),
+before merging), windows clamped at run time from the actual feature-map size, tables cached per
+size, windows grouped by their shift mask (four masks at any size, so the bias never grows with the
+image), the position bias cached while its parameters keep their values (CPU inference),
 attention through `F.scaled_dot_product_attention` (written out on the CPU when the bias needs a
 gradient), eager CPU inference over groups of images sized to stay off fresh pages
 (`INFERENCE_CHUNK_BYTES`), activation checkpointing, multi-scale features.
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from .fused import cosine_qkv, gelu_linear, linear_gelu, permute_tokens, softmax_flushed, traced
+from .fused import cosine_qkv, gelu_linear, linear_gelu, permute_rows, softmax_flushed, traced
 
 # Official mask value for token pairs from different regions of a shifted window.
 MASK_VALUE = -100.0
@@ -130,26 +131,66 @@ def effective_window(H: int, W: int, window: int, shift: int) -> tuple[int, int]
     return window, shift
 
 
+def mask_class(row: int, col: int, rows: int, cols: int) -> int:
+    """Class of window (row, col) of a shifted rows x cols grid of windows, by its shift mask.
+
+    The shift mask splits only the last row and the last column of windows into regions (the rolled-in
+    strips are at most one window wide), so a window's mask is one of four: 0 interior (no region
+    boundary, an all-zero mask), 1 last column, 2 last row, 3 the corner. Every window of a class has
+    the same mask, at any map size.
+    """
+    return (row == rows - 1) * 2 + (col == cols - 1)
+
+
 @lru_cache(maxsize=64)
-def window_order(H: int, W: int, window: int, shift: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+def window_order(H: int, W: int, window: int, shift: int,
+                 device: torch.device) -> tuple[Tensor, Tensor, Tensor, tuple[int, ...]]:
     """Token orders that fuse (roll by -shift, window partition) and (reverse, roll back, crop).
 
     `gather` (Hp*Wp,): flat position in the padded Hp x Wp map of each token in window order, so
-    `x.view(B, Hp*Wp, C).index_select(1, gather)` is `window_partition(roll(x, -shift), window)`;
-    `inverse` (Hp*Wp,): its inverse permutation; `scatter` (H*W,): for each unpadded position, where it
-    sits in window order (`inverse` itself when nothing is padded). One gather instead of a roll plus a
-    permute-copy each way (the roll alone costs more than the gather on CPU).
+    `x.view(B, Hp*Wp, C).index_select(1, gather)` is the windows of `roll(x, -shift)`, N = window^2
+    tokens each; `inverse` (Hp*Wp,): its inverse permutation; `scatter` (H*W,): for each unpadded
+    position, where it sits in window order (`inverse` itself when nothing is padded); `counts`: the
+    windows are ordered by their shift-mask class (`mask_class`; one class when unshifted) and
+    `counts[c]` is the number of windows in class c. One gather instead of a roll plus a permute-copy
+    each way (the roll alone costs more than the gather on CPU).
     """
     with _plain_tensors(), torch.no_grad():
         Hp, Wp = H + (-H % window), W + (-W % window)
         pos = torch.arange(Hp * Wp).view(1, Hp, Wp, 1)
         if shift:
             pos = torch.roll(pos, shifts=(-shift, -shift), dims=(1, 2))
-        gather = window_partition(pos, window).reshape(-1)
+        windows = window_partition(pos, window).view(-1, window * window)  # (nW, N), raster order
+        counts: tuple[int, ...] = (windows.shape[0],)
+        if shift:  # a shifted map is at least 2 x 2 windows (`effective_window`): all four classes occur
+            rows, cols = Hp // window, Wp // window
+            # Python's sort is stable and keeps the tables constant under tracing (no sort op).
+            order = sorted(range(rows * cols), key=lambda w: mask_class(w // cols, w % cols, rows, cols))
+            windows = windows[torch.tensor(order)]
+            counts = ((rows - 1) * (cols - 1), rows - 1, cols - 1, 1)
+        gather = windows.reshape(-1)
         inverse = torch.empty_like(gather)
         inverse[gather] = torch.arange(gather.numel())
         scatter = inverse.view(Hp, Wp)[:H, :W].reshape(-1)
-        return gather.to(device), inverse.to(device), scatter.to(device)
+        return gather.to(device), inverse.to(device), scatter.to(device), counts
+
+
+@lru_cache(maxsize=128)
+def batched_window_order(H: int, W: int, window: int, shift: int, batch: int,
+                         device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """`window_order` over a batch, window-major: row (w*batch + b)*N + n of the windows is token n of
+    window w of image b, so the images' windows of one mask class are consecutive rows. Indices into
+    the (batch*Hp*Wp) rows of the batch (gather) and into the windows' rows (inverse, scatter)."""
+    gather, inverse, scatter, _ = _cached(window_order, H, W, window, shift, device)
+    with _plain_tensors(), torch.no_grad():
+        N, L = window * window, gather.numel()
+        images = torch.arange(batch, device=device)
+        gather = (gather.view(-1, 1, N) + L * images.view(1, -1, 1)).reshape(-1)
+
+        def in_windows(t: Tensor) -> Tensor:  # window-order position t of image b -> its row
+            return ((t // N) * (batch * N) + t % N).view(1, -1).add(N * images.view(-1, 1)).reshape(-1)
+
+        return gather, in_windows(inverse), in_windows(scatter)
 
 
 @lru_cache(maxsize=64)
@@ -168,6 +209,13 @@ def shift_mask(Hp: int, Wp: int, window: int, shift: int, device: torch.device) 
         win = window_partition(img[None, :, :, None], window).squeeze(-1)  # (nW, N)
         diff = win[:, None, :] - win[:, :, None]
         return torch.where(diff != 0, MASK_VALUE, 0.0)
+
+
+@lru_cache(maxsize=64)
+def class_masks(window: int, shift: int, device: torch.device) -> Tensor:
+    """(4, N, N) shift mask of each `mask_class`: those of a 2 x 2-window map, whose four windows are
+    one of each class in class order."""
+    return _cached(shift_mask, 2 * window, 2 * window, window, shift, device)
 
 
 @lru_cache(maxsize=64)
@@ -272,13 +320,14 @@ class WindowAttention(nn.Module):
         index = _cached(relative_position_index, window, weight.device).view(-1)
         N = window * window
         # Gathered along the table axis of the (nH, (2w-1)^2) transpose, so the result is a contiguous
-        # (nH, N, N): the (N, N, nH) gather permuted would leave the heads innermost, and every
-        # (windows x heads) reshape of bias + mask downstream would copy it.
+        # (nH, N, N), the layout attention reads its bias in: the (N, N, nH) gather permuted would
+        # leave the heads innermost.
         bias = bias.t().index_select(1, index).view(self.num_heads, N, N)
         return 16 * torch.sigmoid(bias)
 
-    def attention_bias(self, window: int, mask: Tensor | None) -> Tensor:
-        """(nW or 1, nH, N, N) position bias plus shift mask.
+    def attention_bias(self, window: int, masks: Tensor | None) -> Tensor:
+        """(n, nH, N, N): the position bias plus each of the n shift masks `masks` (n, N, N), one per
+        mask class (`mask_class`); (1, nH, N, N) without masks. Its size does not grow with the image.
 
         In CPU inference the result is cached and reused while the CPB parameters hold the values it
         was computed from: the check compares values with a snapshot (a few thousand numbers), because
@@ -293,62 +342,86 @@ class WindowAttention(nn.Module):
         if cacheable:
             key = (window, torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
             hit = self._bias_cache.get(key)
-            # The entry holds the mask itself, so an identity check cannot see a recycled id.
-            if hit is not None and hit[1] is mask and _same_values(hit[0], params):
+            # The entry holds the masks themselves, so an identity check cannot see a recycled id.
+            if hit is not None and hit[1] is masks and _same_values(hit[0], params):
                 return hit[2]
         bias = self.position_bias(window)[None]  # (1, nH, N, N)
-        if mask is not None:
-            bias = bias + mask.to(bias.dtype)[:, None]  # (nW, nH, N, N)
+        if masks is not None:
+            bias = bias + masks.to(bias.dtype)[:, None]  # (n, nH, N, N)
         if cacheable:
             with _plain_tensors():
                 bias, snapshot = bias.clone(), [p.clone() for p in params]
-            self._bias_cache[key] = (snapshot, mask, bias)
+            self._bias_cache[key] = (snapshot, masks, bias)
         return bias
 
-    def forward(self, x: Tensor, window: int, mask: Tensor | None = None) -> Tensor:
-        """x: (B*nW, N, C) windows of B images; mask: (nW, N, N) or None. Returns (B*nW, N, C)."""
-        BnW, N, C = x.shape
+    def forward(self, x: Tensor, window: int, masks: Tensor | None = None,
+                counts: tuple[int, ...] | None = None) -> Tensor:
+        """x: (nW*B, N, C), the windows of B images, window-major (row w*B + b is window w of image b).
+
+        The windows come in consecutive runs of `counts[c]` windows (per image) that share the shift
+        mask `masks[c]` (`masks`: (len(counts), N, N)); without masks no window is masked and `counts`
+        is not needed. SDPA runs once per run, with that run's (nH, N, N) bias broadcast over its
+        windows and images, so the bias is the same size for any image size: no per-window
+        (nW, nH, N, N) bias is built (or cached) for it. Returns (nW*B, N, C).
+        """
+        rows, N, C = x.shape
         nH = self.num_heads
-        nW = 1 if mask is None else mask.shape[0]
-        B = BnW // nW
+        if masks is None:
+            counts = (rows,)  # one run; `images` is then 1
+        elif counts is None or len(counts) != masks.shape[0]:
+            raise ValueError("masks need counts: the number of consecutive windows per image under each mask")
+        images = rows // sum(counts)
         qkv_bias = None
         if self.q_bias is not None:
             qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, qkv_bias)  # (B*nW, N, 3C)
+        qkv = F.linear(x, self.qkv.weight, qkv_bias)  # (nW*B, N, 3C)
         logit_scale = torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()  # (nH, 1, 1)
-        bias = self.attention_bias(window, mask)  # (nW|1, nH, N, N)
-        if self.fused:
-            # q, k, v are written in (B, nW, nH, N, d) order, where windows and heads merge into one
-            # axis: attention then runs on (B, nW*nH, N, d) and the (nW*nH, N, N) bias broadcasts over
-            # the batch with no copy. q/|q| * s and k/|k| with scale 1 is the scaled cosine attention;
-            # folding s into q also spares autograd from saving the (N, N) logits for its gradient,
-            # and the normalisation writes the new layout itself (no separate copy).
-            q, k, v = (t.view(B, nW * nH, N, -1) for t in cosine_qkv(qkv, nW, nH, logit_scale.to(qkv.dtype)))
-            bias = bias.to(q.dtype).reshape(1, nW * nH, N, N)
+        bias = self.attention_bias(window, masks)  # (len(counts), nH, N, N)
+        if not self.fused:  # the official formula, op for op
+            q, k, v = qkv.view(rows, N, 3, nH, C // nH).permute(2, 0, 3, 1, 4).unbind(0)
+            attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)  # (nW*B, nH, N, N)
+            attn = attn.view(-1, images, nH, N, N) * logit_scale + self._window_bias(bias, counts).to(attn.dtype)
+            attn = F.dropout(attn.softmax(dim=-1), self.attn_drop, self.training)
+            out = attn.view(rows, nH, N, N) @ v
+        else:
+            # q/|q| * s and k/|k| with scale 1 is the scaled cosine attention; folding s into q also
+            # spares autograd from saving the (N, N) logits for its gradient, and the normalisation
+            # writes the (windows, heads, N, d) layout itself (no separate copy).
+            q, k, v = (t.view(rows, nH, N, -1) for t in cosine_qkv(qkv, 1, nH, logit_scale.to(qkv.dtype)))
+            bias = bias.to(q.dtype)
             if q.device.type == "cpu" and torch.is_grad_enabled() and bias.requires_grad:
                 # With a gradient for the bias, the three ops written out beat SDPA on the CPU: SDPA's
                 # CPU kernels give none for attn_mask, so autograd would route it to the slower math
                 # fallback (CUDA's memory-efficient kernel does differentiate the mask). Inference,
                 # eager or compiled, stays on SDPA's fused kernel: compiled, it measured 1.36x faster
                 # than the written-out ops that inductor fuses (AVX-512 machine; equal within noise
-                # on an AVX2 one).
+                # on an AVX2 one). In one pass over all windows, each with its class's bias (the
+                # logits are `images` times larger than that bias anyway).
                 # Flushed: the masked probabilities would be subnormal, and every bmm over them slow.
-                attn = softmax_flushed(q @ k.transpose(-2, -1) + bias)
+                attn = (q @ k.transpose(-2, -1)).view(-1, images, nH, N, N) + self._window_bias(bias, counts)
+                attn = softmax_flushed(attn).view(rows, nH, N, N)
                 if self.attn_drop:
                     attn = F.dropout(attn, self.attn_drop, self.training)
                 out = attn @ v
-            else:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0,
-                                                     dropout_p=self.attn_drop if self.training else 0.0)
-            out = out.view(B, nW, nH, N, -1)
-        else:  # the official formula, op for op
-            q, k, v = qkv.view(B, nW, N, 3, nH, C // nH).permute(3, 0, 1, 4, 2, 5).unbind(0)
-            attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)  # (B, nW, nH, N, N)
-            attn = attn * logit_scale + bias.to(attn.dtype)
-            attn = F.dropout(attn.softmax(dim=-1), self.attn_drop, self.training)
-            out = attn @ v  # (B, nW, nH, N, d)
-        out = out.permute(0, 1, 3, 2, 4).reshape(BnW, N, C)
+            else:  # one SDPA call per mask class, its bias broadcast over the class's windows
+                outs, start = [], 0
+                for c, n in enumerate(counts):
+                    run = slice(start, start + n * images)
+                    start = run.stop
+                    outs.append(F.scaled_dot_product_attention(
+                        q[run], k[run], v[run], attn_mask=bias[c:c + 1], scale=1.0,
+                        dropout_p=self.attn_drop if self.training else 0.0))
+                out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        out = out.transpose(1, 2).reshape(rows, N, C)  # (nW*B, nH, N, d) -> (nW*B, N, C)
         return self.proj_drop(F.linear(out, self.proj.weight, self.proj.bias))
+
+    @staticmethod
+    def _window_bias(bias: Tensor, counts: tuple[int, ...]) -> Tensor:
+        """(nW, 1, nH, N, N): the (len(counts), nH, N, N) class biases, one per window, to broadcast
+        over the images of window-major logits viewed as (nW, B, nH, N, N)."""
+        if len(counts) > 1:
+            bias = torch.cat([bias[c:c + 1].expand(n, -1, -1, -1) for c, n in enumerate(counts)])
+        return bias[:, None]
 
 
 class SwinTransformerBlock(nn.Module):
@@ -376,13 +449,21 @@ class SwinTransformerBlock(nn.Module):
         if pad_h or pad_w:
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         Hp, Wp = H + pad_h, W + pad_w
-        gather, inverse, scatter = _cached(window_order, H, W, window, shift, x.device)
-        mask = _cached(shift_mask, Hp, Wp, window, shift, x.device) if shift else None
-        windows = permute_tokens(x.reshape(B, Hp * Wp, C), gather, inverse).view(-1, window * window, C)
-        out = self.attn(windows, window, mask).view(B, Hp * Wp, C)  # (B*nW, N, C) -> (B, Hp*Wp, C)
-        if pad_h or pad_w:  # crop: `scatter` picks H*W of the Hp*Wp tokens
+        N, L = window * window, Hp * Wp
+        masks = _cached(class_masks, window, shift, x.device) if shift else None
+        if traced():  # batch-size-free indices (ONNX keeps a dynamic batch axis); inductor fuses the copies
+            gather, inverse, scatter, counts = _cached(window_order, H, W, window, shift, x.device)
+            windows = x.reshape(B, L, C).index_select(1, gather).view(B, L // N, N, C).transpose(0, 1)
+            out = self.attn(windows.reshape(-1, N, C), window, masks, counts)  # (nW*B, N, C)
+            out = out.view(L // N, B, N, C).transpose(0, 1).reshape(B, L, C)
             return out.index_select(1, scatter).view(B, H, W, C)
-        return permute_tokens(out, inverse, gather).view(B, H, W, C)
+        counts = _cached(window_order, H, W, window, shift, x.device)[3]
+        gather, inverse, scatter = _cached(batched_window_order, H, W, window, shift, B, x.device)
+        windows = permute_rows(x.reshape(B * L, C), gather, inverse).view(-1, N, C)  # window-major
+        out = self.attn(windows, window, masks, counts).view(-1, C)  # (nW*B*N, C)
+        if pad_h or pad_w:  # crop: `scatter` picks the B*H*W unpadded of the B*Hp*Wp rows
+            return out.index_select(0, scatter).view(B, H, W, C)
+        return permute_rows(out, inverse, gather).view(B, H, W, C)
 
     def _images_per_chunk(self, x: Tensor) -> int:
         """How many images of `x` go through the block at once: all of them, except in eager CPU
