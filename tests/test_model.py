@@ -140,14 +140,18 @@ def test_windows_are_grouped_by_their_shift_mask(H, W, w, s):
     assert torch.equal(masks[0], torch.zeros(N, N)) and all((masks[c] != 0).any() for c in (1, 2, 3))
 
 
-def test_cached_bias_does_not_grow_with_the_image():
-    """The bias of a shifted block is one (nH, N, N) per mask class: the cache holds the same four at
-    32 px (2 x 2 windows) and at 160 px (10 x 10 windows), and the logits are timm's (which builds one
-    bias per window) at both sizes."""
+def test_attention_bias_does_not_grow_with_the_image(monkeypatch):
+    """Attention gets one (1, nH, N, N) bias per call, one call per mask class, at 32 px (2 x 2
+    windows) as at 160 px (10 x 10 windows), never one bias per window; the cache holds one
+    (1, nH, N, N) position bias per block; and the logits are timm's (which builds one bias per
+    window) at both sizes."""
     from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2
 
     model = randomize_(micro(), seed=13).eval()
-    attn = model.layers[0].blocks[1].attn
+    sdpa = F.scaled_dot_product_attention
+    bias_shapes = []
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *a, attn_mask, **k: bias_shapes.append(attn_mask.shape) or sdpa(*a, attn_mask=attn_mask, **k))
     with torch.no_grad():
         for size in (32, 160):
             ref = TimmSwinV2(img_size=size, embed_dim=24, depths=(2, 2), num_heads=(2, 4), window_size=4).eval()
@@ -155,9 +159,15 @@ def test_cached_bias_does_not_grow_with_the_image():
             x = torch.randn(1, 3, size, size)
             expected = ref(x)
             assert expected.abs().max() > 0.1
+            bias_shapes.clear()
             assert (model(x) - expected).abs().max() <= 1e-5
-            (bias,) = [entry[2] for entry in attn._bias_cache.values()]
-            assert bias.shape == (4, attn.num_heads, 16, 16)
+            # stage 1: 1 call unshifted + 4 shifted; stage 2 (a 4 x 4 map at 32 px is one window,
+            # unshifted: 1 + 1)
+            stage2 = 2 if size == 32 else 5
+            assert bias_shapes == [(1, 2, 16, 16)] * 5 + [(1, 4, 16, 16)] * stage2
+            for blk in model.layers[0].blocks:
+                (bias,) = [entry[1] for entry in blk.attn._bias_cache.values()]
+                assert bias.shape == (1, 2, 16, 16)
 
 
 def test_training_gradients_match_timm():
@@ -324,7 +334,7 @@ def test_chunked_cpu_inference_matches_timm_and_the_whole_batch(monkeypatch):
 
 def _cached_bias(model) -> torch.Tensor:
     attn = model.layers[0].blocks[1].attn
-    return next(iter(attn._bias_cache.values()))[2]
+    return next(iter(attn._bias_cache.values()))[1]
 
 
 def test_cached_bias_is_reused_then_recomputed_after_an_optimizer_step():
@@ -370,7 +380,7 @@ def test_cached_bias_follows_autocast():
         assert torch.equal(model(x), ref32)
         assert torch.equal(bf16(model), ref16)  # not the fp32 bias
         assert torch.equal(model(x), ref32)  # not the bf16 bias
-    entries = {key[1]: bias for key, (_, _, bias) in model.layers[0].blocks[1].attn._bias_cache.items()}
+    entries = {key[1]: bias for key, (_, bias) in model.layers[0].blocks[1].attn._bias_cache.items()}
     assert entries.keys() == {None, torch.bfloat16} and entries[torch.bfloat16].dtype == torch.bfloat16
     assert not torch.equal(entries[None].bfloat16(), entries[torch.bfloat16])  # premise: they differ
 

@@ -309,8 +309,8 @@ class WindowAttention(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        # (window, autocast dtype or None) -> (CPB parameter snapshot, mask, bias); see attention_bias.
-        self._bias_cache: dict[tuple[int, torch.dtype | None], tuple[list[Tensor], Tensor | None, Tensor]] = {}
+        # (window, autocast dtype or None) -> (CPB parameter snapshot, position bias); see attention_bias.
+        self._bias_cache: dict[tuple[int, torch.dtype | None], tuple[list[Tensor], Tensor]] = {}
 
     def position_bias(self, window: int) -> Tensor:
         """(nH, N, N) = 16 * sigmoid(cpb_mlp(log-spaced table))[relative_position_index]."""
@@ -329,30 +329,29 @@ class WindowAttention(nn.Module):
         """(n, nH, N, N): the position bias plus each of the n shift masks `masks` (n, N, N), one per
         mask class (`mask_class`); (1, nH, N, N) without masks. Its size does not grow with the image.
 
-        In CPU inference the result is cached and reused while the CPB parameters hold the values it
-        was computed from: the check compares values with a snapshot (a few thousand numbers), because
-        version counters miss fused optimiser steps (`AdamW(fused=True)` does not bump them) and
-        in-place updates through `.data`. Entries are per autocast dtype, since autocast computes the
-        CPB MLP in its own dtype. Elsewhere it is recomputed: on an accelerator the value check would
-        cost a host sync, more than the few small kernels it saves.
+        In CPU inference the position bias is cached and reused while the CPB parameters hold the
+        values it was computed from: the check compares values with a snapshot (a few thousand
+        numbers), because version counters miss fused optimiser steps (`AdamW(fused=True)` does not
+        bump them) and in-place updates through `.data`. Entries are per autocast dtype, since
+        autocast computes the CPB MLP in its own dtype. Elsewhere it is recomputed: on an accelerator
+        the value check would cost a host sync, more than the few small kernels it saves. The masks
+        are added per call (n * nH * N * N additions, well under 0.1% of a forward), so the cache holds
+        one (nH, N, N) per block.
         """
         params = [p.detach() for p in self.cpb_mlp.parameters()]
         device = params[0].device.type
         cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling() and device == "cpu"
-        if cacheable:
-            key = (window, torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
-            hit = self._bias_cache.get(key)
-            # The entry holds the masks themselves, so an identity check cannot see a recycled id.
-            if hit is not None and hit[1] is masks and _same_values(hit[0], params):
-                return hit[2]
-        bias = self.position_bias(window)[None]  # (1, nH, N, N)
-        if masks is not None:
-            bias = bias + masks.to(bias.dtype)[:, None]  # (n, nH, N, N)
-        if cacheable:
-            with _plain_tensors():
-                bias, snapshot = bias.clone(), [p.clone() for p in params]
-            self._bias_cache[key] = (snapshot, masks, bias)
-        return bias
+        key = (window, torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
+        hit = self._bias_cache.get(key) if cacheable else None
+        if hit is not None and _same_values(hit[0], params):
+            bias = hit[1]
+        else:
+            bias = self.position_bias(window)[None]  # (1, nH, N, N)
+            if cacheable:
+                with _plain_tensors():
+                    bias, snapshot = bias.clone(), [p.clone() for p in params]
+                self._bias_cache[key] = (snapshot, bias)
+        return bias if masks is None else bias + masks.to(bias.dtype)[:, None]
 
     def forward(self, x: Tensor, window: int, masks: Tensor | None = None,
                 counts: tuple[int, ...] | None = None) -> Tensor:
