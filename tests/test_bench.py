@@ -19,8 +19,8 @@ MICRO = "swinv2_micro_window4_32"
 
 # The fields bench's docstring documents (and the issue asks for: throughput, latency, memory, ratios).
 DOCUMENTED = {
-    "impl", "model", "mode", "device", "dtype", "compiled", "grad_checkpointing", "compile_s", "batch_size",
-    "img_size", "warmup",
+    "impl", "model", "mode", "device", "dtype", "compiled", "grad_checkpointing", "sequential_attention",
+    "compile_s", "batch_size", "img_size", "warmup",
     "repeats", "iters", "img_per_s", "img_per_s_min", "img_per_s_max", "spread_pct", "latency_ms_p50",
     "latency_ms_p90", "peak_mem_bytes", "weights_bytes", "gmacs_per_img", "gflop_per_s", "ours_speedup",
     "ours_speedup_min", "ours_speedup_max", "ours_mem_ratio", "max_abs_diff",

@@ -160,11 +160,14 @@ def test_accumulation_equals_the_large_batch(tmp_path):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=n)
 
 
-def test_grad_checkpointing_and_bf16_steps(tmp_path):
+def test_grad_checkpointing_sequential_attention_and_bf16_steps(tmp_path):
     root = make_image_folder(tmp_path / "data")
     plain = make_trainer(tmp_path / "p", data_root=root)
-    ckpt = make_trainer(tmp_path / "c", "train.grad_checkpointing=true", data_root=root)
+    ckpt = make_trainer(tmp_path / "c", "train.grad_checkpointing=true", "train.sequential_attention=true",
+                        data_root=root)
     assert all(layer.grad_checkpointing for layer in ckpt.model.layers)
+    assert all(blk.attn.sequential for layer in ckpt.model.layers for blk in layer.blocks)
+    assert not any(blk.attn.sequential for layer in plain.model.layers for blk in layer.blocks)
     for tr in (plain, ckpt):
         tr.sampler.set_epoch(0)
         tr.train_step([next(iter(tr.train_loader))])

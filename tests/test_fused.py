@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from randomize import randomize_
 from swinv2 import create_model, fused
-from swinv2.fused import cosine_qkv, gelu_linear, permute_rows, softmax_flushed
+from swinv2.fused import cosine_qkv, gelu_linear, permute_rows, sequential_attention, softmax_flushed
 
 
 def _qkv(dtype=torch.float64, zero_row: bool = False):
@@ -209,3 +209,33 @@ def test_training_attention_gives_the_official_formula_gradients():
     for name, grad in ref_grads.items():
         err = (ours_grads[name] - grad).abs().max() / grad.abs().max().clamp_min(1e-12)
         assert err <= 1e-4, (name, err)
+
+
+@pytest.mark.parametrize("max_rows", [1, 4, 100])
+def test_sequential_attention_is_the_written_out_formula(max_rows):
+    """Runs of 3, 2 and 1 windows of 2 images under three biases, cut into pieces of `max_rows` rows:
+    outputs and all four gradients as autograd of the written-out formula, and a float64 gradcheck."""
+    g = torch.Generator().manual_seed(0)
+    counts, images, heads, N, d = (3, 2, 1), 2, 2, 5, 4
+    rows = sum(counts) * images
+    q, k, v = (torch.randn(rows, heads, N, d, dtype=torch.float64, generator=g).requires_grad_() for _ in range(3))
+    bias = torch.randn(3, heads, N, N, dtype=torch.float64, generator=g)
+    bias[1:, :, :, 0] -= 100.0  # masked-like logits, flushed in both
+    bias.requires_grad_()
+
+    def written_out(q, k, v, bias):
+        per_window = torch.cat([bias[c:c + 1].expand(n, -1, -1, -1) for c, n in enumerate(counts)])
+        s = (q @ k.transpose(-2, -1)).view(-1, images, heads, N, N) + per_window[:, None]
+        return softmax_flushed(s).view(rows, heads, N, N) @ v
+
+    out = sequential_attention(q, k, v, bias, counts, images, max_rows)
+    ref = written_out(q, k, v, bias)
+    assert torch.allclose(out, ref, rtol=1e-12, atol=1e-12)
+    w = torch.randn(out.shape, dtype=torch.float64, generator=g)
+    ours = torch.autograd.grad((out * w).sum(), (q, k, v, bias))
+    theirs = torch.autograd.grad((ref * w).sum(), (q, k, v, bias))
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda *t: sequential_attention(*t, counts, images, max_rows), (q, k, v, bias))
+    with torch.no_grad():
+        assert torch.allclose(sequential_attention(q, k, v, bias, counts, images, max_rows), ref, atol=1e-12)

@@ -224,6 +224,43 @@ def test_grad_checkpointing_gives_identical_outputs_and_grads():
         assert torch.equal(pa.grad, pb.grad), n
 
 
+def _saved_attention_maps(model, x, N):
+    """Sizes of the tensors autograd saves during model(x) whose last two dims are (N, N)."""
+    sizes = []
+
+    def pack(t):
+        if t.ndim >= 2 and t.shape[-2:] == (N, N):
+            sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    return out, sizes
+
+
+def test_sequential_attention_same_gradients_without_keeping_the_probabilities(monkeypatch):
+    """CPU training with sequential attention (in pieces smaller than one block's probabilities):
+    the same loss and gradients as the written-out attention, and autograd keeps no (windows, heads,
+    N, N) probabilities, only the biases (at most four (heads, N, N) per block)."""
+    import swinv2.model as M
+
+    monkeypatch.setattr(M, "SEQUENTIAL_ATTENTION_BYTES", 3 * 2 * 16 * 16 * 4)  # 3 windows' worth
+    a = randomize_(micro(drop_path_rate=0.0), seed=6).train()
+    b = randomize_(micro(drop_path_rate=0.0), seed=6).train()
+    b.set_sequential_attention(True)
+    x = torch.randn(2, 3, 48, 40)  # 12 x 10 tokens: 3 x 3 windows (padded), all four mask classes
+    ya, saved_a = _saved_attention_maps(a, x, 16)
+    yb, saved_b = _saved_attention_maps(b, x, 16)
+    assert (ya - yb).abs().max() <= 1e-6
+    per_block_probs = 2 * 9 * 2 * 16 * 16  # images x windows x heads x N x N, stage 1
+    assert max(saved_a) >= per_block_probs  # premise: the written-out path keeps the probabilities
+    assert max(saved_b) <= 4 * 4 * 16 * 16  # four class biases of the 4-head stage at most
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-7, msg=n)
+
+
 def test_forward_intermediates_shapes():
     model = swinv2.create_model("swinv2_tiny_window8_256", depths=(1, 1, 1, 1))
     x = torch.randn(2, 3, 250, 330)

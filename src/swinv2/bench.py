@@ -34,6 +34,8 @@ Result fields (one dict per implementation and setting; `write_json` adds a `met
   device, dtype        "cpu" / "cuda[:i]"; "fp32" | "bf16" | "fp16"
   compiled             torch.compile used (compile_s: duration of the first, compiling call)
   grad_checkpointing   per-block activation checkpointing on (ours only, with `grad_checkpointing=True`)
+  sequential_attention attention probabilities recomputed in the backward (ours only, CPU training;
+                       `sequential_attention=True`, `SwinTransformerV2.set_sequential_attention`)
   batch_size, img_size     images per call, square input side in pixels
   warmup, repeats, iters   untimed calls; timed rounds; calls per round
   img_per_s            median over rounds of images per second; img_per_s_min, img_per_s_max: extremes
@@ -326,13 +328,15 @@ def run(model: str, *, batch_sizes: Sequence[int] = (8,), img_sizes: Sequence[in
         dtypes: Sequence[str] = ("fp32",), compile: bool = False, compile_kwargs: dict[str, Any] | None = None,
         train: bool = False, device: str = "cpu", repeats: int = 5, warmup: int = 2, iters: int = 3,
         compare: Sequence[str] = (), weights: str | os.PathLike | None = None, measure_memory: bool = True,
-        seed: int = 0, grad_checkpointing: bool = False) -> list[dict[str, Any]]:
+        seed: int = 0, grad_checkpointing: bool = False,
+        sequential_attention: bool = False) -> list[dict[str, Any]]:
     """Benchmark `model` (a registry name) and the `compare` peers; one result dict per impl and setting.
 
     `img_sizes` entries of None mean the variant's nominal size. Without `weights` every impl gets the
     same re-randomised weights (`randomize_weights_`); with `weights` (any file `swinv2.load_model`
-    reads) they get those. `grad_checkpointing` turns on ours' per-block activation checkpointing (the
-    peers run as they are: the comparison is memory for the same result). See the module docstring for
+    reads) they get those. `grad_checkpointing` turns on ours' per-block activation checkpointing and
+    `sequential_attention` ours' sequential attention (the peers run as they are: the comparison is
+    memory for the same result). See the module docstring for
     the fields and the method.
     """
     dev = torch.device(device)
@@ -373,7 +377,8 @@ def run(model: str, *, batch_sizes: Sequence[int] = (8,), img_sizes: Sequence[in
                                           dtype=dtype, compile=compile, compile_kwargs=compile_kwargs or {},
                                           train=train, device=dev, repeats=repeats, warmup=warmup,
                                           iters=iters, measure_memory=measure_memory, seed=seed,
-                                          grad_checkpointing=grad_checkpointing)
+                                          grad_checkpointing=grad_checkpointing,
+                                          sequential_attention=sequential_attention)
     return results
 
 
@@ -395,7 +400,8 @@ def _bench_setting(modules: dict[str, nn.Module], diffs: dict[str, float | None]
                    config: SwinV2Config, size: int, batch: int, dtype: str, compile: bool,
                    compile_kwargs: dict[str, Any], train: bool, device: torch.device, repeats: int,
                    warmup: int, iters: int, measure_memory: bool, seed: int,
-                   grad_checkpointing: bool = False) -> list[dict[str, Any]]:
+                   grad_checkpointing: bool = False,
+                   sequential_attention: bool = False) -> list[dict[str, Any]]:
     """Warm-up, memory and interleaved timed rounds of every impl at one (batch, size, dtype)."""
     torch_dtype = DTYPES[dtype]
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)).to(device)
@@ -406,6 +412,8 @@ def _bench_setting(modules: dict[str, nn.Module], diffs: dict[str, float | None]
         m = copy.deepcopy(base).to(device)
         if p == "ours" and grad_checkpointing:
             m.set_grad_checkpointing(True)
+        if p == "ours" and sequential_attention:
+            m.set_sequential_attention(True)
         if train:
             m.train()
         else:
@@ -422,6 +430,7 @@ def _bench_setting(modules: dict[str, nn.Module], diffs: dict[str, float | None]
         peak = peak_memory(steps[p], device) if measure_memory else None
         rows[p] = dict(impl=p, model=model, mode="train" if train else "infer", device=str(device), dtype=dtype,
                        compiled=compile, grad_checkpointing=grad_checkpointing and p == "ours",
+                       sequential_attention=sequential_attention and p == "ours",
                        compile_s=compile_s, batch_size=batch, img_size=size, warmup=warmup,
                        repeats=repeats, iters=iters, peak_mem_bytes=peak, weights_bytes=weights_bytes,
                        gmacs_per_img=count_flops(config, size) / 1e9, max_abs_diff=diffs[p])

@@ -291,6 +291,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train", action="store_true", help="time forward + backward + AdamW step instead of inference")
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="ours with per-block activation checkpointing (peers unchanged)")
+    p.add_argument("--sequential-attention", action="store_true",
+                   help="ours with sequential attention: CPU training recomputes the attention probabilities in "
+                        "the backward instead of keeping them (peers unchanged)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (median and spread over them)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per implementation first")
@@ -321,7 +324,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     results = bench.run(args.model, batch_sizes=args.batch_size, img_sizes=args.img_size, dtypes=args.dtype,
                         compile=args.compile, train=args.train, device=args.device, repeats=args.repeats,
                         warmup=args.warmup, iters=args.iters, compare=compare, weights=args.weights,
-                        measure_memory=not args.no_memory, grad_checkpointing=args.grad_checkpointing)
+                        measure_memory=not args.no_memory, grad_checkpointing=args.grad_checkpointing,
+                        sequential_attention=args.sequential_attention)
     print(bench.format_table(results))
     print("ours x: how many times faster ours is than the row (median of paired rounds); ours mem: our peak "
           "memory / the row's")

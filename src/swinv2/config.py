@@ -125,6 +125,7 @@ class TrainConfig:
     ema_decay: float = 0.9998
     ema_warmup: bool = False                    # timm's decay warmup 1 - (1 + step)^-2/3
     grad_checkpointing: bool = False
+    sequential_attention: bool = False          # CPU: attention probabilities recomputed in the backward
     compile: bool = False
     parallel: Literal["ddp", "fsdp"] = "ddp"    # used under torchrun
     eval_every: int = 1                         # epochs

@@ -70,6 +70,8 @@ def build_model(cfg: Config, num_classes: int) -> nn.Module:
     freeze(model, m.freeze)
     if cfg.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    if cfg.train.sequential_attention:
+        model.set_sequential_attention(True)
     return model
 
 

@@ -239,6 +239,77 @@ def softmax_flushed(s: Tensor) -> Tensor:
     return _softmax_then_flush(s)
 
 
+def _runs(counts: tuple[int, ...], images: int, max_rows: int) -> list[tuple[int, slice]]:
+    """(class, rows) pieces of window-major rows: run c is counts[c] * images consecutive rows under
+    bias c; each run is cut into pieces of at most `max_rows` rows."""
+    pieces, start = [], 0
+    for c, n in enumerate(counts):
+        end = start + n * images
+        pieces += [(c, slice(s, min(s + max_rows, end))) for s in range(start, end, max_rows)]
+        start = end
+    return pieces
+
+
+def _probabilities(q: Tensor, k: Tensor, bias: Tensor) -> Tensor:
+    """softmax(q k^T + bias) over the last dim, subnormals flushed; (n, nH, N, d) x2, (nH, N, N)."""
+    s = q @ k.transpose(-2, -1)
+    return _softmax_then_flush(s.add_(bias))
+
+
+class _SequentialAttention(torch.autograd.Function):
+    """Window attention computed piece by piece, saving only q, k, v and the bias: the backward
+    recomputes each piece's probabilities instead of keeping all of them (the paper's sequential
+    self-attention, §3.4)."""
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, counts: tuple[int, ...], images: int,
+                max_rows: int) -> Tensor:
+        with torch.autocast(q.device.type, enabled=False):  # the backward recomputes in this dtype
+            q, k, v, bias = q.to(v.dtype), k.to(v.dtype), v, bias.to(v.dtype)
+            out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+            pieces = _runs(counts, images, max_rows)
+            for c, rows in pieces:
+                torch.matmul(_probabilities(q[rows], k[rows], bias[c]), v[rows], out=out[rows])
+        ctx.save_for_backward(q, k, v, bias)
+        ctx.pieces = pieces
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        q, k, v, bias = ctx.saved_tensors
+        grad = grad.to(v.dtype)
+        dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
+        dbias = torch.zeros_like(bias) if ctx.needs_input_grad[3] else None
+        for c, rows in ctx.pieces:
+            p = _probabilities(q[rows], k[rows], bias[c])
+            g = grad[rows]
+            torch.matmul(p.transpose(-2, -1), g, out=dv[rows])
+            ds = torch._softmax_backward_data(g @ v[rows].transpose(-2, -1), p, -1, p.dtype)
+            torch.matmul(ds, k[rows], out=dq[rows])
+            torch.matmul(ds.transpose(-2, -1), q[rows], out=dk[rows])
+            if dbias is not None:
+                dbias[c] += ds.sum(0)
+        return dq, dk, dv, dbias, None, None, None
+
+
+def sequential_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, counts: tuple[int, ...], images: int,
+                         max_rows: int) -> Tensor:
+    """softmax(q k^T + bias[c]) v over window-major rows, in pieces of at most `max_rows` rows.
+
+    q, k, v: (rows, nH, N, d) (q already scaled: no further scale); rows = sum(counts) * images, run c
+    (counts[c] * images consecutive rows) under the (nH, N, N) bias[c] of the (len(counts), nH, N, N)
+    `bias`. Outputs as the written-out formula with the flushed softmax; with autograd, it saves
+    q, k, v and the bias only and recomputes the probabilities piece by piece in the backward pass.
+    """
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias)):
+        return _SequentialAttention.apply(q, k, v, bias, counts, images, max_rows)
+    out = torch.empty_like(v)
+    for c, rows in _runs(counts, images, max_rows):
+        torch.matmul(_probabilities(q[rows], k[rows], bias[c]), v[rows], out=out[rows])
+    return out
+
+
 def gelu_linear(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """F.linear(F.gelu(h), weight, bias), recomputing GELU(h) in the backward pass when training."""
     if traced() or not torch.is_grad_enabled():

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from .fused import cosine_qkv, gelu_linear, linear_gelu, permute_rows, softmax_flushed, traced
+from .fused import (cosine_qkv, gelu_linear, linear_gelu, permute_rows, sequential_attention, softmax_flushed,
+                    traced)
 
 # Official mask value for token pairs from different regions of a shifted window.
 MASK_VALUE = -100.0
@@ -42,6 +43,9 @@ MASK_VALUE = -100.0
 # stay in cache. Measured (SwinV2-T, 256 px, 2 cores): 4-9 % faster at batch 8, 30 % at batch 32;
 # smaller groups lose it again to smaller matmuls.
 INFERENCE_CHUNK_BYTES = 16 << 20
+# With `set_sequential_attention`, CPU training computes attention in pieces of at most this many bytes of
+# probabilities and recomputes them in the backward pass instead of keeping them (see there).
+SEQUENTIAL_ATTENTION_BYTES = 16 << 20
 # Names of the derived tensors the official code stores as buffers; never ours, tolerated on load.
 DERIVED_KEYS = ("relative_coords_table", "relative_position_index", "attn_mask")
 
@@ -292,6 +296,7 @@ class WindowAttention(nn.Module):
     """
 
     fused: bool = True  # F.scaled_dot_product_attention; False runs the plain official formula
+    sequential: bool = False  # CPU training: probabilities recomputed in the backward (set_sequential_attention)
 
     def __init__(self, dim: int, num_heads: int, *, pretrained_window_size: int = 0, qkv_bias: bool = True,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, cpb_hidden_dim: int = 512) -> None:
@@ -397,11 +402,15 @@ class WindowAttention(nn.Module):
                 # on an AVX2 one). In one pass over all windows, each with its class's bias (the
                 # logits are `images` times larger than that bias anyway).
                 # Flushed: the masked probabilities would be subnormal, and every bmm over them slow.
-                attn = (q @ k.transpose(-2, -1)).view(-1, images, nH, N, N) + self._window_bias(bias, counts)
-                attn = softmax_flushed(attn).view(rows, nH, N, N)
-                if self.attn_drop:
-                    attn = F.dropout(attn, self.attn_drop, self.training)
-                out = attn @ v
+                if self.sequential and not (self.attn_drop and self.training) and not traced():
+                    piece = max(1, SEQUENTIAL_ATTENTION_BYTES // (nH * N * N * q.element_size()))
+                    out = sequential_attention(q, k, v, bias, counts, images, piece)
+                else:
+                    attn = (q @ k.transpose(-2, -1)).view(-1, images, nH, N, N) + self._window_bias(bias, counts)
+                    attn = softmax_flushed(attn).view(rows, nH, N, N)
+                    if self.attn_drop:
+                        attn = F.dropout(attn, self.attn_drop, self.training)
+                    out = attn @ v
             else:  # one SDPA call per mask class, its bias broadcast over the class's windows
                 outs, start = [], 0
                 for c, n in enumerate(counts):
@@ -615,6 +624,17 @@ class SwinTransformerV2(nn.Module):
         """Recompute each block in the backward pass instead of storing its activations."""
         for layer in self.layers:
             layer.grad_checkpointing = enable
+
+    def set_sequential_attention(self, enable: bool = True) -> None:
+        """CPU training: compute attention window group by window group (`SEQUENTIAL_ATTENTION_BYTES`
+        of probabilities at a time) and recompute the probabilities in the backward pass instead of
+        keeping them (the paper's sequential self-attention, §3.4). Same outputs and gradients; less
+        memory where the (windows, heads, N, N) probabilities are large (big windows, big inputs),
+        for about one more attention forward per step. No effect elsewhere: inference and CUDA use
+        SDPA, whose kernels keep no probabilities; attention dropout in training keeps the plain path."""
+        for m in self.modules():
+            if isinstance(m, WindowAttention):
+                m.sequential = enable
 
     def set_fused_attention(self, enable: bool = True) -> None:
         """Attention via `F.scaled_dot_product_attention` (default) or the plain official formula."""
