@@ -18,6 +18,9 @@ differs is how many passes over memory they take and what autograd keeps for the
   slower (fp32, 384 x 64 x 64 @ 64 x 32, 2 cores). A flushed value was below 1.2e-38 of its row's
   sum, so outputs and gradients are unchanged to far below float rounding. (Setting FTZ/DAZ instead
   would be a process-wide switch that only reaches OpenMP threads created after it.)
+* `sequential_attention(q, k, v, bias, counts, images, max_rows)`: window attention in pieces of rows
+  under per-mask-class biases, saving q, k, v and the biases only; the backward recomputes each
+  piece's probabilities (the paper's sequential self-attention; opt-in, for large windows or inputs).
 * `linear_gelu(x, weight, bias)`: fc1 and its GELU; the linear is F.linear (MKL's addmm on the CPU),
   and in eager inference the exact GELU runs in place on the matmul's fresh output (no second 4C-wide
   buffer). oneDNN's linear with the bias in its epilogue (`mkldnn._linear_pointwise`, eagerly, and
@@ -259,7 +262,7 @@ def _probabilities(q: Tensor, k: Tensor, bias: Tensor) -> Tensor:
 class _SequentialAttention(torch.autograd.Function):
     """Window attention computed piece by piece, saving only q, k, v and the bias: the backward
     recomputes each piece's probabilities instead of keeping all of them (the paper's sequential
-    self-attention, §3.4)."""
+    self-attention, §3.5)."""
 
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, counts: tuple[int, ...], images: int,

@@ -15,7 +15,8 @@ size, windows grouped by their shift mask (four masks at any size, so the bias n
 image), the position bias cached while its parameters keep their values (CPU inference),
 attention through `F.scaled_dot_product_attention` (written out on the CPU when the bias needs a
 gradient), eager CPU inference over groups of images sized to stay off fresh pages
-(`INFERENCE_CHUNK_BYTES`), activation checkpointing, multi-scale features.
+(`INFERENCE_CHUNK_BYTES`), activation checkpointing, sequential attention (probabilities recomputed
+in the backward), multi-scale features.
 This module imports torch only (and `fused.py`: torch-only fused and memory-lean autograd functions).
 """
 from __future__ import annotations
@@ -628,7 +629,7 @@ class SwinTransformerV2(nn.Module):
     def set_sequential_attention(self, enable: bool = True) -> None:
         """CPU training: compute attention window group by window group (`SEQUENTIAL_ATTENTION_BYTES`
         of probabilities at a time) and recompute the probabilities in the backward pass instead of
-        keeping them (the paper's sequential self-attention, §3.4). Same outputs and gradients; less
+        keeping them (the paper's sequential self-attention, §3.5). Same outputs and gradients; less
         memory where the (windows, heads, N, N) probabilities are large (big windows, big inputs),
         for about one more attention forward per step. No effect elsewhere: inference and CUDA use
         SDPA, whose kernels keep no probabilities; attention dropout in training keeps the plain path."""
