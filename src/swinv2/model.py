@@ -365,9 +365,10 @@ class WindowAttention(nn.Module):
 
         The windows come in consecutive runs of `counts[c]` windows (per image) that share the shift
         mask `masks[c]` (`masks`: (len(counts), N, N)); without masks no window is masked and `counts`
-        is not needed. SDPA runs once per run, with that run's (nH, N, N) bias broadcast over its
-        windows and images, so the bias is the same size for any image size: no per-window
-        (nW, nH, N, N) bias is built (or cached) for it. Returns (nW*B, N, C).
+        is not needed. SDPA (inference, CUDA) runs once per run, with that run's (nH, N, N) bias
+        broadcast over its windows and images, so its bias is the same size at any image size; the
+        written-out paths (CPU training, the official formula) expand the class biases to one per
+        window, a B-th of their logits. Returns (nW*B, N, C).
         """
         rows, N, C = x.shape
         nH = self.num_heads
