@@ -283,7 +283,8 @@ class _SequentialAttention(torch.autograd.Function):
         q, k, v, bias = ctx.saved_tensors
         grad = grad.to(v.dtype)
         dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
-        dbias = torch.zeros_like(bias) if ctx.needs_input_grad[3] else None
+        # Summed over pieces in fp32: a bf16 running sum would round at every piece.
+        dbias = torch.zeros_like(bias, dtype=torch.float32) if ctx.needs_input_grad[3] else None
         for c, rows in ctx.pieces:
             p = _probabilities(q[rows], k[rows], bias[c])
             g = grad[rows]
@@ -293,7 +294,7 @@ class _SequentialAttention(torch.autograd.Function):
             torch.matmul(ds.transpose(-2, -1), q[rows], out=dk[rows])
             if dbias is not None:
                 dbias[c] += ds.sum(0)
-        return dq, dk, dv, dbias, None, None, None
+        return dq, dk, dv, None if dbias is None else dbias.to(bias.dtype), None, None, None
 
 
 def sequential_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, counts: tuple[int, ...], images: int,
