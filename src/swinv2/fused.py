@@ -283,8 +283,9 @@ class _SequentialAttention(torch.autograd.Function):
         q, k, v, bias = ctx.saved_tensors
         grad = grad.to(v.dtype)
         dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
-        # Summed over pieces in fp32: a bf16 running sum would round at every piece.
-        dbias = torch.zeros_like(bias, dtype=torch.float32) if ctx.needs_input_grad[3] else None
+        # Summed over pieces in at least fp32: a bf16 running sum would round at every piece.
+        wide = torch.promote_types(bias.dtype, torch.float32)
+        dbias = torch.zeros_like(bias, dtype=wide) if ctx.needs_input_grad[3] else None
         for c, rows in ctx.pieces:
             p = _probabilities(q[rows], k[rows], bias[c])
             g = grad[rows]
