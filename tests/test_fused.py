@@ -239,3 +239,31 @@ def test_sequential_attention_is_the_written_out_formula(max_rows):
     assert torch.autograd.gradcheck(lambda *t: sequential_attention(*t, counts, images, max_rows), (q, k, v, bias))
     with torch.no_grad():
         assert torch.allclose(sequential_attention(q, k, v, bias, counts, images, max_rows), ref, atol=1e-12)
+
+
+def test_sequential_attention_bf16_bias_gradient_is_as_accurate_as_the_written_out_one():
+    """In bf16, with 240 rows in pieces of one, the bias gradient (a sum over every piece) is no further
+    from the float64 truth than autograd of the written-out formula in bf16: the pieces are summed
+    in fp32, not in a bf16 running sum."""
+    g = torch.Generator().manual_seed(0)
+    counts, images, heads, N, d = (30, 2), 4, 2, 16, 8
+    rows = sum(counts) * images
+    q, k, v = (torch.randn(rows, heads, N, d, dtype=torch.float64, generator=g) for _ in range(3))
+    bias = torch.randn(2, heads, N, N, dtype=torch.float64, generator=g)
+    w = torch.randn(rows, heads, N, d, dtype=torch.float64, generator=g)
+
+    def written_out(q, k, v, bias):
+        per_window = torch.cat([bias[c:c + 1].expand(n, -1, -1, -1) for c, n in enumerate(counts)])
+        s = (q @ k.transpose(-2, -1)).view(-1, images, heads, N, N) + per_window[:, None]
+        return softmax_flushed(s).view(rows, heads, N, N) @ v
+
+    def bias_grad(fn, dtype):
+        b = bias.to(dtype).requires_grad_()
+        out = fn(q.to(dtype), k.to(dtype), v.to(dtype), b)
+        (grad,) = torch.autograd.grad((out.double() * w).sum(), b)
+        return grad.double()
+
+    truth = bias_grad(written_out, torch.float64)
+    error = lambda grad: ((grad - truth).abs().max() / truth.abs().max()).item()  # noqa: E731
+    sequential = error(bias_grad(lambda *t: sequential_attention(*t, counts, images, 1), torch.bfloat16))
+    assert sequential <= error(bias_grad(written_out, torch.bfloat16))
