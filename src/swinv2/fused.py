@@ -242,13 +242,17 @@ def softmax_flushed(s: Tensor) -> Tensor:
     return _softmax_then_flush(s)
 
 
-def _runs(counts: tuple[int, ...], images: int, max_rows: int) -> list[tuple[int, slice]]:
+def mask_runs(counts: tuple[int, ...], images: int, max_rows: int | None = None) -> list[tuple[int, slice]]:
     """(class, rows) pieces of window-major rows: run c is counts[c] * images consecutive rows under
-    bias c; each run is cut into pieces of at most `max_rows` rows."""
+    bias c; with `max_rows`, each run is cut into pieces of at most that many rows. Without it, the
+    bounds stay arithmetic on `images` (no `range`), which ONNX tracing keeps dynamic in the batch."""
     pieces, start = [], 0
     for c, n in enumerate(counts):
         end = start + n * images
-        pieces += [(c, slice(s, min(s + max_rows, end))) for s in range(start, end, max_rows)]
+        if max_rows is None:
+            pieces.append((c, slice(start, end)))
+        else:
+            pieces += [(c, slice(s, min(s + max_rows, end))) for s in range(start, end, max_rows)]
         start = end
     return pieces
 
@@ -257,6 +261,14 @@ def _probabilities(q: Tensor, k: Tensor, bias: Tensor) -> Tensor:
     """softmax(q k^T + bias) over the last dim, subnormals flushed; (n, nH, N, d) x2, (nH, N, N)."""
     s = q @ k.transpose(-2, -1)
     return _softmax_then_flush(s.add_(bias))
+
+
+def _attend_pieces(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, pieces: list[tuple[int, slice]]) -> Tensor:
+    """softmax(q k^T + bias[c]) v, piece by piece, into one output laid out like v."""
+    out = torch.empty_like(v)
+    for c, rows in pieces:
+        torch.matmul(_probabilities(q[rows], k[rows], bias[c]), v[rows], out=out[rows])
+    return out
 
 
 class _SequentialAttention(torch.autograd.Function):
@@ -269,10 +281,8 @@ class _SequentialAttention(torch.autograd.Function):
                 max_rows: int) -> Tensor:
         with torch.autocast(q.device.type, enabled=False):  # the backward recomputes in this dtype
             q, k, v, bias = q.to(v.dtype), k.to(v.dtype), v, bias.to(v.dtype)
-            out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-            pieces = _runs(counts, images, max_rows)
-            for c, rows in pieces:
-                torch.matmul(_probabilities(q[rows], k[rows], bias[c]), v[rows], out=out[rows])
+            pieces = mask_runs(counts, images, max_rows)
+            out = _attend_pieces(q, k, v, bias, pieces)
         ctx.save_for_backward(q, k, v, bias)
         ctx.pieces = pieces
         return out
@@ -309,10 +319,7 @@ def sequential_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, counts: 
     """
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias)):
         return _SequentialAttention.apply(q, k, v, bias, counts, images, max_rows)
-    out = torch.empty_like(v)
-    for c, rows in _runs(counts, images, max_rows):
-        torch.matmul(_probabilities(q[rows], k[rows], bias[c]), v[rows], out=out[rows])
-    return out
+    return _attend_pieces(q, k, v, bias, mask_runs(counts, images, max_rows))
 
 
 def gelu_linear(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

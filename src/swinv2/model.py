@@ -32,8 +32,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from .fused import (cosine_qkv, gelu_linear, linear_gelu, permute_rows, sequential_attention, softmax_flushed,
-                    traced)
+from .fused import (cosine_qkv, gelu_linear, linear_gelu, mask_runs, permute_rows, sequential_attention,
+                    softmax_flushed, traced)
 
 # Official mask value for token pairs from different regions of a shifted window.
 MASK_VALUE = -100.0
@@ -182,11 +182,12 @@ def window_order(H: int, W: int, window: int, shift: int,
 
 @lru_cache(maxsize=128)
 def batched_window_order(H: int, W: int, window: int, shift: int, batch: int,
-                         device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+                         device: torch.device) -> tuple[Tensor, Tensor, Tensor, tuple[int, ...]]:
     """`window_order` over a batch, window-major: row (w*batch + b)*N + n of the windows is token n of
     window w of image b, so the images' windows of one mask class are consecutive rows. Indices into
-    the (batch*Hp*Wp) rows of the batch (gather) and into the windows' rows (inverse, scatter)."""
-    gather, inverse, scatter, _ = _cached(window_order, H, W, window, shift, device)
+    the (batch*Hp*Wp) rows of the batch (gather) and into the windows' rows (inverse, scatter), and
+    `window_order`'s per-image class counts."""
+    gather, inverse, scatter, counts = _cached(window_order, H, W, window, shift, device)
     with _plain_tensors(), torch.no_grad():
         N, L = window * window, gather.numel()
         images = torch.arange(batch, device=device)
@@ -195,7 +196,7 @@ def batched_window_order(H: int, W: int, window: int, shift: int, batch: int,
         def in_windows(t: Tensor) -> Tensor:  # window-order position t of image b -> its row
             return ((t // N) * (batch * N) + t % N).view(1, -1).add(N * images.view(-1, 1)).reshape(-1)
 
-        return gather, in_windows(inverse), in_windows(scatter)
+        return gather, in_windows(inverse), in_windows(scatter), counts
 
 
 @lru_cache(maxsize=64)
@@ -414,13 +415,9 @@ class WindowAttention(nn.Module):
                         attn = F.dropout(attn, self.attn_drop, self.training)
                     out = attn @ v
             else:  # one SDPA call per mask class, its bias broadcast over the class's windows
-                outs, start = [], 0
-                for c, n in enumerate(counts):
-                    run = slice(start, start + n * images)
-                    start = run.stop
-                    outs.append(F.scaled_dot_product_attention(
-                        q[run], k[run], v[run], attn_mask=bias[c:c + 1], scale=1.0,
-                        dropout_p=self.attn_drop if self.training else 0.0))
+                outs = [F.scaled_dot_product_attention(q[run], k[run], v[run], attn_mask=bias[c:c + 1], scale=1.0,
+                                                       dropout_p=self.attn_drop if self.training else 0.0)
+                        for c, run in mask_runs(counts, images)]
                 out = outs[0] if len(outs) == 1 else torch.cat(outs)
         out = out.transpose(1, 2).reshape(rows, N, C)  # (nW*B, nH, N, d) -> (nW*B, N, C)
         return self.proj_drop(F.linear(out, self.proj.weight, self.proj.bias))
@@ -467,8 +464,7 @@ class SwinTransformerBlock(nn.Module):
             out = self.attn(windows.reshape(-1, N, C), window, masks, counts)  # (nW*B, N, C)
             out = out.view(L // N, B, N, C).transpose(0, 1).reshape(B, L, C)
             return out.index_select(1, scatter).view(B, H, W, C)
-        counts = _cached(window_order, H, W, window, shift, x.device)[3]
-        gather, inverse, scatter = _cached(batched_window_order, H, W, window, shift, B, x.device)
+        gather, inverse, scatter, counts = _cached(batched_window_order, H, W, window, shift, B, x.device)
         windows = permute_rows(x.reshape(B * L, C), gather, inverse).view(-1, N, C)  # window-major
         out = self.attn(windows, window, masks, counts).view(-1, C)  # (nW*B*N, C)
         if pad_h or pad_w:  # crop: `scatter` picks the B*H*W unpadded of the B*Hp*Wp rows
