@@ -162,8 +162,8 @@ def time_kernels(calls: collections.Counter, repeats: int = 7) -> dict[str, floa
     out: dict[str, float] = collections.defaultdict(float)
     with torch.no_grad():
         for (func, args, kwargs), count in calls.items():
-            calls_ = _replay(func, _fresh(args, g), dict(_fresh(kwargs, g)))
-            out[GROUPS[func]] += count * min(_least_time(fn, repeats) for fn in calls_)
+            candidates = _replay(func, _fresh(args, g), dict(_fresh(kwargs, g)))
+            out[GROUPS[func]] += count * min(_least_time(fn, repeats) for fn in candidates)
     return dict(out)
 
 
