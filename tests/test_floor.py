@@ -87,6 +87,7 @@ def test_gaps_turn_the_targets_into_allowed_seconds(monkeypatch):
              "timm": dict(img_per_s=4.0), "hf": dict(img_per_s=8.0)}
     train = {"ours": dict(img_per_s=3.0), "timm": dict(img_per_s=2.0)}
     e, c, t = floor.gaps(eager, train, ("timm", "hf"), peak_gflop_s=100.0)
+    assert floor.gaps(eager, train, ("timm", "hf"), 100.0, compiled={"ours": dict(img_per_s=16.0)})[1].ours_s == 0.5
     # eager: 1.3 x the FASTEST peer (hf's 8 img/s), a batch of 8
     assert e.allowed_s == pytest.approx(8 / (1.3 * 8.0)) and e.ours_s == pytest.approx(0.8)
     assert c.allowed_s == pytest.approx(2 * 5e9 * 8 / (0.85 * 100e9)) and c.ours_s is None
