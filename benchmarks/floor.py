@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +49,7 @@ from swinv2 import bench
 from swinv2.registry import model_config
 
 aten = torch.ops.aten
+CPU = torch.device("cpu")
 
 # What each recorded kernel counts as in the floor; kernels not listed cost nothing.
 GROUPS = {
@@ -124,15 +124,11 @@ def _replay(func, args: tuple, kwargs: dict) -> list[Callable[[], Any]]:
 
 
 def _least_time(fn: Callable[[], Any], repeats: int) -> float:
-    """The fastest of `repeats` timed calls after two untimed ones: a floor takes the best case."""
+    """The fastest of `repeats` timed calls after two untimed ones: a floor takes the best case (as
+    `bench.matmul_peak` does)."""
     fn()
     fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return min(bench._timed(fn, CPU) for _ in range(repeats))
 
 
 def record(step: Callable[[], Any], skip: Sequence[torch.nn.Module] = ()) -> collections.Counter:
