@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import swinv2
 from swinv2.model import DERIVED_KEYS, WindowAttention, class_masks, shift_mask, window_order
 from randomize import randomize_
+from tolerance import assert_as_accurate
 
 timm = pytest.importorskip("timm")
 from timm.models.swin_transformer_v2 import checkpoint_filter_fn  # noqa: E402
@@ -238,27 +239,56 @@ def _saved_attention_maps(model, x, N):
     return out, sizes
 
 
-def test_sequential_attention_same_gradients_without_keeping_the_probabilities(monkeypatch):
-    """CPU training with sequential attention (in pieces smaller than one block's probabilities):
-    the same loss and gradients as the written-out attention, and autograd keeps no (windows, heads,
-    N, N) probabilities, only the biases (at most four (heads, N, N) per block)."""
+def _sequential_against_written_out(monkeypatch):
+    """(written-out fp32, sequential fp32, written-out float64) outputs and gradients of one tiny
+    training step on a 48 x 40 input: 12 x 10 tokens, 3 x 3 windows (padded), all four mask classes;
+    sequential attention in pieces of 3 windows, smaller than one block's probabilities. Also the
+    sizes of the (N, N) tensors autograd saved in the two fp32 forwards."""
     import swinv2.model as M
 
     monkeypatch.setattr(M, "SEQUENTIAL_ATTENTION_BYTES", 3 * 2 * 16 * 16 * 4)  # 3 windows' worth
-    a = randomize_(micro(drop_path_rate=0.0), seed=6).train()
-    b = randomize_(micro(drop_path_rate=0.0), seed=6).train()
-    b.set_sequential_attention(True)
-    x = torch.randn(2, 3, 48, 40)  # 12 x 10 tokens: 3 x 3 windows (padded), all four mask classes
-    ya, saved_a = _saved_attention_maps(a, x, 16)
-    yb, saved_b = _saved_attention_maps(b, x, 16)
-    assert (ya - yb).abs().max() <= 1e-6
+    x = torch.randn(2, 3, 48, 40, generator=torch.Generator().manual_seed(0))
+    runs = []
+    for sequential, dtype in ((False, torch.float32), (True, torch.float32), (False, torch.float64)):
+        model = randomize_(micro(drop_path_rate=0.0), seed=6).to(dtype).train()
+        model.set_sequential_attention(sequential)
+        y, saved = _saved_attention_maps(model, x.to(dtype), 16)
+        y.square().sum().backward()
+        runs.append((y, {n: p.grad for n, p in model.named_parameters()}, saved))
+    return runs
+
+
+def test_sequential_attention_same_gradients_without_keeping_the_probabilities(monkeypatch):
+    """CPU training with sequential attention: outputs and every gradient as close to the float64 truth
+    as the written-out attention's in fp32 (which sums the same products in another order), and
+    autograd keeps no (windows, heads, N, N) probabilities, only the biases (at most four (heads, N, N)
+    per block)."""
+    (ya, ga, saved_a), (yb, gb, saved_b), (y64, g64, _) = _sequential_against_written_out(monkeypatch)
     per_block_probs = 2 * 9 * 2 * 16 * 16  # images x windows x heads x N x N, stage 1
     assert max(saved_a) >= per_block_probs  # premise: the written-out path keeps the probabilities
     assert max(saved_b) <= 4 * 4 * 16 * 16  # four class biases of the 4-head stage at most
-    ya.square().sum().backward()
-    yb.square().sum().backward()
-    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-7, msg=n)
+    assert_as_accurate(yb, ya, y64, "output")
+    assert ga.keys() == gb.keys() == g64.keys()
+    for name in g64:
+        assert_as_accurate(gb[name], ga[name], g64[name], f"{name}.grad")
+
+
+def test_sequential_attention_test_catches_a_bias_gradient_off_by_1e_3(monkeypatch):
+    """The comparison above is tight enough to see a relative error of 1e-3 planted in the sequential
+    path's bias gradient (it reaches the CPB MLP's weights)."""
+    import swinv2.fused as fused
+
+    backward = fused._SequentialAttention.backward
+
+    def planted(ctx, grad):
+        dq, dk, dv, dbias, *rest = backward(ctx, grad)
+        return (dq, dk, dv, dbias * (1 + 1e-3), *rest)
+
+    monkeypatch.setattr(fused._SequentialAttention, "backward", staticmethod(planted))
+    (_, ga, _), (_, gb, _), (_, g64, _) = _sequential_against_written_out(monkeypatch)
+    name = "layers.0.blocks.0.attn.cpb_mlp.2.weight"
+    with pytest.raises(AssertionError, match=f"{name}.grad: relative error"):
+        assert_as_accurate(gb[name], ga[name], g64[name], f"{name}.grad")
 
 
 def test_forward_intermediates_shapes():
