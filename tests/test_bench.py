@@ -12,6 +12,7 @@ import torch
 import swinv2
 from swinv2 import bench
 from swinv2.cli import main
+from machine import cpu_paths
 from randomize import randomize_
 
 MICRO = "swinv2_micro_window4_32"
@@ -129,12 +130,13 @@ def test_bf16_probe_agrees_with_the_cpu_features_pytorch_reports():
     the generic fallback and the probe must see it far slower than fp32; where it has AVX-512 BF16 or
     AMX, the probe must not call bf16 emulated."""
     slowdown = bench.bf16_matmul_slowdown("cpu")
-    assert np.isfinite(slowdown) and slowdown > 0
+    path = f"{cpu_paths()}; oneDNN bf16 {torch.ops.mkldnn._is_mkldnn_bf16_supported()}; slowdown {slowdown:.2f}x"
+    assert np.isfinite(slowdown) and slowdown > 0, path
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     if not native and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        assert slowdown > bench.BF16_EMULATED_SLOWDOWN
+        assert slowdown > bench.BF16_EMULATED_SLOWDOWN, path
     if native:
-        assert slowdown < bench.BF16_EMULATED_SLOWDOWN
+        assert slowdown < bench.BF16_EMULATED_SLOWDOWN, path
 
 
 @pytest.mark.parametrize("slowdown, warned", [(80.0, True), (0.4, False)])
