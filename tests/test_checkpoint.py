@@ -1,5 +1,6 @@
 """Weights in and out: load_weights (strict, heads, window transfer, SwinV1), self-describing
-safetensors, every written format read back, Hugging Face folders, unsafe pickles, `swinv2 convert`."""
+safetensors, every written format read back, Hugging Face folders (with their preprocessing), unsafe
+pickles in every torch format, file modes, training checkpoints read as weights, `swinv2 convert`."""
 from __future__ import annotations
 
 import json
@@ -10,15 +11,18 @@ import re
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 
 import swinv2
 from swinv2 import cli
-from swinv2.checkpoint import (CheckpointError, UnsafeCheckpointError, convert_file, load_model, load_weights,
-                               read_state_dict, save_weights, write_weights)
-from swinv2.registry import create_model, get_variant
+from swinv2.checkpoint import (TRAINING_STATE_FORMAT, CheckpointError, UnsafeCheckpointError, convert_file,
+                               load_model, load_training_state, load_weights, read_state_dict, save_training_state,
+                               save_weights, torch_load, write_weights)
+from swinv2.registry import EvalPreprocess, create_model, get_variant
 
 MICRO = "swinv2_micro_window4_32"
 
@@ -294,3 +298,164 @@ def test_cli_convert(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "needs --model NAME" in err and err.count("\n") == 1 and not (tmp_path / "x").exists()
     assert cli.main(["convert", str(tmp_path / "nope.pth"), str(tmp_path / "y.pth")]) == 2
     assert "nope.pth" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- Hugging Face folders keep the preprocessing
+
+PREP = EvalPreprocess(32, 1.0, "bilinear", (0.5, 0.25, 0.125), (0.3, 0.2, 0.1))  # not the 32 px default (0.875)
+
+
+def _described(tmp_path: Path, prep: EvalPreprocess = PREP) -> Path:
+    """Our .safetensors with class names, a non-default eval preprocessing and the model name."""
+    path = tmp_path / "ours.safetensors"
+    save_weights(micro(num_classes=3, seed=9), path, class_names=["cat", "dog", "eel"], preprocess=prep,
+                 model_name=MICRO)
+    return path
+
+
+def test_hf_folder_round_trip_keeps_preprocessing_name_and_classes(tmp_path: Path) -> None:
+    ours = _described(tmp_path)
+    folder, back = tmp_path / "hf", tmp_path / "back.safetensors"
+    convert_file(ours, folder)
+    assert (folder / "preprocessor_config.json").is_file()
+    convert_file(folder, back)
+    original = load_model(ours)
+    for model in (load_model(folder), load_model(back)):
+        assert model.preprocess == PREP
+        assert model.model_name == MICRO and model.class_names == ["cat", "dog", "eel"]
+        assert model.config == original.config
+        _assert_same_weights(model, original)
+
+
+@pytest.mark.parametrize("crop_pct,interpolation", [(0.875, "bicubic"), (1.0, "bilinear")])
+def test_hf_folder_preprocessing_loads_in_transformers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       crop_pct: float, interpolation: str) -> None:
+    from transformers import AutoImageProcessor
+
+    from swinv2.data import eval_transform
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    prep = EvalPreprocess(32, crop_pct, interpolation, PREP.mean, PREP.std)
+    folder = write_weights(load_model(_described(tmp_path, prep)), tmp_path / "hf", "hf")
+    # 45 x 60 px: every centre-crop margin is even, where transformers (rounding down) and
+    # torchvision (rounding half to even) place the crop alike.
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 60, 3), dtype=np.uint8))
+    ours = eval_transform(prep.img_size, prep.crop_pct, prep.interpolation, prep.mean, prep.std)(image)
+    theirs = AutoImageProcessor.from_pretrained(folder, backend="pil")(image, return_tensors="pt")["pixel_values"]
+    assert theirs.shape == (1, 3, 32, 32)
+    torch.testing.assert_close(theirs[0], ours, rtol=0, atol=1e-5)  # the same resize, crop and normalisation
+    default = AutoImageProcessor.from_pretrained(folder)(image, return_tensors="pt")["pixel_values"]
+    assert default.shape == (1, 3, 32, 32)
+
+
+# --------------------------------------------------------------------------- file modes
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_follow_the_umask(tmp_path: Path, umask: int) -> None:
+    model = micro(num_classes=3)
+    previous = os.umask(umask)
+    try:
+        save_training_state(tmp_path / "last.pt", {"model": model.state_dict(), "epoch": 1})
+        save_weights(model, tmp_path / "w.safetensors", model_name=MICRO)
+        write_weights(model, tmp_path / "w.pth", "official")
+        convert_file(tmp_path / "w.safetensors", tmp_path / "hf")
+        convert_file(tmp_path / "w.pth", tmp_path / "timm.safetensors", dst_format="timm")
+    finally:
+        os.umask(previous)
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*") if p.is_file()}
+    assert sorted(modes) == ["hf/config.json", "hf/model.safetensors", "hf/preprocessor_config.json", "last.pt",
+                             "timm.safetensors", "w.pth", "w.safetensors"]
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)
+
+
+# --------------------------------------------------------------------------- pickles with code, any torch format
+
+
+class _Shell:
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+@pytest.mark.parametrize("zipped,protocol", [(False, 2), (False, 4), (True, 4)])
+def test_pickle_with_code_is_refused_naming_the_global(tmp_path: Path, zipped: bool, protocol: int) -> None:
+    target = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": {"head.weight": torch.zeros(1)}, "x": _Shell(f"echo pwned > {target}")}, evil,
+               _use_new_zipfile_serialization=zipped, pickle_protocol=protocol)
+    for call in (lambda: torch_load(evil), lambda: read_state_dict(evil), lambda: load_model(evil, name=MICRO)):
+        with pytest.raises(UnsafeCheckpointError) as e:
+            call()
+        msg = str(e.value)
+        assert msg.startswith(f"{evil}: refused to load") and f"'{os.system.__module__}.system'" in msg, msg
+        assert "nothing was executed" in msg and "\n" not in msg
+        assert "corrupt" not in msg and "weights_only" not in msg, msg
+    assert not target.exists()
+
+
+def test_unreadable_legacy_pickle_message_drops_torchs_advice(tmp_path: Path) -> None:
+    path = tmp_path / "old.pth"  # no code in it, but a pickle opcode torch's weights-only reader lacks
+    torch.save({"model": {"head.weight": torch.zeros(1)}}, path, _use_new_zipfile_serialization=False,
+               pickle_protocol=4)
+    with pytest.raises(CheckpointError) as e:
+        torch_load(path)
+    msg = str(e.value)
+    assert not isinstance(e.value, UnsafeCheckpointError)
+    assert msg.startswith(f"{path}: not a readable torch checkpoint") and "\n" not in msg
+    assert "weights_only" not in msg and "False" not in msg, msg
+
+
+# --------------------------------------------------------------------------- training checkpoints as weights
+
+TINY_RUN = ["model.name=swinv2_micro_window4_32", "model.drop_path_rate=0.0", "data.batch_size=4", "data.workers=0",
+            "data.aug.mixup=0", "data.aug.cutmix=0", "data.aug.auto_augment=null", "data.aug.re_prob=0",
+            "schedule.warmup_epochs=0", "optim.lr=2e-3", "optim.lr_scaling=none", "train.epochs=1",
+            "train.threads=1", "train.progress=false", "train.tensorboard=false", "train.ema=true",
+            "train.ema_decay=0.9", "data.crop_pct=1.0", "data.interpolation=bilinear"]
+
+
+def test_training_state_format_tag_is_the_engines() -> None:
+    from swinv2 import engine
+
+    assert TRAINING_STATE_FORMAT == engine.STATE_FORMAT
+
+
+@pytest.mark.parametrize("best_metric", ["val_top1", "val_ema_top1"])
+def test_training_checkpoint_loads_as_self_describing_weights(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                              best_metric: str) -> None:
+    from test_data import make_image_folder
+
+    from swinv2 import engine
+    from swinv2.config import load_config
+
+    root = make_image_folder(tmp_path / "data")
+    run = tmp_path / "run"
+    engine.fit(load_config(None, TINY_RUN + [f"data.root={root}", f"train.best_metric={best_metric}"]), run)
+    last = run / "checkpoints" / "last.pt"
+    best = load_model(run / "best.safetensors")
+    assert best.preprocess == EvalPreprocess(32, 1.0, "bilinear")
+    x = torch.randn(2, 3, 32, 32)
+    for path in (last, run / "checkpoints" / "best_epoch0001.pt"):
+        model = load_model(path)
+        assert not model.training and model.config == best.config and model.model_name == MICRO
+        assert model.class_names == best.class_names == ["a", "b"] and model.preprocess == best.preprocess
+        _assert_same_weights(model, best)  # the weights the best metric measured, as best.safetensors holds
+        assert torch.equal(model(x), best(x))
+    state = load_training_state(last)
+    measured, other = ("ema", "model") if best_metric == "val_ema_top1" else ("model", "ema")
+    weights = load_model(last).state_dict()
+    assert all(torch.equal(weights[k], v) for k, v in state[measured].items())
+    assert not torch.equal(weights["head.weight"], state[other]["head.weight"])
+    # the way back from a run whose best.safetensors was never written
+    (run / "best.safetensors").unlink()
+    out = tmp_path / "from_last.safetensors"
+    convert_file(last, out)
+    again = load_model(out)
+    _assert_same_weights(again, best)
+    assert again.class_names == ["a", "b"] and again.preprocess == best.preprocess and again.model_name == MICRO
+    capsys.readouterr()
+    assert cli.main(["eval", "--weights", str(last), "--data", str(root / "val")]) == 0
+    assert "top-1" in capsys.readouterr().out

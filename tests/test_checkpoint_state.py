@@ -162,6 +162,17 @@ def test_find_resumable_skips_bad_and_removes_temps(tmp_path: Path, caplog: pyte
     assert "epoch3.pt" in text and "epoch4.pt" in text
 
 
+def test_find_resumable_goes_by_the_step_inside_never_by_file_time(tmp_path: Path) -> None:
+    """A best-k file touched (or a run copied with `cp -r`) after last.pt is newer on disk but further
+    back in training: resume picks the highest recorded step, last.pt first among equals."""
+    now = time.time()
+    for name, step, age in (("best_epoch0001.pt", 4, 0), ("best_epoch0003.pt", 12, 20), ("last.pt", 12, 30)):
+        _touch(tmp_path / name, {**_state(step), "progress": {"global_step": step}}, now - age)
+    assert find_resumable(tmp_path) == tmp_path / "last.pt"
+    (tmp_path / "last.pt").unlink()
+    assert find_resumable(tmp_path) == tmp_path / "best_epoch0003.pt"
+
+
 def test_find_resumable_empty_or_missing(tmp_path: Path) -> None:
     assert find_resumable(tmp_path) is None
     assert find_resumable(tmp_path / "absent") is None
@@ -176,3 +187,38 @@ def test_find_resumable_skips_malicious(tmp_path: Path) -> None:
     torch.save({"x": _Evil(str(target))}, tmp_path / "evil.pt")
     assert find_resumable(tmp_path) == tmp_path / "good.pt"
     assert not target.exists()
+
+
+def test_disk_full_inside_torch_writer_still_says_no_space(tmp_path: Path, monkeypatch) -> None:
+    """torch.save wraps the file object's ENOSPC in its own RuntimeError ("[enforce fail at
+    inline_container.cc]"); the error still names the file and the OS's reason."""
+    import swinv2.checkpoint as C
+
+    real_fdopen = os.fdopen
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f, self.written = f, 0
+
+        def write(self, data) -> int:
+            self.written += len(data)
+            if self.written > 2048:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(C.os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
+    path = tmp_path / "last.pt"
+    with pytest.raises(CheckpointError) as err:
+        save_training_state(path, {"w": torch.zeros(10_000)})
+    assert str(err.value).startswith(f"could not save {path}: No space left on device")
+    assert "enforce fail" not in str(err.value)
+    assert not path.exists() and not list(tmp_path.iterdir())

@@ -1,15 +1,20 @@
-"""Config schema: official defaults, YAML + dotted overrides, up-front rejection of bad keys/types."""
+"""Config schema: official defaults, YAML + dotted overrides, up-front rejection of bad keys/types/ranges."""
 from __future__ import annotations
 
+import dataclasses
+import logging
 import subprocess
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import yaml
 
-from swinv2.config import AugConfig, Config, ConfigError, _build, _set_dotted, load_config, schema_keys
+from swinv2.config import (INHERIT, AugConfig, Config, ConfigError, DataConfig, ModelConfig, OptimConfig,
+                           ScheduleConfig, StageTrainConfig, TrainConfig, _build, _set_dotted, load_config,
+                           schema_keys)
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = [REPO / "configs" / f"swinv2_{f}_window{w}_256.yaml" for f in ("tiny", "small", "base") for w in (8, 16)]
@@ -74,7 +79,8 @@ def test_unknown_key_names_it_and_the_closest(override, key, hint):
 def test_wrong_type_names_the_key(override, key):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
-    assert str(e.value).startswith(key)
+    assert str(e.value).startswith(f"override {override}: expected ")  # the override names the key
+    assert e.value.key == key
 
 
 def test_bad_override_syntax_and_missing_file(tmp_path):
@@ -123,12 +129,15 @@ def test_schema_keys_cover_the_documented_names():
             "train.seed", "train.amp", "optim.lr"} <= keys
 
 
-@pytest.mark.parametrize("path", RECIPES + [REPO / "configs" / "demo_digits.yaml"], ids=lambda p: p.name)
-def test_recipes_load(path):
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_recipes_load(path, caplog):
+    """Every shipped recipe is inside the ranges and warns about nothing (e.g. no warm-up as long as a stage)."""
+    caplog.set_level(logging.WARNING, logger="swinv2.config")
     cfg = load_config(path)
     from swinv2.registry import get_variant
 
     get_variant(cfg.model.name)  # names a registered model
+    assert caplog.records == []
 
 
 def test_official_from_scratch_recipes():
@@ -156,3 +165,146 @@ def test_cli_print_config_and_bad_key(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "'optim.lrr'" in lines[0] and "'optim.lr'" in lines[0]
     assert not out.exists()  # rejected before any work
+
+
+# --------------------------------------------------------------------------- ranges
+
+
+@pytest.mark.parametrize("override, reason", [
+    ("data.batch_size=0", "must be >= 1"),           # was a ZeroDivisionError
+    ("optim.accum_steps=0", "must be >= 1"),         # was a ZeroDivisionError
+    ("train.epochs=0", "must be >= 1"),              # "finished" on a fresh directory
+    ("train.epochs=-3", "must be >= 1"),
+    ("model.drop_path_rate=2", "must be in [0, 1)"),
+    ("data.aug.label_smoothing=1.5", "must be in [0, 1)"),
+    ("model.img_size=0", "must be >= 1"),
+    ("train.ema_decay=2", "must be in [0, 1)"),      # was accepted
+    ("schedule.warmup_epochs=-1", "must be >= 0"),   # was accepted
+    ("data.aug.hflip=2", "must be in [0, 1]"),       # was accepted
+    ("optim.lr=-1", "must be >= 0"),                 # was torch's message, without the key
+])
+def test_out_of_range_names_the_key(override, reason):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert str(e.value) == f"override {override}: {reason}"
+    # The same value set in code names the key, the value (as the schema holds it: 2 -> 2.0 for a
+    # float field) and the range.
+    key, raw = override.split("=")
+    with pytest.raises(ConfigError) as e:
+        Config().replace(**{key: yaml.safe_load(raw)})
+    assert str(e.value) in (f"{key}={raw}: {reason}", f"{key}={float(raw)}: {reason}")
+    assert e.value.key == key
+
+
+@pytest.mark.parametrize("override, reason", [
+    ("data.aug.scale=[0.5, 2]", "each value must be in (0, 1]"),
+    ("data.aug.scale=[1, 0.5]", "must be (min, max) with min <= max"),
+    ("data.aug.cutmix_minmax=[0.8, 0.2]", "must be (min, max) with min <= max"),
+    ("optim.betas=[0.9, 1]", "each value must be in [0, 1)"),
+    ("data.std=[0.2, 0, 0.2]", "each value must be > 0"),
+    ("model.pretrained_window_sizes=[12, -1]", "each value must be >= 0"),
+    ("data.crop_pct=0", "must be in (0, 1]"),
+    ("optim.layer_decay=0", "must be in (0, 1]"),
+    ("optim.clip_grad=-1", "must be >= 0"),
+    ("optim.lr=.nan", "must be >= 0"),             # NaN is in no range
+    ("data.aug.re_count=0", "must be >= 1"),
+    ("data.workers=-1", "must be >= 0"),
+    ("train.eval_every=0", "must be >= 1"),        # was a ZeroDivisionError at the first epoch end
+    ("train.keep_best=0", "must be >= 1"),
+    ("train.log_every=0", "must be >= 1"),
+    ("train.threads=0", "must be >= 1"),
+    ("train.seed=-1", "must be in [0, 18446744073709551615]"),
+    ("train.seed=18446744073709551616", "must be in [0, 18446744073709551615]"),  # torch.manual_seed overflows
+])
+def test_other_ranges(override, reason):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert str(e.value) == f"override {override}: {reason}"
+
+
+def test_range_edges_and_null_are_accepted():
+    """The ends a range includes, and None where None means off / the default."""
+    cfg = load_config(None, [
+        "data.workers=0", "train.checkpoint_every=0", "optim.clip_grad=0", "schedule.warmup_epochs=0",
+        "data.aug.hflip=1", "data.aug.mixup=0", "model.drop_path_rate=0", "train.ema_decay=0",
+        "model.pretrained_window_sizes=[0, 0, 0, 0]", "data.aug.scale=[1, 1]", "optim.layer_decay=1",
+        "train.seed=18446744073709551615", "train.epochs=1", "data.batch_size=1", "optim.lr=0",
+        "model.img_size=null", "optim.clip_grad=null", "train.threads=null", "data.eval_batch_size=null"])
+    assert (cfg.data.workers, cfg.optim.clip_grad, cfg.train.seed) == (0, None, 2**64 - 1)
+
+
+def _numeric(tp: typing.Any) -> bool:
+    """Whether a schema type holds numbers (int or float, alone, optional or in a list)."""
+    return tp in (int, float) or any(_numeric(a) for a in typing.get_args(tp))
+
+
+def test_every_numeric_field_declares_a_range():
+    sections = (ModelConfig, DataConfig, AugConfig, OptimConfig, ScheduleConfig, TrainConfig)
+    missing = [f"{cls.__name__}.{f.name}" for cls in sections for f, tp in
+               ((f, typing.get_type_hints(cls)[f.name]) for f in dataclasses.fields(cls))
+               if _numeric(tp) and "range" not in f.metadata]
+    assert missing == []
+    # A stage's sparse sections carry the same ranges, and the defaults are inside them.
+    stage = {f.name: f.metadata.get("range") for f in dataclasses.fields(StageTrainConfig)}
+    assert stage == {f.name: f.metadata.get("range") for f in dataclasses.fields(TrainConfig)}
+    Config()  # __post_init__ checks every default
+
+
+def test_stage_values_are_checked_and_inherited_ones_skipped():
+    recipe = REPO / "configs" / "demo_digits_progressive.yaml"
+    with pytest.raises(ConfigError) as e:
+        load_config(recipe, ["stages.1.train.epochs=0"])
+    assert str(e.value) == "override stages.1.train.epochs=0: must be >= 1"
+    with pytest.raises(ConfigError, match=r"^stages\[0\]\.data\.aug\.hflip=2\.0: must be in \[0, 1\]$"):
+        Config.from_dict({"stages": [{"data": {"aug": {"hflip": 2}}}]})
+    assert Config.from_dict({"stages": [{"name": "a"}]}).stages[0].train.epochs is INHERIT
+
+
+def test_a_fault_names_the_file_or_the_override(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  batch_size: 0\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(bad)
+    assert str(e.value) == f"{bad}: data.batch_size=0: must be >= 1"
+    good = tmp_path / "good.yaml"
+    good.write_text("data:\n  batch_size: 8\n")
+    for override, reason in [("data.batch_size=0", "must be >= 1"),
+                             ("data.batch_size=many", "expected int, got 'many' (str)"),
+                             ("data.aug.mixpu=1", "unknown key 'data.aug.mixpu' (did you mean 'data.aug.mixup'?)")]:
+        with pytest.raises(ConfigError) as e:
+            load_config(good, ["train.epochs=2", override])
+        assert str(e.value) == f"override {override}: {reason}"  # not the file, which is fine
+    # A fault inside an override's list names the element's key after the override.
+    with pytest.raises(ConfigError) as e:
+        load_config(good, ["data.aug.scale=[0.5, x]"])
+    assert str(e.value) == "override data.aug.scale=[0.5, x]: data.aug.scale[1]: expected float, got 'x' (str)"
+
+
+def test_warmup_not_shorter_than_the_run_is_warned(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="swinv2.config")
+    cfg = load_config(None, ["schedule.warmup_epochs=20", "train.epochs=5"])  # a warning, not an error
+    assert cfg.train.epochs == 5
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert "schedule.warmup_epochs=20" in record.getMessage() and "train.epochs=5" in record.getMessage()
+    caplog.clear()
+    load_config(None, ["schedule.warmup_epochs=4.5", "train.epochs=5"])
+    assert caplog.records == []
+    # Per stage: the second stage inherits the top-level warm-up of 3 epochs and runs 3.
+    recipe = tmp_path / "stages.yaml"
+    recipe.write_text("schedule: {warmup_epochs: 3}\nstages:\n  - train: {epochs: 10}\n  - train: {epochs: 3}\n"
+                      "  - {schedule: {warmup_epochs: 1}, train: {epochs: 3}}\n")
+    load_config(recipe)
+    assert [r.getMessage().split(" is not")[0] for r in caplog.records] == ["stages[1].schedule.warmup_epochs=3"]
+    assert "stages[1].train.epochs=3" in caplog.records[0].getMessage()
+
+
+def test_cli_rejects_an_out_of_range_override_before_any_work(tmp_path, capsys):
+    from swinv2.cli import main
+
+    out = tmp_path / "run"
+    demo = str(REPO / "configs" / "demo_digits.yaml")
+    assert main(["train", "--config", demo, "--out", str(out), "data.batch_size=0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "swinv2 train: error: override data.batch_size=0: must be >= 1"]
+    assert list(tmp_path.iterdir()) == []  # no run directory, nothing else

@@ -169,6 +169,27 @@ def test_class_folder_hygiene(tmp_path):
         scan_class_folders(tmp_path / "flat")
 
 
+def test_an_empty_training_class_folder_is_warned_about_loudly(tmp_path):
+    """It stays a class (labels never shift), so the warning names it and says what that costs: an
+    output no image teaches, which the model may still predict. A val folder's empty class differs."""
+    root = make_image_folder(tmp_path, classes=("cat", "eel"), n_train=2, n_val=1)
+    for split in ("train", "val"):
+        (root / split / "dog").mkdir()
+    train = ImageFolderDataset(root / "train")
+    val = ImageFolderDataset(root / "val", class_names=train.classes)
+    assert train.classes == ["cat", "dog", "eel"] and train.empty_classes == val.empty_classes == ["dog"]
+    lines = data.hygiene_warnings(train, val)
+    assert len(lines) == 2
+    assert lines[0].startswith(f"{root / 'train'}: empty class folders: dog;")
+    assert "may still predict it" in lines[0] and "add images or remove the folder" in lines[0]
+    assert lines[1].startswith(f"{root / 'val'}: empty class folders: dog;") and "predict" not in lines[1]
+    many = [f"c{i:02d}" for i in range(30)]  # a long list is cut, with the count of the rest
+    for c in many:
+        (root / "train" / c).mkdir()
+    line = data.folder_warnings(ImageFolderDataset(root / "train"), training=True)[0]
+    assert "c00, c01" in line and "c09 ... (+21)" in line and "c29" not in line
+
+
 def test_check_dataset_reports_bad_files_modes_and_balance(tmp_path):
     root = make_image_folder(tmp_path, n_train=3, n_val=1)
     (root / "train" / "a" / "zero.png").write_bytes(b"")

@@ -112,3 +112,46 @@ def test_viz_cpb_cli_writes_one_png_per_stage(tmp_path, capsys):
         for p in out.iterdir():
             _valid_png(p)
     assert capsys.readouterr().out.count("wrote") == 4
+
+
+def _drawn_figure(monkeypatch):
+    """Keep the texts of the next figure `plots` saves (the figure itself is closed once saved)."""
+    seen = {}
+    real = plots._save
+
+    def keep(fig, path):
+        fig.canvas.draw()
+        seen["suptitle"] = fig.get_suptitle()
+        seen["axes"] = [{"title": ax.get_title(), "color": ax.title.get_color(),
+                         "texts": [t.get_text() for t in ax.texts], "lines": len(ax.lines)} for ax in fig.axes]
+        return real(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    return seen
+
+
+def test_prediction_grid_marks_right_and_wrong_and_carries_a_title(tmp_path, monkeypatch):
+    from matplotlib.colors import to_rgba
+
+    seen = _drawn_figure(monkeypatch)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(3)]
+    _valid_png(plots.plot_prediction_grid(images, ["cat 90%"] * 3, tmp_path / "g.png", titles=["a/1", "b/1", "c/1"],
+                                          correct=[True, False, None], title="the first 3 of 9 images"), 100)
+    assert seen["suptitle"] == "the first 3 of 9 images"
+    titles = [(a["title"], a["color"]) for a in seen["axes"][:3]]
+    assert [t for t, _ in titles] == ["✓ a/1", "✗ b/1", "c/1"]
+    assert [to_rgba(c) for _, c in titles] == [to_rgba("tab:green"), to_rgba("tab:red"), to_rgba("black")]
+
+
+def test_curves_without_validation_say_so(tmp_path, monkeypatch):
+    seen = _drawn_figure(monkeypatch)
+    rows = [{"epoch": e, "train_loss": 2.0 / e, "lr": 1e-3 * e} for e in (1, 2, 3)]
+    _valid_png(plots.plot_training_curves(rows, tmp_path / "curves.png"))
+    loss, acc, lr = seen["axes"]
+    assert acc["lines"] == 0 and any("no validation data" in t for t in acc["texts"])
+    assert loss["lines"] == 1 and lr["lines"] == 1 and not loss["texts"]
+    rows = [dict(r, val_loss=1.0, val_top1=50.0 + r["epoch"], val_top5=90.0) for r in rows]
+    plots.plot_training_curves(rows, tmp_path / "curves.png")
+    acc = seen["axes"][1]
+    assert acc["lines"] == 2 and acc["texts"] == [] and acc["title"] == "best val top-1 53.00%"

@@ -127,3 +127,87 @@ def test_unnamed_1000_class_model_gets_imagenet_names():
     assert names[0] == "tench" and names[1] == "goldfish" and names[999] == "toilet tissue"
     unnamed = swinv2.create_model("swinv2_micro_window4_32", num_classes=7)
     assert class_names_for(unnamed) == ([str(i) for i in range(7)], "indices")
+
+
+def test_nothing_classified_exits_2_naming_the_paths(setup, capsys):
+    root, weights, imgs = setup
+    typo, no_match = root / "imgs" / "rgb9.png", str(imgs / "*.jpeg")
+    assert main(["predict", "--weights", str(weights), str(typo), no_match]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.strip().splitlines() == [f"swinv2 predict: error: no image classified: {typo}: file not found; "
+                                        f"{no_match}: no file matches this pattern"]
+    # only unreadable files: nothing classified either; --fail-on-error keeps meaning "any unreadable file" (1)
+    assert main(["predict", "--weights", str(weights), str(imgs / "sub" / "corrupt.jpg")]) == 2
+    assert "corrupt.jpg" in capsys.readouterr().err
+    assert main(["predict", "--weights", str(weights), "--fail-on-error", str(imgs / "rgb0.png"), str(typo)]) == 1
+    capsys.readouterr()
+
+
+def test_plot_titles_tell_folders_apart_mark_right_and_wrong_and_say_when_cut(setup, capsys, tmp_path, monkeypatch):
+    """The grid's titles are paths below the images' common folder; where the parent folder names a
+    class, the top-1 is marked right or wrong; past 32 images the figure and the output say so."""
+    import shutil
+
+    from swinv2 import plots
+
+    root, weights, imgs = setup
+    src = imgs / "rgb0.png"
+    top1 = predict(load_model(weights), [src], topk=1).results[0]["top"][0]["label"]
+    other = next(c for c in CLASSES if c != top1)
+    data = tmp_path / "data"
+    for rel in (f"train/{top1}/1.png", f"val/{top1}/1.png", f"val/{other}/1.png", "misc/1.png"):
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, data / rel)
+    for i in range(31):  # 35 images in all
+        shutil.copy(src, data / "train" / top1 / f"z{i:02d}.png")
+    drawn = {}
+    real = plots.plot_prediction_grid
+
+    def record(images, captions, path, **kw):
+        drawn.update(kw, n_images=len(images))
+        return real(images, captions, path, **kw)
+
+    monkeypatch.setattr(plots, "plot_prediction_grid", record)
+    grid = tmp_path / "grid.png"
+    args = ["predict", "--weights", str(weights), "--topk", "2", "--plot", str(grid)]
+    assert main(args + [str(data / "train" / top1 / "1.png"), str(data / "val"), str(data / "misc")]) == 0
+    assert f"wrote {grid}\n" in capsys.readouterr().out  # all 4 shown: nothing to say
+    assert drawn["titles"] == [f"train/{top1}/1.png", f"val/{top1}/1.png", f"val/{other}/1.png", "misc/1.png"]
+    assert drawn["correct"] == [True, True, False, None]
+    assert drawn["title"] == "4 images; top-1 right for 2 of the 3 whose folder names a class"
+
+    assert main(args + [str(data)]) == 0
+    assert f"wrote {grid} (the first 32 of 35 images)" in capsys.readouterr().out
+    assert drawn["n_images"] == 32 and drawn["title"].startswith("the first 32 of 35 images")
+    assert drawn["titles"][:2] == ["misc/1.png", f"train/{top1}/1.png"]
+    with Image.open(grid) as im:
+        im.verify()
+
+
+def test_eval_reads_an_empty_class_folder_as_training_does_and_warns(setup, tmp_path, caplog, capsys):
+    """An empty class folder keeps its class slot in eval as in training (`ImageFolderDataset`), and
+    eval reports it with the same warning lines training uses (`data.folder_warnings`)."""
+    import shutil
+
+    from swinv2.data import ImageFolderDataset, folder_warnings
+
+    root, weights, imgs = setup
+    data = tmp_path / "val"
+    for c in ("ant", "cat"):
+        (data / c).mkdir(parents=True)
+        for i in range(2):
+            shutil.copy(imgs / f"rgb{i + (c == 'cat') * 2}.png", data / c / f"{i}.png")
+    (data / "bee").mkdir()  # empty, and a class of the weights
+    out = tmp_path / "eval.json"
+    caplog.set_level("WARNING")
+    assert main(["eval", "--weights", str(weights), "--data", str(data), "--json", str(out)]) == 0
+    capsys.readouterr()
+    report = json.loads(out.read_text())
+    expected = folder_warnings(ImageFolderDataset(data, class_names=CLASSES), training=False)
+    assert report["warnings"] == expected and report["empty_classes"] == ["bee"]
+    assert any(f"{data}: empty class folders: bee" in w for w in expected)
+    assert any(f"{data}: empty class folders: bee" in r.getMessage() for r in caplog.records
+               if r.levelname == "WARNING")
+    assert report["classes"] == CLASSES and [r["class"] for r in report["per_class"]] == ["ant", "cat"]
+    assert np.array(report["confusion"])[CLASSES.index("bee")].sum() == 0

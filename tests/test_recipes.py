@@ -391,6 +391,6 @@ def test_stage_overrides_on_the_command_line_and_shadowed_top_level_keys(tmp_pat
     assert main(["train", "--config", str(recipe), "--out", str(out), "stages.1.model.freez=[]"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["swinv2 train: error: cannot set 'stages.5.train.epochs': 'stages' has entries 0..1",
-                   f"swinv2 train: error: {recipe}: unknown key 'stages[1].model.freez' "
+                   "swinv2 train: error: override stages.1.model.freez=[]: unknown key 'stages[1].model.freez' "
                    f"(did you mean 'stages[1].model.freeze'?)"]
     assert not out.exists()

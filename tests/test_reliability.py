@@ -662,3 +662,88 @@ def test_check_data_reports_without_training(tmp_path, capsys):
     assert main(["train", "--config", str(cfg), "--check-data"]) == 1
     report = capsys.readouterr().out
     assert all(p in report for p in bad) and "empty_class" in report and "3 unreadable image files" in report
+
+
+# --------------------------------------------------------------------------- rows 17-21: the run directory
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_second_training_in_the_same_run_directory_is_refused(reference, tmp_path, capsys):
+    """While a live process holds the run (here: this one), another start refuses in one line naming
+    the run and the holder, and writes nothing; a holder killed with SIGKILL holds nothing."""
+    from swinv2.rundir import _lock
+
+    out = tmp_path / "run"
+    shutil.copytree(reference["out"], out)
+    before = _snapshot(out)
+    held = _lock(out)
+    try:
+        capsys.readouterr()
+        assert train(reference["cfg"], out, "train.epochs=4") == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"run directory {out} is in use by process {os.getpid()}" in err[0], err
+    finally:
+        held.close()
+    assert {k: v for k, v in _snapshot(out).items() if k != ".lock"} == \
+        {k: v for k, v in before.items() if k != ".lock"}
+    dead = subprocess.run([sys.executable, "-c", "import os, signal, sys; from pathlib import Path; "
+                           "from swinv2.rundir import _lock; f = _lock(Path(sys.argv[1])); "
+                           "os.kill(os.getpid(), signal.SIGKILL)", str(out)], timeout=120)
+    assert dead.returncode == -signal.SIGKILL
+    assert "process" in (out / ".lock").read_text()  # the dead holder's name is still in the file ...
+    assert train(reference["cfg"], out) == 0  # ... but its lock went with it
+
+
+def test_a_failed_best_weights_save_is_made_good_by_the_next_start(reference, tmp_path, monkeypatch, capsys):
+    """Disk full at the first save of best.safetensors: the run stops with the clear line; space freed,
+    the same command writes best.safetensors (the best-k leader's weights) and the summary lists it."""
+    from swinv2 import rundir
+    from swinv2.checkpoint import CheckpointError, load_model
+
+    out = tmp_path / "run"
+    real = rundir.save_weights
+
+    def full_disk(model, path, **kw):
+        raise CheckpointError(f"could not save {path}: No space left on device")
+
+    monkeypatch.setattr(rundir, "save_weights", full_disk)
+    assert train(reference["cfg"], out) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert not (out / "best.safetensors").exists()
+    monkeypatch.setattr(rundir, "save_weights", real)
+    assert train(reference["cfg"], out) == 0
+    assert f"weights:       {out / 'best.safetensors'}" in capsys.readouterr().out
+    state = load_state(out)
+    leader = load_state(out, state["best"][0]["file"])
+    weights = load_model(out / "best.safetensors").state_dict()
+    assert all(torch.equal(weights[k], v) for k, v in leader["model"].items())
+    assert_same_state(state, reference["state"])
+
+
+def test_a_refused_resume_changes_nothing_in_the_run_directory(reference, tmp_path, capsys):
+    """A resume that fails (another model) leaves config.yaml and every other file as they were."""
+    out = tmp_path / "run"
+    shutil.copytree(reference["out"], out)
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert train(reference["cfg"], out, "model.name=swinv2_tiny_window8_256", "model.drop_path_rate=0") == 2
+    assert "swinv2_tiny_window8_256" not in (out / "config.yaml").read_text()
+    assert {k: v for k, v in _snapshot(out).items() if k != ".lock"} == \
+        {k: v for k, v in before.items() if k != ".lock"}
+
+
+def test_a_resume_that_changes_the_run_shows_the_change_and_needs_the_flag(reference, tmp_path, capsys, caplog):
+    out = tmp_path / "run"
+    shutil.copytree(reference["out"], out)
+    capsys.readouterr()
+    assert train(reference["cfg"], out, "data.batch_size=2", "optim.lr=1e-3") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.batch_size 4 -> 2" in err[0] and "optim.lr 0.002 -> 0.001" in err[0]
+    assert "--allow-config-change" in err[0]
+    # Keys that do not change what is computed pass, and are shown.
+    assert train(reference["cfg"], out, "train.log_every=2") == 0
+    assert any("train.log_every 1 -> 2" in r.getMessage() for r in caplog.records)
+    assert train(reference["cfg"], out, "optim.lr=1e-3", "--allow-config-change") == 0

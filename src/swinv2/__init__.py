@@ -1,4 +1,5 @@
 """swinv2: Swin Transformer V2 with the official numerics, every variant and weight format."""
+from . import hub
 from .allocator import retain_freed_cpu_memory
 from .checkpoint import LoadReport, load_model, load_weights, save_weights
 from .convert import convert_state_dict
@@ -19,5 +20,6 @@ __all__ = [
     "create_model",
     "get_variant",
     "list_models",
+    "hub",
 ]
 __version__ = "0.1.0"

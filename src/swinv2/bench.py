@@ -72,8 +72,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import distributed as D
 from .flops import count_flops
 from .model import SwinTransformerV2, SwinV2Config
+from .outputs import write_output
 from .registry import model_config
 
 log = logging.getLogger(__name__)
@@ -339,9 +341,7 @@ def run(model: str, *, batch_sizes: Sequence[int] = (8,), img_sizes: Sequence[in
     memory for the same result). See the module docstring for
     the fields and the method.
     """
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
+    dev = D.resolve_device(device, "--device")
     impls = ["ours"] + [p for p in compare if p != "ours"]
     for p in impls:
         if p not in IMPLS:
@@ -517,7 +517,4 @@ def write_json(path: str | os.PathLike, results: Sequence[dict[str, Any]], *,
     path = os.fspath(path)
     record = {"meta": {**environment(results[0]["device"] if results else "cpu"), **(meta or {})},
               "results": list(results)}
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(tmp, path)
+    write_output(path, json.dumps(record, indent=1) + "\n")

@@ -6,9 +6,11 @@ Two kinds of files:
     `os.replace`, fsync of the directory), so a kill or a full disk never leaves a torn file under
     the final name, and always read with `torch.load(weights_only=True)`.
   * weights (`read_state_dict`, `load_weights`, `save_weights`, `load_model`, `write_weights`): our
-    self-describing `.safetensors` (config, class names and eval preprocessing in the metadata) and
-    every foreign format `convert.py` maps (official `.pth`, timm, Hugging Face folders, torchvision,
-    SwinV1).
+    self-describing `.safetensors` (config, class names and eval preprocessing in the metadata),
+    training checkpoints (which describe themselves as well) and every foreign format `convert.py`
+    maps (official `.pth`, timm, Hugging Face folders, torchvision, SwinV1).
+
+Files of weights and training state get the mode of any new file (0o666 less the umask).
 
 Never `weights_only=False`: a pickle that needs any global beyond torch's allow-list is refused
 with one line naming that global, before anything in it runs.
@@ -20,8 +22,10 @@ import json
 import logging
 import os
 import pickle
+import pickletools
 import re
 import tempfile
+import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -33,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import convert
+from . import convert, hub
 from .model import SwinTransformerV2, SwinV2Config
 from .registry import EvalPreprocess, get_variant
 
@@ -64,6 +68,87 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
+# Lines of torch's weights-only errors that are advice, not the cause (it suggests weights_only=False).
+_ADVICE = re.compile(r"weights_only|Weights only load failed|Please file an issue|Check the documentation", re.I)
+
+
+def _cause(e: BaseException) -> str:
+    """The first line of `e` that says what is wrong, without torch's advice around it."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not _ADVICE.search(ln)]
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def _refused(path: Path, name: str) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(f"{path}: refused to load: the pickle needs the global {name!r}, which is not "
+                                 f"allowed for a weights-only checkpoint (nothing was executed)")
+
+
+_PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}  # protocol <= 2 names, as pickle maps them
+
+
+def _pickle_globals(f: Any) -> list[str]:
+    """The globals ("module.name") the pickles in file `f` import, read opcode by opcode, never run.
+
+    A legacy torch file is several pickles in a row (magic number, protocol, system info, the object,
+    the storage keys) before raw bytes; protocol 4+ names a global by two strings on the stack
+    (STACK_GLOBAL), so strings pushed and memoised are tracked far enough to resolve it.
+    """
+    found: list[str] = []
+    for _ in range(8):
+        memo: dict[int, Any] = {}
+        pushed: list[Any] = []  # what each opcode pushed: its string, else None
+        try:
+            for op, arg, _pos in pickletools.genops(f):
+                if op.name in ("GLOBAL", "INST"):
+                    module, name = arg.split(" ", 1)
+                    found.append(f"{_PY2_MODULES.get(module, module)}.{name}")
+                    pushed.append(None)
+                elif op.name == "STACK_GLOBAL":
+                    if len(pushed) >= 2 and all(isinstance(v, str) for v in pushed[-2:]):
+                        found.append(f"{pushed[-2]}.{pushed[-1]}")
+                    pushed.append(None)
+                elif op.name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[len(memo) if op.name == "MEMOIZE" else arg] = pushed[-1] if pushed else None
+                elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                    pushed.append(memo.get(arg))
+                elif op.stack_after:
+                    pushed.append(arg if isinstance(arg, str) else None)
+        except Exception:  # the raw tensor bytes after the last pickle, or a torn file: nothing more to read
+            break
+    return found
+
+
+def _unsafe_global(path: Path) -> str | None:
+    """The first global a torch file's pickle needs beyond torch's weights-only allow-list, if any.
+
+    For the errors where torch's unpickler stops before naming it (an opcode it lacks, e.g. the
+    FRAME of protocol 4, read before the global).
+    """
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+    except ImportError:  # a torch without it: name the first global outside torch and collections
+        allowed = None
+    else:  # torch's list, and what the user allowed with `torch.serialization.add_safe_globals`
+        allowed = set(_get_allowed_globals()) | {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}"
+                                                 for g in torch.serialization.get_safe_globals()}
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                pkl = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                if pkl is None:
+                    return None
+                with z.open(pkl) as f:
+                    names = _pickle_globals(f)
+        else:
+            with open(path, "rb") as f:
+                names = _pickle_globals(f)
+    except OSError:
+        return None
+    if allowed is None:
+        return next((n for n in names if not n.startswith(("torch.", "collections."))), None)
+    return next((n for n in names if n not in allowed), None)
+
+
 def torch_load(path: PathLike) -> Any:
     """`torch.load(path, weights_only=True, map_location="cpu")` with one-line errors naming `path`.
 
@@ -82,21 +167,21 @@ def torch_load(path: PathLike) -> Any:
     except pickle.UnpicklingError as e:
         # torch's message is a paragraph suggesting weights_only=False; keep the fact, drop the advice.
         m = _GLOBAL_RE.search(str(e))
-        if m:
-            raise UnsafeCheckpointError(
-                f"{path}: refused to load: the pickle needs the global {m.group(1)!r}, which is not allowed "
-                f"for a weights-only checkpoint (nothing was executed)") from None
+        name = m.group(1) if m else _unsafe_global(path)
+        if name:
+            raise _refused(path, name) from None
         unsafe = next((ln.strip() for ln in str(e).splitlines() if ln.strip().startswith(_UNSAFE_PREFIXES)), None)
         if unsafe:
             raise UnsafeCheckpointError(f"{path}: refused to load: {unsafe} (nothing was executed)") from None
-        raise CheckpointError(f"{path}: not a readable torch checkpoint (corrupt pickle): "
-                              f"{_describe(e).splitlines()[0]}") from None
+        raise CheckpointError(f"{path}: not a readable torch checkpoint (unsupported or corrupt pickle): "
+                              f"{_cause(e)}") from None
     except Exception as e:  # torch raises RuntimeError/EOFError/KeyError/... for torn or foreign bytes
-        raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): "
-                              f"{_describe(e).splitlines()[0]}") from None
+        raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): {_cause(e)}") from None
 
 
 # --------------------------------------------------------------------------- training state
+
+TRAINING_STATE_FORMAT = "swinv2.training_state"  # `engine.STATE_FORMAT`: the tag of a state `fit` writes
 
 _PLAIN = (torch.Tensor, int, float, bool, str, bytes, complex, type(None), torch.dtype, torch.device, torch.Size)
 
@@ -139,24 +224,47 @@ def _temp_name(path: Path) -> str:
     return f".{path.name}."  # prefix of temp files: hidden, and never matching "*.pt"
 
 
+# Read by setting it (to the strictest value, for an instant) and putting it back: once, at import.
+_UMASK_AT_IMPORT = os.umask(0o077)
+os.umask(_UMASK_AT_IMPORT)
+
+
+def _file_mode() -> int:
+    """The mode `open()` would give a new file: 0o666 less the umask (`mkstemp` makes 0600 files).
+
+    The umask is read without changing it where the OS tells it (Linux: /proc/self/status), so a
+    thread creating files meanwhile is never affected; elsewhere it is the umask at import.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            mask = next((int(ln.split()[1], 8) for ln in f if ln.startswith("Umask:")), _UMASK_AT_IMPORT)
+    except (OSError, ValueError, IndexError):
+        mask = _UMASK_AT_IMPORT
+    return 0o666 & ~mask
+
+
 def atomic_write(path: PathLike, write: Any) -> None:
     """Call `write(fileobj)` on a temp file beside `path`, fsync it, then `os.replace` it onto `path`.
+
+    The file gets the mode an ordinary new file gets (0o666 less the umask), not the temp file's 0600.
 
     On any failure the temp file is removed, a previous `path` is left untouched and CheckpointError
     names `path` and the cause (e.g. "No space left on device").
     """
     path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path  # a link stays; its target is replaced
+    directory = target.parent if str(target.parent) else Path(".")
     if not directory.is_dir():
         raise CheckpointError(f"cannot save {path}: directory {directory} does not exist")
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=_temp_name(path), suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=_temp_name(target), suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.chmod(tmp, _file_mode())  # an ordinary file's mode, as config.yaml and curves.png get
+        os.replace(tmp, target)
         tmp = None
         _fsync_dir(directory)
     except BaseException as e:
@@ -169,8 +277,19 @@ def atomic_write(path: PathLike, write: Any) -> None:
             raise
         if not isinstance(e, Exception):  # KeyboardInterrupt / SystemExit: cleaned up, pass on
             raise
-        cause = e.strerror if isinstance(e, OSError) and e.strerror else _describe(e)
-        raise CheckpointError(f"could not save {path}: {cause}; the previous file (if any) is unchanged") from e
+        raise CheckpointError(f"could not save {path}: {_write_cause(e)}; the previous file (if any) is "
+                              f"unchanged") from e
+
+
+def _write_cause(e: BaseException) -> str:
+    """The OS's words for why a write failed ("No space left on device"), also where torch's writer
+    wrapped the OSError of the file object in its own RuntimeError ("[enforce fail at ...]")."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    return _describe(e).splitlines()[0]
 
 
 def save_training_state(path: PathLike, state: dict[str, Any]) -> None:
@@ -200,7 +319,9 @@ def load_training_state(path: PathLike) -> dict[str, Any]:
 
 
 def find_resumable(directory: PathLike, pattern: str = "*.pt", *, remove_temp: bool = True) -> Path | None:
-    """The newest (by modification time, then name) file matching `pattern` in `directory` that loads.
+    """The file matching `pattern` in `directory` that loads and is furthest along: the highest
+    training step recorded inside it (`progress.global_step`), `last.pt` first among equals, then by
+    name. Never by modification time, which a `touch` or a `cp -r` of the run rewrites.
 
     Files that fail to load are skipped with a warning naming them. Temp files left by a save that
     was killed (`.NAME.*.tmp`) are never candidates and are removed when `remove_temp` (set it False
@@ -216,16 +337,22 @@ def find_resumable(directory: PathLike, pattern: str = "*.pt", *, remove_temp: b
                 tmp.unlink()
             except OSError as e:
                 log.warning("could not remove %s: %s", tmp, e)
-    candidates = [p for p in directory.glob(pattern) if p.is_file() and not p.name.endswith(".tmp")]
-    candidates.sort(key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
-    for p in candidates:
+    best: tuple[tuple[int, bool, str], Path] | None = None
+    for p in sorted(directory.glob(pattern)):
+        if not p.is_file() or p.name.endswith(".tmp"):
+            continue
         try:
-            load_training_state(p)
+            state = load_training_state(p)
         except OSError as e:  # CheckpointError, or the file vanished meanwhile
             log.warning("skipping checkpoint %s: %s", p, e)
             continue
-        return p
-    return None
+        progress = state.get("progress")
+        step = progress.get("global_step", -1) if isinstance(progress, dict) else -1
+        key = (step, p.name == "last.pt", p.name)
+        del state
+        if best is None or key > best[0]:
+            best = (key, p)
+    return None if best is None else best[1]
 
 
 # --------------------------------------------------------------------------- reading weights
@@ -282,7 +409,11 @@ def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
         return _read_hf_folder(path)
     if path.suffix == ".safetensors":
         return _load_safetensors(path)
-    obj = torch_load(path)
+    return _tensors_of(torch_load(path), path)
+
+
+def _tensors_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The unwrapped tensors of what a torch file held (see `read_state_dict`)."""
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
     sd = convert.unwrap(obj)
@@ -410,9 +541,20 @@ def _default_preprocess(cfg: SwinV2Config) -> EvalPreprocess:
     return EvalPreprocess(size, 1.0 if size >= 384 else 0.875)
 
 
-def _preprocess_from_json(text: str) -> EvalPreprocess:
-    d = json.loads(text)
+def _preprocess(d: Mapping[str, Any]) -> EvalPreprocess:
+    """An `EvalPreprocess` from its `asdict` (JSON gives lists where it has tuples)."""
     return EvalPreprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def _descriptions(model: nn.Module, class_names: Sequence[str] | None, preprocess: EvalPreprocess | None,
+                  model_name: str | None) -> tuple[list[str] | None, EvalPreprocess, str | None]:
+    """(class names, eval preprocessing, registry name) to write with `model`'s weights: the arguments,
+    else the attributes `load_model` sets, else (preprocessing) the official rule for its size."""
+    names = class_names if class_names is not None else getattr(model, "class_names", None)
+    if names is not None and len(names) != model.config.num_classes:
+        raise ValueError(f"{len(names)} class names for a {model.config.num_classes}-class model")
+    prep = preprocess or getattr(model, "preprocess", None) or _default_preprocess(model.config)
+    return (None if names is None else list(map(str, names))), prep, model_name or getattr(model, "model_name", None)
 
 
 def save_weights(model: SwinTransformerV2, path: PathLike, *, class_names: Sequence[str] | None = None,
@@ -427,16 +569,11 @@ def save_weights(model: SwinTransformerV2, path: PathLike, *, class_names: Seque
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: weights are saved as .safetensors (got {path.suffix or 'no suffix'})")
-    cfg = model.config
-    names = class_names if class_names is not None else getattr(model, "class_names", None)
-    if names is not None and len(names) != cfg.num_classes:
-        raise ValueError(f"{len(names)} class names for a {cfg.num_classes}-class model")
-    prep = preprocess or getattr(model, "preprocess", None) or _default_preprocess(cfg)
-    meta = {**SAFETENSORS_FORMAT, "swinv2.config": json.dumps(cfg.to_dict()),
+    names, prep, model_name = _descriptions(model, class_names, preprocess, model_name)
+    meta = {**SAFETENSORS_FORMAT, "swinv2.config": json.dumps(model.config.to_dict()),
             "swinv2.preprocess": json.dumps(asdict(prep))}
     if names is not None:
-        meta["swinv2.class_names"] = json.dumps(list(map(str, names)))
-    model_name = model_name or getattr(model, "model_name", None)
+        meta["swinv2.class_names"] = json.dumps(names)
     if model_name:
         meta["swinv2.model_name"] = model_name
     _write_safetensors(path, model.state_dict(), meta)
@@ -456,33 +593,84 @@ def _config_with(cfg: SwinV2Config, overrides: dict[str, Any]) -> SwinV2Config:
     return replace(cfg, **overrides)
 
 
+def resolve_weights(path: PathLike, name: str | None = None) -> tuple[Path, str | None]:
+    """(local file, registry name) for a weights argument: an existing path as given; otherwise
+    ``NAME[.TAG]`` of published weights (`swinv2.hub`), fetched into the Hugging Face cache, with
+    `name` defaulting to the architecture the file was trained as."""
+    if Path(path).exists() or not hub.looks_like_name(str(path)):
+        return Path(path), name
+    record = hub.lookup(str(path))
+    return hub.fetch(record), name or record.arch
+
+
+@dataclass
+class _Weights:
+    """A weights file read once: its tensors, and what it says about itself (None: nothing)."""
+
+    state_dict: dict[str, torch.Tensor]
+    config: SwinV2Config | None = None
+    class_names: list[str] | None = None
+    preprocess: EvalPreprocess | None = None
+    model_name: str | None = None
+
+
+def _measured_weights(state: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The weights of a training state that its best metric measures, those `best.safetensors` holds:
+    the EMA's under ``train.best_metric: val_ema_top1``, else the model's."""
+    metric = state.get("config", {}).get("train", {}).get("best_metric")
+    return state["ema"] if metric == "val_ema_top1" and state.get("ema") is not None else state["model"]
+
+
+def _read_weights(path: Path) -> _Weights:
+    """Tensors and self-description of our `.safetensors` (metadata), a Hugging Face folder
+    (config.json, with our ``swinv2`` record if we wrote it), a training state of `engine.fit`
+    (model config, classes, eval preprocessing, model name) or any other weights file (none)."""
+    meta = read_metadata(path)
+    if "swinv2.config" in meta:
+        return _Weights(read_state_dict(path), SwinV2Config.from_dict(json.loads(meta["swinv2.config"])),
+                        json.loads(meta["swinv2.class_names"]) if "swinv2.class_names" in meta else None,
+                        _preprocess(json.loads(meta["swinv2.preprocess"])) if "swinv2.preprocess" in meta else None,
+                        meta.get("swinv2.model_name"))
+    if path.is_dir() and (path / "config.json").is_file():
+        hf = json.loads((path / "config.json").read_text())
+        kwargs, class_names = convert.hf_config_to_kwargs(hf)
+        ours = hf.get("swinv2") or {}
+        return _Weights(read_state_dict(path), SwinV2Config(**kwargs), class_names,
+                        _preprocess(ours["preprocess"]) if "preprocess" in ours else None, ours.get("model_name"))
+    if path.is_dir() or path.suffix == ".safetensors":
+        return _Weights(read_state_dict(path))
+    obj = torch_load(path)
+    if isinstance(obj, dict) and obj.get("format") == TRAINING_STATE_FORMAT and "model_config" in obj:
+        return _Weights(_tensors_of(_measured_weights(obj), path), SwinV2Config.from_dict(obj["model_config"]),
+                        list(obj["classes"]), _preprocess(obj["preprocess"]), obj.get("model_name"))
+    return _Weights(_tensors_of(obj, path))
+
+
 def load_model(path: PathLike, *, name: str | None = None, src: str = "auto", **overrides: Any) -> SwinTransformerV2:
     """Build a model from weights, in eval mode, with `class_names` and `preprocess` attributes set.
 
-    The architecture comes from our `.safetensors` metadata, a Hugging Face folder's config.json,
+    The architecture comes from our `.safetensors` metadata, a Hugging Face folder's config.json, a
+    training checkpoint of `swinv2 train` (`checkpoints/last.pt`, `best_epochNNNN.pt`: its weights
+    are those the run's best metric measures, the EMA's for ``val_ema_top1``, as in best.safetensors),
     or, for formats that do not describe it (official `.pth`, timm, torchvision), the registry
     `name`, whose class count then follows the weights' head (a 21841-class head for a 1000-class
     variant is mapped, see `load_weights`). `overrides` change the config (e.g. ``num_classes=10``,
     ``img_size=384``). The load is strict; its `LoadReport` is kept as `model.load_report`.
     `preprocess` comes from the metadata, else the registry record of `name`, else the official
     rule for the config's img_size (any img_size override also selects that rule). `model_name`
-    is set from the metadata or `name`.
+    is set from the metadata or `name`. `path` may also name published weights, ``NAME[.TAG]``
+    (see `resolve_weights`).
     """
-    path = Path(path)
+    path, name = resolve_weights(path, name)
     if not path.exists():
         raise FileNotFoundError(f"weights not found: {path}")
-    meta = read_metadata(path)
-    sd = read_state_dict(path)
-    class_names: list[str] | None = None
-    preprocess: EvalPreprocess | None = None
-    if "swinv2.config" in meta:
-        cfg = SwinV2Config.from_dict(json.loads(meta["swinv2.config"]))
-        class_names = json.loads(meta["swinv2.class_names"]) if "swinv2.class_names" in meta else None
-        preprocess = _preprocess_from_json(meta["swinv2.preprocess"]) if "swinv2.preprocess" in meta else None
-    elif path.is_dir() and (path / "config.json").is_file():
-        kwargs, class_names = convert.hf_config_to_kwargs(json.loads((path / "config.json").read_text()))
-        cfg = SwinV2Config(**kwargs)
-    elif name is not None:
+    return _build(_read_weights(path), path, name, src, overrides)
+
+
+def _build(weights: _Weights, path: Path, name: str | None, src: str, overrides: dict[str, Any]) -> SwinTransformerV2:
+    """`load_model` once the file is read."""
+    sd, cfg, class_names, preprocess = weights.state_dict, weights.config, weights.class_names, weights.preprocess
+    if cfg is None and name is not None:
         variant = get_variant(name)
         cfg = variant.config
         head = convert.to_native(sd, src).state_dict.get("head.weight")
@@ -490,7 +678,7 @@ def load_model(path: PathLike, *, name: str | None = None, src: str = "auto", **
         if rows and rows != cfg.num_classes and not (rows == 21841 and cfg.num_classes == 1000):
             cfg = replace(cfg, num_classes=rows)  # a fine-tuned checkpoint keeps its own classes
         preprocess = variant.preprocess
-    else:
+    elif cfg is None:
         raise ValueError(f"{path} does not describe its architecture; pass the registry model name "
                          f"(--model NAME, see `swinv2 models`)")
     new_cfg = _config_with(cfg, overrides)
@@ -502,7 +690,7 @@ def load_model(path: PathLike, *, name: str | None = None, src: str = "auto", **
     model.load_report = load_weights(model, sd, src=src, strict=True)
     model.class_names = class_names
     model.preprocess = preprocess or _default_preprocess(new_cfg)
-    model.model_name = meta.get("swinv2.model_name") or name
+    model.model_name = weights.model_name or name
     return model.eval()
 
 
@@ -534,7 +722,10 @@ def write_weights(model: SwinTransformerV2, path: PathLike, fmt: str = "native",
     `.safetensors` or a torch file by suffix, for `timm.create_model(name, pretrained=True,
     pretrained_cfg_overlay=dict(file=...))` or `load_state_dict`. torchvision: a torch state dict
     with its derived buffers, for `swin_v2_*().load_state_dict(torch.load(...))`. hf: a folder with config.json and
-    model.safetensors for `Swinv2ForImageClassification.from_pretrained(folder)`.
+    model.safetensors for `Swinv2ForImageClassification.from_pretrained(folder)` and preprocessor_config.json for
+    `AutoImageProcessor.from_pretrained(folder)`; config.json also keeps the registry name and the exact eval
+    preprocessing under ``"swinv2"``, so `load_model(folder)` restores them. Class names, preprocessing and
+    name default to the model's attributes, as in `save_weights`.
     """
     path = Path(path)
     if fmt == "native":
@@ -542,11 +733,15 @@ def write_weights(model: SwinTransformerV2, path: PathLike, fmt: str = "native",
         return path
     sd = convert.from_native(model.state_dict(), fmt, config=model.config).state_dict
     if fmt == "hf":
+        names, prep, model_name = _descriptions(model, class_names, preprocess, model_name)
+        ours = {"model_name": model_name, "preprocess": asdict(prep)}
+        texts = {file: json.dumps(record, indent=2) + "\n" for file, record in (
+            ("config.json", convert.hf_config_from_kwargs(model.config.to_dict(), names, extra=ours)),
+            ("preprocessor_config.json", convert.hf_preprocessor_config(asdict(prep))))}
         path.mkdir(parents=True, exist_ok=True)
-        names = class_names if class_names is not None else getattr(model, "class_names", None)
         _write_safetensors(path / "model.safetensors", sd, dict(SAFETENSORS_FORMAT))
-        text = json.dumps(convert.hf_config_from_kwargs(model.config.to_dict(), names), indent=2) + "\n"
-        atomic_write(path / "config.json", lambda f: f.write(text.encode()))
+        for file, text in texts.items():
+            atomic_write(path / file, lambda f, text=text: f.write(text.encode()))
     else:
         _write_state_dict(sd, path, fmt)
     return path
@@ -565,22 +760,23 @@ def convert_file(src: PathLike, dst: PathLike, *, src_format: str = "auto", dst_
                  model_name: str | None = None) -> str:
     """Convert a weights file or folder to another format; returns a summary for the user.
 
-    With an architecture (our `.safetensors`, a Hugging Face folder, or `model_name`) the weights go
-    through a model (strict load, so the result is known to fit). Without one, official/timm targets
-    are a pure key mapping; other targets need `model_name`.
+    With an architecture (our `.safetensors`, a Hugging Face folder, a training checkpoint, or `model_name`)
+    the weights go through a model (strict load, so the result is known to fit) and keep their class
+    names, eval preprocessing and model name where the target can hold them. Without one,
+    official/timm targets are a pure key mapping; other targets need `model_name`. The source is read once.
     """
     fmt = dst_format or guess_write_format(dst)
     if fmt not in WRITE_FORMATS:
         raise ValueError(f"unknown weights format {fmt!r}; writable: {', '.join(WRITE_FORMATS)}")
-    src = Path(src)
-    describes = "swinv2.config" in read_metadata(src) or (src.is_dir() and (src / "config.json").is_file())
-    if describes or model_name is not None:
-        model = load_model(src, name=model_name, src=src_format)
-        out = write_weights(model, dst, fmt, model_name=model_name)
+    src, model_name = resolve_weights(src, model_name)
+    weights = _read_weights(src)
+    if weights.config is not None or model_name is not None:
+        model = _build(weights, src, model_name, src_format, {})
+        out = write_weights(model, dst, fmt)
         return f"{model.load_report}\nwrote {out} ({fmt})"
     if fmt not in ("official", "timm"):
         raise ValueError(f"{src} does not describe its architecture; writing {fmt} needs --model NAME")
-    conv = convert.convert(read_state_dict(src), src_format, fmt)
+    conv = convert.convert(weights.state_dict, src_format, fmt)
     _write_state_dict(conv.state_dict, Path(dst), fmt)
     lines = [f"format: {conv.src} -> {fmt}; {len(conv.state_dict)} tensors (pure key mapping, no --model)"]
     if conv.dropped:

@@ -7,9 +7,11 @@ shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import allocator
@@ -34,6 +36,7 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_models(args: argparse.Namespace) -> int:
+    from . import hub
     from .flops import count_flops
     from .registry import count_params, get_variant, list_models
 
@@ -42,26 +45,59 @@ def _run_models(args: argparse.Namespace) -> int:
         v = get_variant(name)
         cfg = v.config
         pws = ",".join(map(str, cfg.pretrained_window_sizes)) if any(cfg.pretrained_window_sizes) else "-"
+        tags = ", ".join(r.tag + ("*" if hub.is_cached(r) else "") for r in hub.records(name)) or "-"
         rows.append((
             name, f"{cfg.img_size[0]}", f"{cfg.window_size}", pws, v.pretrain,
             f"{cfg.num_classes}", f"{count_params(cfg) / 1e6:.1f}M", f"{count_flops(cfg) / 1e9:.1f}",
-            f"{v.top1:.1f}" if v.top1 else "-", f"{v.top5:.1f}" if v.top5 else "-",
+            f"{v.top1:.1f}" if v.top1 else "-", f"{v.top5:.1f}" if v.top5 else "-", tags,
         ))
     header = ("name", "img", "window", "pretrained win", "weights", "classes", "params", "GMACs", "top-1",
-              "top-5")
+              "top-5", "tags (* cached)")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     right = {1, 2, 5, 6, 7, 8, 9}
 
     def fmt(row: Sequence[str]) -> str:
         return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
 
-    print(fmt(header))
+    print(fmt(header).rstrip())
     print("  ".join("-" * w for w in widths))
     for r in rows:
-        print(fmt(r))
+        print(fmt(r).rstrip())
     print("\nGMACs at the native size (paper convention); top-1/top-5: paper, ImageNet-1k val. "
           "Aliases: the official config names, e.g. swinv2_base_patch4_window12to16_192to256_22kto1k_ft.")
+    print(f"Tags: pretrained weights, used as --weights NAME.TAG or create_model(NAME, pretrained=TAG), the first "
+          f"is the default; * = in the cache {hub.cache_dir()}; `swinv2 download NAME.TAG` fetches ahead of time.")
     return 0
+
+
+# --------------------------------------------------------------------------- download
+
+
+def _add_download(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("download", help="fetch pretrained weights into the Hugging Face cache, ahead of time",
+                       description="Download published weights by name (see the tags of `swinv2 models`) into the "
+                       "Hugging Face cache (HF_HOME / HF_HUB_CACHE), or find them there, and print where they are. "
+                       "Copy that cache to a machine without network and set HF_HUB_OFFLINE=1 there.")
+    p.add_argument("names", nargs="+", metavar="NAME[.TAG]", help="e.g. swinv2_tiny_window8_256 (its default tag) "
+                   "or swinv2_base_window12to16_192to256.ms_in22k")
+    p.set_defaults(func=_run_download)
+
+
+def _run_download(args: argparse.Namespace) -> int:
+    from . import hub
+
+    failed = 0
+    for spec in args.names:
+        try:
+            record = hub.lookup(spec)
+            path = hub.fetch(record)
+        except (OSError, KeyError) as e:  # one line per name; the others still download
+            failed += 1
+            print(f"swinv2 download: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+            continue
+        print(f"{record.spec}: {path} ({path.stat().st_size / 1e6:.1f} MB, {record.classes})")
+    print(f"cache: {hub.cache_dir()}")
+    return 2 if failed else 0
 
 
 # --------------------------------------------------------------------------- convert
@@ -72,7 +108,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                        description="Convert SwinV2 weights. Reads native .safetensors, official .pth (also SwinV1 "
                        "and 22k heads), timm, Hugging Face folders and torchvision files; torch files only "
                        "with weights_only=True.")
-    p.add_argument("src", help="weights file or Hugging Face folder")
+    p.add_argument("src", help="weights file, Hugging Face folder or published weights NAME[.TAG]")
     p.add_argument("dst", help="output file (.safetensors: native, .pth: official) or folder (hf)")
     p.add_argument("--src", dest="src_format", default="auto",
                    choices=["auto", "native", "official", "timm", "hf", "torchvision", "swinv1"],
@@ -98,7 +134,8 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 def _add_weights_args(p: argparse.ArgumentParser, *, preprocess: bool = True) -> None:
     p.add_argument("--weights", required=True, help="weights: our .safetensors, an official .pth (with --model), "
-                   "timm / torchvision files (with --model) or a Hugging Face folder")
+                   "timm / torchvision files (with --model), a Hugging Face folder, or published weights by name, "
+                   "NAME[.TAG] (see `swinv2 models`; downloaded once into the Hugging Face cache)")
     p.add_argument("--model", default=None, help="registry name, for weights that do not describe their "
                    "architecture (see `swinv2 models`)")
     if preprocess:
@@ -120,14 +157,13 @@ def _load_for_use(args: argparse.Namespace):
 
 
 def _write_json(path: str, record: object) -> None:
-    """Write JSON next to `path`, then rename: never a half-written file."""
+    """The JSON record to `path`: a regular file atomically (through symlinks), `-` or /dev/stdout,
+    pipes and devices streamed (`outputs.write_output`)."""
     import json
-    import os
 
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(tmp, path)
+    from .outputs import write_output
+
+    write_output(path, json.dumps(record, indent=1) + "\n")
 
 
 def _add_amp_arg(p: argparse.ArgumentParser) -> None:
@@ -137,14 +173,13 @@ def _add_amp_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _amp_dtype(args: argparse.Namespace) -> torch.dtype | None:
-    """--amp as an autocast dtype (None for none), checked against --device."""
-    import torch
-
+    """--amp as an autocast dtype (None for none), checked against --device, which must exist here."""
     from .bench import DTYPES, warn_if_bf16_emulated
+    from .distributed import resolve_device
 
+    device = resolve_device(args.device, "--device")
     if args.amp == "none":
         return None
-    device = torch.device(args.device)
     if args.amp == "fp16" and device.type != "cuda":
         raise UserError(f"--amp fp16 needs a CUDA device, not {args.device} (CPU fp16 autocast is a slow "
                         "reference path); use --amp bf16 or none")
@@ -173,8 +208,15 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    from .outputs import check_output, is_stdout
     from .predict import evaluate_folder, save_eval_plots
 
+    if args.json:
+        check_output(args.json, "--json")
+    if args.plots:
+        check_output(Path(args.plots) / "confusion_matrix.png", "--plots")
+    # With the JSON on stdout, the report for people goes to stderr.
+    say = functools.partial(print, file=sys.stderr if args.json and is_stdout(args.json) else sys.stdout)
     amp_dtype = _amp_dtype(args)
     model, prep = _load_for_use(args)
     report = evaluate_folder(model, args.data, weights=args.weights, batch_size=args.batch_size,
@@ -182,30 +224,32 @@ def _run_eval(args: argparse.Namespace) -> int:
     for e in report["errors"]:
         print(f"swinv2 eval: skipped {e['path']}: {e['error']}", file=sys.stderr)
     skipped = f", {len(report['errors'])} unreadable skipped" if report["errors"] else ""
-    print(f"{args.data}: {report['n']} images, {len(report['per_class'])} classes{skipped}; "
-          f"{prep.img_size} px, crop {prep.crop_pct}, {prep.interpolation}"
-          + ("" if amp_dtype is None else f", autocast {args.amp}"))
-    print(f"top-1 {report['top1']:.2f}%  top-5 {report['top5']:.2f}%  loss {report['loss']:.4f}  "
-          f"({report['img_per_s']:.1f} img/s)")
+    say(f"{args.data}: {report['n']} images, {len(report['per_class'])} classes{skipped}; "
+        f"{prep.img_size} px, crop {prep.crop_pct}, {prep.interpolation}"
+        + ("" if amp_dtype is None else f", autocast {args.amp}"))
+    say(f"top-1 {report['top1']:.2f}%  top-5 {report['top5']:.2f}%  loss {report['loss']:.4f}  "
+        f"({report['img_per_s']:.1f} img/s)")
     rows = sorted(report["per_class"], key=lambda r: r["top1"])
     shown = rows if len(rows) <= 30 else rows[:10]
-    print("per-class top-1" + ("" if shown is rows else f" (the 10 worst of {len(rows)})") + ":")
+    say("per-class top-1" + ("" if shown is rows else f" (the 10 worst of {len(rows)})") + ":")
     width = max(len(r["class"]) for r in shown)
     for r in shown:
-        print(f"  {r['class']:<{width}}  {r['top1']:6.2f}%  ({r['correct']}/{r['n']})")
+        say(f"  {r['class']:<{width}}  {r['top1']:6.2f}%  ({r['correct']}/{r['n']})")
     if args.json:
         _write_json(args.json, {"weights": args.weights, "data": args.data, "amp": args.amp, **report})
-        print(f"wrote {args.json}")
+        if not is_stdout(args.json):
+            say(f"wrote {args.json}")
     if args.plots:
         for path in save_eval_plots(report, args.plots):
-            print(f"wrote {path}")
+            say(f"wrote {path}")
     return 0
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="classify image files, folders and globs",
                        description="Print the top-k classes of each image. Unreadable files are reported on stderr "
-                       "and skipped; the exit code is non-zero for them only with --fail-on-error. --json prints "
+                       "and skipped; the exit code is non-zero for them only with --fail-on-error (1), and 2 when no "
+                       "image at all was classified (e.g. a mistyped path). --json prints "
                        '{"topk", "class_names_from", "results": [{"path", "top": [{"index", "label", "prob"}]}], '
                        '"errors": [{"path", "error"}]} (prob: softmax probability, 0..1).')
     _add_weights_args(p)
@@ -215,17 +259,17 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     _add_amp_arg(p)
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
-    p.add_argument("--plot", metavar="OUT.png", default=None, help="draw a grid of the images (up to 32) with "
-                   "their top-k labels")
+    p.add_argument("--plot", metavar="OUT.png", default=None, help="draw a grid of the first 32 images with "
+                   "their top-k labels; an image in a folder named like a class is marked right (green ✓) or "
+                   "wrong (red ✗) by its top-1")
     p.add_argument("--fail-on-error", action="store_true", help="exit with code 1 if any file could not be read")
     p.set_defaults(func=_run_predict)
 
 
 def _run_predict(args: argparse.Namespace) -> int:
     import json
-    import os
 
-    from .predict import predict
+    from .predict import predict, save_prediction_grid
 
     amp_dtype = _amp_dtype(args)
     model, prep = _load_for_use(args)
@@ -236,19 +280,17 @@ def _run_predict(args: argparse.Namespace) -> int:
     else:
         for r in preds.results:
             print(f"{r['path']}: " + ", ".join(f"{t['label']} {100 * t['prob']:.1f}%" for t in r["top"]))
+    if not preds.results:  # e.g. a typo in every path: an error, never an empty success
+        more = f"; ... (+{len(preds.errors) - 5})" if len(preds.errors) > 5 else ""
+        raise UserError("no image classified: " + "; ".join(f"{e['path']}: {e['error']}" for e in preds.errors[:5])
+                        + more)
     for e in preds.errors:
         print(f"swinv2 predict: skipped {e['path']}: {e['error']}", file=sys.stderr)
-    if args.plot and preds.thumbnails:
-        from .plots import plot_prediction_grid
-
-        shown = preds.results[: len(preds.thumbnails)]
-        width = min(24, max(len(t["label"]) for r in shown for t in r["top"]))
-        captions = ["\n".join(f"{t['label'][:width]:<{width}} {100 * t['prob']:5.1f}%" for t in r["top"])
-                    for r in shown]
-        titles = [os.path.join(os.path.basename(os.path.dirname(r["path"])), os.path.basename(r["path"]))
-                  for r in shown]
-        path = plot_prediction_grid(preds.thumbnails, captions, args.plot, titles=titles)
-        print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
+    if args.plot:
+        path = save_prediction_grid(preds, args.plot)
+        n, shown = len(preds.results), len(preds.thumbnails)
+        print(f"wrote {path}" + (f" (the first {shown} of {n} images)" if shown < n else ""),
+              file=sys.stderr if args.json else sys.stdout)
     return 1 if (args.fail_on_error and preds.errors) else 0
 
 
@@ -282,7 +324,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                        "'ours x' = how many times faster ours is (median of per-round paired ratios); "
                        "'ours mem' = our peak memory / theirs. See swinv2.bench for the method and JSON fields.")
     p.add_argument("--model", required=True, help="registry name (see `swinv2 models`)")
-    p.add_argument("--weights", default=None, help="weights to time (default: the same random weights for all)")
+    p.add_argument("--weights", default=None, help="weights to time, a file or NAME[.TAG] (default: the same random "
+                   "weights for all)")
     p.add_argument("--batch-size", type=int, nargs="+", default=[8])
     p.add_argument("--img-size", type=int, nargs="+", default=[None], help="default: the variant's size")
     p.add_argument("--dtype", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"],
@@ -313,7 +356,10 @@ def _run_bench(args: argparse.Namespace) -> int:
     import torch
 
     from . import bench
+    from .outputs import check_output
 
+    if args.json:
+        check_output(args.json, "--json")
     if args.threads:
         torch.set_num_threads(args.threads)
     # The implementations share this process's heap. Under glibc's defaults each one's page faults
@@ -377,13 +423,16 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train", help="train a SwinV2 from a YAML recipe (auto-resumes; torchrun for data-parallel)",
         description="Train with the official SwinV2 recipe. Starting again with the same --out resumes from the "
-        "newest valid checkpoint in it. A config with `stages:` trains them in turn, each in --out/stage<k>_<name> "
+        "valid checkpoint furthest along in it (a config that changes the run needs --allow-config-change). "
+        "A config with `stages:` trains them in turn, each in --out/stage<k>_<name> "
         "from the previous stage's weights; running it again skips finished stages. Data-parallel: "
         "torchrun --nproc_per_node N -m swinv2 train ...")
     p.add_argument("--config", help="YAML recipe, e.g. configs/demo_digits.yaml (default: built-in defaults)")
     p.add_argument("--out", help="run directory (default: runs/<config file name>)")
     p.add_argument("--resume", metavar="CKPT", help="resume from this training-state file instead of the newest "
                    "checkpoint in --out")
+    p.add_argument("--allow-config-change", action="store_true", help="resume although the config differs from "
+                   "the checkpoint's in keys that change the run (e.g. data.batch_size, model.window_size)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     p.add_argument("--check-data", action="store_true", help="scan the dataset (unreadable files, image modes, "
                    "empty or mismatched classes, class balance) and exit; non-zero exit if files are unreadable")
@@ -419,9 +468,9 @@ def _run_train(args: argparse.Namespace) -> int:
 
             for warning in shadowed_overrides(cfg, args.overrides):
                 log.warning("%s", warning)
-            summary = fit_recipe(cfg, out, resume=args.resume)
+            summary = fit_recipe(cfg, out, resume=args.resume, allow_config_change=args.allow_config_change)
         else:
-            summary = fit(cfg, out, resume=args.resume)
+            summary = fit(cfg, out, resume=args.resume, allow_config_change=args.allow_config_change)
     except TrainingInterrupted as e:
         print(f"swinv2 train: {e}", file=sys.stderr)
         return e.exit_code
@@ -452,14 +501,24 @@ def _run_train(args: argparse.Namespace) -> int:
 RETAIN_MEMORY_COMMANDS = ("train", "eval", "predict")
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_models, _add_convert, _add_eval, _add_predict, _add_export, _add_bench, _add_viz_cpb, _add_train,
+    _add_models, _add_download, _add_convert, _add_eval, _add_predict, _add_export, _add_bench, _add_viz_cpb, _add_train,
 ]
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("swinv2")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swinv2", description="Swin Transformer V2: train, evaluate, convert, "
                                      "export and benchmark.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="version", version=f"swinv2 {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)

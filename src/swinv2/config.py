@@ -4,7 +4,9 @@ Config flows one way: YAML recipe -> `key=value` overrides -> `Config` -> `engin
 Every section is a frozen dataclass; the schema is read from the type hints, so adding a field
 (or a whole section, e.g. a `stages: tuple[StageConfig, ...] = ()` list of dataclasses) needs no
 parser change. Unknown keys and wrong types fail before any work, naming the dotted key and the
-closest valid one.
+closest valid one. Every numeric field declares its valid range beside its default (`valid(...)`), and a
+value outside it fails the same way, naming the key, the value and the range; a fault is blamed on the
+command-line override that brought it, else on the YAML file.
 
 Defaults are the official SwinV2 ImageNet-1k from-scratch recipe (microsoft/Swin-Transformer
 `config.py`): AdamW lr 5e-4 per 512 images (linearly scaled), wd 0.05, betas (0.9, 0.999), eps 1e-8,
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -26,9 +30,61 @@ import yaml
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+log = logging.getLogger(__name__)
+
 
 class ConfigError(ValueError):
-    """A recipe or override that does not fit the schema; the message names the dotted key."""
+    """A recipe or override that does not fit the schema; the message names the dotted key.
+
+    `key` is the dotted key at fault where there is one (e.g. 'stages[0].train.epochs') and `reason`
+    what is wrong with it, so that load_config can restate a fault as the override's that caused it.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+        self.reason = message if reason is None else reason
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric field accepts, written as in mathematics: '>= 1', '> 0', '[0, 1]', '[0, 1)',
+    '(0, 1]'. Each value of a list field is checked; an `ordered` pair must also be (min, max)."""
+
+    text: str
+    ordered: bool = False
+
+    def __contains__(self, v: float) -> bool:  # NaN is in no range: every comparison with it is False
+        t = self.text
+        if t.startswith(">"):
+            op, bound = t.split()
+            return v >= _number(bound) if op == ">=" else v > _number(bound)
+        lo, hi = (_number(b) for b in t[1:-1].split(","))
+        return (lo <= v if t[0] == "[" else lo < v) and (v <= hi if t[-1] == "]" else v < hi)
+
+    def __str__(self) -> str:
+        return self.text if self.text.startswith(">") else f"in {self.text}"
+
+    def violation(self, value: float | tuple[float, ...]) -> str | None:
+        """What is wrong with `value` (a number or a list of them), or None when it is in range."""
+        if not isinstance(value, tuple):
+            return None if value in self else f"must be {self}"
+        if not all(v in self for v in value):
+            return f"each value must be {self}"
+        if self.ordered and value[0] > value[1]:
+            return "must be (min, max) with min <= max"
+        return None
+
+
+def _number(text: str) -> int | float:
+    text = text.strip()
+    return int(text) if text.lstrip("-").isdigit() else float(text)  # an int stays exact (the seed's 2**64 - 1)
+
+
+def valid(default: Any, spec: str, *, ordered: bool = False) -> Any:
+    """A schema field defaulting to `default` whose values must lie in `spec` (see Range); None (where
+    the type allows it) means "off" or "the default" and is always accepted."""
+    return field(default=default, metadata={"range": Range(spec, ordered)})
 
 
 # --------------------------------------------------------------------------- schema
@@ -37,12 +93,14 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "swinv2_tiny_window8_256"
-    num_classes: int | None = None              # None: the number of class folders
-    img_size: int | None = None                 # None: the variant's
-    window_size: int | None = None              # None: the variant's
-    pretrained_window_sizes: tuple[int, ...] | None = None
-    drop_path_rate: float | None = None         # None: the variant's (0.2 T, 0.3 S, 0.5 B)
+    num_classes: int | None = valid(None, ">= 1")           # None: the number of class folders
+    img_size: int | None = valid(None, ">= 1")              # None: the variant's
+    window_size: int | None = valid(None, ">= 1")           # None: the variant's
+    pretrained_window_sizes: tuple[int, ...] | None = valid(None, ">= 0")  # per layer; 0: none (model.py)
+    # None: the variant's (0.2 T, 0.3 S, 0.5 B). 1 is out: the last block's DropPath would divide by keep = 0.
+    drop_path_rate: float | None = valid(None, "[0, 1)")
     weights: str | None = None                  # initialise from a checkpoint (any supported format)
+    pretrained: bool | str | None = None        # published weights: true (default tag), a tag or NAME.TAG (hub.py)
     weights_strict: bool = True                 # False: skip missing / mis-shaped keys (e.g. a new head)
     freeze: tuple[str, ...] = ()                # fnmatch patterns of parameter names, e.g. "patch_embed.*"
 
@@ -53,20 +111,20 @@ class AugConfig:
 
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"
     interpolation: str = "bicubic"
-    scale: tuple[float, float] = (0.08, 1.0)    # RandomResizedCrop area range
-    ratio: tuple[float, float] = (0.75, 4 / 3)
-    hflip: float = 0.5
-    color_jitter: float = 0.4
-    re_prob: float = 0.25                       # random erasing
+    scale: tuple[float, float] = valid((0.08, 1.0), "(0, 1]", ordered=True)  # RandomResizedCrop area range
+    ratio: tuple[float, float] = valid((0.75, 4 / 3), "> 0", ordered=True)   # its aspect ratios (log-uniform)
+    hflip: float = valid(0.5, "[0, 1]")                 # probability
+    color_jitter: float = valid(0.4, ">= 0")
+    re_prob: float = valid(0.25, "[0, 1]")              # random erasing
     re_mode: Literal["const", "rand", "pixel"] = "pixel"
-    re_count: int = 1
-    mixup: float = 0.8                          # mixup alpha (0 = off)
-    cutmix: float = 1.0                         # cutmix alpha (0 = off)
-    cutmix_minmax: tuple[float, float] | None = None
-    mixup_prob: float = 1.0
-    switch_prob: float = 0.5
+    re_count: int = valid(1, ">= 1")                    # timm erases 1..re_count boxes (re_prob=0: off)
+    mixup: float = valid(0.8, ">= 0")                   # mixup alpha (0 = off)
+    cutmix: float = valid(1.0, ">= 0")                  # cutmix alpha (0 = off)
+    cutmix_minmax: tuple[float, float] | None = valid(None, "[0, 1]", ordered=True)  # box side / image side
+    mixup_prob: float = valid(1.0, "[0, 1]")
+    switch_prob: float = valid(0.5, "[0, 1]")
     mixup_mode: Literal["batch", "pair", "elem"] = "batch"
-    label_smoothing: float = 0.1
+    label_smoothing: float = valid(0.1, "[0, 1)")       # timm's LabelSmoothingCrossEntropy asserts < 1
 
 
 @dataclass(frozen=True)
@@ -76,15 +134,15 @@ class DataConfig:
     val_dir: str = "val"
     val_root: str | None = None                 # a separate val folder of classes (overrides root/val_dir)
     source: Literal["folder", "digits"] = "folder"  # "digits": build root from scikit-learn's digits first
-    batch_size: int = 128                       # per process (official: 128 per GPU)
-    eval_batch_size: int | None = None          # None: 2 x batch_size
-    workers: int = 4
+    batch_size: int = valid(128, ">= 1")        # per process (official: 128 per GPU)
+    eval_batch_size: int | None = valid(None, ">= 1")  # None: 2 x batch_size
+    workers: int = valid(4, ">= 0")             # 0: load in the training process
     pin_memory: bool = True
     persistent_workers: bool = True
-    crop_pct: float | None = None               # eval resize = img_size / crop_pct; None: the variant's
+    crop_pct: float | None = valid(None, "(0, 1]")  # eval resize = img_size / crop_pct; None: the variant's
     interpolation: str = "bicubic"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, float, float] = valid(IMAGENET_MEAN, "[0, 1]")  # of pixel values scaled to [0, 1]
+    std: tuple[float, float, float] = valid(IMAGENET_STD, "> 0")       # a divisor
     strict: bool = False                        # decode every image first and fail listing bad ones
     aug: AugConfig = field(default_factory=AugConfig)
 
@@ -92,51 +150,54 @@ class DataConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     name: Literal["adamw"] = "adamw"
-    lr: float = 5e-4                            # at lr_base_batch images per step
-    lr_base_batch: int = 512
+    lr: float = valid(5e-4, ">= 0")             # at lr_base_batch images per step
+    lr_base_batch: int = valid(512, ">= 1")
     lr_scaling: Literal["linear", "none"] = "linear"  # linear: lr, warmup_lr, min_lr x total batch / base
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.05
-    clip_grad: float | None = 5.0               # global L2 norm; None: no clipping
-    accum_steps: int = 1
+    betas: tuple[float, float] = valid((0.9, 0.999), "[0, 1)")  # torch's AdamW's range
+    eps: float = valid(1e-8, ">= 0")
+    weight_decay: float = valid(0.05, ">= 0")
+    # Global L2 norm; None or 0: no clipping (the engine, like the official code, clips only when it is
+    # truthy). A negative norm would flip the gradients' sign.
+    clip_grad: float | None = valid(5.0, ">= 0")
+    accum_steps: int = valid(1, ">= 1")         # micro-batches per optimizer step
     # Layer-wise LR decay (SimMIM fine-tuning): lr x layer_decay^(L+1 - layer id), see
-    # schedule.swin_layer_id; None: off.
-    layer_decay: float | None = None
+    # schedule.swin_layer_id; None: off (1 is the same, 0 would leave only the head training).
+    layer_decay: float | None = valid(None, "(0, 1]")
 
 
 @dataclass(frozen=True)
 class ScheduleConfig:
     name: Literal["cosine"] = "cosine"
-    warmup_epochs: float = 20.0
-    warmup_lr: float = 5e-7
-    min_lr: float = 5e-6
-    cooldown_epochs: float = 0.0                # the last epochs, at cooldown_lr
-    cooldown_lr: float | None = None            # None: min_lr
+    warmup_epochs: float = valid(20.0, ">= 0")  # 0: no warm-up; >= train.epochs is warned about
+    warmup_lr: float = valid(5e-7, ">= 0")
+    min_lr: float = valid(5e-6, ">= 0")
+    cooldown_epochs: float = valid(0.0, ">= 0")  # the last epochs, at cooldown_lr
+    cooldown_lr: float | None = valid(None, ">= 0")  # None: min_lr
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 300
-    seed: int = 0
+    epochs: int = valid(300, ">= 1")
+    seed: int = valid(0, "[0, 18446744073709551615]")  # torch.manual_seed's range: up to 2**64 - 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["none", "bf16", "fp16"] = "none"   # fp16 adds a dynamic loss scaler
     ema: bool = False
-    ema_decay: float = 0.9998
+    ema_decay: float = valid(0.9998, "[0, 1)")  # 1 would hold the EMA at the initial weights
     ema_warmup: bool = False                    # timm's decay warmup 1 - (1 + step)^-2/3
     grad_checkpointing: bool = False
     sequential_attention: bool = False          # CPU: attention probabilities recomputed in the backward
     compile: bool = False
     parallel: Literal["ddp", "fsdp"] = "ddp"    # used under torchrun
-    eval_every: int = 1                         # epochs
-    checkpoint_every: int = 0                   # optimizer steps between mid-epoch saves; 0: epoch ends only
-    keep_best: int = 1                          # best-k training states kept by best_metric
+    eval_every: int = valid(1, ">= 1")          # epochs (the last epoch is always evaluated)
+    checkpoint_every: int = valid(0, ">= 0")    # optimizer steps between mid-epoch saves; 0: epoch ends only
+    # Best-k training states kept by best_metric; 0 is out: with a val set the best is the run's weights file.
+    keep_best: int = valid(1, ">= 1")
     best_metric: Literal["val_top1", "val_ema_top1"] = "val_top1"
-    max_bad_steps: int = 10                     # abort after this many non-finite steps in a row
-    log_every: int = 50                         # optimizer steps between log lines / TensorBoard points
+    max_bad_steps: int = valid(10, ">= 1")      # abort after this many non-finite steps in a row
+    log_every: int = valid(50, ">= 1")          # optimizer steps between log lines / TensorBoard points
     tensorboard: bool = True
     progress: bool = True                       # tqdm bars (rank 0)
-    threads: int | None = None                  # torch.set_num_threads; None: torch's default
+    threads: int | None = valid(None, ">= 1")   # torch.set_num_threads; None: torch's default
 
 
 class _Inherit:
@@ -152,7 +213,7 @@ def _stage_section(cls: type) -> type:
     hints = typing.get_type_hints(cls)
     return dataclasses.make_dataclass(f"Stage{cls.__name__}", [
         (f.name, _stage_section(hints[f.name]) if dataclasses.is_dataclass(hints[f.name]) else hints[f.name],
-         field(default=INHERIT)) for f in fields(cls)], frozen=True)
+         field(default=INHERIT, metadata=f.metadata)) for f in fields(cls)], frozen=True)
 
 
 StageModelConfig, StageDataConfig, StageOptimConfig, StageScheduleConfig, StageTrainConfig = map(
@@ -181,6 +242,10 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     stages: tuple[StageConfig, ...] = ()         # a multi-stage recipe: `swinv2 train` runs recipes.fit_recipe
+
+    def __post_init__(self) -> None:
+        # Here rather than in the parser, so that a Config built in code is held to the ranges too.
+        _check_ranges(self)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
@@ -221,20 +286,48 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping of sections at the top level, got {type(loaded).__name__}")
         d = loaded or {}
+    # The file must hold on its own, then each override in turn: a fault is blamed on the layer that
+    # brought it (`override data.batch_size=0: must be >= 1`, not the file the user did not edit).
+    try:
+        cfg = Config.from_dict(d)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path is not None else str(e), key=e.key, reason=e.reason) from None
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.epochs=2)")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw  # e.g. an unbalanced bracket in a path: keep the text
-        _set_dotted(d, key.strip(), value)
-    try:
-        return Config.from_dict(d)
-    except ConfigError as e:
-        where = f"{path}: " if path is not None else ""
-        raise ConfigError(f"{where}{e}") from None
+        _set_dotted(d, key, value)
+        try:
+            cfg = Config.from_dict(d)
+        except ConfigError as e:
+            own = e.key is not None and re.sub(r"\[(\d+)\]", r".\1", e.key) == key  # stages[1].x is stages.1.x
+            raise ConfigError(f"override {item}: {e.reason if own else e}", key=e.key, reason=e.reason) from None
+    _warn_long_warmup(cfg)
+    return cfg
+
+
+def _warn_long_warmup(cfg: Config) -> None:
+    """A warning per run (each stage of a recipe) whose warm-up is not shorter than the run: its LR only
+    climbs towards optim.lr (schedule.WarmupCosineLR stays in warm-up) and never decays. Legal, e.g. in
+    a smoke test, but in a short fine-tune that inherits a long recipe's warm-up it is a mistake."""
+    if cfg.stages:
+        runs = [(f"stages[{i}].", _inherited(s.schedule.warmup_epochs, cfg.schedule.warmup_epochs),
+                 _inherited(s.train.epochs, cfg.train.epochs)) for i, s in enumerate(cfg.stages)]
+    else:
+        runs = [("", cfg.schedule.warmup_epochs, cfg.train.epochs)]
+    for where, warmup, epochs in runs:
+        if warmup >= epochs:
+            log.warning("%sschedule.warmup_epochs=%g is not shorter than %strain.epochs=%d: the whole run is "
+                        "warm-up, the LR never reaches optim.lr's peak nor decays", where, warmup, where, epochs)
+
+
+def _inherited(stage_value: Any, top_value: Any) -> Any:
+    return top_value if stage_value is INHERIT else stage_value
 
 
 def schema_keys(cls: type = Config, prefix: str = "") -> list[str]:
@@ -287,13 +380,14 @@ def _build(cls: type, d: Any, prefix: str) -> Any:
     if d is None:
         d = {}
     if not isinstance(d, dict):
-        raise ConfigError(f"{where}: expected a mapping of keys, got {d!r}")
+        reason = f"expected a mapping of keys, got {d!r}"
+        raise ConfigError(f"{where}: {reason}", key=prefix.rstrip(".") or None, reason=reason)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in fields(cls)]
     for key in d:
         if key not in names:
             full = f"{prefix}{key}"
-            raise ConfigError(f"unknown key {full!r}{_suggest(full, [prefix + n for n in names])}")
+            raise ConfigError(f"unknown key {full!r}{_suggest(full, [prefix + n for n in names])}", key=full)
     kwargs = {name: _coerce(hints[name], d[name], prefix + name) for name in names if name in d}
     return cls(**kwargs)
 
@@ -371,7 +465,25 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 
 
 def _type_error(key: str, tp: Any, value: Any) -> ConfigError:
-    return ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    reason = f"expected {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+    return ConfigError(f"{key}: {reason}", key=key, reason=reason)
+
+
+def _check_ranges(obj: Any, prefix: str = "") -> None:
+    """ConfigError for the first field of schema dataclass `obj` (walked into, stages too) that is
+    outside its declared Range, e.g. `data.batch_size=0: must be >= 1`."""
+    for f in fields(obj):
+        key, value = prefix + f.name, getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_ranges(value, key + ".")
+        elif isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0]):
+            for i, item in enumerate(value):
+                _check_ranges(item, f"{key}[{i}].")
+        elif "range" in f.metadata and value is not None and value is not INHERIT:
+            reason = f.metadata["range"].violation(value)
+            if reason is not None:
+                shown = list(value) if isinstance(value, tuple) else value
+                raise ConfigError(f"{key}={shown}: {reason}", key=key, reason=reason)
 
 
 def _to_plain(obj: Any) -> Any:

@@ -28,6 +28,7 @@ of a size not divisible by 4 where ours pads.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -435,8 +436,13 @@ def hf_config_to_kwargs(hf: Mapping[str, Any]) -> tuple[dict[str, Any], list[str
     return kwargs, names
 
 
-def hf_config_from_kwargs(cfg: Mapping[str, Any], class_names: list[str] | None = None) -> dict[str, Any]:
-    """`SwinV2Config.to_dict()` -> a transformers `Swinv2Config` dict that `from_pretrained` reads offline."""
+def hf_config_from_kwargs(cfg: Mapping[str, Any], class_names: list[str] | None = None, *,
+                          extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`SwinV2Config.to_dict()` -> a transformers `Swinv2Config` dict that `from_pretrained` reads offline.
+
+    `extra` is stored under the key ``"swinv2"`` (transformers keeps unknown keys as they are): what
+    our config.json carries beyond transformers' (the registry name and the exact eval transform).
+    """
     _check(cfg["cpb_hidden_dim"] == CPB_HIDDEN and cfg["patch_norm"],
            f"transformers hard-codes patch_norm=True and a CPB MLP of width {CPB_HIDDEN}")
     n = cfg["num_classes"]
@@ -453,9 +459,36 @@ def hf_config_from_kwargs(cfg: Mapping[str, Any], class_names: list[str] | None 
         "encoder_stride": cfg["patch_size"] * 2 ** (len(cfg["depths"]) - 1),
         "id2label": {str(i): name for i, name in enumerate(names)},
         "label2id": {name: i for i, name in enumerate(names)}, "torch_dtype": "float32",
+        **({"swinv2": dict(extra)} if extra else {}),
+    }
+
+
+# PIL's resampling filters by name: transformers' image processors store them as `resample` codes.
+PIL_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+
+
+def hf_preprocessor_config(preprocess: Mapping[str, Any]) -> dict[str, Any]:
+    """Our eval transform (an `EvalPreprocess` as a dict) -> a transformers `preprocessor_config.json`.
+
+    A `BitImageProcessor`: resize the shorter side to floor(img_size / crop_pct), centre-crop img_size,
+    rescale to [0, 1], normalise: `data.eval_transform` step for step, at every size. (The
+    `ViTImageProcessor` of the hub's SwinV2 folders resizes to a square with no crop, and the ConvNeXt one
+    ignores crop_pct from 384 px on: neither reproduces a crop_pct.) Centre crops with an odd margin sit
+    one pixel apart: transformers rounds the offset down, torchvision half to even.
+    """
+    size, interpolation = preprocess["img_size"], preprocess["interpolation"]
+    _check(interpolation in PIL_RESAMPLE, f"transformers has no resampling filter {interpolation!r} "
+           f"(known: {', '.join(PIL_RESAMPLE)})")
+    return {
+        "image_processor_type": "BitImageProcessor", "do_convert_rgb": True,
+        "do_resize": True, "size": {"shortest_edge": math.floor(size / preprocess["crop_pct"])},
+        "resample": PIL_RESAMPLE[interpolation],
+        "do_center_crop": True, "crop_size": {"height": size, "width": size},
+        "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_normalize": True, "image_mean": list(preprocess["mean"]), "image_std": list(preprocess["std"]),
     }
 
 
 __all__ = ["Conversion", "DERIVED_KEYS", "FORMATS", "convert", "convert_state_dict", "detect_format",
-           "from_native", "hf_config_from_kwargs", "hf_config_to_kwargs", "map_head_rows", "to_native",
-           "tv_derived_buffers", "unwrap"]
+           "from_native", "hf_config_from_kwargs", "hf_config_to_kwargs", "hf_preprocessor_config", "map_head_rows",
+           "to_native", "tv_derived_buffers", "unwrap"]

@@ -247,23 +247,34 @@ class ImageFolderDataset(Dataset):
         return [counts.get(i, 0) for i in range(len(self.classes))]
 
 
-def hygiene_warnings(train: ImageFolderDataset, val: ImageFolderDataset | None = None) -> list[str]:
-    """One line per class-folder problem worth a warning before training."""
+def _listed(names: Sequence[str], limit: int = 10) -> str:
+    return ", ".join(names[:limit]) + (f" ... (+{len(names) - limit})" if len(names) > limit else "")
+
+
+def folder_warnings(ds: ImageFolderDataset, *, training: bool) -> list[str]:
+    """One line per problem of one class folder: empty class folders (for a training folder: the
+    model gets an output that no image teaches, and may still predict it), ignored files, and
+    classes of a fixed class list without a folder. Training and `swinv2 eval` report the same."""
     out = []
-    for ds in (train, val):
-        if ds is None:
-            continue
-        if ds.empty_classes:
-            out.append(f"{ds.root}: empty class folders (kept as classes so labels do not shift): "
-                       f"{', '.join(ds.empty_classes)}")
-        if ds.stray:
-            more = f" ... (+{len(ds.stray) - 5})" if len(ds.stray) > 5 else ""
-            out.append(f"{ds.root}: {len(ds.stray)} files ignored (not images, or outside class folders): "
-                       f"{', '.join(ds.stray[:5])}{more}")
-    if val is not None and val.missing_classes:
-        out.append(f"{val.root}: no folder for training classes {', '.join(val.missing_classes)} "
-                   f"(they are never evaluated)")
+    if ds.empty_classes:
+        empty = f"{ds.root}: empty class folders: {_listed(ds.empty_classes)}"
+        if training:
+            out.append(f"{empty}; each stays a class (so labels do not shift), so the model gets an output that no "
+                       f"image teaches and may still predict it for any image: add images or remove the folder")
+        else:
+            out.append(f"{empty}; kept as classes, as in training, with no images to evaluate")
+    if ds.stray:
+        out.append(f"{ds.root}: {len(ds.stray)} files ignored (not images, or outside class folders): "
+                   f"{_listed(ds.stray, 5)}")
+    if ds.missing_classes:
+        out.append(f"{ds.root}: no folder for training classes {_listed(ds.missing_classes)} (they are never "
+                   f"evaluated)")
     return out
+
+
+def hygiene_warnings(train: ImageFolderDataset, val: ImageFolderDataset | None = None) -> list[str]:
+    """One line per class-folder problem worth a warning before training (see `folder_warnings`)."""
+    return folder_warnings(train, training=True) + ([] if val is None else folder_warnings(val, training=False))
 
 
 # --------------------------------------------------------------------------- dataset check

@@ -33,12 +33,20 @@ class DistEnv:
         return self.world_size > 1
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, what: str = "train.device") -> torch.device:
+    """`device` ("auto": CUDA where there is one) as a device this machine has; otherwise a ValueError
+    of one line naming the setting `what` it came from."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but no CUDA device is available")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"{what}={device}: not a device; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{what}={device} but no CUDA device is available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"{what}={device} but this machine has {torch.cuda.device_count()} CUDA devices")
+    return dev
 
 
 def setup(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv:

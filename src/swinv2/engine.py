@@ -44,7 +44,7 @@ from .evaluate import evaluate
 from .faults import NonFiniteError, StopSignals, TrainingInterrupted, assert_finite, check_fits
 from .model import SwinTransformerV2
 from .registry import EvalPreprocess, create_model, get_variant
-from .rundir import RunDir
+from .rundir import RunDir, RunLockedError  # noqa: F401 (raised by fit)
 from .schedule import WarmupCosineLR, build_optimizer, scaled_lrs
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def build_model(cfg: Config, num_classes: int) -> nn.Module:
     m = cfg.model
     model = create_model(m.name, num_classes=num_classes, img_size=m.img_size, window_size=m.window_size,
                          pretrained_window_sizes=m.pretrained_window_sizes, drop_path_rate=m.drop_path_rate,
-                         weights=m.weights, strict=m.weights_strict)
+                         weights=m.weights, pretrained=m.pretrained, strict=m.weights_strict)
     freeze(model, m.freeze)
     if cfg.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -415,8 +415,8 @@ class Trainer:
                     self.progress["epoch_loss_steps"] += 1
                 images += out["n"]
                 rate = images / max(time.perf_counter() - t0, 1e-9)
-                bar.update(1)
                 bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}", img_s=f"{rate:.0f}", refresh=False)
+                bar.update(1)  # after set_postfix: a line logged here (stderr not a tty) shows this step's values
                 gs = self.progress["global_step"]
                 if gs % self.cfg.train.log_every == 0:
                     self.rundir.log_step({"step": gs, "epoch": epoch + 1, "loss": out["loss"], "lr": out["lr"],
@@ -505,23 +505,46 @@ class Trainer:
 
     # ----------------------------------------------------------------------- the run
 
-    def resume(self, explicit: str | Path | None) -> None:
-        """Load `explicit` (errors are fatal) or the newest valid checkpoint of the run directory."""
+    def resume(self, explicit: str | Path | None, *, allow_config_change: bool = False) -> None:
+        """Load `explicit` (errors are fatal) or the furthest valid checkpoint of the run directory;
+        a config that differs from the checkpoint's in keys that change the run needs
+        `allow_config_change`. Then the run starts: config.yaml, and the files the run owes."""
         from .checkpoint import load_training_state
 
         path = Path(explicit) if explicit else self.rundir.find_resumable()
+        if path is not None:
+            state = load_training_state(path)
+            self.load_state_dict(state, path)  # a checkpoint of another model fails here, listing its keys
+            check_config_change(state.get("config"), self.cfg, path, allowed=allow_config_change)
+        self.rundir.begin(self.cfg)
         if path is None:
             return
-        state = load_training_state(path)
-        self.load_state_dict(state, path)
         self.rundir.resumed(self.history, self.best, self.progress["global_step"])
+        self.restore_weights_file()
         p = self.progress
         log.info("resumed from %s: epoch %d, step %d of %d in the epoch (global step %d)", path, p["epoch"] + 1,
                  p["step_in_epoch"], self.steps_per_epoch, p["global_step"])
 
-    def run(self, resume: str | Path | None = None) -> dict[str, Any]:
+    def restore_weights_file(self) -> None:
+        """Write best.safetensors again from the state it should hold (the best-k leader's checkpoint,
+        or the latest weights of a run without validation): a save that failed earlier, e.g. on a
+        full disk, is made good on the next start."""
+        from .checkpoint import load_training_state
+
+        names = (self.classes, self.preprocess, self.cfg.model.name)
+        if self.best:
+            source = self.rundir.checkpoint_dir / self.best[0]["file"]
+            part = "ema" if self.cfg.train.best_metric == "val_ema_top1" else "model"
+            if self.env.is_main:
+                model = SwinTransformerV2(self.model.config)
+                model.load_state_dict(load_training_state(source)[part])
+                self.rundir.write_weights(model, *names)
+        elif self.val_loader is None and self.history:
+            self.rundir.write_weights(self.plain_model(), *names)
+
+    def run(self, resume: str | Path | None = None, *, allow_config_change: bool = False) -> dict[str, Any]:
         t = self.cfg.train
-        self.resume(resume)
+        self.resume(resume, allow_config_change=allow_config_change)
         if self.progress["epoch"] >= t.epochs:
             log.info("the run in %s already finished its %d epochs", self.out, t.epochs)
             return self.rundir.summary(self.history, self.best)
@@ -541,18 +564,60 @@ class Trainer:
         return self.rundir.summary(self.history, self.best)
 
 
-def fit(cfg: Config, out_dir: str | Path, *, resume: str | Path | None = None) -> dict[str, Any]:
+# Keys a resume may change without `allow_config_change`: where the data lives and how the run is
+# driven and logged, not what it computes. (train.epochs extends or shortens the run.)
+RESUME_MAY_CHANGE = ("data.root", "data.val_root", "data.workers", "data.persistent_workers", "data.pin_memory",
+                     "data.eval_batch_size", "train.epochs", "train.progress", "train.tensorboard", "train.log_every",
+                     "train.threads", "train.checkpoint_every", "train.eval_every", "train.device")
+
+
+def config_changes(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (saved value, current value)} for every leaf that differs. Keys only one side has
+    (a checkpoint written before the schema gained or lost a field) are not changes."""
+    changes: dict[str, tuple[Any, Any]] = {}
+    for key in sorted(set(saved) & set(now)):
+        a, b = saved[key], now[key]
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes |= config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes[f"{prefix}{key}"] = (a, b)
+    return changes
+
+
+def check_config_change(saved: dict[str, Any] | None, cfg: Config, source: Path, *, allowed: bool) -> None:
+    """Log how `cfg` differs from the checkpoint's config; refuse changes outside RESUME_MAY_CHANGE
+    unless `allowed` (ValueError listing them)."""
+    if saved is None:
+        return
+    changes = config_changes(saved, cfg.to_dict())
+    if not changes:
+        return
+    listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in changes.items()))
+    altering = [k for k in changes if k not in RESUME_MAY_CHANGE]
+    if altering and not allowed:
+        raise ValueError(f"{source}: resuming with a config that changes the run ({listed}); train with "
+                         f"--allow-config-change to resume with it anyway, or into another --out")
+    log.warning("resuming %s with a changed config: %s", source, listed)
+
+
+def fit(cfg: Config, out_dir: str | Path, *, resume: str | Path | None = None,
+        allow_config_change: bool = False) -> dict[str, Any]:
     """Train as `cfg` says, writing the run directory `out_dir`; resume from `resume` or, if
-    `out_dir` already holds checkpoints, from the newest valid one. Returns the run summary
-    (paths, best and final metrics). Raises TrainingInterrupted on SIGTERM/SIGINT (after saving)."""
+    `out_dir` already holds checkpoints, from the valid one furthest along. Returns the run summary
+    (paths, best and final metrics). Raises TrainingInterrupted on SIGTERM/SIGINT (after saving),
+    RunLockedError if another process trains in `out_dir`."""
     threads = torch.get_num_threads()
     if cfg.train.threads:
         # On a small shared CPU, one intra-op thread per process (data in a worker process) is often
         # several times faster than two threads that wait on each other at every small op.
         torch.set_num_threads(cfg.train.threads)
     env = D.setup(cfg.train.device)
+    trainer = None
     try:
-        return Trainer(cfg, Path(out_dir), env).run(resume)
+        trainer = Trainer(cfg, Path(out_dir), env)
+        return trainer.run(resume, allow_config_change=allow_config_change)
     finally:
+        if trainer is not None:
+            trainer.rundir.close()
         D.teardown(env)
         torch.set_num_threads(threads)

@@ -51,6 +51,11 @@ SEQUENTIAL_ATTENTION_BYTES = 16 << 20
 DERIVED_KEYS = ("relative_coords_table", "relative_position_index", "attn_mask")
 
 
+def _check_num_classes(num_classes: int) -> None:
+    if num_classes < 0:
+        raise ValueError(f"num_classes must be >= 0 (0: no classifier head, pooled features out), got {num_classes}")
+
+
 @dataclass(frozen=True)
 class SwinV2Config:
     """Architecture of a SwinV2 model. `img_size` is the nominal (training) size; any size runs."""
@@ -91,6 +96,7 @@ class SwinV2Config:
                 raise ValueError(f"stage {i}: dim {self.embed_dim * 2**i} is not divisible by {heads} heads")
         if self.window_size < 1 or self.patch_size < 1:
             raise ValueError("window_size and patch_size must be positive")
+        _check_num_classes(self.num_classes)
 
     @property
     def num_features(self) -> int:
@@ -527,6 +533,9 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, ceil(H/p), ceil(W/p), C); sizes not divisible by p are padded."""
+        if x.ndim != 4 or x.shape[1] != self.proj.in_channels:
+            raise ValueError(f"expected a (B, {self.proj.in_channels}, H, W) batch of images, got shape "
+                             f"{tuple(x.shape)}" + ("; one image: x.unsqueeze(0)" if x.ndim == 3 else ""))
         p = self.patch_size
         pad_h, pad_w = -x.shape[2] % p, -x.shape[3] % p
         if pad_h or pad_w:
@@ -641,6 +650,7 @@ class SwinTransformerV2(nn.Module):
                 m.fused = enable
 
     def reset_classifier(self, num_classes: int) -> None:
+        _check_num_classes(num_classes)
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:

@@ -3,6 +3,7 @@ prediction grids and continuous-position-bias maps. Figures are written as PNG f
 backend (no display needed)."""
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,16 +19,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: str | os.PathLike) -> Path:
-    """Write `fig` as PNG next to its final name, then rename: no half-written image on failure."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
+    """Write `fig` as PNG through `outputs.write_output`: a regular file atomically (no half-written
+    image, no temp name shared with another process), a symlink through to its target."""
+    from .outputs import write_output
+
+    buf = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return path
+    write_output(path, buf.getvalue())
+    return Path(path)
 
 
 def plot_confusion_matrix(confusion: Sequence[Sequence[float]] | np.ndarray, class_names: Sequence[str],
@@ -93,28 +95,39 @@ def plot_per_class_accuracy(accuracy: Sequence[float], class_names: Sequence[str
 
 
 def plot_prediction_grid(images: Sequence[np.ndarray], captions: Sequence[str], path: str | os.PathLike, *,
-                         titles: Sequence[str] | None = None, cols: int = 4) -> Path:
-    """Images (H, W, 3 uint8) in a grid, each above its caption (e.g. one "label  prob" line per top-k)."""
+                         titles: Sequence[str] | None = None, correct: Sequence[bool | None] | None = None,
+                         title: str | None = None, cols: int = 4) -> Path:
+    """Images (H, W, 3 uint8) in a grid, each above its caption (e.g. one "label  prob" line per top-k).
+
+    `titles` go above the images; `correct[k]` True / False marks image k's title with a green ✓ / red ✗
+    (None: no known truth, no mark). `title` heads the whole figure.
+    """
     if len(images) != len(captions) or not images:
         raise ValueError(f"need one caption per image and at least one image; got {len(images)} images, "
                          f"{len(captions)} captions")
     cols = min(cols, len(images))
     rows = -(-len(images) // cols)
     lines = max(c.count("\n") + 1 for c in captions)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, rows * (3.0 + 0.2 * lines)), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, rows * (3.0 + 0.2 * lines)), squeeze=False,
+                             layout="constrained")
     for k, ax in enumerate(axes.flat):
         if k >= len(images):
             ax.axis("off")
             continue
         ax.imshow(images[k])
-        # The caption is the x label (not free text) so that tight_layout makes room for it.
+        # The caption is the x label (not free text) so that the layout makes room for it.
         ax.set_xticks([])
         ax.set_yticks([])
         ax.spines[:].set_visible(False)
         ax.set_xlabel(captions[k], loc="left", fontsize=8, family="monospace")
-        if titles is not None:
-            ax.set_title(titles[k], fontsize=8)
-    fig.tight_layout()
+        mark = None if correct is None else correct[k]
+        text = titles[k] if titles is not None else ""
+        if mark is not None:
+            text = f"{'✓' if mark else '✗'} {text}".rstrip()
+        if text:
+            ax.set_title(text, fontsize=8, color={None: "black", True: "tab:green", False: "tab:red"}[mark])
+    if title:
+        fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
 
@@ -185,5 +198,9 @@ def plot_training_curves(metrics: Sequence[dict], out_png: str | os.PathLike) ->
     best = [m["val_top1"] for m in metrics if m.get("val_top1") is not None]
     if best:
         axes[1].set_title(f"best val top-1 {max(best):.2f}%")
+    elif not axes[1].lines:  # say why the panel is empty rather than draw blank axes
+        axes[1].text(0.5, 0.5, "no validation data\n(no val folder, or not evaluated yet)", ha="center",
+                     va="center", transform=axes[1].transAxes, color="0.4")
+        axes[1].set_yticks([])
     axes[2].ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     return _save(fig, out_png)

@@ -1,4 +1,5 @@
-"""Using a trained model on image files: `predict` (files, folders, globs) and `evaluate_folder`.
+"""Using a trained model on image files: `predict` (files, folders, globs), its picture
+`save_prediction_grid`, and `evaluate_folder`.
 
 Both read images with `data.load_image` (every PIL mode, EXIF rotation) and preprocess them with the
 model's eval transform (`model.preprocess`, from the weights' metadata or the registry record). An
@@ -108,8 +109,9 @@ class PredictionSet:
     class_names_from: str
     results: list[dict[str, Any]] = field(default_factory=list)
     errors: list[dict[str, str]] = field(default_factory=list)
-    # (H, W, 3) uint8 thumbnails of the first images, in `results` order, for `plots.plot_prediction_grid`
+    # (H, W, 3) uint8 thumbnails of the first images, in `results` order, for `save_prediction_grid`
     thumbnails: list[np.ndarray] = field(default_factory=list, repr=False)
+    class_names: list[str] = field(default_factory=list, repr=False)  # the model's, in index order
 
     def to_json(self) -> dict[str, Any]:
         return {"topk": self.topk, "class_names_from": self.class_names_from, "results": self.results,
@@ -158,7 +160,7 @@ def predict(model: nn.Module, paths: Sequence[str | os.PathLike], *, topk: int =
     k = min(topk, len(names))
     transform = _transform(preprocess or resolve_preprocess(model))
     files, errors = expand_paths(paths)
-    out = PredictionSet(k, source, errors=errors)
+    out = PredictionSet(k, source, errors=errors, class_names=names)
     device = torch.device(device)
     model = model.eval().to(device)
     for batch_paths, x in _batches(files, transform, batch_size, out.errors, out.thumbnails, thumbnails):
@@ -170,6 +172,37 @@ def predict(model: nn.Module, paths: Sequence[str | os.PathLike], *, topk: int =
             out.results.append({"path": path, "top": [{"index": i, "label": names[i], "prob": q}
                                                       for q, i in zip(pi, ii)]})
     return out
+
+
+def grid_titles(paths: Sequence[str], *, max_chars: int = 40) -> list[str]:
+    """Each path relative to the common folder of the images' parent folders: the parent folder (often
+    the true class) always shows, and train/x/1.png stays apart from val/x/1.png. Long ones keep their end."""
+    absolute = [os.path.abspath(p) for p in paths]
+    base = os.path.commonpath([os.path.dirname(os.path.dirname(p)) for p in absolute])
+    rel = [os.path.relpath(p, base) for p in absolute]
+    return [r if len(r) <= max_chars else "…" + r[-(max_chars - 1):] for r in rel]
+
+
+def save_prediction_grid(preds: PredictionSet, path: str | os.PathLike) -> Path:
+    """A picture of `preds`: the images kept as thumbnails with their top-k, each titled with its path
+    (see `grid_titles`). Where an image's folder is named like one of the model's classes, that is taken
+    as its true class and the title is marked right / wrong by the top-1 label. The figure's title says
+    how many images are shown of how many classified, and how many of the marked ones are right."""
+    from .plots import plot_prediction_grid
+
+    shown = preds.results[: len(preds.thumbnails)]
+    width = min(24, max(len(t["label"]) for r in shown for t in r["top"]))
+    captions = ["\n".join(f"{t['label'][:width]:<{width}} {100 * t['prob']:5.1f}%" for t in r["top"]) for r in shown]
+    names = set(preds.class_names)
+    truth = [os.path.basename(os.path.dirname(os.path.abspath(r["path"]))) for r in shown]
+    correct = [r["top"][0]["label"] == t if t in names else None for r, t in zip(shown, truth)]
+    n = len(preds.results)
+    title = f"{n} image{'s' * (n > 1)}" if len(shown) == n else f"the first {len(shown)} of {n} images"
+    marked = [c for c in correct if c is not None]
+    if marked:
+        title += f"; top-1 right for {sum(marked)} of the {len(marked)} whose folder names a class"
+    return plot_prediction_grid(preds.thumbnails, captions, path, titles=grid_titles([r["path"] for r in shown]),
+                                correct=correct, title=title)
 
 
 # --------------------------------------------------------------------------- evaluate a class folder
@@ -239,12 +272,15 @@ def evaluate_folder(model: nn.Module, data: str | os.PathLike, *, weights: str =
 
     Returns `evaluate`'s metrics (loss, top1, top5, n, img_per_s, skipped) plus "classes" (the
     model's class list), "confusion" (C x C list, rows = true class), "per_class" (one
-    {"class", "n", "correct", "top1"} per class with images), "errors" (unreadable files) and
-    "preprocess". `weights` names the weights in a class-map error.
+    {"class", "n", "correct", "top1"} per class with images), "empty_classes" (class folders without
+    images), "warnings" (the class-folder lines, also logged), "errors" (unreadable files) and
+    "preprocess". Class folders are read as in training (`data.ImageFolderDataset`: hidden folders are
+    never classes, an empty folder keeps its class slot) and reported with the same lines
+    (`data.folder_warnings`). `weights` names the weights in a class-map error.
     """
     from torch.utils.data import DataLoader
 
-    from .data import ImageFolderDataset, collate
+    from .data import ImageFolderDataset, collate, folder_warnings
     from .evaluate import evaluate
 
     data = os.fspath(data)
@@ -252,6 +288,9 @@ def evaluate_folder(model: nn.Module, data: str | os.PathLike, *, weights: str =
                               scan_class_folders(data), weights=weights, data=data)
     prep = preprocess or resolve_preprocess(model)
     dataset = ImageFolderDataset(data, class_names=classes)
+    warnings = folder_warnings(dataset, training=False)
+    for w in warnings:
+        log.warning("%s", w)
     loader = _Reporting(DataLoader(_EvalSamples(dataset, _transform(prep)), batch_size=batch_size,
                                    num_workers=workers, collate_fn=collate))
     metrics = evaluate(model.to(device), loader, device=device, amp_dtype=amp_dtype, return_confusion=True)
@@ -261,7 +300,8 @@ def evaluate_folder(model: nn.Module, data: str | os.PathLike, *, weights: str =
     per_class = [{"class": c, "n": n, "correct": k, "top1": 100.0 * k / n}
                  for c, n, k in zip(classes, counts, correct) if n > 0]
     return {**metrics, "classes": classes, "confusion": confusion.tolist(), "per_class": per_class,
-            "errors": loader.bad, "preprocess": asdict(prep)}
+            "empty_classes": dataset.empty_classes, "warnings": warnings, "errors": loader.bad,
+            "preprocess": asdict(prep)}
 
 
 def save_eval_plots(report: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:

@@ -167,10 +167,12 @@ def plan_recipe(cfg: Config, out_dir: str | os.PathLike) -> list[StagePlan]:
         note = "configured"
         if plans:
             prev = plans[-1]
-            if "model.weights" in keys:
-                raise ConfigError(f"{where}.model.weights: a later stage starts from the previous stage's weights "
+            if "model.weights" in keys or "model.pretrained" in keys:
+                which = "model.weights" if "model.weights" in keys else "model.pretrained"
+                raise ConfigError(f"{where}.{which}: a later stage starts from the previous stage's weights "
                                   f"(choose which with {where}.init_from: best | last)")
-            auto = {"model.weights": str(prev.handoff(stage.init_from)), "model.weights_strict": True}
+            auto = {"model.weights": str(prev.handoff(stage.init_from)), "model.weights_strict": True,
+                    "model.pretrained": None}  # the hand-off replaces any published start point
             pws = next_pretrained_windows(prev.arch)
             if "model.pretrained_window_sizes" not in keys and _n_layers(keys.get("model.name", base.model.name)) \
                     in (len(pws), None):  # another layer count is reported by _check_fits below
@@ -328,7 +330,8 @@ def _write_joined(plans: Sequence[StagePlan], out: Path) -> None:
 # --------------------------------------------------------------------------- the run
 
 
-def fit_recipe(cfg: Config, out_dir: str | os.PathLike, *, resume: str | os.PathLike | None = None) -> dict[str, Any]:
+def fit_recipe(cfg: Config, out_dir: str | os.PathLike, *, resume: str | os.PathLike | None = None,
+               allow_config_change: bool = False) -> dict[str, Any]:
     """Train every stage of `cfg` in turn under `out_dir` (see the module docstring).
 
     Finished stages (recorded in `out_dir/recipe.json`) are skipped; the first unfinished one
@@ -360,7 +363,7 @@ def fit_recipe(cfg: Config, out_dir: str | os.PathLike, *, resume: str | os.Path
         if main:
             for line in describe_stage(plan, prev):
                 log.info("%s", line)
-        summary = fit(plan.cfg, plan.dir, resume=explicit)
+        summary = fit(plan.cfg, plan.dir, resume=explicit, allow_config_change=allow_config_change)
         explicit = None
         summaries.append(summary)
         if main:

@@ -1,6 +1,7 @@
 """The run directory of `swinv2 train --out DIR`, written by rank 0 only:
 
-    config.yaml          the resolved config
+    .lock                held by the training process (its pid and host inside); a second start refuses
+    config.yaml          the resolved config, written once the run starts (after a successful resume)
     metrics.jsonl        one JSON object per epoch (epoch, train_loss, val_loss, val_top1, val_top5, lr,
                          img_per_s, epoch_time_s, ...); rewritten from the training state on resume
     steps.jsonl          every train.log_every steps: step, epoch, loss, lr, grad_norm, skipped
@@ -13,23 +14,53 @@
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
+import socket
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from torch import nn
 
 from . import distributed as D
 from .checkpoint import find_resumable, save_training_state, save_weights
 from .config import Config
+from .outputs import write_output
 from .registry import EvalPreprocess
 
 log = logging.getLogger(__name__)
 
 
+class RunLockedError(OSError):
+    """The run directory is held by another live training process."""
+
+
+def _lock(out: Path) -> IO[str]:
+    """Hold `out/.lock` (an advisory flock, released by the kernel when this process ends, however
+    it ends) and write who holds it; RunLockedError naming the holder if another process does."""
+    f = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise RunLockedError(f"run directory {out} is in use by {holder}; wait for it to end, or train into "
+                             f"another --out") from None
+    f.truncate(0)
+    f.write(f"process {os.getpid()} on {socket.gethostname()} (swinv2 train)\n")
+    f.flush()
+    return f
+
+
 class RunDir:
+    """The files of one run. Constructing it locks the directory (rank 0) and changes nothing else:
+    the config is written by `begin()`, once the run is known to start (its resume succeeded)."""
+
     def __init__(self, out: Path, env: D.DistEnv, cfg: Config) -> None:
         self.out, self.env, self.cfg = out, env, cfg
         self.is_main = env.is_main
@@ -37,15 +68,37 @@ class RunDir:
         self._tb = None
         self._tb_purge: int | None = None
         self._epoch_times: list[float] = []
+        self._lock: IO[str] | None = None
+        refused = None
         if self.is_main:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            (out / "config.yaml").write_text(cfg.to_yaml())
-        D.barrier(env)
+            try:
+                self._lock = _lock(out)
+            except RunLockedError as e:
+                refused = str(e)
+        refused = D.broadcast_object(refused, env)  # every rank stops, not only rank 0
+        if refused:
+            raise RunLockedError(refused)
+
+    def begin(self, cfg: Config) -> None:
+        """The run starts (fresh or resumed): the resolved config.yaml."""
+        self.cfg = cfg
+        if self.is_main:
+            write_output(self.out / "config.yaml", cfg.to_yaml())
+
+    def close(self) -> None:
+        """Flush TensorBoard and release the directory's lock."""
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     # ----------------------------------------------------------------------- checkpoints
 
     def find_resumable(self) -> Path | None:
-        """Rank 0 picks the newest loadable checkpoint (removing temp files of killed saves)."""
+        """Rank 0 picks the loadable checkpoint furthest along (removing temp files of killed saves)."""
         path = find_resumable(self.checkpoint_dir) if self.is_main else None
         path = D.broadcast_object(str(path) if path else None, self.env)
         return Path(path) if path else None
@@ -84,6 +137,12 @@ class RunDir:
     # ----------------------------------------------------------------------- logs and metrics
 
     def progress_bar(self, total: int, initial: int, desc: str):
+        """A tqdm bar (update / set_postfix / close) on a terminal. Where stderr is not one (a log file,
+        a pipe) redraws would fill it with carriage returns: a log line every `train.log_every` steps
+        and at the epoch's end instead."""
+        enabled = self.is_main and self.cfg.train.progress
+        if enabled and not sys.stderr.isatty():
+            return _LogProgress(total, initial, desc, self.cfg.train.log_every)
         from tqdm import tqdm
 
         return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr,
@@ -120,10 +179,7 @@ class RunDir:
         self.prune_best(best)
 
     def _write_metrics(self, history: list[dict[str, Any]]) -> None:
-        path = self.out / "metrics.jsonl"
-        tmp = path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
-        tmp.replace(path)
+        write_output(self.out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
 
     def report_bad_files(self, epoch: int, split: str, bad: dict[str, str]) -> int:
         """Gather the unreadable files of every rank; rank 0 lists each once. Returns their count."""
@@ -166,9 +222,6 @@ class RunDir:
                  row["train_loss"], val, row["lr"], row["img_per_s"], row["epoch_time_s"], _hms(eta))
 
     def summary(self, history: list[dict[str, Any]], best: list[dict[str, Any]]) -> dict[str, Any]:
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
         out: dict[str, Any] = {"run_dir": str(self.out), "checkpoint": str(self.checkpoint_dir / "last.pt"),
                                "curves": str(self.out / "curves.png"), "metrics": str(self.out / "metrics.jsonl")}
         if (self.out / "best.safetensors").exists():
@@ -178,6 +231,31 @@ class RunDir:
         if best:
             out["best"] = {"epoch": best[0]["epoch"], self.cfg.train.best_metric: best[0]["metric"]}
         return out
+
+
+class _LogProgress:
+    """`RunDir.progress_bar` as log lines: `update` logs every `every` steps (and the last) with the
+    latest `set_postfix` values, the step rate and the epoch's ETA."""
+
+    def __init__(self, total: int, initial: int, desc: str, every: int) -> None:
+        self.total, self.n, self.desc, self.every = total, initial, desc, max(1, every)
+        self.postfix: dict[str, Any] = {}
+        self._n0, self._t0 = initial, time.perf_counter()
+
+    def set_postfix(self, refresh: bool = True, **values: Any) -> None:
+        self.postfix = values
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.n % self.every and self.n < self.total:
+            return
+        rate = (self.n - self._n0) / max(time.perf_counter() - self._t0, 1e-9)
+        values = "".join(f"  {k} {v}" for k, v in self.postfix.items())
+        log.info("%s  step %d/%d%s  %.2f step/s  ETA %s", self.desc, self.n, self.total, values, rate,
+                 _hms((self.total - self.n) / max(rate, 1e-9)))
+
+    def close(self) -> None:
+        pass
 
 
 def _hms(seconds: float) -> str:
