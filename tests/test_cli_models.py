@@ -14,11 +14,12 @@ def test_models_lists_every_variant_with_its_numbers(capsys):
     for name in swinv2.list_models():
         assert name in out
     assert "28.3M" in out and "115.4" in out and "87.6" in out
-    assert "swinv2_micro_window4_32" not in out
+    demo = next(line for line in out.splitlines() if line.startswith("swinv2_micro_window4_32 "))
+    assert demo.split()[4] == "none" and "in1k" not in demo  # the demo's model: no published weights
 
 
 def test_python_dash_m_entry_point():
-    res = subprocess.run([sys.executable, "-m", "swinv2", "models", "--all"], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "swinv2", "models"], capture_output=True, text=True)
     assert res.returncode == 0 and "swinv2_micro_window4_32" in res.stdout
 
 

@@ -166,3 +166,42 @@ def test_missing_inputs_fail_in_one_line(named, tmp_path, capsys):
     assert "nope.safetensors" in capsys.readouterr().err
     assert main(["eval", "--weights", str(weights), "--data", str(tmp_path / "nodata")]) == 2
     assert "nodata" in capsys.readouterr().err
+
+
+def test_json_on_stdout_is_pure_json_and_the_report_goes_to_stderr(named, capsys):
+    _, weights, data = named
+    assert main(["eval", "--weights", str(weights), "--data", str(data), "--json", "-"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["n"] == 20  # nothing but the JSON record on stdout
+    assert "top-1" in err and "wrote" not in out + err
+
+
+@pytest.mark.parametrize("device, says", [("gpu", "--device=gpu: not a device"),
+                                          ("cuda:7", "--device=cuda:7 but")])
+def test_a_device_this_machine_lacks_is_one_line(named, capsys, device, says):
+    _, weights, data = named
+    if device == "cuda:7" and torch.cuda.device_count() > 7:
+        says = "never"  # such a machine has the device: the premise does not hold
+    for cmd in (["eval", "--data", str(data)], ["predict", str(data)]):
+        assert main([*cmd, "--weights", str(weights), "--device", device]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0], err
+
+
+def test_output_paths_are_checked_before_evaluating(named, tmp_path, monkeypatch, capsys):
+    import swinv2.predict as P
+
+    _, weights, data = named
+    monkeypatch.setattr(P, "evaluate_folder", lambda *a, **kw: pytest.fail("evaluated before checking outputs"))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for flag in ("--json", "--plots"):
+        assert main(["eval", "--weights", str(weights), "--data", str(data), flag, str(blocker / "sub")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and flag in err[0] and str(blocker) in err[0], err
+
+
+def test_version():
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0

@@ -376,6 +376,20 @@ def test_cli_eval_predict_download_models_by_name(fake_hub, tmp_path, capsys, ti
     assert len(fake_hub.gets()) == 1  # downloaded once, then always the cache
 
 
+def test_convert_takes_a_name_too(fake_hub, micro_record, tmp_path, capsys):
+    src = _micro_weights(seed=8)
+    repo = "timm/micro.convert"
+    fake_hub.add(repo, "model.safetensors", _st(convert_state_dict(src.state_dict(), dst="timm")))
+    micro_record("conv", (hub.HubFile(repo, "model.safetensors", "timm"),))
+    out = tmp_path / "micro.safetensors"
+    assert cli.main(["convert", f"{MICRO}.conv", str(out)]) == 0
+    assert f"wrote {out} (native)" in capsys.readouterr().out
+    back = load_model(out)  # self-describing now: architecture, model name
+    assert back.model_name == MICRO
+    for k, v in src.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+
+
 # --------------------------------------------------------------------------- failures
 
 

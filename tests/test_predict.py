@@ -211,3 +211,17 @@ def test_eval_reads_an_empty_class_folder_as_training_does_and_warns(setup, tmp_
                if r.levelname == "WARNING")
     assert report["classes"] == CLASSES and [r["class"] for r in report["per_class"]] == ["ant", "cat"]
     assert np.array(report["confusion"])[CLASSES.index("bee")].sum() == 0
+
+
+def test_plot_path_is_checked_before_predicting(tmp_path, monkeypatch, capsys):
+    import swinv2.predict as P
+    from swinv2.cli import main
+
+    monkeypatch.setattr(P, "predict", lambda *a, **kw: pytest.fail("predicted before checking --plot"))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    weights = tmp_path / "w.safetensors"
+    swinv2.save_weights(swinv2.create_model("swinv2_micro_window4_32", num_classes=2), weights)
+    assert main(["predict", "--weights", str(weights), "--plot", str(blocker / "grid.png"), str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--plot" in err[0] and str(blocker) in err[0], err

@@ -30,8 +30,7 @@ class UserError(Exception):
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="list the model zoo")
-    p.add_argument("--all", action="store_true", help="include the unofficial test/demo variants")
+    p = sub.add_parser("models", help="list the model zoo: the 12 official variants and the demo's model")
     p.set_defaults(func=_run_models)
 
 
@@ -41,7 +40,7 @@ def _run_models(args: argparse.Namespace) -> int:
     from .registry import count_params, get_variant, list_models
 
     rows = []
-    for name in list_models(include_unofficial=args.all):
+    for name in list_models(include_unofficial=True):
         v = get_variant(name)
         cfg = v.config
         pws = ",".join(map(str, cfg.pretrained_window_sizes)) if any(cfg.pretrained_window_sizes) else "-"
@@ -63,7 +62,8 @@ def _run_models(args: argparse.Namespace) -> int:
     print("  ".join("-" * w for w in widths))
     for r in rows:
         print(fmt(r).rstrip())
-    print("\nGMACs at the native size (paper convention); top-1/top-5: paper, ImageNet-1k val. "
+    print("\nswinv2_micro_window4_32 is not official: the model `make demo` trains (no published weights). "
+          "GMACs at the native size (paper convention); top-1/top-5: paper, ImageNet-1k val. "
           "Aliases: the official config names, e.g. swinv2_base_patch4_window12to16_192to256_22kto1k_ft.")
     print(f"Tags: pretrained weights, used as --weights NAME.TAG or create_model(NAME, pretrained=TAG), the first "
           f"is the default; * = in the cache {hub.cache_dir()}; `swinv2 download NAME.TAG` fetches ahead of time.")
@@ -269,8 +269,11 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 def _run_predict(args: argparse.Namespace) -> int:
     import json
 
+    from .outputs import check_output
     from .predict import predict, save_prediction_grid
 
+    if args.plot:
+        check_output(args.plot, "--plot")
     amp_dtype = _amp_dtype(args)
     model, prep = _load_for_use(args)
     preds = predict(model, args.paths, topk=args.topk, batch_size=args.batch_size, device=args.device,

@@ -35,7 +35,7 @@ class Variant:
     config: SwinV2Config
     preprocess: EvalPreprocess
     aliases: tuple[str, ...] = ()
-    pretrain: str = "in1k"            # in1k | in22k | in22k->in1k
+    pretrain: str = "in1k"            # in1k | in22k | in22k->in1k | none (no published weights)
     top1: float | None = None         # paper / official model zoo, ImageNet-1k val
     top5: float | None = None
     paper_gmacs: float | None = None  # the paper table's FLOPs column (MACs, 1000-class head)
@@ -99,7 +99,7 @@ _VARIANTS = [
     Variant("swinv2_micro_window4_32",
             SwinV2Config(img_size=(32, 32), embed_dim=24, depths=(2, 2), num_heads=(2, 4), window_size=4,
                          pretrained_window_sizes=(0, 0), drop_path_rate=0.1),
-            EvalPreprocess(32, 0.875), official=False),
+            EvalPreprocess(32, 0.875), pretrain="none", official=False),
 ]
 VARIANTS: dict[str, Variant] = {v.name: v for v in _VARIANTS}
 ALIASES: dict[str, str] = {a: v.name for v in _VARIANTS for a in v.aliases}
