@@ -28,6 +28,7 @@ import torch
 
 import floor  # benchmarks/floor.py, beside this script
 import swinv2
+from swinv2.outputs import write_output
 from swinv2 import bench
 from swinv2.allocator import retain_freed_cpu_memory
 
@@ -187,16 +188,32 @@ def main() -> int:
                 threads=torch.get_num_threads(), matmul_peak_fp32_gflop_s=peak32, matmul_peak_fp32_probes=peak_probes,
                 matmul_peak_bf16_gflop_s=peak16, malloc=malloc, env=bench.environment("cpu"))
     (out / "cpu.json").write_text(json.dumps(dict(meta=meta, rows=rows, results=raw), indent=1, default=str))
-    lines = [f"SwinV2-T window 8, 256 px, CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, "
-             f"{meta['date']}, {malloc}", "", "| what | ours | peers | ratio | target | met |", "|---|---|---|---|---|---|"]
+    lines = [f"SwinV2-T window 8, 256 px, {meta['env']['cpu']} CPU ({torch.get_num_threads()} threads), "
+             f"torch {torch.__version__}, {meta['date']}, {malloc}; `make bench`", "", "| what | ours | peers | ratio | target | met |", "|---|---|---|---|---|---|"]
     for row in rows:
         ratio = "" if row["ratio"] is None else f"{row['ratio']:.2f}"
         met = "" if row["met"] is None else ("yes" if row["met"] else "**no**")
         lines.append(f"| {row['what']} | {row['ours']} | {row['peer']} | {ratio} | {row['target']} | {met} |")
     table = "\n".join(lines)
     (out / "cpu.md").write_text(table + "\n")
+    update_readme(table, README)
     print(table)
     return 0
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+MARKERS = ("<!-- bench:start -->", "<!-- bench:end -->")
+
+
+def update_readme(table: str, readme: Path) -> None:
+    """Put `table` between the README's bench markers, so that its one performance table is always
+    the latest `make bench` run."""
+    text = readme.read_text()
+    start, end = text.find(MARKERS[0]), text.find(MARKERS[1])
+    if start < 0 or end < start:
+        print(f"{readme}: no {MARKERS[0]} ... {MARKERS[1]} block; table not copied there", file=sys.stderr)
+        return
+    write_output(readme, text[:start + len(MARKERS[0])] + "\n" + table + "\n" + text[end:])
 
 
 if __name__ == "__main__":
