@@ -36,7 +36,7 @@ from swinv2.checkpoint import save_weights
 from swinv2.config import Config, load_config
 from swinv2.data import build_digits_folder
 from swinv2.engine import fit
-from swinv2.registry import create_model
+from swinv2 import create_model
 
 ROOT = Path(__file__).resolve().parent.parent
 MICRO = "swinv2_micro_window4_32"
@@ -77,14 +77,22 @@ def run(cfg: Config, out: Path) -> dict:
     """Train (or reuse a finished run in `out`); its final-epoch and best val top-1 and wall time."""
     done = out / "result.json"
     if done.is_file():
-        return json.loads(done.read_text())
+        result = json.loads(done.read_text())
+        if result.get("config") == cfg.to_dict():
+            return result
+        shutil.rmtree(out)  # another config: measure afresh
     t0 = time.perf_counter()
     summary = fit(cfg, out)
     result = {"final_top1": summary["final"]["val_top1"], "best_top1": summary["best"]["val_top1"],
               "best_epoch": summary["best"]["epoch"], "seconds": round(time.perf_counter() - t0, 1),
-              "weights": summary.get("weights")}
+              "weights": summary.get("weights"), "config": cfg.to_dict()}
     done.write_text(json.dumps(result))
     return result
+
+
+def _row(result: dict) -> dict:
+    """A run's numbers for the results file (not its config or local paths)."""
+    return {k: v for k, v in result.items() if k not in ("config", "weights")}
 
 
 def per_image_lr(c: Config) -> float:
@@ -98,10 +106,13 @@ def main() -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--label-fraction", type=float, default=0.1)
     p.add_argument("--pretrain-epochs", type=int, default=40)
-    p.add_argument("--epochs", type=int, default=None, help="fine-tune / scratch epochs (default: finetune.yaml's)")
+    p.add_argument("--epochs", type=int, default=100, help="fine-tune / scratch epochs: 100 x 4 steps of 16 images "
+                   "(finetune.yaml's 30 epochs are meant for thousands of images, here they would be 120 steps)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr-ratios", type=float, nargs="+", default=None,
                    help="fine-tune LR / from-scratch LR per image (default: finetune.yaml's ratio)")
+    p.add_argument("--scratch-lr-scales", type=float, nargs="+", default=[1.0],
+                   help="from-scratch runs at these multiples of the demo's LR (a fairness check)")
     args = p.parse_args()
     import logging
 
@@ -115,7 +126,7 @@ def main() -> int:
     demo = ROOT / "configs" / "demo_digits.yaml"
     recipe = ROOT / "configs" / "finetune.yaml"
     ft_yaml = load_config(recipe)
-    epochs = args.epochs or ft_yaml.train.epochs
+    epochs = args.epochs
     # The recipe's LR for SwinV2-T relative to the official from-scratch LR (the schema's defaults).
     recipe_ratio = per_image_lr(ft_yaml) / per_image_lr(Config())
     ratios = args.lr_ratios or [recipe_ratio]
@@ -138,26 +149,34 @@ def main() -> int:
         scale = per_image_lr(demo_cfg) / per_image_lr(Config()) * ratio / recipe_ratio  # T's LR -> micro's
         ft_over = [f"model.name={MICRO}", "model.pretrained=null", f"model.weights={backbone}",
                    f"model.drop_path_rate={demo_cfg.model.drop_path_rate}",
-                   f"optim.lr={ft_yaml.optim.lr * scale:.6g}", f"schedule.warmup_lr={ft_yaml.schedule.warmup_lr * scale:.6g}",
+                   f"optim.lr={ft_yaml.optim.lr * scale:.6g}",
+                   f"schedule.warmup_lr={ft_yaml.schedule.warmup_lr * scale:.6g}",
                    f"schedule.min_lr={ft_yaml.schedule.min_lr * scale:.6g}", *same]
         key = f"finetune (lr ratio {ratio:g})"
         arms[key] = []
         for seed in args.seeds:
             cfg = load_config(recipe, ft_over + [f"train.seed={seed}"])
             arms[key].append({"seed": seed, "lr": cfg.optim.lr, "lr_base_batch": cfg.optim.lr_base_batch,
-                              **run(cfg, work / f"finetune_r{ratio:g}_s{seed}")})
+                              **_row(run(cfg, work / f"finetune_r{ratio:g}_s{seed}"))})
             print(f"{key} seed {seed}: {arms[key][-1]['final_top1']:.2f}%", flush=True)
-    arms["scratch"] = []
-    for seed in args.seeds:
-        cfg = load_config(demo, same + [f"train.seed={seed}"])
-        arms["scratch"].append({"seed": seed, "lr": cfg.optim.lr, "lr_base_batch": cfg.optim.lr_base_batch,
-                                **run(cfg, work / f"scratch_s{seed}")})
-        print(f"scratch seed {seed}: {arms['scratch'][-1]['final_top1']:.2f}%", flush=True)
+    for mult in args.scratch_lr_scales:
+        key = "scratch" if mult == 1.0 else f"scratch (lr x {mult:g})"
+        sc = demo_cfg.schedule
+        lrs = [f"optim.lr={demo_cfg.optim.lr * mult:.6g}", f"schedule.warmup_lr={sc.warmup_lr * mult:.6g}",
+               f"schedule.min_lr={sc.min_lr * mult:.6g}"]
+        arms[key] = []
+        for seed in args.seeds:
+            cfg = load_config(demo, same + lrs + [f"train.seed={seed}"])
+            out = work / (f"scratch_s{seed}" if mult == 1.0 else f"scratch_x{mult:g}_s{seed}")
+            arms[key].append({"seed": seed, "lr": cfg.optim.lr, "lr_base_batch": cfg.optim.lr_base_batch,
+                              **_row(run(cfg, out))})
+            print(f"{key} seed {seed}: {arms[key][-1]['final_top1']:.2f}%", flush=True)
 
     def stats(rows: list[dict], key: str) -> dict:
         vals = [r[key] for r in rows]
-        return {"mean": round(statistics.mean(vals), 2), "std": round(statistics.stdev(vals), 2) if len(vals) > 1 else 0.0,
-                "min": round(min(vals), 2), "max": round(max(vals), 2)}
+        std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        return {"mean": round(statistics.mean(vals), 2), "std": round(std, 2), "min": round(min(vals), 2),
+                "max": round(max(vals), 2)}
 
     record = {
         "command": "python benchmarks/finetune_digits.py " + " ".join(sys.argv[1:]),
@@ -166,7 +185,7 @@ def main() -> int:
                    f"python {platform.python_version()}",
         "model": MICRO, "images": counts, "label_fraction": args.label_fraction, "epochs": epochs,
         "batch_size": args.batch_size, "seeds": args.seeds, "recipe_lr_ratio": recipe_ratio,
-        "pretrain": pre | {"epochs": args.pretrain_epochs},
+        "pretrain": _row(pre) | {"epochs": args.pretrain_epochs},
         "arms": {k: {"runs": v, "final_top1": stats(v, "final_top1"), "best_top1": stats(v, "best_top1"),
                      "seconds_per_run": round(statistics.mean(r["seconds"] for r in v), 1)} for k, v in arms.items()},
         "wall_seconds": round(time.perf_counter() - t_start, 1),
@@ -182,7 +201,8 @@ def main() -> int:
         "in all (runs found in the run folder are reused, their time as first measured).",
         "",
         f"Model {MICRO}; {counts['finetune_train']} training images of digits 5-9 "
-        f"({args.label_fraction:.0%} of {counts['target_train_all']}, stratified, fixed), {counts['finetune_val']} validation images; {epochs} epochs at batch {args.batch_size}, "
+        f"({args.label_fraction:.0%} of {counts['target_train_all']}, stratified, fixed), "
+        f"{counts['finetune_val']} validation images; {epochs} epochs at batch {args.batch_size}, "
         f"seeds {', '.join(map(str, args.seeds))}. Pretraining: digits 0-4, {counts['pretrain_train']} images, "
         f"{args.pretrain_epochs} epochs of the demo recipe: {pre['final_top1']:.2f}% val top-1 on digits 0-4 "
         f"({pre['seconds']:.0f} s). Fine-tune: configs/finetune.yaml (new head on the 0-4 backbone); scratch: "

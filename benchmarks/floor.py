@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from swinv2 import bench
+from swinv2 import bench, hardware
 from swinv2.registry import model_config
 
 aten = torch.ops.aten
@@ -125,7 +125,7 @@ def _replay(func, args: tuple, kwargs: dict) -> list[Callable[[], Any]]:
 
 def _least_time(fn: Callable[[], Any], repeats: int) -> float:
     """The fastest of `repeats` timed calls after two untimed ones: a floor takes the best case (as
-    `bench.matmul_peak` does)."""
+    `hardware.matmul_peak` does)."""
     fn()
     fn()
     return min(bench._timed(fn, CPU) for _ in range(repeats))
@@ -267,7 +267,7 @@ def main() -> int:
     common = dict(batch_sizes=(args.batch_size,), repeats=args.repeats, warmup=2, iters=1, measure_memory=False)
     eager = {r["impl"]: r for r in bench.run(model, compare=peers, **common)}
     train = {r["impl"]: r for r in bench.run(model, compare=("timm",), train=True, **common)}
-    peak = bench.matmul_peak("cpu", "fp32")
+    peak = hardware.matmul_peak("cpu", "fp32")
     print(f"{model}, batch {args.batch_size}, fp32, {torch.get_num_threads()} threads, "
           f"matmul peak {peak:.0f} GFLOP/s; times in ms")
     print("| step | target | target allows | floor of PyTorch's kernels | floor / allowed | ours now | floor by group |")

@@ -9,8 +9,8 @@ The implementations share this process's heap, so the process first makes malloc
 reuse (`swinv2.allocator`): after its warm-up no implementation page-faults, whichever ran before it.
 Under glibc's defaults (`--default-malloc`) the page faults each one takes depend on the heap the others
 left, and the ratios with the build order (measured: eager timm 1.10x or 1.29x slower than ours, the
-training step 1.06x or 1.15x, with the order swapped). `benchmarks/own_process.py` measures each
-implementation alone in its own process instead, under either policy.
+training step 1.06x or 1.15x, with the order swapped). `swinv2 bench --own-process N [--default-malloc]`
+measures each implementation alone in its own process instead, under either policy.
 
     python benchmarks/run_cpu.py --out benchmarks/results [--quick] [--default-malloc]
 """
@@ -29,7 +29,7 @@ import torch
 import floor  # benchmarks/floor.py, beside this script
 import swinv2
 from swinv2.outputs import write_output
-from swinv2 import bench
+from swinv2 import bench, hardware
 from swinv2.allocator import retain_freed_cpu_memory
 
 MODEL = "swinv2_tiny_window8_256"
@@ -88,17 +88,17 @@ def main() -> int:
 
     # The peak is the best of several probes, taken before, between and after the inference rows: on a
     # shared machine one probe can land in a slow spell and read far below what the rows then reach.
-    peak_probes = [bench.matmul_peak("cpu", "fp32")]
+    peak_probes = [hardware.matmul_peak("cpu", "fp32")]
     # Without native bf16 (AVX-512 BF16 / AMX) a bf16 matmul is emulated and runs far below fp32: a
     # small probe decides whether the bf16 rows can run at all in reasonable time.
-    peak16 = bench.matmul_peak("cpu", "bf16", n=512, repeats=2)
+    peak16 = hardware.matmul_peak("cpu", "bf16", n=512, repeats=2)
     native_bf16 = peak16 >= 0.5 * peak_probes[0]
 
     r = eager_r = run("eager_fp32", batch_sizes=(8,), compare=peers)
     # Ratios are medians of the per-round paired ratios (`ours_speedup`), robust to drift between
     # rounds; against the fastest peer means the smallest of them.
     eager = r["ours"]["gflop_per_s"]
-    peak_probes.append(bench.matmul_peak("cpu", "fp32"))
+    peak_probes.append(hardware.matmul_peak("cpu", "fp32"))
     ratio = min(r[p]["ours_speedup"] for p in peers)
     rows.append(_row("eager fp32 inference (img/s)", f"{r['ours']['img_per_s']:.2f}",
                      ", ".join(f"{p} {r[p]['img_per_s']:.2f}" for p in peers), ratio,
@@ -112,7 +112,7 @@ def main() -> int:
     compiled_r = None
     if not args.quick:
         r = compiled_r = run("compiled_fp32", batch_sizes=(8,), compare=("timm",), compile=True)
-        peak_probes.append(bench.matmul_peak("cpu", "fp32"))
+        peak_probes.append(hardware.matmul_peak("cpu", "fp32"))
         ratio = r["timm"]["ours_speedup"]
         rows.append(_row("compiled fp32 inference (img/s)", f"{r['ours']['img_per_s']:.2f}",
                          f"timm {r['timm']['img_per_s']:.2f}", ratio, ">= 1.0 x timm compiled", ratio >= 1.0))

@@ -12,7 +12,6 @@ import torch
 import swinv2
 from swinv2 import bench
 from swinv2.cli import main
-from machine import cpu_paths
 from randomize import randomize_
 
 MICRO = "swinv2_micro_window4_32"
@@ -23,7 +22,7 @@ DOCUMENTED = {
     "impl", "model", "mode", "device", "dtype", "compiled", "grad_checkpointing", "sequential_attention",
     "compile_s", "batch_size", "img_size", "warmup",
     "repeats", "iters", "img_per_s", "img_per_s_min", "img_per_s_max", "spread_pct", "latency_ms_p50",
-    "latency_ms_p90", "peak_mem_bytes", "weights_bytes", "gmacs_per_img", "gflop_per_s", "ours_speedup",
+    "latency_ms_p90", "peak_mem_bytes", "minor_faults_per_call", "weights_bytes", "gmacs_per_img", "gflop_per_s", "ours_speedup",
     "ours_speedup_min", "ours_speedup_max", "ours_mem_ratio", "max_abs_diff",
 }
 
@@ -125,33 +124,36 @@ def test_bad_requests_fail_with_one_clear_line(capsys):
     assert "swinv2_tiny_window8_256" in capsys.readouterr().err  # the suggestion
 
 
-def test_bf16_probe_agrees_with_the_cpu_features_pytorch_reports():
-    """Where the CPU has neither AVX-512 BF16 nor AMX nor oneDNN's bf16 path, PyTorch's bf16 matmul is
-    the generic fallback and the probe must see it far slower than fp32; where it has AVX-512 BF16 or
-    AMX, the probe must not call bf16 emulated."""
-    slowdown = bench.bf16_matmul_slowdown("cpu")
-    path = f"{cpu_paths()}; oneDNN bf16 {torch.ops.mkldnn._is_mkldnn_bf16_supported()}; slowdown {slowdown:.2f}x"
-    assert np.isfinite(slowdown) and slowdown > 0, path
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    if not native and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        assert slowdown > bench.BF16_EMULATED_SLOWDOWN, path
-    if native:
-        assert slowdown < bench.BF16_EMULATED_SLOWDOWN, path
+def test_ab_adds_ours_with_the_alternative_switched_on_for_its_calls_only(tmp_path, capsys):
+    """`--ab grouping`: one more row, ours with the whole batch through each block, timed in the same
+    rounds; the same logits; the switch is on inside its context only."""
+    from swinv2 import attention
+
+    out = tmp_path / "ab.json"
+    assert main(["bench", "--model", MICRO, "--batch-size", "2", "--repeats", "2", "--iters", "1", "--warmup", "1",
+                 "--no-memory", "--ab", "grouping", "--json", str(out)]) == 0
+    ours, alternative = json.loads(out.read_text())["results"]
+    assert (ours["impl"], alternative["impl"]) == ("ours", "ours/whole-batch")
+    assert alternative["max_abs_diff"] == 0.0 and alternative["ours_speedup"] > 0
+    default = attention.INFERENCE_CHUNK_BYTES
+    for name, (_, switch) in bench.AB_SWITCHES.items():
+        with switch():
+            switched = (attention.INFERENCE_CHUNK_BYTES, attention.softmax_flushed, torch.nn.functional.linear)
+        assert switched != (default, attention.softmax_flushed, torch.nn.functional.linear), name
+    assert attention.INFERENCE_CHUNK_BYTES == default
+    assert main(["bench", "--model", MICRO, "--ab", "nope"]) == 2
+    assert "--ab 'nope'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("slowdown, warned", [(80.0, True), (0.4, False)])
-def test_bf16_requests_warn_only_where_bf16_is_emulated(monkeypatch, caplog, slowdown, warned):
-    monkeypatch.setattr(bench, "bf16_matmul_slowdown", lambda device, n=256: slowdown)
-    with caplog.at_level("WARNING", logger="swinv2.bench"):
-        bench.warn_if_bf16_emulated("cpu", "train.amp=bf16")
-    lines = [r.getMessage() for r in caplog.records]
-    assert bool(lines) == warned
-    if warned:
-        assert len(lines) == 1 and lines[0].startswith("train.amp=bf16: ") and "80x slower" in lines[0]
+def test_own_process_runs_each_implementation_alone_in_a_fresh_process(tmp_path):
+    out = tmp_path / "own.json"
+    assert main(["bench", "--model", MICRO, "--batch-size", "1", "--repeats", "1", "--iters", "1", "--warmup", "1",
+                 "--no-memory", "--own-process", "1", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["impl"] == "ours" and row["processes"] == 1 and row["ours_speedup"] == 1.0 and row["img_per_s"] > 0
 
 
-def test_bf16_probe_is_not_run_on_an_accelerator(monkeypatch):
-    def probe(device, n=256):
-        raise AssertionError("probed")
-    monkeypatch.setattr(bench, "bf16_matmul_slowdown", probe)
-    bench.warn_if_bf16_emulated("cuda", "--dtype bf16")  # a GPU's bf16 is native: no probe, no warning
+def test_optimizer_steps_times_default_foreach_and_fused_adamw():
+    rows = bench.optimizer_steps(MICRO, rounds=2)
+    assert [r["optimizer"] for r in rows] == ["AdamW default", "AdamW foreach", "AdamW fused"]
+    assert rows[0]["x_default"] == 1.0 and all(r["ms_per_step"] > 0 for r in rows)

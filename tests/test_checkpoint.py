@@ -22,7 +22,8 @@ from swinv2 import cli
 from swinv2.checkpoint import (TRAINING_STATE_FORMAT, CheckpointError, UnsafeCheckpointError, convert_file,
                                load_model, load_training_state, load_weights, read_state_dict, save_training_state,
                                save_weights, torch_load, write_weights)
-from swinv2.registry import EvalPreprocess, create_model, get_variant
+from swinv2 import create_model
+from swinv2.registry import EvalPreprocess, get_variant
 
 MICRO = "swinv2_micro_window4_32"
 

@@ -15,7 +15,7 @@ import torch
 from swinv2 import distributed as D
 from swinv2 import engine
 from swinv2.config import load_config
-from swinv2.registry import create_model
+from swinv2 import create_model
 from swinv2.schedule import WarmupCosineLR, build_optimizer, param_groups, scaled_lrs
 from test_data import make_image_folder
 
@@ -90,6 +90,24 @@ def test_linear_lr_scaling():
     assert scaled_lrs(5e-4, 5e-7, 5e-6, total_batch=1024, base_batch=512, scaling="linear") == \
         pytest.approx((1e-3, 1e-6, 1e-5))
     assert scaled_lrs(5e-4, 5e-7, 5e-6, total_batch=1024, base_batch=512, scaling="none") == (5e-4, 5e-7, 5e-6)
+
+
+def test_schedule_build_gives_the_optimizer_and_its_schedule_from_the_config():
+    """One call: the LRs scaled to the total batch (peak, warm-up, minimum and cool-down alike), warm-up
+    and cool-down epochs as steps, the optimizer's groups and hyper-parameters from `optim`."""
+    from swinv2 import schedule
+    from swinv2.config import OptimConfig, ScheduleConfig
+
+    model = create_model("swinv2_micro_window4_32", num_classes=5)
+    optim = OptimConfig(lr=5e-4, lr_base_batch=512, weight_decay=0.01, betas=(0.8, 0.9), eps=1e-6)
+    sched = ScheduleConfig(warmup_epochs=1.5, warmup_lr=5e-7, min_lr=5e-6, cooldown_epochs=1, cooldown_lr=5e-8)
+    opt, lrs = schedule.build(model, optim, sched, total_batch=1024, steps_per_epoch=10, epochs=6)
+    assert isinstance(opt, torch.optim.AdamW) and len(opt.param_groups) == 2
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]
+    assert opt.defaults["betas"] == (0.8, 0.9) and opt.defaults["eps"] == 1e-6
+    assert (lrs.lr, lrs.warmup_lr, lrs.min_lr, lrs.cooldown_lr) == pytest.approx((1e-3, 1e-6, 1e-5, 1e-7))
+    assert (lrs.warmup_steps, lrs.total_steps, lrs.cooldown_steps) == (15, 60, 10)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-6)  # step 0 of the warm-up
 
 
 def test_optimizer_is_fused_adamw_and_steps_like_the_for_loop_one():
@@ -180,16 +198,16 @@ def test_grad_checkpointing_sequential_attention_and_bf16_steps(tmp_path):
 
 
 def test_bf16_amp_on_a_cpu_without_native_bf16_warns_naming_the_setting(tmp_path, monkeypatch, caplog):
-    from swinv2 import bench
+    from swinv2 import hardware
 
     calls = []
-    monkeypatch.setattr(bench, "bf16_matmul_slowdown", lambda device, n=256: calls.append(device) or 80.0)
-    with caplog.at_level("WARNING", logger="swinv2.bench"):
+    monkeypatch.setattr(hardware, "bf16_matmul_slowdown", lambda device, n=256: calls.append(device) or 80.0)
+    with caplog.at_level("WARNING", logger="swinv2.hardware"):
         make_trainer(tmp_path, "train.amp=bf16")
     assert [torch.device(d).type for d in calls] == ["cpu"]
     assert any(r.getMessage().startswith("train.amp=bf16: this CPU has no native bf16") for r in caplog.records)
     caplog.clear()
-    with caplog.at_level("WARNING", logger="swinv2.bench"):
+    with caplog.at_level("WARNING", logger="swinv2.hardware"):
         make_trainer(tmp_path / "fp32")  # train.amp=none: no probe
     assert len(calls) == 1 and not caplog.records
 

@@ -28,11 +28,11 @@ from safetensors.torch import save as safetensors_bytes
 
 import swinv2
 from swinv2 import cli, hub
-from swinv2.checkpoint import load_model, load_weights
+from swinv2.checkpoint import create_model, load_model, load_weights
+from swinv2.config import load_config
 from swinv2.convert import convert_state_dict
 from swinv2.engine import build_model
-from swinv2.config import load_config
-from swinv2.registry import create_model, get_variant, list_models
+from swinv2.registry import get_variant, list_models
 
 TOL = 1e-5
 TINY = "swinv2_tiny_window8_256"
@@ -315,6 +315,10 @@ def test_22k_start_point_into_a_finetune_architecture_maps_head_and_windows(fake
     assert any("21841 -> 1000" in r for r in report.reshaped)
     for k, v in direct.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
+    # By name on the command line: the named variant (1000 classes) with the head mapped, as above.
+    by_name = load_model(f"{MICRO}.in22k", window_size=8, pretrained_window_sizes=4)
+    assert by_name.config.num_classes == 1000 and by_name.model_name == MICRO
+    assert torch.equal(by_name.head.weight, direct.head.weight)
 
 
 @pytest.mark.slow
@@ -405,7 +409,7 @@ def test_offline_and_not_cached_names_repo_file_and_manual_alternative(fake_hub,
     err = _one_line_error(capsys, ["eval", "--weights", f"{TINY}.ms_in1k", "--data", str(tmp_path)])
     assert f"timm/{TINY}.ms_in1k/model.safetensors" in err and "HF_HUB_OFFLINE" in err
     assert f"swinv2 download {TINY}.ms_in1k" in err
-    assert "https://github.com/SwinTransformer/storage/releases/download/v2.0.0/swinv2_tiny_patch4_window8_256.pth" in err
+    assert hub.OFFICIAL_RELEASE + "swinv2_tiny_patch4_window8_256.pth" in err
     assert f"--model {TINY}" in err
     assert fake_hub.log == [] and not (tmp_path / "hf" / "hub").exists()  # nothing asked, nothing written
     with pytest.raises(hub.WeightsUnavailableError):
@@ -417,7 +421,10 @@ def test_hub_unreachable_is_one_line_too(tmp_path, monkeypatch, capsys):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     _point_hub_at(monkeypatch, f"http://127.0.0.1:{port}", tmp_path / "hub")
-    monkeypatch.setattr(time, "sleep", lambda s: None)  # huggingface_hub's back-off between retries
+    def no_backoff(seconds):
+        raise AssertionError("no network must fail at once, not after huggingface_hub's back-off")
+
+    monkeypatch.setattr(time, "sleep", no_backoff)
     err = _one_line_error(capsys, ["download", f"{TINY}.ms_in1k"])
     assert f"cannot reach http://127.0.0.1:{port}" in err and f"swinv2 download {TINY}.ms_in1k" in err
 

@@ -245,9 +245,9 @@ def _sequential_against_written_out(monkeypatch):
     training step on a 48 x 40 input: 12 x 10 tokens, 3 x 3 windows (padded), all four mask classes;
     sequential attention in pieces of 3 windows, smaller than one block's probabilities. Also the
     sizes of the (N, N) tensors autograd saved in the two fp32 forwards."""
-    import swinv2.model as M
+    import swinv2.attention as A
 
-    monkeypatch.setattr(M, "SEQUENTIAL_ATTENTION_BYTES", 3 * 2 * 16 * 16 * 4)  # 3 windows' worth
+    monkeypatch.setattr(A, "SEQUENTIAL_ATTENTION_BYTES", 3 * 2 * 16 * 16 * 4)  # 3 windows' worth
     x = torch.randn(2, 3, 48, 40, generator=torch.Generator().manual_seed(0))
     runs = []
     for sequential, dtype in ((False, torch.float32), (True, torch.float32), (False, torch.float64)):
@@ -373,6 +373,7 @@ def test_chunked_cpu_inference_matches_timm_and_the_whole_batch(monkeypatch):
     """Eager CPU inference runs each block over groups of images (`INFERENCE_CHUNK_BYTES`). Forced down
     to one image per group, every block runs per image and the logits still match timm's at 1e-5 and
     the whole-batch forward's; with grad enabled nothing is grouped."""
+    import swinv2.attention as A
     import swinv2.model as M
 
     ours = randomize_(swinv2.create_model("swinv2_tiny_window8_256", depths=(2, 2, 2, 2)), seed=3).eval()
@@ -385,18 +386,18 @@ def test_chunked_cpu_inference_matches_timm_and_the_whole_batch(monkeypatch):
                         lambda self, x, out=None: group_sizes.append(x.shape[0]) or block_forward(self, x, out))
     with torch.no_grad():
         expected = ref(x)
-        monkeypatch.setattr(M, "INFERENCE_CHUNK_BYTES", 1)
+        monkeypatch.setattr(A, "INFERENCE_CHUNK_BYTES", 1)
         grouped = ours(x)
         assert group_sizes == [1] * (3 * 8)  # 8 blocks, one image at a time
         group_sizes.clear()
-        monkeypatch.setattr(M, "INFERENCE_CHUNK_BYTES", 1 << 62)
+        monkeypatch.setattr(A, "INFERENCE_CHUNK_BYTES", 1 << 62)
         whole = ours(x)
         assert group_sizes == [3] * 8
     assert expected.abs().max() > 0.1
     assert (grouped - expected).abs().max().item() <= 1e-5
     assert (grouped - whole).abs().max().item() <= 1e-6
     group_sizes.clear()
-    monkeypatch.setattr(M, "INFERENCE_CHUNK_BYTES", 1)
+    monkeypatch.setattr(A, "INFERENCE_CHUNK_BYTES", 1)
     ours(x[:2]).sum().backward()  # training: the whole batch at once
     assert group_sizes == [2] * 8
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from swinv2.model import SwinTransformerV2, SwinV2Config
-from swinv2.registry import create_model
+from swinv2 import create_model
 
 MICRO = "swinv2_micro_window4_32"
 

@@ -667,7 +667,7 @@ def test_check_data_reports_without_training(tmp_path, capsys):
 # --------------------------------------------------------------------------- rows 17-21: the run directory
 
 
-def _snapshot(root: Path) -> dict[str, bytes]:
+def _snapshot_files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
@@ -678,7 +678,7 @@ def test_a_second_training_in_the_same_run_directory_is_refused(reference, tmp_p
 
     out = tmp_path / "run"
     shutil.copytree(reference["out"], out)
-    before = _snapshot(out)
+    before = _snapshot_files(out)
     held = _lock(out)
     try:
         capsys.readouterr()
@@ -687,7 +687,7 @@ def test_a_second_training_in_the_same_run_directory_is_refused(reference, tmp_p
         assert len(err) == 1 and f"run directory {out} is in use by process {os.getpid()}" in err[0], err
     finally:
         held.close()
-    assert {k: v for k, v in _snapshot(out).items() if k != ".lock"} == \
+    assert {k: v for k, v in _snapshot_files(out).items() if k != ".lock"} == \
         {k: v for k, v in before.items() if k != ".lock"}
     dead = subprocess.run([sys.executable, "-c", "import os, signal, sys; from pathlib import Path; "
                            "from swinv2.rundir import _lock; f = _lock(Path(sys.argv[1])); "
@@ -727,11 +727,11 @@ def test_a_refused_resume_changes_nothing_in_the_run_directory(reference, tmp_pa
     """A resume that fails (another model) leaves config.yaml and every other file as they were."""
     out = tmp_path / "run"
     shutil.copytree(reference["out"], out)
-    before = _snapshot(out)
+    before = _snapshot_files(out)
     capsys.readouterr()
     assert train(reference["cfg"], out, "model.name=swinv2_tiny_window8_256", "model.drop_path_rate=0") == 2
     assert "swinv2_tiny_window8_256" not in (out / "config.yaml").read_text()
-    assert {k: v for k, v in _snapshot(out).items() if k != ".lock"} == \
+    assert {k: v for k, v in _snapshot_files(out).items() if k != ".lock"} == \
         {k: v for k, v in before.items() if k != ".lock"}
 
 

@@ -1,11 +1,11 @@
 """swinv2: Swin Transformer V2 with the official numerics, every variant and weight format."""
 from . import hub
 from .allocator import retain_freed_cpu_memory
-from .checkpoint import LoadReport, load_model, load_weights, save_weights
+from .checkpoint import LoadReport, create_model, load_model, load_weights, save_weights
 from .convert import convert_state_dict
 from .flops import count_flops
 from .model import SwinTransformerV2, SwinV2Config
-from .registry import create_model, get_variant, list_models
+from .registry import get_variant, list_models
 
 __all__ = [
     "LoadReport",

@@ -5,7 +5,7 @@ pages it maps for that block and unmaps on free, and it trims the top of the hea
 that threshold lies free there. A training step allocates and frees the same large activations, step
 after step, so under these defaults each step faults its memory in again: the kernel zeroes every 4 KiB
 page on first touch, about 1.7 us each here. Measured on a 2-core x86 VM (SwinV2-T, 256 px, batch 8,
-fp32, each run in its own process, `python benchmarks/own_process.py --mode train`): 110k-260k
+fp32, each run in its own process, `swinv2 bench --train --own-process N [--default-malloc]`): 110k-260k
 minor page faults per step (0.4-1 GB of fresh pages) under the defaults, and 0-3k with this policy;
 3-17 % less time per step across runs (more when the machine is busy). Which process history happens to leave a large heap behind decides how much
 of this a given process pays, so the defaults also make timings depend on what ran before.

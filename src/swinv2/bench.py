@@ -9,6 +9,12 @@ callers (`swinv2 bench`, `benchmarks/run_cpu.py`) first make malloc retain freed
 (`swinv2.allocator`), because under glibc's defaults the page faults each implementation takes, and so
 the ratios, depend on which one ran before it.
 
+A/B of one of our fast paths (`ab=NAME`, `swinv2 bench --ab NAME`, names in `AB_SWITCHES`): one more
+row, "ours/<alternative>", is our model with that path switched to its alternative during each of its
+calls, timed in the same interleaved rounds; its `ours_speedup` is how many times faster the path is.
+`only=IMPL` benchmarks one implementation alone (no ours): `swinv2 bench --own-process` runs every
+implementation that way, each in a fresh process, to see what a user's own process sees.
+
 What one call ("step") is:
   * inference (default): `model(x)` under `torch.inference_mode()`, the model in eval mode. With bf16 /
     fp16 the weights and the input are cast to that dtype ("half weights", as a deployment would).
@@ -29,7 +35,9 @@ training the optimizer state, are excluded; activations, gradients and workspace
     not blurred by the allocator's caching or by what earlier implementations left behind.
 
 Result fields (one dict per implementation and setting; `write_json` adds a `meta` record):
-  impl                 "ours" | "timm" | "hf" | "torchvision"
+  impl                 "ours" | "timm" | "hf" | "torchvision", or "onnxruntime/<precision>" |
+                       "openvino/<precision>" (the exported graph in that runtime; dtype = the precision,
+                       peak_mem_bytes and weights_bytes None: the runtime allocates outside PyTorch)
   model, mode          registry name; "infer" or "train"
   device, dtype        "cpu" / "cuda[:i]"; "fp32" | "bf16" | "fp16"
   compiled             torch.compile used (compile_s: duration of the first, compiling call)
@@ -42,11 +50,13 @@ Result fields (one dict per implementation and setting; `write_json` adds a `met
   spread_pct           (max - min) / median of the per-round img/s, in percent
   latency_ms_p50, latency_ms_p90   percentiles of the single-call times over all timed calls
   peak_mem_bytes       peak memory of one step above its starting point (see above)
+  minor_faults_per_call  minor page faults per timed call (getrusage of the process; CPU)
   weights_bytes        bytes of parameters and buffers
   gmacs_per_img        forward MACs per image (paper convention, `swinv2.count_flops`)
   gflop_per_s          2 * MACs * img/s (x3 for a training step, the usual forward+backward rule)
   ours_speedup         median over rounds of (this impl's time / ours), i.e. how many times faster
-                       ours is (1.0 for ours); ours_speedup_min, ours_speedup_max: its extremes
+                       ours is (1.0 for ours; with `only`, relative to that impl itself);
+                       ours_speedup_min, ours_speedup_max: its extremes
   ours_mem_ratio       ours' peak_mem_bytes / this impl's (below 1: ours needs less)
   max_abs_diff         max |logits - ours' logits| in fp32 eval at batch 1 (None for ours): proves
                        the peers run the same weights
@@ -56,24 +66,30 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import functools
 import json
 import logging
 import os
 import platform
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import attention
 from . import distributed as D
 from .flops import count_flops
+from .hardware import DTYPES, warn_if_bf16_emulated
 from .model import SwinTransformerV2, SwinV2Config
 from .outputs import write_output
 from .registry import model_config
@@ -81,7 +97,35 @@ from .registry import model_config
 log = logging.getLogger(__name__)
 
 IMPLS = ("ours", "timm", "hf", "torchvision")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Inference runtimes running our exported graph (`swinv2.runtime`), rows "<runtime>/<precision>".
+RUNTIME_IMPLS = ("onnxruntime", "openvino")
+# (runtime, model, precision, img_size) -> callable on (B, 3, S, S) float32 images giving fp32 logits;
+# `swinv2.runtime.bench_factory` makes one (bench sits below runtime in the import layers).
+RuntimeFactory = Callable[[str, nn.Module, str, int], Callable[[Tensor], Tensor]]
+
+
+def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+# A/B name -> (row name of ours with the alternative, context manager switching ours to it). Each
+# alternative is what the fast path replaced (docs/performance.md, "Why the fast paths are built this way").
+AB_SWITCHES: dict[str, tuple[str, Callable[[], contextlib.AbstractContextManager]]] = {
+    # eager CPU inference: the whole batch through each block at once, not groups within 16 MiB
+    "grouping": ("ours/whole-batch", lambda: mock.patch.object(attention, "INFERENCE_CHUNK_BYTES", 1 << 62)),
+    # every F.linear (ours and fc1's in `fused.linear_gelu`) as oneDNN's linear with the bias in its epilogue
+    "linear": ("ours/onednn-linear", lambda: mock.patch.object(F, "linear", _onednn_linear)),
+    # CPU training: the plain softmax, whose masked (subnormal) probabilities reach the next bmm
+    "flush": ("ours/plain-softmax", lambda: mock.patch.object(attention, "softmax_flushed",
+                                                              lambda s: s.softmax(dim=-1))),
+}
+
+
+def _switched(step: Callable[[], Any], switch: Callable[[], contextlib.AbstractContextManager]) -> Callable[[], Any]:
+    def run_switched() -> Any:
+        with switch():
+            return step()
+    return run_switched
 
 
 # --------------------------------------------------------------------------- the implementations
@@ -278,43 +322,6 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def matmul_peak(device: str | torch.device = "cpu", dtype: str = "fp32", *, n: int = 2048,
-                repeats: int = 5) -> float:
-    """Measured GFLOP/s of an n x n x n matrix multiply: the machine's practical compute limit."""
-    dev = torch.device(device)
-    a = torch.randn(n, n, device=dev).to(DTYPES[dtype])
-    b = torch.randn(n, n, device=dev).to(DTYPES[dtype])
-    torch.mm(a, b)  # warm-up: thread pool, kernel selection
-    best = min(_timed(lambda: torch.mm(a, b), dev) for _ in range(repeats))
-    return 2 * n**3 / best / 1e9
-
-
-# Above this many times the time of an fp32 matmul, bf16 on the device is emulated, not native.
-BF16_EMULATED_SLOWDOWN = 2.0
-
-
-def bf16_matmul_slowdown(device: str | torch.device = "cpu", *, n: int = 256) -> float:
-    """How many times longer an n x n x n matmul takes in bf16 than in fp32 on `device`.
-
-    Below 1 where bf16 is native (AVX-512 BF16 / AMX, or a GPU); far above 1 on a CPU without it, where
-    PyTorch falls back to a generic kernel: on a 2-core AVX2 CPU, 60-80x at n = 256 and 150x at n = 512
-    (1.2 against 179 GFLOP/s), and a SwinV2-T forward under bf16 autocast took 6.5x as long as in fp32.
-    Takes a few milliseconds, about 0.1 s where bf16 is emulated.
-    """
-    return matmul_peak(device, "fp32", n=n, repeats=3) / matmul_peak(device, "bf16", n=n, repeats=3)
-
-
-def warn_if_bf16_emulated(device: str | torch.device, what: str) -> None:
-    """Log a warning naming `what` (the setting that asked for bf16) when bf16 matmuls are emulated here."""
-    dev = torch.device(device)
-    if dev.type != "cpu":
-        return
-    slowdown = bf16_matmul_slowdown(dev)
-    if slowdown > BF16_EMULATED_SLOWDOWN:
-        log.warning("%s: this CPU has no native bf16 matmul (AVX-512 BF16 or AMX); PyTorch emulates it, "
-                    "%.0fx slower than an fp32 matmul here, so fp32 will be faster", what, slowdown)
-
-
 # --------------------------------------------------------------------------- the harness
 
 
@@ -330,22 +337,42 @@ def run(model: str, *, batch_sizes: Sequence[int] = (8,), img_sizes: Sequence[in
         dtypes: Sequence[str] = ("fp32",), compile: bool = False, compile_kwargs: dict[str, Any] | None = None,
         train: bool = False, device: str = "cpu", repeats: int = 5, warmup: int = 2, iters: int = 3,
         compare: Sequence[str] = (), weights: str | os.PathLike | None = None, measure_memory: bool = True,
-        seed: int = 0, grad_checkpointing: bool = False,
-        sequential_attention: bool = False) -> list[dict[str, Any]]:
+        seed: int = 0, grad_checkpointing: bool = False, sequential_attention: bool = False,
+        ab: str | None = None, only: str | None = None, precisions: Sequence[str] = ("fp32",),
+        runtime_factory: RuntimeFactory | None = None) -> list[dict[str, Any]]:
     """Benchmark `model` (a registry name) and the `compare` peers; one result dict per impl and setting.
+
+    Runtimes in `compare` ("onnxruntime", "openvino") become rows "<runtime>/<precision>", one per entry
+    of `precisions` the runtime supports here (`runtime_factory` builds them; inference only), timed in
+    the same interleaved rounds: their `ours_speedup` compares them with ours at each `dtypes` entry.
 
     `img_sizes` entries of None mean the variant's nominal size. Without `weights` every impl gets the
     same re-randomised weights (`randomize_weights_`); with `weights` (any file `swinv2.load_model`
     reads) they get those. `grad_checkpointing` turns on ours' per-block activation checkpointing and
     `sequential_attention` ours' sequential attention (the peers run as they are: the comparison is
-    memory for the same result). See the module docstring for
+    memory for the same result). `ab` adds ours with one fast path switched to its alternative
+    (`AB_SWITCHES`); `only` benchmarks that one implementation alone. See the module docstring for
     the fields and the method.
     """
     dev = D.resolve_device(device, "--device")
-    impls = ["ours"] + [p for p in compare if p != "ours"]
+    impls = [only] if only is not None else ["ours"] + [p for p in compare if p != "ours"]
+    runtime_names = [p for p in impls if p in RUNTIME_IMPLS]
+    impls = [p for p in impls if p not in RUNTIME_IMPLS]
+    if not impls:
+        raise ValueError(f"{only}: a runtime is timed beside ours, not alone (no --own-process)")
+    if runtime_names and (train or runtime_factory is None or dev.type != "cpu"):
+        raise ValueError(f"--compare {','.join(runtime_names)}: runtimes are timed in CPU inference only "
+                         "(and need swinv2.runtime.bench_factory)")
     for p in impls:
         if p not in IMPLS:
             raise ValueError(f"unknown implementation {p!r} in --compare; choose from {', '.join(IMPLS[1:])}")
+    switches = {}
+    if ab is not None:
+        if ab not in AB_SWITCHES or impls[0] != "ours":
+            raise ValueError(f"--ab {ab!r}: choose from {', '.join(AB_SWITCHES)}, with ours in the run")
+        name, switch = AB_SWITCHES[ab]
+        switches[name] = switch
+        impls.insert(1, name)
     for d in dtypes:
         _check_dtype(d, dev)
     if repeats < 1 or iters < 1 or warmup < 0:
@@ -369,8 +396,9 @@ def run(model: str, *, batch_sizes: Sequence[int] = (8,), img_sizes: Sequence[in
     for img in img_sizes:
         size = img or base_config.img_size[0]
         config = replace(base_config, img_size=(size, size))
-        modules = {p: build_impl(p, config, state_dict) for p in impls}
-        diffs = _max_abs_diffs(modules, size)
+        modules = {p: build_impl("ours" if p in switches else p, config, state_dict) for p in impls}
+        diffs = _max_abs_diffs(modules, size, switches)
+        runtimes = _build_runtimes(runtime_names, precisions, runtime_factory, modules[impls[0]], size, diffs)
         for dtype in dtypes:
             for batch in batch_sizes:
                 results += _bench_setting(modules, diffs, model=model, config=config, size=size, batch=batch,
@@ -378,19 +406,45 @@ def run(model: str, *, batch_sizes: Sequence[int] = (8,), img_sizes: Sequence[in
                                           train=train, device=dev, repeats=repeats, warmup=warmup,
                                           iters=iters, measure_memory=measure_memory, seed=seed,
                                           grad_checkpointing=grad_checkpointing,
-                                          sequential_attention=sequential_attention)
+                                          sequential_attention=sequential_attention, switches=switches,
+                                          runtimes=runtimes)
     return results
 
 
 @torch.no_grad()
-def _max_abs_diffs(modules: dict[str, nn.Module], size: int) -> dict[str, float | None]:
-    """fp32 eval logits of every impl against ours on one seeded image."""
+def _build_runtimes(names: Sequence[str], precisions: Sequence[str], factory: RuntimeFactory | None,
+                    ours: nn.Module, size: int, diffs: dict[str, float | None]) -> dict[str, tuple[Callable, str]]:
+    """"<runtime>/<precision>" -> (callable, precision) for every pair that runs here (others are skipped
+    with a warning, e.g. bf16 on a CPU without it); their max |logits - ours fp32| go into `diffs`."""
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))  # as in _max_abs_diffs
+    ref = ours.eval()(x)
+    out = {}
+    for name in names:
+        for precision in precisions:
+            try:
+                fn = factory(name, ours, precision, size)
+            except ValueError as e:  # runtime.RuntimeUnavailable: one line saying why
+                log.warning("%s/%s skipped: %s", name, precision, e)
+                continue
+            out[f"{name}/{precision}"] = (fn, precision)
+            diffs[f"{name}/{precision}"] = float((fn(x) - ref).abs().max())
+    return out
+
+
+@torch.no_grad()
+def _max_abs_diffs(modules: dict[str, nn.Module], size: int,
+                   switches: dict[str, Callable[[], contextlib.AbstractContextManager]]) -> dict[str, float | None]:
+    """fp32 eval logits of every impl against the first (ours) on one seeded image; A/B rows switched."""
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
-    outs = {p: m.eval()(x) for p, m in modules.items()}
-    diffs: dict[str, float | None] = {"ours": None}
+    outs = {}
+    for p, m in modules.items():
+        with switches.get(p, contextlib.nullcontext)():
+            outs[p] = m.eval()(x)
+    ref = next(iter(outs))
+    diffs: dict[str, float | None] = {ref: None}
     for p, out in outs.items():
-        if p != "ours":
-            diffs[p] = float((out - outs["ours"]).abs().max())
+        if p != ref:
+            diffs[p] = float((out - outs[ref]).abs().max())
             if diffs[p] > 1e-3:
                 log.warning("%s logits differ from ours by %.3g: not the same computation", p, diffs[p])
     return diffs
@@ -400,9 +454,12 @@ def _bench_setting(modules: dict[str, nn.Module], diffs: dict[str, float | None]
                    config: SwinV2Config, size: int, batch: int, dtype: str, compile: bool,
                    compile_kwargs: dict[str, Any], train: bool, device: torch.device, repeats: int,
                    warmup: int, iters: int, measure_memory: bool, seed: int,
-                   grad_checkpointing: bool = False,
-                   sequential_attention: bool = False) -> list[dict[str, Any]]:
-    """Warm-up, memory and interleaved timed rounds of every impl at one (batch, size, dtype)."""
+                   grad_checkpointing: bool = False, sequential_attention: bool = False,
+                   switches: dict[str, Callable[[], contextlib.AbstractContextManager]] | None = None,
+                   runtimes: dict[str, tuple[Callable, str]] | None = None) -> list[dict[str, Any]]:
+    """Warm-up, memory and interleaved timed rounds of every impl at one (batch, size, dtype); ratios
+    against the first impl (ours unless `only`); impls in `switches` run ours under their switch."""
+    switches = switches or {}
     torch_dtype = DTYPES[dtype]
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)).to(device)
     steps: dict[str, Callable[[], Any]] = {}
@@ -410,9 +467,10 @@ def _bench_setting(modules: dict[str, nn.Module], diffs: dict[str, float | None]
     for p, base in modules.items():
         # Each setting times a fresh copy: training steps and dtype casts must not leak between settings.
         m = copy.deepcopy(base).to(device)
-        if p == "ours" and grad_checkpointing:
+        is_ours = p == "ours" or p in switches
+        if is_ours and grad_checkpointing:
             m.set_grad_checkpointing(True)
-        if p == "ours" and sequential_attention:
+        if is_ours and sequential_attention:
             m.set_sequential_attention(True)
         if train:
             m.train()
@@ -422,6 +480,8 @@ def _bench_setting(modules: dict[str, nn.Module], diffs: dict[str, float | None]
         run_m = torch.compile(m, **compile_kwargs) if compile else m
         steps[p] = _make_step(run_m, train=train, x=x if train else x.to(torch_dtype), dtype=torch_dtype,
                               device=device)
+        if p in switches:
+            steps[p] = _switched(steps[p], switches[p])
         compile_s = None
         for i in range(warmup):
             t = _timed(steps[p], device)
@@ -429,25 +489,36 @@ def _bench_setting(modules: dict[str, nn.Module], diffs: dict[str, float | None]
                 compile_s = t
         peak = peak_memory(steps[p], device) if measure_memory else None
         rows[p] = dict(impl=p, model=model, mode="train" if train else "infer", device=str(device), dtype=dtype,
-                       compiled=compile, grad_checkpointing=grad_checkpointing and p == "ours",
-                       sequential_attention=sequential_attention and p == "ours",
+                       compiled=compile, grad_checkpointing=grad_checkpointing and is_ours,
+                       sequential_attention=sequential_attention and is_ours,
                        compile_s=compile_s, batch_size=batch, img_size=size, warmup=warmup,
                        repeats=repeats, iters=iters, peak_mem_bytes=peak, weights_bytes=weights_bytes,
                        gmacs_per_img=count_flops(config, size) / 1e9, max_abs_diff=diffs[p])
         log.info("%s %s %s batch %d img %d: warmed up%s", p, rows[p]["mode"], dtype, batch, size,
                  f", compiled in {compile_s:.1f}s" if compile_s is not None else "")
 
+    first = next(iter(rows))
+    for p, (fn, precision) in (runtimes or {}).items():  # the runtimes: CPU inference on fp32 images
+        steps[p] = functools.partial(fn, x.float())
+        for _ in range(warmup):
+            steps[p]()
+        rows[p] = dict(rows[first], impl=p, dtype=precision, compiled=False, compile_s=None, peak_mem_bytes=None,
+                       grad_checkpointing=False, sequential_attention=False, max_abs_diff=diffs[p],
+                       weights_bytes=None)
     names = list(steps)
     round_times: dict[str, list[float]] = {p: [] for p in names}
     call_times: dict[str, list[float]] = {p: [] for p in names}
+    faults = dict.fromkeys(names, 0)
     for r in range(repeats):
         order = names[r % len(names):] + names[: r % len(names)]  # rotate: no impl always runs first
         for p in order:
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             times = [_timed(steps[p], device) for _ in range(iters)]
+            faults[p] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
             call_times[p] += times
             round_times[p].append(sum(times))
 
-    ours = round_times["ours"]
+    ours = round_times[names[0]]
     for p in names:
         per_round = [batch * iters / t for t in round_times[p]]
         med = statistics.median(per_round)
@@ -459,10 +530,81 @@ def _bench_setting(modules: dict[str, nn.Module], diffs: dict[str, float | None]
                    latency_ms_p90=1e3 * _percentile(call_times[p], 90),
                    gflop_per_s=2 * row["gmacs_per_img"] * med * (3 if train else 1),
                    ours_speedup=statistics.median(paired), ours_speedup_min=min(paired),
-                   ours_speedup_max=max(paired))
-        ours_peak, peak = rows["ours"]["peak_mem_bytes"], row["peak_mem_bytes"]
+                   ours_speedup_max=max(paired), minor_faults_per_call=faults[p] / (repeats * iters))
+        ours_peak, peak = rows[names[0]]["peak_mem_bytes"], row["peak_mem_bytes"]
         row["ours_mem_ratio"] = ours_peak / peak if ours_peak is not None and peak else None
     return [rows[p] for p in names]
+
+
+# --------------------------------------------------------------------------- other measurements
+
+
+def run_own_processes(impls: Sequence[str], bench_args: Sequence[str], *, rounds: int = 2) -> list[dict[str, Any]]:
+    """Every implementation of `impls` (ours first) alone in its own fresh process (`python -m swinv2
+    bench BENCH_ARGS --only IMPL`), `rounds` processes each, alternating: what a user's own process sees,
+    with no other implementation's heap before it. One row per impl and setting: medians over its
+    processes of img/s and page faults per call; `ours_speedup` is ours' median img/s over this
+    impl's (unpaired: the processes ran at different moments of the machine's load)."""
+    runs: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in range(rounds):
+        for impl in impls:
+            fd, path = tempfile.mkstemp(suffix=".json", prefix="swinv2-bench-")
+            os.close(fd)
+            try:
+                cmd = [sys.executable, "-m", "swinv2", "bench", *bench_args, "--only", impl, "--json", path]
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                if done.returncode:
+                    raise RuntimeError(f"{impl} process failed: {done.stderr.strip().splitlines()[-1:]}")
+                with open(path) as f:
+                    record = json.load(f)
+            finally:
+                os.unlink(path)
+            for row in record["results"]:
+                runs.setdefault((row["mode"], row["dtype"], row["batch_size"], row["img_size"], impl), []).append(row)
+                log.info("process %d/%d: %s %.2f img/s, %.0f faults/call", r + 1, rounds, impl, row["img_per_s"],
+                         row["minor_faults_per_call"])
+    results = []
+    for (*setting, impl), rows in runs.items():
+        ips = [row["img_per_s"] for row in rows]
+        ours = runs.get((*setting, "ours"))
+        med = statistics.median(ips)
+        results.append(dict(
+            rows[0], impl=impl, processes=len(rows), img_per_s=med, img_per_s_min=min(ips), img_per_s_max=max(ips),
+            spread_pct=100 * (max(ips) - min(ips)) / med,
+            latency_ms_p50=statistics.median(row["latency_ms_p50"] for row in rows),
+            latency_ms_p90=statistics.median(row["latency_ms_p90"] for row in rows),
+            minor_faults_per_call=statistics.median(row["minor_faults_per_call"] for row in rows),
+            ours_speedup=statistics.median(row["img_per_s"] for row in runs[(*setting, "ours")]) / med,
+            ours_speedup_min=None, ours_speedup_max=None, ours_mem_ratio=None, max_abs_diff=None))
+    return results
+
+
+def optimizer_steps(model: str, *, rounds: int = 15, weight_decay: float = 0.05) -> list[dict[str, Any]]:
+    """Time one AdamW step over `model`'s parameter groups as `swinv2 train` builds them (official
+    no-decay set): torch's default implementation (a for-loop on the CPU), foreach and fused, in
+    interleaved rounds. `ms_per_step` is the median; `x_default` how many times faster than the default."""
+    from .schedule import param_groups
+
+    base = SwinTransformerV2(model_config(model))
+    kinds = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+    optimizers = {}
+    for name, kwargs in kinds.items():
+        m = copy.deepcopy(base)
+        for p in m.parameters():
+            p.grad = torch.randn_like(p)
+        optimizers[name] = torch.optim.AdamW(param_groups(m, weight_decay), lr=1e-3, **kwargs)
+        optimizers[name].step()  # state allocated outside the timing
+    seconds: dict[str, list[float]] = {k: [] for k in kinds}
+    for _ in range(rounds):
+        for name, opt in optimizers.items():
+            start = time.perf_counter()
+            opt.step()
+            seconds[name].append(time.perf_counter() - start)
+    default = statistics.median(seconds["default"])
+    tensors = sum(1 for _ in base.parameters())
+    return [dict(model=model, optimizer=f"AdamW {name}", tensors=tensors, rounds=rounds,
+                 ms_per_step=1e3 * statistics.median(seconds[name]),
+                 x_default=default / statistics.median(seconds[name])) for name in kinds]
 
 
 # --------------------------------------------------------------------------- reporting
@@ -491,9 +633,10 @@ def environment(device: str = "cpu") -> dict[str, Any]:
 
 
 def format_table(results: Sequence[dict[str, Any]]) -> str:
-    """A fixed-width text table of `run`'s results; 'ours x' is how many times faster ours is."""
+    """A fixed-width text table of `run`'s results; 'faults' is minor page faults per call, 'ours x' how
+    many times faster ours is."""
     header = ("impl", "mode", "dtype", "compiled", "batch", "img", "img/s", "spread", "p50 ms", "p90 ms",
-              "peak MB", "ours x", "ours mem", "max|d|")
+              "peak MB", "faults", "ours x", "ours mem", "max|d|")
     rows = []
     for r in results:
         peak = r["peak_mem_bytes"]
@@ -501,7 +644,8 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
             r["impl"], r["mode"], r["dtype"], "yes" if r["compiled"] else "no", str(r["batch_size"]),
             str(r["img_size"]), f"{r['img_per_s']:.2f}", f"{r['spread_pct']:.0f}%", f"{r['latency_ms_p50']:.1f}",
             f"{r['latency_ms_p90']:.1f}", "-" if peak is None else f"{peak / 2**20:.1f}",
-            f"{r['ours_speedup']:.2f}", "-" if r["ours_mem_ratio"] is None else f"{r['ours_mem_ratio']:.2f}",
+            f"{r['minor_faults_per_call']:.0f}", f"{r['ours_speedup']:.2f}",
+            "-" if r["ours_mem_ratio"] is None else f"{r['ours_mem_ratio']:.2f}",
             "-" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.1e}",
         ))
     widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]

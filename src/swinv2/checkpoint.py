@@ -5,7 +5,8 @@ Two kinds of files:
     file per save holding tensors and plain Python data only, written atomically (temp file, fsync,
     `os.replace`, fsync of the directory), so a kill or a full disk never leaves a torn file under
     the final name, and always read with `torch.load(weights_only=True)`.
-  * weights (`read_state_dict`, `load_weights`, `save_weights`, `load_model`, `write_weights`): our
+  * weights (`read_state_dict`, `load_weights`, `save_weights`, `load_model`, `write_weights`, and
+    `create_model`, which builds a registry variant and loads its weights by path or hub name): our
     self-describing `.safetensors` (config, class names and eval preprocessing in the metadata),
     training checkpoints (which describe themselves as well) and every foreign format `convert.py`
     maps (official `.pth`, timm, Hugging Face folders, torchvision, SwinV1).
@@ -39,7 +40,7 @@ from torch import nn
 
 from . import convert, hub
 from .model import SwinTransformerV2, SwinV2Config
-from .registry import EvalPreprocess, get_variant
+from .registry import EvalPreprocess, get_variant, model_config
 
 log = logging.getLogger(__name__)
 
@@ -596,11 +597,11 @@ def _config_with(cfg: SwinV2Config, overrides: dict[str, Any]) -> SwinV2Config:
 def resolve_weights(path: PathLike, name: str | None = None) -> tuple[Path, str | None]:
     """(local file, registry name) for a weights argument: an existing path as given; otherwise
     ``NAME[.TAG]`` of published weights (`swinv2.hub`), fetched into the Hugging Face cache, with
-    `name` defaulting to the architecture the file was trained as."""
+    `name` defaulting to NAME (``..._192to256.ms_in22k``: the 22k weights in the 256 px model)."""
     if Path(path).exists() or not hub.looks_like_name(str(path)):
         return Path(path), name
     record = hub.lookup(str(path))
-    return hub.fetch(record), name or record.arch
+    return hub.fetch(record), name or record.variant
 
 
 @dataclass
@@ -697,6 +698,30 @@ def _build(weights: _Weights, path: Path, name: str | None, src: str, overrides:
 # --------------------------------------------------------------------------- writing any format
 
 WRITE_FORMATS = ("native", "official", "timm", "hf", "torchvision")
+
+
+def create_model(name: str, *, num_classes: int | None = None, img_size: int | tuple[int, int] | None = None,
+                 window_size: int | None = None, pretrained_window_sizes: tuple[int, ...] | None = None,
+                 drop_path_rate: float | None = None, weights: Any = None, pretrained: bool | str | None = None,
+                 strict: bool = True, **kw: Any) -> SwinTransformerV2:
+    """Build a registered variant, optionally overriding its config and loading `weights` or `pretrained`.
+
+    `weights` is a path or a state dict in any supported format (see `swinv2.load_weights`).
+    `pretrained` names published weights (see `swinv2.hub`): True for the variant's default tag, a
+    tag (``"ms_in22k"``) or ``"NAME.TAG"`` of another variant; they are downloaded once into the
+    Hugging Face cache. Either way window and resolution changes transfer by construction, 21841 ->
+    1000 heads go through the official map, and another class count keeps a fresh head (a warning).
+    """
+    if pretrained and weights is not None:
+        raise ValueError(f"create_model({name!r}): pass weights or pretrained, not both")
+    cfg = model_config(name, num_classes=num_classes, img_size=img_size, window_size=window_size,
+                       pretrained_window_sizes=pretrained_window_sizes, drop_path_rate=drop_path_rate, **kw)
+    if pretrained:
+        weights = hub.fetch(hub.resolve_pretrained(name, pretrained))
+    model = SwinTransformerV2(cfg)
+    if weights is not None:
+        load_weights(model, weights, strict=strict)
+    return model
 
 
 def guess_write_format(path: PathLike) -> str:

@@ -174,7 +174,7 @@ def _add_amp_arg(p: argparse.ArgumentParser) -> None:
 
 def _amp_dtype(args: argparse.Namespace) -> torch.dtype | None:
     """--amp as an autocast dtype (None for none), checked against --device, which must exist here."""
-    from .bench import DTYPES, warn_if_bf16_emulated
+    from .hardware import DTYPES, warn_if_bf16_emulated
     from .distributed import resolve_device
 
     device = resolve_device(args.device, "--device")
@@ -186,6 +186,39 @@ def _amp_dtype(args: argparse.Namespace) -> torch.dtype | None:
     if args.amp == "bf16":
         warn_if_bf16_emulated(device, "--amp bf16")
     return DTYPES[args.amp]
+
+
+def _add_runtime_args(p: argparse.ArgumentParser, *, default_runtime: str | None = "torch") -> None:
+    p.add_argument("--runtime", choices=("torch", "onnxruntime", "openvino", "auto"), default=default_runtime,
+                   help="what runs the model: PyTorch, or the exported ONNX graph (cached beside the weights) in ONNX "
+                   "Runtime or OpenVINO (pip install 'swinv2[onnxruntime]' / 'swinv2[openvino]'); auto: the fastest "
+                   "installed here, timed once per machine and precision" + (f" (default {default_runtime})"
+                                                                            if default_runtime else ""))
+    p.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
+                   help="bf16: OpenVINO or torch, only on CPUs with AVX-512 BF16 or AMX; int8: OpenVINO, post-training "
+                   "quantised with NNCF on the --calib images (default fp32)")
+    p.add_argument("--calib", metavar="DIR", default=None, help="int8: folder of calibration images (searched "
+                   "recursively; up to 300, evenly spread), e.g. the training set")
+    p.add_argument("--cache-dir", metavar="DIR", default=None, help="where exported graphs are cached (default: "
+                   "WEIGHTS.exports/ beside a weights file, else $SWINV2_CACHE or ~/.cache/swinv2)")
+
+
+def _runtime_for(args: argparse.Namespace, model, prep):
+    """The `runtime.Runtime` that --runtime / --precision ask for; None for plain PyTorch fp32 (with --amp)."""
+    if args.runtime == "torch" and args.precision == "fp32":
+        if args.calib:
+            raise UserError("--calib is for --precision int8")
+        return None
+    if args.amp != "none":
+        raise UserError("--amp is autocast for --runtime torch --precision fp32; use --precision bf16 instead")
+    if args.device != "cpu":
+        raise UserError(f"--runtime {args.runtime} --precision {args.precision} runs on the CPU; drop --device")
+    from .runtime import load_runtime
+
+    rt = load_runtime(model, args.runtime, args.precision, weights=args.weights, img_size=prep.img_size,
+                      calib=args.calib, cache_dir=args.cache_dir, batch_size=args.batch_size)
+    print(f"runtime: {rt.describe()}", file=sys.stderr)
+    return rt
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -200,6 +233,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=0, help="data-loading processes (default 0: in this process)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     _add_amp_arg(p)
+    _add_runtime_args(p)
+    p.add_argument("--compare-fp32", action="store_true", help="also evaluate PyTorch fp32 on the same images and "
+                   "report the top-1 difference and the logit agreement (for --precision bf16 / int8)")
     p.add_argument("--json", metavar="OUT", default=None, help="write every metric, the per-class accuracy and the "
                    "confusion matrix to this JSON file")
     p.add_argument("--plots", metavar="DIR", default=None, help="write confusion_matrix.png and "
@@ -219,16 +255,24 @@ def _run_eval(args: argparse.Namespace) -> int:
     say = functools.partial(print, file=sys.stderr if args.json and is_stdout(args.json) else sys.stdout)
     amp_dtype = _amp_dtype(args)
     model, prep = _load_for_use(args)
+    rt = _runtime_for(args, model, prep)
     report = evaluate_folder(model, args.data, weights=args.weights, batch_size=args.batch_size,
-                             workers=args.workers, device=args.device, preprocess=prep, amp_dtype=amp_dtype)
+                             workers=args.workers, device=args.device, preprocess=prep, amp_dtype=amp_dtype,
+                             runtime=rt, compare_fp32=args.compare_fp32)
     for e in report["errors"]:
         print(f"swinv2 eval: skipped {e['path']}: {e['error']}", file=sys.stderr)
     skipped = f", {len(report['errors'])} unreadable skipped" if report["errors"] else ""
     say(f"{args.data}: {report['n']} images, {len(report['per_class'])} classes{skipped}; "
         f"{prep.img_size} px, crop {prep.crop_pct}, {prep.interpolation}"
-        + ("" if amp_dtype is None else f", autocast {args.amp}"))
+        + ("" if amp_dtype is None else f", autocast {args.amp}")
+        + ("" if rt is None else f", {rt.name} {rt.precision}"))
     say(f"top-1 {report['top1']:.2f}%  top-5 {report['top5']:.2f}%  loss {report['loss']:.4f}  "
         f"({report['img_per_s']:.1f} img/s)")
+    if "fp32" in report:
+        ref = report["fp32"]
+        say(f"vs PyTorch fp32: top-1 {ref['top1']:.2f}% ({ref['img_per_s']:.1f} img/s), delta "
+            f"{ref['top1_delta']:+.2f} points; top-1 agreement {ref['top1_agreement']:.2f}%, logits max |delta| "
+            f"{ref['max_abs_logit_diff']:.3g}, mean {ref['mean_abs_logit_diff']:.3g}")
     rows = sorted(report["per_class"], key=lambda r: r["top1"])
     shown = rows if len(rows) <= 30 else rows[:10]
     say("per-class top-1" + ("" if shown is rows else f" (the 10 worst of {len(rows)})") + ":")
@@ -236,7 +280,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     for r in shown:
         say(f"  {r['class']:<{width}}  {r['top1']:6.2f}%  ({r['correct']}/{r['n']})")
     if args.json:
-        _write_json(args.json, {"weights": args.weights, "data": args.data, "amp": args.amp, **report})
+        _write_json(args.json, {"weights": args.weights, "data": args.data, "amp": args.amp,
+                                "runtime": rt.name if rt else "torch", "precision": args.precision, **report})
         if not is_stdout(args.json):
             say(f"wrote {args.json}")
     if args.plots:
@@ -256,8 +301,11 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or globs")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=0, help="processes decoding and resizing images while the model "
+                   "runs (default 0: in this process, one after the other)")
     p.add_argument("--device", default="cpu")
     _add_amp_arg(p)
+    _add_runtime_args(p)
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     p.add_argument("--plot", metavar="OUT.png", default=None, help="draw a grid of the first 32 images with "
                    "their top-k labels; an image in a folder named like a class is marked right (green ✓) or "
@@ -268,7 +316,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 def _run_predict(args: argparse.Namespace) -> int:
     import json
+    import time
 
+    start = time.perf_counter()
     from .outputs import check_output
     from .predict import predict, save_prediction_grid
 
@@ -276,8 +326,12 @@ def _run_predict(args: argparse.Namespace) -> int:
         check_output(args.plot, "--plot")
     amp_dtype = _amp_dtype(args)
     model, prep = _load_for_use(args)
+    rt = _runtime_for(args, model, prep)
+    ready = time.perf_counter()
     preds = predict(model, args.paths, topk=args.topk, batch_size=args.batch_size, device=args.device,
-                    preprocess=prep, thumbnails=32 if args.plot else 0, amp_dtype=amp_dtype)
+                    preprocess=prep, thumbnails=32 if args.plot else 0, amp_dtype=amp_dtype, runtime=rt,
+                    workers=args.workers)
+    end = time.perf_counter()
     if args.json:
         print(json.dumps(preds.to_json(), indent=1))
     else:
@@ -289,6 +343,11 @@ def _run_predict(args: argparse.Namespace) -> int:
                         + more)
     for e in preds.errors:
         print(f"swinv2 predict: skipped {e['path']}: {e['error']}", file=sys.stderr)
+    n = len(preds.results)
+    print(f"{n} image{'s' * (n != 1)} in {end - start:.1f} s: {n / (end - start):.1f} img/s for the whole command, "
+          f"{n / (end - ready):.1f} img/s once the model was loaded{' and the runtime compiled' if rt else ''} "
+          f"(reading, resizing and {rt.name if rt else 'torch'} {args.precision}; --workers {args.workers})",
+          file=sys.stderr)
     if args.plot:
         path = save_prediction_grid(preds, args.plot)
         n, shown = len(preds.results), len(preds.thumbnails)
@@ -304,10 +363,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                        "ONNX Runtime reproduces PyTorch within 1e-4 at batch 1 and 3; a sidecar OUT.onnx.json holds "
                        "the input/output names, preprocessing and class names.")
     _add_weights_args(p, preprocess=False)
-    p.add_argument("--onnx", required=True, metavar="OUT.onnx")
+    p.add_argument("--onnx", metavar="OUT.onnx", default=None, help="write the fp32 graph here; without it the graph "
+                   "for --runtime / --precision is made in the runtime cache (what eval / predict --runtime use)")
     p.add_argument("--img-size", type=int, default=None, help="input size of the exported graph")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime comparison")
+    _add_runtime_args(p, default_runtime=None)
     p.set_defaults(func=_run_export)
 
 
@@ -315,8 +376,19 @@ def _run_export(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
     from .export import export_onnx
 
+    if args.onnx is not None and (args.precision != "fp32" or args.runtime is not None or args.calib):
+        raise UserError("--onnx writes the fp32 graph; --runtime / --precision / --calib export into the runtime "
+                        "cache instead (drop --onnx)")
     model = load_model(args.weights, name=args.model)
-    print(export_onnx(model, args.onnx, img_size=args.img_size, opset=args.opset, check=not args.no_check))
+    if args.onnx is not None:
+        print(export_onnx(model, args.onnx, img_size=args.img_size, opset=args.opset, check=not args.no_check))
+        return 0
+    from .runtime import load_runtime
+
+    runtime = args.runtime or ("onnxruntime" if args.precision == "fp32" else "openvino")
+    rt = load_runtime(model, runtime, args.precision, weights=args.weights, img_size=args.img_size,
+                      calib=args.calib, cache_dir=args.cache_dir)
+    print(f"{rt.describe()}: ready for swinv2 eval / predict --runtime {rt.name} --precision {rt.precision}")
     return 0
 
 
@@ -344,7 +416,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (median and spread over them)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per implementation first")
     p.add_argument("--iters", type=int, default=3, help="timed calls per implementation per round")
-    p.add_argument("--compare", default="", help="comma-separated peers: timm,hf,torchvision")
+    p.add_argument("--compare", default="", help="comma-separated peers: timm,hf,torchvision, and the runtimes "
+                   "onnxruntime,openvino (our exported graph; CPU inference)")
+    p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "int8"],
+                   help="the runtimes' precisions, one row each (bf16 where the CPU has it; int8 calibrated on "
+                   "--calib, else on seeded noise: fine for speed, not for accuracy)")
+    p.add_argument("--calib", metavar="DIR", default=None, help="int8 runtime rows: calibration images")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--matmul-peak", action="store_true", help="also measure the matrix-multiply GFLOP/s limit")
@@ -352,36 +429,85 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--default-malloc", action="store_true",
                    help="keep glibc's malloc defaults; by default freed memory is retained for reuse "
                    "(swinv2.allocator), so that no implementation's page faults depend on which one ran first")
+    p.add_argument("--ab", metavar="NAME", default=None,
+                   help="also time ours with one fast path switched to its alternative, interleaved in this process: "
+                        "grouping (eager CPU inference in groups of images vs the whole batch), linear (MKL addmm vs "
+                        "oneDNN linear), flush (with --train: flushed vs plain attention softmax)")
+    p.add_argument("--own-process", type=int, metavar="ROUNDS", default=None,
+                   help="run ours and each --compare peer alone, each in ROUNDS fresh processes (alternating), "
+                        "instead of side by side in this one")
+    p.add_argument("--flush-denormal", action="store_true",
+                   help="flush subnormal floats to zero (FTZ/DAZ) before PyTorch starts its threads: what an "
+                        "implementation gains shows the time it spends on subnormal arithmetic")
+    p.add_argument("--optimizer-step", action="store_true",
+                   help="instead: time one AdamW step (default, foreach, fused) over the model's parameter groups")
+    p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # one implementation alone (--own-process)
     p.set_defaults(func=_run_bench)
+
+
+def _bench_child_args(args: argparse.Namespace) -> list[str]:
+    """The `swinv2 bench` arguments of `args` that each --own-process child repeats."""
+    argv = ["--model", args.model, "--device", args.device, "--repeats", str(args.repeats), "--warmup",
+            str(args.warmup), "--iters", str(args.iters), "--batch-size", *map(str, args.batch_size),
+            "--dtype", *args.dtype]
+    if args.img_size != [None]:
+        argv += ["--img-size", *map(str, args.img_size)]
+    for flag in ("compile", "train", "grad_checkpointing", "sequential_attention", "no_memory", "default_malloc",
+                 "flush_denormal"):
+        argv += [f"--{flag.replace('_', '-')}"] if getattr(args, flag) else []
+    argv += ["--weights", args.weights] if args.weights else []
+    return argv + (["--threads", str(args.threads)] if args.threads else [])
 
 
 def _run_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from . import bench
+    from . import bench, hardware
     from .outputs import check_output
 
     if args.json:
         check_output(args.json, "--json")
+    # Each thread keeps its own FTZ/DAZ flags and passes them on to the threads it creates: set first.
+    if args.flush_denormal and not torch.set_flush_denormal(True):
+        raise ValueError("--flush-denormal: this CPU cannot flush subnormals to zero")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.optimizer_step:
+        for r in bench.optimizer_steps(args.model, rounds=args.repeats):
+            print(f"{r['model']} ({r['tensors']} tensors) {r['optimizer']:13s}: {r['ms_per_step']:7.2f} ms/step "
+                  f"({r['x_default']:.2f}x the default)")
+        return 0
     # The implementations share this process's heap. Under glibc's defaults each one's page faults
     # then depend on the heap the others left behind (measured: eager ours vs timm 1.10x or 1.29x with
     # the build order swapped); retained, none faults after its warm-up, whatever the order.
     retained = False if args.default_malloc else allocator.retain_freed_cpu_memory()
     compare = [c.strip() for c in args.compare.split(",") if c.strip()]
-    results = bench.run(args.model, batch_sizes=args.batch_size, img_sizes=args.img_size, dtypes=args.dtype,
-                        compile=args.compile, train=args.train, device=args.device, repeats=args.repeats,
-                        warmup=args.warmup, iters=args.iters, compare=compare, weights=args.weights,
-                        measure_memory=not args.no_memory, grad_checkpointing=args.grad_checkpointing,
-                        sequential_attention=args.sequential_attention)
+    if args.own_process and args.ab:
+        raise ValueError("--ab compares within one process; leave out --own-process")
+    if args.own_process:
+        results = bench.run_own_processes(["ours"] + [c for c in compare if c != "ours"], _bench_child_args(args),
+                                          rounds=args.own_process)
+    else:
+        import tempfile
+
+        from .runtime import bench_factory
+
+        with tempfile.TemporaryDirectory(prefix="swinv2-bench-") as cache:  # the runtimes' exports, this run only
+            results = bench.run(args.model, batch_sizes=args.batch_size, img_sizes=args.img_size, dtypes=args.dtype,
+                                compile=args.compile, train=args.train, device=args.device, repeats=args.repeats,
+                                warmup=args.warmup, iters=args.iters, compare=compare, weights=args.weights,
+                                measure_memory=not args.no_memory, grad_checkpointing=args.grad_checkpointing,
+                                sequential_attention=args.sequential_attention, ab=args.ab, only=args.only,
+                                precisions=args.precision,
+                                runtime_factory=bench_factory(calib=args.calib, cache_dir=cache))
     print(bench.format_table(results))
     print("ours x: how many times faster ours is than the row (median of paired rounds); ours mem: our peak "
           "memory / the row's")
-    meta: dict[str, object] = {"malloc": "retains freed memory (swinv2.allocator)" if retained else "as given"}
+    meta: dict[str, object] = {"malloc": "retains freed memory (swinv2.allocator)" if retained else "as given",
+                               "flush_denormal": args.flush_denormal, "own_process": args.own_process}
     if args.matmul_peak:
         for dtype in dict.fromkeys(args.dtype):
-            meta[f"matmul_peak_gflop_s_{dtype}"] = bench.matmul_peak(args.device, dtype)
+            meta[f"matmul_peak_gflop_s_{dtype}"] = hardware.matmul_peak(args.device, dtype)
             print(f"matmul peak ({dtype}, 2048^3): {meta[f'matmul_peak_gflop_s_{dtype}']:.0f} GFLOP/s")
     if args.json:
         bench.write_json(args.json, results, meta=meta)
@@ -504,7 +630,8 @@ def _run_train(args: argparse.Namespace) -> int:
 RETAIN_MEMORY_COMMANDS = ("train", "eval", "predict")
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_models, _add_download, _add_convert, _add_eval, _add_predict, _add_export, _add_bench, _add_viz_cpb, _add_train,
+    _add_models, _add_download, _add_convert, _add_eval, _add_predict, _add_export, _add_bench, _add_viz_cpb,
+    _add_train,
 ]
 
 

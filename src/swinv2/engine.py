@@ -35,17 +35,18 @@ import torch
 from torch import nn
 
 from . import distributed as D
-from .bench import warn_if_bf16_emulated
+from . import schedule
+from .checkpoint import create_model
 from .config import Config
 from .data import (Batch, DataReport, ImageFolderDataset, SeededSamples, ShardedSampler, build_digits_folder, build_mixup,
                    check_dataset, eval_transform, hygiene_warnings, make_loader, sample_seed, seed_everything,
                    train_transform)
 from .evaluate import evaluate
 from .faults import NonFiniteError, StopSignals, TrainingInterrupted, assert_finite, check_fits
+from .hardware import warn_if_bf16_emulated
 from .model import SwinTransformerV2
-from .registry import EvalPreprocess, create_model, get_variant
+from .registry import EvalPreprocess, get_variant
 from .rundir import RunDir, RunLockedError  # noqa: F401 (raised by fit)
-from .schedule import WarmupCosineLR, build_optimizer, scaled_lrs
 
 log = logging.getLogger(__name__)
 
@@ -191,12 +192,28 @@ class Trainer:
         # Wrapped before the optimizer is built: FSDP replaces the parameters by sharded ones.
         self.wrapped = D.wrap_model(self.model, env, t.parallel)
         self.forward = torch.compile(self.wrapped) if t.compile else self.wrapped
+        self._build_loaders(cfg, env, img_size, num_classes)
+        self.total_batch = cfg.data.batch_size * self.accum * env.world_size
+        self.steps_per_epoch = self.sampler.batches_per_epoch
+        self.optimizer, self.scheduler = schedule.build(self.model, cfg.optim, cfg.schedule,
+                                                        total_batch=self.total_batch,
+                                                        steps_per_epoch=self.steps_per_epoch, epochs=t.epochs)
+        self.scaler = torch.amp.GradScaler(env.device.type) if t.amp == "fp16" else None
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
 
-        # Data: per-rank batches; one sampler "batch" = the images of one optimizer step on this rank.
+        self.progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "bad_steps": 0, "consecutive_bad": 0,
+                         "overflow_steps": 0, "epoch_loss_sum": 0.0, "epoch_loss_steps": 0, "epoch_bad_files": {}}
+        self.history: list[dict[str, Any]] = []
+        self.best: list[dict[str, Any]] = []
+        self.rundir = RunDir(out_dir, env, cfg)
+
+    def _build_loaders(self, cfg: Config, env: D.DistEnv, img_size: int, num_classes: int) -> None:
+        """Per-rank loaders (one sampler "batch" = the images of one optimizer step on this rank),
+        Mixup/CutMix and the loss."""
         d, a = cfg.data, cfg.data.aug
         self.accum = cfg.optim.accum_steps
         self.sampler = ShardedSampler(len(self.train_ds), batch_size=d.batch_size * self.accum,
-                                      num_replicas=env.world_size, rank=env.rank, seed=t.seed)
+                                      num_replicas=env.world_size, rank=env.rank, seed=cfg.train.seed)
         tf = train_transform(img_size, scale=a.scale, ratio=a.ratio, hflip=a.hflip, color_jitter=a.color_jitter,
                              auto_augment=a.auto_augment, interpolation=a.interpolation, re_prob=a.re_prob,
                              re_mode=a.re_mode, re_count=a.re_count, mean=d.mean, std=d.std)
@@ -216,30 +233,6 @@ class Trainer:
                                  prob=a.mixup_prob, switch_prob=a.switch_prob, mode=a.mixup_mode,
                                  label_smoothing=a.label_smoothing)
         self.criterion = build_criterion(cfg, self.mixup is not None)
-
-        # Optimisation.
-        o, s = cfg.optim, cfg.schedule
-        self.total_batch = d.batch_size * self.accum * env.world_size
-        lr, warmup_lr, min_lr = scaled_lrs(o.lr, s.warmup_lr, s.min_lr, total_batch=self.total_batch,
-                                           base_batch=o.lr_base_batch, scaling=o.lr_scaling)
-        self.optimizer = build_optimizer(self.model, lr=lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps,
-                                         layer_decay=o.layer_decay)
-        self.steps_per_epoch = self.sampler.batches_per_epoch
-        cooldown_lr = None if s.cooldown_lr is None else scaled_lrs(
-            s.cooldown_lr, 0, 0, total_batch=self.total_batch, base_batch=o.lr_base_batch, scaling=o.lr_scaling)[0]
-        self.scheduler = WarmupCosineLR(
-            self.optimizer, lr=lr, warmup_lr=warmup_lr, min_lr=min_lr,
-            warmup_steps=round(s.warmup_epochs * self.steps_per_epoch),
-            total_steps=t.epochs * self.steps_per_epoch,
-            cooldown_steps=round(s.cooldown_epochs * self.steps_per_epoch), cooldown_lr=cooldown_lr)
-        self.scaler = torch.amp.GradScaler(env.device.type) if t.amp == "fp16" else None
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-
-        self.progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "bad_steps": 0, "consecutive_bad": 0,
-                         "overflow_steps": 0, "epoch_loss_sum": 0.0, "epoch_loss_steps": 0, "epoch_bad_files": {}}
-        self.history: list[dict[str, Any]] = []
-        self.best: list[dict[str, Any]] = []
-        self.rundir = RunDir(out_dir, env, cfg)
 
     # ----------------------------------------------------------------------- state
 
@@ -326,6 +319,31 @@ class Trainer:
         step = self.progress["global_step"]
         seed_everything(sample_seed(t.seed, step, env.rank, 1))  # Mixup/CutMix, stochastic depth
         self.wrapped.train()
+        loss_mean, n = self._forward_backward(micro_batches)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        clip = self.cfg.optim.clip_grad
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, clip if clip else math.inf))
+        bad = not math.isfinite(loss_mean) or (self.scaler is None and not math.isfinite(grad_norm))
+        stepped = self._skip_step(step, loss_mean, grad_norm, n) if bad else self._optimizer_step(grad_norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        if stepped and self.ema is not None:
+            self.ema.update(self.model, step=step)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        self.progress["global_step"] += 1
+        self.progress["step_in_epoch"] += 1
+        if self.progress["consecutive_bad"] >= t.max_bad_steps:
+            raise NonFiniteError(
+                f"{self.progress['consecutive_bad']} consecutive steps with a non-finite loss or gradient "
+                f"(last at step {step}); stopping. Lower optim.lr, set optim.clip_grad, or use train.amp=bf16; "
+                f"the last checkpoint is in {self.rundir.checkpoint_dir}")
+        return {"loss": loss_mean, "grad_norm": grad_norm, "lr": lr, "n": n, "skipped": bad}
+
+    def _forward_backward(self, micro_batches: list[Batch]) -> tuple[float, float]:
+        """Accumulate the gradients of the micro-batches (DDP syncs on the last one); returns the loss
+        mean over every rank's images and their number (all-reduced)."""
+        t, env = self.cfg.train, self.env
         loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
         n_sum = 0
         for i, batch in enumerate(micro_batches):
@@ -352,46 +370,32 @@ class Trainer:
         stats[0] = loss_sum
         D.all_reduce_sum(stats, env)
         loss_mean = (stats[0] / stats[1]).item() if stats[1] > 0 else float("nan")
+        return loss_mean, float(stats[1])
+
+    def _skip_step(self, step: int, loss_mean: float, grad_norm: float, n: float) -> bool:
+        """Count and log a step with a non-finite loss or gradient (or no image on any rank); no update."""
+        self.progress["bad_steps"] += 1
+        self.progress["consecutive_bad"] += 1
+        what = ("no readable image on any rank" if n == 0 else
+                "non-finite loss" if not math.isfinite(loss_mean) else "non-finite gradient")
+        log.warning("step %d: %s (loss %s, grad norm %s): step skipped (%d in a row)", step, what, loss_mean,
+                    grad_norm, self.progress["consecutive_bad"])
         if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        clip = self.cfg.optim.clip_grad
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, clip if clip else math.inf))
-        bad = not math.isfinite(loss_mean) or (self.scaler is None and not math.isfinite(grad_norm))
-        stepped = False
-        if bad:
-            self.progress["bad_steps"] += 1
-            self.progress["consecutive_bad"] += 1
-            what = ("no readable image on any rank" if stats[1] == 0 else
-                    "non-finite loss" if not math.isfinite(loss_mean) else "non-finite gradient")
-            log.warning("step %d: %s (loss %s, grad norm %s): step skipped (%d in a row)", step, what, loss_mean,
-                        grad_norm, self.progress["consecutive_bad"])
-            if self.scaler is not None:
-                self.scaler.update()  # back off the scale as for an overflow
-        else:
-            self.progress["consecutive_bad"] = 0
-            if self.scaler is not None:
-                stepped = math.isfinite(grad_norm)  # the scaler skips overflowed steps itself
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                if not stepped:
-                    self.progress["overflow_steps"] += 1
-            else:
-                self.optimizer.step()
-                stepped = True
-        self.optimizer.zero_grad(set_to_none=True)
-        if stepped and self.ema is not None:
-            self.ema.update(self.model, step=step)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()
-        self.progress["global_step"] += 1
-        self.progress["step_in_epoch"] += 1
-        if self.progress["consecutive_bad"] >= t.max_bad_steps:
-            raise NonFiniteError(
-                f"{self.progress['consecutive_bad']} consecutive steps with a non-finite loss or gradient "
-                f"(last at step {step}); stopping. Lower optim.lr, set optim.clip_grad, or use train.amp=bf16; "
-                f"the last checkpoint is in {self.rundir.checkpoint_dir}")
-        return {"loss": loss_mean, "grad_norm": grad_norm, "lr": lr, "n": float(stats[1]),
-                "skipped": bad}
+            self.scaler.update()  # back off the scale as for an overflow
+        return False
+
+    def _optimizer_step(self, grad_norm: float) -> bool:
+        """Update the weights; returns whether they changed (the fp16 scaler skips overflowed steps)."""
+        self.progress["consecutive_bad"] = 0
+        if self.scaler is None:
+            self.optimizer.step()
+            return True
+        stepped = math.isfinite(grad_norm)  # the scaler skips overflowed steps itself
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if not stepped:
+            self.progress["overflow_steps"] += 1
+        return stepped
 
     # ----------------------------------------------------------------------- epochs
 
@@ -536,8 +540,13 @@ class Trainer:
             source = self.rundir.checkpoint_dir / self.best[0]["file"]
             part = "ema" if self.cfg.train.best_metric == "val_ema_top1" else "model"
             if self.env.is_main:
+                try:
+                    weights = load_training_state(source)[part]
+                except (OSError, KeyError) as e:  # the best-k file was removed or damaged: keep what is there
+                    log.warning("cannot re-write best.safetensors from %s: %s", source, e)
+                    return
                 model = SwinTransformerV2(self.model.config)
-                model.load_state_dict(load_training_state(source)[part])
+                model.load_state_dict(weights)
                 self.rundir.write_weights(model, *names)
         elif self.val_loader is None and self.history:
             self.rundir.write_weights(self.plain_model(), *names)

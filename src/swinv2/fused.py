@@ -1,4 +1,4 @@
-"""Fused and memory-lean ops for SwinV2's hot paths (torch only; used by model.py).
+"""Fused and memory-lean ops for SwinV2's hot paths (torch only; used by model.py, windows.py, attention.py).
 
 Each forward computes the ops of the plain formula, so outputs are unchanged up to float rounding; what
 differs is how many passes over memory they take and what autograd keeps for the backward pass:
@@ -28,7 +28,7 @@ differs is how many passes over memory they take and what autograd keeps for the
   (`swinv2.allocator`, no page faults) addmm ran the SwinV2-T forward 1.05-1.10x and the training
   step 1.15x faster in eager, and the compiled forward 1.12x, on an AVX2 machine; on an AVX-512 one
   the two were level (1.00x fp32, 0.997x bf16) (same-process A/Bs, batch 8,
-  `benchmarks/inference_ab.py linear`). The measurements that had favoured oneDNN were dominated by
+  `swinv2 bench --ab linear`). The measurements that had favoured oneDNN were dominated by
   addmm's bias copy landing on freshly mapped pages under glibc's default malloc.
 """
 from __future__ import annotations

@@ -16,12 +16,14 @@ so `HubFile.sha256` / `.size` are None; after every download the file is checked
 SHA-256 the hub itself sends as the ETag of an LFS file, and against `sha256` where a record has one.
 
 Downloads go through `huggingface_hub.hf_hub_download`: its cache (``HF_HOME`` / ``HF_HUB_CACHE``),
-``HF_ENDPOINT`` and ``HF_HUB_OFFLINE`` apply; an interrupted transfer is resumed with HTTP range
-requests within the call (huggingface_hub >= 1.x keeps no partial file between calls, so a call that
-gives up leaves nothing behind and the next one starts over). A file in the cache is used without
-any network access. Sources of a record are tried in order (timm's safetensors first); only "no
-such repo / file" moves on to the next one. This module imports `registry` only; `huggingface_hub`
-is imported when a file is looked up, so `import swinv2` stays fast.
+``HF_ENDPOINT`` and ``HF_HUB_OFFLINE`` apply; a transfer cut off is resumed with an HTTP range
+request within the call (from the last 10 MB chunk written). Between calls nothing partial is kept:
+huggingface_hub 2.4 (tested here) downloads into a per-process temporary file that it deletes on
+failure (its PR #4228; 0.x versions resumed a shared ``.incomplete`` file instead), so a call that
+gives up leaves nothing under the final name and the next one starts over. A file in the cache is
+used without any network access. Sources of a record are tried in order (timm's safetensors first);
+only "no such repo / file" moves on to the next one. This module imports `registry` only;
+`huggingface_hub` is imported when a file is looked up, so `import swinv2` stays fast.
 """
 from __future__ import annotations
 
@@ -109,9 +111,11 @@ _READ = (
      "swinv2_base_patch4_window12_192_22k.pth"),
     ("swinv2_large_window12_192.ms_in22k", "microsoft/swinv2-large-patch4-window12-192-22k",
      "swinv2_large_patch4_window12_192_22k.pth"),
-    ("swinv2_base_window12to16_192to256.ms_in22k_ft_in1k", "microsoft/swinv2-base-patch4-window12to16-192to256-22kto1k-ft",
+    ("swinv2_base_window12to16_192to256.ms_in22k_ft_in1k",
+     "microsoft/swinv2-base-patch4-window12to16-192to256-22kto1k-ft",
      "swinv2_base_patch4_window12to16_192to256_22kto1k_ft.pth"),
-    ("swinv2_base_window12to24_192to384.ms_in22k_ft_in1k", "microsoft/swinv2-base-patch4-window12to24-192to384-22kto1k-ft",
+    ("swinv2_base_window12to24_192to384.ms_in22k_ft_in1k",
+     "microsoft/swinv2-base-patch4-window12to24-192to384-22kto1k-ft",
      "swinv2_base_patch4_window12to24_192to384_22kto1k_ft.pth"),
     ("swinv2_large_window12to16_192to256.ms_in22k_ft_in1k",
      "microsoft/swinv2-large-patch4-window12to16-192to256-22kto1k-ft",
@@ -166,17 +170,13 @@ def all_records() -> list[WeightsRecord]:
     return [r for recs in RECORDS.values() for r in recs]
 
 
-def _no_weights(variant: str) -> KeyError:
-    return KeyError(f"{variant} has no pretrained weights; variants with weights: {', '.join(RECORDS)}")
-
-
 def get_record(name: str, tag: str | None = None) -> WeightsRecord:
     """The record `name.tag` (the default tag of `name` when `tag` is None); a KeyError listing the
     valid tags otherwise."""
     variant = get_variant(name).name
     recs = RECORDS.get(variant)
     if not recs:
-        raise _no_weights(variant)
+        raise KeyError(f"{variant} has no pretrained weights; variants with weights: {', '.join(RECORDS)}")
     if tag is None:
         return recs[0]
     for r in recs:
@@ -186,12 +186,11 @@ def get_record(name: str, tag: str | None = None) -> WeightsRecord:
 
 
 def looks_like_name(text: str) -> bool:
-    """True when `text` reads as ``NAME[.TAG]`` rather than a file path (no folder part, no weights
-    suffix, and NAME a registered variant or at least shaped like one)."""
+    """True when `text` reads as ``NAME[.TAG]`` rather than a file path: no folder part, no weights
+    suffix, NAME shaped like a variant name (every one, alias included, is ``swinv2_...``)."""
     if "/" in text or os.sep in text or text.lower().endswith(WEIGHT_SUFFIXES):
         return False
-    head = text.split(".", 1)[0]
-    return head in VARIANTS or head in ALIASES or bool(re.fullmatch(r"swinv2_\w+", head))
+    return bool(re.fullmatch(r"swinv2_\w+", text.split(".", 1)[0]))
 
 
 def lookup(spec: str) -> WeightsRecord:
@@ -242,9 +241,9 @@ def is_cached(record: WeightsRecord) -> bool:
 
 
 def _manual(record: WeightsRecord) -> str:
-    return (f"on a machine with network run `swinv2 download {record.spec}` and copy {cache_dir()} here "
-            f"(HF_HUB_CACHE / HF_HOME), or fetch {record.official_url} yourself and pass it as "
-            f"--weights FILE.pth --model {record.arch}")
+    return (f"on a machine with network run `swinv2 download {record.spec}` and copy its Hugging Face cache "
+            f"into {cache_dir()} (HF_HUB_CACHE / HF_HOME), or fetch {record.official_url} yourself and pass "
+            f"--weights FILE.pth --model {record.variant}")
 
 
 def _sha256(path: Path) -> str:
@@ -287,23 +286,37 @@ def fetch(record: WeightsRecord | str) -> Path:
         log.info("%s: using the cached %s", rec.spec, hit[0])
         return hit[0]
     hf, constants = _hf()
-    from huggingface_hub.utils import (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                       RevisionNotFoundError)
+    from huggingface_hub.utils import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
+                                       RepositoryNotFoundError, RevisionNotFoundError)
 
+    not_there = (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)  # gated: a repo error
     tried = ", ".join(map(str, rec.files))
     if constants.HF_HUB_OFFLINE:
         raise WeightsUnavailableError(f"{rec.spec} is not in the cache {cache_dir()} and HF_HUB_OFFLINE is set "
                                       f"(looked for {tried}); {_manual(rec)}")
+
+    def unreachable(source: HubFile, e: BaseException) -> WeightsUnavailableError:
+        return WeightsUnavailableError(f"{rec.spec}: cannot reach {constants.ENDPOINT} to download {source} and it "
+                                       f"is not in the cache {cache_dir()} ({_first_line(e)}); {_manual(rec)}")
+
     missing = []
     for source in rec.files:
+        # One HEAD first, without huggingface_hub's back-off: no network fails at once, in one line.
+        try:
+            hf.get_hf_file_metadata(hf.hf_hub_url(source.repo, source.filename))
+        except not_there as e:
+            missing.append(f"{source} ({type(e).__name__})")
+            continue
+        except HfHubHTTPError:
+            pass  # the hub answered, with an error (e.g. 503): hf_hub_download retries it
+        except Exception as e:  # DNS, connection refused, timeout, proxy
+            raise unreachable(source, e) from None
         log.info("%s: downloading %s from %s", rec.spec, source, constants.ENDPOINT)
         try:
             path = Path(hf.hf_hub_download(source.repo, source.filename))
-        except LocalEntryNotFoundError as e:  # connection refused / DNS / hub down, and not cached
-            raise WeightsUnavailableError(f"{rec.spec}: cannot reach {constants.ENDPOINT} to download {source} and "
-                                          f"it is not in the cache {cache_dir()} ({_first_line(e)}); "
-                                          f"{_manual(rec)}") from None
-        except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as e:  # gated: a repo error
+        except LocalEntryNotFoundError as e:  # the connection went away after the HEAD
+            raise unreachable(source, e) from None
+        except not_there as e:
             missing.append(f"{source} ({type(e).__name__})")
             continue
         except Exception as e:  # httpx errors after the retries, size checks, disk full

@@ -118,41 +118,66 @@ class PredictionSet:
                 "errors": self.errors}
 
 
-def _batches(files: Sequence[str], transform, batch_size: int, errors: list[dict[str, str]],
-             thumbs: list[np.ndarray], n_thumbs: int) -> Iterator[tuple[list[str], torch.Tensor]]:
-    """(paths, (B, 3, H, W) tensor) batches of the readable files; unreadable ones go to `errors`."""
-    paths: list[str] = []
-    tensors: list[torch.Tensor] = []
-    for path in files:
+class _PredictSamples(Dataset):
+    """(index) -> (path, (3, H, W) tensor or None, unreadable reason or None, (h, w, 3) thumbnail or None)."""
+
+    def __init__(self, files: Sequence[str], transform, thumbnails: bool) -> None:
+        self.files, self.transform, self.thumbnails = files, transform, thumbnails
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        path = self.files[index]
         try:
             img = load_image(path)
         except BadImageError as e:
-            log.debug("skipped %s", e)
-            errors.append({"path": path, "error": e.reason})
-            continue
-        if len(thumbs) < n_thumbs:
-            thumb = img.copy()
-            thumb.thumbnail((256, 256))
-            thumbs.append(np.asarray(thumb))
-        paths.append(path)
-        tensors.append(transform(img))
-        if len(paths) == batch_size:
+            return path, None, e.reason, None
+        thumb = None
+        if self.thumbnails:
+            small = img.copy()
+            small.thumbnail((256, 256))
+            thumb = np.asarray(small)
+        return path, self.transform(img), None, thumb
+
+
+def _batches(files: Sequence[str], transform, batch_size: int, errors: list[dict[str, str]],
+             thumbs: list[np.ndarray], n_thumbs: int, workers: int = 0) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """(paths, (B, 3, H, W) tensor) batches of the readable files, in order; unreadable ones go to
+    `errors`. With `workers` > 0, decoding and resizing run in that many loader processes, overlapping
+    the model; a batch holds the readable files of `batch_size` consecutive ones."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(_PredictSamples(files, transform, n_thumbs > 0), batch_size=batch_size,
+                        num_workers=workers, collate_fn=list)
+    for items in loader:
+        paths, tensors = [], []
+        for path, x, reason, thumb in items:
+            if x is None:
+                log.debug("skipped %s: %s", path, reason)
+                errors.append({"path": path, "error": reason})
+                continue
+            if thumb is not None and len(thumbs) < n_thumbs:
+                thumbs.append(thumb)
+            paths.append(path)
+            tensors.append(x)
+        if paths:
             yield paths, torch.stack(tensors)
-            paths, tensors = [], []
-    if paths:
-        yield paths, torch.stack(tensors)
 
 
 @torch.no_grad()
 def predict(model: nn.Module, paths: Sequence[str | os.PathLike], *, topk: int = 5, batch_size: int = 32,
             device: str | torch.device = "cpu", preprocess: EvalPreprocess | None = None,
-            thumbnails: int = 0, amp_dtype: torch.dtype | None = None) -> PredictionSet:
+            thumbnails: int = 0, amp_dtype: torch.dtype | None = None, runtime: Any = None,
+            workers: int = 0) -> PredictionSet:
     """Classify the images named by `paths` (files, folders, globs; see `expand_paths`).
 
     Each result holds the `topk` classes with their softmax probabilities (taken in fp32, also under
     `amp_dtype` autocast). Unreadable files and arguments that name nothing are in `.errors`, never
     fatal. `thumbnails` keeps that many small RGB arrays of the first readable images for a picture of
-    the predictions.
+    the predictions. With `runtime` (a `runtime.Runtime`) the images run through it instead of `model`
+    (which still gives the class names and preprocessing). `workers` loader processes decode and
+    resize the images while the model runs.
     """
     if topk < 1 or batch_size < 1:
         raise ValueError("topk and batch_size must be at least 1")
@@ -162,10 +187,10 @@ def predict(model: nn.Module, paths: Sequence[str | os.PathLike], *, topk: int =
     files, errors = expand_paths(paths)
     out = PredictionSet(k, source, errors=errors, class_names=names)
     device = torch.device(device)
-    model = model.eval().to(device)
-    for batch_paths, x in _batches(files, transform, batch_size, out.errors, out.thumbnails, thumbnails):
+    net = runtime if runtime is not None else model.eval().to(device)
+    for batch_paths, x in _batches(files, transform, batch_size, out.errors, out.thumbnails, thumbnails, workers):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(x.to(device))
+            logits = net(x.to(device))
         probs = logits.float().softmax(dim=-1)  # (B, C)
         p, idx = probs.topk(k, dim=-1)
         for path, pi, ii in zip(batch_paths, p.tolist(), idx.tolist()):
@@ -265,9 +290,33 @@ class _Reporting:
             yield batch
 
 
+class _Recording(nn.Module):
+    """`net` that keeps a CPU copy of every batch's logits (for comparing two runs of one loader)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.logits: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        self.logits.append(out.detach().float().cpu())
+        return out
+
+
+def agreement(logits: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    """How closely (N, C) `logits` follow (N, C) `reference`: top-1 agreement in percent (share of
+    images whose top-1 class is the same) and max / mean |difference|."""
+    diff = (logits - reference).abs()
+    same = (logits.argmax(dim=1) == reference.argmax(dim=1)).double().mean().item() if len(logits) else float("nan")
+    return {"top1_agreement": 100.0 * same, "max_abs_logit_diff": float(diff.max()) if diff.numel() else 0.0,
+            "mean_abs_logit_diff": float(diff.mean()) if diff.numel() else 0.0}
+
+
 def evaluate_folder(model: nn.Module, data: str | os.PathLike, *, weights: str = "the weights",
                     batch_size: int = 64, workers: int = 0, device: str | torch.device = "cpu",
-                    preprocess: EvalPreprocess | None = None, amp_dtype: torch.dtype | None = None) -> dict[str, Any]:
+                    preprocess: EvalPreprocess | None = None, amp_dtype: torch.dtype | None = None,
+                    runtime: Any = None, compare_fp32: bool = False) -> dict[str, Any]:
     """Top-1 / top-5 / loss / per-class accuracy of `model` on the class folder `data`.
 
     Returns `evaluate`'s metrics (loss, top1, top5, n, img_per_s, skipped) plus "classes" (the
@@ -277,6 +326,11 @@ def evaluate_folder(model: nn.Module, data: str | os.PathLike, *, weights: str =
     "preprocess". Class folders are read as in training (`data.ImageFolderDataset`: hidden folders are
     never classes, an empty folder keeps its class slot) and reported with the same lines
     (`data.folder_warnings`). `weights` names the weights in a class-map error.
+
+    With `runtime` (a `runtime.Runtime`) the images run through it instead of `model`. With
+    `compare_fp32` the PyTorch fp32 `model` evaluates the same images too, and "fp32" holds its
+    top1 and img_per_s, "top1_delta" (this run's top-1 minus fp32's, points) and `agreement`'s
+    fields (top-1 agreement, max / mean |logit difference|).
     """
     from torch.utils.data import DataLoader
 
@@ -293,7 +347,17 @@ def evaluate_folder(model: nn.Module, data: str | os.PathLike, *, weights: str =
         log.warning("%s", w)
     loader = _Reporting(DataLoader(_EvalSamples(dataset, _transform(prep)), batch_size=batch_size,
                                    num_workers=workers, collate_fn=collate))
-    metrics = evaluate(model.to(device), loader, device=device, amp_dtype=amp_dtype, return_confusion=True)
+    net = runtime.as_module() if runtime is not None else model.to(device)
+    if compare_fp32:
+        net = _Recording(net)
+    metrics = evaluate(net, loader, device=device, amp_dtype=amp_dtype, return_confusion=True)
+    if compare_fp32:
+        ref = _Recording(model.float().to(device))
+        fp32 = evaluate(ref, loader.loader, device=device)  # the same images; unreadable ones reported once
+        metrics["fp32"] = {"top1": fp32["top1"], "img_per_s": fp32["img_per_s"],
+                           "top1_delta": metrics["top1"] - fp32["top1"],
+                           **agreement(torch.cat(net.logits or [torch.zeros(0, 0)]),
+                                       torch.cat(ref.logits or [torch.zeros(0, 0)]))}
     confusion = metrics.pop("confusion")
     correct = confusion.diag().tolist()
     counts = confusion.sum(dim=1).tolist()

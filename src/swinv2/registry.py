@@ -132,34 +132,6 @@ def model_config(name: str, **overrides: Any) -> SwinV2Config:
         raise TypeError(f"create_model({name!r}): {e}") from None
 
 
-def create_model(name: str, *, num_classes: int | None = None, img_size: int | tuple[int, int] | None = None,
-                 window_size: int | None = None, pretrained_window_sizes: tuple[int, ...] | None = None,
-                 drop_path_rate: float | None = None, weights: Any = None, pretrained: bool | str | None = None,
-                 strict: bool = True, **kw: Any) -> SwinTransformerV2:
-    """Build a registered variant, optionally overriding its config and loading `weights` or `pretrained`.
-
-    `weights` is a path or a state dict in any supported format (see `swinv2.load_weights`).
-    `pretrained` names published weights (see `swinv2.hub`): True for the variant's default tag, a
-    tag (``"ms_in22k"``) or ``"NAME.TAG"`` of another variant; they are downloaded once into the
-    Hugging Face cache. Either way window and resolution changes transfer by construction, 21841 ->
-    1000 heads go through the official map, and another class count keeps a fresh head (a warning).
-    """
-    if pretrained and weights is not None:
-        raise ValueError(f"create_model({name!r}): pass weights or pretrained, not both")
-    cfg = model_config(name, num_classes=num_classes, img_size=img_size, window_size=window_size,
-                       pretrained_window_sizes=pretrained_window_sizes, drop_path_rate=drop_path_rate, **kw)
-    if pretrained:
-        from .hub import fetch, resolve_pretrained  # hub sits above registry; imported on use
-
-        weights = fetch(resolve_pretrained(name, pretrained))
-    model = SwinTransformerV2(cfg)
-    if weights is not None:
-        from .checkpoint import load_weights  # checkpoint sits above registry; imported on use
-
-        load_weights(model, weights, strict=strict)
-    return model
-
-
 def count_params(config: SwinV2Config) -> int:
     """Parameter count of `config`, built on the meta device (no memory, no init cost)."""
     with torch.device("meta"):

@@ -10,6 +10,7 @@
 * `WarmupCosineLR`: per optimizer step, linear warm-up from `warmup_lr`, cosine to `min_lr`, then
   the cool-down steps at `cooldown_lr` (timm's CosineLRScheduler with `warmup_prefix=True`,
   `t_in_epochs=False`, as the official code builds it, plus the cool-down).
+* `build`: all of the above from the config's `optim` and `schedule` sections, in one call.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+
+from .config import OptimConfig, ScheduleConfig
 
 
 def no_decay(name: str, param: torch.Tensor, keywords: set[str] | frozenset[str]) -> bool:
@@ -84,7 +87,7 @@ def _fusable(params: list[nn.Parameter]) -> bool:
     """Whether torch's fused AdamW kernel (one pass per group) can take these parameters: plain
     floating-point tensors on the CPU or CUDA. It does the for-loop implementation's arithmetic
     (within float rounding) and measured 3.2-4.4x faster per step on the CPU for SwinV2-T (26-36
-    against 113-116 ms, `benchmarks/optimizer_step.py`). FSDP's sharded parameters (DTensor) keep the
+    against 113-116 ms, `swinv2 bench --optimizer-step`). FSDP's sharded parameters (DTensor) keep the
     default implementation."""
     return all(type(p.data) is torch.Tensor and p.is_floating_point() and p.device.type in ("cpu", "cuda")
                for p in params)
@@ -151,3 +154,21 @@ class WarmupCosineLR:
         resumed run may extend `train.epochs`); the saved shape is kept in the file for the record."""
         self.step_count = int(state["step"])
         self._apply()
+
+
+def build(model: nn.Module, optim: OptimConfig, schedule: ScheduleConfig, *, total_batch: int,
+          steps_per_epoch: int, epochs: int) -> tuple[torch.optim.AdamW, WarmupCosineLR]:
+    """The optimiser over `model`'s trainable parameters and its per-step schedule: the LRs scaled to
+    `total_batch` images per step (`scaled_lrs`), warm-up and cool-down converted from epochs to steps."""
+    o, s = optim, schedule
+    lr, warmup_lr, min_lr = scaled_lrs(o.lr, s.warmup_lr, s.min_lr, total_batch=total_batch,
+                                       base_batch=o.lr_base_batch, scaling=o.lr_scaling)
+    optimizer = build_optimizer(model, lr=lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps,
+                                layer_decay=o.layer_decay)
+    cooldown_lr = None if s.cooldown_lr is None else scaled_lrs(
+        s.cooldown_lr, 0, 0, total_batch=total_batch, base_batch=o.lr_base_batch, scaling=o.lr_scaling)[0]
+    scheduler = WarmupCosineLR(
+        optimizer, lr=lr, warmup_lr=warmup_lr, min_lr=min_lr, warmup_steps=round(s.warmup_epochs * steps_per_epoch),
+        total_steps=epochs * steps_per_epoch, cooldown_steps=round(s.cooldown_epochs * steps_per_epoch),
+        cooldown_lr=cooldown_lr)
+    return optimizer, scheduler

@@ -1,0 +1,106 @@
+"""The fast window-attention kernels and their dispatch (torch only; used by model.py).
+
+`WindowAttention` in model.py computes q, k, v, the logit scale and the biases the official way, then
+either runs the official formula itself (`fused=False`, the reference) or calls `fused_attention`
+here: the same softmax(cos(q, k) * scale + bias) v, through whichever kernel is fastest for the case.
+Also here: the cache of the position bias in CPU inference, and eager CPU inference over groups of
+images. Why each is built this way, with the measurements: docs/performance.md.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .fused import cosine_qkv, mask_runs, sequential_attention, softmax_flushed, traced
+from .windows import plain_tensors, window_bias
+
+# Eager CPU inference runs each block over groups of images whose widest intermediate fits in this
+# many bytes: larger buffers come from fresh pages on every call (glibc's mmap threshold).
+INFERENCE_CHUNK_BYTES = 16 << 20
+# With `set_sequential_attention`, CPU training computes attention in pieces of at most this many bytes of
+# probabilities and recomputes them in the backward pass instead of keeping them.
+SEQUENTIAL_ATTENTION_BYTES = 16 << 20
+
+# (window, autocast dtype or None) -> (CPB parameter snapshot, position bias)
+BiasCache = dict[tuple[int, torch.dtype | None], tuple[list[Tensor], Tensor]]
+
+
+def _same_values(a: list[Tensor], b: list[Tensor]) -> bool:
+    """Same dtypes, devices, shapes and values, element for element."""
+    return len(a) == len(b) and all(
+        x.dtype == y.dtype and x.device == y.device and x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
+
+
+def cached_position_bias(cache: BiasCache, cpb_mlp: nn.Module, window: int,
+                         compute: Callable[[], Tensor]) -> Tensor:
+    """`compute()`, the (1, nH, N, N) position bias of `window`, reused from `cache` in CPU inference
+    while the parameters of `cpb_mlp` keep the values it was computed from.
+
+    The check compares values with a snapshot (a few thousand numbers): version counters miss fused
+    optimiser steps and in-place updates through `.data`. One entry per window and autocast dtype
+    (autocast runs the CPB MLP in its own dtype). On an accelerator the check would cost a host sync,
+    more than the few small kernels it saves, so there it is always recomputed.
+    """
+    params = [p.detach() for p in cpb_mlp.parameters()]
+    device = params[0].device.type
+    cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling() and device == "cpu"
+    key = (window, torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
+    hit = cache.get(key) if cacheable else None
+    if hit is not None and _same_values(hit[0], params):
+        return hit[1]
+    bias = compute()
+    if cacheable:
+        with plain_tensors():
+            bias, snapshot = bias.clone(), [p.clone() for p in params]
+        cache[key] = (snapshot, bias)
+    return bias
+
+
+def fused_attention(qkv: Tensor, logit_scale: Tensor, bias: Tensor, counts: tuple[int, ...], *, heads: int,
+                    attn_drop: float, training: bool, sequential: bool) -> Tensor:
+    """Scaled cosine window attention from the (rows, N, 3C) projection -> (rows, nH, N, d).
+
+    Rows are window-major, in runs of `counts[c] * images` rows under the class bias `bias[c]`
+    ((len(counts), nH, N, N), position bias plus mask). Same math as the official formula, with
+    q/|q| * scale against k/|k| at SDPA scale 1: folding the scale into q also spares autograd the
+    (N, N) logits.
+    """
+    rows, N, _ = qkv.shape
+    images = rows // sum(counts)
+    q, k, v = (t.view(rows, heads, N, -1) for t in cosine_qkv(qkv, 1, heads, logit_scale.to(qkv.dtype)))
+    bias = bias.to(q.dtype)
+    if q.device.type == "cpu" and torch.is_grad_enabled() and bias.requires_grad:
+        # SDPA's CPU kernels give no gradient for attn_mask, so autograd would take its slow math
+        # fallback: written out, in one pass over all windows (subnormal probabilities flushed).
+        if sequential and not (attn_drop and training) and not traced():
+            piece = max(1, SEQUENTIAL_ATTENTION_BYTES // (heads * N * N * q.element_size()))
+            return sequential_attention(q, k, v, bias, counts, images, piece)
+        attn = (q @ k.transpose(-2, -1)).view(-1, images, heads, N, N) + window_bias(bias, counts)
+        attn = softmax_flushed(attn).view(rows, heads, N, N)
+        if attn_drop:
+            attn = F.dropout(attn, attn_drop, training)
+        return attn @ v
+    # One SDPA call per mask class, its (nH, N, N) bias broadcast over the class's windows.
+    outs = [F.scaled_dot_product_attention(q[run], k[run], v[run], attn_mask=bias[c:c + 1], scale=1.0,
+                                           dropout_p=attn_drop if training else 0.0)
+            for c, run in mask_runs(counts, images)]
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def forward_in_chunks(forward: Callable[..., Tensor], x: Tensor, width: int) -> Tensor:
+    """`forward(x)` for a (B, H, W, C) map; in eager CPU inference, over groups of as many images as
+    keep a (H, W, width) intermediate within `INFERENCE_CHUNK_BYTES`, each written by
+    `forward(part, out=...)` into one output."""
+    B, H, W, _ = x.shape
+    n = B
+    if not (torch.is_grad_enabled() or x.device.type != "cpu" or traced()):
+        n = max(1, INFERENCE_CHUNK_BYTES // (H * W * width * x.element_size()))
+    if n >= B:
+        return forward(x)
+    out = torch.empty_like(x)
+    for start in range(0, B, n):
+        forward(x[start:start + n], out=out[start:start + n])
+    return out

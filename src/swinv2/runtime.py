@@ -1,0 +1,538 @@
+"""Inference runtimes behind one call: PyTorch, ONNX Runtime and OpenVINO, in fp32, bf16 or int8.
+
+`load_runtime(model, runtime, precision, ...)` returns a `Runtime`: `rt(x)` maps (B, 3, H, W) float32
+images (torch or numpy, normalised as in eval) to (B, num_classes) float32 logits.
+
+* torch: the module itself (fp32), or a bf16 copy of it fed bf16 images (bf16).
+* onnxruntime, openvino: the graph `export.export_onnx` writes and checks (dynamic batch, one image
+  size), exported once and cached. OpenVINO runs bf16 through its inference-precision hint on the
+  same fp32 graph; int8 is NNCF post-training static quantisation of that graph (OpenVINO) on
+  calibration images from a folder, its unquantised rest in bf16 where the CPU has it. ONNX Runtime
+  has no bf16 CPU kernels worth the name (a bf16 graph runs through casts), so bf16 is refused there;
+  its static int8 of the same graph (QDQ, per channel) ran SwinV2-T at 0.7x OpenVINO's int8, so int8
+  is OpenVINO's.
+* auto: every installed runtime that supports the precision is timed once on this machine (same
+  batch, interleaved rounds) and the fastest is kept; the choice is remembered per machine, model
+  architecture, image size, batch and precision in `runtime-auto.json` under the cache folder.
+
+bf16 is refused where the CPU would emulate it (no AVX-512 BF16 / AMX): emulated bf16 is slower than
+fp32. A runtime whose package is missing fails with one line naming the extra to install.
+
+The export cache. An entry is a graph file plus `<entry>.key.json`, written last, holding the
+SHA-256 of the weights (the model's config and every state-dict tensor, as loaded: the same for
+any file format), the image size and the precision (and, for int8, which calibration images). It
+lives in `<weights>.exports/` beside a weights file whose folder is writable, else in
+`<cache>/exports/<sha256[:16]>/` (`cache_dir`, default `$SWINV2_CACHE` or `~/.cache/swinv2`).
+An entry whose key differs (the weights were retrained in place) is reported as stale in one line
+and made again; an entry without its key file (an interrupted write) is simply made again. Graph
+files are written under temporary names and renamed into place.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("torch", "onnxruntime", "openvino")
+PRECISIONS = ("fp32", "bf16", "int8")
+# The pip extra that installs each optional runtime (pyproject.toml [project.optional-dependencies]).
+EXTRAS = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
+# Calibration images used for int8 at most (NNCF's default subset size).
+CALIB_IMAGES = 300
+ATOL_FP32 = 1e-4
+AUTO_MAX_BATCH = 8
+
+
+class RuntimeUnavailable(ValueError):
+    """The runtime or precision cannot run here: a missing package, an unsupported precision or CPU."""
+
+
+# --------------------------------------------------------------------------- what is installed / supported
+
+
+def _import(module: str, runtime: str) -> Any:
+    """`module`, or one line naming the pip extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise RuntimeUnavailable(f"--runtime {runtime} needs the {module} package, which is not installed: "
+                                 f"pip install 'swinv2[{EXTRAS[runtime]}]'") from None
+
+
+def installed(runtime: str) -> bool:
+    """Whether `runtime` can be imported here (torch always can)."""
+    if runtime == "torch":
+        return True
+    try:
+        importlib.import_module(runtime)
+    except ImportError:
+        return False
+    return True
+
+
+def native_bf16(runtime: str) -> bool:
+    """Whether `runtime` runs bf16 matmuls natively on this CPU (AVX-512 BF16 or AMX), not emulated."""
+    if runtime == "openvino":
+        ov = _import("openvino", runtime)
+        return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    if runtime == "torch":
+        from .hardware import BF16_EMULATED_SLOWDOWN, bf16_matmul_slowdown
+
+        return bf16_matmul_slowdown("cpu") < BF16_EMULATED_SLOWDOWN
+    return False
+
+
+def check_supported(runtime: str, precision: str) -> None:
+    """Raise `RuntimeUnavailable` (one line, with the alternative) where `runtime` cannot run `precision`."""
+    if runtime not in RUNTIMES:
+        raise RuntimeUnavailable(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)} or auto")
+    if precision not in PRECISIONS:
+        raise RuntimeUnavailable(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    if runtime != "torch":
+        _import(runtime, runtime)
+    if precision == "int8" and runtime != "openvino":
+        raise RuntimeUnavailable(f"--precision int8 is not supported by --runtime {runtime}: int8 is OpenVINO's "
+                                 f"post-training quantisation (--runtime openvino --calib DIR)")
+    if precision == "bf16":
+        if runtime == "onnxruntime":
+            raise RuntimeUnavailable("--precision bf16 is not supported by --runtime onnxruntime: its CPU provider "
+                                     "has no bf16 kernels; use --runtime openvino or torch")
+        if not native_bf16(runtime):
+            raise RuntimeUnavailable(f"--precision bf16 refused: this CPU has no native bf16 (AVX-512 BF16 or AMX), "
+                                     f"{runtime} would emulate it, slower than fp32; use fp32 or int8")
+
+
+# --------------------------------------------------------------------------- the export cache
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """SHA-256 of the model's config and state-dict tensors (names, dtypes, shapes, bytes)."""
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def default_cache_dir() -> Path:
+    """`$SWINV2_CACHE`, else `$XDG_CACHE_HOME/swinv2`, else `~/.cache/swinv2`."""
+    if os.environ.get("SWINV2_CACHE"):
+        return Path(os.environ["SWINV2_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "swinv2"
+
+
+def export_root(sha: str, *, weights: str | os.PathLike | None = None,
+                cache_dir: str | os.PathLike | None = None) -> Path:
+    """The folder of a model's cached exports (see the module docstring)."""
+    if cache_dir is not None:
+        return Path(cache_dir) / "exports" / sha[:16]
+    if weights is not None and Path(weights).is_file() and os.access(Path(weights).resolve().parent, os.W_OK):
+        return Path(weights).with_name(Path(weights).name + ".exports")
+    return default_cache_dir() / "exports" / sha[:16]
+
+
+def _write_json_atomic(path: Path, record: dict[str, Any]) -> None:
+    from .checkpoint import atomic_write
+
+    raw = (json.dumps(record, indent=1) + "\n").encode()
+    atomic_write(path, lambda f: f.write(raw))
+
+
+def _read_key(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _cached(graph: Path, key: dict[str, Any], build: Callable[[Path], None]) -> Path:
+    """`graph`, made by `build(graph)` unless its key file matches `key`. The key file is written after
+    the graph, so a graph without one (an interrupted write) is made again."""
+    key_path = graph.with_name(graph.name + ".key.json")
+    old = _read_key(key_path) if key_path.exists() else None
+    if old == key and graph.exists():
+        log.debug("using the cached export %s", graph)
+        return graph
+    if old is not None and old.get("sha256") != key["sha256"]:
+        log.warning("stale cached export %s: the weights changed since it was made (sha256 %s... then, %s... now); "
+                    "exporting again", graph, str(old.get("sha256"))[:12], key["sha256"][:12])
+    elif old is not None:
+        changed = ", ".join(k for k in key if old.get(k) != key[k]) or "its graph file is missing"
+        log.info("cached export %s was made with other settings (%s); exporting again", graph, changed)
+    key_path.unlink(missing_ok=True)
+    graph.parent.mkdir(parents=True, exist_ok=True)
+    build(graph)
+    _write_json_atomic(key_path, key)
+    return graph
+
+
+def _key(sha: str, img_size: int, precision: str, **extra: Any) -> dict[str, Any]:
+    return {"sha256": sha, "img_size": img_size, "precision": precision, **extra}
+
+
+def fp32_onnx(model: nn.Module, root: Path, sha: str, img_size: int) -> Path:
+    """The checked fp32 ONNX graph of `model` at `img_size` in the cache folder `root`."""
+    from .export import DEFAULT_OPSET, export_onnx
+
+    def build(path: Path) -> None:
+        check = installed("onnxruntime")  # export_onnx's own check runs in ONNX Runtime
+        export_onnx(model, path, img_size=img_size, check=check)
+        if not check:
+            try:
+                diffs = _check_runtime(_openvino_fn(path, "fp32", None), model, img_size)
+            except BaseException:
+                path.unlink(missing_ok=True)
+                raise
+            log.info("OpenVINO vs PyTorch on %s: max |delta| %s", path.name, diffs)
+
+    return _cached(root / f"{img_size}px-fp32.onnx", _key(sha, img_size, "fp32", opset=DEFAULT_OPSET), build)
+
+
+def _check_runtime(fn: Callable[[np.ndarray], np.ndarray], model: nn.Module, img_size: int, *,
+                   batch_sizes: Sequence[int] = (1, 3), atol: float = ATOL_FP32) -> dict[int, float]:
+    """Max |fn - PyTorch| at each batch size on seeded N(0,1) images; raises above `atol`."""
+    g = torch.Generator().manual_seed(0)
+    diffs = {}
+    for b in batch_sizes:
+        x = torch.randn(b, 3, img_size, img_size, generator=g)
+        with torch.no_grad():
+            expected = model(x).float().numpy()
+        diffs[b] = float(np.abs(fn(x.numpy()) - expected).max())
+    if not all(d <= atol for d in diffs.values()):
+        raise ValueError(f"the runtime differs from PyTorch by {max(diffs.values()):.3g} (> {atol:g}); not cached")
+    return diffs
+
+
+# --------------------------------------------------------------------------- calibration (int8)
+
+
+def calibration_set(calib: str | os.PathLike, model: nn.Module, img_size: int, *,
+                    limit: int = CALIB_IMAGES) -> tuple[list[np.ndarray], str]:
+    """Up to `limit` preprocessed (1, 3, S, S) images from the folder `calib` (searched recursively;
+    evenly spaced over the sorted files, so every class folder contributes), and a fingerprint of
+    which files they were (SHA-256 of their paths relative to `calib` and sizes)."""
+    from .data import BadImageError, load_image
+    from .predict import _transform, expand_paths, resolve_preprocess
+
+    calib = os.fspath(calib)
+    if not os.path.isdir(calib):
+        raise FileNotFoundError(f"--calib {calib}: not a folder of images")
+    files, errors = expand_paths([calib])
+    if not files:
+        raise ValueError(f"--calib {calib}: {errors[0]['error'] if errors else 'no image files'}")
+    if len(files) > limit:
+        files = [files[i * len(files) // limit] for i in range(limit)]
+    transform = _transform(resolve_preprocess(model, img_size=img_size))
+    images, h = [], hashlib.sha256()
+    for path in files:
+        try:
+            images.append(transform(load_image(path)).numpy()[None])
+        except BadImageError as e:
+            log.warning("calibration: skipped %s", e)
+            continue
+        h.update(f"{os.path.relpath(path, calib)}:{os.path.getsize(path)};".encode())
+    if not images:
+        raise ValueError(f"--calib {calib}: no readable image")
+    return images, h.hexdigest()
+
+
+def int8_openvino(model: nn.Module, root: Path, sha: str, img_size: int,
+                  calib: str | os.PathLike | Sequence[np.ndarray] | None) -> Path:
+    """The NNCF-quantised OpenVINO IR (.xml + .bin) of `model` in the cache. `calib`: a folder of
+    images, or preprocessed (1, 3, S, S) arrays; None only when an int8 entry for these weights is
+    cached already."""
+    ov = _import("openvino", "openvino")
+    xml = root / f"{img_size}px-int8-openvino.xml"
+    if calib is None:
+        images, fingerprint = None, None
+    elif isinstance(calib, (str, os.PathLike)):
+        images, fingerprint = calibration_set(calib, model, img_size)
+    else:
+        images = [np.asarray(a, dtype=np.float32) for a in calib]
+        fingerprint = hashlib.sha256(b"".join(a.tobytes() for a in images)).hexdigest()
+    key = _key(sha, img_size, "int8", calib=fingerprint, quantiser="nncf, no smooth quant")
+    if calib is None:
+        old = _read_key(xml.with_name(xml.name + ".key.json"))
+        if old is None or not xml.exists() or any(old.get(k) != key[k] for k in ("sha256", "img_size")):
+            stale = " (the cached one is stale: the weights changed)" if old and old.get("sha256") != sha else ""
+            raise ValueError(f"--precision int8 needs calibration images{stale}: --calib DIR, a folder of images like "
+                             f"the ones to classify (e.g. the training set)")
+        return xml
+    onnx_path = fp32_onnx(model, root, sha, img_size)
+
+    def build(path: Path) -> None:
+        try:
+            nncf = importlib.import_module("nncf")
+        except ImportError:
+            raise RuntimeUnavailable("int8 with --runtime openvino needs nncf, which is not installed: "
+                                     "pip install 'swinv2[openvino]'") from None
+        nncf.set_log_level(logging.ERROR)
+        ov_model = ov.Core().read_model(os.fspath(onnx_path))
+        log.info("int8: quantising with NNCF on %d calibration images%s", len(images),
+                 f" from {calib}" if isinstance(calib, (str, os.PathLike)) else "")
+        # SmoothQuant off: it moves activation outliers into the weights, and on SwinV2 (the trained demo
+        # model, 360 val images) it cost 1.4 top-1 points against 0.3 without it (mean |logit delta|
+        # 0.41 vs 0.09), at the same speed.
+        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+
+        advanced = AdvancedQuantizationParameters(smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1))
+        with _quiet_progress():
+            quantised = nncf.quantize(ov_model, nncf.Dataset(images), model_type=nncf.ModelType.TRANSFORMER,
+                                      subset_size=len(images), advanced_parameters=advanced)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".int8-"))
+        try:
+            ov.save_model(quantised, os.fspath(tmp / "m.xml"), compress_to_fp16=False)
+            os.replace(tmp / "m.bin", path.with_suffix(".bin"))
+            os.replace(tmp / "m.xml", path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    return _cached(xml, key, build)
+
+
+@contextlib.contextmanager
+def _quiet_progress():
+    """NNCF draws `rich` progress bars on the console; they are swallowed (errors still raise)."""
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
+# --------------------------------------------------------------------------- the runtimes
+
+
+def _onnxruntime_fn(path: Path, threads: int | None) -> Callable[[np.ndarray], np.ndarray]:
+    ort = _import("onnxruntime", "onnxruntime")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x})[0]
+
+
+def _openvino_fn(path: Path, precision: str, threads: int | None) -> Callable[[np.ndarray], np.ndarray]:
+    ov = _import("openvino", "openvino")
+    core = ov.Core()
+    # OpenVINO's CPU default on a bf16-capable CPU is bf16: fp32 asks for f32. int8 runs its unquantised
+    # rest (softmax, norms, the CPB MLP) in bf16 where that is native: SwinV2-T 256 px batch 8 ran 1.18x
+    # the bf16 model's speed that way, 1.02x with an f32 rest.
+    rest_bf16 = precision == "bf16" or (precision == "int8" and native_bf16("openvino"))
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "bf16" if rest_bf16 else "f32",
+                              "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    compiled = core.compile_model(core.read_model(os.fspath(path)), "CPU", config)
+    request = compiled.create_infer_request()
+    return lambda x: request.infer({0: x})[0].copy()
+
+
+@dataclass
+class Runtime:
+    """A loaded runtime: `rt(x)` -> (B, num_classes) float32 logits of (B, 3, img_size, img_size) images."""
+
+    name: str
+    precision: str
+    img_size: int
+    num_classes: int
+    infer: Callable[[torch.Tensor], torch.Tensor] = field(repr=False)
+    path: str | None = None  # the graph it runs (None for torch)
+    note: str = ""  # how it was chosen (auto) or what it runs
+
+    def __call__(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        x = torch.as_tensor(x)
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected (B, 3, H, W) images, got {tuple(x.shape)}")
+        if self.name != "torch" and tuple(x.shape[2:]) != (self.img_size, self.img_size):
+            raise ValueError(f"the {self.name} graph is fixed at {self.img_size}x{self.img_size} px; got "
+                             f"{x.shape[2]}x{x.shape[3]} (use --img-size {x.shape[2]} to export at that size)")
+        return self.infer(x.detach().cpu().float())
+
+    def describe(self) -> str:
+        where = f" ({self.path})" if self.path else ""
+        return f"{self.name} {self.precision}{where}" + (f"; {self.note}" if self.note else "")
+
+    def as_module(self) -> nn.Module:
+        """This runtime as an `nn.Module` (for `evaluate`): forward(x) = self(x)."""
+        return _RuntimeModule(self)
+
+
+class _RuntimeModule(nn.Module):
+    def __init__(self, rt: Runtime) -> None:
+        super().__init__()
+        self.rt = rt
+        self.num_classes = rt.num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rt(x)
+
+
+def _numpy_infer(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: torch.from_numpy(np.asarray(fn(np.ascontiguousarray(x.numpy())), dtype=np.float32))
+
+
+def _torch_infer(model: nn.Module, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if precision == "bf16":
+        import copy
+
+        model = copy.deepcopy(model).to(torch.bfloat16)
+    model = model.eval()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+
+    def infer(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(x.to(dtype)).float()
+
+    return infer
+
+
+def load_runtime(model: nn.Module, runtime: str = "auto", precision: str = "fp32", *,
+                 weights: str | os.PathLike | None = None, img_size: int | None = None,
+                 calib: str | os.PathLike | Sequence[np.ndarray] | None = None,
+                 cache_dir: str | os.PathLike | None = None, threads: int | None = None,
+                 batch_size: int = 8) -> Runtime:
+    """`model` (a loaded SwinTransformerV2, eval preprocessing in `model.preprocess`) run by `runtime`
+    ("torch", "onnxruntime", "openvino" or "auto") in `precision` ("fp32", "bf16", "int8").
+
+    `img_size` defaults to the model's eval size; the ONNX runtimes' graphs are fixed at it. `weights`
+    (the file the model came from) places the export cache beside it; `cache_dir` puts it there
+    instead. `calib` is the folder of calibration images for int8. "auto" times batches of
+    `batch_size` images, at most `AUTO_MAX_BATCH` (the ranking, not the throughput, is what it needs).
+    Raises `RuntimeUnavailable` (a ValueError) with one line for a missing package or an unsupported
+    precision.
+    """
+    if img_size is None:
+        prep = getattr(model, "preprocess", None)
+        img_size = prep.img_size if prep is not None else model.config.img_size[0]
+    if runtime == "auto":
+        return _auto(model, precision, weights=weights, img_size=img_size, calib=calib, cache_dir=cache_dir,
+                     threads=threads, batch_size=batch_size)
+    check_supported(runtime, precision)
+    model = model.eval().float().cpu()
+    num_classes = model.config.num_classes
+    if runtime == "torch":
+        return Runtime("torch", precision, img_size, num_classes, _torch_infer(model, precision))
+    sha = weights_sha256(model)
+    root = export_root(sha, weights=weights, cache_dir=cache_dir)
+    if precision == "int8":
+        graph = int8_openvino(model, root, sha, img_size, calib)
+    else:
+        graph = fp32_onnx(model, root, sha, img_size)
+    fn = _onnxruntime_fn(graph, threads) if runtime == "onnxruntime" else _openvino_fn(graph, precision, threads)
+    return Runtime(runtime, precision, img_size, num_classes, _numpy_infer(fn), path=os.fspath(graph))
+
+
+# --------------------------------------------------------------------------- auto
+
+
+def _machine() -> str:
+    cpu = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu} x{os.cpu_count()}"
+
+
+def _versions(runtimes: Sequence[str]) -> dict[str, str]:
+    return {r: importlib.import_module(r).__version__ for r in runtimes}
+
+
+def time_runtimes(runtimes: dict[str, Runtime], x: torch.Tensor, *, rounds: int = 3,
+                  warmup: int = 1) -> dict[str, float]:
+    """Images/s of each runtime on `x`: median over `rounds` interleaved rounds (order rotated)."""
+    names = list(runtimes)
+    for name in names:
+        for _ in range(warmup):
+            runtimes[name](x)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            runtimes[name](x)
+            times[name].append(time.perf_counter() - t0)
+    return {n: x.shape[0] / statistics.median(t) for n, t in times.items()}
+
+
+def _auto(model: nn.Module, precision: str, *, weights, img_size: int, calib, cache_dir, threads,
+          batch_size: int) -> Runtime:
+    batch_size = min(batch_size, AUTO_MAX_BATCH)
+    candidates = []
+    reasons = []
+    for r in RUNTIMES:
+        try:
+            check_supported(r, precision)
+            candidates.append(r)
+        except RuntimeUnavailable as e:
+            reasons.append(str(e))
+    if not candidates:
+        raise RuntimeUnavailable(f"--runtime auto: no installed runtime runs {precision} here ({'; '.join(reasons)})")
+    memo_path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / "runtime-auto.json"
+    memo_key = json.dumps({"machine": _machine(), "threads": threads or torch.get_num_threads(),
+                           "versions": _versions(c for c in candidates if c != "torch") | {"torch": torch.__version__},
+                           "config": model.config.to_dict(), "img_size": img_size, "batch": batch_size,
+                           "precision": precision}, sort_keys=True)
+    memo = _read_key(memo_path) or {}
+    kw = dict(weights=weights, img_size=img_size, calib=calib, cache_dir=cache_dir, threads=threads)
+    if memo_key in memo and memo[memo_key]["pick"] in candidates:
+        rec = memo[memo_key]
+        rt = load_runtime(model, rec["pick"], precision, **kw)
+        rt.note = f"auto picked {rec['pick']}: " + _rates(rec["img_per_s"]) + f" (measured {rec['date']}, {memo_path})"
+        return rt
+    if len(candidates) == 1:
+        rt = load_runtime(model, candidates[0], precision, **kw)
+        rt.note = f"auto: the only runtime here for {precision}"
+        return rt
+    runtimes = {r: load_runtime(model, r, precision, **kw) for r in candidates}
+    x = torch.randn(batch_size, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+    rates = time_runtimes(runtimes, x)
+    pick = max(rates, key=rates.get)
+    memo[memo_key] = {"pick": pick, "img_per_s": rates, "date": time.strftime("%Y-%m-%d %H:%M")}
+    try:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(memo_path, memo)
+    except OSError as e:
+        log.warning("could not remember the auto choice in %s: %s", memo_path, e)
+    rt = runtimes[pick]
+    rt.note = f"auto picked {pick}: " + _rates(rates) + f" at batch {batch_size} (measured now)"
+    return rt
+
+
+def _rates(rates: dict[str, float]) -> str:
+    return ", ".join(f"{n} {v:.1f} img/s" for n, v in sorted(rates.items(), key=lambda kv: -kv[1]))
+
+
+def bench_factory(*, calib: str | os.PathLike | None = None, cache_dir: str | os.PathLike) -> Callable:
+    """A `bench.RuntimeFactory`: (runtime, model, precision, img_size) -> the loaded `Runtime`. int8 is
+    calibrated on the `calib` folder, else on 32 seeded N(0, 1) images (enough for timing, not for
+    accuracy)."""
+    def make(runtime: str, model: nn.Module, precision: str, img_size: int) -> Runtime:
+        images = calib
+        if precision == "int8" and images is None:
+            g = torch.Generator().manual_seed(0)
+            images = [torch.randn(1, 3, img_size, img_size, generator=g).numpy() for _ in range(32)]
+        return load_runtime(model, runtime, precision, img_size=img_size, calib=images, cache_dir=cache_dir)
+
+    return make

@@ -1,0 +1,316 @@
+"""runtime: ONNX Runtime and OpenVINO reproduce PyTorch in fp32 at two batch sizes; bf16 and int8 keep
+the top-1 of a trained model; a missing package, an unsupported precision and a stale cached export
+each give one clear line.
+
+OpenVINO and NNCF are an optional extra (`pip install 'swinv2[openvino]'`); the tests that need them
+skip where they are not installed (`.[dev]` installs onnxruntime only)."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import swinv2
+from swinv2 import runtime as R
+from swinv2.checkpoint import save_weights
+from swinv2.cli import main
+from swinv2.registry import EvalPreprocess
+from randomize import randomize_
+
+MICRO = "swinv2_micro_window4_32"
+ONNX_RUNTIMES = [pytest.param(r, marks=pytest.mark.skipif(not R.installed(r), reason=f"{r} not installed"))
+                 for r in ("onnxruntime", "openvino")]
+
+
+def _random_model(seed: int = 0, num_classes: int = 10) -> swinv2.SwinTransformerV2:
+    torch.manual_seed(seed)
+    return randomize_(swinv2.create_model(MICRO, num_classes=num_classes), seed, std=0.02).eval()
+
+
+@pytest.mark.parametrize("name", ONNX_RUNTIMES)
+def test_fp32_reproduces_pytorch_at_two_batch_sizes(tmp_path, name):
+    model = _random_model()
+    rt = R.load_runtime(model, name, "fp32", cache_dir=tmp_path)
+    assert rt.name == name and rt.path.endswith("32px-fp32.onnx")
+    for batch in (1, 5):
+        x = torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch)) * 4 - 2
+        with torch.no_grad():
+            expected = model(x)
+        assert expected.abs().max() > 0.1  # real logits, so that 1e-4 means something
+        got = rt(x)
+        assert got.shape == (batch, 10) and got.dtype == torch.float32
+        assert (got - expected).abs().max() <= 1e-4
+        assert (rt(x.numpy()) - expected).abs().max() <= 1e-4  # numpy in, the same
+    with pytest.raises(ValueError, match="fixed at 32x32 px"):
+        rt(torch.zeros(1, 3, 48, 48))
+
+
+def test_torch_runtime_fp32_is_the_model_itself(tmp_path):
+    model = _random_model()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(R.load_runtime(model, "torch", "fp32")(x), model(x))
+
+
+def _one_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_a_missing_package_names_the_extra(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` now raises ImportError
+    assert not R.installed("openvino")
+    with pytest.raises(R.RuntimeUnavailable, match=r"pip install 'swinv2\[openvino\]'"):
+        R.load_runtime(_random_model(), "openvino", "fp32", cache_dir=tmp_path)
+    weights = tmp_path / "w.safetensors"
+    save_weights(_random_model(), weights)
+    assert main(["predict", "--weights", str(weights), "--runtime", "openvino", str(tmp_path)]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("swinv2 predict: error:") and "pip install 'swinv2[openvino]'" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]  # nothing exported
+
+
+@pytest.mark.parametrize("runtime, precision, says", [
+    ("onnxruntime", "bf16", "no bf16 kernels"),
+    ("torch", "int8", "not supported by --runtime torch"),
+    ("onnxruntime", "fp16", "unknown precision"),
+])
+def test_an_unsupported_precision_is_one_line(tmp_path, runtime, precision, says):
+    if runtime != "torch":
+        pytest.importorskip(runtime)
+    with pytest.raises(R.RuntimeUnavailable, match=says) as e:
+        R.load_runtime(_random_model(), runtime, precision, cache_dir=tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_bf16_is_refused_where_the_cpu_would_emulate_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(R, "native_bf16", lambda runtime: False)
+    weights = tmp_path / "w.safetensors"
+    save_weights(_random_model(), weights)
+    assert main(["eval", "--weights", str(weights), "--data", str(tmp_path), "--runtime", "torch",
+                 "--precision", "bf16"]) == 2
+    assert "no native bf16 (AVX-512 BF16 or AMX)" in _one_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("name", ONNX_RUNTIMES)
+def test_a_stale_cached_export_is_detected_and_made_again(tmp_path, name, caplog):
+    weights = tmp_path / "w.safetensors"
+    first = _random_model(seed=0)
+    save_weights(first, weights)
+    rt = R.load_runtime(swinv2.load_model(weights), name, "fp32", weights=weights)
+    graph = tmp_path / "w.safetensors.exports" / "32px-fp32.onnx"
+    assert rt.path == str(graph)
+    key = json.loads(graph.with_name(graph.name + ".key.json").read_text())
+    assert key["sha256"] == R.weights_sha256(first) and key["img_size"] == 32 and key["precision"] == "fp32"
+
+    # Unchanged weights: the cached graph is used, not made again.
+    mtime = graph.stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="swinv2.runtime"):
+        R.load_runtime(swinv2.load_model(weights), name, "fp32", weights=weights)
+    assert graph.stat().st_mtime_ns == mtime and "stale" not in caplog.text
+
+    # Retrained in place: one warning line names the stale export; the new graph runs the new weights.
+    second = _random_model(seed=1)
+    save_weights(second, weights)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="swinv2.runtime"):
+        rt = R.load_runtime(swinv2.load_model(weights), name, "fp32", weights=weights)
+    stale = [r.getMessage() for r in caplog.records if "stale" in r.getMessage()]
+    assert len(stale) == 1 and str(graph) in stale[0] and "weights changed" in stale[0]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (rt(x) - second(x)).abs().max() <= 1e-4
+    assert json.loads(graph.with_name(graph.name + ".key.json").read_text())["sha256"] == R.weights_sha256(second)
+
+
+def test_weights_hash_follows_the_tensors():
+    a, b = _random_model(seed=0), _random_model(seed=0)
+    assert R.weights_sha256(a) == R.weights_sha256(b)
+    with torch.no_grad():
+        b.head.bias[0] += 1e-6
+    assert R.weights_sha256(a) != R.weights_sha256(b)
+
+
+# --------------------------------------------------------------------------- a trained model: bf16 and int8
+
+COLOURS = {"red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1)}
+
+
+def _write_set(root, n: int, rng: np.random.Generator) -> None:
+    """n 32x32 PNGs per class: the class's colour (0.3) plus a random colour cast (0..0.4 per channel)
+    plus pixel noise (0..0.3). A cast can outweigh the tint, so some images are near-ties: a model
+    cannot be sure of all of them, and a sloppy int8 / bf16 path would flip those."""
+    for name, rgb in COLOURS.items():
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            img = 0.3 * np.array(rgb) + 0.4 * rng.random(3) + 0.3 * rng.random((32, 32, 3))
+            Image.fromarray((255 * img).astype(np.uint8)).save(root / name / f"{i}.png")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A micro SwinV2 trained (40 Adam steps, seeded; ~97% val top-1) to tell the tints apart, and its
+    image folders."""
+    from swinv2.data import eval_transform, load_image
+
+    root = tmp_path_factory.mktemp("tints")
+    rng = np.random.default_rng(0)
+    _write_set(root / "train", 40, rng)
+    _write_set(root / "val", 30, rng)
+    torch.manual_seed(0)
+    model = swinv2.create_model(MICRO, num_classes=3)
+    transform = eval_transform(32, 1.0)
+    classes = list(COLOURS)
+    xs = torch.stack([transform(load_image(p)) for c in classes for p in sorted((root / "train" / c).iterdir())])
+    ys = torch.tensor([i for i, c in enumerate(classes) for _ in range(40)])
+    opt = torch.optim.Adam(model.parameters(), lr=4e-3)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(40):
+        idx = torch.randint(0, len(xs), (32,), generator=g)
+        loss = torch.nn.functional.cross_entropy(model(xs[idx]), ys[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    model.preprocess = EvalPreprocess(32, 1.0)
+    weights = root / "w.safetensors"
+    save_weights(model, weights, class_names=classes)
+    return weights, root
+
+
+def _eval(weights, root, tmp_path, *args) -> dict:
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--weights", str(weights), "--data", str(root / "val"), "--compare-fp32", "--json",
+                 str(out), *args]) == 0
+    return json.loads(out.read_text())
+
+
+def test_int8_keeps_the_top1_of_a_trained_model(trained, tmp_path, capsys):
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    weights, root = trained
+    report = _eval(weights, root, tmp_path, "--runtime", "openvino", "--precision", "int8", "--calib",
+                   str(root / "train"), "--cache-dir", str(tmp_path / "cache"))
+    ref = report["fp32"]
+    assert ref["top1"] >= 90  # the model did learn the tints
+    # 90 val images: one image is 1.1 points. int8 may move images near the decision boundary only.
+    assert ref["top1_agreement"] >= 95 and abs(ref["top1_delta"]) <= 3.4
+    assert report["runtime"] == "openvino" and report["precision"] == "int8"
+    assert "top-1 agreement" in capsys.readouterr().out
+    # The quantised graph is cached: a second run needs no --calib.
+    report = _eval(weights, root, tmp_path, "--runtime", "openvino", "--precision", "int8",
+                   "--cache-dir", str(tmp_path / "cache"))
+    assert report["fp32"]["top1_agreement"] == ref["top1_agreement"]
+
+
+def test_int8_without_calibration_images_is_one_line(trained, tmp_path, capsys):
+    pytest.importorskip("openvino")
+    weights, root = trained
+    assert main(["eval", "--weights", str(weights), "--data", str(root / "val"), "--runtime", "openvino",
+                 "--precision", "int8", "--cache-dir", str(tmp_path / "cache")]) == 2
+    assert "--calib DIR" in _one_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("name", ["openvino", "torch"])
+def test_bf16_keeps_the_top1_of_a_trained_model(trained, tmp_path, name):
+    if name == "openvino":
+        pytest.importorskip("openvino")
+    if not R.native_bf16(name):
+        pytest.skip("this CPU has no native bf16")
+    weights, root = trained
+    report = _eval(weights, root, tmp_path, "--runtime", name, "--precision", "bf16", "--cache-dir",
+                   str(tmp_path / "cache"))
+    # bf16 keeps 8 bits of mantissa: logits move by ~1e-2, so only near-ties may flip.
+    assert report["fp32"]["top1_agreement"] >= 97 and abs(report["fp32"]["top1_delta"]) <= 2.3
+    assert report["fp32"]["max_abs_logit_diff"] < 0.5
+
+
+def test_auto_picks_an_installed_runtime_and_says_which(trained, tmp_path):
+    weights, _ = trained
+    model = swinv2.load_model(weights)
+    rt = R.load_runtime(model, "auto", "fp32", cache_dir=tmp_path, batch_size=2)
+    assert rt.name in [r for r in R.RUNTIMES if R.installed(r)] and "auto picked" in rt.note and "now" in rt.note
+    memo = json.loads((tmp_path / "runtime-auto.json").read_text())
+    assert [v["pick"] for v in memo.values()] == [rt.name]
+    again = R.load_runtime(model, "auto", "fp32", cache_dir=tmp_path, batch_size=2)  # remembered, not re-timed
+    assert again.name == rt.name and "measured" in again.note and "now" not in again.note
+
+
+def test_export_into_the_cache_then_eval_uses_it(trained, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    weights, root = trained
+    cache = tmp_path / "cache"
+    assert main(["export", "--weights", str(weights), "--cache-dir", str(cache)]) == 0
+    assert "ready for swinv2 eval / predict --runtime onnxruntime --precision fp32" in capsys.readouterr().out
+    assert len(list(cache.glob("exports/*/32px-fp32.onnx"))) == 1
+    assert main(["export", "--weights", str(weights), "--onnx", str(tmp_path / "m.onnx"), "--precision", "int8"]) == 2
+    assert "drop --onnx" in _one_line(capsys.readouterr().err)
+
+
+def test_bench_times_the_runtimes_as_rows_of_the_same_table(tmp_path, caplog):
+    from swinv2 import bench
+
+    names = [r for r in ("onnxruntime", "openvino") if R.installed(r)]
+    if not names:
+        pytest.skip("no ONNX runtime installed")
+    with caplog.at_level(logging.WARNING, logger="swinv2.bench"):
+        results = bench.run(MICRO, batch_sizes=(2,), compare=["timm", *names], precisions=("fp32", "bf16"),
+                            repeats=2, iters=1, warmup=1, measure_memory=False,
+                            runtime_factory=R.bench_factory(cache_dir=tmp_path))
+    rows = {r["impl"]: r for r in results}
+    if "onnxruntime" in names:  # no bf16 kernels there: a warning, no row
+        assert "onnxruntime/bf16" not in rows and "onnxruntime/bf16 skipped" in caplog.text
+    for name in names:
+        row = rows[f"{name}/fp32"]
+        assert row["dtype"] == "fp32" and row["max_abs_diff"] <= 1e-4 and row["img_per_s"] > 0
+        assert row["ours_speedup_min"] <= row["ours_speedup"] <= row["ours_speedup_max"]
+        assert row["peak_mem_bytes"] is None
+    assert list(rows)[:2] == ["ours", "timm"] and f"{names[0]}/fp32" in bench.format_table(results)
+    with pytest.raises(ValueError, match="CPU inference only"):
+        bench.run(MICRO, compare=names, train=True, runtime_factory=R.bench_factory(cache_dir=tmp_path))
+
+
+@pytest.mark.parametrize("name", ONNX_RUNTIMES)
+def test_predict_through_a_runtime_with_loader_workers_matches_pytorch(trained, tmp_path, capsys, name):
+    weights, root = trained
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    paths = [str(root / "val" / "red"), str(root / "val" / "blue"), str(tmp_path / "bad.png")]
+    assert main(["predict", "--weights", str(weights), "--json", "--batch-size", "7", *paths]) == 0
+    expected = json.loads(capsys.readouterr().out)
+    assert main(["predict", "--weights", str(weights), "--json", "--batch-size", "7", "--workers", "2",
+                 "--runtime", name, "--cache-dir", str(tmp_path / "cache"), *paths]) == 0
+    out, err = capsys.readouterr()
+    got = json.loads(out)
+    assert [r["path"] for r in got["results"]] == [r["path"] for r in expected["results"]] and len(got["results"]) == 60
+    for g, e in zip(got["results"], expected["results"]):
+        assert [t["index"] for t in g["top"]] == [t["index"] for t in e["top"]]
+        assert max(abs(a["prob"] - b["prob"]) for a, b in zip(g["top"], e["top"])) <= 1e-5
+    assert [e["path"] for e in got["errors"]] == [str(tmp_path / "bad.png")]
+    assert "60 images in" in err and "img/s for the whole command" in err and f"{name} fp32" in err
+
+
+def test_a_failed_export_leaves_no_cache_entry(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    import swinv2.export
+
+    def broken(model, path, **kw):
+        path.write_bytes(b"half a graph")  # what an interrupted export could leave under the final name
+        raise OSError("disk full")
+
+    monkeypatch.setattr(swinv2.export, "export_onnx", broken)
+    with pytest.raises(OSError, match="disk full"):
+        R.load_runtime(_random_model(), "onnxruntime", "fp32", cache_dir=tmp_path)
+    assert not list(tmp_path.rglob("*.key.json"))  # no key: the half graph is never used...
+    monkeypatch.undo()
+    model = _random_model()
+    rt = R.load_runtime(model, "onnxruntime", "fp32", cache_dir=tmp_path)  # ...but made again
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (rt(x) - model(x)).abs().max() <= 1e-4
