@@ -26,3 +26,16 @@ def test_python_dash_m_entry_point():
 def test_unknown_subcommand_fails_cleanly():
     res = subprocess.run([sys.executable, "-m", "swinv2", "frobnicate"], capture_output=True, text=True)
     assert res.returncode != 0 and "invalid choice" in res.stderr
+
+
+def test_help_does_not_import_torch():
+    """`swinv2 --help` stays instant: the package loads its public names (and torch) on first use."""
+    code = "import sys, swinv2.cli; swinv2.cli.build_parser(); print('torch' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip() == "False", res.stderr
+
+
+def test_public_names_load_on_first_use():
+    assert set(swinv2.__all__) <= set(dir(swinv2))
+    for name in swinv2.__all__:
+        assert getattr(swinv2, name) is not None

@@ -1,25 +1,45 @@
-"""swinv2: Swin Transformer V2 with the official numerics, every variant and weight format."""
-from . import hub
-from .allocator import retain_freed_cpu_memory
-from .checkpoint import LoadReport, create_model, load_model, load_weights, save_weights
-from .convert import convert_state_dict
-from .flops import count_flops
-from .model import SwinTransformerV2, SwinV2Config
-from .registry import get_variant, list_models
+"""swinv2: Swin Transformer V2 with the official numerics, every variant and weight format.
 
-__all__ = [
-    "LoadReport",
-    "convert_state_dict",
-    "load_model",
-    "load_weights",
-    "save_weights",
-    "SwinTransformerV2",
-    "SwinV2Config",
-    "count_flops",
-    "retain_freed_cpu_memory",
-    "create_model",
-    "get_variant",
-    "list_models",
-    "hub",
-]
+The public names load on first use (PEP 562), so that `swinv2 --help` and other commands that never
+touch a model do not pay for importing torch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "LoadReport": "checkpoint", "create_model": "checkpoint", "load_model": "checkpoint",
+    "load_weights": "checkpoint", "save_weights": "checkpoint",
+    "convert_state_dict": "convert",
+    "count_flops": "flops",
+    "SwinTransformerV2": "model", "SwinV2Config": "model",
+    "get_variant": "registry", "list_models": "registry",
+    "retain_freed_cpu_memory": "allocator",
+}
+__all__ = [*_EXPORTS, "hub"]
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from . import hub
+    from .allocator import retain_freed_cpu_memory
+    from .checkpoint import LoadReport, create_model, load_model, load_weights, save_weights
+    from .convert import convert_state_dict
+    from .flops import count_flops
+    from .model import SwinTransformerV2, SwinV2Config
+    from .registry import get_variant, list_models
+
+
+def __getattr__(name: str) -> Any:
+    if name == "hub":
+        return importlib.import_module(".hub", __name__)
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'swinv2' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
