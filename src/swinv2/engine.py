@@ -624,7 +624,11 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: str | Path | None = None,
     trainer = None
     try:
         trainer = Trainer(cfg, Path(out_dir), env)
-        return trainer.run(resume, allow_config_change=allow_config_change)
+        summary = trainer.run(resume, allow_config_change=allow_config_change)
+        # Every rank done before the process group goes: rank 0 still writes its files after the last
+        # collective, and a peer that tore down meanwhile once made gloo abort rank 0 at exit.
+        D.barrier(env)
+        return summary
     finally:
         if trainer is not None:
             trainer.rundir.close()
