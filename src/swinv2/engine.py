@@ -601,7 +601,7 @@ def check_config_change(saved: dict[str, Any] | None, cfg: Config, source: Path,
     changes = config_changes(saved, cfg.to_dict())
     if not changes:
         return
-    listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in changes.items()))
+    listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
     altering = [k for k in changes if k not in RESUME_MAY_CHANGE]
     if altering and not allowed:
         raise ValueError(f"{source}: resuming with a config that changes the run ({listed}); train with "

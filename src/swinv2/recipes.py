@@ -40,6 +40,7 @@ import torch
 
 from .config import INHERIT, Config, ConfigError
 from .model import SwinV2Config, SwinTransformerV2, effective_window
+from .outputs import write_output
 from .registry import get_variant, model_config
 
 log = logging.getLogger(__name__)
@@ -254,9 +255,7 @@ def _is_main() -> bool:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    write_output(path, json.dumps(obj, indent=1))
 
 
 def _read_record(out: Path) -> dict[str, Any]:
@@ -321,9 +320,7 @@ def _write_joined(plans: Sequence[StagePlan], out: Path) -> None:
 
     rows = _join_metrics(plans, out)
     if rows:
-        tmp = out / ".metrics.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, out / "metrics.jsonl")
+        write_output(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         plot_training_curves(rows, out / "curves.png")
 
 
