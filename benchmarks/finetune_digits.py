@@ -36,6 +36,7 @@ from swinv2.checkpoint import save_weights
 from swinv2.config import Config, load_config
 from swinv2.data import build_digits_folder
 from swinv2.engine import fit
+from swinv2.outputs import atomic_folder
 from swinv2 import create_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,12 +62,9 @@ def build_splits(work: Path, label_fraction: float, seed: int = 0) -> tuple[Path
             dst = root / split / c
             if dst.is_dir():  # built before (same seed, same selection)
                 continue
-            tmp = dst.with_name(f".{c}.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            for f in keep:
-                shutil.copy2(f, tmp / f.name)
-            os.replace(tmp, dst)
+            with atomic_folder(dst) as tmp:
+                for f in keep:
+                    shutil.copy2(f, tmp / f.name)
     counts = {f"{name}_{split}": sum(1 for _ in (root / split).rglob("*.png"))
               for name, root in (("pretrain", pre), ("finetune", ft)) for split in ("train", "val")}
     counts["target_train_all"] = sum(1 for c in TARGET_CLASSES for _ in (full / "train" / c).glob("*.png"))

@@ -17,15 +17,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "swinv2"
 
 # Lowest first; a module may import modules of strictly lower layers only (docs/architecture.md).
 LAYERS: list[set[str]] = [
-    {"allocator", "config", "convert", "data", "distributed", "evaluate", "export", "faults", "fused",
-     "hardware"},                       # leaves: nothing of ours
-    {"schedule", "windows"},            # optimiser + LR schedule from the config; window layout (kernels)
+    {"errors"},                         # the project's error types: imports nothing of ours
+    {"outputs", "preprocess"},          # writing result files; the eval preprocessing constants
+    {"allocator", "config", "distributed", "evaluate", "export", "faults", "fused", "hardware"},  # leaves
+    {"data", "schedule", "windows"},    # data pipeline; optimiser + LR schedule; window layout (kernels)
     {"attention"},                      # attention kernels and their dispatch
     {"model"},                          # the architecture and the official math
-    {"registry"},                       # the variant table
+    {"convert", "registry"},            # foreign state-dict layouts; the variant table
     {"cpb", "flops", "hub"},            # about variants: CPB maps, MACs, published weights
     {"checkpoint"},                     # weights files, create_model / load_model
-    {"outputs"},                        # result files and streams
     {"plots"},                          # figures
     {"predict", "rundir"},              # inference over files, the run directory
     {"bench", "engine"},                # measuring, training: neither imports the other

@@ -28,6 +28,8 @@ import logging
 import os
 import platform
 
+from .errors import InputError
+
 log = logging.getLogger(__name__)
 
 # mallopt parameter numbers, from glibc's <malloc.h>.
@@ -56,7 +58,7 @@ def retain_freed_cpu_memory(limit: int = DEFAULT_LIMIT) -> bool:
     (not glibc, the user's own malloc settings, or `SWINV2_RETAIN_FREED_MEMORY=0`).
     """
     if not 0 < limit <= _INT_MAX:
-        raise ValueError(f"limit must be between 1 and {_INT_MAX} bytes, got {limit}")
+        raise InputError(f"limit must be between 1 and {_INT_MAX} bytes, got {limit}")
     if os.environ.get(OPT_OUT_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":

@@ -78,6 +78,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+
+from .errors import InputError
 from dataclasses import replace
 from typing import Any
 from unittest import mock
@@ -203,7 +205,7 @@ def build_impl(impl: str, config: SwinV2Config, state_dict: dict[str, Tensor]) -
         from .convert import convert_state_dict
 
         if any(c.pretrained_window_sizes):
-            raise ValueError("torchvision's SwinV2 has no pretrained_window_sizes; compare this variant "
+            raise InputError("torchvision's SwinV2 has no pretrained_window_sizes; compare this variant "
                              "with timm or hf instead")
         model = SwinTransformer(patch_size=[c.patch_size] * 2, embed_dim=c.embed_dim, depths=list(c.depths),
                                 num_heads=list(c.num_heads), window_size=[c.window_size] * 2,
@@ -212,7 +214,7 @@ def build_impl(impl: str, config: SwinV2Config, state_dict: dict[str, Tensor]) -
                                 block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2)
         model.load_state_dict(convert_state_dict(state_dict, src="native", dst="torchvision", config=c))
         return model
-    raise ValueError(f"unknown implementation {impl!r}; choose from {', '.join(IMPLS[1:])}")
+    raise InputError(f"unknown implementation {impl!r}; choose from {', '.join(IMPLS[1:])}")
 
 
 # --------------------------------------------------------------------------- measuring one step
@@ -327,9 +329,9 @@ def _percentile(values: Sequence[float], q: float) -> float:
 
 def _check_dtype(dtype: str, device: torch.device) -> None:
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+        raise InputError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     if dtype == "fp16" and device.type != "cuda":
-        raise ValueError("fp16 is benchmarked on CUDA only (CPU fp16 kernels are not a deployment path); "
+        raise InputError("fp16 is benchmarked on CUDA only (CPU fp16 kernels are not a deployment path); "
                          "use bf16 on CPU")
 
 
@@ -359,24 +361,24 @@ def run(model: str, *, batch_sizes: Sequence[int] = (8,), img_sizes: Sequence[in
     runtime_names = [p for p in impls if p in RUNTIME_IMPLS]
     impls = [p for p in impls if p not in RUNTIME_IMPLS]
     if not impls:
-        raise ValueError(f"{only}: a runtime is timed beside ours, not alone (no --own-process)")
+        raise InputError(f"{only}: a runtime is timed beside ours, not alone (no --own-process)")
     if runtime_names and (train or runtime_factory is None or dev.type != "cpu"):
-        raise ValueError(f"--compare {','.join(runtime_names)}: runtimes are timed in CPU inference only "
+        raise InputError(f"--compare {','.join(runtime_names)}: runtimes are timed in CPU inference only "
                          "(and need swinv2.runtime.bench_factory)")
     for p in impls:
         if p not in IMPLS:
-            raise ValueError(f"unknown implementation {p!r} in --compare; choose from {', '.join(IMPLS[1:])}")
+            raise InputError(f"unknown implementation {p!r} in --compare; choose from {', '.join(IMPLS[1:])}")
     switches = {}
     if ab is not None:
         if ab not in AB_SWITCHES or impls[0] != "ours":
-            raise ValueError(f"--ab {ab!r}: choose from {', '.join(AB_SWITCHES)}, with ours in the run")
+            raise InputError(f"--ab {ab!r}: choose from {', '.join(AB_SWITCHES)}, with ours in the run")
         name, switch = AB_SWITCHES[ab]
         switches[name] = switch
         impls.insert(1, name)
     for d in dtypes:
         _check_dtype(d, dev)
     if repeats < 1 or iters < 1 or warmup < 0:
-        raise ValueError("repeats and iters must be >= 1 and warmup >= 0")
+        raise InputError("repeats and iters must be >= 1 and warmup >= 0")
     if "bf16" in dtypes:
         warn_if_bf16_emulated(dev, "--dtype bf16")
 

@@ -39,23 +39,14 @@ import torch
 from torch import nn
 
 from . import convert, hub
+from .errors import CheckpointError, InputError, UnsafeCheckpointError
 from .model import SwinTransformerV2, SwinV2Config
-from .registry import EvalPreprocess, get_variant, model_config
+from .outputs import atomic_write
+from .registry import EvalPreprocess, config_with, get_variant, model_config
 
 log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike
-
-
-class CheckpointError(OSError):
-    """A checkpoint or weights file that cannot be read or written; the message names the file.
-
-    An `OSError` because every cause is a property of a file (missing, torn, full disk, unsafe).
-    """
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """A pickle that needs a global outside torch's weights-only allow-list; nothing was executed."""
 
 
 # --------------------------------------------------------------------------- safe torch files
@@ -204,93 +195,6 @@ def _check_plain(obj: Any, where: str) -> None:
         f"training state {where} is a {type(obj).__module__}.{type(obj).__qualname__}; only tensors and plain "
         f"Python data (dict/list/tuple/int/float/str/bool/None) can be saved so that the file loads with "
         f"weights_only=True")
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable (POSIX); platforms without directory fds skip it."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as e:  # some filesystems refuse fsync on a directory; the data is already synced
-        if e.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
-            raise
-    finally:
-        os.close(fd)
-
-
-def _temp_name(path: Path) -> str:
-    return f".{path.name}."  # prefix of temp files: hidden, and never matching "*.pt"
-
-
-# Read by setting it (to the strictest value, for an instant) and putting it back: once, at import.
-_UMASK_AT_IMPORT = os.umask(0o077)
-os.umask(_UMASK_AT_IMPORT)
-
-
-def _file_mode() -> int:
-    """The mode `open()` would give a new file: 0o666 less the umask (`mkstemp` makes 0600 files).
-
-    The umask is read without changing it where the OS tells it (Linux: /proc/self/status), so a
-    thread creating files meanwhile is never affected; elsewhere it is the umask at import.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            mask = next((int(ln.split()[1], 8) for ln in f if ln.startswith("Umask:")), _UMASK_AT_IMPORT)
-    except (OSError, ValueError, IndexError):
-        mask = _UMASK_AT_IMPORT
-    return 0o666 & ~mask
-
-
-def atomic_write(path: PathLike, write: Any) -> None:
-    """Call `write(fileobj)` on a temp file beside `path`, fsync it, then `os.replace` it onto `path`.
-
-    The file gets the mode an ordinary new file gets (0o666 less the umask), not the temp file's 0600.
-
-    On any failure the temp file is removed, a previous `path` is left untouched and CheckpointError
-    names `path` and the cause (e.g. "No space left on device").
-    """
-    path = Path(path)
-    target = Path(os.path.realpath(path)) if path.is_symlink() else path  # a link stays; its target is replaced
-    directory = target.parent if str(target.parent) else Path(".")
-    if not directory.is_dir():
-        raise CheckpointError(f"cannot save {path}: directory {directory} does not exist")
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=_temp_name(target), suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode())  # an ordinary file's mode, as config.yaml and curves.png get
-        os.replace(tmp, target)
-        tmp = None
-        _fsync_dir(directory)
-    except BaseException as e:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-        if isinstance(e, CheckpointError):
-            raise
-        if not isinstance(e, Exception):  # KeyboardInterrupt / SystemExit: cleaned up, pass on
-            raise
-        raise CheckpointError(f"could not save {path}: {_write_cause(e)}; the previous file (if any) is "
-                              f"unchanged") from e
-
-
-def _write_cause(e: BaseException) -> str:
-    """The OS's words for why a write failed ("No space left on device"), also where torch's writer
-    wrapped the OSError of the file object in its own RuntimeError ("[enforce fail at ...]")."""
-    seen: BaseException | None = e
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.strerror:
-            return seen.strerror
-        seen = seen.__cause__ or seen.__context__
-    return _describe(e).splitlines()[0]
 
 
 def save_training_state(path: PathLike, state: dict[str, Any]) -> None:
@@ -522,7 +426,7 @@ def load_weights(model: nn.Module, path_or_state_dict: PathLike | Mapping[str, A
     if strict and not report.ok:
         parts = [f"{n} ({len(getattr(report, n))}): {_abbreviate(getattr(report, n))}"
                  for n in ("missing", "unexpected", "mismatched") if getattr(report, n)]
-        raise ValueError(f"{origin} ({conv.src} format) does not fit the model: " + "; ".join(parts))
+        raise InputError(f"{origin} ({conv.src} format) does not fit the model: " + "; ".join(parts))
     usable = {k: v for k, v in sd.items() if k in target and v.shape == target[k].shape}
     model.load_state_dict(usable, strict=False)
     report.loaded = list(usable)
@@ -553,7 +457,7 @@ def _descriptions(model: nn.Module, class_names: Sequence[str] | None, preproces
     else the attributes `load_model` sets, else (preprocessing) the official rule for its size."""
     names = class_names if class_names is not None else getattr(model, "class_names", None)
     if names is not None and len(names) != model.config.num_classes:
-        raise ValueError(f"{len(names)} class names for a {model.config.num_classes}-class model")
+        raise InputError(f"{len(names)} class names for a {model.config.num_classes}-class model")
     prep = preprocess or getattr(model, "preprocess", None) or _default_preprocess(model.config)
     return (None if names is None else list(map(str, names))), prep, model_name or getattr(model, "model_name", None)
 
@@ -569,7 +473,7 @@ def save_weights(model: SwinTransformerV2, path: PathLike, *, class_names: Seque
     """
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: weights are saved as .safetensors (got {path.suffix or 'no suffix'})")
+        raise InputError(f"{path}: weights are saved as .safetensors (got {path.suffix or 'no suffix'})")
     names, prep, model_name = _descriptions(model, class_names, preprocess, model_name)
     meta = {**SAFETENSORS_FORMAT, "swinv2.config": json.dumps(model.config.to_dict()),
             "swinv2.preprocess": json.dumps(asdict(prep))}
@@ -585,13 +489,6 @@ def _write_safetensors(path: Path, sd: Mapping[str, torch.Tensor], meta: dict[st
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
     atomic_write(path, lambda f: f.write(save(tensors, metadata=meta)))
-
-
-def _config_with(cfg: SwinV2Config, overrides: dict[str, Any]) -> SwinV2Config:
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    if isinstance(overrides.get("pretrained_window_sizes"), int):
-        overrides["pretrained_window_sizes"] = (overrides["pretrained_window_sizes"],) * len(cfg.depths)
-    return replace(cfg, **overrides)
 
 
 def resolve_weights(path: PathLike, name: str | None = None) -> tuple[Path, str | None]:
@@ -680,9 +577,9 @@ def _build(weights: _Weights, path: Path, name: str | None, src: str, overrides:
             cfg = replace(cfg, num_classes=rows)  # a fine-tuned checkpoint keeps its own classes
         preprocess = variant.preprocess
     elif cfg is None:
-        raise ValueError(f"{path} does not describe its architecture; pass the registry model name "
+        raise InputError(f"{path} does not describe its architecture; pass the registry model name "
                          f"(--model NAME, see `swinv2 models`)")
-    new_cfg = _config_with(cfg, overrides)
+    new_cfg = config_with(cfg, **overrides)
     if new_cfg.num_classes != cfg.num_classes:
         class_names = None
     if new_cfg.img_size != cfg.img_size:
@@ -713,7 +610,7 @@ def create_model(name: str, *, num_classes: int | None = None, img_size: int | t
     1000 heads go through the official map, and another class count keeps a fresh head (a warning).
     """
     if pretrained and weights is not None:
-        raise ValueError(f"create_model({name!r}): pass weights or pretrained, not both")
+        raise InputError(f"create_model({name!r}): pass weights or pretrained, not both")
     cfg = model_config(name, num_classes=num_classes, img_size=img_size, window_size=window_size,
                        pretrained_window_sizes=pretrained_window_sizes, drop_path_rate=drop_path_rate, **kw)
     if pretrained:
@@ -733,7 +630,7 @@ def guess_write_format(path: PathLike) -> str:
         return "official"
     if not suffix:
         return "hf"
-    raise ValueError(f"{path}: cannot tell the format to write from {suffix!r}; pass --dst "
+    raise InputError(f"{path}: cannot tell the format to write from {suffix!r}; pass --dst "
                      f"({', '.join(WRITE_FORMATS)})")
 
 
@@ -792,7 +689,7 @@ def convert_file(src: PathLike, dst: PathLike, *, src_format: str = "auto", dst_
     """
     fmt = dst_format or guess_write_format(dst)
     if fmt not in WRITE_FORMATS:
-        raise ValueError(f"unknown weights format {fmt!r}; writable: {', '.join(WRITE_FORMATS)}")
+        raise InputError(f"unknown weights format {fmt!r}; writable: {', '.join(WRITE_FORMATS)}")
     src, model_name = resolve_weights(src, model_name)
     weights = _read_weights(src)
     if weights.config is not None or model_name is not None:
@@ -800,7 +697,7 @@ def convert_file(src: PathLike, dst: PathLike, *, src_format: str = "auto", dst_
         out = write_weights(model, dst, fmt)
         return f"{model.load_report}\nwrote {out} ({fmt})"
     if fmt not in ("official", "timm"):
-        raise ValueError(f"{src} does not describe its architecture; writing {fmt} needs --model NAME")
+        raise InputError(f"{src} does not describe its architecture; writing {fmt} needs --model NAME")
     conv = convert.convert(weights.state_dict, src_format, fmt)
     _write_state_dict(conv.state_dict, Path(dst), fmt)
     lines = [f"format: {conv.src} -> {fmt}; {len(conv.state_dict)} tensors (pure key mapping, no --model)"]

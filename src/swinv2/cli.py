@@ -15,15 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import allocator
+from .errors import InputError, SwinV2Error
 
 if TYPE_CHECKING:  # torch is imported inside the commands that need it: `swinv2 models` stays fast
     import torch
 
 log = logging.getLogger("swinv2")
-
-
-class UserError(Exception):
-    """A problem with the user's input: reported as one line, exit code 2."""
 
 
 # --------------------------------------------------------------------------- models
@@ -91,9 +88,9 @@ def _run_download(args: argparse.Namespace) -> int:
         try:
             record = hub.lookup(spec)
             path = hub.fetch(record)
-        except (OSError, KeyError) as e:  # one line per name; the others still download
+        except (SwinV2Error, OSError) as e:  # one line per name; the others still download
             failed += 1
-            print(f"swinv2 download: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+            print(f"swinv2 download: error: {e}", file=sys.stderr)
             continue
         print(f"{record.spec}: {path} ({path.stat().st_size / 1e6:.1f} MB, {record.classes})")
     print(f"cache: {hub.cache_dir()}")
@@ -181,7 +178,7 @@ def _amp_dtype(args: argparse.Namespace) -> torch.dtype | None:
     if args.amp == "none":
         return None
     if args.amp == "fp16" and device.type != "cuda":
-        raise UserError(f"--amp fp16 needs a CUDA device, not {args.device} (CPU fp16 autocast is a slow "
+        raise InputError(f"--amp fp16 needs a CUDA device, not {args.device} (CPU fp16 autocast is a slow "
                         "reference path); use --amp bf16 or none")
     if args.amp == "bf16":
         warn_if_bf16_emulated(device, "--amp bf16")
@@ -207,12 +204,12 @@ def _runtime_for(args: argparse.Namespace, model, prep):
     """The `runtime.Runtime` that --runtime / --precision ask for; None for plain PyTorch fp32 (with --amp)."""
     if args.runtime == "torch" and args.precision == "fp32":
         if args.calib:
-            raise UserError("--calib is for --precision int8")
+            raise InputError("--calib is for --precision int8")
         return None
     if args.amp != "none":
-        raise UserError("--amp is autocast for --runtime torch --precision fp32; use --precision bf16 instead")
+        raise InputError("--amp is autocast for --runtime torch --precision fp32; use --precision bf16 instead")
     if args.device != "cpu":
-        raise UserError(f"--runtime {args.runtime} --precision {args.precision} runs on the CPU; drop --device")
+        raise InputError(f"--runtime {args.runtime} --precision {args.precision} runs on the CPU; drop --device")
     from .runtime import load_runtime
 
     rt = load_runtime(model, args.runtime, args.precision, weights=args.weights, img_size=prep.img_size,
@@ -339,7 +336,7 @@ def _run_predict(args: argparse.Namespace) -> int:
             print(f"{r['path']}: " + ", ".join(f"{t['label']} {100 * t['prob']:.1f}%" for t in r["top"]))
     if not preds.results:  # e.g. a typo in every path: an error, never an empty success
         more = f"; ... (+{len(preds.errors) - 5})" if len(preds.errors) > 5 else ""
-        raise UserError("no image classified: " + "; ".join(f"{e['path']}: {e['error']}" for e in preds.errors[:5])
+        raise InputError("no image classified: " + "; ".join(f"{e['path']}: {e['error']}" for e in preds.errors[:5])
                         + more)
     for e in preds.errors:
         print(f"swinv2 predict: skipped {e['path']}: {e['error']}", file=sys.stderr)
@@ -377,7 +374,7 @@ def _run_export(args: argparse.Namespace) -> int:
     from .export import export_onnx
 
     if args.onnx is not None and (args.precision != "fp32" or args.runtime is not None or args.calib):
-        raise UserError("--onnx writes the fp32 graph; --runtime / --precision / --calib export into the runtime "
+        raise InputError("--onnx writes the fp32 graph; --runtime / --precision / --calib export into the runtime "
                         "cache instead (drop --onnx)")
     model = load_model(args.weights, name=args.model)
     if args.onnx is not None:
@@ -469,7 +466,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         check_output(args.json, "--json")
     # Each thread keeps its own FTZ/DAZ flags and passes them on to the threads it creates: set first.
     if args.flush_denormal and not torch.set_flush_denormal(True):
-        raise ValueError("--flush-denormal: this CPU cannot flush subnormals to zero")
+        raise InputError("--flush-denormal: this CPU cannot flush subnormals to zero")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.optimizer_step:
@@ -483,7 +480,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     retained = False if args.default_malloc else allocator.retain_freed_cpu_memory()
     compare = [c.strip() for c in args.compare.split(",") if c.strip()]
     if args.own_process and args.ab:
-        raise ValueError("--ab compares within one process; leave out --own-process")
+        raise InputError("--ab compares within one process; leave out --own-process")
     if args.own_process:
         results = bench.run_own_processes(["ours"] + [c for c in compare if c != "ours"], _bench_child_args(args),
                                           rounds=args.own_process)
@@ -672,9 +669,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     try:
         return int(args.func(args) or 0)
-    except (UserError, OSError, KeyError, ValueError, TypeError) as e:  # OSError: checkpoint.CheckpointError too
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"swinv2 {args.command}: error: {msg}", file=sys.stderr)
+    except (SwinV2Error, OSError) as e:  # the user's input or files; anything else is a bug: traceback
+        print(f"swinv2 {args.command}: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -27,23 +27,11 @@ from typing import Any, Literal, Sequence, Union
 
 import yaml
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .errors import ConfigError
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD
+
 
 log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A recipe or override that does not fit the schema; the message names the dotted key.
-
-    `key` is the dotted key at fault where there is one (e.g. 'stages[0].train.epochs') and `reason`
-    what is wrong with it, so that load_config can restate a fault as the override's that caused it.
-    """
-
-    def __init__(self, message: str, *, key: str | None = None, reason: str | None = None) -> None:
-        super().__init__(message)
-        self.key = key
-        self.reason = message if reason is None else reason
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,6 @@ of a size not divisible by 4 where ours pads.
 from __future__ import annotations
 
 import logging
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -36,10 +35,12 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from .errors import InputError
+from .model import DERIVED_KEYS
+from .preprocess import resize_size
+
 log = logging.getLogger(__name__)
 
-# Same names as `model.DERIVED_KEYS` (this module imports nothing of ours): recomputed, never stored.
-DERIVED_KEYS = ("relative_coords_table", "relative_position_index", "attn_mask")
 FORMATS = ("native", "official", "timm", "hf", "torchvision", "swinv1")
 READ_ONLY = ("swinv1",)
 CPB_HIDDEN = 512  # timm, transformers and torchvision hard-code the CPB MLP width
@@ -163,7 +164,7 @@ class Conversion:
 
 def _check(cond: bool, msg: str) -> None:
     if not cond:
-        raise ValueError(msg)
+        raise InputError(msg)
 
 
 def unwrap(sd: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -196,7 +197,7 @@ def detect_format(sd: Mapping[str, Tensor]) -> str:
         return "timm"
     if any(k.startswith(("patch_embed.", "layers.")) for k in keys):
         return "native"
-    raise ValueError(f"cannot tell the format of this state dict (first keys: {', '.join(keys[:4]) or 'none'}); "
+    raise InputError(f"cannot tell the format of this state dict (first keys: {', '.join(keys[:4]) or 'none'}); "
                      f"pass src= one of {', '.join(FORMATS)}")
 
 
@@ -481,7 +482,7 @@ def hf_preprocessor_config(preprocess: Mapping[str, Any]) -> dict[str, Any]:
            f"(known: {', '.join(PIL_RESAMPLE)})")
     return {
         "image_processor_type": "BitImageProcessor", "do_convert_rgb": True,
-        "do_resize": True, "size": {"shortest_edge": math.floor(size / preprocess["crop_pct"])},
+        "do_resize": True, "size": {"shortest_edge": resize_size(size, preprocess["crop_pct"])},
         "resample": PIL_RESAMPLE[interpolation],
         "do_center_crop": True, "crop_size": {"height": size, "width": size},
         "do_rescale": True, "rescale_factor": 1 / 255,

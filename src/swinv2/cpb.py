@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .model import SwinTransformerV2, effective_window, log_spaced_coords
+from . import windows
+from .model import SwinTransformerV2, log_spaced_coords
 
 
 @dataclass(frozen=True)
@@ -30,13 +31,8 @@ class CPBTable:
 def stage_windows(model: SwinTransformerV2, img_size: int | None = None) -> list[int]:
     """The window each stage really uses at `img_size` (default: the nominal size), clamps included."""
     cfg = model.config
-    size = img_size or cfg.img_size[0]
-    side = math.ceil(size / cfg.patch_size)
-    windows = []
-    for _ in cfg.depths:
-        windows.append(effective_window(side, side, cfg.window_size, 0)[0])
-        side = math.ceil(side / 2)
-    return windows
+    size = (img_size, img_size) if img_size else cfg.img_size
+    return list(windows.stage_windows(size, cfg.patch_size, cfg.window_size, len(cfg.depths)))
 
 
 @torch.no_grad()

@@ -32,17 +32,19 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
+from .errors import DataError, InputError
+from .outputs import atomic_folder
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, resize_size
+
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 # Transparent pixels are composited onto white: what a viewer shows for a transparent PNG, and
 # independent of the (arbitrary) colour values stored under alpha 0.
 ALPHA_BACKGROUND = (255, 255, 255)
 
 
-class BadImageError(ValueError):
+class BadImageError(DataError):
     """A file that is not a readable image; the message starts with its path."""
 
     def __init__(self, path: str | os.PathLike, reason: str) -> None:
@@ -110,10 +112,8 @@ def eval_transform(img_size: int, crop_pct: float, interpolation: str = "bicubic
     from torchvision import transforms
     from torchvision.transforms import InterpolationMode
 
-    if not 0 < crop_pct <= 1:
-        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
     return transforms.Compose([
-        transforms.Resize(math.floor(img_size / crop_pct), interpolation=InterpolationMode(interpolation)),
+        transforms.Resize(resize_size(img_size, crop_pct), interpolation=InterpolationMode(interpolation)),
         transforms.CenterCrop(img_size),
         transforms.ToTensor(),
         transforms.Normalize(mean, std),
@@ -184,7 +184,7 @@ def scan_class_folders(root: str | os.PathLike) -> list[str]:
         raise FileNotFoundError(f"image folder not found: {root}")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not _hidden(e.name))
     if not classes:
-        raise ValueError(f"{root}: no class folders (expected {root}/<class>/<image files>)")
+        raise DataError(f"{root}: no class folders (expected {root}/<class>/<image files>)")
     return classes
 
 
@@ -207,7 +207,7 @@ class ImageFolderDataset(Dataset):
             self.classes = list(class_names)
             extra = sorted(set(found) - set(self.classes))
             if extra:
-                raise ValueError(f"{self.root}: class folders not among the {len(self.classes)} training classes: "
+                raise DataError(f"{self.root}: class folders not among the {len(self.classes)} training classes: "
                                  f"{', '.join(extra[:10])}{' ...' if len(extra) > 10 else ''}")
         self.missing_classes = sorted(set(self.classes) - set(found))
         self.transform = transform
@@ -232,7 +232,7 @@ class ImageFolderDataset(Dataset):
             if len(self.samples) == n_before:
                 self.empty_classes.append(name)
         if not self.samples:
-            raise ValueError(f"{self.root}: no image files ({', '.join(IMG_EXTENSIONS)}) in its class folders")
+            raise DataError(f"{self.root}: no image files ({', '.join(IMG_EXTENSIONS)}) in its class folders")
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -385,7 +385,7 @@ class ShardedSampler(Sampler):
         self.shuffle, self.drop_last = shuffle, drop_last
         self.epoch, self.start = 0, 0
         if drop_last and self.batches_per_epoch == 0:
-            raise ValueError(f"{num_samples} samples make no full global batch of {batch_size} x {num_replicas}")
+            raise InputError(f"{num_samples} samples make no full global batch of {batch_size} x {num_replicas}")
 
     @property
     def batches_per_epoch(self) -> int:
@@ -424,10 +424,10 @@ class ShardedSampler(Sampler):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state["num_samples"] != self.num_samples:
-            raise ValueError(f"the checkpoint's sampler covered {state['num_samples']} samples; the dataset now has "
+            raise InputError(f"the checkpoint's sampler covered {state['num_samples']} samples; the dataset now has "
                              f"{self.num_samples}: the data changed, an exact resume is impossible")
         if state["position"] % self.num_replicas:
-            raise ValueError(f"sampler position {state['position']} is not a multiple of {self.num_replicas} ranks")
+            raise InputError(f"sampler position {state['position']} is not a multiple of {self.num_replicas} ranks")
         self.epoch, self.start, self.seed = state["epoch"], state["position"] // self.num_replicas, state["seed"]
 
 
@@ -521,21 +521,17 @@ def build_digits_folder(root: str | os.PathLike, *, img_size: int = 32, val_frac
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} exists but is not a complete digits folder (no .complete marker); "
                               f"remove it or point data.root elsewhere")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.{os.getpid()}.tmp"
-    for split, ids in (("train", train_idx), ("val", val_idx)):
-        for i in sorted(ids):
-            d = tmp / split / str(digits.target[i])
-            d.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(images[i], mode="L").resize((img_size, img_size), Image.BICUBIC).save(d / f"{i:04d}.png")
-    (tmp / ".complete").write_text(f"sklearn.datasets.load_digits, {img_size}px, val_fraction {val_fraction}, "
-                                   f"seed {seed}\n")
     try:
-        os.replace(tmp, root)
-    except OSError:  # another process finished first (or root exists partially): keep theirs
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_folder(root) as tmp:
+            for split, ids in (("train", train_idx), ("val", val_idx)):
+                for i in sorted(ids):
+                    d = tmp / split / str(digits.target[i])
+                    d.mkdir(parents=True, exist_ok=True)
+                    image = Image.fromarray(images[i], mode="L").resize((img_size, img_size), Image.BICUBIC)
+                    image.save(d / f"{i:04d}.png")
+            (tmp / ".complete").write_text(f"sklearn.datasets.load_digits, {img_size}px, val_fraction "
+                                           f"{val_fraction}, seed {seed}\n")
+    except OSError:  # another process finished first: keep theirs
         if not (root / ".complete").exists():
             raise
     log.info("built the digits image folder at %s (%d train, %d val)", root, len(train_idx), len(val_idx))

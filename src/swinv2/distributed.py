@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .errors import InputError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -41,11 +43,11 @@ def resolve_device(device: str, what: str = "train.device") -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"{what}={device}: not a device; use cpu, cuda, cuda:N or auto") from None
+        raise InputError(f"{what}={device}: not a device; use cpu, cuda, cuda:N or auto") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{what}={device} but no CUDA device is available")
+        raise InputError(f"{what}={device} but no CUDA device is available")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"{what}={device} but this machine has {torch.cuda.device_count()} CUDA devices")
+        raise InputError(f"{what}={device} but this machine has {torch.cuda.device_count()} CUDA devices")
     return dev
 
 

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import ConfigError, DataError, InputError
 from . import distributed as D
 from . import schedule
 from .checkpoint import create_model
@@ -43,19 +44,19 @@ from .data import (Batch, DataReport, ImageFolderDataset, SeededSamples, Sharded
                    train_transform)
 from .evaluate import evaluate
 from .faults import NonFiniteError, StopSignals, TrainingInterrupted, assert_finite, check_fits
-from .hardware import warn_if_bf16_emulated
+from .hardware import DTYPES, warn_if_bf16_emulated
 from .model import SwinTransformerV2
-from .registry import EvalPreprocess, get_variant
+from .preprocess import EvalPreprocess
+from .registry import get_variant
 from .rundir import RunDir, RunLockedError  # noqa: F401 (raised by fit)
 
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "swinv2.training_state"
 STATE_VERSION = 1
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class BadDataError(ValueError):
+class BadDataError(DataError):
     """`data.strict`: unreadable images were found before training; the message lists them."""
 
 
@@ -84,7 +85,7 @@ def freeze(model: nn.Module, patterns: tuple[str, ...] | list[str]) -> list[str]
     for pat in patterns:
         hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
         if not hits:
-            raise ValueError(f"model.freeze: pattern {pat!r} matches no parameter (e.g. {names[0]!r})")
+            raise ConfigError(f"model.freeze: pattern {pat!r} matches no parameter (e.g. {names[0]!r})")
         frozen += hits
     for n, p in model.named_parameters():
         if n in frozen:
@@ -96,7 +97,7 @@ def data_roots(cfg: Config, env: D.DistEnv | None = None) -> tuple[Path, Path]:
     """(train folder, val folder) of the config; the digits demo folder is built first if asked."""
     d = cfg.data
     if not d.root:
-        raise ValueError("data.root is not set (the folder holding train/ and val/ class folders)")
+        raise ConfigError("data.root is not set (the folder holding train/ and val/ class folders)")
     root = Path(d.root)
     if d.source == "digits":
         if env is None or env.is_main:
@@ -164,20 +165,20 @@ class Trainer:
         self.env, self.out = env, out_dir
         t = cfg.train
         get_variant(cfg.model.name)  # an unknown model name fails before any data is scanned
-        self.amp_dtype = AMP_DTYPES[t.amp]
+        self.amp_dtype = None if t.amp == "none" else DTYPES[t.amp]
         if t.amp == "fp16" and env.device.type != "cuda":
             log.warning("train.amp=fp16 on the CPU is slow (it exists for testing the loss scaler); "
                         "use train.amp=none, or bf16 on a CPU with AVX-512 BF16 or AMX")
         if t.amp == "bf16":
             warn_if_bf16_emulated(env.device, "train.amp=bf16")
         if t.parallel == "fsdp" and t.ema and env.distributed:
-            raise ValueError("train.ema is not supported with train.parallel=fsdp (the EMA would need its own "
+            raise ConfigError("train.ema is not supported with train.parallel=fsdp (the EMA would need its own "
                              "sharding); use ddp, or turn the EMA off")
         self.train_ds, self.val_ds = prepare_data(cfg, env)
         self.classes = self.train_ds.classes
         num_classes = cfg.model.num_classes or len(self.classes)
         if num_classes < len(self.classes):
-            raise ValueError(f"model.num_classes={num_classes} but the training folder has {len(self.classes)} classes")
+            raise ConfigError(f"model.num_classes={num_classes} but the training folder has {len(self.classes)} classes")
         self.cfg = cfg = cfg.replace(**{"model.num_classes": num_classes})
 
         seed_everything(t.seed)  # model init: identical on every rank and every run
@@ -259,9 +260,9 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
         if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"{source}: not a swinv2 training state (no '{STATE_FORMAT}' format tag)")
+            raise InputError(f"{source}: not a swinv2 training state (no '{STATE_FORMAT}' format tag)")
         if state["classes"] != list(self.classes):
-            raise ValueError(f"{source}: trained on classes {state['classes'][:5]}... but the data now has "
+            raise InputError(f"{source}: trained on classes {state['classes'][:5]}... but the data now has "
                              f"{self.classes[:5]}...: the class map changed")
         expected = self.model.state_dict()
         check_fits(expected, state["model"], f"{source} (model)")
@@ -276,7 +277,7 @@ class Trainer:
         try:
             D.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"], self.env)
         except (RuntimeError, ValueError, KeyError) as e:  # e.g. another set of frozen parameters
-            raise ValueError(f"{source}: the optimizer state does not fit this run (were other parameters "
+            raise InputError(f"{source}: the optimizer state does not fit this run (were other parameters "
                              f"frozen?): {str(e).splitlines()[0]}") from None
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None:
@@ -292,7 +293,7 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         if (self.sampler.epoch, self.sampler.start) != (self.progress["epoch"],
                                                         self.progress["step_in_epoch"] * self.sampler.batch_size):
-            raise ValueError(f"{source}: sampler position {state['sampler']} does not match the progress "
+            raise InputError(f"{source}: sampler position {state['sampler']} does not match the progress "
                              f"{self.progress} (a different batch size, accumulation or number of processes?)")
         self.history = [dict(h) for h in state["history"]]
         self.best = [dict(b) for b in state["best"]]
@@ -498,7 +499,7 @@ class Trainer:
     def _rank_best(self, row: dict[str, Any]) -> dict[str, Any] | None:
         metric = self.cfg.train.best_metric
         if metric not in row:
-            raise ValueError(f"train.best_metric={metric} but the run has no such metric (is train.ema on?)")
+            raise ConfigError(f"train.best_metric={metric} but the run has no such metric (is train.ema on?)")
         entry = {"epoch": row["epoch"], "metric": float(row[metric]), "file": f"best_epoch{row['epoch']:04d}.pt"}
         ranked = sorted(self.best + [entry], key=lambda b: (-b["metric"], b["epoch"]))
         kept = ranked[: self.cfg.train.keep_best]
@@ -604,7 +605,7 @@ def check_config_change(saved: dict[str, Any] | None, cfg: Config, source: Path,
     listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
     altering = [k for k in changes if k not in RESUME_MAY_CHANGE]
     if altering and not allowed:
-        raise ValueError(f"{source}: resuming with a config that changes the run ({listed}); train with "
+        raise ConfigError(f"{source}: resuming with a config that changes the run ({listed}); train with "
                          f"--allow-config-change to resume with it anyway, or into another --out")
     log.warning("resuming %s with a changed config: %s", source, listed)
 

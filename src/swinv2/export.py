@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import InputError
+
 log = logging.getLogger(__name__)
 
 INPUT_NAME = "images"
@@ -78,7 +80,7 @@ def check_onnx(path: str | os.PathLike, model: nn.Module, img_size: int, *,
     try:
         import onnxruntime as ort
     except ImportError:
-        raise ValueError("the export self-check needs onnxruntime (pip install onnxruntime), "
+        raise InputError("the export self-check needs onnxruntime (pip install onnxruntime), "
                          "or skip it with --no-check") from None
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: ORT's warnings about unused initialisers are noise here
@@ -91,7 +93,7 @@ def check_onnx(path: str | os.PathLike, model: nn.Module, img_size: int, *,
             expected = model(x).float()
         got = torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0])
         if got.shape != expected.shape:
-            raise ValueError(f"{path}: ONNX Runtime returned {tuple(got.shape)} at batch {b}, "
+            raise InputError(f"{path}: ONNX Runtime returned {tuple(got.shape)} at batch {b}, "
                              f"PyTorch {tuple(expected.shape)}")
         diffs[b] = float((got - expected).abs().max())
     return diffs
@@ -108,14 +110,14 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, img_size: int | No
     """
     path = Path(path)
     if path.suffix != ".onnx":
-        raise ValueError(f"{path}: the ONNX file name must end in .onnx")
+        raise InputError(f"{path}: the ONNX file name must end in .onnx")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"output folder not found: {path.parent}")
     if img_size is None:
         prep = getattr(model, "preprocess", None)
         img_size = prep.img_size if prep is not None else model.config.img_size[0]
     if img_size < 1:
-        raise ValueError(f"img_size must be positive, got {img_size}")
+        raise InputError(f"img_size must be positive, got {img_size}")
     model = model.eval().float().cpu()
     start = time.perf_counter()
     tmp = path.with_name(f".{path.name}.tmp")
@@ -127,7 +129,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, img_size: int | No
         diffs = check_onnx(tmp, model, img_size, batch_sizes=check_batches) if check else {}
         bad = {b: d for b, d in diffs.items() if not d <= atol}  # `not <=` also catches NaN
         if bad:
-            raise ValueError(f"ONNX Runtime differs from PyTorch by {max(bad.values()):.3g} (> {atol:g}) at batch "
+            raise InputError(f"ONNX Runtime differs from PyTorch by {max(bad.values()):.3g} (> {atol:g}) at batch "
                              f"{', '.join(map(str, bad))}; {path} was not written")
         os.replace(tmp, path)
         _write_sidecar(path, model, img_size, opset)

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from .errors import CheckpointError, InputError
+
 log = logging.getLogger(__name__)
 
 
@@ -56,10 +58,10 @@ class StopSignals:
 
 
 def assert_finite(state: dict[str, Any], where: str = "state") -> None:
-    """Raise ValueError naming the first non-finite floating tensor in a nested state."""
+    """Raise CheckpointError naming the first non-finite floating tensor in a nested state."""
     if isinstance(state, torch.Tensor):
         if state.is_floating_point() and not bool(torch.isfinite(state).all()):
-            raise ValueError(f"refusing to save a checkpoint: {where} holds non-finite values")
+            raise CheckpointError(f"refusing to save a checkpoint: {where} holds non-finite values")
     elif isinstance(state, dict):
         for k, v in state.items():
             assert_finite(v, f"{where}.{k}")
@@ -69,7 +71,7 @@ def assert_finite(state: dict[str, Any], where: str = "state") -> None:
 
 
 def check_fits(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], what: str) -> None:
-    """Raise ValueError listing missing, unexpected and mis-shaped keys of a state dict."""
+    """Raise InputError listing missing, unexpected and mis-shaped keys of a state dict."""
     missing = [k for k in expected if k not in got]
     unexpected = [k for k in got if k not in expected]
     shaped = [f"{k} {tuple(got[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items()
@@ -77,4 +79,4 @@ def check_fits(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], 
     problems = [f"{name} ({len(keys)}): {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''}"
                 for name, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shaped)) if keys]
     if problems:
-        raise ValueError(f"{what} does not fit the model: " + "; ".join(problems))
+        raise InputError(f"{what} does not fit the model: " + "; ".join(problems))

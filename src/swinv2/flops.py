@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 
-from .model import SwinTransformerV2, SwinV2Config, effective_window
+from .model import SwinTransformerV2, SwinV2Config
+from .windows import effective_window
 from .registry import get_variant
 
 

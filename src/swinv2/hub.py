@@ -34,6 +34,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import SwinV2Error, UnknownNameError
 from .registry import ALIASES, VARIANTS, get_variant
 
 log = logging.getLogger(__name__)
@@ -49,15 +50,15 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".tar")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-class WeightsUnavailableError(OSError):
+class WeightsUnavailableError(SwinV2Error, OSError):
     """The weights are not in the local cache and cannot be downloaded; the message says what to do."""
 
 
-class WeightsDownloadError(OSError):
+class WeightsDownloadError(SwinV2Error, OSError):
     """A download failed part-way (connection cut, size check); nothing partial is kept."""
 
 
-class WeightsHashError(OSError):
+class WeightsHashError(SwinV2Error, OSError):
     """A downloaded or cached file whose SHA-256 is not the published one; it has been removed."""
 
 
@@ -176,13 +177,13 @@ def get_record(name: str, tag: str | None = None) -> WeightsRecord:
     variant = get_variant(name).name
     recs = RECORDS.get(variant)
     if not recs:
-        raise KeyError(f"{variant} has no pretrained weights; variants with weights: {', '.join(RECORDS)}")
+        raise UnknownNameError(f"{variant} has no pretrained weights; variants with weights: {', '.join(RECORDS)}")
     if tag is None:
         return recs[0]
     for r in recs:
         if r.tag == tag:
             return r
-    raise KeyError(f"unknown weights tag {tag!r} for {variant}; valid: {', '.join(r.tag for r in recs)}")
+    raise UnknownNameError(f"unknown weights tag {tag!r} for {variant}; valid: {', '.join(r.tag for r in recs)}")
 
 
 def looks_like_name(text: str) -> bool:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .attention import BiasCache, cached_position_bias, forward_in_chunks, fused_attention
 from .fused import gelu_linear, linear_gelu
-from .windows import cached, from_windows, plain_tensors, to_windows, window_bias
+from .windows import cached, effective_window, from_windows, plain_tensors, to_windows, window_bias
 from .windows import class_masks, shift_mask, window_order  # noqa: F401 (public here, as before the split)
 
 # Names of the derived tensors the official code stores as buffers; never ours, tolerated on load.
@@ -91,13 +91,6 @@ class SwinV2Config:
         if unknown:
             raise ValueError(f"unknown SwinV2Config keys: {', '.join(unknown)}")
         return cls(**d)
-
-
-def effective_window(H: int, W: int, window: int, shift: int) -> tuple[int, int]:
-    """Official rule: a map not larger than the window is one window, unshifted."""
-    if min(H, W) <= window:
-        return min(H, W), 0
-    return window, shift
 
 
 @lru_cache(maxsize=64)

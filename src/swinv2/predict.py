@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .errors import InputError
 from .data import IMG_EXTENSIONS, BadImageError, eval_transform, load_image, scan_class_folders
 from .registry import EvalPreprocess
 
@@ -180,7 +181,7 @@ def predict(model: nn.Module, paths: Sequence[str | os.PathLike], *, topk: int =
     resize the images while the model runs.
     """
     if topk < 1 or batch_size < 1:
-        raise ValueError("topk and batch_size must be at least 1")
+        raise InputError("topk and batch_size must be at least 1")
     names, source = class_names_for(model)
     k = min(topk, len(names))
     transform = _transform(preprocess or resolve_preprocess(model))
@@ -245,12 +246,12 @@ def check_class_map(model_classes: Sequence[str] | None, num_classes: int, data_
         unknown = [c for c in data_classes if c not in set(model_classes)]
         if unknown:
             shown = ", ".join(unknown[:8]) + (" ..." if len(unknown) > 8 else "")
-            raise ValueError(f"class map mismatch: {data} has class folders {shown} that {weights} does not know "
+            raise InputError(f"class map mismatch: {data} has class folders {shown} that {weights} does not know "
                              f"(its {len(model_classes)} classes: {', '.join(list(model_classes)[:8])}"
                              f"{' ...' if len(model_classes) > 8 else ''})")
         return list(model_classes)
     if len(data_classes) != num_classes:
-        raise ValueError(f"class map mismatch: {weights} has {num_classes} unnamed classes but {data} has "
+        raise InputError(f"class map mismatch: {weights} has {num_classes} unnamed classes but {data} has "
                          f"{len(data_classes)} class folders; without class names in the weights the sorted "
                          f"folders must be exactly the model's classes")
     return list(data_classes)

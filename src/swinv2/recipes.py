@@ -38,8 +38,10 @@ from typing import Any, Sequence
 
 import torch
 
+from .errors import InputError
 from .config import INHERIT, Config, ConfigError
-from .model import SwinV2Config, SwinTransformerV2, effective_window
+from .model import SwinV2Config, SwinTransformerV2
+from .windows import stage_windows
 from .outputs import write_output
 from .registry import get_variant, model_config
 
@@ -78,24 +80,11 @@ class StagePlan:
 # --------------------------------------------------------------------------- windows
 
 
-def effective_windows(arch: SwinV2Config) -> tuple[int, ...]:
-    """Per layer, the window attention uses at the config's image size: min(window, feature map).
-
-    Feature maps follow the model: ceil(size / patch) after the patch embedding, then halved
-    (rounded up, odd maps are padded) by each patch merging.
-    """
-    h, w = (-(-s // arch.patch_size) for s in arch.img_size)
-    out = []
-    for _ in arch.depths:
-        out.append(effective_window(h, w, arch.window_size, 0)[0])
-        h, w = -(-h // 2), -(-w // 2)
-    return tuple(out)
-
-
 def next_pretrained_windows(prev: SwinV2Config) -> tuple[int, ...]:
     """pretrained_window_sizes for a model initialised from a model of architecture `prev`: per layer
     the CPB normaliser `prev` used (its pretrained window, else its effective window)."""
-    return tuple(p if p > 0 else e for p, e in zip(prev.pretrained_window_sizes, effective_windows(prev)))
+    return tuple(p if p > 0 else e for p, e in zip(prev.pretrained_window_sizes, stage_windows(
+        prev.img_size, prev.patch_size, prev.window_size, len(prev.depths))))
 
 
 # --------------------------------------------------------------------------- planning
@@ -265,7 +254,7 @@ def _read_record(out: Path) -> dict[str, Any]:
     try:
         rec = json.loads(path.read_text())
         if rec.get("format") != RECIPE_FORMAT or not isinstance(rec.get("stages"), dict):
-            raise ValueError("not a recipe record")
+            raise InputError("not a recipe record")
         return rec
     except (ValueError, OSError) as e:  # a torn or foreign file: the stage folders still resume
         log.warning("ignoring %s (%s): every stage will be checked through its own checkpoints", path, e)

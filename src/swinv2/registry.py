@@ -12,22 +12,9 @@ from typing import Any
 
 import torch
 
+from .errors import UnknownNameError
 from .model import SwinTransformerV2, SwinV2Config
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class EvalPreprocess:
-    """Official eval transform: resize to img_size / crop_pct (bicubic), centre crop img_size."""
-
-    img_size: int
-    crop_pct: float
-    interpolation: str = "bicubic"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
+from .preprocess import EvalPreprocess
 
 @dataclass(frozen=True)
 class Variant:
@@ -116,18 +103,23 @@ def get_variant(name: str) -> Variant:
     if key not in VARIANTS:
         close = difflib.get_close_matches(name, list(VARIANTS) + list(ALIASES), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise KeyError(f"unknown model {name!r}{hint}; `swinv2 models` lists them")
+        raise UnknownNameError(f"unknown model {name!r}{hint}; `swinv2 models` lists them")
     return VARIANTS[key]
 
 
-def model_config(name: str, **overrides: Any) -> SwinV2Config:
-    """The variant's config with `overrides` applied (None values are ignored)."""
-    cfg = get_variant(name).config
+def config_with(cfg: SwinV2Config, **overrides: Any) -> SwinV2Config:
+    """`cfg` with `overrides` applied: None values are ignored, and an int `pretrained_window_sizes`
+    applies to every stage."""
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if isinstance(overrides.get("pretrained_window_sizes"), int):
         overrides["pretrained_window_sizes"] = (overrides["pretrained_window_sizes"],) * len(cfg.depths)
+    return replace(cfg, **overrides)
+
+
+def model_config(name: str, **overrides: Any) -> SwinV2Config:
+    """The variant's config with `overrides` applied (`config_with`)."""
     try:
-        return replace(cfg, **overrides)
+        return config_with(get_variant(name).config, **overrides)
     except TypeError as e:
         raise TypeError(f"create_model({name!r}): {e}") from None
 

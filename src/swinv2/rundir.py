@@ -26,6 +26,7 @@ from typing import IO, Any
 
 from torch import nn
 
+from .errors import SwinV2Error
 from . import distributed as D
 from .checkpoint import find_resumable, save_training_state, save_weights
 from .config import Config
@@ -35,7 +36,7 @@ from .registry import EvalPreprocess
 log = logging.getLogger(__name__)
 
 
-class RunLockedError(OSError):
+class RunLockedError(SwinV2Error, OSError):
     """The run directory is held by another live training process."""
 
 

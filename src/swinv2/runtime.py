@@ -49,6 +49,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import InputError
+
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("torch", "onnxruntime", "openvino")
@@ -61,7 +63,7 @@ ATOL_FP32 = 1e-4
 AUTO_MAX_BATCH = 8
 
 
-class RuntimeUnavailable(ValueError):
+class RuntimeUnavailable(InputError):
     """The runtime or precision cannot run here: a missing package, an unsupported precision or CPU."""
 
 
@@ -151,7 +153,7 @@ def export_root(sha: str, *, weights: str | os.PathLike | None = None,
 
 
 def _write_json_atomic(path: Path, record: dict[str, Any]) -> None:
-    from .checkpoint import atomic_write
+    from .outputs import atomic_write
 
     raw = (json.dumps(record, indent=1) + "\n").encode()
     atomic_write(path, lambda f: f.write(raw))
@@ -218,7 +220,7 @@ def _check_runtime(fn: Callable[[np.ndarray], np.ndarray], model: nn.Module, img
             expected = model(x).float().numpy()
         diffs[b] = float(np.abs(fn(x.numpy()) - expected).max())
     if not all(d <= atol for d in diffs.values()):
-        raise ValueError(f"the runtime differs from PyTorch by {max(diffs.values()):.3g} (> {atol:g}); not cached")
+        raise InputError(f"the runtime differs from PyTorch by {max(diffs.values()):.3g} (> {atol:g}); not cached")
     return diffs
 
 
@@ -238,7 +240,7 @@ def calibration_set(calib: str | os.PathLike, model: nn.Module, img_size: int, *
         raise FileNotFoundError(f"--calib {calib}: not a folder of images")
     files, errors = expand_paths([calib])
     if not files:
-        raise ValueError(f"--calib {calib}: {errors[0]['error'] if errors else 'no image files'}")
+        raise InputError(f"--calib {calib}: {errors[0]['error'] if errors else 'no image files'}")
     if len(files) > limit:
         files = [files[i * len(files) // limit] for i in range(limit)]
     transform = _transform(resolve_preprocess(model, img_size=img_size))
@@ -251,7 +253,7 @@ def calibration_set(calib: str | os.PathLike, model: nn.Module, img_size: int, *
             continue
         h.update(f"{os.path.relpath(path, calib)}:{os.path.getsize(path)};".encode())
     if not images:
-        raise ValueError(f"--calib {calib}: no readable image")
+        raise InputError(f"--calib {calib}: no readable image")
     return images, h.hexdigest()
 
 
@@ -274,7 +276,7 @@ def int8_openvino(model: nn.Module, root: Path, sha: str, img_size: int,
         old = _read_key(xml.with_name(xml.name + ".key.json"))
         if old is None or not xml.exists() or any(old.get(k) != key[k] for k in ("sha256", "img_size")):
             stale = " (the cached one is stale: the weights changed)" if old and old.get("sha256") != sha else ""
-            raise ValueError(f"--precision int8 needs calibration images{stale}: --calib DIR, a folder of images like "
+            raise InputError(f"--precision int8 needs calibration images{stale}: --calib DIR, a folder of images like "
                              f"the ones to classify (e.g. the training set)")
         return xml
     onnx_path = fp32_onnx(model, root, sha, img_size)
@@ -363,9 +365,9 @@ class Runtime:
     def __call__(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
         x = torch.as_tensor(x)
         if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected (B, 3, H, W) images, got {tuple(x.shape)}")
+            raise InputError(f"expected (B, 3, H, W) images, got {tuple(x.shape)}")
         if self.name != "torch" and tuple(x.shape[2:]) != (self.img_size, self.img_size):
-            raise ValueError(f"the {self.name} graph is fixed at {self.img_size}x{self.img_size} px; got "
+            raise InputError(f"the {self.name} graph is fixed at {self.img_size}x{self.img_size} px; got "
                              f"{x.shape[2]}x{x.shape[3]} (use --img-size {x.shape[2]} to export at that size)")
         return self.infer(x.detach().cpu().float())
 

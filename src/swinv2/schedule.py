@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from .errors import ConfigError
 from .config import OptimConfig, ScheduleConfig
 
 
@@ -78,7 +79,7 @@ def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas: 
                     eps: float = 1e-8, layer_decay: float | None = None) -> torch.optim.AdamW:
     groups = param_groups(model, weight_decay, layer_decay)
     if not groups:
-        raise ValueError("no trainable parameters: every parameter is frozen (check model.freeze)")
+        raise ConfigError("no trainable parameters: every parameter is frozen (check model.freeze)")
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                              fused=_fusable([p for g in groups for _, p in g["params"]]) or None)
 

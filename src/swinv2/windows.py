@@ -35,6 +35,25 @@ def cached(fn: Any, *args: Any) -> Any:
     return fn.__wrapped__(*args) if torch.compiler.is_compiling() else fn(*args)
 
 
+def effective_window(H: int, W: int, window: int, shift: int) -> tuple[int, int]:
+    """Official rule: a map not larger than the window is one window, unshifted."""
+    if min(H, W) <= window:
+        return min(H, W), 0
+    return window, shift
+
+
+def stage_windows(img_size: tuple[int, int], patch_size: int, window: int, num_stages: int) -> tuple[int, ...]:
+    """The window each stage really uses at `img_size`: min(window, feature map) per stage. Maps are
+    ceil(size / patch) after the patch embedding, then halved (rounded up: odd maps are padded) by each
+    patch merging."""
+    h, w = (-(-s // patch_size) for s in img_size)
+    out = []
+    for _ in range(num_stages):
+        out.append(effective_window(h, w, window, 0)[0])
+        h, w = -(-h // 2), -(-w // 2)
+    return tuple(out)
+
+
 def window_partition(x: Tensor, window: int) -> Tensor:
     """(B, H, W, C) -> (B*nW, window*window, C); H and W are multiples of `window`."""
     B, H, W, C = x.shape
