@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "swinv2"
 LAYERS: list[set[str]] = [
     {"errors"},                         # the project's error types: imports nothing of ours
     {"outputs", "preprocess"},          # writing result files; the eval preprocessing constants
-    {"allocator", "config", "distributed", "evaluate", "export", "faults", "fused", "hardware"},  # leaves
+    {"allocator", "config", "distributed", "export", "faults", "fused", "hardware"},  # leaves
     {"data", "schedule", "windows"},    # data pipeline; optimiser + LR schedule; window layout (kernels)
     {"attention"},                      # attention kernels and their dispatch
     {"model"},                          # the architecture and the official math
@@ -28,6 +28,7 @@ LAYERS: list[set[str]] = [
     {"checkpoint"},                     # weights files, create_model / load_model
     {"plots"},                          # figures
     {"predict", "rundir"},              # inference over files, the run directory
+    {"evaluate"},                       # metrics of a loader; `swinv2 eval` on a class folder
     {"bench", "engine"},                # measuring, training: neither imports the other
     {"recipes", "runtime"},             # recipe sweeps over fit(), inference runtimes
     {"__init__", "cli"},                # the public API, the command line

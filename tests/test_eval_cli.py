@@ -189,7 +189,7 @@ def test_a_device_this_machine_lacks_is_one_line(named, capsys, device, says):
 
 
 def test_output_paths_are_checked_before_evaluating(named, tmp_path, monkeypatch, capsys):
-    import swinv2.predict as P
+    import swinv2.evaluate as P
 
     _, weights, data = named
     monkeypatch.setattr(P, "evaluate_folder", lambda *a, **kw: pytest.fail("evaluated before checking outputs"))

@@ -42,7 +42,8 @@ from . import convert, hub
 from .errors import CheckpointError, InputError, UnsafeCheckpointError
 from .model import SwinTransformerV2, SwinV2Config
 from .outputs import atomic_write
-from .registry import EvalPreprocess, config_with, get_variant, model_config
+from .preprocess import EvalPreprocess
+from .registry import config_with, get_variant, model_config
 
 log = logging.getLogger(__name__)
 

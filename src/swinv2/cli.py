@@ -242,7 +242,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def _run_eval(args: argparse.Namespace) -> int:
     from .outputs import check_output, is_stdout
-    from .predict import evaluate_folder, save_eval_plots
+    from .evaluate import evaluate_folder, save_eval_plots
 
     if args.json:
         check_output(args.json, "--json")

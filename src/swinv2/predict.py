@@ -1,7 +1,8 @@
-"""Using a trained model on image files: `predict` (files, folders, globs), its picture
-`save_prediction_grid`, and `evaluate_folder`.
+"""Using a trained model on image files: `predict` (files, folders, globs) and its picture
+`save_prediction_grid`; the eval preprocessing of a loaded model (`resolve_preprocess`), which
+`evaluate.evaluate_folder` shares.
 
-Both read images with `data.load_image` (every PIL mode, EXIF rotation) and preprocess them with the
+Images are read with `data.load_image` (every PIL mode, EXIF rotation) and preprocessed with the
 model's eval transform (`model.preprocess`, from the weights' metadata or the registry record). An
 unreadable file never stops the run: it is reported, with its reason, and skipped.
 
@@ -17,7 +18,7 @@ import glob
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .errors import InputError
-from .data import IMG_EXTENSIONS, BadImageError, eval_transform, load_image, scan_class_folders
-from .registry import EvalPreprocess
+from .data import IMG_EXTENSIONS, BadImageError, eval_transform, load_image
+from .preprocess import EvalPreprocess
 
 log = logging.getLogger(__name__)
 
@@ -229,155 +230,3 @@ def save_prediction_grid(preds: PredictionSet, path: str | os.PathLike) -> Path:
         title += f"; top-1 right for {sum(marked)} of the {len(marked)} whose folder names a class"
     return plot_prediction_grid(preds.thumbnails, captions, path, titles=grid_titles([r["path"] for r in shown]),
                                 correct=correct, title=title)
-
-
-# --------------------------------------------------------------------------- evaluate a class folder
-
-
-def check_class_map(model_classes: Sequence[str] | None, num_classes: int, data_classes: Sequence[str], *,
-                    weights: str, data: str) -> list[str]:
-    """The class list that maps the data's folders to the model's outputs; raises on a mismatch.
-
-    Weights with class names: every class folder must be one of them (a val folder may lack some).
-    Weights without names (e.g. official .pth): the sorted folders ARE the class indices, so there
-    must be exactly `num_classes` of them.
-    """
-    if model_classes is not None:
-        unknown = [c for c in data_classes if c not in set(model_classes)]
-        if unknown:
-            shown = ", ".join(unknown[:8]) + (" ..." if len(unknown) > 8 else "")
-            raise InputError(f"class map mismatch: {data} has class folders {shown} that {weights} does not know "
-                             f"(its {len(model_classes)} classes: {', '.join(list(model_classes)[:8])}"
-                             f"{' ...' if len(model_classes) > 8 else ''})")
-        return list(model_classes)
-    if len(data_classes) != num_classes:
-        raise InputError(f"class map mismatch: {weights} has {num_classes} unnamed classes but {data} has "
-                         f"{len(data_classes)} class folders; without class names in the weights the sorted "
-                         f"folders must be exactly the model's classes")
-    return list(data_classes)
-
-
-class _EvalSamples(Dataset):
-    """(index) -> data.Sample: the transformed image, or the unreadable file's (path, reason)."""
-
-    def __init__(self, dataset, transform) -> None:
-        self.dataset, self.transform = dataset, transform
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        from .data import Sample
-
-        path, label = self.dataset.samples[index]
-        try:
-            return Sample(self.transform(load_image(path)), label, index, None)
-        except BadImageError as e:
-            return Sample(None, label, index, (path, e.reason))
-
-
-class _Reporting:
-    """Iterates a loader of `data.Batch`es, remembering every unreadable file it reports."""
-
-    def __init__(self, loader) -> None:
-        self.loader = loader
-        self.bad: list[dict[str, str]] = []
-
-    def __iter__(self):
-        for batch in self.loader:
-            for path, reason in batch.bad:
-                log.debug("skipped %s: %s", path, reason)
-                self.bad.append({"path": path, "error": reason})
-            yield batch
-
-
-class _Recording(nn.Module):
-    """`net` that keeps a CPU copy of every batch's logits (for comparing two runs of one loader)."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-        self.logits: list[torch.Tensor] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.net(x)
-        self.logits.append(out.detach().float().cpu())
-        return out
-
-
-def agreement(logits: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
-    """How closely (N, C) `logits` follow (N, C) `reference`: top-1 agreement in percent (share of
-    images whose top-1 class is the same) and max / mean |difference|."""
-    diff = (logits - reference).abs()
-    same = (logits.argmax(dim=1) == reference.argmax(dim=1)).double().mean().item() if len(logits) else float("nan")
-    return {"top1_agreement": 100.0 * same, "max_abs_logit_diff": float(diff.max()) if diff.numel() else 0.0,
-            "mean_abs_logit_diff": float(diff.mean()) if diff.numel() else 0.0}
-
-
-def evaluate_folder(model: nn.Module, data: str | os.PathLike, *, weights: str = "the weights",
-                    batch_size: int = 64, workers: int = 0, device: str | torch.device = "cpu",
-                    preprocess: EvalPreprocess | None = None, amp_dtype: torch.dtype | None = None,
-                    runtime: Any = None, compare_fp32: bool = False) -> dict[str, Any]:
-    """Top-1 / top-5 / loss / per-class accuracy of `model` on the class folder `data`.
-
-    Returns `evaluate`'s metrics (loss, top1, top5, n, img_per_s, skipped) plus "classes" (the
-    model's class list), "confusion" (C x C list, rows = true class), "per_class" (one
-    {"class", "n", "correct", "top1"} per class with images), "empty_classes" (class folders without
-    images), "warnings" (the class-folder lines, also logged), "errors" (unreadable files) and
-    "preprocess". Class folders are read as in training (`data.ImageFolderDataset`: hidden folders are
-    never classes, an empty folder keeps its class slot) and reported with the same lines
-    (`data.folder_warnings`). `weights` names the weights in a class-map error.
-
-    With `runtime` (a `runtime.Runtime`) the images run through it instead of `model`. With
-    `compare_fp32` the PyTorch fp32 `model` evaluates the same images too, and "fp32" holds its
-    top1 and img_per_s, "top1_delta" (this run's top-1 minus fp32's, points) and `agreement`'s
-    fields (top-1 agreement, max / mean |logit difference|).
-    """
-    from torch.utils.data import DataLoader
-
-    from .data import ImageFolderDataset, collate, folder_warnings
-    from .evaluate import evaluate
-
-    data = os.fspath(data)
-    classes = check_class_map(getattr(model, "class_names", None), model.config.num_classes,
-                              scan_class_folders(data), weights=weights, data=data)
-    prep = preprocess or resolve_preprocess(model)
-    dataset = ImageFolderDataset(data, class_names=classes)
-    warnings = folder_warnings(dataset, training=False)
-    for w in warnings:
-        log.warning("%s", w)
-    loader = _Reporting(DataLoader(_EvalSamples(dataset, _transform(prep)), batch_size=batch_size,
-                                   num_workers=workers, collate_fn=collate))
-    net = runtime.as_module() if runtime is not None else model.to(device)
-    if compare_fp32:
-        net = _Recording(net)
-    metrics = evaluate(net, loader, device=device, amp_dtype=amp_dtype, return_confusion=True)
-    if compare_fp32:
-        ref = _Recording(model.float().to(device))
-        fp32 = evaluate(ref, loader.loader, device=device)  # the same images; unreadable ones reported once
-        metrics["fp32"] = {"top1": fp32["top1"], "img_per_s": fp32["img_per_s"],
-                           "top1_delta": metrics["top1"] - fp32["top1"],
-                           **agreement(torch.cat(net.logits or [torch.zeros(0, 0)]),
-                                       torch.cat(ref.logits or [torch.zeros(0, 0)]))}
-    confusion = metrics.pop("confusion")
-    correct = confusion.diag().tolist()
-    counts = confusion.sum(dim=1).tolist()
-    per_class = [{"class": c, "n": n, "correct": k, "top1": 100.0 * k / n}
-                 for c, n, k in zip(classes, counts, correct) if n > 0]
-    return {**metrics, "classes": classes, "confusion": confusion.tolist(), "per_class": per_class,
-            "empty_classes": dataset.empty_classes, "warnings": warnings, "errors": loader.bad,
-            "preprocess": asdict(prep)}
-
-
-def save_eval_plots(report: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
-    """confusion_matrix.png and per_class_accuracy.png of an `evaluate_folder` report in `out_dir`."""
-    from .plots import plot_confusion_matrix, plot_per_class_accuracy
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = report["per_class"]
-    return [
-        plot_confusion_matrix(report["confusion"], report["classes"], out / "confusion_matrix.png"),
-        plot_per_class_accuracy([r["top1"] for r in rows], [r["class"] for r in rows],
-                                out / "per_class_accuracy.png", counts=[r["n"] for r in rows]),
-    ]

@@ -31,7 +31,7 @@ from . import distributed as D
 from .checkpoint import find_resumable, save_training_state, save_weights
 from .config import Config
 from .outputs import write_output
-from .registry import EvalPreprocess
+from .preprocess import EvalPreprocess
 
 log = logging.getLogger(__name__)
 
