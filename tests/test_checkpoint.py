@@ -427,7 +427,7 @@ def test_training_state_format_tag_is_the_engines() -> None:
 @pytest.mark.parametrize("best_metric", ["val_top1", "val_ema_top1"])
 def test_training_checkpoint_loads_as_self_describing_weights(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                               best_metric: str) -> None:
-    from test_data import make_image_folder
+    from image_folders import make_image_folder
 
     from swinv2 import engine
     from swinv2.config import load_config

@@ -4,14 +4,11 @@ mid-way resumes bit-identically when torchrun starts it again."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_reliability import assert_same_state, drive, load_state, steps_log, tiny_config, train  # noqa: E402
+from runs import assert_same_state, drive, load_state, steps_log, tiny_config, train
 
 # Per-sample augmentation is seeded by the sample, so it is the same on any number of ranks; Mixup
 # pairs images within a rank's batch and stochastic depth draws per rank, so both are off here.

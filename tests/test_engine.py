@@ -17,7 +17,7 @@ from swinv2 import engine
 from swinv2.config import load_config
 from swinv2 import create_model
 from swinv2.schedule import WarmupCosineLR, build_optimizer, param_groups, scaled_lrs
-from test_data import make_image_folder
+from image_folders import make_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 # A plain, deterministic tiny setup: no augmentation randomness beyond the crop, no stochastic depth.

@@ -6,8 +6,8 @@ class folders, pickles with code, checkpoints of another model, reseeding, bad c
 The tiny run: SwinV2 micro (embed 24, depths (2,2), window 4, 32 px) on 16 generated images,
 batch 4, 3 epochs = 12 steps, with the full augmentation recipe (RandAugment, random erasing,
 Mixup/CutMix, stochastic depth) and an EMA, so that "bit-identical" covers every random draw.
-Faults are injected by `install_faults`, which a driver script (`python driver.py FAULTS ARGS`)
-installs in a real `swinv2 train` process; the uninterrupted reference and most resumes run in
+Faults are injected by `install_faults` (inject.py), which a driver script (`python driver.py FAULTS
+ARGS`, runs.drive) installs in a real `swinv2 train` process; the uninterrupted reference and most resumes run in
 this process through `swinv2.cli.main`.
 """
 from __future__ import annotations
@@ -22,192 +22,18 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
-TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS))
-from test_data import make_image_folder  # noqa: E402
+from image_folders import make_image_folder
+from inject import record_batches
+from runs import assert_same_state, drive, load_state, steps_log, tiny_config, train
 
-TINY = """\
-model: {{name: swinv2_micro_window4_32, drop_path_rate: 0.1}}
-data: {{root: {root}, batch_size: 4, workers: 0}}
-optim: {{lr: 2.0e-3, lr_scaling: none}}
-schedule: {{warmup_epochs: 1, warmup_lr: 1.0e-5, min_lr: 1.0e-5}}
-train: {{epochs: 3, ema: true, ema_decay: 0.9, log_every: 1, threads: 1, progress: false, tensorboard: false,
-        checkpoint_every: 3, keep_best: 2}}
-"""
 STEPS = 12  # 16 images / batch 4 x 3 epochs
-DRIVER = """\
-import json, sys
-sys.path.insert(0, {tests!r})
-from test_reliability import install_faults
-install_faults(**json.loads(sys.argv[1]))
-from swinv2.cli import main
-sys.exit(main(sys.argv[2:]))
-"""
-
-
-# --------------------------------------------------------------------------- fault injection
-
-
-def install_faults(*, kill_at: int | None = None, signal_at: list | None = None, kill_in_save: int | None = None,
-                   record: str | None = None, dump_params: str | None = None, readonly: str | None = None) -> None:
-    """Patch this process (the driver's, or the test's own for `record`):
-
-    kill_at: SIGKILL itself inside the optimizer step of global step `kill_at` (after backward).
-    signal_at: [step, signum]: send itself that signal inside that step's optimizer step.
-    kill_in_save: SIGKILL half-way through writing the n-th torch.save (1-based).
-    record: append {"step", "indices"} of every train step's samples to this JSONL file.
-    dump_params: after training, save this rank's model state dict to DIR/rank{r}.pt.
-    readonly: on ranks other than 0, any attempt to create or write a file under this folder raises.
-    """
-    import builtins
-    import io
-
-    from swinv2 import engine
-
-    if kill_at is not None or signal_at is not None:
-        orig_step = torch.optim.AdamW.step
-        calls = [0]
-
-        def step(self, *a, **kw):
-            calls[0] += 1  # call n happens in global step n - 1 of a fresh run
-            if kill_at is not None and calls[0] == kill_at + 1:
-                os.kill(os.getpid(), signal.SIGKILL)
-            if signal_at is not None and calls[0] == signal_at[0] + 1:
-                os.kill(os.getpid(), signal_at[1])
-            return orig_step(self, *a, **kw)
-
-        torch.optim.AdamW.step = step
-    if kill_in_save is not None:
-        orig_save = torch.save
-        saves = [0]
-
-        def save(obj, f, *a, **kw):
-            saves[0] += 1
-            if saves[0] == kill_in_save:
-                buf = io.BytesIO()
-                orig_save(obj, buf, *a, **kw)
-                data = buf.getvalue()
-                f.write(data[: len(data) // 2])
-                f.flush()
-                os.fsync(f.fileno())
-                os.kill(os.getpid(), signal.SIGKILL)
-            return orig_save(obj, f, *a, **kw)
-
-        torch.save = save
-    if record is not None:
-        record_batches(engine, record)
-    if dump_params is not None:
-        orig_run = engine.Trainer.run
-
-        def run(self, *a, **kw):
-            out = orig_run(self, *a, **kw)
-            torch.save({k: v.detach().clone() for k, v in self.model.state_dict().items()},
-                       os.path.join(dump_params, f"rank{self.env.rank}.pt"))
-            return out
-
-        engine.Trainer.run = run
-    if readonly is not None and int(os.environ.get("RANK", "0")) != 0:
-        root = os.path.realpath(readonly)
-        writes = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-
-        def inside(path) -> bool:
-            try:
-                return os.path.realpath(os.fspath(path)).startswith(root)
-            except TypeError:  # a file descriptor
-                return False
-
-        def guard(fn, is_write):
-            def wrapper(path, *a, **kw):
-                if inside(path) and is_write(*a, **kw):
-                    raise PermissionError(f"rank {os.environ['RANK']} tried to write {path}")
-                return fn(path, *a, **kw)
-            return wrapper
-
-        mode_writes = lambda mode="r", *a, **kw: any(c in mode for c in "wax+")  # noqa: E731
-        builtins.open = io.open = guard(builtins.open, mode_writes)
-        os.open = guard(os.open, lambda flags, *a, **kw: bool(flags & writes))
-        os.mkdir = guard(os.mkdir, lambda *a, **kw: True)
-        os.replace = guard(os.replace, lambda *a, **kw: True)
-
-
-def record_batches(engine: Any, path: str) -> None:
-    orig = engine.Trainer.train_step
-
-    def train_step(self, micro):
-        with open(path, "a") as f:
-            f.write(json.dumps({"step": self.progress["global_step"],
-                                "indices": [i for b in micro for i in b.indices.tolist()]}) + "\n")
-        return orig(self, micro)
-
-    engine.Trainer.train_step = train_step
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def tiny_config(tmp: Path, data_root: Path | None = None, text: str = TINY) -> Path:
-    root = data_root or make_image_folder(tmp / "data")
-    cfg = tmp / "tiny.yaml"
-    cfg.write_text(text.format(root=root))
-    return cfg
-
-
-def train(cfg: Path, out: Path, *overrides: str, resume: str | None = None) -> int:
-    """`swinv2 train` in this process."""
-    from swinv2.cli import main
-
-    before = torch.get_num_threads()
-    try:
-        return main(["train", "--config", str(cfg), "--out", str(out), *overrides,
-                     *(["--resume", resume] if resume else [])])
-    finally:
-        torch.set_num_threads(before)
-
-
-def drive(tmp: Path, faults: dict, cfg: Path, out: Path, *overrides: str, nproc: int = 1,
-          timeout: float = 240) -> subprocess.CompletedProcess:
-    """`swinv2 train` in a fresh process (or `nproc` torchrun processes) with `faults` installed."""
-    driver = tmp / "driver.py"
-    driver.write_text(DRIVER.format(tests=str(TESTS)))
-    launcher = [sys.executable] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*launcher, str(driver), json.dumps(faults), "train", "--config", str(cfg), "--out",
-                           str(out), *overrides], capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def load_state(out: Path, name: str = "last.pt") -> dict:
-    from swinv2.checkpoint import load_training_state
-
-    return load_training_state(out / "checkpoints" / name)
-
-
-def assert_same_state(a: dict, b: dict) -> None:
-    """Model, EMA, optimizer, scheduler, scaler, progress and sampler position bit-identical."""
-    for part in ("model", "ema"):
-        assert a[part].keys() == b[part].keys()
-        for k in a[part]:
-            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k}"
-    oa, ob = a["optimizer"], b["optimizer"]
-    assert oa["param_groups"] == ob["param_groups"]
-    assert oa["state"].keys() == ob["state"].keys()
-    for pid in oa["state"]:
-        for k, v in oa["state"][pid].items():
-            assert torch.equal(v, ob["state"][pid][k]), f"optimizer state {pid}.{k}"
-    for part in ("scheduler", "scaler", "progress", "sampler", "best", "classes"):
-        assert a[part] == b[part], part
-    timing = {"img_per_s", "epoch_time_s", "train_time_s"}
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
-    assert strip(a["history"]) == strip(b["history"])
-
-
-def steps_log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
 
 
 def read_records(path: Path) -> list[dict]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from test_data import make_image_folder
+from image_folders import make_image_folder
 
 
 def test_a_log_file_gets_progress_lines_not_carriage_returns(tmp_path):

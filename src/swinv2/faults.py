@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError, InputError
+from .errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +58,10 @@ class StopSignals:
 
 
 def assert_finite(state: dict[str, Any], where: str = "state") -> None:
-    """Raise CheckpointError naming the first non-finite floating tensor in a nested state."""
+    """Raise InputError (a ValueError) naming the first non-finite floating tensor in a nested state."""
     if isinstance(state, torch.Tensor):
         if state.is_floating_point() and not bool(torch.isfinite(state).all()):
-            raise CheckpointError(f"refusing to save a checkpoint: {where} holds non-finite values")
+            raise InputError(f"refusing to save a checkpoint: {where} holds non-finite values")
     elif isinstance(state, dict):
         for k, v in state.items():
             assert_finite(v, f"{where}.{k}")
