@@ -19,14 +19,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "swinv2"
 LAYERS: list[set[str]] = [
     {"errors"},                         # the project's error types: imports nothing of ours
     {"outputs", "preprocess"},          # writing result files; the eval preprocessing constants
-    {"allocator", "config", "distributed", "export", "faults", "fused", "hardware"},  # leaves
+    {"allocator", "config", "distributed", "faults", "fused", "hardware"},  # leaves
     {"data", "schedule", "windows"},    # data pipeline; optimiser + LR schedule; window layout (kernels)
     {"attention"},                      # attention kernels and their dispatch
     {"model"},                          # the architecture and the official math
-    {"convert", "registry"},            # foreign state-dict layouts; the variant table
-    {"cpb", "flops", "hub"},            # about variants: CPB maps, MACs, published weights
+    {"convert", "export_graph", "registry", "simmim"},  # foreign state-dict layouts; the size-free export
+                                        # forward; variants; SimMIM pretraining (mask token, decoder, loss)
+    {"cpb", "export", "flops", "hub"},  # CPB maps, ONNX export, MACs, published weights
     {"checkpoint"},                     # weights files, create_model / load_model
-    {"plots"},                          # figures
+    {"backbone", "plots"},              # detection / segmentation backbone and heads; figures
     {"predict", "rundir"},              # inference over files, the run directory
     {"evaluate"},                       # metrics of a loader; `swinv2 eval` on a class folder
     {"bench", "engine"},                # measuring, training: neither imports the other

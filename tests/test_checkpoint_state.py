@@ -192,9 +192,7 @@ def test_find_resumable_skips_malicious(tmp_path: Path) -> None:
 def test_disk_full_inside_torch_writer_still_says_no_space(tmp_path: Path, monkeypatch) -> None:
     """torch.save wraps the file object's ENOSPC in its own RuntimeError ("[enforce fail at
     inline_container.cc]"); the error still names the file and the OS's reason."""
-    import swinv2.checkpoint as C
-
-    real_fdopen = os.fdopen
+    import swinv2.outputs as O
 
     class FullDisk:
         def __init__(self, f):
@@ -215,7 +213,9 @@ def test_disk_full_inside_torch_writer_still_says_no_space(tmp_path: Path, monke
         def __exit__(self, *exc):
             self.f.close()
 
-    monkeypatch.setattr(C.os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
+    # The atomic writer opens its temp file with `open(tmp, "wb")`; that file fills up.
+    monkeypatch.setattr(O, "open", lambda f, mode="r": FullDisk(open(f, mode)) if mode == "wb" else open(f, mode),
+                        raising=False)
     path = tmp_path / "last.pt"
     with pytest.raises(CheckpointError) as err:
         save_training_state(path, {"w": torch.zeros(10_000)})

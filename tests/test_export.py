@@ -59,6 +59,7 @@ def test_cli_export_prints_the_check_and_writes_the_sidecar(tmp_path, capsys):
     side = json.loads((tmp_path / "m.onnx.json").read_text())
     assert side["class_names"] == ["ant", "bee", "cow"]
     assert side["input"]["shape"] == ["batch", 3, 48, 48] and side["preprocess"]["img_size"] == 48
+    assert side["img_size"] == side["eval_img_size"] == 48 and side["dynamic_size"] is False
     assert _ort_vs_torch(out, load_model(weights), 48, 2) <= 1e-4
 
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 # public name -> the module that defines it
 _EXPORTS = {
+    "create_backbone": "backbone",
     "LoadReport": "checkpoint", "create_model": "checkpoint", "load_model": "checkpoint",
     "load_weights": "checkpoint", "save_weights": "checkpoint",
     "convert_state_dict": "convert",

@@ -126,40 +126,47 @@ def _file_mode() -> int:
     return 0o666 & ~_umask()
 
 
-def atomic_write(path: PathLike, write: Callable[[IO[bytes]], Any]) -> None:
-    """Call `write(fileobj)` on a temp file beside `path`, fsync it, then `os.replace` it onto `path`.
+@contextlib.contextmanager
+def atomic_file(path: PathLike) -> Iterator[Path]:
+    """A unique temp name beside `path` for the block to write to (by name: an exporter, a saver).
 
-    The file gets the mode an ordinary new file gets (0o666 less the umask), not the temp file's 0600.
+    When the block ends without an error the file is fsynced, given the mode an ordinary new file gets
+    (0o666 less the umask, not mkstemp's 0600) and renamed onto `path`; else it is removed and `path`
+    is left untouched. A symlink at `path` stays: its target is replaced.
+    """
+    path = Path(path)
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    directory = target.parent if str(target.parent) else Path(".")
+    if not directory.is_dir():
+        raise CheckpointError(f"cannot save {path}: directory {directory} does not exist")
+    fd, name = tempfile.mkstemp(dir=directory, prefix=_temp_name(target), suffix=".tmp")
+    os.close(fd)
+    tmp: Path | None = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode())
+        os.replace(tmp, target)
+        tmp = None
+        _fsync_dir(directory)
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: PathLike, write: Callable[[IO[bytes]], Any]) -> None:
+    """Call `write(fileobj)` on a temp file beside `path`, then rename it onto `path` (`atomic_file`).
 
     On any failure the temp file is removed, a previous `path` is left untouched and CheckpointError
     names `path` and the cause (e.g. "No space left on device").
     """
-    path = Path(path)
-    target = Path(os.path.realpath(path)) if path.is_symlink() else path  # a link stays; its target is replaced
-    directory = target.parent if str(target.parent) else Path(".")
-    if not directory.is_dir():
-        raise CheckpointError(f"cannot save {path}: directory {directory} does not exist")
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=_temp_name(target), suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
+        with atomic_file(path) as tmp, open(tmp, "wb") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode())  # an ordinary file's mode, as config.yaml and curves.png get
-        os.replace(tmp, target)
-        tmp = None
-        _fsync_dir(directory)
-    except BaseException as e:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-        if isinstance(e, CheckpointError):
-            raise
-        if not isinstance(e, Exception):  # KeyboardInterrupt / SystemExit: cleaned up, pass on
-            raise
+    except CheckpointError:
+        raise
+    except Exception as e:  # KeyboardInterrupt / SystemExit: cleaned up, passed on as they are
         raise CheckpointError(f"could not save {path}: {_write_cause(e)}; the previous file (if any) is "
                               f"unchanged") from e
 

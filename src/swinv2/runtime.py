@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
+from .outputs import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +154,6 @@ def export_root(sha: str, *, weights: str | os.PathLike | None = None,
 
 
 def _write_json_atomic(path: Path, record: dict[str, Any]) -> None:
-    from .outputs import atomic_write
-
     raw = (json.dumps(record, indent=1) + "\n").encode()
     atomic_write(path, lambda f: f.write(raw))
 
@@ -300,13 +299,11 @@ def int8_openvino(model: nn.Module, root: Path, sha: str, img_size: int,
         with _quiet_progress():
             quantised = nncf.quantize(ov_model, nncf.Dataset(images), model_type=nncf.ModelType.TRANSFORMER,
                                       subset_size=len(images), advanced_parameters=advanced)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".int8-"))
-        try:
-            ov.save_model(quantised, os.fspath(tmp / "m.xml"), compress_to_fp16=False)
-            os.replace(tmp / "m.bin", path.with_suffix(".bin"))
-            os.replace(tmp / "m.xml", path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".int8-") as tmp:
+            ov.save_model(quantised, os.fspath(Path(tmp) / "m.xml"), compress_to_fp16=False)
+            for name, dst in (("m.bin", path.with_suffix(".bin")), ("m.xml", path)):  # .xml last: the pair is done
+                with open(Path(tmp) / name, "rb") as src:
+                    atomic_write(dst, lambda f, src=src: shutil.copyfileobj(src, f))
 
     return _cached(xml, key, build)
 
@@ -350,6 +347,15 @@ def _openvino_fn(path: Path, precision: str, threads: int | None) -> Callable[[n
     return lambda x: request.infer({0: x})[0].copy()
 
 
+def _takes_any_size(graph: str | None) -> bool:
+    """Whether `graph` was exported with dynamic height and width (`export_onnx(dynamic_size=True)`),
+    as its sidecar `<graph>.json` records; a graph without one is fixed at its size."""
+    try:
+        return graph is not None and json.loads(Path(graph + ".json").read_text()).get("dynamic_size") is True
+    except (OSError, ValueError):
+        return False
+
+
 @dataclass
 class Runtime:
     """A loaded runtime: `rt(x)` -> (B, num_classes) float32 logits of (B, 3, img_size, img_size) images."""
@@ -366,7 +372,8 @@ class Runtime:
         x = torch.as_tensor(x)
         if x.ndim != 4 or x.shape[1] != 3:
             raise InputError(f"expected (B, 3, H, W) images, got {tuple(x.shape)}")
-        if self.name != "torch" and tuple(x.shape[2:]) != (self.img_size, self.img_size):
+        if (self.name != "torch" and tuple(x.shape[2:]) != (self.img_size, self.img_size)
+                and not _takes_any_size(self.path)):
             raise InputError(f"the {self.name} graph is fixed at {self.img_size}x{self.img_size} px; got "
                              f"{x.shape[2]}x{x.shape[3]} (use --img-size {x.shape[2]} to export at that size)")
         return self.infer(x.detach().cpu().float())

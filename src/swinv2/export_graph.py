@@ -1,0 +1,187 @@
+"""An export-only forward of `SwinTransformerV2` whose window layout is computed from the input's shape.
+
+Tracing the model itself (export.py's default) bakes everything that depends on the image size into
+constants: the padding, the roll and window partition (a constant gather), the shift masks, the
+effective window of each stage and the position bias for it. `DynamicSizeForward` shares the model's
+parameters and runs the official math (scaled cosine attention, res-post-norm, v2 patch merging) with
+every size-dependent quantity computed from `torch._shape_as_tensor` in tensor ops. Under the
+TorchScript tracer those ops are recorded (Shape, Div, Mod, Where, Range, Gather in ONNX), so one
+graph runs at any height and width:
+
+* padding: the patch embedding and the patch merging pad by a constant (p - 1, resp. 1) and crop to
+  the size they need (slices with tensor bounds); the window padding, roll and partition are one
+  gather from the map with a zero row appended, its indices computed from (H, W, window, shift).
+* effective window (official rule, `windows.effective_window`): window = min(H, W) and shift 0 when
+  min(H, W) <= the configured window, computed with `torch.where`; N = window^2 is then dynamic.
+* position bias: the log-spaced coordinates table and the relative position index are built from the
+  dynamic window with `arange`, then go through the block's CPB MLP, in the graph.
+* shift masks: per window-ordered token its region label (the official three slices per axis, in
+  the rolled frame), compared pairwise within each window; with shift 0 every label in a window is
+  equal and the mask is zero, so one formula serves both branches.
+
+Every size from 1 px up runs: the stages use ceil division throughout, so no stage map is empty.
+The eager forward gives the same logits as the model (it is how the tests check the formulas
+before any exporter is involved); it is slower than the model's own eager path and meant for export.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .model import BasicLayer, PatchMerging, SwinTransformerBlock, SwinTransformerV2, WindowAttention
+from .windows import MASK_VALUE
+
+
+class Layout(NamedTuple):
+    """Where the windows of one (B, H, W, C) stage map come from and go back to (see `window_layout`)."""
+
+    window: Tensor  # () int64, the effective window w
+    tokens: Tensor  # () int64, N = w * w
+    windows: Tensor  # () int64, nW: windows per image
+    gather: Tensor  # (Hp*Wp,) int64: flat position in the unpadded map (H*W: the zero row) of each token
+    scatter: Tensor  # (H*W,) int64: window-order position of each unpadded token
+    mask: Tensor | None  # (nW, N, N) shift mask, 0 / MASK_VALUE; None for unshifted blocks
+
+
+def effective_window(H: Tensor, W: Tensor, window: int, shift: int) -> tuple[Tensor, Tensor]:
+    """`windows.effective_window` in tensors: (min(H, W), 0) when min(H, W) <= window, else (window, shift)."""
+    m = torch.minimum(H, W)
+    clamped = m <= window
+    return torch.where(clamped, m, torch.full_like(m, window)), torch.where(clamped, torch.zeros_like(m),
+                                                                         torch.full_like(m, shift))
+
+
+def _region(idx: Tensor, n: Tensor, window: Tensor, shift: Tensor) -> Tensor:
+    """Official mask regions along one axis of the padded map: slices (0, -w), (-w, -shift), (-shift, None)."""
+    return (idx >= n - window).long() + (idx >= n - shift).long()
+
+
+def window_layout(H: Tensor, W: Tensor, window: Tensor, shift: Tensor, masked: bool) -> Layout:
+    """Pad to a window multiple, THEN roll by -shift and partition, as one gather (and its inverse).
+
+    Token t of the window-ordered padded map (window k = t // N in raster order, position n = t % N in
+    it) sits at (i, j) in the rolled frame; before the roll it was at ((i + shift) % Hp, (j + shift)
+    % Wp), a padded position when that is outside H x W (gathered from an appended zero row). The
+    windows are in raster order per image, as the official code; `masked` builds the shift mask.
+    """
+    Hp, Wp = (H + window - 1) // window * window, (W + window - 1) // window * window
+    N, cols = window * window, Wp // window
+    t = torch.arange(Hp * Wp)
+    k, n = t // N, t % N
+    i, j = (k // cols) * window + n // window, (k % cols) * window + n % window  # rolled frame
+    src_i, src_j = (i + shift) % Hp, (j + shift) % Wp
+    gather = torch.where((src_i < H) & (src_j < W), src_i * W + src_j, H * W)
+    u = torch.arange(H * W)
+    # Where each unpadded (u // W, u % W) lands in the rolled frame (+ Hp keeps the operands of % >= 0).
+    ri, rj = (u // W - shift + Hp) % Hp, (u % W - shift + Wp) % Wp
+    scatter = ((ri // window) * cols + rj // window) * N + (ri % window) * window + rj % window
+    mask = None
+    if masked:
+        label = (_region(i, Hp, window, shift) * 3 + _region(j, Wp, window, shift)).view(-1, N)
+        mask = (label[:, :, None] != label[:, None, :]).float() * MASK_VALUE  # (nW, N, N)
+    return Layout(window, N, Hp * Wp // N, gather, scatter, mask)
+
+
+def position_bias(attn: WindowAttention, window: Tensor) -> Tensor:
+    """(nH, N, N) = 16 * sigmoid(cpb_mlp(log-spaced table))[relative index], for a dynamic window.
+
+    The same table as `model.log_spaced_coords` (same op order, so the same fp32 values) and the same
+    index as `model.relative_position_index`, from flat aranges instead of meshgrids."""
+    span = 2 * window - 1
+    k = torch.arange(span * span)
+    table = torch.stack((k // span, k % span), dim=-1) - (window - 1)  # ((2w-1)^2, 2) offsets (dy, dx)
+    pretrained = attn.pretrained_window_size
+    # A window of 1 has the single offset 0; dividing by max(., 1) keeps it 0 instead of 0/0.
+    denom = torch.clamp(window - 1, min=1).float() if pretrained <= 0 else max(pretrained - 1, 1)
+    table = table.float() / denom * 8
+    table = torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
+    bias = attn.cpb_mlp(table)  # ((2w-1)^2, nH)
+    p = torch.arange(window * window)
+    r, c = p // window, p % window
+    index = (r[:, None] - r[None, :] + window - 1) * span + (c[:, None] - c[None, :] + window - 1)
+    N = window * window
+    return 16 * torch.sigmoid(bias.t().index_select(1, index.reshape(-1)).reshape(-1, N, N))
+
+
+def window_attention(attn: WindowAttention, x: Tensor, layout: Layout) -> Tensor:
+    """The official scaled cosine attention of (B*nW, N, C) windows, images major; mask broadcast per window."""
+    N, nH, C = layout.tokens, attn.num_heads, attn.proj.in_features  # C static: no Shape op in the graph
+    qkv_bias = None if attn.q_bias is None else torch.cat((attn.q_bias, torch.zeros_like(attn.v_bias), attn.v_bias))
+    qkv = F.linear(x, attn.qkv.weight, qkv_bias).reshape(-1, N, 3, nH, C // nH).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)  # one Split (indexing would be three Gathers, each a copy)
+    scale = torch.clamp(attn.logit_scale, max=math.log(1.0 / 0.01)).exp()  # (nH, 1, 1)
+    # cos(q, k) * scale with the scale folded into q/|q| (N x d, not N x N, products), as the fused
+    # path does; |.| clamped at 1e-12 as F.normalize, whose export would also Expand each norm.
+    q = q * (scale / torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(1e-12))
+    k = k / torch.linalg.vector_norm(k, dim=-1, keepdim=True).clamp_min(1e-12)
+    logits = q @ k.transpose(-2, -1)  # (B*nW, nH, N, N)
+    bias = position_bias(attn, layout.window)  # (nH, N, N)
+    if layout.mask is None:
+        logits = logits + bias[None]
+    else:  # position bias plus each window's mask, then one pass over the (B, nW, nH, N, N) logits
+        logits = logits.reshape(-1, layout.windows, nH, N, N) + (bias[None] + layout.mask[:, None])[None]
+    out = (logits.reshape(-1, nH, N, N).softmax(dim=-1) @ v).transpose(1, 2).reshape(-1, N, C)
+    return F.linear(out, attn.proj.weight, attn.proj.bias)
+
+
+def block_forward(blk: SwinTransformerBlock, x: Tensor, H: Tensor, W: Tensor, layout: Layout) -> Tensor:
+    """Res-post-norm block (eval) on a (B, H, W, C) map: x + norm1(window attention), then x + norm2(mlp)."""
+    C = blk.norm1.normalized_shape[0]
+    flat = F.pad(x.reshape(-1, H * W, C), (0, 0, 0, 1))  # row H*W: zeros, what padded tokens gather
+    windows = flat.index_select(1, layout.gather).reshape(-1, layout.tokens, C)  # (B*nW, N, C)
+    out = window_attention(blk.attn, windows, layout)
+    out = out.reshape(x.shape[0], -1, C).index_select(1, layout.scatter).reshape(-1, H, W, C)
+    x = x + blk.norm1(out)
+    mlp = blk.mlp
+    return x + blk.norm2(mlp.fc2(F.gelu(mlp.fc1(x))))
+
+
+def patch_merging(merge: PatchMerging, x: Tensor) -> Tensor:
+    """(B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 2C): pad by one (a constant), crop to even, merge."""
+    shape = torch._shape_as_tensor(x)
+    Hh, Wh, C = (shape[1] + 1) // 2, (shape[2] + 1) // 2, merge.norm.normalized_shape[0] // 2
+    x = F.pad(x, (0, 0, 0, 1, 0, 1))[:, : 2 * Hh, : 2 * Wh]
+    # Official order x0=[0::2,0::2], x1=[1::2,0::2], x2=[0::2,1::2], x3=[1::2,1::2] (as PatchMerging).
+    x = x.reshape(-1, Hh, 2, Wh, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(-1, Hh, Wh, 4 * C)
+    return merge.norm(F.linear(x, merge.reduction.weight))
+
+
+def stage_forward(layer: BasicLayer, x: Tensor) -> Tensor:
+    """One stage: each layout (unshifted, shifted) is computed once and shared by the blocks using it."""
+    shape = torch._shape_as_tensor(x)  # (4,) int64; traced, it is the ONNX Shape of the live map
+    H, W = shape[1], shape[2]
+    layouts: dict[tuple[int, int], Layout] = {}
+    for blk in layer.blocks:
+        key = (blk.window_size, blk.shift_size)
+        if key not in layouts:
+            w, s = effective_window(H, W, *key)
+            layouts[key] = window_layout(H, W, w, s, masked=blk.shift_size > 0)
+        x = block_forward(blk, x, H, W, layouts[key])
+    return x if layer.downsample is None else patch_merging(layer.downsample, x)
+
+
+class DynamicSizeForward(nn.Module):
+    """`model`'s eval forward, (B, 3, H, W) -> (B, num_classes), with every size-dependent quantity in
+    tensor ops (see the module docstring); shares the model's parameters. For export only."""
+
+    def __init__(self, model: SwinTransformerV2) -> None:
+        super().__init__()
+        self.model = model
+        # A new module starts in training mode; the exporter puts the wrapper back in its own mode
+        # after tracing, recursively, which would leave the shared model training (dropout on).
+        self.train(model.training)
+
+    def forward(self, images: Tensor) -> Tensor:
+        m = self.model
+        p = m.patch_embed.patch_size
+        # The conv over a map padded by p - 1 yields ceil(H/p) patches, the ones PatchEmbed's exact
+        # padding gives: the tail beyond the last full patch is dropped, so no size-dependent pad.
+        x = m.patch_embed.proj(F.pad(images, (0, p - 1, 0, p - 1))).permute(0, 2, 3, 1)
+        x = m.patch_embed.norm(x)
+        for layer in m.layers:
+            x = stage_forward(layer, x)
+        return m.forward_head(m.norm(x))
