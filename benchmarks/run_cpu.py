@@ -21,6 +21,7 @@ import datetime
 import json
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,6 +62,53 @@ def fullgraph_check(size: int) -> tuple[bool, str]:
         return False, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
     finally:
         torch._dynamo.config.error_on_recompile = old
+
+
+# Targets of the runtime rows against our eager fp32 (None: reported, no target).
+RUNTIME_TARGETS = {"fp32": None, "bf16": 2.2, "int8": 2.0}
+
+
+def runtime_rows(run, native_bf16: bool) -> list[dict]:
+    """The installed CPU runtimes (ONNX Runtime, OpenVINO) running our exported graph, timed beside our
+    eager fp32 in the same rounds, in each precision this CPU runs natively; and whether
+    `--runtime auto` picks within 5% of the fastest runtime of the row's precision."""
+    from importlib.util import find_spec
+
+    from swinv2 import runtime
+
+    installed = [r for r in ("onnxruntime", "openvino") if find_spec(r) is not None]
+    if not installed:
+        return [_row("runtimes (ONNX Runtime, OpenVINO)", "not installed", "pip install swinv2[openvino]",
+                     None, "", None)]
+    precisions = ("fp32", "bf16", "int8") if native_bf16 else ("fp32", "int8")
+    with tempfile.TemporaryDirectory(prefix="swinv2-bench-") as cache:
+        factory = runtime.bench_factory(cache_dir=cache)
+        r = run("runtimes", batch_sizes=(8,), compare=installed, precisions=precisions, runtime_factory=factory)
+        out = []
+        for precision in precisions:
+            timed = {k: v for k, v in r.items() if k.endswith(f"/{precision}")}
+            if not timed:
+                continue
+            target = RUNTIME_TARGETS[precision]
+            for name, res in sorted(timed.items(), key=lambda kv: -kv[1]["img_per_s"]):
+                ratio = 1 / res["ours_speedup"]  # the runtime's speed over ours
+                out.append(_row(f"{name} inference (img/s, max |d| {res['max_abs_diff']:.1e})",
+                                f"{r['ours']['img_per_s']:.2f} (eager fp32)", f"{res['img_per_s']:.2f}", ratio,
+                                "(reported)" if target is None else f">= {target} x our eager fp32",
+                                None if target is None else ratio >= target))
+            if len(timed) > 1:
+                model = bench.randomize_weights_(swinv2.SwinTransformerV2(swinv2.registry.model_config(MODEL)))
+                auto = runtime.load_runtime(model, "auto", precision, cache_dir=cache, calib=_noise_images())
+                pick = f"{auto.name}/{precision}"
+                share = timed[pick]["img_per_s"] / max(v["img_per_s"] for v in timed.values())
+                out.append(_row(f"--runtime auto, {precision}: picks", pick, auto.note, share,
+                                ">= 0.95 x fastest runtime", share >= 0.95))
+    return out
+
+
+def _noise_images(n: int = 32, size: int = 256) -> list:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(1, 3, size, size, generator=g).numpy() for _ in range(n)]
 
 
 def main() -> int:
@@ -108,6 +156,8 @@ def main() -> int:
     # how far the target is from what the matmuls alone allow.
     needs = [("eager fp32", 1.3 * max(r[p]["gflop_per_s"] for p in peers), "1.3 x fastest peer")]
     share_rows = [("eager fp32, share of matmul peak", eager, "(reference)", None)]
+
+    rows += runtime_rows(run, native_bf16)
 
     compiled_r = None
     if not args.quick:

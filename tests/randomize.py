@@ -10,18 +10,10 @@ moves logits by O(1). test_model.py::test_fused_error_is_float_rounding covers t
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
+from swinv2.bench import randomize_weights_
 
-@torch.no_grad()
+
 def randomize_(model: nn.Module, seed: int = 0, *, std: float = 0.01, scale_max: float = 4.8) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if "logit_scale" in name:
-            p.copy_(torch.empty(p.shape).uniform_(1.0, scale_max, generator=g))
-        elif p.ndim == 1 and "norm" in name and name.endswith("weight"):
-            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-        else:
-            p.copy_(std * torch.randn(p.shape, generator=g))
-    return model
+    return randomize_weights_(model, seed, std=std, logit_scales=(1.0, scale_max))

@@ -145,8 +145,10 @@ class _HFLogits(nn.Module):
 
 
 @torch.no_grad()
-def randomize_weights_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Draws every parameter afresh (std 0.02, norm weights around 1, logit scales kept).
+def randomize_weights_(model: nn.Module, seed: int = 0, *, std: float = 0.02,
+                       logit_scales: tuple[float, float] | None = None) -> nn.Module:
+    """Draws every parameter afresh: std `std`, norm weights around 1; logit scales kept, or drawn
+    uniformly from `logit_scales` (the parity tests draw them on both sides of the log(100) clamp).
 
     The official init zeroes the res-post-norms, which makes every block an identity: the peers'
     logits would then agree however their attention differed, and `max_abs_diff` would prove nothing.
@@ -154,11 +156,12 @@ def randomize_weights_(model: nn.Module, seed: int = 0) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         if "logit_scale" in name:
-            continue
-        if p.ndim == 1 and "norm" in name and name.endswith("weight"):
+            if logit_scales is not None:
+                p.copy_(torch.empty(p.shape).uniform_(*logit_scales, generator=g))
+        elif p.ndim == 1 and "norm" in name and name.endswith("weight"):
             p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
         else:
-            p.copy_(0.02 * torch.randn(p.shape, generator=g))
+            p.copy_(std * torch.randn(p.shape, generator=g))
     return model
 
 
