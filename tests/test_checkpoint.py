@@ -23,7 +23,7 @@ from swinv2.checkpoint import (TRAINING_STATE_FORMAT, CheckpointError, UnsafeChe
                                load_model, load_training_state, load_weights, read_state_dict, save_training_state,
                                save_weights, torch_load, write_weights)
 from swinv2 import create_model
-from swinv2.registry import EvalPreprocess, get_variant
+from swinv2.registry import EvalPreprocess, ModelInfo, get_variant
 
 MICRO = "swinv2_micro_window4_32"
 
@@ -188,15 +188,15 @@ def test_save_weights_metadata_and_load_model(tmp_path: Path) -> None:
     assert json.loads(meta["swinv2.preprocess"])["crop_pct"] == 0.875
     loaded = load_model(path)
     _assert_same_weights(loaded, model)
-    assert loaded.config == model.config and loaded.class_names == ["cat", "dog", "eel"]
-    assert loaded.preprocess == get_variant(MICRO).preprocess and not loaded.training
+    assert loaded.config == model.config and loaded.info.class_names == ["cat", "dog", "eel"]
+    assert loaded.info.preprocess == get_variant(MICRO).preprocess and not loaded.training
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(loaded(x), model(x))
     resaved = tmp_path / "again.safetensors"
     save_weights(loaded, resaved)  # class names and preprocess travel with the model
-    assert load_model(resaved).class_names == ["cat", "dog", "eel"]
+    assert load_model(resaved).info.class_names == ["cat", "dog", "eel"]
     bigger = load_model(path, num_classes=4, img_size=64)
-    assert bigger.class_names is None and bigger.preprocess.img_size == 64
+    assert bigger.info.class_names is None and bigger.info.preprocess.img_size == 64
     assert torch.equal(bigger.layers[1].blocks[1].attn.q_bias, model.layers[1].blocks[1].attn.q_bias)
     with pytest.raises(ValueError, match="2 class names for a 3-class model"):
         save_weights(model, tmp_path / "x.safetensors", class_names=["a", "b"])
@@ -222,7 +222,7 @@ def test_hf_folder_loads_in_transformers_offline(tmp_path: Path, monkeypatch: py
     transformers = pytest.importorskip("transformers")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = micro(num_classes=3, seed=7)
-    model.class_names = ["a", "b", "c"]
+    model.info = ModelInfo(class_names=["a", "b", "c"])
     folder = write_weights(model, tmp_path / "hf", "hf")
     theirs = transformers.Swinv2ForImageClassification.from_pretrained(folder).eval()
     assert theirs.config.id2label == {0: "a", 1: "b", 2: "c"}
@@ -230,7 +230,7 @@ def test_hf_folder_loads_in_transformers_offline(tmp_path: Path, monkeypatch: py
     with torch.no_grad():
         assert (theirs(pixel_values=x).logits - model(x)).abs().max().item() <= 1e-5
     back = load_model(folder)
-    assert back.class_names == ["a", "b", "c"]
+    assert back.info.class_names == ["a", "b", "c"]
     _assert_same_weights(back, model)
     (folder / "model.safetensors").rename(folder / "other.safetensors")  # a .bin folder reads the same
     torch.save(theirs.state_dict(), folder / "pytorch_model.bin")
@@ -242,7 +242,7 @@ def test_load_model_needs_a_name_for_foreign_files(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--model NAME"):
         load_model(path)
     model = load_model(path, name=MICRO)  # a fine-tuned checkpoint keeps its own 7 classes
-    assert model.config.num_classes == 7 and model.preprocess == get_variant(MICRO).preprocess
+    assert model.config.num_classes == 7 and model.info.preprocess == get_variant(MICRO).preprocess
 
 
 @pytest.mark.parametrize("fault", ["truncated", "garbage", "missing"])
@@ -322,8 +322,8 @@ def test_hf_folder_round_trip_keeps_preprocessing_name_and_classes(tmp_path: Pat
     convert_file(folder, back)
     original = load_model(ours)
     for model in (load_model(folder), load_model(back)):
-        assert model.preprocess == PREP
-        assert model.model_name == MICRO and model.class_names == ["cat", "dog", "eel"]
+        assert model.info.preprocess == PREP
+        assert model.info.model_name == MICRO and model.info.class_names == ["cat", "dog", "eel"]
         assert model.config == original.config
         _assert_same_weights(model, original)
 
@@ -437,12 +437,12 @@ def test_training_checkpoint_loads_as_self_describing_weights(tmp_path: Path, ca
     engine.fit(load_config(None, TINY_RUN + [f"data.root={root}", f"train.best_metric={best_metric}"]), run)
     last = run / "checkpoints" / "last.pt"
     best = load_model(run / "best.safetensors")
-    assert best.preprocess == EvalPreprocess(32, 1.0, "bilinear")
+    assert best.info.preprocess == EvalPreprocess(32, 1.0, "bilinear")
     x = torch.randn(2, 3, 32, 32)
     for path in (last, run / "checkpoints" / "best_epoch0001.pt"):
         model = load_model(path)
-        assert not model.training and model.config == best.config and model.model_name == MICRO
-        assert model.class_names == best.class_names == ["a", "b"] and model.preprocess == best.preprocess
+        assert not model.training and model.config == best.config and model.info.model_name == MICRO
+        assert model.info.class_names == best.info.class_names == ["a", "b"] and model.info.preprocess == best.info.preprocess
         _assert_same_weights(model, best)  # the weights the best metric measured, as best.safetensors holds
         assert torch.equal(model(x), best(x))
     state = load_training_state(last)
@@ -456,7 +456,7 @@ def test_training_checkpoint_loads_as_self_describing_weights(tmp_path: Path, ca
     convert_file(last, out)
     again = load_model(out)
     _assert_same_weights(again, best)
-    assert again.class_names == ["a", "b"] and again.preprocess == best.preprocess and again.model_name == MICRO
+    assert again.info.class_names == ["a", "b"] and again.info.preprocess == best.info.preprocess and again.info.model_name == MICRO
     capsys.readouterr()
     assert cli.main(["eval", "--weights", str(last), "--data", str(root / "val")]) == 0
     assert "top-1" in capsys.readouterr().out

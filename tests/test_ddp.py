@@ -92,4 +92,4 @@ def test_fsdp2_trains_like_ddp_resumes_and_loads_in_one_process(two_procs, tmp_p
     reference = load_state(two_procs["out"])["model"]
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, reference[k], rtol=1e-4, atol=1e-5, msg=k)
-    assert load_model(out / "best.safetensors").class_names == ["a", "b"]
+    assert load_model(out / "best.safetensors").info.class_names == ["a", "b"]

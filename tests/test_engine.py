@@ -272,7 +272,7 @@ def test_demo_config_one_epoch_writes_the_run_directory_then_resumes(tmp_path):
     assert {"epoch", "train_loss", "val_loss", "val_top1", "val_top5", "lr", "img_per_s", "epoch_time_s"} <= set(rows[0])
     assert 0 <= rows[0]["val_top1"] <= rows[0]["val_top5"] <= 100
     model = load_model(out / "best.safetensors")
-    assert model.class_names == [str(i) for i in range(10)] and model.preprocess.crop_pct == 1.0
+    assert model.info.class_names == [str(i) for i in range(10)] and model.info.preprocess.crop_pct == 1.0
     assert f"run directory: {out}" in r.stdout and "best.safetensors" in r.stdout and "curves.png" in r.stdout
     before = (out / "checkpoints" / "last.pt").read_bytes()
     again = _train(out, *extra)

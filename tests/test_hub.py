@@ -256,8 +256,8 @@ def test_timm_safetensors_by_name_gives_timm_logits(fake_hub, tmp_path, tiny_tim
     assert fake_hub.gets() == [(f"timm/{TINY}.ms_in1k/model.safetensors", None)]  # safetensors first, one GET
 
     loaded = load_model(f"{TINY}.ms_in1k")  # the CLI's --weights path: no second download
-    assert loaded.model_name == TINY and loaded.load_report.src == "timm"
-    assert loaded.preprocess == get_variant(TINY).preprocess
+    assert loaded.info.model_name == TINY and loaded.info.load_report.src == "timm"
+    assert loaded.info.preprocess == get_variant(TINY).preprocess
     _close(_logits(loaded, x), expected)
     assert len(fake_hub.gets()) == 1
 
@@ -294,7 +294,7 @@ def test_microsoft_transformers_repo_when_timm_has_none(fake_hub):
         expected = ref(pixel_values=x).logits
 
     model = load_model(f"{TINY}.ms_in1k")
-    assert model.load_report.src == "hf"
+    assert model.info.load_report.src == "hf"
     _close(_logits(model, x), expected)
     tried = [f for f, _ in fake_hub.gets()]  # timm's repo missing: the microsoft one is used
     assert tried == [f"{ms}/pytorch_model.bin"]
@@ -317,7 +317,7 @@ def test_22k_start_point_into_a_finetune_architecture_maps_head_and_windows(fake
         assert torch.equal(model.state_dict()[k], v), k
     # By name on the command line: the named variant (1000 classes) with the head mapped, as above.
     by_name = load_model(f"{MICRO}.in22k", window_size=8, pretrained_window_sizes=4)
-    assert by_name.config.num_classes == 1000 and by_name.model_name == MICRO
+    assert by_name.config.num_classes == 1000 and by_name.info.model_name == MICRO
     assert torch.equal(by_name.head.weight, direct.head.weight)
 
 
@@ -389,7 +389,7 @@ def test_convert_takes_a_name_too(fake_hub, micro_record, tmp_path, capsys):
     assert cli.main(["convert", f"{MICRO}.conv", str(out)]) == 0
     assert f"wrote {out} (native)" in capsys.readouterr().out
     back = load_model(out)  # self-describing now: architecture, model name
-    assert back.model_name == MICRO
+    assert back.info.model_name == MICRO
     for k, v in src.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
 

@@ -388,7 +388,7 @@ def test_class_folder_hygiene_is_reported_and_stored(tmp_path, caplog):
     for ckpt in (out / "checkpoints").glob("*.pt"):
         assert load_state(out, ckpt.name)["classes"] == classes
     model = load_model(out / "best.safetensors")
-    assert model.class_names == classes and model.num_classes == 4
+    assert model.info.class_names == classes and model.num_classes == 4
 
 
 # --------------------------------------------------------------------------- row 12: untrusted pickles

@@ -19,7 +19,7 @@ import swinv2
 from swinv2 import runtime as R
 from swinv2.checkpoint import save_weights
 from swinv2.cli import main
-from swinv2.registry import EvalPreprocess
+from swinv2.registry import EvalPreprocess, ModelInfo
 from randomize import randomize_
 
 MICRO = "swinv2_micro_window4_32"
@@ -179,7 +179,7 @@ def trained(tmp_path_factory):
         loss.backward()
         opt.step()
     model.eval()
-    model.preprocess = EvalPreprocess(32, 1.0)
+    model.info = ModelInfo(preprocess=EvalPreprocess(32, 1.0))
     weights = root / "w.safetensors"
     save_weights(model, weights, class_names=classes)
     return weights, root

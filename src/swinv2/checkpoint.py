@@ -43,7 +43,7 @@ from .errors import CheckpointError, InputError, UnsafeCheckpointError
 from .model import SwinTransformerV2, SwinV2Config
 from .outputs import atomic_write
 from .preprocess import EvalPreprocess
-from .registry import config_with, get_variant, model_config
+from .registry import ModelInfo, config_with, default_preprocess, get_variant, model_config, model_info
 
 log = logging.getLogger(__name__)
 
@@ -441,12 +441,6 @@ def load_weights(model: nn.Module, path_or_state_dict: PathLike | Mapping[str, A
 # --------------------------------------------------------------------------- self-describing weights
 
 
-def _default_preprocess(cfg: SwinV2Config) -> EvalPreprocess:
-    """The official eval transform for a size: resize + centre crop 0.875 below 384 px, resize at 384+."""
-    size = cfg.img_size[0]
-    return EvalPreprocess(size, 1.0 if size >= 384 else 0.875)
-
-
 def _preprocess(d: Mapping[str, Any]) -> EvalPreprocess:
     """An `EvalPreprocess` from its `asdict` (JSON gives lists where it has tuples)."""
     return EvalPreprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
@@ -455,12 +449,12 @@ def _preprocess(d: Mapping[str, Any]) -> EvalPreprocess:
 def _descriptions(model: nn.Module, class_names: Sequence[str] | None, preprocess: EvalPreprocess | None,
                   model_name: str | None) -> tuple[list[str] | None, EvalPreprocess, str | None]:
     """(class names, eval preprocessing, registry name) to write with `model`'s weights: the arguments,
-    else the attributes `load_model` sets, else (preprocessing) the official rule for its size."""
-    names = class_names if class_names is not None else getattr(model, "class_names", None)
+    else what its weights said (`model_info`), else (preprocessing) the official rule for its size."""
+    info = model_info(model)
+    names = class_names if class_names is not None else info.class_names
     if names is not None and len(names) != model.config.num_classes:
         raise InputError(f"{len(names)} class names for a {model.config.num_classes}-class model")
-    prep = preprocess or getattr(model, "preprocess", None) or _default_preprocess(model.config)
-    return (None if names is None else list(map(str, names))), prep, model_name or getattr(model, "model_name", None)
+    return (None if names is None else list(map(str, names))), preprocess or info.preprocess, model_name or info.model_name
 
 
 def save_weights(model: SwinTransformerV2, path: PathLike, *, class_names: Sequence[str] | None = None,
@@ -546,7 +540,7 @@ def _read_weights(path: Path) -> _Weights:
 
 
 def load_model(path: PathLike, *, name: str | None = None, src: str = "auto", **overrides: Any) -> SwinTransformerV2:
-    """Build a model from weights, in eval mode, with `class_names` and `preprocess` attributes set.
+    """Build a model from weights, in eval mode; what the weights say about it is in `model.info`.
 
     The architecture comes from our `.safetensors` metadata, a Hugging Face folder's config.json, a
     training checkpoint of `swinv2 train` (`checkpoints/last.pt`, `best_epochNNNN.pt`: its weights
@@ -554,10 +548,11 @@ def load_model(path: PathLike, *, name: str | None = None, src: str = "auto", **
     or, for formats that do not describe it (official `.pth`, timm, torchvision), the registry
     `name`, whose class count then follows the weights' head (a 21841-class head for a 1000-class
     variant is mapped, see `load_weights`). `overrides` change the config (e.g. ``num_classes=10``,
-    ``img_size=384``). The load is strict; its `LoadReport` is kept as `model.load_report`.
-    `preprocess` comes from the metadata, else the registry record of `name`, else the official
-    rule for the config's img_size (any img_size override also selects that rule). `model_name`
-    is set from the metadata or `name`. `path` may also name published weights, ``NAME[.TAG]``
+    ``img_size=384``). The load is strict. `model.info` (a `registry.ModelInfo`) holds the
+    `load_report`, the `class_names` (from the metadata; dropped with a num_classes override), the
+    eval `preprocess` (the metadata's, else the registry record of `name`, else the official rule for
+    the config's img_size, which any img_size override also selects) and the `model_name` (the
+    metadata's or `name`). `path` may also name published weights, ``NAME[.TAG]``
     (see `resolve_weights`).
     """
     path, name = resolve_weights(path, name)
@@ -586,10 +581,8 @@ def _build(weights: _Weights, path: Path, name: str | None, src: str, overrides:
     if new_cfg.img_size != cfg.img_size:
         preprocess = None
     model = SwinTransformerV2(new_cfg)
-    model.load_report = load_weights(model, sd, src=src, strict=True)
-    model.class_names = class_names
-    model.preprocess = preprocess or _default_preprocess(new_cfg)
-    model.model_name = weights.model_name or name
+    report = load_weights(model, sd, src=src, strict=True)
+    model.info = ModelInfo(weights.model_name or name, class_names, preprocess or default_preprocess(new_cfg), report)
     return model.eval()
 
 
@@ -696,7 +689,7 @@ def convert_file(src: PathLike, dst: PathLike, *, src_format: str = "auto", dst_
     if weights.config is not None or model_name is not None:
         model = _build(weights, src, model_name, src_format, {})
         out = write_weights(model, dst, fmt)
-        return f"{model.load_report}\nwrote {out} ({fmt})"
+        return f"{model.info.load_report}\nwrote {out} ({fmt})"
     if fmt not in ("official", "timm"):
         raise InputError(f"{src} does not describe its architecture; writing {fmt} needs --model NAME")
     conv = convert.convert(weights.state_dict, src_format, fmt)

@@ -27,6 +27,7 @@ from .data import (BadImageError, ImageFolderDataset, Sample, collate, folder_wa
 from .errors import InputError
 from .predict import _transform, resolve_preprocess
 from .preprocess import EvalPreprocess
+from .registry import model_info
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +215,7 @@ def evaluate_folder(model: nn.Module, data: str | os.PathLike, *, weights: str =
     from torch.utils.data import DataLoader
 
     data = os.fspath(data)
-    classes = check_class_map(getattr(model, "class_names", None), model.config.num_classes,
+    classes = check_class_map(model_info(model).class_names, model.config.num_classes,
                               scan_class_folders(data), weights=weights, data=data)
     prep = preprocess or resolve_preprocess(model)
     dataset = ImageFolderDataset(data, class_names=classes)

@@ -48,6 +48,7 @@ from torch import nn
 
 from .errors import InputError
 from .outputs import atomic_file, write_output
+from .registry import model_info
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, img_size: int | No
                 atol: float = 1e-4, dynamic_size: bool = False) -> ExportReport:
     """Export `model` (B, 3, img_size, img_size) -> (B, num_classes) to ONNX at `path`.
 
-    `img_size` defaults to the model's eval size (`model.preprocess.img_size` when set, else its
+    `img_size` defaults to the model's eval size (`model.info`'s preprocessing, else its
     config's). With `dynamic_size` the graph takes (B, 3, H, W) at any H, W (slower, see the module
     docstring) and `img_size` is the eval size it is checked at first and the sidecar records. With
     `check` the file is kept only if ONNX Runtime matches PyTorch within `atol` at every batch size in
@@ -166,8 +167,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, img_size: int | No
     if not path.parent.is_dir():
         raise FileNotFoundError(f"output folder not found: {path.parent}")
     if img_size is None:
-        prep = getattr(model, "preprocess", None)
-        img_size = prep.img_size if prep is not None else model.config.img_size[0]
+        img_size = model_info(model).preprocess.img_size
     if img_size < 1:
         raise InputError(f"img_size must be positive, got {img_size}")
     model = model.eval().float().cpu()
@@ -206,7 +206,8 @@ def _write_sidecar(path: Path, model: nn.Module, img_size: int, opset: int, dyna
     """`<out>.json`: names, shapes, preprocessing and classes, so the .onnx can be used on its own.
     A dynamic graph has `"img_size": null` and `"dynamic_size": true`; `"eval_img_size"` (and the
     preprocessing's size) is the size its images are resized and cropped to in eval, `img_size`."""
-    prep = getattr(model, "preprocess", None)
+    described = model_info(model)
+    prep = described.preprocess
     spatial: list[Any] = ["height", "width"] if dynamic_size else [img_size, img_size]
     info: dict[str, Any] = {
         "input": {"name": INPUT_NAME, "shape": ["batch", 3, *spatial], "dtype": "float32"},
@@ -215,10 +216,10 @@ def _write_sidecar(path: Path, model: nn.Module, img_size: int, opset: int, dyna
         "dynamic_size": dynamic_size,
         "eval_img_size": img_size,
         "opset": opset,
-        "preprocess": asdict(prep) if prep is not None else None,
-        "class_names": getattr(model, "class_names", None),
+        "preprocess": asdict(prep),
+        "class_names": described.class_names,
         "config": model.config.to_dict(),
     }
-    if prep is not None and prep.img_size != img_size:
+    if prep.img_size != img_size:
         info["preprocess"] = {**asdict(prep), "img_size": img_size}
     write_output(path.with_name(path.name + ".json"), json.dumps(info, indent=1))

@@ -349,6 +349,7 @@ class SwinTransformerV2(nn.Module):
         super().__init__()
         cfg = config if config is not None else SwinV2Config(**kwargs)
         self.config = cfg
+        self.info: Any = None  # what its weights file says (registry.ModelInfo); set by load_model
         self.num_classes = cfg.num_classes
         self.num_features = cfg.num_features
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.patch_norm)

@@ -3,7 +3,7 @@
 `evaluate.evaluate_folder` shares.
 
 Images are read with `data.load_image` (every PIL mode, EXIF rotation) and preprocessed with the
-model's eval transform (`model.preprocess`, from the weights' metadata or the registry record). An
+model's eval transform (`model.info.preprocess`, from the weights' metadata or the registry record). An
 unreadable file never stops the run: it is reported, with its reason, and skipped.
 
 `predict` result, as `PredictionSet.to_json()` writes it (the fields `swinv2 predict --json` prints):
@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 from .errors import InputError
 from .data import IMG_EXTENSIONS, BadImageError, eval_transform, load_image
 from .preprocess import EvalPreprocess
+from .registry import model_info
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def imagenet_class_names() -> list[str]:
 def class_names_for(model: nn.Module) -> tuple[list[str], str]:
     """(names, where they came from): the weights' own, ImageNet-1k for an unnamed 1000-class head,
     else the class indices as text."""
-    names = getattr(model, "class_names", None)
+    names = model_info(model).class_names
     n = model.config.num_classes
     if names:
         return list(names), "weights"
@@ -57,12 +58,9 @@ def class_names_for(model: nn.Module) -> tuple[list[str], str]:
 
 def resolve_preprocess(model: nn.Module, *, img_size: int | None = None, crop_pct: float | None = None,
                        interpolation: str | None = None) -> EvalPreprocess:
-    """The model's eval preprocessing (its `preprocess` attribute, else its config's size with the
+    """The model's eval preprocessing (`model_info`: its weights', else its config's size with the
     official crop) with any given overrides applied."""
-    prep = getattr(model, "preprocess", None)
-    if prep is None:
-        size = model.config.img_size[0]
-        prep = EvalPreprocess(size, 1.0 if size >= 384 else 0.875)
+    prep = model_info(model).preprocess
     overrides = {k: v for k, v in dict(img_size=img_size, crop_pct=crop_pct, interpolation=interpolation).items()
                  if v is not None}
     return replace(prep, **overrides)

@@ -17,6 +17,29 @@ from .model import SwinTransformerV2, SwinV2Config
 from .preprocess import EvalPreprocess
 
 @dataclass(frozen=True)
+class ModelInfo:
+    """What a model's weights file says about it beyond the tensors; `load_model` and `create_model`
+    put it in `model.info`, and `model_info(model)` reads it (with defaults for a model built bare)."""
+
+    model_name: str | None = None          # registry name, if known
+    class_names: list[str] | None = None   # one per output, if the weights name them
+    preprocess: EvalPreprocess | None = None
+    load_report: Any = None                # checkpoint.LoadReport: how the weights were mapped
+
+
+def default_preprocess(cfg: SwinV2Config) -> EvalPreprocess:
+    """The official eval transform for a size: resize + centre crop 0.875 below 384 px, resize at 384+."""
+    size = cfg.img_size[0]
+    return EvalPreprocess(size, 1.0 if size >= 384 else 0.875)
+
+
+def model_info(model: SwinTransformerV2) -> ModelInfo:
+    """`model.info`, its eval preprocessing filled in from the config where the weights gave none."""
+    info = model.info if isinstance(model.info, ModelInfo) else ModelInfo()
+    return info if info.preprocess is not None else replace(info, preprocess=default_preprocess(model.config))
+
+
+@dataclass(frozen=True)
 class Variant:
     name: str
     config: SwinV2Config

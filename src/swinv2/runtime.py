@@ -51,6 +51,7 @@ from torch import nn
 
 from .errors import InputError
 from .outputs import atomic_write
+from .registry import model_info
 
 log = logging.getLogger(__name__)
 
@@ -421,7 +422,7 @@ def load_runtime(model: nn.Module, runtime: str = "auto", precision: str = "fp32
                  calib: str | os.PathLike | Sequence[np.ndarray] | None = None,
                  cache_dir: str | os.PathLike | None = None, threads: int | None = None,
                  batch_size: int = 8) -> Runtime:
-    """`model` (a loaded SwinTransformerV2, eval preprocessing in `model.preprocess`) run by `runtime`
+    """`model` (a loaded SwinTransformerV2, eval preprocessing in `model.info`) run by `runtime`
     ("torch", "onnxruntime", "openvino" or "auto") in `precision` ("fp32", "bf16", "int8").
 
     `img_size` defaults to the model's eval size; the ONNX runtimes' graphs are fixed at it. `weights`
@@ -432,8 +433,7 @@ def load_runtime(model: nn.Module, runtime: str = "auto", precision: str = "fp32
     precision.
     """
     if img_size is None:
-        prep = getattr(model, "preprocess", None)
-        img_size = prep.img_size if prep is not None else model.config.img_size[0]
+        img_size = model_info(model).preprocess.img_size
     if runtime == "auto":
         return _auto(model, precision, weights=weights, img_size=img_size, calib=calib, cache_dir=cache_dir,
                      threads=threads, batch_size=batch_size)
