@@ -19,12 +19,12 @@ ort = pytest.importorskip("onnxruntime")
 
 
 def _ort_vs_torch(path, model, size: int, batch: int) -> float:
-    """Our own comparison, independent of export.py's self-check: fresh images, fresh session."""
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    """Our own comparison, independent of export.py's self-check: fresh images, a fresh InferenceSession."""
+    ort_run = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(100 + batch)) * 4 - 2
     with torch.no_grad():
         expected = model(x).numpy()
-    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    (got,) = ort_run.run(None, {ort_run.get_inputs()[0].name: x.numpy()})
     assert got.shape == expected.shape == (batch, model.config.num_classes)
     return float(np.abs(got - expected).max())
 

@@ -74,11 +74,11 @@ def test_one_file_reproduces_pytorch_in_onnx_runtime_at_every_size_and_batch(exp
     model, path, report = exported
     dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_param for d in dims] == ["batch", "", "height", "width"] and dims[1].dim_value == 3
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ort_run = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for size in SIZES:
         for batch in BATCHES:
             x = _images(batch, size)
-            (got,) = session.run(None, {"images": x.numpy()})
+            (got,) = ort_run.run(None, {"images": x.numpy()})
             expected = _expected(model, x)
             assert got.shape == expected.shape == (batch, 5)
             assert np.abs(got - expected).max() <= ATOL, (size, batch)
@@ -132,9 +132,9 @@ def test_cli_export_dynamic_size_end_to_end(tmp_path, capsys):
     assert "40x40, 31x23 px" in text and "any image size" in text and "fixed at" not in text
     side = json.loads((tmp_path / "m.onnx.json").read_text())
     assert side["dynamic_size"] is True and side["preprocess"]["img_size"] == 40 and side["class_names"][2] == "cow"
-    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    ort_run = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     x = _images(2, (57, 33))
-    (got,) = session.run(None, {"images": x.numpy()})
+    (got,) = ort_run.run(None, {"images": x.numpy()})
     assert np.abs(got - _expected(model, x)).max() <= ATOL
 
 

@@ -133,7 +133,7 @@ def check_onnx(path: str | os.PathLike, model: nn.Module, img_size: int | tuple[
                          "or skip it with --no-check") from None
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: ORT's warnings about unused initialisers are noise here
-    session = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+    ort_run = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
     height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
     g = torch.Generator().manual_seed(seed)
     diffs = {}
@@ -141,7 +141,7 @@ def check_onnx(path: str | os.PathLike, model: nn.Module, img_size: int | tuple[
         x = torch.randn(b, 3, height, width, generator=g)
         with torch.no_grad():
             expected = model(x).float()
-        got = torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0])
+        got = torch.from_numpy(ort_run.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0])
         if got.shape != expected.shape:
             raise InputError(f"{path}: ONNX Runtime returned {tuple(got.shape)} at batch {b}, {height}x{width} px, "
                              f"PyTorch {tuple(expected.shape)}")

@@ -327,9 +327,9 @@ def _onnxruntime_fn(path: Path, threads: int | None) -> Callable[[np.ndarray], n
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    session = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return lambda x: session.run(None, {name: x})[0]
+    ort_run = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+    name = ort_run.get_inputs()[0].name
+    return lambda x: ort_run.run(None, {name: x})[0]
 
 
 def _openvino_fn(path: Path, precision: str, threads: int | None) -> Callable[[np.ndarray], np.ndarray]:
