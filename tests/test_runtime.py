@@ -314,3 +314,32 @@ def test_a_failed_export_leaves_no_cache_entry(tmp_path, monkeypatch):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert (rt(x) - model(x)).abs().max() <= 1e-4
+
+
+# A child process: an OpenVINO runtime is built on the main thread and freed on another, then the
+# process forks with a SIGCHLD handler installed (as a DataLoader with workers does).
+_FREED_ELSEWHERE_THEN_FORK = """
+import gc, signal, subprocess, sys, tempfile, threading
+import torch
+import swinv2
+from swinv2.runtime import load_runtime
+signal.signal(signal.SIGCHLD, lambda *a: None)
+model = swinv2.create_model("swinv2_micro_window4_32", num_classes=3).eval()
+held = {"rt": load_runtime(model, "openvino", "fp32", cache_dir=tempfile.mkdtemp())}
+held["rt"](torch.zeros(1, 3, 32, 32))
+thread = threading.Thread(target=lambda: (held.clear(), gc.collect()))
+thread.start(); thread.join()
+print(subprocess.run([sys.executable, "-c", "print('child ok')"], capture_output=True, text=True).stdout.strip())
+"""
+
+
+def test_openvino_freed_on_another_thread_then_fork_survives():
+    """OpenVINO's CPU plugin swaps the thread's signal stack and, torn down on another thread, left the
+    main thread's pointing at freed memory: the next SIGCHLD killed the process (SIGSEGV)."""
+    import subprocess
+
+    pytest.importorskip("openvino")
+    done = subprocess.run([sys.executable, "-c", _FREED_ELSEWHERE_THEN_FORK], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-500:]}"
+    assert done.stdout.strip().endswith("child ok")

@@ -30,6 +30,7 @@ files are written under temporary names and renamed into place.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib
 import json
@@ -92,11 +93,22 @@ def installed(runtime: str) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=1)
+def _ov_core() -> Any:
+    """The one OpenVINO Core of the process, never released. OpenVINO's CPU plugin swaps the thread's
+    signal stack (sigaltstack) for its own when it starts and restores it when it is torn down; torn
+    down from another thread (a request or model freed by the garbage collector there), it leaves the
+    main thread's signal stack pointing at freed memory, and the next signal with a handler (SIGCHLD
+    from a DataLoader worker or a subprocess) kills the process with SIGSEGV. One Core for the life
+    of the process keeps its plugin, and that stack, alive."""
+    return _import("openvino", "openvino").Core()
+
+
 def native_bf16(runtime: str) -> bool:
     """Whether `runtime` runs bf16 matmuls natively on this CPU (AVX-512 BF16 or AMX), not emulated."""
     if runtime == "openvino":
-        ov = _import("openvino", runtime)
-        return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        _import("openvino", runtime)
+        return "BF16" in _ov_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     if runtime == "torch":
         from .hardware import BF16_EMULATED_SLOWDOWN, bf16_matmul_slowdown
 
@@ -288,7 +300,7 @@ def int8_openvino(model: nn.Module, root: Path, sha: str, img_size: int,
             raise RuntimeUnavailable("int8 with --runtime openvino needs nncf, which is not installed: "
                                      "pip install 'swinv2[openvino]'") from None
         nncf.set_log_level(logging.ERROR)
-        ov_model = ov.Core().read_model(os.fspath(onnx_path))
+        ov_model = _ov_core().read_model(os.fspath(onnx_path))
         log.info("int8: quantising with NNCF on %d calibration images%s", len(images),
                  f" from {calib}" if isinstance(calib, (str, os.PathLike)) else "")
         # SmoothQuant off: it moves activation outliers into the weights, and on SwinV2 (the trained demo
@@ -333,8 +345,7 @@ def _onnxruntime_fn(path: Path, threads: int | None) -> Callable[[np.ndarray], n
 
 
 def _openvino_fn(path: Path, precision: str, threads: int | None) -> Callable[[np.ndarray], np.ndarray]:
-    ov = _import("openvino", "openvino")
-    core = ov.Core()
+    core = _ov_core()
     # OpenVINO's CPU default on a bf16-capable CPU is bf16: fp32 asks for f32. int8 runs its unquantised
     # rest (softmax, norms, the CPB MLP) in bf16 where that is native: SwinV2-T 256 px batch 8 ran 1.18x
     # the bf16 model's speed that way, 1.02x with an f32 rest.
