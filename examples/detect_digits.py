@@ -11,8 +11,6 @@ predictions.png.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import sys
 import time
@@ -23,8 +21,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from digits_scenes import (CLASS_NAMES, NUM_CLASSES, Scene, batches, lr_at, make_scenes,  # noqa: E402
-                           mean_average_precision, split_scans)
+from digits_scenes import (CLASS_NAMES, NUM_CLASSES, Scene, mean_average_precision, parse_args,  # noqa: E402
+                           scenes_for, train, write_metrics)
 
 from swinv2 import SwinV2Config, create_backbone  # noqa: E402
 from swinv2.backbone import SwinV2FPN  # noqa: E402
@@ -112,51 +110,22 @@ def draw(scenes: list[Scene], predictions: list[dict[str, torch.Tensor]], path: 
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=Path("runs/detect_digits"))
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--train-scenes", type=int, default=4000)
-    p.add_argument("--val-scenes", type=int, default=300)
-    p.add_argument("--size", type=int, default=96)
-    p.add_argument("--seed", type=int, default=0)
-    # One thread: the steps are small, and a second thread loses more than it gains when the other
-    # core is busy (measured: 0.5 s vs 0.9-2.8 s per step on a shared 2-core machine).
-    p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    args = parse_args(argv, doc=__doc__, out="runs/detect_digits", steps=400)
     start = time.perf_counter()
-    train_pool, val_pool = split_scans(seed=args.seed)
-    train = make_scenes(args.train_scenes, train_pool, size=args.size, seed=args.seed + 1)
-    val = make_scenes(args.val_scenes, val_pool, size=args.size, seed=args.seed + 2)
+    train_scenes, val = scenes_for(args)
     model = build_detector(args.size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
-    rng, step, losses = np.random.default_rng(args.seed), 0, []
-    while step < args.steps:
-        for idx in batches(len(train), args.batch_size, rng):
-            if step == args.steps:
-                break
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, args.steps, args.lr, warmup=min(100, args.steps // 10 + 1))
-            losses.append(train_step(model, optimizer, [train[i] for i in idx]))
-            step += 1
-            if step % 100 == 0 or step == args.steps:
-                print(f"step {step}/{args.steps}  loss {np.mean(losses[-100:]):.3f}  "
-                      f"{time.perf_counter() - start:.0f} s", flush=True)
+    losses = train(model, train_scenes, args, train_step)
     train_s = time.perf_counter() - start
     predictions = predict(model, val)
     mean_ap, per_class = mean_average_precision(predictions, val)
     wall = time.perf_counter() - start
-    args.out.mkdir(parents=True, exist_ok=True)
     metrics = {"map50": mean_ap, "ap50_per_digit": dict(zip(CLASS_NAMES[1:], per_class)),
                "val_scenes": len(val), "val_digits": int(sum(len(s.labels) for s in val)),
-               "train_scenes": len(train), "steps": args.steps, "batch_size": args.batch_size,
+               "train_scenes": len(train_scenes), "steps": args.steps, "batch_size": args.batch_size,
                "final_loss": float(np.mean(losses[-50:])), "train_s": round(train_s, 1), "wall_s": round(wall, 1),
                "threads": args.threads, "seed": args.seed,
                "params": sum(p.numel() for p in model.parameters())}
-    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_metrics(args.out, metrics)
     draw(val, predictions, args.out / "predictions.png")
     print(f"val mAP@0.5 {mean_ap:.3f} over {metrics['val_digits']} digits in {len(val)} scenes; "
           f"wall time {wall:.0f} s; wrote {args.out}/metrics.json, predictions.png")

@@ -11,8 +11,6 @@ Writes into --out: metrics.json, predictions.png.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from digits_scenes import (CLASS_NAMES, NUM_CLASSES, Scene, batches, confusion_matrix, lr_at,  # noqa: E402
-                           make_scenes, segmentation_scores, split_scans)
+from digits_scenes import (CLASS_NAMES, NUM_CLASSES, Scene, confusion_matrix, segmentation_scores, parse_args,  # noqa: E402
+                           scenes_for, train, write_metrics)
 
 from swinv2 import SwinV2Config, create_backbone  # noqa: E402
 from swinv2.backbone import SwinV2Segmenter  # noqa: E402
@@ -104,52 +102,23 @@ def draw(scenes: list[Scene], predicted: torch.Tensor, path: Path, n: int = 6) -
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=Path("runs/segment_digits"))
-    p.add_argument("--steps", type=int, default=1200)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--train-scenes", type=int, default=4000)
-    p.add_argument("--val-scenes", type=int, default=300)
-    p.add_argument("--size", type=int, default=96)
-    p.add_argument("--seed", type=int, default=0)
-    # One thread: the steps are small, and a second thread loses more than it gains when the other
-    # core is busy (as on a shared 2-core machine).
-    p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    args = parse_args(argv, doc=__doc__, out="runs/segment_digits", steps=1200)
     start = time.perf_counter()
-    train_pool, val_pool = split_scans(seed=args.seed)
-    train = make_scenes(args.train_scenes, train_pool, size=args.size, seed=args.seed + 1)
-    val = make_scenes(args.val_scenes, val_pool, size=args.size, seed=args.seed + 2)
+    train_scenes, val = scenes_for(args)
     model = build_segmenter(args.size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
-    rng, step, losses = np.random.default_rng(args.seed), 0, []
-    while step < args.steps:
-        for idx in batches(len(train), args.batch_size, rng):
-            if step == args.steps:
-                break
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, args.steps, args.lr, warmup=min(100, args.steps // 10 + 1))
-            losses.append(train_step(model, optimizer, [train[i] for i in idx]))
-            step += 1
-            if step % 100 == 0 or step == args.steps:
-                print(f"step {step}/{args.steps}  loss {np.mean(losses[-100:]):.3f}  "
-                      f"{time.perf_counter() - start:.0f} s", flush=True)
+    losses = train(model, train_scenes, args, train_step)
     train_s = time.perf_counter() - start
     predicted = predict(model, val)
     scores = segmentation_scores(confusion_matrix(predicted, torch.stack([s.mask for s in val])))
     wall = time.perf_counter() - start
-    args.out.mkdir(parents=True, exist_ok=True)
     metrics = {"miou": scores["miou"], "miou_digits": scores["miou_digits"],
                "pixel_accuracy": scores["pixel_accuracy"],
                "iou_per_class": dict(zip(CLASS_NAMES, scores["iou_per_class"])),
-               "val_scenes": len(val), "train_scenes": len(train), "steps": args.steps,
+               "val_scenes": len(val), "train_scenes": len(train_scenes), "steps": args.steps,
                "batch_size": args.batch_size, "final_loss": float(np.mean(losses[-50:])),
                "train_s": round(train_s, 1), "wall_s": round(wall, 1), "threads": args.threads, "seed": args.seed,
                "params": sum(p.numel() for p in model.parameters())}
-    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_metrics(args.out, metrics)
     draw(val, predicted, args.out / "predictions.png")
     print(f"val mIoU {scores['miou']:.3f} (digits only {scores['miou_digits']:.3f}), pixel accuracy "
           f"{scores['pixel_accuracy']:.4f} over {len(val)} scenes; wall time {wall:.0f} s; "
