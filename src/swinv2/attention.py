@@ -3,19 +3,21 @@
 `WindowAttention` in model.py computes q, k, v, the logit scale and the biases the official way, then
 either runs the official formula itself (`fused=False`, the reference) or calls `fused_attention`
 here: the same softmax(cos(q, k) * scale + bias) v, through whichever kernel is fastest for the case.
-Also here: the cache of the position bias in CPU inference, and eager CPU inference over groups of
-images. Why each is built this way, with the measurements: docs/performance.md.
+Also here: the log-spaced CPB input table, the cache of the position bias in CPU inference, and eager
+CPU inference over groups of images. Why each is built this way, with the measurements: docs/performance.md.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .fused import cosine_qkv, mask_runs, sequential_attention, softmax_flushed, traced
-from .windows import plain_tensors, window_bias
+from .windows import Pair, compact, pair, plain_tensors, window_bias
 
 # Eager CPU inference runs each block over groups of images whose widest intermediate fits in this
 # many bytes: larger buffers come from fresh pages on every call (glibc's mmap threshold).
@@ -24,8 +26,26 @@ INFERENCE_CHUNK_BYTES = 16 << 20
 # probabilities and recomputes them in the backward pass instead of keeping them.
 SEQUENTIAL_ATTENTION_BYTES = 16 << 20
 
-# (window, autocast dtype or None) -> (CPB parameter snapshot, position bias)
-BiasCache = dict[tuple[int, torch.dtype | None], tuple[list[Tensor], Tensor]]
+# (window: w if square else (h, w); autocast dtype or None) -> (CPB parameter snapshot, position bias)
+BiasCache = dict[tuple[int | Pair, torch.dtype | None], tuple[list[Tensor], Tensor]]
+
+
+@lru_cache(maxsize=64)
+def log_spaced_coords(window: int | Pair, pretrained_window: int | Pair, device: torch.device) -> Tensor:
+    """((2h-1)(2w-1), 2) fp32 input of the CPB MLP (paper §3.3, official formula): offsets (dy, dx),
+    normalised per axis by the pre-training window (else the window) - 1, to [-8, 8], then
+    sign*log2(1+|x|)/log2(8)."""
+    (wh, ww), pre = pair(window), pair(pretrained_window)
+    with plain_tensors(), torch.no_grad():
+        rh = torch.arange(-(wh - 1), wh, dtype=torch.float32, device=device)
+        rw = torch.arange(-(ww - 1), ww, dtype=torch.float32, device=device)
+        table = torch.stack(torch.meshgrid(rh, rw, indexing="ij"), dim=-1)  # (2h-1, 2w-1, 2)
+        # A window of 1 has the single offset 0; dividing by max(.,1) keeps it 0 instead of 0/0.
+        dh, dw = (max(v - 1, 1) for v in (pre if pre[0] > 0 else (wh, ww)))
+        table = table / (dh if dh == dw else torch.tensor([dh, dw], dtype=torch.float32, device=device))
+        table = table * 8  # to [-8, 8]
+        table = torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
+        return table.reshape(-1, 2)
 
 
 def _same_values(a: list[Tensor], b: list[Tensor]) -> bool:
@@ -34,7 +54,7 @@ def _same_values(a: list[Tensor], b: list[Tensor]) -> bool:
         x.dtype == y.dtype and x.device == y.device and x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
 
 
-def cached_position_bias(cache: BiasCache, cpb_mlp: nn.Module, window: int,
+def cached_position_bias(cache: BiasCache, cpb_mlp: nn.Module, window: Pair,
                          compute: Callable[[], Tensor]) -> Tensor:
     """`compute()`, the (1, nH, N, N) position bias of `window`, reused from `cache` in CPU inference
     while the parameters of `cpb_mlp` keep the values it was computed from.
@@ -47,7 +67,7 @@ def cached_position_bias(cache: BiasCache, cpb_mlp: nn.Module, window: int,
     params = [p.detach() for p in cpb_mlp.parameters()]
     device = params[0].device.type
     cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling() and device == "cpu"
-    key = (window, torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
+    key = (compact(window), torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
     hit = cache.get(key) if cacheable else None
     if hit is not None and _same_values(hit[0], params):
         return hit[1]

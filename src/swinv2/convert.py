@@ -12,6 +12,11 @@ Formats (names accepted by `src` / `dst`):
     qkv / proj, MLPs, merging reduction, final norm and head transfer; the V1 pre-norms, the V1
     merging norm (over 4C, before the reduction), the relative-position-bias tables and the k bias
     are dropped; the V2-only logit scales, CPB MLPs and post-norms keep the V2 model's init.
+  * ``simmim`` (read only) — SimMIM pretraining checkpoints, the official ones (microsoft/SimMIM and
+    microsoft/Swin-Transformer `models/simmim.py`: ``encoder.*`` with ``encoder.mask_token``, ``decoder.*``;
+    the released SwinV2 ones name the CPB MLP ``rpe_mlp``, renamed as the official loader does) and ours
+    (`swinv2.simmim`: ``encoder.*``, ``mask_token``, ``decoder.*``): the encoder is kept under the
+    classifier's names, the mask token and the decoder are dropped (pretraining only).
 
 Key renames are declarative tables of templates (``{i}`` stage, ``{j}`` block, ``{2i+1}`` an index
 computed from ``i``, ``{*}`` the rest of the key); the few tensor operations (qkv split/merge,
@@ -37,12 +42,13 @@ from torch import Tensor
 
 from .errors import InputError
 from .model import DERIVED_KEYS
+from .windows import pair, relative_position_index
 from .preprocess import resize_size
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("native", "official", "timm", "hf", "torchvision", "swinv1")
-READ_ONLY = ("swinv1",)
+FORMATS = ("native", "official", "timm", "hf", "torchvision", "swinv1", "simmim")
+READ_ONLY = ("swinv1", "simmim")
 CPB_HIDDEN = 512  # timm, transformers and torchvision hard-code the CPB MLP width
 
 
@@ -187,6 +193,8 @@ def _drop_derived(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 def detect_format(sd: Mapping[str, Tensor]) -> str:
     """Guess the format of an unwrapped state dict from its keys."""
     keys = list(sd)
+    if any(k.startswith("encoder.patch_embed.") for k in keys):  # before hf: Swinv2Model has encoder.layers.
+        return "simmim"
     if any(k.startswith("features.0.0.") or re.match(r"features\.\d+\.\d+\.attn\.", k) for k in keys):
         return "torchvision"
     if any(k.startswith(("swinv2.", "embeddings.patch_embeddings.", "encoder.layers.")) for k in keys):
@@ -283,19 +291,34 @@ def _split_full_bias(sd: dict[str, Tensor], key: str, dropped: dict[str, str], w
             dropped[f"{p}attn.qkv.bias[C:2C]"] = why
 
 
-def tv_derived_buffers(window: int) -> tuple[Tensor, Tensor]:
-    """torchvision's persistent buffers for a window: coords table (1, 2w-1, 2w-1, 2), index (w^4,).
+def tv_derived_buffers(window: int | tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """torchvision's persistent buffers for a window w or (h, w): coords table (1, 2h-1, 2w-1, 2),
+    index ((h*w)^2,).
 
-    Its formula (no pretrained window): offsets / (w-1) * 8, then sign * log2(|x|+1) / 3.
+    Its formula (no pretrained window): offsets / (window - 1) per axis * 8, then sign * log2(|x|+1) / 3.
     """
-    r = torch.arange(-(window - 1), window, dtype=torch.float32)
-    table = torch.stack(torch.meshgrid(r, r, indexing="ij"), dim=-1)[None]  # (1, 2w-1, 2w-1, 2)
-    table = table / (window - 1) * 8
+    wh, ww = pair(window)
+    rh = torch.arange(-(wh - 1), wh, dtype=torch.float32)
+    rw = torch.arange(-(ww - 1), ww, dtype=torch.float32)
+    table = torch.stack(torch.meshgrid(rh, rw, indexing="ij"), dim=-1)[None]  # (1, 2h-1, 2w-1, 2)
+    table = table / torch.tensor([wh - 1, ww - 1], dtype=torch.float32) * 8
     table = torch.sign(table) * torch.log2(table.abs() + 1.0) / 3.0
-    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
-    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)  # (N, N, 2)
-    index = (rel[..., 0] * (2 * window - 1) + rel[..., 1]).flatten()
-    return table, index
+    return table, relative_position_index((wh, ww), torch.device("cpu")).flatten().clone()
+
+
+def _tv_window(config: Any) -> tuple[int, int]:
+    """The one (h, w) window torchvision's SwinTransformer (`window_size=[h, w]`) has for every stage."""
+    windows = set(config.stage_window_sizes)
+    _check(len(windows) == 1, f"torchvision's SwinTransformer has one window for all stages (window_size=[h, w]); "
+           f"this model's differ per stage: {config.window_size}")
+    return windows.pop()
+
+
+def _check_no_extra_norms(sd: Mapping[str, Tensor], dst: str) -> None:
+    """timm's SwinTransformerV2, transformers and torchvision have no SwinV2-H/G extra main-branch norm."""
+    extra = [k for k in sd if ".norm3." in k]
+    _check(not extra, f"{dst} has no SwinV2-H/G extra norms (extra_norm_every_n_blocks); these weights have "
+           f"{len(extra)} such tensors ({extra[0] if extra else ''}): write native / official instead")
 
 
 # --------------------------------------------------------------------------- to / from native
@@ -318,6 +341,21 @@ def _from_swinv1(sd: dict[str, Tensor], dropped: dict[str, str]) -> dict[str, Te
     return out
 
 
+def _from_simmim(sd: dict[str, Tensor], dropped: dict[str, str]) -> tuple[dict[str, Tensor], list[str]]:
+    out, unmapped = {}, []
+    for k, v in sd.items():
+        if k.startswith("encoder.") and not k.endswith("mask_token"):
+            out[k[len("encoder."):].replace(".rpe_mlp.", ".cpb_mlp.")] = v
+        elif k.endswith("mask_token"):
+            dropped[k] = "SimMIM mask token (pretraining only)"
+        elif k.startswith("decoder."):
+            dropped[k] = "SimMIM decoder (pretraining only)"
+        else:  # unknown to SimMIM: passed on, so a strict load reports it
+            out[k] = v
+            unmapped.append(k)
+    return out, unmapped
+
+
 def to_native(sd: Mapping[str, Any], src: str = "auto") -> Conversion:
     """Map a state dict of format `src` (or "auto") to native names. See the module docstring."""
     flat = unwrap(sd)
@@ -332,6 +370,8 @@ def to_native(sd: Mapping[str, Any], src: str = "auto") -> Conversion:
     elif src == "swinv1":
         conv.state_dict = _from_swinv1(flat, conv.dropped)
         conv.reinitialised = V1_REINITIALISED
+    elif src == "simmim":
+        conv.state_dict, conv.unmapped = _from_simmim(flat, conv.dropped)
     else:
         if src == "hf" and not any(k.startswith("swinv2.") for k in flat):  # Swinv2Model: no prefix
             flat = {k if k.startswith("classifier.") else "swinv2." + k: v for k, v in flat.items()}
@@ -352,6 +392,7 @@ def from_native(sd: Mapping[str, Tensor], dst: str, *, config: Any = None) -> Co
     conv = Conversion("native", dst, out)
     if dst in ("native", "official"):
         return conv
+    _check_no_extra_norms(out, dst)
     cpb = [v for k, v in out.items() if k.endswith("attn.cpb_mlp.0.weight")]
     _check(all(t.shape[0] == CPB_HIDDEN for t in cpb),
            f"{dst} hard-codes a CPB MLP of width {CPB_HIDDEN}; these weights have {cpb[0].shape[0] if cpb else '?'}")
@@ -359,12 +400,13 @@ def from_native(sd: Mapping[str, Tensor], dst: str, *, config: Any = None) -> Co
         _split_qkv(out)
     elif dst == "torchvision":
         _check(config is not None, "writing torchvision weights needs the model config (for its window size)")
-        if any(config.pretrained_window_sizes):
+        window = _tv_window(config)
+        if any(pair(p) != (0, 0) for p in config.pretrained_window_sizes):
             log.warning("torchvision has no pretrained_window_size: its CPB table is normalised by the window "
-                        "(%d), not by %s, so its outputs will differ", config.window_size,
+                        "(%s), not by %s, so its outputs will differ", config.window_size,
                         config.pretrained_window_sizes)
         _merge_tv_bias(out)
-        table, index = tv_derived_buffers(config.window_size)
+        table, index = tv_derived_buffers(window)
         for p in _blocks(out):
             out[p + "attn.relative_coords_table"] = table.clone()
             out[p + "attn.relative_position_index"] = index.clone()
@@ -446,6 +488,12 @@ def hf_config_from_kwargs(cfg: Mapping[str, Any], class_names: list[str] | None 
     """
     _check(cfg["cpb_hidden_dim"] == CPB_HIDDEN and cfg["patch_norm"],
            f"transformers hard-codes patch_norm=True and a CPB MLP of width {CPB_HIDDEN}")
+    # Its Swinv2Layer compares an int window with the map size: one square window for every stage.
+    _check(isinstance(cfg["window_size"], int) and all(isinstance(p, int) for p in cfg["pretrained_window_sizes"]),
+           f"transformers' Swinv2Config has one square window for all stages and square pre-training windows; "
+           f"this model has window_size={cfg['window_size']}, pretrained_window_sizes={cfg['pretrained_window_sizes']}")
+    _check(not cfg.get("extra_norm_every_n_blocks"),
+           "transformers' Swinv2 has no SwinV2-H/G extra norms (extra_norm_every_n_blocks)")
     n = cfg["num_classes"]
     names = list(class_names) if class_names is not None else [f"LABEL_{i}" for i in range(n)]
     return {

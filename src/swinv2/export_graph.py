@@ -11,10 +11,12 @@ graph runs at any height and width:
 * padding: the patch embedding and the patch merging pad by a constant (p - 1, resp. 1) and crop to
   the size they need (slices with tensor bounds); the window padding, roll and partition are one
   gather from the map with a zero row appended, its indices computed from (H, W, window, shift).
-* effective window (official rule, `windows.effective_window`): window = min(H, W) and shift 0 when
-  min(H, W) <= the configured window, computed with `torch.where`; N = window^2 is then dynamic.
+* effective window (`windows.effective_window`): for a square window the official rule, window =
+  min(H, W) and shift 0 when min(H, W) <= the configured window; for a rectangular (h, w) one the same
+  test per axis (timm's rule); computed with `torch.where`, so N = h * w is dynamic. Windows may differ
+  per stage (each block carries its own).
 * position bias: the log-spaced coordinates table and the relative position index are built from the
-  dynamic window with `arange`, then go through the block's CPB MLP, in the graph.
+  dynamic (h, w) window with `arange`, then go through the block's CPB MLP, in the graph.
 * shift masks: per window-ordered token its region label (the official three slices per axis, in
   the rolled frame), compared pairwise within each window; with shift 0 every label in a window is
   equal and the mask is zero, so one formula serves both branches.
@@ -33,26 +35,38 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .model import BasicLayer, PatchMerging, SwinTransformerBlock, SwinTransformerV2, WindowAttention
-from .windows import MASK_VALUE
+from .windows import MASK_VALUE, Pair
 
 
 class Layout(NamedTuple):
     """Where the windows of one (B, H, W, C) stage map come from and go back to (see `window_layout`)."""
 
-    window: Tensor  # () int64, the effective window w
-    tokens: Tensor  # () int64, N = w * w
+    window: tuple[Tensor, Tensor]  # () int64 each, the effective window (h, w)
+    tokens: Tensor  # () int64, N = h * w
     windows: Tensor  # () int64, nW: windows per image
     gather: Tensor  # (Hp*Wp,) int64: flat position in the unpadded map (H*W: the zero row) of each token
     scatter: Tensor  # (H*W,) int64: window-order position of each unpadded token
     mask: Tensor | None  # (nW, N, N) shift mask, 0 / MASK_VALUE; None for unshifted blocks
 
 
-def effective_window(H: Tensor, W: Tensor, window: int, shift: int) -> tuple[Tensor, Tensor]:
-    """`windows.effective_window` in tensors: (min(H, W), 0) when min(H, W) <= window, else (window, shift)."""
-    m = torch.minimum(H, W)
-    clamped = m <= window
-    return torch.where(clamped, m, torch.full_like(m, window)), torch.where(clamped, torch.zeros_like(m),
-                                                                         torch.full_like(m, shift))
+TensorPair = tuple[Tensor, Tensor]
+
+
+def _clamp(size: Tensor, window: int, shift: int) -> TensorPair:
+    """(size, 0) where size <= window, else (window, shift): the official clamp along one axis."""
+    clamped = size <= window
+    return (torch.where(clamped, size, torch.full_like(size, window)),
+            torch.where(clamped, torch.zeros_like(size), torch.full_like(size, shift)))
+
+
+def effective_window(H: Tensor, W: Tensor, window: Pair, shift: Pair) -> tuple[TensorPair, TensorPair]:
+    """`windows.effective_window` in tensors: ((h, w), (shift_h, shift_w)). A square window clamps both
+    axes to min(H, W) (official rule), a rectangular one each axis on its own (timm's)."""
+    if window[0] == window[1]:
+        w, s = _clamp(torch.minimum(H, W), window[0], shift[0])
+        return (w, w), (s, s)
+    (wh, sh), (ww, sw) = _clamp(H, window[0], shift[0]), _clamp(W, window[1], shift[1])
+    return (wh, ww), (sh, sw)
 
 
 def _region(idx: Tensor, n: Tensor, window: Tensor, shift: Tensor) -> Tensor:
@@ -60,54 +74,68 @@ def _region(idx: Tensor, n: Tensor, window: Tensor, shift: Tensor) -> Tensor:
     return (idx >= n - window).long() + (idx >= n - shift).long()
 
 
-def window_layout(H: Tensor, W: Tensor, window: Tensor, shift: Tensor, masked: bool) -> Layout:
+def window_layout(H: Tensor, W: Tensor, window: TensorPair, shift: TensorPair, masked: bool) -> Layout:
     """Pad to a window multiple, THEN roll by -shift and partition, as one gather (and its inverse).
 
     Token t of the window-ordered padded map (window k = t // N in raster order, position n = t % N in
-    it) sits at (i, j) in the rolled frame; before the roll it was at ((i + shift) % Hp, (j + shift)
+    it) sits at (i, j) in the rolled frame; before the roll it was at ((i + shift_h) % Hp, (j + shift_w)
     % Wp), a padded position when that is outside H x W (gathered from an appended zero row). The
     windows are in raster order per image, as the official code; `masked` builds the shift mask.
     """
-    Hp, Wp = (H + window - 1) // window * window, (W + window - 1) // window * window
-    N, cols = window * window, Wp // window
+    (wh, ww), (sh, sw) = window, shift
+    Hp, Wp = (H + wh - 1) // wh * wh, (W + ww - 1) // ww * ww
+    N, cols = wh * ww, Wp // ww
     t = torch.arange(Hp * Wp)
     k, n = t // N, t % N
-    i, j = (k // cols) * window + n // window, (k % cols) * window + n % window  # rolled frame
-    src_i, src_j = (i + shift) % Hp, (j + shift) % Wp
+    i, j = (k // cols) * wh + n // ww, (k % cols) * ww + n % ww  # rolled frame
+    src_i, src_j = (i + sh) % Hp, (j + sw) % Wp
     gather = torch.where((src_i < H) & (src_j < W), src_i * W + src_j, H * W)
     u = torch.arange(H * W)
     # Where each unpadded (u // W, u % W) lands in the rolled frame (+ Hp keeps the operands of % >= 0).
-    ri, rj = (u // W - shift + Hp) % Hp, (u % W - shift + Wp) % Wp
-    scatter = ((ri // window) * cols + rj // window) * N + (ri % window) * window + rj % window
+    ri, rj = (u // W - sh + Hp) % Hp, (u % W - sw + Wp) % Wp
+    scatter = ((ri // wh) * cols + rj // ww) * N + (ri % wh) * ww + rj % ww
     mask = None
     if masked:
-        label = (_region(i, Hp, window, shift) * 3 + _region(j, Wp, window, shift)).view(-1, N)
+        label = (_region(i, Hp, wh, sh) * 3 + _region(j, Wp, ww, sw)).view(-1, N)
         mask = (label[:, :, None] != label[:, None, :]).float() * MASK_VALUE  # (nW, N, N)
     return Layout(window, N, Hp * Wp // N, gather, scatter, mask)
 
 
-def position_bias(attn: WindowAttention, window: Tensor) -> Tensor:
-    """(nH, N, N) = 16 * sigmoid(cpb_mlp(log-spaced table))[relative index], for a dynamic window.
+def _normalise(table: Tensor, attn: WindowAttention, window: TensorPair, square: bool) -> Tensor:
+    """Offsets (dy, dx) / (pre-training window - 1, else window - 1), at least 1 (a window of 1 has the
+    single offset 0, kept 0 instead of 0/0). A square divisor divides as one number, as the model does;
+    rectangles column by column (a constant tensor of two divisors would be a trace constant).
+    `square`: whether the block's window is square (the pre-training window decides where there is one)."""
+    ph, pw = attn.pretrained_window_size
+    if ph > 0:
+        (dh, dw), square = (max(ph - 1, 1), max(pw - 1, 1)), ph == pw
+    else:
+        dh, dw = (torch.clamp(w - 1, min=1).float() for w in window)
+    if square:
+        return table / dh
+    return torch.stack((table[:, 0] / dh, table[:, 1] / dw), dim=-1)
 
-    The same table as `model.log_spaced_coords` (same op order, so the same fp32 values) and the same
-    index as `model.relative_position_index`, from flat aranges instead of meshgrids."""
-    span = 2 * window - 1
-    k = torch.arange(span * span)
-    table = torch.stack((k // span, k % span), dim=-1) - (window - 1)  # ((2w-1)^2, 2) offsets (dy, dx)
-    pretrained = attn.pretrained_window_size
-    # A window of 1 has the single offset 0; dividing by max(., 1) keeps it 0 instead of 0/0.
-    denom = torch.clamp(window - 1, min=1).float() if pretrained <= 0 else max(pretrained - 1, 1)
-    table = table.float() / denom * 8
+
+def position_bias(attn: WindowAttention, window: TensorPair, square: bool) -> Tensor:
+    """(nH, N, N) = 16 * sigmoid(cpb_mlp(log-spaced table))[relative index], for a dynamic (h, w) window.
+
+    The same table as `attention.log_spaced_coords` (same op order, so the same fp32 values) and the
+    same index as `windows.relative_position_index`, from flat aranges instead of meshgrids."""
+    wh, ww = window
+    span_h, span_w = 2 * wh - 1, 2 * ww - 1
+    k = torch.arange(span_h * span_w)
+    table = torch.stack((k // span_w - (wh - 1), k % span_w - (ww - 1)), dim=-1)  # (.., 2) offsets (dy, dx)
+    table = _normalise(table.float(), attn, window, square) * 8
     table = torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
-    bias = attn.cpb_mlp(table)  # ((2w-1)^2, nH)
-    p = torch.arange(window * window)
-    r, c = p // window, p % window
-    index = (r[:, None] - r[None, :] + window - 1) * span + (c[:, None] - c[None, :] + window - 1)
-    N = window * window
+    bias = attn.cpb_mlp(table)  # ((2h-1)(2w-1), nH)
+    p = torch.arange(wh * ww)
+    r, c = p // ww, p % ww
+    index = (r[:, None] - r[None, :] + wh - 1) * span_w + (c[:, None] - c[None, :] + ww - 1)
+    N = wh * ww
     return 16 * torch.sigmoid(bias.t().index_select(1, index.reshape(-1)).reshape(-1, N, N))
 
 
-def window_attention(attn: WindowAttention, x: Tensor, layout: Layout) -> Tensor:
+def window_attention(attn: WindowAttention, x: Tensor, layout: Layout, square: bool) -> Tensor:
     """The official scaled cosine attention of (B*nW, N, C) windows, images major; mask broadcast per window."""
     N, nH, C = layout.tokens, attn.num_heads, attn.proj.in_features  # C static: no Shape op in the graph
     qkv_bias = None if attn.q_bias is None else torch.cat((attn.q_bias, torch.zeros_like(attn.v_bias), attn.v_bias))
@@ -119,7 +147,7 @@ def window_attention(attn: WindowAttention, x: Tensor, layout: Layout) -> Tensor
     q = q * (scale / torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(1e-12))
     k = k / torch.linalg.vector_norm(k, dim=-1, keepdim=True).clamp_min(1e-12)
     logits = q @ k.transpose(-2, -1)  # (B*nW, nH, N, N)
-    bias = position_bias(attn, layout.window)  # (nH, N, N)
+    bias = position_bias(attn, layout.window, square)  # (nH, N, N)
     if layout.mask is None:
         logits = logits + bias[None]
     else:  # position bias plus each window's mask, then one pass over the (B, nW, nH, N, N) logits
@@ -133,11 +161,12 @@ def block_forward(blk: SwinTransformerBlock, x: Tensor, H: Tensor, W: Tensor, la
     C = blk.norm1.normalized_shape[0]
     flat = F.pad(x.reshape(-1, H * W, C), (0, 0, 0, 1))  # row H*W: zeros, what padded tokens gather
     windows = flat.index_select(1, layout.gather).reshape(-1, layout.tokens, C)  # (B*nW, N, C)
-    out = window_attention(blk.attn, windows, layout)
+    out = window_attention(blk.attn, windows, layout, blk.window_size[0] == blk.window_size[1])
     out = out.reshape(x.shape[0], -1, C).index_select(1, layout.scatter).reshape(-1, H, W, C)
     x = x + blk.norm1(out)
     mlp = blk.mlp
-    return x + blk.norm2(mlp.fc2(F.gelu(mlp.fc1(x))))
+    x = x + blk.norm2(mlp.fc2(F.gelu(mlp.fc1(x))))
+    return x if blk.norm3 is None else blk.norm3(x)  # SwinV2-H/G's extra norm
 
 
 def patch_merging(merge: PatchMerging, x: Tensor) -> Tensor:
@@ -154,12 +183,12 @@ def stage_forward(layer: BasicLayer, x: Tensor) -> Tensor:
     """One stage: each layout (unshifted, shifted) is computed once and shared by the blocks using it."""
     shape = torch._shape_as_tensor(x)  # (4,) int64; traced, it is the ONNX Shape of the live map
     H, W = shape[1], shape[2]
-    layouts: dict[tuple[int, int], Layout] = {}
+    layouts: dict[tuple[Pair, Pair], Layout] = {}
     for blk in layer.blocks:
         key = (blk.window_size, blk.shift_size)
         if key not in layouts:
             w, s = effective_window(H, W, *key)
-            layouts[key] = window_layout(H, W, w, s, masked=blk.shift_size > 0)
+            layouts[key] = window_layout(H, W, w, s, masked=any(blk.shift_size))
         x = block_forward(blk, x, H, W, layouts[key])
     return x if layer.downsample is None else patch_merging(layer.downsample, x)
 

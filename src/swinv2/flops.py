@@ -2,8 +2,9 @@
 
 Counted as the official code counts: patch embedding, qkv / q@k / attn@v / proj, MLP, patch merging
 and head, plus one MAC per element for each LayerNorm (including the official final-norm term of
-C * H0 * W0 / 2**num_stages). Not counted: the CPB MLP, which is independent of the input. Windows,
-padding and the window clamp follow the model, so any input size is counted as it runs.
+C * H0 * W0 / 2**num_stages, and SwinV2-H/G's extra norms). Not counted: the CPB MLP, which is independent
+of the input. Windows (per stage, square or (h, w)), padding and the window clamp follow the model, so
+any input size is counted as it runs.
 """
 from __future__ import annotations
 
@@ -34,14 +35,16 @@ def count_flops(model_or_name: SwinTransformerV2 | SwinV2Config | str,
     H, W = math.ceil(H / p), math.ceil(W / p)
     H0, W0 = H, W
     macs = H * W * cfg.embed_dim * cfg.in_chans * p * p + (H * W * cfg.embed_dim if cfg.patch_norm else 0)
-    dim = cfg.embed_dim
+    dim, every = cfg.embed_dim, cfg.extra_norm_every_n_blocks
     for i, (depth, heads) in enumerate(zip(cfg.depths, cfg.num_heads)):
+        wh, ww = cfg.stage_window_sizes[i]
         for j in range(depth):
-            window, _ = effective_window(H, W, cfg.window_size, cfg.window_size // 2 if j % 2 else 0)
-            Hp, Wp = math.ceil(H / window) * window, math.ceil(W / window) * window
-            n_windows = (Hp // window) * (Wp // window)
-            macs += n_windows * _attention_macs(window * window, dim, heads)
+            (h, w), _ = effective_window(H, W, (wh, ww), (wh // 2, ww // 2) if j % 2 else (0, 0))
+            n_windows = math.ceil(H / h) * math.ceil(W / w)  # padded to window multiples
+            macs += n_windows * _attention_macs(h * w, dim, heads)
             macs += 2 * H * W * dim * int(dim * cfg.mlp_ratio) + 2 * H * W * dim  # MLP, norm1 + norm2
+            if every and (j + 1) % every == 0:
+                macs += H * W * dim  # the extra main-branch norm (`model.SwinTransformerBlock.norm3`)
         if i < len(cfg.depths) - 1:
             H, W = math.ceil(H / 2), math.ceil(W / 2)
             macs += H * W * 4 * dim * 2 * dim + H * W * 2 * dim  # reduction, norm

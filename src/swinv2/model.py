@@ -1,22 +1,24 @@
 """Swin Transformer V2 (Liu et al., arXiv 2111.09883), with the official parameter names and numerics.
 
-Read bottom-up: position-bias tables -> attention -> block -> patch merging -> stage -> model. Feature
+Read bottom-up: attention -> block -> patch merging -> stage -> model (the position-bias tables it
+indexes: `attention.log_spaced_coords`, `windows.relative_position_index`). Feature
 maps stay channels-last, (B, H, W, C), from the patch embedding to the head. What V2 changes over V1:
   * res-post-norm (paper §3.2): `SwinTransformerBlock._forward`, post-norms zero-initialised.
   * scaled cosine attention (paper §3.2): `WindowAttention`, per-head `logit_scale` clamped at log(100).
   * log-spaced continuous position bias (paper §3.3): `log_spaced_coords` + `cpb_mlp`, `16 * sigmoid`.
   * v2 patch merging: `PatchMerging`, reduction THEN norm.
 Beyond the official code: any input size (pad to a window multiple, then shift; odd sizes padded before
-merging), windows clamped to the actual map size, activation checkpointing, multi-scale features.
+merging), windows clamped to the actual map size, per-stage and rectangular (h, w) windows, the SwinV2-H/G
+extra main-branch norm (paper §3.6), activation checkpointing, multi-scale features.
 The speed machinery sits behind one seam each (torch only, see docs/performance.md): the window layout
 in `windows.py`, the attention kernels, bias cache and inference grouping in `attention.py`, fused
 autograd ops in `fused.py`. `set_fused_attention(False)` runs the official formula written out here.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, fields
-from functools import lru_cache
 from typing import Any
 
 import torch
@@ -24,9 +26,10 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from .attention import BiasCache, cached_position_bias, forward_in_chunks, fused_attention
+from .attention import BiasCache, cached_position_bias, forward_in_chunks, fused_attention, log_spaced_coords
 from .fused import gelu_linear, linear_gelu
-from .windows import cached, effective_window, from_windows, plain_tensors, to_windows, window_bias
+from .windows import Pair, cached, compact_windows, effective_window, from_windows, pair, pretrained_windows
+from .windows import relative_position_index, stage_window_sizes, to_windows, window_bias
 from .windows import class_masks, shift_mask, window_order  # noqa: F401 (public here, as before the split)
 
 # Names of the derived tensors the official code stores as buffers; never ours, tolerated on load.
@@ -49,10 +52,12 @@ class SwinV2Config:
     embed_dim: int = 96
     depths: tuple[int, ...] = (2, 2, 6, 2)
     num_heads: tuple[int, ...] = (3, 6, 12, 24)
-    window_size: int = 8
-    # Per stage, the window the weights were pre-trained with (0 = none): the CPB input is
-    # normalised by it so that a larger window extrapolates in log space (paper §3.3).
-    pretrained_window_sizes: tuple[int, ...] = (0, 0, 0, 0)
+    # An int (square, every stage), one (h, w), or one int / (h, w) per stage. Stored canonically: the
+    # int when every stage has the same square window, else each stage's (h, w) (`stage_window_sizes`).
+    window_size: int | tuple[Pair, ...] = 8
+    # Per stage, the window (int or (h, w); square ones stored as ints) the weights were pre-trained
+    # with (0 = none): the CPB input is normalised by it so a larger window extrapolates (paper §3.3).
+    pretrained_window_sizes: tuple[int | Pair, ...] = (0, 0, 0, 0)
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     drop_rate: float = 0.0
@@ -60,30 +65,43 @@ class SwinV2Config:
     drop_path_rate: float = 0.1
     patch_norm: bool = True
     cpb_hidden_dim: int = 512
+    # SwinV2-H/G (paper §3.6): a LayerNorm on the main branch after every n-th block of a stage (0: none).
+    extra_norm_every_n_blocks: int = 0
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise types once, here
         size = self.img_size
         set_(self, "img_size", (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size))
-        for name in ("depths", "num_heads", "pretrained_window_sizes"):
+        for name in ("depths", "num_heads"):
             set_(self, name, tuple(int(v) for v in getattr(self, name)))
         n = len(self.depths)
-        if len(self.num_heads) != n or len(self.pretrained_window_sizes) != n:
-            raise ValueError(f"depths, num_heads and pretrained_window_sizes need one entry per stage; got "
-                             f"{self.depths}, {self.num_heads}, {self.pretrained_window_sizes}")
+        set_(self, "window_size", compact_windows(stage_window_sizes(self.window_size, n)))
+        set_(self, "pretrained_window_sizes", pretrained_windows(self.pretrained_window_sizes, n))
+        if len(self.num_heads) != n:
+            raise ValueError(f"depths and num_heads need one entry per stage; got {self.depths}, {self.num_heads}")
         for i, heads in enumerate(self.num_heads):
             if (self.embed_dim * 2**i) % heads:
                 raise ValueError(f"stage {i}: dim {self.embed_dim * 2**i} is not divisible by {heads} heads")
-        if self.window_size < 1 or self.patch_size < 1:
-            raise ValueError("window_size and patch_size must be positive")
+        if self.patch_size < 1 or self.extra_norm_every_n_blocks < 0:
+            raise ValueError("patch_size must be positive and extra_norm_every_n_blocks >= 0")
         _check_num_classes(self.num_classes)
 
     @property
     def num_features(self) -> int:
         return int(self.embed_dim * 2 ** (len(self.depths) - 1))
 
+    @property
+    def stage_window_sizes(self) -> tuple[Pair, ...]:
+        """The (h, w) window of each stage."""
+        return stage_window_sizes(self.window_size, len(self.depths))
+
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """JSON / YAML types. `extra_norm_every_n_blocks` only where set: every other model's metadata
+        stays as it was, readable by versions without the field."""
+        d = json.loads(json.dumps(asdict(self)))  # tuples, nested ones too, as the lists JSON / YAML hold
+        if not self.extra_norm_every_n_blocks:
+            del d["extra_norm_every_n_blocks"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SwinV2Config":
@@ -91,28 +109,6 @@ class SwinV2Config:
         if unknown:
             raise ValueError(f"unknown SwinV2Config keys: {', '.join(unknown)}")
         return cls(**d)
-
-
-@lru_cache(maxsize=64)
-def log_spaced_coords(window: int, pretrained_window: int, device: torch.device) -> Tensor:
-    """((2w-1)^2, 2) fp32 CPB input: relative offsets, normalised, then sign*log2(1+|x|)/log2(8)."""
-    with plain_tensors(), torch.no_grad():
-        r = torch.arange(-(window - 1), window, dtype=torch.float32, device=device)
-        table = torch.stack(torch.meshgrid(r, r, indexing="ij"), dim=-1)  # (2w-1, 2w-1, 2)
-        # A window of 1 has the single offset 0; dividing by max(.,1) keeps it 0 instead of 0/0.
-        table = table / max((pretrained_window if pretrained_window > 0 else window) - 1, 1)
-        table = table * 8  # to [-8, 8]
-        table = torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
-        return table.reshape(-1, 2)
-
-
-@lru_cache(maxsize=64)
-def relative_position_index(window: int, device: torch.device) -> Tensor:
-    """(N, N) index of each token pair's offset into the (2w-1)^2 table, N = window^2."""
-    with plain_tensors(), torch.no_grad():
-        coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
-        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)  # (N, N, 2)
-        return (rel[..., 0] * (2 * window - 1) + rel[..., 1]).to(device)
 
 
 # --------------------------------------------------------------------------- layers
@@ -163,11 +159,11 @@ class WindowAttention(nn.Module):
     fused: bool = True  # fast kernels (attention.py); False runs the plain official formula
     sequential: bool = False  # CPU training: probabilities recomputed in the backward (set_sequential_attention)
 
-    def __init__(self, dim: int, num_heads: int, *, pretrained_window_size: int = 0, qkv_bias: bool = True,
+    def __init__(self, dim: int, num_heads: int, *, pretrained_window_size: int | Pair = 0, qkv_bias: bool = True,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, cpb_hidden_dim: int = 512) -> None:
         super().__init__()
         self.num_heads = num_heads
-        self.pretrained_window_size = pretrained_window_size
+        self.pretrained_window_size = pair(pretrained_window_size)
         self.logit_scale = nn.Parameter(torch.log(10 * torch.ones(num_heads, 1, 1)))
         self.cpb_mlp = nn.Sequential(nn.Linear(2, cpb_hidden_dim), nn.ReLU(inplace=True),
                                      nn.Linear(cpb_hidden_dim, num_heads, bias=False))
@@ -181,24 +177,24 @@ class WindowAttention(nn.Module):
         # (window, autocast dtype or None) -> (CPB parameter snapshot, position bias); CPU inference only.
         self._bias_cache: BiasCache = {}
 
-    def position_bias(self, window: int) -> Tensor:
-        """(nH, N, N) = 16 * sigmoid(cpb_mlp(log-spaced table))[relative_position_index]."""
-        weight = self.cpb_mlp[0].weight
+    def position_bias(self, window: int | Pair) -> Tensor:
+        """(nH, N, N) = 16 * sigmoid(cpb_mlp(log-spaced table))[relative_position_index], N = h*w."""
+        window, weight = pair(window), self.cpb_mlp[0].weight
         table = cached(log_spaced_coords, window, self.pretrained_window_size, weight.device).to(weight.dtype)
-        bias = self.cpb_mlp(table)  # ((2w-1)^2, nH)
+        bias = self.cpb_mlp(table)  # ((2h-1)(2w-1), nH)
         index = cached(relative_position_index, window, weight.device).view(-1)
-        N = window * window
-        # Gathered from the (nH, (2w-1)^2) transpose: a contiguous (nH, N, N), as attention reads it.
+        N = window[0] * window[1]
+        # Gathered from the (nH, (2h-1)(2w-1)) transpose: a contiguous (nH, N, N), as attention reads it.
         bias = bias.t().index_select(1, index).view(self.num_heads, N, N)
         return 16 * torch.sigmoid(bias)
 
-    def attention_bias(self, window: int, masks: Tensor | None) -> Tensor:
+    def attention_bias(self, window: Pair, masks: Tensor | None) -> Tensor:
         """(n, nH, N, N): the position bias plus each of the n class masks `masks` (n, N, N); (1, nH, N, N)
         without masks: never larger with the image. CPU inference reuses the position bias (attention.py)."""
         bias = cached_position_bias(self._bias_cache, self.cpb_mlp, window, lambda: self.position_bias(window)[None])
         return bias if masks is None else bias + masks.to(bias.dtype)[:, None]
 
-    def forward(self, x: Tensor, window: int, masks: Tensor | None = None,
+    def forward(self, x: Tensor, window: Pair, masks: Tensor | None = None,
                 counts: tuple[int, ...] | None = None) -> Tensor:
         """x: (nW*B, N, C), the windows of B images, window-major (row w*B + b is window w of image b).
 
@@ -230,20 +226,22 @@ class WindowAttention(nn.Module):
 
 
 class SwinTransformerBlock(nn.Module):
-    """(Shifted-)window attention and MLP, each followed by its res-post-norm (paper §3.2)."""
+    """(Shifted-)window attention and MLP, each followed by its res-post-norm (paper §3.2); with
+    `extra_norm`, a LayerNorm of the block's output (`norm3`, SwinV2-H/G, paper §3.6)."""
 
-    def __init__(self, dim: int, num_heads: int, *, window_size: int, shift_size: int, pretrained_window_size: int,
+    def __init__(self, dim: int, num_heads: int, *, window_size: Pair, shift_size: Pair, pretrained_window_size: Pair,
                  mlp_ratio: float, qkv_bias: bool, drop: float, attn_drop: float, drop_path: float,
-                 cpb_hidden_dim: int) -> None:
+                 cpb_hidden_dim: int, extra_norm: bool = False) -> None:
         super().__init__()
-        self.window_size = window_size
-        self.shift_size = shift_size
+        self.window_size = pair(window_size)
+        self.shift_size = pair(shift_size)
         self.attn = WindowAttention(dim, num_heads, pretrained_window_size=pretrained_window_size, qkv_bias=qkv_bias,
                                     attn_drop=attn_drop, proj_drop=drop, cpb_hidden_dim=cpb_hidden_dim)
         self.norm1 = nn.LayerNorm(dim)
         self.drop_path = DropPath(drop_path)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
         self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim) if extra_norm else None
 
     def _attend(self, x: Tensor) -> Tensor:
         """(B, H, W, C) -> (B, H, W, C): pad to a window multiple, THEN shift (roll by -shift) and
@@ -255,6 +253,9 @@ class SwinTransformerBlock(nn.Module):
     def _forward(self, x: Tensor, out: Tensor | None = None) -> Tensor:
         x = x + self.drop_path(self.norm1(self._attend(x)))
         y = self.drop_path(self.norm2(self.mlp(x)))
+        if self.norm3 is not None:  # mmpretrain's SwinBlockV2: x = norm3(x) after both residuals
+            y = self.norm3(x + y)
+            return y if out is None else out.copy_(y)
         return x + y if out is None else torch.add(x, y, out=out)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -306,16 +307,20 @@ class PatchEmbed(nn.Module):
 class BasicLayer(nn.Module):
     """One stage: `depth` blocks alternating regular / shifted windows, then optional merging."""
 
-    def __init__(self, dim: int, depth: int, num_heads: int, *, window_size: int, pretrained_window_size: int,
+    def __init__(self, dim: int, depth: int, num_heads: int, *, window_size: Pair, pretrained_window_size: Pair,
                  drop_path: list[float], downsample: bool, cfg: SwinV2Config) -> None:
         super().__init__()
         self.grad_checkpointing = False
+        shift = (window_size[0] // 2, window_size[1] // 2)
+        # Extra norms after blocks n, 2n, ... of every stage, counted from 1 within the stage, the last
+        # stage too (mmpretrain `SwinBlockV2Sequence`); the model's final norm follows as always.
+        every = cfg.extra_norm_every_n_blocks
         self.blocks = nn.ModuleList(
             SwinTransformerBlock(
-                dim, num_heads, window_size=window_size, shift_size=0 if i % 2 == 0 else window_size // 2,
+                dim, num_heads, window_size=window_size, shift_size=(0, 0) if i % 2 == 0 else shift,
                 pretrained_window_size=pretrained_window_size, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
                 drop=cfg.drop_rate, attn_drop=cfg.attn_drop_rate, drop_path=drop_path[i],
-                cpb_hidden_dim=cfg.cpb_hidden_dim)
+                cpb_hidden_dim=cfg.cpb_hidden_dim, extra_norm=every > 0 and (i + 1) % every == 0)
             for i in range(depth))
         self.downsample = PatchMerging(dim) if downsample else None
 
@@ -356,8 +361,8 @@ class SwinTransformerV2(nn.Module):
         self.pos_drop = nn.Dropout(cfg.drop_rate)
         dpr = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths), device="cpu").tolist()  # linear rule
         self.layers = nn.ModuleList(
-            BasicLayer(cfg.embed_dim * 2**i, depth, cfg.num_heads[i], window_size=cfg.window_size,
-                       pretrained_window_size=cfg.pretrained_window_sizes[i],
+            BasicLayer(cfg.embed_dim * 2**i, depth, cfg.num_heads[i], window_size=cfg.stage_window_sizes[i],
+                       pretrained_window_size=pair(cfg.pretrained_window_sizes[i]),
                        drop_path=dpr[sum(cfg.depths[:i]): sum(cfg.depths[: i + 1])],
                        downsample=i < len(cfg.depths) - 1, cfg=cfg)
             for i, depth in enumerate(cfg.depths))

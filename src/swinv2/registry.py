@@ -58,14 +58,22 @@ _FAMILIES: dict[str, dict[str, Any]] = {
     "small": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3),
     "base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5),
     "large": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), drop_path_rate=0.2),
+    # SwinV2-H and -G (paper Table 1 / §3.6): mmpretrain `SwinTransformerV2.arch_zoo` ('huge', 'giant'):
+    # embed_dims 352 / 512, depths [2, 2, 18, 2] / [2, 2, 42, 4], heads [8, 16, 32, 64] / [16, 32, 64, 128]
+    # (mmpretrain: "head count not certain for huge"), extra_norm_every_n_blocks 6. drop_path 0.1: the
+    # official SimMIM SwinV2 fine-tuning config (configs/simmim/simmim_finetune__swinv2_base__img224_window14).
+    "huge": dict(embed_dim=352, depths=(2, 2, 18, 2), num_heads=(8, 16, 32, 64), drop_path_rate=0.1,
+                 extra_norm_every_n_blocks=6),
+    "giant": dict(embed_dim=512, depths=(2, 2, 42, 4), num_heads=(16, 32, 64, 128), drop_path_rate=0.1,
+                  extra_norm_every_n_blocks=6),
 }
 # Reference parameter counts of the official code, 1000-class heads.
 OFFICIAL_PARAMS = {"tiny": 28_347_154, "small": 49_728_418, "base": 87_918_816, "large": 196_739_932}
 
 
 def _variant(family: str, window: int, img: int, *, pretrained: int = 0, classes: int = 1000,
-             drop_path: float | None = None, alias: str, pretrain: str = "in1k", top1=None, top5=None,
-             gmacs=None, fps=None, name: str | None = None) -> Variant:
+             drop_path: float | None = None, alias: str | None, pretrain: str = "in1k", top1=None, top5=None,
+             gmacs=None, fps=None, name: str | None = None, official: bool = True) -> Variant:
     arch = dict(_FAMILIES[family])
     if drop_path is not None:
         arch["drop_path_rate"] = drop_path
@@ -78,7 +86,8 @@ def _variant(family: str, window: int, img: int, *, pretrained: int = 0, classes
         name = f"swinv2_{family}_{win}{res}"
     # Official eval: resize to img/0.875 and centre-crop below 384 px; plain resize at 384.
     crop = 1.0 if img >= 384 else 0.875
-    return Variant(name, cfg, EvalPreprocess(img, crop), (alias,), pretrain, top1, top5, gmacs, fps)
+    return Variant(name, cfg, EvalPreprocess(img, crop), (alias,) if alias else (), pretrain, top1, top5, gmacs, fps,
+                   official)
 
 
 _VARIANTS = [
@@ -105,6 +114,12 @@ _VARIANTS = [
     _variant("large", 24, 384, pretrained=12, drop_path=0.2, pretrain="in22k->in1k",
              alias="swinv2_large_patch4_window12to24_192to384_22kto1k_ft", top1=87.6, top5=98.3, gmacs=115.4,
              fps=33),
+    # Not official, no weights: SwinV2-H / G as SimMIM pre-trains them at 192 px (window 12) and
+    # fine-tunes them at 224 px (window 14; pre-trained windows 12, 12, 12, 6 as the official SimMIM
+    # SwinV2 fine-tuning config). microsoft/SimMIM's README lists SwinV2-Huge 192 -> 224 at 85.7 top-1,
+    # without weights; SwinV2-G's were never released.
+    _variant("huge", 14, 224, pretrained=12, alias=None, pretrain="none", official=False),
+    _variant("giant", 14, 224, pretrained=12, alias=None, pretrain="none", official=False),
     # Not official: a model small enough for unit tests and for demos on a CPU in minutes.
     Variant("swinv2_micro_window4_32",
             SwinV2Config(img_size=(32, 32), embed_dim=24, depths=(2, 2), num_heads=(2, 4), window_size=4,
