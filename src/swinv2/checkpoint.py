@@ -509,9 +509,9 @@ class _Weights:
 
 def _measured_weights(state: Mapping[str, Any]) -> Mapping[str, Any]:
     """The weights of a training state that its best metric measures, those `best.safetensors` holds:
-    the EMA's under ``train.best_metric: val_ema_top1``, else the model's."""
-    metric = state.get("config", {}).get("train", {}).get("best_metric")
-    return state["ema"] if metric == "val_ema_top1" and state.get("ema") is not None else state["model"]
+    the EMA's under ``train.best_metric: val_ema_top1`` (or ``val_ema_loss``), else the model's."""
+    metric = state.get("config", {}).get("train", {}).get("best_metric") or ""
+    return state["ema"] if metric.startswith("val_ema_") and state.get("ema") is not None else state["model"]
 
 
 def _read_weights(path: Path) -> _Weights:

@@ -618,6 +618,10 @@ def _run_train(args: argparse.Namespace) -> int:
             best = f"; best {best[next(k for k in best if k != 'epoch')]:.2f}% at epoch {best['epoch']}" if best else ""
             ema = f" (EMA top-1 {final['val_ema_top1']:.2f}%)" if "val_ema_top1" in final else ""
             print(f"final val top-1 {final['val_top1']:.2f}%  top-5 {final['val_top5']:.2f}%{ema}{best}")
+        elif "val_loss" in final:  # pretraining (train.task: simmim): a reconstruction loss, no accuracy
+            best = summary.get("best")
+            best = f"; best {best[next(k for k in best if k != 'epoch')]:.4f} at epoch {best['epoch']}" if best else ""
+            print(f"final val loss {final['val_loss']:.4f}{best}")
         print(f"run directory: {summary['run_dir']}")
         if "weights" in summary:
             print(f"weights:       {summary['weights']}")

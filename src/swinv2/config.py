@@ -180,12 +180,39 @@ class TrainConfig:
     checkpoint_every: int = valid(0, ">= 0")    # optimizer steps between mid-epoch saves; 0: epoch ends only
     # Best-k training states kept by best_metric; 0 is out: with a val set the best is the run's weights file.
     keep_best: int = valid(1, ">= 1")
-    best_metric: Literal["val_top1", "val_ema_top1"] = "val_top1"
+    # Accuracies rank highest first, losses lowest first; task simmim has losses only (no labels).
+    best_metric: Literal["val_top1", "val_ema_top1", "val_loss", "val_ema_loss"] = "val_top1"
     max_bad_steps: int = valid(10, ">= 1")      # abort after this many non-finite steps in a row
     log_every: int = valid(50, ">= 1")          # optimizer steps between log lines / TensorBoard points
     tensorboard: bool = True
     progress: bool = True                       # tqdm bars (rank 0)
     threads: int | None = valid(None, ">= 1")   # torch.set_num_threads; None: torch's default
+    # classify: labels from class folders, cross-entropy. simmim: masked-image pretraining without labels
+    # (the `simmim` section; images at any depth under the train / val folders, class folders ignored).
+    task: Literal["classify", "simmim"] = "classify"
+
+
+@dataclass(frozen=True)
+class SimMIMConfig:
+    """Masked-image pretraining (`train.task: simmim`; SimMIM, Xie et al. arXiv 2111.09886, as the
+    official code has it: microsoft/SimMIM and microsoft/Swin-Transformer models/simmim.py,
+    data/data_simmim_pt.py, configs/simmim/simmim_pretrain__swinv2_base__img192_window12__800ep.yaml).
+
+    Squares of mask_patch_size px are masked at mask_ratio (exactly ceil(ratio x squares) per image);
+    the encoder sees a learned mask token in place of each masked patch, a 1x1 conv + PixelShuffle
+    decoder predicts every pixel, and the loss is the L1 error on the masked pixels only. The data
+    transform is SimMIM's: random-resized crop (data.aug.scale / ratio / interpolation), horizontal
+    flip (data.aug.hflip), normalisation; the rest of data.aug (RandAugment, erasing, Mixup) is unused.
+    """
+
+    # A multiple of the model's patch size that divides the image size; None: the encoder stride
+    # (patch x 2^(stages-1): 32 px for the 4-stage variants at patch 4, SimMIM's 32 at 192 px).
+    mask_patch_size: int | None = valid(None, ">= 1")
+    mask_ratio: float = valid(0.6, "(0, 1)")
+    # Odd side (px) of the window that normalises each target pixel by its local mean / std (the SwinV2
+    # SimMIM configs: 47 at 192 px); None: the normalised pixels themselves (SimMIM's Swin V1 / ViT).
+    norm_target_patch_size: int | None = valid(None, ">= 3")
+    reconstructions: int = valid(8, ">= 0")     # val images drawn each evaluated epoch (0: no picture)
 
 
 class _Inherit:
@@ -204,8 +231,8 @@ def _stage_section(cls: type) -> type:
          field(default=INHERIT, metadata=f.metadata)) for f in fields(cls)], frozen=True)
 
 
-StageModelConfig, StageDataConfig, StageOptimConfig, StageScheduleConfig, StageTrainConfig = map(
-    _stage_section, (ModelConfig, DataConfig, OptimConfig, ScheduleConfig, TrainConfig))
+StageModelConfig, StageDataConfig, StageOptimConfig, StageScheduleConfig, StageTrainConfig, StageSimMIMConfig = map(
+    _stage_section, (ModelConfig, DataConfig, OptimConfig, ScheduleConfig, TrainConfig, SimMIMConfig))
 
 
 @dataclass(frozen=True)
@@ -220,6 +247,7 @@ class StageConfig:
     optim: StageOptimConfig = field(default_factory=StageOptimConfig)
     schedule: StageScheduleConfig = field(default_factory=StageScheduleConfig)
     train: StageTrainConfig = field(default_factory=StageTrainConfig)
+    simmim: StageSimMIMConfig = field(default_factory=StageSimMIMConfig)
 
 
 @dataclass(frozen=True)
@@ -229,6 +257,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    simmim: SimMIMConfig = field(default_factory=SimMIMConfig)  # used by train.task: simmim
     stages: tuple[StageConfig, ...] = ()         # a multi-stage recipe: `swinv2 train` runs recipes.fit_recipe
 
     def __post_init__(self) -> None:
@@ -295,6 +324,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         except ConfigError as e:
             own = e.key is not None and re.sub(r"\[(\d+)\]", r".\1", e.key) == key  # stages[1].x is stages.1.x
             raise ConfigError(f"override {item}: {e.reason if own else e}", key=e.key, reason=e.reason) from None
+    if not cfg.stages:  # a recipe's stages are checked one by one once resolved (recipes.plan_recipe)
+        check_task(cfg)
     _warn_long_warmup(cfg)
     return cfg
 
@@ -472,6 +503,27 @@ def _check_ranges(obj: Any, prefix: str = "") -> None:
             if reason is not None:
                 shown = list(value) if isinstance(value, tuple) else value
                 raise ConfigError(f"{key}={shown}: {reason}", key=key, reason=reason)
+
+
+def check_task(cfg: Config) -> None:
+    """ConfigError for settings that contradict `train.task`. Checked on the finished config (the end of
+    `load_config`, each stage of a recipe, the trainer), not per override: `train.task=simmim
+    train.best_metric=val_loss` must not fail half-way. The geometry of the masks needs the model and
+    is checked where it is built (`simmim.check_geometry`)."""
+    t, s = cfg.train, cfg.simmim
+    if t.task == "simmim":
+        if t.best_metric not in ("val_loss", "val_ema_loss"):
+            reason = "pretraining has no labels, so no accuracy: use val_loss (or val_ema_loss)"
+            raise ConfigError(f"train.best_metric={t.best_metric} with train.task=simmim: {reason}",
+                              key="train.best_metric", reason=reason)
+        if cfg.optim.layer_decay is not None:
+            reason = "layer-wise LR decay is SimMIM's fine-tuning rule; pretraining trains every layer at one LR"
+            raise ConfigError(f"optim.layer_decay={cfg.optim.layer_decay} with train.task=simmim: {reason}",
+                              key="optim.layer_decay", reason=reason)
+    if s.norm_target_patch_size is not None and s.norm_target_patch_size % 2 == 0:
+        reason = "must be odd (a window centred on each pixel)"
+        raise ConfigError(f"simmim.norm_target_patch_size={s.norm_target_patch_size}: {reason}",
+                          key="simmim.norm_target_patch_size", reason=reason)
 
 
 def _to_plain(obj: Any) -> Any:

@@ -155,6 +155,24 @@ def _posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
     return ImageOps.posterize(img, bits_to_keep)
 
 
+def pretrain_transform(img_size: int, *, scale: Sequence[float] = (0.67, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
+                       hflip: float = 0.5, interpolation: str = "bilinear", mean: Sequence[float] = IMAGENET_MEAN,
+                       std: Sequence[float] = IMAGENET_STD) -> Callable:
+    """SimMIM's pretraining transform (microsoft/Swin-Transformer data/data_simmim_pt.py): random-resized
+    crop (official: scale 0.67-1, torchvision's bilinear), horizontal flip, normalisation. The masks
+    are drawn by the training loop (`simmim.MaskGenerator`), not here."""
+    from torchvision import transforms
+    from torchvision.transforms import InterpolationMode
+
+    return transforms.Compose([
+        transforms.RandomResizedCrop(img_size, scale=tuple(scale), ratio=tuple(ratio),
+                                     interpolation=InterpolationMode(interpolation)),
+        transforms.RandomHorizontalFlip(hflip),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
 def build_mixup(num_classes: int, *, mixup: float, cutmix: float, cutmix_minmax: Sequence[float] | None = None,
                 prob: float = 1.0, switch_prob: float = 0.5, mode: str = "batch", label_smoothing: float = 0.1):
     """timm's Mixup/CutMix (soft targets incl. label smoothing), or None when both alphas are 0."""
@@ -247,6 +265,44 @@ class ImageFolderDataset(Dataset):
         return [counts.get(i, 0) for i in range(len(self.classes))]
 
 
+class ImageFilesDataset(Dataset):
+    """Every image file under `root`, at any depth, without labels (label -1): pretraining data
+    (`train.task: simmim`). Class folders may be there, their names are not used; hidden entries are
+    skipped. The same attributes as `ImageFolderDataset` (no classes), so the same checks apply."""
+
+    def __init__(self, root: str | os.PathLike, transform: Callable | None = None) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.root}")
+        self.transform = transform
+        self.classes: list[str] = []
+        self.empty_classes: list[str] = []
+        self.missing_classes: list[str] = []
+        self.samples: list[tuple[str, int]] = []
+        self.stray: list[str] = []
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
+            for fname in sorted(f for f in filenames if not _hidden(f)):
+                path = os.path.join(dirpath, fname)
+                if fname.lower().endswith(IMG_EXTENSIONS):
+                    self.samples.append((path, -1))
+                else:
+                    self.stray.append(path)
+        if not self.samples:
+            raise DataError(f"{self.root}: no image files ({', '.join(IMG_EXTENSIONS)}) at any depth")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        path, label = self.samples[index]
+        img = load_image(path)
+        return (self.transform(img) if self.transform is not None else img), label
+
+    def class_counts(self) -> list[int]:
+        return []
+
+
 def _listed(names: Sequence[str], limit: int = 10) -> str:
     return ", ".join(names[:limit]) + (f" ... (+{len(names) - limit})" if len(names) > limit else "")
 
@@ -297,11 +353,10 @@ class DataReport:
         lines = []
         for split, ds in self.splits.items():
             counts = ds.class_counts()
-            lines.append(f"{split}: {ds.root}: {len(ds)} images, {len(ds.classes)} classes "
-                         f"(per class min {min(counts)}, max {max(counts)}, mean {sum(counts) / len(counts):.1f})")
-            width = max(len(c) for c in ds.classes)
-            for name, n in zip(ds.classes, counts):
-                lines.append(f"  {name:<{width}}  {n:>7}  {'#' * round(40 * n / max(max(counts), 1))}")
+            if not counts:  # images without labels (pretraining)
+                lines.append(f"{split}: {ds.root}: {len(ds)} images (no labels: class folders, if any, are ignored)")
+            else:
+                lines += self._classes(split, ds, counts)
             modes = ", ".join(f"{m}: {n}" for m, n in self.modes[split].most_common())
             lines.append(f"  image modes: {modes or '-'}")
             for path, reason in self.bad.get(split, []):
@@ -311,16 +366,27 @@ class DataReport:
         lines.append("OK: every image decodes" if self.ok else f"{n_bad} unreadable image files")
         return "\n".join(lines)
 
+    @staticmethod
+    def _classes(split: str, ds: ImageFolderDataset, counts: list[int]) -> list[str]:
+        """The lines of a labelled split: its size, then a bar per class."""
+        lines = [f"{split}: {ds.root}: {len(ds)} images, {len(ds.classes)} classes "
+                 f"(per class min {min(counts)}, max {max(counts)}, mean {sum(counts) / len(counts):.1f})"]
+        width = max(len(c) for c in ds.classes)
+        for name, n in zip(ds.classes, counts):
+            lines.append(f"  {name:<{width}}  {n:>7}  {'#' * round(40 * n / max(max(counts), 1))}")
+        return lines
+
 
 def check_dataset(train_root: str | os.PathLike, val_root: str | os.PathLike | None = None, *,
-                  decode: bool = True, workers: int = 4) -> DataReport:
-    """Scan the class folders (and, with `decode`, decode every image) and report what is wrong."""
+                  decode: bool = True, workers: int = 4, labels: bool = True) -> DataReport:
+    """Scan the class folders (and, with `decode`, decode every image) and report what is wrong.
+    Without `labels` (pretraining) the folders are read as `ImageFilesDataset`s."""
     report = DataReport()
-    train = ImageFolderDataset(train_root)
+    train = ImageFolderDataset(train_root) if labels else ImageFilesDataset(train_root)
     report.splits["train"] = train
     val = None
     if val_root is not None and Path(val_root).exists():
-        val = ImageFolderDataset(val_root, class_names=train.classes)
+        val = ImageFolderDataset(val_root, class_names=train.classes) if labels else ImageFilesDataset(val_root)
         report.splits["val"] = val
     report.warnings = hygiene_warnings(train, val)
 

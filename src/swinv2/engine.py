@@ -13,6 +13,10 @@ optimizer, scheduler, scaler, progress (epoch, step in epoch, global step), samp
 metric history, best-k list, class map and resolved config. A run killed at any point and started
 again with the same command continues bit-identically (on CPU) from its last checkpoint.
 
+`train.task: simmim` trains `simmim.SimMIM` (masked-image pretraining without labels) in the same loop:
+its model returns the loss, each image's mask comes from (seed, epoch, sample index), validation is
+the reconstruction loss on fixed masks, and the weights file is the encoder alone.
+
 Faults (../RELIABILITY.md): SIGTERM/SIGINT save a checkpoint at the next step boundary and raise
 `TrainingInterrupted` (exit 143/130); a non-finite loss or gradient skips the step (weights, EMA
 and optimizer untouched), `train.max_bad_steps` in a row raise `NonFiniteError`; no checkpoint
@@ -38,10 +42,10 @@ from .errors import ConfigError, DataError, InputError
 from . import distributed as D
 from . import schedule
 from .checkpoint import create_model
-from .config import Config
-from .data import (Batch, DataReport, ImageFolderDataset, SeededSamples, ShardedSampler, build_digits_folder, build_mixup,
-                   check_dataset, eval_transform, hygiene_warnings, make_loader, sample_seed, seed_everything,
-                   train_transform)
+from .config import Config, check_task
+from .data import (Batch, DataReport, ImageFilesDataset, ImageFolderDataset, SeededSamples, ShardedSampler,
+                   build_digits_folder, build_mixup, check_dataset, eval_transform, hygiene_warnings, make_loader,
+                   pretrain_transform, sample_seed, seed_everything, train_transform)
 from .evaluate import evaluate
 from .faults import NonFiniteError, StopSignals, TrainingInterrupted, assert_finite, check_fits
 from .hardware import DTYPES, warn_if_bf16_emulated
@@ -49,11 +53,16 @@ from .model import SwinTransformerV2
 from .preprocess import EvalPreprocess
 from .registry import get_variant
 from .rundir import RunDir, RunLockedError  # noqa: F401 (raised by fit)
+from .simmim import (MaskGenerator, SimMIM, check_geometry, encoder_of, encoder_stride, encoder_weights,
+                     reconstruction_images, reconstruction_loss)
 
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "swinv2.training_state"
 STATE_VERSION = 1
+# Tags mixed into the seeds of SimMIM's masks: a training image's mask is a function of (seed, epoch,
+# index), a validation image's of its index alone (every run is scored on the same masked pixels).
+TRAIN_MASKS, VAL_MASKS = 2, 3
 
 
 class BadDataError(DataError):
@@ -64,17 +73,21 @@ class BadDataError(DataError):
 
 
 def build_model(cfg: Config, num_classes: int) -> nn.Module:
-    """The configured variant with `num_classes` outputs, init weights loaded, patterns frozen."""
+    """The configured variant with `num_classes` outputs, init weights loaded, patterns frozen; under
+    `train.task: simmim` the same variant without a head (the patterns name its parameters as a
+    classifier's) inside `SimMIM`, with its mask token and decoder."""
     m = cfg.model
-    model = create_model(m.name, num_classes=num_classes, img_size=m.img_size, window_size=m.window_size,
-                         pretrained_window_sizes=m.pretrained_window_sizes, drop_path_rate=m.drop_path_rate,
-                         weights=m.weights, pretrained=m.pretrained, strict=m.weights_strict)
+    simmim = cfg.train.task == "simmim"
+    model = create_model(m.name, num_classes=0 if simmim else num_classes, img_size=m.img_size,
+                         window_size=m.window_size, pretrained_window_sizes=m.pretrained_window_sizes,
+                         drop_path_rate=m.drop_path_rate, weights=m.weights, pretrained=m.pretrained,
+                         strict=m.weights_strict)
     freeze(model, m.freeze)
     if cfg.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if cfg.train.sequential_attention:
         model.set_sequential_attention(True)
-    return model
+    return SimMIM(model, norm_target_patch_size=cfg.simmim.norm_target_patch_size) if simmim else model
 
 
 def freeze(model: nn.Module, patterns: tuple[str, ...] | list[str]) -> list[str]:
@@ -113,11 +126,13 @@ def data_roots(cfg: Config, env: D.DistEnv | None = None) -> tuple[Path, Path]:
 def check_data(cfg: Config) -> DataReport:
     """`swinv2 train --check-data`: decode every image of the configured folders and report."""
     train_root, val_root = data_roots(cfg)
-    return check_dataset(train_root, val_root if val_root.is_dir() else None, workers=max(cfg.data.workers, 1))
+    return check_dataset(train_root, val_root if val_root.is_dir() else None, workers=max(cfg.data.workers, 1),
+                         labels=cfg.train.task != "simmim")
 
 
 def prepare_data(cfg: Config, env: D.DistEnv) -> tuple[ImageFolderDataset, ImageFolderDataset | None]:
-    """The train and val folders, hygiene reported; in strict mode every image decoded first."""
+    """The train and val folders, hygiene reported; in strict mode every image decoded first. For
+    pretraining (`train.task: simmim`) every image under each folder, without labels."""
     train_root, val_root = data_roots(cfg, env)
     if cfg.data.strict:  # rank 0 decodes every image; every rank learns the verdict
         problem = None
@@ -128,8 +143,12 @@ def prepare_data(cfg: Config, env: D.DistEnv) -> tuple[ImageFolderDataset, Image
         problem = D.broadcast_object(problem, env)
         if problem:
             raise BadDataError(problem)
-    train = ImageFolderDataset(train_root)
-    val = ImageFolderDataset(val_root, class_names=train.classes) if val_root.is_dir() else None
+    if cfg.train.task == "simmim":
+        train = ImageFilesDataset(train_root)
+        val = ImageFilesDataset(val_root) if val_root.is_dir() else None
+    else:
+        train = ImageFolderDataset(train_root)
+        val = ImageFolderDataset(val_root, class_names=train.classes) if val_root.is_dir() else None
     if val is None:
         log.warning("no validation folder at %s: training without evaluation", val_root)
     if env.is_main:
@@ -164,6 +183,7 @@ class Trainer:
     def __init__(self, cfg: Config, out_dir: Path, env: D.DistEnv) -> None:
         self.env, self.out = env, out_dir
         t = cfg.train
+        check_task(cfg)
         get_variant(cfg.model.name)  # an unknown model name fails before any data is scanned
         self.amp_dtype = None if t.amp == "none" else DTYPES[t.amp]
         if t.amp == "fp16" and env.device.type != "cuda":
@@ -174,15 +194,22 @@ class Trainer:
         if t.parallel == "fsdp" and t.ema and env.distributed:
             raise ConfigError("train.ema is not supported with train.parallel=fsdp (the EMA would need its own "
                              "sharding); use ddp, or turn the EMA off")
+        if t.parallel == "fsdp" and t.task == "simmim" and env.distributed:
+            raise ConfigError("train.task=simmim is not supported with train.parallel=fsdp; use ddp")
         self.train_ds, self.val_ds = prepare_data(cfg, env)
         self.classes = self.train_ds.classes
-        num_classes = cfg.model.num_classes or len(self.classes)
-        if num_classes < len(self.classes):
-            raise ConfigError(f"model.num_classes={num_classes} but the training folder has {len(self.classes)} classes")
-        self.cfg = cfg = cfg.replace(**{"model.num_classes": num_classes})
+        num_classes = 0
+        if t.task == "classify":
+            num_classes = cfg.model.num_classes or len(self.classes)
+            if num_classes < len(self.classes):
+                raise ConfigError(f"model.num_classes={num_classes} but the training folder has "
+                                  f"{len(self.classes)} classes")
+            cfg = cfg.replace(**{"model.num_classes": num_classes})
+        self.cfg = cfg
 
         seed_everything(t.seed)  # model init: identical on every rank and every run
         self.model = build_model(cfg, num_classes).to(env.device)
+        self.masks = self._mask_generator()  # None: classification
         self.preprocess = eval_preprocess(cfg, self.model)
         img_size = self.model.config.img_size[0]
         self.ema = None
@@ -208,16 +235,39 @@ class Trainer:
         self.best: list[dict[str, Any]] = []
         self.rundir = RunDir(out_dir, env, cfg)
 
+    def _mask_generator(self) -> MaskGenerator | None:
+        """SimMIM's masks for the model's image size, the geometry checked (None: classification)."""
+        if self.cfg.train.task != "simmim":
+            return None
+        arch, s = self.model.config, self.cfg.simmim
+        stride = encoder_stride(arch)
+        mask_patch = s.mask_patch_size or stride
+        check_geometry(arch.img_size[0], arch.patch_size, stride, mask_patch)
+        return MaskGenerator(arch.img_size, mask_patch, arch.patch_size, s.mask_ratio)
+
+    def train_masks(self, indices: torch.Tensor) -> torch.Tensor:
+        """The masks of training images `indices` in the current epoch: a function of (seed, epoch, index)."""
+        t, epoch = self.cfg.train, self.progress["epoch"]
+        return self.masks([sample_seed(t.seed, epoch, int(i), TRAIN_MASKS) for i in indices])
+
+    def val_masks(self, indices: torch.Tensor) -> torch.Tensor:
+        """The masks of validation images `indices`: the same in every epoch and every run."""
+        return self.masks([sample_seed(VAL_MASKS, int(i)) for i in indices])
+
     def _build_loaders(self, cfg: Config, env: D.DistEnv, img_size: int, num_classes: int) -> None:
         """Per-rank loaders (one sampler "batch" = the images of one optimizer step on this rank),
-        Mixup/CutMix and the loss."""
+        Mixup/CutMix and the loss (none for SimMIM: its model returns the loss)."""
         d, a = cfg.data, cfg.data.aug
         self.accum = cfg.optim.accum_steps
         self.sampler = ShardedSampler(len(self.train_ds), batch_size=d.batch_size * self.accum,
                                       num_replicas=env.world_size, rank=env.rank, seed=cfg.train.seed)
-        tf = train_transform(img_size, scale=a.scale, ratio=a.ratio, hflip=a.hflip, color_jitter=a.color_jitter,
-                             auto_augment=a.auto_augment, interpolation=a.interpolation, re_prob=a.re_prob,
-                             re_mode=a.re_mode, re_count=a.re_count, mean=d.mean, std=d.std)
+        if self.masks is not None:
+            tf = pretrain_transform(img_size, scale=a.scale, ratio=a.ratio, hflip=a.hflip,
+                                    interpolation=a.interpolation, mean=d.mean, std=d.std)
+        else:
+            tf = train_transform(img_size, scale=a.scale, ratio=a.ratio, hflip=a.hflip, color_jitter=a.color_jitter,
+                                 auto_augment=a.auto_augment, interpolation=a.interpolation, re_prob=a.re_prob,
+                                 re_mode=a.re_mode, re_count=a.re_count, mean=d.mean, std=d.std)
         pin = d.pin_memory and env.device.type == "cuda"
         self.train_loader = make_loader(SeededSamples(self.train_ds, tf), self.sampler, batch_size=d.batch_size,
                                         workers=d.workers, pin_memory=pin, persistent_workers=d.persistent_workers)
@@ -230,10 +280,12 @@ class Trainer:
             self.val_loader = make_loader(SeededSamples(self.val_ds, etf), val_sampler,
                                           batch_size=d.eval_batch_size or 2 * d.batch_size, workers=d.workers,
                                           pin_memory=pin, persistent_workers=d.persistent_workers)
-        self.mixup = build_mixup(num_classes, mixup=a.mixup, cutmix=a.cutmix, cutmix_minmax=a.cutmix_minmax,
-                                 prob=a.mixup_prob, switch_prob=a.switch_prob, mode=a.mixup_mode,
-                                 label_smoothing=a.label_smoothing)
-        self.criterion = build_criterion(cfg, self.mixup is not None)
+        self.mixup = self.criterion = None
+        if self.masks is None:
+            self.mixup = build_mixup(num_classes, mixup=a.mixup, cutmix=a.cutmix, cutmix_minmax=a.cutmix_minmax,
+                                     prob=a.mixup_prob, switch_prob=a.switch_prob, mode=a.mixup_mode,
+                                     label_smoothing=a.label_smoothing)
+            self.criterion = build_criterion(cfg, self.mixup is not None)
 
     # ----------------------------------------------------------------------- state
 
@@ -361,8 +413,7 @@ class Trainer:
             sync = i == len(micro_batches) - 1 or not env.distributed or t.parallel != "ddp"
             with (contextlib.nullcontext() if sync else self.wrapped.no_sync()):
                 with torch.autocast(env.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                    out = self.forward(x)
-                    loss = out.sum() * 0.0 if empty else self.criterion(out, y)
+                    loss = self._loss(x, y, batch.indices, empty)
                 scaled = loss / len(micro_batches)
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             loss_sum += loss.detach().double() * len(y)
@@ -372,6 +423,17 @@ class Trainer:
         D.all_reduce_sum(stats, env)
         loss_mean = (stats[0] / stats[1]).item() if stats[1] > 0 else float("nan")
         return loss_mean, float(stats[1])
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, empty: bool) -> torch.Tensor:
+        """The micro-batch's loss through the (wrapped) model: cross-entropy of the logits, or SimMIM's
+        masked-pixel loss, which its model returns. An empty micro-batch gives a zero that still reaches
+        every parameter, so the gradient all-reduce of DDP goes ahead."""
+        if self.masks is None:
+            out = self.forward(x)
+            return out.sum() * 0.0 if empty else self.criterion(out, y)
+        masks = self.masks([0]) if empty else self.train_masks(indices)
+        loss = self.forward(x, masks.to(x.device))
+        return loss * 0.0 if empty else loss
 
     def _skip_step(self, step: int, loss_mean: float, grad_norm: float, n: float) -> bool:
         """Count and log a step with a non-finite loss or gradient (or no image on any rank); no update."""
@@ -450,8 +512,9 @@ class Trainer:
         return plain
 
     def validate(self, epoch: int, model: nn.Module) -> dict[str, float]:
-        """Top-1/top-5/loss of the model (and the EMA) on the whole val set, reduced over ranks."""
-        dev, bad = self.env.device, {}
+        """Top-1/top-5/loss of the model (and the EMA) on the whole val set, reduced over ranks; for
+        SimMIM the reconstruction loss (on the fixed validation masks) instead."""
+        bad: dict[str, str] = {}
 
         def batches():
             for b in self.val_loader:
@@ -459,16 +522,50 @@ class Trainer:
                 yield b
 
         # A plain module (not the DDP/FSDP wrapper): each rank evaluates its own shard with no
-        # collective inside the forward, so uneven shards are fine; evaluate() reduces the sums.
-        m = evaluate(model, batches(), device=dev, amp_dtype=self.amp_dtype)
-        out = {"val_loss": m["loss"], "val_top1": m["top1"], "val_top5": m["top5"], "val_n": m["n"]}
+        # collective inside the forward, so uneven shards are fine; the sums are reduced after.
+        measure = self._classification if self.masks is None else self._reconstruction
+        out = measure(model, batches(), "val")
         if self.ema is not None:
-            e = evaluate(self.ema.module, self.val_loader, device=dev, amp_dtype=self.amp_dtype)
-            out |= {"val_ema_loss": e["loss"], "val_ema_top1": e["top1"], "val_ema_top5": e["top5"]}
+            out |= {k: v for k, v in measure(self.ema.module, self.val_loader, "val_ema").items() if k != "val_ema_n"}
         n_bad = self.rundir.report_bad_files(epoch, "val", bad)
         if n_bad:
             out["val_bad_images"] = n_bad
         return out
+
+    def _classification(self, model: nn.Module, batches: Any, prefix: str) -> dict[str, float]:
+        m = evaluate(model, batches, device=self.env.device, amp_dtype=self.amp_dtype)
+        return {f"{prefix}_loss": m["loss"], f"{prefix}_top1": m["top1"], f"{prefix}_top5": m["top5"],
+                f"{prefix}_n": m["n"]}
+
+    def _reconstruction(self, model: nn.Module, batches: Any, prefix: str) -> dict[str, float]:
+        sums = reconstruction_loss(model, batches, self.val_masks, device=self.env.device, amp_dtype=self.amp_dtype)
+        D.all_reduce_sum(sums, self.env)
+        loss = (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
+        return {f"{prefix}_loss": loss, f"{prefix}_n": int(sums[1])}
+
+    def draw_reconstructions(self, epoch: int, model: nn.Module) -> Path | None:
+        """reconstructions/epochNNNN.png (rank 0): masked input, reconstruction and original of
+        `simmim.reconstructions` fixed val images (evenly spaced through the set), masked as in validation."""
+        k = self.cfg.simmim.reconstructions
+        if not (self.env.is_main and self.masks is not None and self.val_ds is not None and k):
+            return None
+        from .plots import plot_reconstructions
+
+        p = self.preprocess
+        samples = SeededSamples(self.val_ds, eval_transform(p.img_size, p.crop_pct, p.interpolation, p.mean, p.std))
+        picked = sorted({round(i) for i in torch.linspace(0, len(self.val_ds) - 1, k).tolist()})
+        good = [s for s in (samples[i] for i in picked) if s.error is None]
+        if not good:
+            return None
+        images = torch.stack([s.image for s in good]).to(self.env.device)
+        mask = self.val_masks(torch.tensor([s.index for s in good])).to(self.env.device)
+        pictures = reconstruction_images(model, images, mask, p.mean, p.std)
+        path = self.out / "reconstructions" / f"epoch{epoch + 1:04d}.png"
+        path.parent.mkdir(exist_ok=True)
+        val_loss = self.history[-1].get("val_loss") if self.history else None
+        loss = f", val loss {val_loss:.4f}" if val_loss is not None else ""
+        return plot_reconstructions(pictures, path, title=f"SimMIM epoch {epoch + 1}{loss}: {self.masks.count} of "
+                                    f"{self.masks.squares} squares masked")
 
     def end_epoch(self, epoch: int, train_stats: dict[str, float], epoch_start: float) -> dict[str, Any]:
         """Evaluate, record the metrics row, keep the best-k, checkpoint (the epoch's commit point)."""
@@ -481,16 +578,18 @@ class Trainer:
             row |= self.validate(epoch, plain)
         row |= {"epoch_time_s": time.perf_counter() - epoch_start, "skipped_steps": self.progress["bad_steps"]}
         self.history.append(row)
+        if evaluated:
+            self.draw_reconstructions(epoch, plain)
         self.progress.update(epoch=epoch + 1, step_in_epoch=0)
         self.sampler.set_epoch(epoch + 1, 0)
         new_best = self._rank_best(row) if evaluated else None
         state = self.checked_state()
         names = (self.classes, self.preprocess, self.cfg.model.name)
         if new_best is not None:
-            best_model = self.ema.module if t.best_metric == "val_ema_top1" else plain
-            self.rundir.write_best(new_best, state, best_model, *names, top=new_best is self.best[0])
+            best_model = self.ema.module if t.best_metric.startswith("val_ema_") else plain
+            self.rundir.write_best(new_best, state, encoder_of(best_model), *names, top=new_best is self.best[0])
         elif self.val_loader is None:
-            self.rundir.write_weights(self.plain_model(), *names)
+            self.rundir.write_weights(encoder_of(self.plain_model()), *names)
         self.save(state)
         self.rundir.prune_best(self.best)
         self.rundir.epoch_done(self.history)
@@ -501,7 +600,13 @@ class Trainer:
         if metric not in row:
             raise ConfigError(f"train.best_metric={metric} but the run has no such metric (is train.ema on?)")
         entry = {"epoch": row["epoch"], "metric": float(row[metric]), "file": f"best_epoch{row['epoch']:04d}.pt"}
-        ranked = sorted(self.best + [entry], key=lambda b: (-b["metric"], b["epoch"]))
+        lower = metric.endswith("_loss")  # losses rank lowest first, accuracies highest first; NaN last
+
+        def rank(b: dict[str, Any]) -> tuple[float, int]:
+            m = b["metric"]
+            return (math.inf if math.isnan(m) else (m if lower else -m)), b["epoch"]
+
+        ranked = sorted(self.best + [entry], key=rank)
         kept = ranked[: self.cfg.train.keep_best]
         if entry not in kept:
             return None
@@ -539,7 +644,7 @@ class Trainer:
         names = (self.classes, self.preprocess, self.cfg.model.name)
         if self.best:
             source = self.rundir.checkpoint_dir / self.best[0]["file"]
-            part = "ema" if self.cfg.train.best_metric == "val_ema_top1" else "model"
+            part = "ema" if self.cfg.train.best_metric.startswith("val_ema_") else "model"
             if self.env.is_main:
                 try:
                     weights = load_training_state(source)[part]
@@ -547,10 +652,10 @@ class Trainer:
                     log.warning("cannot re-write best.safetensors from %s: %s", source, e)
                     return
                 model = SwinTransformerV2(self.model.config)
-                model.load_state_dict(weights)
+                model.load_state_dict(encoder_weights(weights) if self.masks is not None else weights)
                 self.rundir.write_weights(model, *names)
         elif self.val_loader is None and self.history:
-            self.rundir.write_weights(self.plain_model(), *names)
+            self.rundir.write_weights(encoder_of(self.plain_model()), *names)
 
     def run(self, resume: str | Path | None = None, *, allow_config_change: bool = False) -> dict[str, Any]:
         t = self.cfg.train
@@ -559,8 +664,10 @@ class Trainer:
             log.info("the run in %s already finished its %d epochs", self.out, t.epochs)
             return self.rundir.summary(self.history, self.best)
         n_params = sum(p.numel() for p in self.model.parameters())
-        log.info("training %s (%.2fM params, %d classes) on %s x%d: %d images, %d steps/epoch of %d images, "
-                 "lr %.3g", self.cfg.model.name, n_params / 1e6, len(self.classes), self.env.device,
+        what = f"{len(self.classes)} classes" if self.masks is None else (
+            f"SimMIM pretraining without labels: {self.masks.count} of {self.masks.squares} squares masked")
+        log.info("training %s (%.2fM params, %s) on %s x%d: %d images, %d steps/epoch of %d images, "
+                 "lr %.3g", self.cfg.model.name, n_params / 1e6, what, self.env.device,
                  self.env.world_size, len(self.train_ds), self.steps_per_epoch, self.total_batch,
                  self.scheduler.lr)
         with StopSignals() as self._stop:

@@ -1,5 +1,5 @@
 """Every matplotlib figure of the project: training curves, confusion matrix, per-class accuracy,
-prediction grids and continuous-position-bias maps. Figures are written as PNG files with the Agg
+prediction grids, continuous-position-bias maps and SimMIM reconstructions. Figures are written as PNG files with the Agg
 backend (no display needed)."""
 from __future__ import annotations
 
@@ -168,6 +168,27 @@ def plot_cpb_maps(biases: Sequence[np.ndarray], path: str | os.PathLike, *, stag
     return _save(fig, path)
 
 
+def plot_reconstructions(rows: dict[str, np.ndarray], path: str | os.PathLike, *, title: str | None = None) -> Path:
+    """SimMIM's progress: one row per entry of `rows` (e.g. masked input, reconstruction, original),
+    each a (N, H, W, 3) uint8 batch of the same N images, one column per image."""
+    names = list(rows)
+    n = len(rows[names[0]])
+    if not n or any(len(rows[k]) != n for k in names):
+        raise ValueError(f"every row needs the same number (> 0) of images, got {[len(rows[k]) for k in names]}")
+    fig, axes = plt.subplots(len(names), n, figsize=(1.4 * n + 1.2, 1.5 * len(names) + 0.5), squeeze=False,
+                             layout="constrained")
+    for r, name in enumerate(names):
+        for c in range(n):
+            ax = axes[r, c]
+            ax.imshow(rows[name][c], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r, 0].set_ylabel(name, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -199,8 +220,10 @@ def plot_training_curves(metrics: Sequence[dict], out_png: str | os.PathLike) ->
     if best:
         axes[1].set_title(f"best val top-1 {max(best):.2f}%")
     elif not axes[1].lines:  # say why the panel is empty rather than draw blank axes
-        axes[1].text(0.5, 0.5, "no validation data\n(no val folder, or not evaluated yet)", ha="center",
-                     va="center", transform=axes[1].transAxes, color="0.4")
+        pretraining = any(m.get("val_loss") is not None for m in metrics)  # a loss but no accuracy: no labels
+        why = ("no accuracy: pretraining without labels\n(its validation is the loss, left)" if pretraining else
+               "no validation data\n(no val folder, or not evaluated yet)")
+        axes[1].text(0.5, 0.5, why, ha="center", va="center", transform=axes[1].transAxes, color="0.4")
         axes[1].set_yticks([])
     axes[2].ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     return _save(fig, out_png)

@@ -39,15 +39,17 @@ from typing import Any, Sequence
 import torch
 
 from .errors import InputError
-from .config import INHERIT, Config, ConfigError
+from .config import INHERIT, Config, ConfigError, check_task
 from .model import SwinV2Config, SwinTransformerV2
 from .windows import stage_windows
 from .outputs import write_output
 from .registry import get_variant, model_config
+from .simmim import check_geometry, encoder_stride
 
 log = logging.getLogger(__name__)
 
 RECIPE_FORMAT = "swinv2.recipe"
+SECTIONS = ("model", "data", "optim", "schedule", "train", "simmim")  # what a stage may set
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -148,8 +150,7 @@ def plan_recipe(cfg: Config, out_dir: str | os.PathLike) -> list[StagePlan]:
             raise ConfigError(f"{where}.name: {stage.name!r} must be letters, digits, '_', '.' or '-' (a folder name)")
         if stage.name and stage.name in names[:i]:
             raise ConfigError(f"{where}.name: {stage.name!r} names two stages")
-        keys = {k: v for sec in ("model", "data", "optim", "schedule", "train")
-                for k, v in _stage_keys(getattr(stage, sec), f"{sec}.").items()}
+        keys = {k: v for sec in SECTIONS for k, v in _stage_keys(getattr(stage, sec), f"{sec}.").items()}
         if "model.freeze" not in keys:
             raise ConfigError(f"{where}.model.freeze is not set: every stage states what it freezes "
                               f"([] for nothing), so a stage cannot inherit a freeze by accident")
@@ -171,6 +172,7 @@ def plan_recipe(cfg: Config, out_dir: str | os.PathLike) -> list[StagePlan]:
         try:
             scfg = base.replace(**{**keys, **auto})
             arch = _arch(scfg)
+            _check_task(scfg, arch)
         except (ConfigError, ValueError, TypeError, KeyError) as e:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else e
             raise ConfigError(f"{where}: {msg}") from None
@@ -185,6 +187,14 @@ def plan_recipe(cfg: Config, out_dir: str | os.PathLike) -> list[StagePlan]:
         plans.append(StagePlan(i + 1, len(cfg.stages), stage.name, out / dir_name, scfg, stage.init_from, keys, arch,
                                frozen, sum(sizes[n] for n in frozen), sum(sizes.values()), note))
     return plans
+
+
+def _check_task(cfg: Config, arch: SwinV2Config) -> None:
+    """A stage's task settings and, for SimMIM pretraining, its masks against its model."""
+    check_task(cfg)
+    if cfg.train.task == "simmim":
+        stride = encoder_stride(arch)
+        check_geometry(arch.img_size[0], arch.patch_size, stride, cfg.simmim.mask_patch_size or stride)
 
 
 def _check_fits(prev: StagePlan, model: SwinTransformerV2, where: str) -> None:
@@ -375,8 +385,7 @@ def shadowed_overrides(cfg: Config, overrides: Sequence[str]) -> list[str]:
         if key.startswith("stages."):
             continue
         for i, stage in enumerate(cfg.stages):
-            sets = {k for sec in ("model", "data", "optim", "schedule", "train")
-                    for k in _stage_keys(getattr(stage, sec), f"{sec}.")}
+            sets = {k for sec in SECTIONS for k in _stage_keys(getattr(stage, sec), f"{sec}.")}
             if key in sets and f"stages.{i}.{key}" not in keys:
                 out.append(f"override {item!r} does not reach stage {i + 1}, which sets {key} itself; "
                            f"use stages.{i}.{key}=...")

@@ -10,6 +10,7 @@
     checkpoints/best_epochNNNN.pt   the best-k training states by train.best_metric
     best.safetensors     the best weights, self-describing (config, class names, eval preprocessing)
     curves.png           loss, accuracy and LR curves
+    reconstructions/     SimMIM pretraining: masked input, reconstruction and original of a few val images per epoch
     bad_images.jsonl     unreadable images met, one line per file and epoch (only if any)
 """
 from __future__ import annotations
@@ -219,6 +220,8 @@ class RunDir:
             val = f"  val loss {row['val_loss']:.4f} top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}%"
             if "val_ema_top1" in row:
                 val += f" (EMA top-1 {row['val_ema_top1']:.2f}%)"
+        elif "val_loss" in row:  # pretraining: a loss, no accuracy
+            val = f"  val loss {row['val_loss']:.4f}" + (f" (EMA {row['val_ema_loss']:.4f})" if "val_ema_loss" in row else "")
         log.info("epoch %d/%d  train loss %.4f%s  lr %.2e  %.0f img/s  %.1fs  ETA %s", row["epoch"], epochs,
                  row["train_loss"], val, row["lr"], row["img_per_s"], row["epoch_time_s"], _hms(eta))
 
