@@ -45,6 +45,22 @@ def test_yaml_and_overrides(tmp_path):
     assert cfg.data.val_root is None and cfg.train.amp == "bf16"
 
 
+def test_windows_per_stage_and_rectangular(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("model:\n  window_size: [16, 16, 16, 8]\n  pretrained_window_sizes: [[12, 6], 12, 12, 6]\n")
+    cfg = load_config(p, [])
+    assert cfg.model.window_size == (16, 16, 16, 8)
+    assert cfg.model.pretrained_window_sizes == ((12, 6), 12, 12, 6)
+    assert load_config(None, ["model.window_size=[7, 9]"]).model.window_size == (7, 9)
+    assert load_config(None, ["model.window_size=12"]).model.window_size == 12
+    assert load_config(p, []).to_dict()["model"]["window_size"] == [16, 16, 16, 8]  # YAML / JSON-able
+    for bad in ("model.window_size=[7, 0]", "model.window_size=[[8, 0], 4, 4, 4]"):
+        with pytest.raises(ConfigError, match="each value must be >= 1"):
+            load_config(None, [bad])
+    with pytest.raises(ConfigError, match="expected"):
+        load_config(None, ["model.window_size=[[8, 4, 2]]"])
+
+
 def test_round_trip():
     cfg = load_config(None, ["train.epochs=7", "data.aug.cutmix_minmax=[0.2, 0.8]"])
     assert Config.from_dict(cfg.to_dict()) == cfg

@@ -114,6 +114,18 @@ def test_viz_cpb_cli_writes_one_png_per_stage(tmp_path, capsys):
     assert capsys.readouterr().out.count("wrote") == 4
 
 
+def test_viz_cpb_draws_a_rectangular_window_with_its_own_axes(tmp_path, monkeypatch):
+    seen = _drawn_figure(monkeypatch)
+    torch.manual_seed(0)
+    weights = tmp_path / "w.safetensors"
+    save_weights(randomize_(swinv2.create_model("swinv2_micro_window4_32", window_size=(4, 2))), weights)
+    assert main(["viz-cpb", "--weights", str(weights), "--out", str(tmp_path / "cpb")]) == 0
+    _valid_png(tmp_path / "cpb" / "cpb_stage1.png")
+    assert "window (4, 2)" in seen["suptitle"]
+    drawn = [ax for ax in seen["axes"] if ax["title"].startswith("block")]
+    assert len(drawn) == 8  # 2 blocks x 4 heads of stage 1
+
+
 def _drawn_figure(monkeypatch):
     """Keep the texts of the next figure `plots` saves (the figure itself is closed once saved)."""
     seen = {}

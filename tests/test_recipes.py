@@ -216,6 +216,11 @@ def test_pretrained_windows_follow_the_previous_stage_and_keep_its_function():
     assert next_pretrained_windows(model_config("swinv2_base_window12_192", img_size=384,
                                                 pretrained_window_sizes=(12, 12, 6, 3))) == (12, 12, 6, 3)
 
+    # (h, w) and per-stage windows: each stage's effective window, an int where square (8x8 then 4x4 maps).
+    assert next_pretrained_windows(model_config(MICRO, window_size=(4, 8))) == ((4, 8), 4)
+    assert next_pretrained_windows(model_config(MICRO, window_size=((2, 4), 4),
+                                                pretrained_window_sizes=((4, 8), 0))) == ((4, 8), 4)
+
     # A stage-2 model built this way computes stage 1's function at stage 1's size and window.
     torch.manual_seed(0)
     first = swinv2.create_model(MICRO, num_classes=3, img_size=16).eval()

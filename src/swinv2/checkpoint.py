@@ -592,7 +592,7 @@ WRITE_FORMATS = ("native", "official", "timm", "hf", "torchvision")
 
 
 def create_model(name: str, *, num_classes: int | None = None, img_size: int | tuple[int, int] | None = None,
-                 window_size: int | None = None, pretrained_window_sizes: tuple[int, ...] | None = None,
+                 window_size: int | tuple | None = None, pretrained_window_sizes: tuple | None = None,
                  drop_path_rate: float | None = None, weights: Any = None, pretrained: bool | str | None = None,
                  strict: bool = True, **kw: Any) -> SwinTransformerV2:
     """Build a registered variant, optionally overriding its config and loading `weights` or `pretrained`.

@@ -27,7 +27,8 @@ log = logging.getLogger("swinv2")
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="list the model zoo: the 12 official variants and the demo's model")
+    p = sub.add_parser("models", help="list the model zoo: the 12 official variants, SwinV2-H and -G, and the "
+                       "demo's model")
     p.set_defaults(func=_run_models)
 
 
@@ -59,7 +60,9 @@ def _run_models(args: argparse.Namespace) -> int:
     print("  ".join("-" * w for w in widths))
     for r in rows:
         print(fmt(r).rstrip())
-    print("\nswinv2_micro_window4_32 is not official: the model `make demo` trains (no published weights). "
+    print("\nswinv2_huge_* and swinv2_giant_* are the paper's SwinV2-H and -G (an extra LayerNorm every 6 blocks), "
+          "to build or to load SimMIM / mmpretrain weights into; no classification weights are published. "
+          "swinv2_micro_window4_32 is not official: the model `make demo` trains (no published weights). "
           "GMACs at the native size (paper convention); top-1/top-5: paper, ImageNet-1k val. "
           "Aliases: the official config names, e.g. swinv2_base_patch4_window12to16_192to256_22kto1k_ft.")
     print(f"Tags: pretrained weights, used as --weights NAME.TAG or create_model(NAME, pretrained=TAG), the first "

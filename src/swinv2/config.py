@@ -57,7 +57,8 @@ class Range:
         """What is wrong with `value` (a number or a list of them), or None when it is in range."""
         if not isinstance(value, tuple):
             return None if value in self else f"must be {self}"
-        if not all(v in self for v in value):
+        flat = [v for item in value for v in (item if isinstance(item, tuple) else (item,))]  # (h, w) pairs too
+        if not all(v in self for v in flat):
             return f"each value must be {self}"
         if self.ordered and value[0] > value[1]:
             return "must be (min, max) with min <= max"
@@ -83,8 +84,11 @@ class ModelConfig:
     name: str = "swinv2_tiny_window8_256"
     num_classes: int | None = valid(None, ">= 1")           # None: the number of class folders
     img_size: int | None = valid(None, ">= 1")              # None: the variant's
-    window_size: int | None = valid(None, ">= 1")           # None: the variant's
-    pretrained_window_sizes: tuple[int, ...] | None = valid(None, ">= 0")  # per layer; 0: none (model.py)
+    # None: the variant's. An int, an [h, w] window, or one int / [h, w] per stage (two ints are one
+    # [h, w] window, as in timm; a two-stage model's per-stage windows are written as pairs).
+    window_size: int | tuple[int | tuple[int, int], ...] | None = valid(None, ">= 1")
+    # Per stage: the window the position bias was trained with, an int or [h, w]; 0: none (model.py).
+    pretrained_window_sizes: tuple[int | tuple[int, int], ...] | None = valid(None, ">= 0")
     # None: the variant's (0.2 T, 0.3 S, 0.5 B). 1 is out: the last block's DropPath would divide by keep = 0.
     drop_path_rate: float | None = valid(None, "[0, 1)")
     weights: str | None = None                  # initialise from a checkpoint (any supported format)

@@ -131,14 +131,16 @@ def plot_prediction_grid(images: Sequence[np.ndarray], captions: Sequence[str], 
     return _save(fig, path)
 
 
-def plot_cpb_maps(biases: Sequence[np.ndarray], path: str | os.PathLike, *, stage: int, window: int,
-                  pretrained_window: int = 0, max_cols: int = 12) -> Path:
-    """One stage's position bias: a heat map per block and head over the (2w-1) x (2w-1) offsets.
+def plot_cpb_maps(biases: Sequence[np.ndarray], path: str | os.PathLike, *, stage: int,
+                  window: int | tuple[int, int], pretrained_window: int | tuple[int, int] = 0,
+                  max_cols: int = 12) -> Path:
+    """One stage's position bias: a heat map per block and head over the (2h-1) x (2w-1) offsets.
 
-    `biases[j]` is block j's (heads, 2w-1, 2w-1) table of 16 * sigmoid(cpb_mlp(offset)). Rows are
-    blocks (wrapped every `max_cols` heads); one colour scale for the whole stage; offset (0, 0) is
-    the centre of each map, dy down, dx right.
+    `biases[j]` is block j's (heads, 2h-1, 2w-1) table of 16 * sigmoid(cpb_mlp(offset)) for a window
+    w (square) or (h, w). Rows are blocks (wrapped every `max_cols` heads); one colour scale for the
+    whole stage; offset (0, 0) is the centre of each map, dy down, dx right.
     """
+    wh, ww = (window, window) if isinstance(window, int) else window
     biases = [np.asarray(b, dtype=np.float32) for b in biases]
     heads = biases[0].shape[0]
     cols = min(heads, max_cols)
@@ -148,7 +150,7 @@ def plot_cpb_maps(biases: Sequence[np.ndarray], path: str | os.PathLike, *, stag
     vmax = max(float(b.max()) for b in biases)
     fig, axes = plt.subplots(rows, cols, figsize=(1.45 * cols + 1.2, 1.5 * rows + 0.9), squeeze=False,
                              layout="constrained")
-    extent = (-(window - 1) - 0.5, window - 0.5, window - 0.5, -(window - 1) - 0.5)
+    extent = (-(ww - 1) - 0.5, ww - 0.5, wh - 0.5, -(wh - 1) - 0.5)
     im = None
     for j, b in enumerate(biases):
         for h in range(wraps * cols):
@@ -158,8 +160,8 @@ def plot_cpb_maps(biases: Sequence[np.ndarray], path: str | os.PathLike, *, stag
                 continue
             im = ax.imshow(b[h], cmap="viridis", vmin=vmin, vmax=vmax, extent=extent, interpolation="nearest")
             ax.set_title(f"block {j} head {h}", fontsize=7)
-            ax.set_xticks([-(window - 1), 0, window - 1])
-            ax.set_yticks([-(window - 1), 0, window - 1])
+            ax.set_xticks([-(ww - 1), 0, ww - 1])
+            ax.set_yticks([-(wh - 1), 0, wh - 1])
             ax.tick_params(labelsize=6, length=2)
     pre = f", pre-trained window {pretrained_window}" if pretrained_window else ""
     fig.suptitle(f"Stage {stage}: continuous position bias 16·sigmoid(cpb_mlp), window {window}{pre}\n"

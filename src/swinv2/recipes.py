@@ -41,7 +41,7 @@ import torch
 from .errors import InputError
 from .config import INHERIT, Config, ConfigError, check_task
 from .model import SwinV2Config, SwinTransformerV2
-from .windows import stage_windows
+from .windows import pair, stage_windows
 from .outputs import write_output
 from .registry import get_variant, model_config
 from .simmim import check_geometry, encoder_stride
@@ -82,10 +82,10 @@ class StagePlan:
 # --------------------------------------------------------------------------- windows
 
 
-def next_pretrained_windows(prev: SwinV2Config) -> tuple[int, ...]:
+def next_pretrained_windows(prev: SwinV2Config) -> tuple[int | tuple[int, int], ...]:
     """pretrained_window_sizes for a model initialised from a model of architecture `prev`: per layer
     the CPB normaliser `prev` used (its pretrained window, else its effective window)."""
-    return tuple(p if p > 0 else e for p, e in zip(prev.pretrained_window_sizes, stage_windows(
+    return tuple(p if pair(p) != (0, 0) else e for p, e in zip(prev.pretrained_window_sizes, stage_windows(
         prev.img_size, prev.patch_size, prev.window_size, len(prev.depths))))
 
 
