@@ -128,9 +128,9 @@ def test_backbone_prefixed_checkpoint_loads_and_reports_what_it_dropped(tmp_path
 
 def _to_mmpretrain(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Native backbone keys -> mmpretrain's SwinTransformerV2 (the test's own inverse mapping)."""
-    block = re.compile(r"layers\.(\d+)\.blocks\.(\d+)\.(attn|mlp\.fc1|mlp\.fc2|norm1|norm2)\.(.+)")
+    block = re.compile(r"layers\.(\d+)\.blocks\.(\d+)\.(attn|mlp\.fc1|mlp\.fc2|norm1|norm2|norm3)\.(.+)")
     names = {"attn": "attn.w_msa", "mlp.fc1": "ffn.layers.0.0", "mlp.fc2": "ffn.layers.1", "norm1": "norm1",
-             "norm2": "norm2"}
+             "norm2": "norm2", "norm3": "norm3"}
     out = {}
     for key, value in sd.items():
         if key.startswith("patch_embed.proj."):
@@ -157,6 +157,19 @@ def test_mmpretrain_checkpoint_converts_to_the_same_outputs():
     assert report.src == "mmpretrain" and report.ok and not report.reinitialised
     assert len(report.dropped) == 2
     x = torch.randn(2, 3, 52, 36)
+    for a, b in zip(_outputs(source, x), _outputs(target, x)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_mmpretrain_huge_giant_layout_brings_its_extra_norms():
+    # SwinV2-H/G's extra LayerNorm (mmpretrain's SwinBlockV2 `norm3`), here every 2nd block of a tiny model.
+    source = randomize_(create_backbone(TINY, extra_norm_every_n_blocks=2))
+    mm = {f"backbone.{k}": v for k, v in _to_mmpretrain(source.state_dict()).items()}
+    assert "backbone.stages.0.blocks.1.norm3.weight" in mm
+    target = create_backbone(TINY, extra_norm_every_n_blocks=2)
+    report = load_backbone_weights(target, mm)
+    assert report.src == "mmpretrain" and report.ok and not report.reinitialised and not report.unexpected
+    x = torch.randn(1, 3, 44, 60)
     for a, b in zip(_outputs(source, x), _outputs(target, x)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 

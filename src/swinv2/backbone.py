@@ -197,9 +197,9 @@ def _backbone_keys(sd: Mapping[str, Tensor], dropped: list[str]) -> dict[str, Te
 # i - 1 with; its FFN is mmcv's (layers.0.0 = fc1, layers.1 = fc2); attention sits under `w_msa`.
 _MM_MERGE = re.compile(r"stages\.([1-9]\d*)\.downsample\.(.+)")
 _MM_BLOCK = re.compile(r"stages\.(\d+)\.blocks\.(\d+)\."
-                       r"(attn\.w_msa|ffn\.layers\.0\.0|ffn\.layers\.1|norm1|norm2)\.(.+)")
+                       r"(attn\.w_msa|ffn\.layers\.0\.0|ffn\.layers\.1|norm1|norm2|norm3)\.(.+)")
 _MM_BLOCK_PARTS = {"attn.w_msa": "attn", "ffn.layers.0.0": "mlp.fc1", "ffn.layers.1": "mlp.fc2", "norm1": "norm1",
-                   "norm2": "norm2"}
+                   "norm2": "norm2", "norm3": "norm3"}  # norm3: SwinV2-H/G's extra norm, the same name in both
 
 
 def is_mmpretrain_layout(keys: Sequence[str]) -> bool:
@@ -219,7 +219,7 @@ def unfold_to_official_reduction(weight: Tensor) -> Tensor:
 
 def mmpretrain_to_native(sd: Mapping[str, Tensor], dropped: list[str]) -> dict[str, Tensor]:
     """mmpretrain SwinV2 backbone keys -> native; derived buffers into `dropped`, unknown keys kept
-    as they are (they then show up as unexpected: e.g. the huge / giant variants' extra `norm3`)."""
+    as they are (they then show up as unexpected)."""
     out = {}
     for key, value in sd.items():
         if key.rsplit(".", 1)[-1] in DERIVED_KEYS:
