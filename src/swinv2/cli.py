@@ -199,8 +199,9 @@ def _add_runtime_args(p: argparse.ArgumentParser, *, default_runtime: str | None
                    "quantised with NNCF on the --calib images (default fp32)")
     p.add_argument("--calib", metavar="DIR", default=None, help="int8: folder of calibration images (searched "
                    "recursively; up to 300, evenly spread), e.g. the training set")
-    p.add_argument("--cache-dir", metavar="DIR", default=None, help="where exported graphs are cached (default: "
-                   "WEIGHTS.exports/ beside a weights file, else $SWINV2_CACHE or ~/.cache/swinv2)")
+    p.add_argument("--cache-dir", metavar="DIR", default=None, help="cache exported graphs in DIR/exports/<weights "
+                   "hash>/ (default: WEIGHTS.exports/ beside a weights file, else under $SWINV2_CACHE or "
+                   "~/.cache/swinv2 the same way)")
 
 
 def _runtime_for(args: argparse.Namespace, model, prep):
