@@ -91,7 +91,7 @@ from torch import Tensor, nn
 from . import attention
 from . import distributed as D
 from .flops import count_flops
-from .hardware import DTYPES, warn_if_bf16_emulated
+from .hardware import DTYPES, cpu_name, warn_if_bf16_emulated
 from .model import SwinTransformerV2, SwinV2Config
 from .outputs import write_output
 from .registry import model_config
@@ -617,14 +617,8 @@ def optimizer_steps(model: str, *, rounds: int = 15, weight_decay: float = 0.05)
 
 def environment(device: str = "cpu") -> dict[str, Any]:
     """Where the numbers were measured: machine, versions, threads, date."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
     env: dict[str, Any] = dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                               cpu=cpu, cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
+                               cpu=cpu_name(), cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
                                python=platform.python_version(), torch=torch.__version__,
                                platform=platform.platform())
     if torch.device(device).type == "cuda":

@@ -206,6 +206,19 @@ def scan_class_folders(root: str | os.PathLike) -> list[str]:
     return classes
 
 
+def _walk_images(folder: Path, label: int, samples: list[tuple[str, int]], stray: list[str]) -> None:
+    """Append (path, label) for every image file under `folder` (any depth, sorted, symlinks followed,
+    hidden entries skipped) to `samples`, and every other file to `stray`."""
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
+        for fname in sorted(f for f in filenames if not _hidden(f)):
+            path = os.path.join(dirpath, fname)
+            if fname.lower().endswith(IMG_EXTENSIONS):
+                samples.append((path, label))
+            else:
+                stray.append(path)
+
+
 class ImageFolderDataset(Dataset):
     """`root/<class>/**/<image>` -> (transform(image), class index).
 
@@ -237,16 +250,7 @@ class ImageFolderDataset(Dataset):
             if name in self.missing_classes:
                 continue
             n_before = len(self.samples)
-            for dirpath, dirnames, filenames in os.walk(self.root / name, followlinks=True):
-                dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
-                for fname in sorted(filenames):
-                    if _hidden(fname):
-                        continue
-                    path = os.path.join(dirpath, fname)
-                    if fname.lower().endswith(IMG_EXTENSIONS):
-                        self.samples.append((path, label))
-                    else:
-                        self.stray.append(path)
+            _walk_images(self.root / name, label, self.samples, self.stray)
             if len(self.samples) == n_before:
                 self.empty_classes.append(name)
         if not self.samples:
@@ -265,7 +269,7 @@ class ImageFolderDataset(Dataset):
         return [counts.get(i, 0) for i in range(len(self.classes))]
 
 
-class ImageFilesDataset(Dataset):
+class ImageFilesDataset(ImageFolderDataset):
     """Every image file under `root`, at any depth, without labels (label -1): pretraining data
     (`train.task: simmim`). Class folders may be there, their names are not used; hidden entries are
     skipped. The same attributes as `ImageFolderDataset` (no classes), so the same checks apply."""
@@ -280,24 +284,9 @@ class ImageFilesDataset(Dataset):
         self.missing_classes: list[str] = []
         self.samples: list[tuple[str, int]] = []
         self.stray: list[str] = []
-        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
-            for fname in sorted(f for f in filenames if not _hidden(f)):
-                path = os.path.join(dirpath, fname)
-                if fname.lower().endswith(IMG_EXTENSIONS):
-                    self.samples.append((path, -1))
-                else:
-                    self.stray.append(path)
+        _walk_images(self.root, -1, self.samples, self.stray)
         if not self.samples:
             raise DataError(f"{self.root}: no image files ({', '.join(IMG_EXTENSIONS)}) at any depth")
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        path, label = self.samples[index]
-        img = load_image(path)
-        return (self.transform(img) if self.transform is not None else img), label
 
     def class_counts(self) -> list[int]:
         return []

@@ -1,4 +1,5 @@
-"""What this machine's matrix multiplies can do: the measured matmul peak, and whether bf16 is native.
+"""What this machine is and what its matrix multiplies can do: the CPU's name, the measured matmul
+peak, and whether bf16 is native.
 
 Used by training (`engine`, to warn before a bf16 run that would be slower than fp32), by `cli` and
 `runtime` for the same warning, and by `bench` for its "share of the matmul peak" figures. Imports
@@ -16,6 +17,17 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Above this many times the time of an fp32 matmul, bf16 on the device is emulated, not native.
 BF16_EMULATED_SLOWDOWN = 2.0
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what `platform` knows."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def _timed_mm(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -36,7 +36,6 @@ import importlib
 import json
 import logging
 import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -51,6 +50,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
+from .hardware import cpu_name
 from .outputs import atomic_write
 from .registry import model_info
 
@@ -467,13 +467,7 @@ def load_runtime(model: nn.Module, runtime: str = "auto", precision: str = "fp32
 
 
 def _machine() -> str:
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"{cpu} x{os.cpu_count()}"
+    return f"{cpu_name()} x{os.cpu_count()}"
 
 
 def _versions(runtimes: Sequence[str]) -> dict[str, str]:
