@@ -28,6 +28,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -55,24 +56,30 @@ def build_splits(work: Path, label_fraction: float, seed: int = 0) -> tuple[Path
     for root, split, classes, fraction in ((pre, "train", PRETRAIN_CLASSES, 1.0), (pre, "val", PRETRAIN_CLASSES, 1.0),
                                            (ft, "train", TARGET_CLASSES, label_fraction),
                                            (ft, "val", TARGET_CLASSES, 1.0)):
-        for c in classes:
-            files = sorted((full / split / c).glob("*.png"))
-            keep = files if fraction >= 1.0 else sorted(rng.choice(files, max(1, round(fraction * len(files))),
-                                                                   replace=False))
-            dst = root / split / c
-            if dst.is_dir():  # built before (same seed, same selection)
-                continue
-            with atomic_folder(dst) as tmp:
-                for f in keep:
-                    shutil.copy2(f, tmp / f.name)
+        copy_classes(full / split, root / split, classes, fraction, rng)
     counts = {f"{name}_{split}": sum(1 for _ in (root / split).rglob("*.png"))
               for name, root in (("pretrain", pre), ("finetune", ft)) for split in ("train", "val")}
     counts["target_train_all"] = sum(1 for c in TARGET_CLASSES for _ in (full / "train" / c).glob("*.png"))
     return pre, ft, counts
 
 
-def run(cfg: Config, out: Path) -> dict:
-    """Train (or reuse a finished run in `out`); its final-epoch and best val top-1 and wall time."""
+def copy_classes(src: Path, dst: Path, classes: list[str], fraction: float, rng: np.random.Generator) -> None:
+    """Copy class folders src/c to dst/c: every image, or a `fraction` of them drawn by `rng` (drawn even
+    where dst/c exists, so one seed always gives the same selection; a folder built before is kept)."""
+    for c in classes:
+        files = sorted((src / c).glob("*.png"))
+        keep = files if fraction >= 1.0 else sorted(rng.choice(files, max(1, round(fraction * len(files))),
+                                                               replace=False))
+        if (dst / c).is_dir():
+            continue
+        with atomic_folder(dst / c) as tmp:
+            for f in keep:
+                shutil.copy2(f, tmp / f.name)
+
+
+def cached_fit(cfg: Config, out: Path, numbers: Callable[[dict, Path], dict]) -> dict:
+    """Train `cfg` into `out`, or reuse a finished run of the same config there; `numbers(summary, out)`
+    and the wall time, weights and config, kept in out/result.json."""
     done = out / "result.json"
     if done.is_file():
         result = json.loads(done.read_text())
@@ -81,11 +88,17 @@ def run(cfg: Config, out: Path) -> dict:
         shutil.rmtree(out)  # another config: measure afresh
     t0 = time.perf_counter()
     summary = fit(cfg, out)
-    result = {"final_top1": summary["final"]["val_top1"], "best_top1": summary["best"]["val_top1"],
-              "best_epoch": summary["best"]["epoch"], "seconds": round(time.perf_counter() - t0, 1),
+    result = {**numbers(summary, out), "seconds": round(time.perf_counter() - t0, 1),
               "weights": summary.get("weights"), "config": cfg.to_dict()}
     done.write_text(json.dumps(result))
     return result
+
+
+def run(cfg: Config, out: Path) -> dict:
+    """Train (or reuse a finished run in `out`); its final-epoch and best val top-1 and wall time."""
+    return cached_fit(cfg, out, lambda summary, _: {
+        "final_top1": summary["final"]["val_top1"], "best_top1": summary["best"]["val_top1"],
+        "best_epoch": summary["best"]["epoch"]})
 
 
 def _row(result: dict) -> dict:

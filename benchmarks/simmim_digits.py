@@ -33,11 +33,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune_digits import COMMON, MICRO, ROOT, _row, run  # noqa: E402  (benchmarks/ is not a package)
+from finetune_digits import COMMON, MICRO, ROOT, _row, cached_fit, copy_classes, run  # noqa: E402  (benchmarks/ is not a package)
 
 from swinv2.config import Config, load_config  # noqa: E402
 from swinv2.data import IMG_EXTENSIONS, build_digits_folder  # noqa: E402
-from swinv2.engine import fit  # noqa: E402
 from swinv2.outputs import atomic_folder  # noqa: E402
 from swinv2.recipes import plan_recipe  # noqa: E402
 
@@ -55,14 +54,8 @@ def build_folders(work: Path, label_fraction: float, seed: int = 0) -> tuple[Pat
                     shutil.copy2(f, tmp / f.name)
     rng = np.random.default_rng(seed)
     for split, fraction in (("train", label_fraction), ("val", 1.0)):
-        for c in sorted(d.name for d in (full / split).iterdir() if d.is_dir()):
-            files = sorted((full / split / c).glob("*.png"))
-            keep = files if fraction >= 1.0 else sorted(rng.choice(files, max(1, round(fraction * len(files))),
-                                                                   replace=False))
-            if not (ft / split / c).is_dir():  # built before (same seed, same selection)
-                with atomic_folder(ft / split / c) as tmp:
-                    for f in keep:
-                        shutil.copy2(f, tmp / f.name)
+        copy_classes(full / split, ft / split, sorted(d.name for d in (full / split).iterdir() if d.is_dir()),
+                     fraction, rng)
     count = lambda d: sum(1 for p in d.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)  # noqa: E731
     counts = {"pretrain_train": count(flat / "train"), "pretrain_val": count(flat / "val"),
               "finetune_train": count(ft / "train"), "finetune_val": count(ft / "val")}
@@ -71,21 +64,13 @@ def build_folders(work: Path, label_fraction: float, seed: int = 0) -> tuple[Pat
 
 def pretrain(cfg: Config, out: Path) -> dict:
     """Pretrain (or reuse a finished run in `out`): val reconstruction loss per evaluated epoch, time."""
-    done = out / "result.json"
-    if done.is_file():
-        result = json.loads(done.read_text())
-        if result.get("config") == cfg.to_dict():
-            return result
-        shutil.rmtree(out)
-    t0 = time.perf_counter()
-    summary = fit(cfg, out)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    result = {"final_val_loss": summary["final"]["val_loss"], "best_val_loss": summary["best"]["val_loss"],
-              "best_epoch": summary["best"]["epoch"], "seconds": round(time.perf_counter() - t0, 1),
-              "curve": [[r["epoch"], r["train_loss"], r.get("val_loss")] for r in rows],
-              "weights": summary["weights"], "config": cfg.to_dict()}
-    done.write_text(json.dumps(result))
-    return result
+    def numbers(summary: dict, out: Path) -> dict:
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return {"final_val_loss": summary["final"]["val_loss"], "best_val_loss": summary["best"]["val_loss"],
+                "best_epoch": summary["best"]["epoch"],
+                "curve": [[r["epoch"], r["train_loss"], r.get("val_loss")] for r in rows]}
+
+    return cached_fit(cfg, out, numbers)
 
 
 def curve(out: Path) -> list[list[float]]:

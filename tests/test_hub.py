@@ -202,7 +202,6 @@ def _micro_weights(num_classes: int = 10, seed: int = 0, **kw) -> swinv2.SwinTra
 
 def test_every_official_variant_has_a_record_read_from_timm():
     """The timm keys and official URLs are timm's own `default_cfgs` (the installed reference)."""
-    timm = pytest.importorskip("timm")
     from timm.models import get_pretrained_cfg
 
     assert set(hub.RECORDS) == set(list_models())
@@ -462,7 +461,7 @@ def test_hash_mismatch_refuses_and_removes_the_file(fake_hub, micro_record, caps
     assert hashlib.sha256(hub.fetch(rec).read_bytes()).hexdigest() == hashlib.sha256(data).hexdigest()
 
     # A published SHA-256 that the (cached) file does not have: refused and removed as well.
-    wrong = micro_record("pinned", (hub.HubFile(repo, "model.safetensors", "timm", sha256="0" * 64),))
+    micro_record("pinned", (hub.HubFile(repo, "model.safetensors", "timm", sha256="0" * 64),))
     with pytest.raises(hub.WeightsHashError, match="the record's 0000000000000000"):
         create_model(MICRO, pretrained="pinned")
     assert not hub.is_cached(rec)

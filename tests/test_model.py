@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import swinv2
-from swinv2.model import DERIVED_KEYS, WindowAttention, class_masks, shift_mask, window_order
+from swinv2.model import DERIVED_KEYS, WindowAttention
+from swinv2.windows import class_masks, shift_mask, window_order
 from randomize import randomize_
 from machine import cpu_paths
 from tolerance import assert_as_accurate

@@ -397,5 +397,5 @@ def test_stage_overrides_on_the_command_line_and_shadowed_top_level_keys(tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["swinv2 train: error: cannot set 'stages.5.train.epochs': 'stages' has entries 0..1",
                    "swinv2 train: error: override stages.1.model.freez=[]: unknown key 'stages[1].model.freez' "
-                   f"(did you mean 'stages[1].model.freeze'?)"]
+                   "(did you mean 'stages[1].model.freeze'?)"]
     assert not out.exists()

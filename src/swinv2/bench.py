@@ -571,7 +571,6 @@ def run_own_processes(impls: Sequence[str], bench_args: Sequence[str], *, rounds
     results = []
     for (*setting, impl), rows in runs.items():
         ips = [row["img_per_s"] for row in rows]
-        ours = runs.get((*setting, "ours"))
         med = statistics.median(ips)
         results.append(dict(
             rows[0], impl=impl, processes=len(rows), img_per_s=med, img_per_s_min=min(ips), img_per_s_max=max(ips),

@@ -18,14 +18,12 @@ with one line naming that global, before anything in it runs.
 """
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
 import pickle
 import pickletools
 import re
-import tempfile
 import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence

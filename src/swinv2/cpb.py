@@ -7,7 +7,6 @@ windows larger than the training window, how the log-spaced coordinates extrapol
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

@@ -30,7 +30,6 @@ from .attention import BiasCache, cached_position_bias, forward_in_chunks, fused
 from .fused import gelu_linear, linear_gelu
 from .windows import Pair, cached, compact_windows, effective_window, from_windows, pair, pretrained_windows
 from .windows import relative_position_index, stage_window_sizes, to_windows, window_bias
-from .windows import class_masks, shift_mask, window_order  # noqa: F401 (public here, as before the split)
 
 # Names of the derived tensors the official code stores as buffers; never ours, tolerated on load.
 DERIVED_KEYS = ("relative_coords_table", "relative_position_index", "attn_mask")
