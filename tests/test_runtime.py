@@ -208,6 +208,18 @@ def test_int8_keeps_the_top1_of_a_trained_model(trained, tmp_path, capsys):
     report = _eval(weights, root, tmp_path, "--runtime", "openvino", "--precision", "int8",
                    "--cache-dir", str(tmp_path / "cache"))
     assert report["fp32"]["top1_agreement"] == ref["top1_agreement"]
+    # The first and the last layer stay fp32: no quantiser feeds the patch embedding or the head, while
+    # the blocks' linears are quantised.
+    import openvino as ov
+
+    (xml,) = (tmp_path / "cache").rglob("*int8-openvino.xml")
+    fed = {}
+    for op in ov.Core().read_model(xml).get_ordered_ops():
+        if op.get_type_name() in ("Convolution", "MatMul"):
+            fed[op.get_friendly_name()] = {i.get_source_output().get_node().get_type_name() for i in op.inputs()}
+    kept = {n: f for n, f in fed.items() if "patch_embed/proj" in n or "/head/" in n}
+    assert len(kept) == 2 and not any("FakeQuantize" in f for f in kept.values()), kept
+    assert sum("FakeQuantize" in f for f in fed.values()) >= 8  # 4 blocks x (qkv, proj, fc1, fc2) at least
 
 
 def test_int8_without_calibration_images_is_one_line(trained, tmp_path, capsys):
