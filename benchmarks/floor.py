@@ -1,5 +1,5 @@
 """The least time PyTorch's own kernels need for a SwinV2 forward and training step, beside the time
-issue 8's ratio targets allow.
+the project's ratio targets allow.
 
 What it measures. One forward (or forward + backward) of a reference implementation, timm's SwinV2
 (the plain formula, none of our fast paths), runs under a dispatch mode that records every ATen
@@ -31,7 +31,7 @@ could.
 
     python benchmarks/floor.py [--batch-size 8] [--repeats 3]      (SwinV2-T window 8, 256 px)
 
-`benchmarks/run_cpu.py` (`make bench`) adds the same rows to issue 8's table.
+`benchmarks/run_cpu.py` (`make bench`) adds the same rows to the performance table.
 """
 from __future__ import annotations
 
@@ -235,7 +235,7 @@ class Gap:
 
 def gaps(eager: dict[str, dict], train: dict[str, dict], peers: Sequence[str], peak_gflop_s: float,
          model: str = "swinv2_tiny_window8_256", compiled: dict[str, dict] | None = None) -> list[Gap]:
-    """Issue 8's three ratio targets against the floor, from `bench.run` results by implementation:
+    """The three ratio targets against the floor, from `bench.run` results by implementation:
     `eager` (inference, ours and `peers`), `train` (training step, ours and timm) and, if measured,
     `compiled` (compiled inference, ours)."""
     batch = eager["ours"]["batch_size"]

@@ -1,4 +1,4 @@
-"""Issue 8's table on a CUDA GPU: fp16 / bf16 inference at batch 128 and training, against timm eager
+"""The performance table on a CUDA GPU: fp16 / bf16 inference at batch 128 and training, against timm eager
 and compiled, with the official model zoo's V100 throughput as a reference point.
 
     python benchmarks/run_gpu.py --out benchmarks/results [--models swinv2_tiny_window8_256 ...]

@@ -174,6 +174,8 @@ def train(recipe: Path, overrides: list[str], out: Path) -> dict:
         result = json.loads(done.read_text())
         if result.get("config") == cfg.to_dict() and Path(result["weights"]).is_file():
             return result
+        shutil.rmtree(out / "run", ignore_errors=True)  # another recipe: train afresh, do not resume
+        done.unlink()
     t0 = time.perf_counter()
     summary = fit(cfg, out / "run")
     run = out / "run"

@@ -411,8 +411,8 @@ def test_dynamic_onnx_graph_runs_rectangular_per_stage_windows(tmp_path):
                        pretrained_window_sizes=((3, 2), 0), num_classes=5, drop_path_rate=0.0)
     model = _model(cfg, seed=6)
     export_onnx(model, tmp_path / "m.onnx", img_size=32, dynamic_size=True, check=False)
-    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    ort_run = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     for size in ((32, 32), (45, 27), (13, 70)):
         x = _images(size)
-        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        got = ort_run.run(None, {ort_run.get_inputs()[0].name: x.numpy()})[0]
         assert abs(got - official_forward(model, x).numpy()).max() <= 1e-4, size
