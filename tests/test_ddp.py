@@ -1,4 +1,4 @@
-"""Data-parallel training under torchrun (gloo, CPU), RELIABILITY.md row 15: two processes match one
+"""Data-parallel training under torchrun (gloo, CPU), docs/reliability.md row 15: two processes match one
 process at the same global batch, hold identical parameters, only rank 0 writes, and a run killed
 mid-way resumes bit-identically when torchrun starts it again."""
 from __future__ import annotations

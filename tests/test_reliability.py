@@ -1,4 +1,4 @@
-"""Every row of ../shared/RELIABILITY.md, each with the fault injected for real: SIGKILL of a training
+"""Every row of docs/reliability.md, each with the fault injected for real: SIGKILL of a training
 process at a random step (and during a checkpoint write), SIGTERM/SIGINT, torn and zero-byte
 checkpoints, a full disk, NaN/Inf losses and gradients, corrupt images, every image mode, messy
 class folders, pickles with code, checkpoints of another model, reseeding, bad command lines.

@@ -17,7 +17,7 @@ again with the same command continues bit-identically (on CPU) from its last che
 its model returns the loss, each image's mask comes from (seed, epoch, sample index), validation is
 the reconstruction loss on fixed masks, and the weights file is the encoder alone.
 
-Faults (../RELIABILITY.md): SIGTERM/SIGINT save a checkpoint at the next step boundary and raise
+Faults (docs/reliability.md): SIGTERM/SIGINT save a checkpoint at the next step boundary and raise
 `TrainingInterrupted` (exit 143/130); a non-finite loss or gradient skips the step (weights, EMA
 and optimizer untouched), `train.max_bad_steps` in a row raise `NonFiniteError`; no checkpoint
 holding a non-finite tensor is ever written; unreadable images are dropped from their batch and

@@ -1,4 +1,4 @@
-"""What a training run does when something goes wrong (../RELIABILITY.md): stop signals that
+"""What a training run does when something goes wrong (docs/reliability.md): stop signals that
 checkpoint at the next step boundary, errors for unrecoverable states, and the checks that keep
 non-finite or mismatched tensors out of (and away from) checkpoints."""
 from __future__ import annotations
