@@ -106,6 +106,30 @@ def _row(result: dict) -> dict:
     return {k: v for k, v in result.items() if k not in ("config", "weights")}
 
 
+def _stats(rows: list[dict], key: str) -> dict:
+    vals = [r[key] for r in rows]
+    std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return {"mean": round(statistics.mean(vals), 2), "std": round(std, 2), "min": round(min(vals), 2),
+            "max": round(max(vals), 2)}
+
+
+def arm_summary(runs: list[dict]) -> dict:
+    """One arm's runs (one per seed) and their final / best val top-1 statistics and mean time."""
+    return {"runs": runs, "final_top1": _stats(runs, "final_top1"), "best_top1": _stats(runs, "best_top1"),
+            "seconds_per_run": round(statistics.mean(r["seconds"] for r in runs), 1)}
+
+
+def arm_table(arms: dict[str, dict]) -> list[str]:
+    """The markdown table of `arm_summary` results, one row per arm."""
+    lines = ["| arm | val top-1, last epoch (mean ± std) | min - max | best epoch's top-1 (mean) | s per run |",
+             "|---|---|---|---|---|"]
+    for k, a in arms.items():
+        f = a["final_top1"]
+        lines.append(f"| {k} | **{f['mean']:.2f}% ± {f['std']:.2f}** | {f['min']:.2f} - {f['max']:.2f} | "
+                     f"{a['best_top1']['mean']:.2f}% | {a['seconds_per_run']} |")
+    return lines
+
+
 def per_image_lr(c: Config) -> float:
     return c.optim.lr / c.optim.lr_base_batch
 
@@ -183,12 +207,6 @@ def main() -> int:
                               **_row(run(cfg, out))})
             print(f"{key} seed {seed}: {arms[key][-1]['final_top1']:.2f}%", flush=True)
 
-    def stats(rows: list[dict], key: str) -> dict:
-        vals = [r[key] for r in rows]
-        std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        return {"mean": round(statistics.mean(vals), 2), "std": round(std, 2), "min": round(min(vals), 2),
-                "max": round(max(vals), 2)}
-
     record = {
         "command": "python benchmarks/finetune_digits.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d"),
@@ -197,8 +215,7 @@ def main() -> int:
         "model": MICRO, "images": counts, "label_fraction": args.label_fraction, "epochs": epochs,
         "batch_size": args.batch_size, "seeds": args.seeds, "recipe_lr_ratio": recipe_ratio,
         "pretrain": _row(pre) | {"epochs": args.pretrain_epochs},
-        "arms": {k: {"runs": v, "final_top1": stats(v, "final_top1"), "best_top1": stats(v, "best_top1"),
-                     "seconds_per_run": round(statistics.mean(r["seconds"] for r in v), 1)} for k, v in arms.items()},
+        "arms": {k: arm_summary(v) for k, v in arms.items()},
         "wall_seconds": round(time.perf_counter() - t_start, 1),
     }
     results = Path(args.results)
@@ -219,13 +236,8 @@ def main() -> int:
         f"({pre['seconds']:.0f} s). Fine-tune: configs/finetune.yaml (new head on the 0-4 backbone); scratch: "
         "configs/demo_digits.yaml (its from-scratch LR), both without EMA.",
         "",
-        "| arm | val top-1, last epoch (mean ± std) | min - max | best epoch's top-1 (mean) | s per run |",
-        "|---|---|---|---|---|",
+        *arm_table(record["arms"]),
     ]
-    for k, a in record["arms"].items():
-        f = a["final_top1"]
-        lines.append(f"| {k} | **{f['mean']:.2f}% ± {f['std']:.2f}** | {f['min']:.2f} - {f['max']:.2f} | "
-                     f"{a['best_top1']['mean']:.2f}% | {a['seconds_per_run']} |")
     results.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {results.with_suffix('.json')} and {results.with_suffix('.md')}")

@@ -25,7 +25,6 @@ import logging
 import os
 import platform
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune_digits import COMMON, MICRO, ROOT, _row, cached_fit, copy_classes, run  # noqa: E402  (benchmarks/ is not a package)
+from finetune_digits import (COMMON, MICRO, ROOT, _row, arm_summary, arm_table, cached_fit,  # noqa: E402
+                             copy_classes, run)  # (benchmarks/ is not a package)
 
 from swinv2.config import Config, load_config  # noqa: E402
 from swinv2.data import IMG_EXTENSIONS, build_digits_folder  # noqa: E402
@@ -77,13 +77,6 @@ def curve(out: Path) -> list[list[float]]:
     """[epoch, train loss, val top-1] of a classification run's evaluated epochs."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [[r["epoch"], r["train_loss"], r["val_top1"]] for r in rows if "val_top1" in r]
-
-
-def stats(rows: list[dict], key: str) -> dict:
-    vals = [r[key] for r in rows]
-    std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return {"mean": round(statistics.mean(vals), 2), "std": round(std, 2), "min": round(min(vals), 2),
-            "max": round(max(vals), 2)}
 
 
 def plot(record: dict, path: Path) -> None:
@@ -169,9 +162,7 @@ def main() -> int:
                                  "mask_patch_size": pre_cfg.simmim.mask_patch_size,
                                  "mask_ratio": pre_cfg.simmim.mask_ratio},
         "finetune": {"lr": ft_base.optim.lr, "layer_decay": ft_base.optim.layer_decay},
-        "arms": {k: {"runs": v, "final_top1": stats(v, "final_top1"), "best_top1": stats(v, "best_top1"),
-                     "seconds_per_run": round(statistics.mean(r["seconds"] for r in v), 1)}
-                 for k, v in record_arms.items()},
+        "arms": {k: arm_summary(v) for k, v in record_arms.items()},
         "wall_seconds": round(time.perf_counter() - t_start, 1),
     }
     write_results(record, Path(args.results))
@@ -198,13 +189,8 @@ def write_results(record: dict, results: Path) -> None:
         f"{record['finetune']['layer_decay']}; scratch: the same recipe from a random initialisation (layer decay "
         f"off). Seeds {', '.join(map(str, record['seeds']))}; scored on all {n['finetune_val']} val images.",
         "",
-        "| arm | val top-1, last epoch (mean ± std) | min - max | best epoch's top-1 (mean) | s per run |",
-        "|---|---|---|---|---|",
+        *arm_table(record["arms"]),
     ]
-    for k, a in record["arms"].items():
-        f = a["final_top1"]
-        lines.append(f"| {k} | **{f['mean']:.2f}% ± {f['std']:.2f}** | {f['min']:.2f} - {f['max']:.2f} | "
-                     f"{a['best_top1']['mean']:.2f}% | {a['seconds_per_run']} |")
     lines += ["", f"Curves: `{results.with_suffix('.png').name}` (pretraining losses; val top-1 per epoch of "
               "every fine-tuning run)."]
     results.with_suffix(".md").write_text("\n".join(lines) + "\n")

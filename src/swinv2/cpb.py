@@ -32,7 +32,7 @@ class CPBTable:
 def stage_windows(model: SwinTransformerV2, img_size: int | tuple[int, int] | None = None) -> list[int | Pair]:
     """The window each stage really uses at `img_size` (default: the nominal size), clamps included."""
     cfg = model.config
-    size = (img_size, img_size) if isinstance(img_size, int) else (img_size or cfg.img_size)
+    size = cfg.img_size if img_size is None else pair(img_size)
     return list(windows.stage_windows(size, cfg.patch_size, cfg.window_size, len(cfg.depths)))
 
 

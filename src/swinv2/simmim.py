@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from .errors import ConfigError, InputError
 from .model import SwinTransformerV2, SwinV2Config
+from .windows import pair
 
 
 def encoder_stride(cfg: SwinV2Config) -> int:
@@ -62,7 +63,7 @@ class MaskGenerator:
 
     def __init__(self, input_size: int | tuple[int, int], mask_patch_size: int, model_patch_size: int,
                  mask_ratio: float) -> None:
-        h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
+        h, w = pair(input_size)
         if h % mask_patch_size or w % mask_patch_size or mask_patch_size % model_patch_size:
             raise InputError(f"mask squares of {mask_patch_size} px must tile {h}x{w} images and be a multiple "
                              f"of the patch size {model_patch_size}")
