@@ -185,13 +185,14 @@ class Floor:
         return ", ".join(f"{k} {v * 1e3:.0f}" for k, v in sorted(self.seconds.items(), key=lambda kv: -kv[1]))
 
 
-def reference_calls(model: str, *, batch_size: int, train: bool) -> tuple[collections.Counter, torch.nn.Module]:
+def reference_calls(model: str, *, batch_size: int, train: bool,
+                    dtype: torch.dtype = torch.float32) -> tuple[collections.Counter, torch.nn.Module]:
     """The recorded kernels of one forward (or forward + backward) of timm's `model` at its nominal size,
-    fp32, and that timm model."""
+    and that timm model; in bf16, weights and input cast to it (inference, as `swinv2.bench` runs it)."""
     config = model_config(model)
-    ref = bench.build_impl("timm", config, bench.SwinTransformerV2(config).state_dict())
+    ref = bench.build_impl("timm", config, bench.SwinTransformerV2(config).state_dict()).to(dtype)
     ref.train(train)
-    x = torch.randn(batch_size, 3, *config.img_size, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(batch_size, 3, *config.img_size, generator=torch.Generator().manual_seed(0)).to(dtype)
     if train:
         labels = torch.zeros(batch_size, dtype=torch.long)
 
@@ -209,9 +210,9 @@ def reference_calls(model: str, *, batch_size: int, train: bool) -> tuple[collec
 
 
 def kernel_floor(model: str = "swinv2_tiny_window8_256", *, batch_size: int = 8, train: bool = False,
-                 repeats: int = 7) -> Floor:
-    """The floor (module docstring) of `model` at its nominal size, fp32, on this CPU."""
-    calls, ref = reference_calls(model, batch_size=batch_size, train=train)
+                 repeats: int = 7, dtype: torch.dtype = torch.float32) -> Floor:
+    """The floor (module docstring) of `model` at its nominal size, in `dtype`, on this CPU."""
+    calls, ref = reference_calls(model, batch_size=batch_size, train=train, dtype=dtype)
     seconds = time_kernels(calls, repeats)
     if train:
         seconds["AdamW (fused)"] = adamw_time(ref, repeats)
@@ -234,10 +235,12 @@ class Gap:
 
 
 def gaps(eager: dict[str, dict], train: dict[str, dict], peers: Sequence[str], peak_gflop_s: float,
-         model: str = "swinv2_tiny_window8_256", compiled: dict[str, dict] | None = None) -> list[Gap]:
-    """The three ratio targets against the floor, from `bench.run` results by implementation:
-    `eager` (inference, ours and `peers`), `train` (training step, ours and timm) and, if measured,
-    `compiled` (compiled inference, ours)."""
+         model: str = "swinv2_tiny_window8_256", compiled: dict[str, dict] | None = None,
+         eager_bf16: dict[str, dict] | None = None) -> list[Gap]:
+    """The ratio targets against the floor, from `bench.run` results by implementation: `eager`
+    (inference, ours and `peers`), `train` (training step, ours and timm) and, if measured, `compiled`
+    (compiled inference, ours) and `eager_bf16` (bf16 inference, ours and timm; its floor is timm's
+    bf16 kernels, so the matmuls count at the bf16 peak)."""
     batch = eager["ours"]["batch_size"]
     fastest = max(eager[p]["img_per_s"] for p in peers)
     flop = 2 * eager["ours"]["gmacs_per_img"] * 1e9 * batch
@@ -250,7 +253,10 @@ def gaps(eager: dict[str, dict], train: dict[str, dict], peers: Sequence[str], p
             None if compiled is None else batch / compiled["ours"]["img_per_s"]),
         Gap("train step fp32", "1.25 x timm", batch / (1.25 * train["timm"]["img_per_s"]), step,
             batch / train["ours"]["img_per_s"]),
-    ]
+    ] + ([] if eager_bf16 is None else [
+        Gap("eager bf16 forward", "1.3 x timm bf16", batch / (1.3 * eager_bf16["timm"]["img_per_s"]),
+            kernel_floor(model, batch_size=batch, dtype=torch.bfloat16), batch / eager_bf16["ours"]["img_per_s"]),
+    ])
 
 
 def main() -> int:

@@ -135,12 +135,16 @@ def test_ab_adds_ours_with_the_alternative_switched_on_for_its_calls_only(tmp_pa
     ours, alternative = json.loads(out.read_text())["results"]
     assert (ours["impl"], alternative["impl"]) == ("ours", "ours/whole-batch")
     assert alternative["max_abs_diff"] == 0.0 and alternative["ours_speedup"] > 0
-    default = attention.INFERENCE_CHUNK_BYTES
+    def state():
+        return (attention.INFERENCE_CHUNK_BYTES, attention.softmax_flushed, torch.nn.functional.linear,
+                attention.FP32_LOGIT_DTYPES)
+
+    default = state()
     for name, (_, switch) in bench.AB_SWITCHES.items():
         with switch():
-            switched = (attention.INFERENCE_CHUNK_BYTES, attention.softmax_flushed, torch.nn.functional.linear)
-        assert switched != (default, attention.softmax_flushed, torch.nn.functional.linear), name
-    assert attention.INFERENCE_CHUNK_BYTES == default
+            switched = state()
+        assert switched != default, name
+    assert state() == default
     assert main(["bench", "--model", MICRO, "--ab", "nope"]) == 2
     assert "--ab 'nope'" in capsys.readouterr().err
 

@@ -92,3 +92,17 @@ def test_gaps_turn_the_targets_into_allowed_seconds(monkeypatch):
     assert e.allowed_s == pytest.approx(8 / (1.3 * 8.0)) and e.ours_s == pytest.approx(0.8)
     assert c.allowed_s == pytest.approx(2 * 5e9 * 8 / (0.85 * 100e9)) and c.ours_s is None
     assert t.allowed_s == pytest.approx(8 / (1.25 * 2.0)) and t.ratio == pytest.approx(2.0 / t.allowed_s)
+    # bf16: 1.3 x timm in bf16, against the floor of timm's bf16 kernels
+    monkeypatch.setattr(floor, "kernel_floor", lambda *a, dtype=torch.float32, **k: floor.Floor(
+        {"matmuls": 0.5 if dtype == torch.bfloat16 else 1.0}))
+    bf16 = {"ours": dict(img_per_s=20.0), "timm": dict(img_per_s=16.0)}
+    *_, b = floor.gaps(eager, train, ("timm", "hf"), 100.0, eager_bf16=bf16)
+    assert b.allowed_s == pytest.approx(8 / (1.3 * 16.0)) and b.ours_s == pytest.approx(0.4)
+    assert b.ratio == pytest.approx(0.5 / b.allowed_s)
+
+
+def test_bf16_reference_records_bf16_kernels():
+    calls, ref = floor.reference_calls(MICRO, batch_size=2, train=False, dtype=torch.bfloat16)
+    assert next(ref.parameters()).dtype == torch.bfloat16
+    mms = [args for (func, args, _), _n in calls.items() if func is aten.mm.default or func is aten.addmm.default]
+    assert mms and all(a.dtype == torch.bfloat16 for args in mms for a in args if isinstance(a, floor._Meta))

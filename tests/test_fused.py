@@ -267,3 +267,47 @@ def test_sequential_attention_bf16_bias_gradient_is_as_accurate_as_the_written_o
     error = lambda grad: ((grad - truth).abs().max() / truth.abs().max()).item()  # noqa: E731
     sequential = error(bias_grad(lambda *t: sequential_attention(*t, counts, images, 1), torch.bfloat16))
     assert sequential <= error(bias_grad(written_out, torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("max_rows", [1, 5, 100])
+def test_half_precision_inference_attention_keeps_fp32_logits(dtype, max_rows, monkeypatch):
+    """bf16 / fp16 inference attention from a half-precision projection: the float64 formula on the
+    same projection values, to the two roundings the path keeps (probabilities and output, one unit
+    roundoff each, relative to max |v|). Logits up to 100 make a half-precision logit (a step of 0.5
+    in bf16) miss by far more, so this fails if the logits are not kept in fp32."""
+    g = torch.Generator().manual_seed(0)
+    counts, images, heads, N, d = (3, 2, 1), 2, 4, 9, 6
+    rows = sum(counts) * images
+    qkv = torch.randn(rows, N, 3 * heads * d, generator=g).to(dtype)
+    scale = torch.tensor([100.0, 60.0, 20.0, 5.0]).view(heads, 1, 1)
+    bias = torch.randn(len(counts), heads, N, N, generator=g)
+    bias[1:, :, :, :3] -= 100.0  # shift-mask classes
+    bias = bias.to(dtype)
+
+    q, k, v = qkv.double().view(rows, N, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+    s = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1) * scale.double()
+    per_window = torch.cat([bias[c:c + 1].expand(n, -1, -1, -1) for c, n in enumerate(counts)]).double()
+    s = s.view(-1, images, heads, N, N) + per_window[:, None]
+    ref = s.softmax(-1).view(rows, heads, N, N) @ v
+
+    with torch.no_grad():
+        out = fused.attention_fp32_logits(qkv, heads, scale, bias, counts, max_rows)
+    assert out.dtype == dtype and out.shape == (rows, heads, N, d)
+    unit = torch.finfo(dtype).eps / 2
+    bound = 2 * unit * v.abs().max() * (1 + 1e-3)  # + fp32 logits: about 1e-5 at a scale of 100
+    assert (out.double() - ref).abs().max() <= bound
+
+    # The bf16 path the model takes at inference (CPU, no autograd) is this one.
+    model = randomize_(create_model("swinv2_micro_window4_32", drop_path_rate=0.0), seed=3).eval().to(dtype)
+    calls = []
+    original = fused.attention_fp32_logits
+
+    def spy(*args):
+        calls.append(args[0].dtype)
+        return original(*args)
+
+    monkeypatch.setattr("swinv2.attention.attention_fp32_logits", spy)
+    with torch.inference_mode():
+        model(torch.randn(1, 3, 32, 32, generator=g).to(dtype))
+    assert calls and set(calls) == {dtype}

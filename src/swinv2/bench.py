@@ -117,6 +117,8 @@ AB_SWITCHES: dict[str, tuple[str, Callable[[], contextlib.AbstractContextManager
     "grouping": ("ours/whole-batch", lambda: mock.patch.object(attention, "INFERENCE_CHUNK_BYTES", 1 << 62)),
     # every F.linear (ours and fc1's in `fused.linear_gelu`) as oneDNN's linear with the bias in its epilogue
     "linear": ("ours/onednn-linear", lambda: mock.patch.object(F, "linear", _onednn_linear)),
+    # bf16 / fp16 CPU inference: SDPA's flash kernel on the half-precision q, k, v, not fp32 logits
+    "half-attention": ("ours/flash-half", lambda: mock.patch.object(attention, "FP32_LOGIT_DTYPES", ())),
     # CPU training: the plain softmax, whose masked (subnormal) probabilities reach the next bmm
     "flush": ("ours/plain-softmax", lambda: mock.patch.object(attention, "softmax_flushed",
                                                               lambda s: s.softmax(dim=-1))),

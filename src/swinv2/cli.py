@@ -441,7 +441,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ab", metavar="NAME", default=None,
                    help="also time ours with one fast path switched to its alternative, interleaved in this process: "
                         "grouping (eager CPU inference in groups of images vs the whole batch), linear (MKL addmm vs "
-                        "oneDNN linear), flush (with --train: flushed vs plain attention softmax)")
+                        "oneDNN linear), half-attention (with --dtype bf16/fp16: fp32 logits vs SDPA's flash kernel), "
+                        "flush (with --train: flushed vs plain attention softmax)")
     p.add_argument("--own-process", type=int, metavar="ROUNDS", default=None,
                    help="run ours and each --compare peer alone, each in ROUNDS fresh processes (alternating), "
                         "instead of side by side in this one")

@@ -322,6 +322,32 @@ def sequential_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, counts: 
     return _attend_pieces(q, k, v, bias, mask_runs(counts, images, max_rows))
 
 
+def attention_fp32_logits(qkv: Tensor, heads: int, scale: Tensor, bias: Tensor, counts: tuple[int, ...],
+                          max_rows: int) -> Tensor:
+    """Scaled cosine window attention for bf16 / fp16 inference: q and k normalised, scaled and
+    multiplied in fp32 from the half-precision (rows, N, 3C) projection; logits, bias and softmax in
+    fp32 (subnormals flushed); the probabilities back in the projection's dtype for the product with
+    v. -> (rows, nH, N, d) in that dtype.
+
+    Half-precision logits would round: at the logit scale's 100 a bf16 logit has a step of 0.5. This
+    path keeps them as exact as fp32 ones from the same projection, and on the CPU it runs faster than
+    SDPA's flash kernel on 64-token windows (docs/performance.md). Pieces of at most `max_rows` rows
+    keep the fp32 logits small; `bias`: (len(counts), nH, N, N), run c under bias[c].
+    """
+    rows, N, _ = qkv.shape
+    with torch.autocast(qkv.device.type, enabled=False):
+        q, k, v = (t.squeeze(1) for t in _qkv_view(qkv, 1, heads).unbind(0))  # (rows, nH, N, d) views
+        q32, k32 = (torch.empty(t.shape, dtype=torch.float32, device=t.device).copy_(t) for t in (q, k))
+        q32.mul_(scale.float() / torch.linalg.vector_norm(q32, dim=-1, keepdim=True).clamp_min_(EPS))
+        k32.div_(torch.linalg.vector_norm(k32, dim=-1, keepdim=True).clamp_min_(EPS))
+        bias = bias.float()
+        out = torch.empty(q.shape, dtype=qkv.dtype, device=qkv.device)
+        for c, piece in mask_runs(counts, rows // sum(counts), max_rows):
+            p = _probabilities(q32[piece], k32[piece], bias[c])
+            torch.matmul(p.to(qkv.dtype), v[piece], out=out[piece])
+    return out
+
+
 def gelu_linear(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """F.linear(F.gelu(h), weight, bias), recomputing GELU(h) in the backward pass when training."""
     if traced() or not torch.is_grad_enabled():
