@@ -198,6 +198,23 @@ def test_eval_transform_matches_timm():
         assert torch.equal(eval_transform(size, crop)(img), ref)
 
 
+def test_resize_crop_then_batch_normalize_is_timms_eval_transform_bit_for_bit():
+    """predict's split of the eval transform (resize and crop per image, scale and normalise per
+    batch) gives timm's eval tensors exactly, for landscape, portrait and upscaled images."""
+    from timm.data import create_transform
+
+    rng = np.random.default_rng(2)
+    imgs = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((70, 90), (61, 40), (20, 25))]
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    for size, crop in ((32, 0.875), (48, 1.0)):
+        ref = torch.stack([create_transform(size, is_training=False, crop_pct=crop, interpolation="bicubic",
+                                            mean=mean, std=std)(i) for i in imgs])
+        resize_crop = data.eval_resize_crop(size, crop)
+        raw = torch.stack([resize_crop(i) for i in imgs])
+        assert raw.dtype == torch.uint8
+        assert torch.equal(data.normalize_images(raw, mean, std), ref)
+
+
 def test_train_transform_is_timms_with_the_official_small_image_rule():
     from timm.data.auto_augment import RandAugment
     from timm.data.random_erasing import RandomErasing

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,6 +49,8 @@ def test_fp32_reproduces_pytorch_at_two_batch_sizes(tmp_path, name):
         assert (rt(x.numpy()) - expected).abs().max() <= 1e-4  # numpy in, the same
     with pytest.raises(ValueError, match="fixed at 32x32 px"):
         rt(torch.zeros(1, 3, 48, 48))
+    if name == "openvino":  # what OpenVINO compiled is kept beside the graph for the next load
+        assert any((Path(rt.path).parent / "openvino-compiled").iterdir())
 
 
 def test_torch_runtime_fp32_is_the_model_itself(tmp_path):

@@ -120,6 +120,28 @@ def eval_transform(img_size: int, crop_pct: float, interpolation: str = "bicubic
     ])
 
 
+def eval_resize_crop(img_size: int, crop_pct: float, interpolation: str = "bicubic") -> Callable:
+    """PIL image -> (3, img_size, img_size) uint8 tensor: `eval_transform`'s resize and centre crop,
+    before scaling; `normalize_images` finishes a batch of them with the same values."""
+    from torchvision import transforms
+    from torchvision.transforms import InterpolationMode
+
+    return transforms.Compose([
+        transforms.Resize(resize_size(img_size, crop_pct), interpolation=InterpolationMode(interpolation)),
+        transforms.CenterCrop(img_size),
+        transforms.PILToTensor(),
+    ])
+
+
+def normalize_images(x: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
+                     std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> float32: / 255, - mean, / std, the ops of ToTensor and Normalize in their
+    order (so the same values, bit for bit), once over the batch instead of image by image."""
+    mean_t = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    return x.to(torch.float32).div_(255).sub_(mean_t).div_(std_t)
+
+
 def train_transform(img_size: int, *, scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (0.75, 4 / 3),
                     hflip: float = 0.5, color_jitter: float = 0.4, auto_augment: str | None = "rand-m9-mstd0.5-inc1",
                     interpolation: str = "bicubic", re_prob: float = 0.25, re_mode: str = "pixel", re_count: int = 1,

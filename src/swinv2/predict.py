@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .errors import InputError
-from .data import IMG_EXTENSIONS, BadImageError, eval_transform, load_image
+from .data import IMG_EXTENSIONS, BadImageError, eval_resize_crop, eval_transform, load_image, normalize_images
 from .preprocess import EvalPreprocess
 from .registry import model_info
 
@@ -141,14 +141,17 @@ class _PredictSamples(Dataset):
         return path, self.transform(img), None, thumb
 
 
-def _batches(files: Sequence[str], transform, batch_size: int, errors: list[dict[str, str]],
+def _batches(files: Sequence[str], prep: EvalPreprocess, batch_size: int, errors: list[dict[str, str]],
              thumbs: list[np.ndarray], n_thumbs: int, workers: int = 0) -> Iterator[tuple[list[str], torch.Tensor]]:
-    """(paths, (B, 3, H, W) tensor) batches of the readable files, in order; unreadable ones go to
-    `errors`. With `workers` > 0, decoding and resizing run in that many loader processes, overlapping
-    the model; a batch holds the readable files of `batch_size` consecutive ones."""
+    """(paths, (B, 3, H, W) float tensor) batches of the readable files, preprocessed by `prep`, in
+    order; unreadable ones go to `errors`. Images are decoded, resized and cropped one by one (with
+    `workers` > 0 in that many loader processes, overlapping the model), and scaled and normalised
+    as a batch (`data.normalize_images`: the same values, in a fraction of the time). A batch holds the
+    readable files of `batch_size` consecutive ones."""
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(_PredictSamples(files, transform, n_thumbs > 0), batch_size=batch_size,
+    resize_crop = eval_resize_crop(prep.img_size, prep.crop_pct, prep.interpolation)
+    loader = DataLoader(_PredictSamples(files, resize_crop, n_thumbs > 0), batch_size=batch_size,
                         num_workers=workers, collate_fn=list)
     for items in loader:
         paths, tensors = [], []
@@ -162,7 +165,7 @@ def _batches(files: Sequence[str], transform, batch_size: int, errors: list[dict
             paths.append(path)
             tensors.append(x)
         if paths:
-            yield paths, torch.stack(tensors)
+            yield paths, normalize_images(torch.stack(tensors), prep.mean, prep.std)
 
 
 @torch.no_grad()
@@ -183,12 +186,12 @@ def predict(model: nn.Module, paths: Sequence[str | os.PathLike], *, topk: int =
         raise InputError("topk and batch_size must be at least 1")
     names, source = class_names_for(model)
     k = min(topk, len(names))
-    transform = _transform(preprocess or resolve_preprocess(model))
+    prep = preprocess or resolve_preprocess(model)
     files, errors = expand_paths(paths)
     out = PredictionSet(k, source, errors=errors, class_names=names)
     device = torch.device(device)
     net = runtime if runtime is not None else model.eval().to(device)
-    for batch_paths, x in _batches(files, transform, batch_size, out.errors, out.thumbnails, thumbnails, workers):
+    for batch_paths, x in _batches(files, prep, batch_size, out.errors, out.thumbnails, thumbnails, workers):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = net(x.to(device))
         probs = logits.float().softmax(dim=-1)  # (B, C)
