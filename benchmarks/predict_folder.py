@@ -13,8 +13,10 @@ Each round runs, one after the other:
         swinv2 predict --weights W --runtime openvino --precision P --batch-size 32 --workers K FOLDER
     whose last line gives img/s for the whole command (process start to last result, loading the
     weights and compiling the runtime included) and once the runtime was compiled;
-  * the model alone: the same runtime (`swinv2.runtime.load_runtime`, same cached graph) on one batch
-    of 32 images already in memory, median of 8 calls after 2 warm-up calls.
+  * the model alone, just before and just after the command: the same runtime
+    (`swinv2.runtime.load_runtime`, same cached graph) on one batch of 32 images already in memory,
+    median of 6 calls after 2 warm-up calls; the round's rate is the mean of the two (a shared
+    machine's speed drifts over a minute).
 
 The ratios (whole command / model alone, and once compiled / model alone) are medians over rounds; the
 target is 0.8 for the whole command.
@@ -100,7 +102,7 @@ def run_predict(cmd: list[str]) -> dict:
                 loaded_img_per_s=float(loaded))
 
 
-def model_alone(runtime, calls: int = 8) -> float:
+def model_alone(runtime, calls: int = 6) -> float:
     """img/s of `runtime` on one batch of BATCH images in memory: median of `calls` after 2 warm-ups."""
     import torch
 
@@ -131,14 +133,15 @@ def measure(*, images: int = 800, rounds: int = 3, workers: int = 0, work: Path 
     runtime = rt.load_runtime(swinv2.load_model(weights), "openvino", precision, weights=weights, cache_dir=cache)
     per_round = []
     for _ in range(rounds):
+        before = model_alone(runtime)
         command = run_predict(cmd)
-        alone = model_alone(runtime)
+        alone = (before + model_alone(runtime)) / 2
         per_round.append(dict(command, model_img_per_s=alone, whole_ratio=command["whole_img_per_s"] / alone,
                               loaded_ratio=command["loaded_img_per_s"] / alone))
     whole = statistics.median(r["whole_ratio"] for r in per_round)
     return dict(model=MODEL, images=images, image_sizes=[f"{w}x{h}" for w, h in SIZES], batch_size=BATCH,
                 runtime="openvino", precision=precision, workers=workers, threads=torch.get_num_threads(),
-                command=" ".join(["swinv2"] + cmd[3:]), rounds=per_round, whole_ratio=whole,
+                command=" ".join(["swinv2"] + cmd[3:]).replace(f"{ROOT}/", ""), rounds=per_round, whole_ratio=whole,
                 loaded_ratio=statistics.median(r["loaded_ratio"] for r in per_round),
                 whole_img_per_s=statistics.median(r["whole_img_per_s"] for r in per_round),
                 model_img_per_s=statistics.median(r["model_img_per_s"] for r in per_round),
@@ -175,15 +178,19 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=0, help="swinv2 predict --workers")
     args = ap.parse_args()
+    print(write_results(measure(images=args.images, rounds=args.rounds, workers=args.workers)))
+    return 0
+
+
+def write_results(record: dict) -> str:
+    """Write RESULTS.{json,md}; returns the markdown."""
     from swinv2.outputs import write_output
 
-    record = measure(images=args.images, rounds=args.rounds, workers=args.workers)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     write_output(RESULTS.with_suffix(".json"), json.dumps(record, indent=1) + "\n")
     md = markdown(record)
     write_output(RESULTS.with_suffix(".md"), md)
-    print(md)
-    return 0
+    return md
 
 
 if __name__ == "__main__":

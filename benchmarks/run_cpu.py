@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 import floor  # benchmarks/floor.py, beside this script
+import predict_folder  # benchmarks/predict_folder.py, beside this script
 import swinv2
 from swinv2.outputs import write_output
 from swinv2 import bench, hardware
@@ -106,6 +107,23 @@ def runtime_rows(run, native_bf16: bool) -> list[dict]:
     return out
 
 
+def predict_rows(quick: bool) -> list[dict]:
+    """`swinv2 predict` on a folder of JPEGs through OpenVINO, the whole command against the runtime on
+    the model alone (`benchmarks/predict_folder.py`, whose results files it also writes)."""
+    from importlib.util import find_spec
+
+    if find_spec("openvino") is None:
+        return []
+    images, rounds = (200, 1) if quick else (800, 2)
+    print(f"predict on {images} JPEGs", flush=True)
+    r = predict_folder.measure(images=images, rounds=rounds)
+    if not quick:
+        predict_folder.write_results(r)
+    return [_row(f"predict {images} JPEGs, whole command ({r['runtime']} {r['precision']}, img/s)",
+                 f"{r['whole_img_per_s']:.1f}", f"model alone {r['model_img_per_s']:.1f}", r["whole_ratio"],
+                 f">= {r['target']} x model alone", r["met"])]
+
+
 def _noise_images(n: int = 32, size: int = 256) -> list:
     g = torch.Generator().manual_seed(0)
     return [torch.randn(1, 3, size, size, generator=g).numpy() for _ in range(n)]
@@ -158,6 +176,7 @@ def main() -> int:
     share_rows = [("eager fp32, share of matmul peak", eager, "(reference)", None)]
 
     rows += runtime_rows(run, native_bf16)
+    rows += predict_rows(quick=args.quick)
 
     compiled_r = None
     if not args.quick:

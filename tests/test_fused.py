@@ -311,3 +311,31 @@ def test_half_precision_inference_attention_keeps_fp32_logits(dtype, max_rows, m
     with torch.inference_mode():
         model(torch.randn(1, 3, 32, 32, generator=g).to(dtype))
     assert calls and set(calls) == {dtype}
+
+
+def test_bf16_inference_linear_is_f_linear_with_the_bias_in_the_epilogue(monkeypatch):
+    """bf16 CPU inference (bf16 weights, or fp32 weights under bf16 autocast) goes through oneDNN's
+    linear: F.linear's result to one bf16 rounding of the fp32-accumulated value. fp32, autograd and
+    no-bias calls stay F.linear itself, bit for bit."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("PyTorch built without oneDNN: fused.linear is F.linear")
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(3, 7, 48, generator=g), torch.randn(40, 48, generator=g) * 0.1, torch.randn(40, generator=g)
+    calls = []
+    original = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or original(*a))
+    exact = F.linear(x.double(), w.double(), b.double())
+    with torch.no_grad():
+        low = fused.linear(x.bfloat16(), w.bfloat16(), b.bfloat16())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = fused.linear(x, w, b)
+        assert len(calls) == 2
+        assert torch.equal(fused.linear(x, w, b), F.linear(x, w, b)) and len(calls) == 2
+        assert torch.equal(fused.linear(x.bfloat16(), w.bfloat16(), None), F.linear(x.bfloat16(), w.bfloat16()))
+    assert len(calls) == 2
+    for y in (low, auto):
+        assert y.dtype == torch.bfloat16 and y.shape == (3, 7, 40)
+        # bf16 inputs: each product's operands rounded (relative 2^-8 each), the sum rounded once more
+        bound = 2 ** -8 * (3 * (x.abs() @ w.abs().T + b.abs()).double() + exact.abs())
+        assert ((y.double() - exact).abs() <= bound).all()
+    assert torch.equal(fused.linear(x.requires_grad_(), w, b), F.linear(x, w, b)) and len(calls) == 2

@@ -27,7 +27,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .attention import BiasCache, cached_position_bias, forward_in_chunks, fused_attention, log_spaced_coords
-from .fused import gelu_linear, linear_gelu
+from .fused import gelu_linear, linear, linear_gelu
 from .windows import Pair, cached, compact_windows, effective_window, from_windows, pair, pretrained_windows
 from .windows import relative_position_index, stage_window_sizes, to_windows, window_bias
 
@@ -142,7 +142,7 @@ class Mlp(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not torch.is_grad_enabled() and (self.drop.p == 0.0 or not self.training):
             h = linear_gelu(x, self.fc1.weight, self.fc1.bias)  # eager: GELU in place on the matmul output
-            return F.linear(h, self.fc2.weight, self.fc2.bias)
+            return linear(h, self.fc2.weight, self.fc2.bias)
         h = F.linear(x, self.fc1.weight, self.fc1.bias)
         if self.drop.p == 0.0:
             return gelu_linear(h, self.fc2.weight, self.fc2.bias)  # same ops; GELU recomputed in backward
@@ -208,7 +208,7 @@ class WindowAttention(nn.Module):
             raise ValueError("masks need counts: the number of consecutive windows per image under each mask")
         images = rows // sum(counts)
         qkv_bias = None if self.q_bias is None else torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, qkv_bias)  # (nW*B, N, 3C)
+        qkv = linear(x, self.qkv.weight, qkv_bias)  # (nW*B, N, 3C)
         logit_scale = torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()  # (nH, 1, 1)
         bias = self.attention_bias(window, masks)  # (len(counts), nH, N, N)
         if not self.fused:  # the official formula, op for op; each window gets its mask class's bias
@@ -221,7 +221,7 @@ class WindowAttention(nn.Module):
             out = fused_attention(qkv, logit_scale, bias, counts, heads=nH, attn_drop=self.attn_drop,
                                   training=self.training, sequential=self.sequential)
         out = out.transpose(1, 2).reshape(rows, N, C)  # (nW*B, nH, N, d) -> (nW*B, N, C)
-        return self.proj_drop(F.linear(out, self.proj.weight, self.proj.bias))
+        return self.proj_drop(linear(out, self.proj.weight, self.proj.bias))
 
 
 class SwinTransformerBlock(nn.Module):
