@@ -106,15 +106,10 @@ def model_alone(runtime, calls: int = 6) -> float:
     """img/s of `runtime` on one batch of BATCH images in memory: median of `calls` after 2 warm-ups."""
     import torch
 
+    from swinv2.bench import median_seconds
+
     x = torch.randn(BATCH, 3, runtime.img_size, runtime.img_size, generator=torch.Generator().manual_seed(0))
-    for _ in range(2):
-        runtime(x)
-    times = []
-    for _ in range(calls):
-        t = time.perf_counter()
-        runtime(x)
-        times.append(time.perf_counter() - t)
-    return BATCH / statistics.median(times)
+    return BATCH / median_seconds(lambda: runtime(x), calls=calls, warmup=2)
 
 
 def measure(*, images: int = 800, rounds: int = 3, workers: int = 0, work: Path = WORK) -> dict:

@@ -45,6 +45,7 @@ import shutil
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -273,11 +274,10 @@ def time_models(weights: str, val: Path, calib: Path, cache: Path, rows: list[di
     process, on the exports eval cached. Not interleaved (`swinv2.runtime.time_runtimes`): on 2 cores a
     runtime timed right after ONNX Runtime or OpenVINO ran several times slower than alone (their
     thread pools keep spinning after a call), which interleaving charges to whoever comes next."""
-    import statistics
-
     import torch
 
     import swinv2
+    from swinv2.bench import median_seconds
     from swinv2.runtime import calibration_set, load_runtime
 
     model = swinv2.load_model(weights)
@@ -289,14 +289,7 @@ def time_models(weights: str, val: Path, calib: Path, cache: Path, rows: list[di
         if "top1" not in r:
             continue
         rt = load_runtime(model, r["runtime"], r["precision"], calib=calib, cache_dir=cache, img_size=img_size)
-        for _ in range(3):
-            rt(x)
-        times = []
-        for _ in range(calls):
-            t0 = time.perf_counter()
-            rt(x)
-            times.append(time.perf_counter() - t0)
-        rates[f"{r['runtime']} {r['precision']}"] = len(x) / statistics.median(times)
+        rates[f"{r['runtime']} {r['precision']}"] = len(x) / median_seconds(partial(rt, x), calls=calls, warmup=3)
         del rt
         time.sleep(0.5)  # let the last runtime's pool go idle
     return {"batch": len(x), "img_size": img_size, "torch_threads": torch.get_num_threads(), "calls": calls,

@@ -99,6 +99,7 @@ from .registry import model_config
 log = logging.getLogger(__name__)
 
 IMPLS = ("ours", "timm", "hf", "torchvision")
+CPU_DEVICE = torch.device("cpu")
 # Inference runtimes running our exported graph (`swinv2.runtime`), rows "<runtime>/<precision>".
 RUNTIME_IMPLS = ("onnxruntime", "openvino")
 # (runtime, model, precision, img_size) -> callable on (B, 3, S, S) float32 images giving fp32 logits;
@@ -263,6 +264,13 @@ def _timed(step: Callable[[], Any], device: torch.device) -> float:
     step()
     _sync(device)
     return time.perf_counter() - t0
+
+
+def median_seconds(step: Callable[[], Any], *, calls: int, warmup: int, device: torch.device = CPU_DEVICE) -> float:
+    """The median time of `calls` timed calls of `step` after `warmup` untimed ones."""
+    for _ in range(warmup):
+        step()
+    return statistics.median(_timed(step, device) for _ in range(calls))
 
 
 def _cpu_peak_from_trace(path: str) -> int:
