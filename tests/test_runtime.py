@@ -358,3 +358,23 @@ def test_openvino_freed_on_another_thread_then_fork_survives():
                           timeout=300)
     assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-500:]}"
     assert done.stdout.strip().endswith("child ok")
+
+
+def test_auto_times_each_runtime_in_blocks_of_its_own():
+    """Each runtime's calls run back to back (warm-up then timed), in two passes of reversed order,
+    so one runtime's spinning thread pool is not charged to the next; the faster one rates higher."""
+    import time
+
+    order = []
+
+    def fake(name, seconds):
+        def infer(x):
+            order.append(name)
+            time.sleep(seconds)
+            return torch.zeros(x.shape[0], 10)
+        return infer
+
+    runtimes = {"a": fake("a", 0.001), "b": fake("b", 0.05)}
+    rates = R.time_runtimes(runtimes, torch.zeros(4, 3, 8, 8), passes=2, calls=3, warmup=1, settle_s=0.0)
+    assert order == ["a"] * 4 + ["b"] * 4 + ["b"] * 4 + ["a"] * 4
+    assert rates["a"] > rates["b"] > 0

@@ -78,8 +78,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-
-from .errors import InputError
 from dataclasses import replace
 from typing import Any
 from unittest import mock
@@ -90,6 +88,7 @@ from torch import Tensor, nn
 
 from . import attention
 from . import distributed as D
+from .errors import InputError
 from .flops import count_flops
 from .hardware import DTYPES, cpu_name, warn_if_bf16_emulated
 from .model import SwinTransformerV2, SwinV2Config

@@ -37,7 +37,6 @@ import json
 import logging
 import os
 import shutil
-import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -481,20 +480,23 @@ def _versions(runtimes: Sequence[str]) -> dict[str, str]:
     return {r: importlib.import_module(r).__version__ for r in runtimes}
 
 
-def time_runtimes(runtimes: dict[str, Runtime], x: torch.Tensor, *, rounds: int = 3,
-                  warmup: int = 1) -> dict[str, float]:
-    """Images/s of each runtime on `x`: median over `rounds` interleaved rounds (order rotated)."""
+def time_runtimes(runtimes: dict[str, Runtime], x: torch.Tensor, *, passes: int = 2, calls: int = 3,
+                  warmup: int = 1, settle_s: float = 0.3) -> dict[str, float]:
+    """Images/s of each runtime on `x`: each timed in a block of its own (`warmup` calls, then the
+    median of `calls`), in `passes` passes with the order reversed each time; a runtime's best block
+    counts. Not call by call in turns: ONNX Runtime's and OpenVINO's thread pools keep spinning for a
+    while after a call, and on a small machine that slows whichever runs next. `settle_s` of sleep
+    before each block lets the last pool go idle."""
+    from .bench import median_seconds
+
     names = list(runtimes)
-    for name in names:
-        for _ in range(warmup):
-            runtimes[name](x)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            t0 = time.perf_counter()
-            runtimes[name](x)
-            times[name].append(time.perf_counter() - t0)
-    return {n: x.shape[0] / statistics.median(t) for n, t in times.items()}
+    best = dict.fromkeys(names, 0.0)
+    for p in range(passes):
+        for name in names if p % 2 == 0 else names[::-1]:
+            time.sleep(settle_s)
+            seconds = median_seconds(functools.partial(runtimes[name], x), calls=calls, warmup=warmup)
+            best[name] = max(best[name], x.shape[0] / seconds)
+    return best
 
 
 def _auto(model: nn.Module, precision: str, *, weights, img_size: int, calib, cache_dir, threads,
