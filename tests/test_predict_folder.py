@@ -17,8 +17,9 @@ from swinv2.cli import main  # noqa: E402
 def test_builds_camera_sized_jpegs_once(tmp_path):
     folder = predict_folder.build_jpegs(tmp_path / "jpegs", 4)
     files = sorted(folder.glob("*.jpg"))
-    assert [Image.open(f).size for f in files] == [(500, 375), (375, 500), (500, 375), (375, 500)]
-    assert all(Image.open(f).format == "JPEG" for f in files)
+    for f, size in zip(files, [(500, 375), (375, 500), (500, 375), (375, 500)], strict=True):
+        with Image.open(f) as img:
+            assert img.size == size and img.format == "JPEG"
     stamp = [f.stat().st_mtime_ns for f in files]
     predict_folder.build_jpegs(folder, 4)  # the same count: kept as it is
     assert [f.stat().st_mtime_ns for f in files] == stamp
