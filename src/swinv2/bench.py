@@ -86,7 +86,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import attention
+from . import attention, fused
 from . import distributed as D
 from .errors import InputError
 from .flops import count_flops
@@ -110,13 +110,21 @@ def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Ten
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
+@contextlib.contextmanager
+def _both(a: contextlib.AbstractContextManager, b: contextlib.AbstractContextManager) -> Iterator[None]:
+    with a, b:
+        yield
+
+
 # A/B name -> (row name of ours with the alternative, context manager switching ours to it). Each
 # alternative is what the fast path replaced (docs/performance.md, "Why the fast paths are built this way").
 AB_SWITCHES: dict[str, tuple[str, Callable[[], contextlib.AbstractContextManager]]] = {
     # eager CPU inference: the whole batch through each block at once, not groups within 16 MiB
     "grouping": ("ours/whole-batch", lambda: mock.patch.object(attention, "INFERENCE_CHUNK_BYTES", 1 << 62)),
-    # every F.linear (ours and fc1's in `fused.linear_gelu`) as oneDNN's linear with the bias in its epilogue
-    "linear": ("ours/onednn-linear", lambda: mock.patch.object(F, "linear", _onednn_linear)),
+    # each linear on the other kernel: fp32 (every F.linear, training too) on oneDNN's linear with the bias
+    # in its epilogue, bf16 inference (`fused.linear`) on addmm
+    "linear": ("ours/other-linear", lambda: _both(mock.patch.object(F, "linear", _onednn_linear),
+                                                  mock.patch.object(fused, "ONEDNN_LINEAR_DTYPES", (torch.float32,)))),
     # bf16 / fp16 CPU inference: SDPA's flash kernel on the half-precision q, k, v, not fp32 logits
     "half-attention": ("ours/flash-half", lambda: mock.patch.object(attention, "FP32_LOGIT_DTYPES", ())),
     # CPU training: the plain softmax, whose masked (subnormal) probabilities reach the next bmm

@@ -21,15 +21,14 @@ differs is how many passes over memory they take and what autograd keeps for the
 * `sequential_attention(q, k, v, bias, counts, images, max_rows)`: window attention in pieces of rows
   under per-mask-class biases, saving q, k, v and the biases only; the backward recomputes each
   piece's probabilities (the paper's sequential self-attention; opt-in, for large windows or inputs).
-* `linear_gelu(x, weight, bias)`: fc1 and its GELU; the linear is F.linear (MKL's addmm on the CPU),
-  and in eager inference the exact GELU runs in place on the matmul's fresh output (no second 4C-wide
-  buffer). oneDNN's linear with the bias in its epilogue (`mkldnn._linear_pointwise`, eagerly, and
-  under torch.compile through a custom op) is not used: with freed memory retained
-  (`swinv2.allocator`, no page faults) addmm ran the SwinV2-T forward 1.05-1.10x and the training
-  step 1.15x faster in eager, and the compiled forward 1.12x, on an AVX2 machine; on an AVX-512 one
-  the two were level (1.00x fp32, 0.997x bf16) (same-process A/Bs, batch 8,
-  `swinv2 bench --ab linear`). The measurements that had favoured oneDNN were dominated by
-  addmm's bias copy landing on freshly mapped pages under glibc's default malloc.
+* `linear(x, weight, bias)` and `linear_gelu(x, weight, bias)` (fc1 and its GELU, which in eager
+  inference runs in place on the matmul's fresh output: no second 4C-wide buffer). In fp32 the
+  linear is F.linear (MKL's addmm on the CPU); oneDNN's linear with the bias in its epilogue
+  (`mkldnn._linear_pointwise`) is not used there: with freed memory retained (`swinv2.allocator`,
+  no page faults) addmm ran the SwinV2-T forward 1.05-1.10x and the training step 1.15x faster in
+  eager, and the compiled forward 1.12x, on an AVX2 machine; on an AVX-512 one the two were level
+  (same-process A/Bs, batch 8, `swinv2 bench --ab linear`). In bf16 inference addmm's copy of the
+  bias into the output cost 4-8% of the forward on the AVX-512 machine, so bf16 takes oneDNN.
 """
 from __future__ import annotations
 
@@ -355,16 +354,21 @@ def gelu_linear(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return _GeluLinear.apply(h, weight, bias)
 
 
+# Eager CPU inference in these dtypes runs its linears on oneDNN (`linear`), the others on addmm.
+ONEDNN_LINEAR_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16,)
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """F.linear(x, weight, bias); in bf16 eager CPU inference (bf16 weights, or bf16 autocast), oneDNN's
     linear with the bias added in the GEMM's epilogue. addmm first copies the broadcast bias into
-    the whole output, which for bf16 cost about 4% of a SwinV2-T forward (`swinv2 bench --dtype bf16
-    --ab linear`); in fp32 the two were level or addmm faster (see the module doc)."""
+    the whole output, which for bf16 cost 4-8% of a SwinV2-T forward (`swinv2 bench --dtype bf16
+    --ab linear`); in fp32 the two were level or addmm faster (see the module doc). The addmm path is
+    aten's linear itself, so that `--ab linear` can switch F.linear and this dtype choice apart."""
     if bias is None or x.device.type != "cpu" or torch.is_grad_enabled() or traced():
         return F.linear(x, weight, bias)
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-    if dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
-        return F.linear(x, weight, bias)
+    if dtype not in ONEDNN_LINEAR_DTYPES or not torch.backends.mkldnn.is_available():
+        return torch._C._nn.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x.to(dtype), weight.to(dtype), bias.to(dtype), "none", [], "")
 
 
