@@ -440,9 +440,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    "(swinv2.allocator), so that no implementation's page faults depend on which one ran first")
     p.add_argument("--ab", metavar="NAME", default=None,
                    help="also time ours with one fast path switched to its alternative, interleaved in this process: "
-                        "grouping (eager CPU inference in groups of images vs the whole batch), linear (each dtype's linears "
-                        "on the other kernel: MKL addmm <-> oneDNN), half-attention (with --dtype bf16/fp16: fp32 logits vs SDPA's flash kernel), "
-                        "flush (with --train: flushed vs plain attention softmax)")
+                        "grouping (eager CPU inference in groups of images vs the whole batch), linear (each "
+                        "dtype's linears on the other kernel: MKL addmm <-> oneDNN), half-attention (with --dtype "
+                        "bf16/fp16: fp32 logits vs SDPA's flash kernel), flush (with --train: flushed vs plain "
+                        "attention softmax)")
     p.add_argument("--own-process", type=int, metavar="ROUNDS", default=None,
                    help="run ours and each --compare peer alone, each in ROUNDS fresh processes (alternating), "
                         "instead of side by side in this one")

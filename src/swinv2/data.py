@@ -105,32 +105,33 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     return _open_image(path)[0]
 
 
+def _eval_resize_crop_steps(img_size: int, crop_pct: float, interpolation: str) -> list[Callable]:
+    """The official / timm eval geometry: resize the shorter side to floor(img_size / crop_pct),
+    centre-crop img_size."""
+    from torchvision import transforms
+    from torchvision.transforms import InterpolationMode
+
+    return [transforms.Resize(resize_size(img_size, crop_pct), interpolation=InterpolationMode(interpolation)),
+            transforms.CenterCrop(img_size)]
+
+
 def eval_transform(img_size: int, crop_pct: float, interpolation: str = "bicubic",
                    mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Callable:
     """PIL image -> (3, img_size, img_size) normalised float tensor, the official / timm eval way:
     resize the shorter side to floor(img_size / crop_pct), centre-crop img_size."""
     from torchvision import transforms
-    from torchvision.transforms import InterpolationMode
 
-    return transforms.Compose([
-        transforms.Resize(resize_size(img_size, crop_pct), interpolation=InterpolationMode(interpolation)),
-        transforms.CenterCrop(img_size),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-    ])
+    return transforms.Compose([*_eval_resize_crop_steps(img_size, crop_pct, interpolation),
+                               transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
 def eval_resize_crop(img_size: int, crop_pct: float, interpolation: str = "bicubic") -> Callable:
     """PIL image -> (3, img_size, img_size) uint8 tensor: `eval_transform`'s resize and centre crop,
     before scaling; `normalize_images` finishes a batch of them with the same values."""
     from torchvision import transforms
-    from torchvision.transforms import InterpolationMode
 
-    return transforms.Compose([
-        transforms.Resize(resize_size(img_size, crop_pct), interpolation=InterpolationMode(interpolation)),
-        transforms.CenterCrop(img_size),
-        transforms.PILToTensor(),
-    ])
+    return transforms.Compose([*_eval_resize_crop_steps(img_size, crop_pct, interpolation),
+                               transforms.PILToTensor()])
 
 
 def normalize_images(x: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
