@@ -8,8 +8,9 @@ implementation of the same model must run are replayed, each alone at its record
 random inputs, and their least times summed (times how often each shape occurs):
 
   * matrix multiplies: every `mm` and `bmm`, and every `addmm` replayed as `mm` (its bias treated as
-    free, as if added in the GEMM's epilogue), each also with contiguous operands, the faster
-    counting; the patch embedding's convolution (and its backward);
+    free, as if added in the GEMM's epilogue), each also with contiguous operands and in bf16 as
+    oneDNN's linear on a weight already in its layout, the fastest counting; the patch embedding's
+    convolution (and its backward);
   * the softmax's exponential only, over a tensor of the softmax's shape into a kept buffer;
   * exact GELU, into a kept buffer, and its backward;
   * the layer norms and their backward;
@@ -111,7 +112,12 @@ def _replay(func, args: tuple, kwargs: dict) -> list[Callable[[], Any]]:
         a, b = args[-2:]  # addmm's bias is free: the GEMM alone
         mm = torch.bmm if func is aten.bmm.default else torch.mm
         a2, b2 = a.contiguous(), b.contiguous()
-        return [lambda: mm(a, b), lambda: mm(a2, b2)]
+        calls = [lambda: mm(a, b), lambda: mm(a2, b2)]
+        if mm is torch.mm and a.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
+            # a linear's weight in oneDNN's layout, made once (as `swinv2.fused.linear` keeps it)
+            w = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), a.shape[0])
+            calls.append(lambda: torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], ""))
+        return calls
     if func is aten._softmax.default:  # the exponential alone, into a buffer kept from call to call
         x = args[0]
         y = torch.empty_like(x)

@@ -127,7 +127,7 @@ def test_bad_requests_fail_with_one_clear_line(capsys):
 def test_ab_adds_ours_with_the_alternative_switched_on_for_its_calls_only(tmp_path, capsys):
     """`--ab grouping`: one more row, ours with the whole batch through each block, timed in the same
     rounds; the same logits; the switch is on inside its context only."""
-    from swinv2 import attention
+    from swinv2 import attention, fused
 
     out = tmp_path / "ab.json"
     assert main(["bench", "--model", MICRO, "--batch-size", "2", "--repeats", "2", "--iters", "1", "--warmup", "1",
@@ -137,7 +137,7 @@ def test_ab_adds_ours_with_the_alternative_switched_on_for_its_calls_only(tmp_pa
     assert alternative["max_abs_diff"] == 0.0 and alternative["ours_speedup"] > 0
     def state():
         return (attention.INFERENCE_CHUNK_BYTES, attention.softmax_flushed, torch.nn.functional.linear,
-                attention.FP32_LOGIT_DTYPES)
+                attention.FP32_LOGIT_DTYPES, fused._onednn_weight)
 
     default = state()
     for name, (_, switch) in bench.AB_SWITCHES.items():

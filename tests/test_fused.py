@@ -343,3 +343,32 @@ def test_bf16_inference_linear_is_f_linear_with_the_bias_in_the_epilogue(monkeyp
         bound = 2 ** -8 * (3 * (x.abs() @ w.abs().T + b.abs()).double() + exact.abs())
         assert ((y.double() - exact).abs() <= bound).all()
     assert torch.equal(fused.linear(x.requires_grad_(), w, b), F.linear(x, w, b)) and len(calls) == 2
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN's weight layout exists only with oneDNN")
+def test_bf16_inference_linear_packs_each_weight_once_and_again_when_it_changes():
+    """The weight in oneDNN's layout gives the plain-weight result bit for bit; it is made once per weight,
+    made again after the weight changes in place or gets new data, dropped with the weight, and not
+    kept for a weight made under inference mode (no version counter to notice a change)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 9, 48, generator=g).bfloat16()
+    w, b = (torch.randn(40, 48, generator=g) * 0.1).bfloat16(), torch.randn(40, generator=g).bfloat16()
+
+    def plain() -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, w.detach().clone(), b, "none", [], "")
+
+    with torch.no_grad():
+        assert torch.equal(fused.linear(x, w, b), plain())
+        packed = fused._ONEDNN_WEIGHTS[w][1]
+        fused.linear(x[:1], w, b)
+        assert fused._ONEDNN_WEIGHTS[w][1] is packed  # reused, whatever the rows
+        w.mul_(-2)  # in place: the version counter moves
+        assert torch.equal(fused.linear(x, w, b), plain())
+        w.data = torch.randn(40, 48, generator=g).bfloat16()  # new data, same tensor
+        assert torch.equal(fused.linear(x, w, b), plain())
+    with torch.inference_mode():
+        w_inf = w.detach().clone()
+        assert torch.equal(fused.linear(x, w_inf, b), plain()) and w_inf not in fused._ONEDNN_WEIGHTS
+    entries = len(fused._ONEDNN_WEIGHTS)
+    del w
+    assert len(fused._ONEDNN_WEIGHTS) == entries - 1

@@ -125,6 +125,9 @@ AB_SWITCHES: dict[str, tuple[str, Callable[[], contextlib.AbstractContextManager
     # in its epilogue, bf16 inference (`fused.linear`) on addmm
     "linear": ("ours/other-linear", lambda: _both(mock.patch.object(F, "linear", _onednn_linear),
                                                   mock.patch.object(fused, "ONEDNN_LINEAR_DTYPES", (torch.float32,)))),
+    # bf16 CPU inference: oneDNN's linear given the plain weight, reordered into its layout on every call
+    "packed-weights": ("ours/plain-weights", lambda: mock.patch.object(fused, "_onednn_weight",
+                                                                       lambda weight, dtype, rows: weight.to(dtype))),
     # bf16 / fp16 CPU inference: SDPA's flash kernel on the half-precision q, k, v, not fp32 logits
     "half-attention": ("ours/flash-half", lambda: mock.patch.object(attention, "FP32_LOGIT_DTYPES", ())),
     # CPU training: the plain softmax, whose masked (subnormal) probabilities reach the next bmm

@@ -441,7 +441,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ab", metavar="NAME", default=None,
                    help="also time ours with one fast path switched to its alternative, interleaved in this process: "
                         "grouping (eager CPU inference in groups of images vs the whole batch), linear (each "
-                        "dtype's linears on the other kernel: MKL addmm <-> oneDNN), half-attention (with --dtype "
+                        "dtype's linears on the other kernel: MKL addmm <-> oneDNN), packed-weights (with --dtype "
+                        "bf16: oneDNN's weight layout made once vs on every call), half-attention (with --dtype "
                         "bf16/fp16: fp32 logits vs SDPA's flash kernel), flush (with --train: flushed vs plain "
                         "attention softmax)")
     p.add_argument("--own-process", type=int, metavar="ROUNDS", default=None,

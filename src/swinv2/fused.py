@@ -28,7 +28,8 @@ differs is how many passes over memory they take and what autograd keeps for the
   no page faults) addmm ran the SwinV2-T forward 1.05-1.10x and the training step 1.15x faster in
   eager, and the compiled forward 1.12x, on an AVX2 machine; on an AVX-512 one the two were level
   (same-process A/Bs, batch 8, `swinv2 bench --ab linear`). In bf16 inference addmm's copy of the
-  bias into the output cost 4-8% of the forward on the AVX-512 machine, so bf16 takes oneDNN.
+  bias into the output cost 4-8% of the forward on the AVX-512 machine, so bf16 takes oneDNN, with
+  each weight reordered into oneDNN's layout once (`_onednn_weight`) rather than on every call.
 """
 from __future__ import annotations
 
@@ -369,7 +370,27 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
     if dtype not in ONEDNN_LINEAR_DTYPES or not torch.backends.mkldnn.is_available():
         return torch._C._nn.linear(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x.to(dtype), weight.to(dtype), bias.to(dtype), "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(x.to(dtype), _onednn_weight(weight, dtype, x.numel() // x.shape[-1]),
+                                              bias.to(dtype), "none", [], "")
+
+
+# weight -> (its version counter, data pointer, dtype, the weight in oneDNN's blocked layout). Weakly keyed by
+# identity: an entry goes with its weight, and a weight changed in place or given new data is packed again.
+_ONEDNN_WEIGHTS = torch.utils.weak.WeakIdKeyDictionary()
+
+
+def _onednn_weight(weight: Tensor, dtype: torch.dtype, rows: int) -> Tensor:
+    """`weight` in `dtype`, reordered once into oneDNN's blocked layout for its linear. Given a plain
+    weight, oneDNN reorders it on every call: for SwinV2-T's bf16 forward that was about 5% of the time
+    (`swinv2 bench --dtype bf16 --ab packed-weights`). The result is bit for bit the same; `rows` only
+    hints the layout. A weight without a version counter (made under inference mode) is not cached."""
+    if weight.is_inference() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return weight.to(dtype)
+    key = (weight._version, weight.data_ptr(), dtype)
+    entry = _ONEDNN_WEIGHTS.get(weight)
+    if entry is None or entry[0] != key:  # (called with autograd off: nothing here is recorded)
+        entry = _ONEDNN_WEIGHTS[weight] = (key, torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype), rows))
+    return entry[1]
 
 
 def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
