@@ -348,27 +348,36 @@ def test_bf16_inference_linear_is_f_linear_with_the_bias_in_the_epilogue(monkeyp
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN's weight layout exists only with oneDNN")
 def test_bf16_inference_linear_packs_each_weight_once_and_again_when_it_changes():
     """The weight in oneDNN's layout gives the plain-weight result bit for bit; it is made once per weight,
-    made again after the weight changes in place or gets new data, dropped with the weight, and not
-    kept for a weight made under inference mode (no version counter to notice a change)."""
+    made again after the weight changes in place or gets other data, dropped once the weight's memory is
+    freed, and not kept for a weight made under inference mode (no version counter to notice a change).
+    The weight tensor itself stays swappable (no weak reference to it)."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(4, 9, 48, generator=g).bfloat16()
     w, b = (torch.randn(40, 48, generator=g) * 0.1).bfloat16(), torch.randn(40, generator=g).bfloat16()
 
-    def plain() -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, w.detach().clone(), b, "none", [], "")
+    def plain(weight: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, weight.detach().clone(), b, "none", [], "")
+
+    def packed_of(weight: torch.Tensor) -> list[torch.Tensor]:
+        return [p for ref, _, p in fused._ONEDNN_WEIGHTS.values() if ref.cdata == weight.untyped_storage()._weak_ref()]
 
     with torch.no_grad():
-        assert torch.equal(fused.linear(x, w, b), plain())
-        packed = fused._ONEDNN_WEIGHTS[w][1]
+        assert torch.equal(fused.linear(x, w, b), plain(w))
+        (packed,) = packed_of(w)
         fused.linear(x[:1], w, b)
-        assert fused._ONEDNN_WEIGHTS[w][1] is packed  # reused, whatever the rows
+        assert packed_of(w) == [packed]  # reused, whatever the rows
         w.mul_(-2)  # in place: the version counter moves
-        assert torch.equal(fused.linear(x, w, b), plain())
-        w.data = torch.randn(40, 48, generator=g).bfloat16()  # new data, same tensor
-        assert torch.equal(fused.linear(x, w, b), plain())
+        assert torch.equal(fused.linear(x, w, b), plain(w))
+        w.data = torch.randn(40, 48, generator=g).bfloat16()  # other data, same tensor and version
+        assert torch.equal(fused.linear(x, w, b), plain(w))
+        torch.utils.swap_tensors(w, torch.randn(40, 48, generator=g).bfloat16())
+        assert torch.equal(fused.linear(x, w, b), plain(w))
     with torch.inference_mode():
         w_inf = w.detach().clone()
-        assert torch.equal(fused.linear(x, w_inf, b), plain()) and w_inf not in fused._ONEDNN_WEIGHTS
-    entries = len(fused._ONEDNN_WEIGHTS)
+        entries = len(fused._ONEDNN_WEIGHTS)
+        assert torch.equal(fused.linear(x, w_inf, b), plain(w_inf)) and len(fused._ONEDNN_WEIGHTS) == entries
     del w
-    assert len(fused._ONEDNN_WEIGHTS) == entries - 1
+    with torch.no_grad():
+        w2 = torch.randn(40, 48, generator=g).bfloat16()
+        fused.linear(x, w2, b)  # a new weight: the entries of freed ones are dropped
+    assert len(packed_of(w2)) == 1 and all(not ref.expired() for ref, _, _ in fused._ONEDNN_WEIGHTS.values())

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+from torch.multiprocessing.reductions import StorageWeakRef
 
 EPS = 1e-12  # F.normalize's default
 
@@ -374,23 +375,31 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
                                               bias.to(dtype), "none", [], "")
 
 
-# weight -> (its version counter, data pointer, dtype, the weight in oneDNN's blocked layout). Weakly keyed by
-# identity: an entry goes with its weight, and a weight changed in place or given new data is packed again.
-_ONEDNN_WEIGHTS = torch.utils.weak.WeakIdKeyDictionary()
+# (storage address, offset, shape, strides, dtype) of a weight -> (weak reference to its storage, its
+# version counter, the weight in oneDNN's blocked layout). The weak reference keeps the storage's address
+# from being reused while the entry exists; an entry whose storage is freed goes at the next reorder. A
+# weight changed in place moves its version counter; one given other data (`.data =`,
+# `torch.utils.swap_tensors`) has another storage. Nothing refers to the weight tensor itself, so it
+# stays swappable and picklable.
+_ONEDNN_WEIGHTS: dict[tuple, tuple[StorageWeakRef, int, Tensor]] = {}
 
 
 def _onednn_weight(weight: Tensor, dtype: torch.dtype, rows: int) -> Tensor:
     """`weight` in `dtype`, reordered once into oneDNN's blocked layout for its linear. Given a plain
-    weight, oneDNN reorders it on every call: for SwinV2-T's bf16 forward that was about 5% of the time
-    (`swinv2 bench --dtype bf16 --ab packed-weights`). The result is bit for bit the same; `rows` only
-    hints the layout. A weight without a version counter (made under inference mode) is not cached."""
+    weight, oneDNN reorders it on every call: for SwinV2-T's bf16 forward that was 3-7% of the time
+    (`swinv2 bench --dtype bf16 --ab packed-weights`). The GEMM and its result are the same; `rows`
+    only hints the layout. A weight without a version counter (made under inference mode) is not kept."""
     if weight.is_inference() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
         return weight.to(dtype)
-    key = (weight._version, weight.data_ptr(), dtype)
-    entry = _ONEDNN_WEIGHTS.get(weight)
-    if entry is None or entry[0] != key:  # (called with autograd off: nothing here is recorded)
-        entry = _ONEDNN_WEIGHTS[weight] = (key, torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype), rows))
-    return entry[1]
+    storage = StorageWeakRef(weight.untyped_storage())
+    key = (storage.cdata, weight.storage_offset(), weight.shape, weight.stride(), dtype)
+    entry = _ONEDNN_WEIGHTS.get(key)
+    if entry is None or entry[1] != weight._version:  # (autograd is off here: nothing is recorded)
+        for old in [k for k, (ref, _, _) in _ONEDNN_WEIGHTS.items() if ref.expired()]:
+            del _ONEDNN_WEIGHTS[old]
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype), rows)
+        entry = _ONEDNN_WEIGHTS[key] = (storage, weight._version, packed)
+    return entry[2]
 
 
 def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
