@@ -47,6 +47,15 @@ def test_replays_do_the_recorded_kernels_work():
     a, b, bias = torch.randn(5, 7, generator=g), torch.randn(9, 7, generator=g).t(), torch.randn(9, generator=g)
     for fn in floor._replay(aten.addmm.default, (bias, a, b), {}):  # the GEMM, the bias left to an epilogue
         torch.testing.assert_close(fn(), a @ b)
+    # bf16: also oneDNN's linear on the weight in its layout (`swinv2.fused.linear`); one bf16 rounding
+    # of the fp32-accumulated product of the bf16 operands
+    a16, b16, bias16 = a.bfloat16(), b.bfloat16(), bias.bfloat16()
+    exact = a16.double() @ b16.double()
+    candidates = floor._replay(aten.addmm.default, (bias16, a16, b16), {})
+    assert len(candidates) == (3 if torch.backends.mkldnn.is_available() else 2)
+    for fn in candidates:
+        y = fn()
+        assert y.dtype == torch.bfloat16 and ((y.double() - exact).abs() <= 2 ** -8 * exact.abs() + 1e-6).all()
     x = torch.randn(4, 6, generator=g)
     (exp,) = floor._replay(aten._softmax.default, (x, -1, False), {})
     torch.testing.assert_close(exp(), torch.exp(x))

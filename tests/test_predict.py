@@ -3,6 +3,8 @@ the top-k agree with timm's eval transform + the model's own logits; --json has 
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from PIL import Image
 import swinv2
 from swinv2.checkpoint import load_model, save_weights
 from swinv2.cli import main
-from swinv2.predict import class_names_for, expand_paths, predict
+from swinv2.predict import class_names_for, expand_paths, one_ahead, predict
 from randomize import randomize_
 
 timm_data = pytest.importorskip("timm.data")
@@ -225,3 +227,38 @@ def test_plot_path_is_checked_before_predicting(tmp_path, monkeypatch, capsys):
     assert main(["predict", "--weights", str(weights), "--plot", str(blocker / "grid.png"), str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--plot" in err[0] and str(blocker) in err[0], err
+
+
+def test_one_ahead_makes_the_next_item_in_the_background_while_the_caller_works():
+    """Items come in order, made in another thread, the next one under way while the caller holds this
+    one; a failure while making one is raised to the caller after the items before it; leaving early
+    does not hang."""
+    started: list[int] = []
+
+    def items(n: int, fail_at: int | None = None):
+        for i in range(n):
+            started.append(i)
+            if i == fail_at:
+                raise OSError(f"item {i}")
+            yield i, threading.current_thread()
+
+    got = []
+    for i, thread in one_ahead(items(4)):
+        assert thread is not threading.current_thread()
+        deadline = time.monotonic() + 10
+        while len(started) < min(i + 2, 4) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert len(started) == min(i + 2, 4)  # the next one started before this one was handed back
+        got.append(i)
+    assert got == [0, 1, 2, 3]
+
+    got = []
+    with pytest.raises(OSError, match="item 2"):
+        for i, _ in one_ahead(items(4, fail_at=2)):
+            got.append(i)
+    assert got == [0, 1]
+
+    started.clear()
+    for i, _ in one_ahead(items(1000)):
+        break
+    assert len(started) <= 3

@@ -18,9 +18,10 @@ import glob
 import logging
 import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ from .preprocess import EvalPreprocess
 from .registry import model_info
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _GLOB_CHARS = frozenset("*?[")
 
@@ -168,6 +170,18 @@ def _batches(files: Sequence[str], prep: EvalPreprocess, batch_size: int, errors
             yield paths, normalize_images(torch.stack(tensors), prep.mean, prep.std)
 
 
+def one_ahead(items: Iterator[T]) -> Iterator[T]:
+    """`items`, each next one made in a background thread while the caller works on the current one.
+    PIL's decoding and resizing and torch's ops release the GIL, so reading the next batch overlaps
+    the model on this one. Leaving early waits for the item in progress; its error is raised here."""
+    end = object()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="swinv2-next-batch") as pool:
+        pending = pool.submit(next, items, end)
+        while (item := pending.result()) is not end:
+            pending = pool.submit(next, items, end)
+            yield item
+
+
 @torch.no_grad()
 def predict(model: nn.Module, paths: Sequence[str | os.PathLike], *, topk: int = 5, batch_size: int = 32,
             device: str | torch.device = "cpu", preprocess: EvalPreprocess | None = None,
@@ -179,8 +193,8 @@ def predict(model: nn.Module, paths: Sequence[str | os.PathLike], *, topk: int =
     `amp_dtype` autocast). Unreadable files and arguments that name nothing are in `.errors`, never
     fatal. `thumbnails` keeps that many small RGB arrays of the first readable images for a picture of
     the predictions. With `runtime` (a `runtime.Runtime`) the images run through it instead of `model`
-    (which still gives the class names and preprocessing). `workers` loader processes decode and
-    resize the images while the model runs.
+    (which still gives the class names and preprocessing). The next batch is read while the model runs
+    on the current one: in a background thread, from `workers` loader processes if above 0.
     """
     if topk < 1 or batch_size < 1:
         raise InputError("topk and batch_size must be at least 1")
@@ -191,7 +205,8 @@ def predict(model: nn.Module, paths: Sequence[str | os.PathLike], *, topk: int =
     out = PredictionSet(k, source, errors=errors, class_names=names)
     device = torch.device(device)
     net = runtime if runtime is not None else model.eval().to(device)
-    for batch_paths, x in _batches(files, prep, batch_size, out.errors, out.thumbnails, thumbnails, workers):
+    batches = _batches(files, prep, batch_size, out.errors, out.thumbnails, thumbnails, workers)
+    for batch_paths, x in one_ahead(batches):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = net(x.to(device))
         probs = logits.float().softmax(dim=-1)  # (B, C)
