@@ -303,7 +303,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=0, help="processes decoding and resizing images while the model "
-                   "runs (default 0: in this process, one after the other)")
+                   "runs (default 0: a thread of this process reads the next batch meanwhile)")
     p.add_argument("--device", default="cpu")
     _add_amp_arg(p)
     _add_runtime_args(p)
