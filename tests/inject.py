@@ -12,11 +12,16 @@ import torch
 
 
 def install_faults(*, kill_at: int | None = None, signal_at: list | None = None, kill_in_save: int | None = None,
-                   record: str | None = None, dump_params: str | None = None, readonly: str | None = None) -> None:
+                   record: str | None = None, dump_params: str | None = None, readonly: str | None = None,
+                   signal_group_at: list | None = None, children: str | None = None) -> None:
     """Patch this process (the driver's, or the test's own for `record`):
 
     kill_at: SIGKILL itself inside the optimizer step of global step `kill_at` (after backward).
     signal_at: [step, signum]: send itself that signal inside that step's optimizer step.
+    signal_group_at: [step, signum]: send that signal to its whole process group (itself and its
+        DataLoader workers, as systemd, Slurm and `timeout` do) inside that step's optimizer step.
+    children: before a kill_at SIGKILL, write the pids of its live child processes (its DataLoader
+        workers) to this file, one per line.
     kill_in_save: SIGKILL half-way through writing the n-th torch.save (1-based).
     record: append {"step", "indices"} of every train step's samples to this JSONL file.
     dump_params: after training, save this rank's model state dict to DIR/rank{r}.pt.
@@ -27,16 +32,23 @@ def install_faults(*, kill_at: int | None = None, signal_at: list | None = None,
 
     from swinv2 import engine
 
-    if kill_at is not None or signal_at is not None:
+    if kill_at is not None or signal_at is not None or signal_group_at is not None:
         orig_step = torch.optim.AdamW.step
         calls = [0]
 
         def step(self, *a, **kw):
             calls[0] += 1  # call n happens in global step n - 1 of a fresh run
             if kill_at is not None and calls[0] == kill_at + 1:
+                if children is not None:
+                    import multiprocessing
+
+                    with open(children, "w") as f:
+                        f.write("".join(f"{c.pid}\n" for c in multiprocessing.active_children()))
                 os.kill(os.getpid(), signal.SIGKILL)
             if signal_at is not None and calls[0] == signal_at[0] + 1:
                 os.kill(os.getpid(), signal_at[1])
+            if signal_group_at is not None and calls[0] == signal_group_at[0] + 1:
+                os.killpg(os.getpgid(0), signal_group_at[1])
             return orig_step(self, *a, **kw)
 
         torch.optim.AdamW.step = step

@@ -52,16 +52,27 @@ def train(cfg: Path, out: Path, *overrides: str, resume: str | None = None) -> i
 
 
 def drive(tmp: Path, faults: dict, cfg: Path, out: Path, *overrides: str, nproc: int = 1,
-          timeout: float = 240) -> subprocess.CompletedProcess:
-    """`swinv2 train` in a fresh process (or `nproc` torchrun processes) with `faults` installed."""
+          timeout: float = 240, own_group: bool = False) -> subprocess.CompletedProcess:
+    """`swinv2 train` in a fresh process (or `nproc` torchrun processes) with `faults` installed.
+
+    With `own_group` it runs in a process group of its own (for signals to the whole group), and its
+    output goes to files instead of pipes, so this returns as soon as the trainer ends, not once every
+    process that inherited a pipe (its DataLoader workers) has gone: what a supervisor sees."""
     driver = tmp / "driver.py"
     driver.write_text(DRIVER)
     launcher = [sys.executable] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    return subprocess.run([*launcher, str(driver), json.dumps(faults), "train", "--config", str(cfg), "--out",
-                           str(out), *overrides], capture_output=True, text=True, timeout=timeout, env=env)
+    argv = [*launcher, str(driver), json.dumps(faults), "train", "--config", str(cfg), "--out", str(out), *overrides]
+    if not own_group:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
+    with open(tmp / "stdout.txt", "w+") as o, open(tmp / "stderr.txt", "w+") as e:
+        proc = subprocess.Popen(argv, stdout=o, stderr=e, text=True, env=env, start_new_session=True)
+        code = proc.wait(timeout=timeout)
+        o.seek(0)
+        e.seek(0)
+        return subprocess.CompletedProcess(argv, code, o.read(), e.read())
 
 
 def load_state(out: Path, name: str = "last.pt") -> dict:

@@ -573,3 +573,207 @@ def test_a_resume_that_changes_the_run_shows_the_change_and_needs_the_flag(refer
     assert train(reference["cfg"], out, "train.log_every=2") == 0
     assert any("train.log_every 1 -> 2" in r.getMessage() for r in caplog.records)
     assert train(reference["cfg"], out, "optim.lr=1e-3", "--allow-config-change") == 0
+
+
+# --------------------------------------------------------------------------- the user's files and the run folder
+
+
+def _files_and_modes(root: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mode) for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.is_symlink() and p.name != ".lock"}
+
+
+def _one_error_line(capsys) -> str:
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.strip()]
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+@pytest.mark.parametrize("name", [".lock", "steps.jsonl", "config.yaml", "metrics.jsonl", "checkpoints/last.pt"])
+@pytest.mark.parametrize("fresh", [True, False], ids=["fresh out", "finished run"])
+def test_a_planted_symlink_in_the_run_folder_is_refused_and_its_target_untouched(reference, tmp_path, capsys,
+                                                                                  name, fresh):
+    """A link where the run writes (planted, or kept by `cp -a`) would truncate or replace what it points
+    to, any file on the machine for root: the start is refused naming the link; the target keeps its
+    bytes and mode, and the run's own files are as they were."""
+    victim = tmp_path / "private.json"
+    victim.write_text('{"secret": 1}\n')
+    victim.chmod(0o600)
+    out = tmp_path / "run"
+    if fresh:
+        (out / "checkpoints").mkdir(parents=True)
+    else:
+        shutil.copytree(reference["out"], out)
+    (out / name).unlink(missing_ok=True)
+    (out / name).symlink_to(victim)
+    before = _files_and_modes(out)
+    capsys.readouterr()
+    assert train(reference["cfg"], out) == 2
+    line = _one_error_line(capsys)
+    assert f"{name} -> {victim}" in line and "symbolic link" in line, line
+    assert victim.read_bytes() == b'{"secret": 1}\n' and victim.stat().st_mode & 0o777 == 0o600
+    assert (out / name).is_symlink() and _files_and_modes(out) == before
+
+
+def test_a_link_planted_during_a_run_is_never_appended_through(tmp_path):
+    from swinv2.errors import InputError
+    from swinv2.rundir import append_line
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep\n")
+    (tmp_path / "steps.jsonl").symlink_to(victim)
+    with pytest.raises(InputError, match="steps.jsonl: is a symbolic link"):
+        append_line(tmp_path / "steps.jsonl", '{"step": 1}\n')
+    assert victim.read_text() == "keep\n"
+    append_line(tmp_path / "metrics.jsonl", "a\n")
+    append_line(tmp_path / "metrics.jsonl", "b\n")
+    assert (tmp_path / "metrics.jsonl").read_text() == "a\nb\n"
+
+
+def test_a_fresh_out_holding_the_users_files_is_refused(reference, tmp_path, capsys):
+    """`--config myexp/config.yaml --out myexp`: the hand-written recipe is never replaced by the dump."""
+    exp = tmp_path / "myexp"
+    exp.mkdir()
+    mine = "# my experiment: the tiny run, one epoch\n" + reference["cfg"].read_text()
+    (exp / "config.yaml").write_text(mine)
+    (exp / "notes.txt").write_text("ideas\n")
+    capsys.readouterr()
+    from swinv2.cli import main
+
+    assert main(["train", "--config", str(exp / "config.yaml"), "--out", str(exp), "train.epochs=1"]) == 2
+    line = _one_error_line(capsys)
+    assert "holds files no run wrote (config.yaml, notes.txt)" in line, line
+    assert (exp / "config.yaml").read_text() == mine
+    assert sorted(p.name for p in exp.iterdir()) == ["config.yaml", "notes.txt"]  # no .lock, no checkpoints/
+
+
+def _without_root_file_access() -> None:
+    """In a child before exec: drop the capabilities that let root read any file (CAP_DAC_OVERRIDE,
+    CAP_DAC_READ_SEARCH) from the bounding set, so file modes apply to it as to any user."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def test_an_unreadable_checkpoint_stops_the_run_touching_nothing(reference, tmp_path):
+    """Checkpoints that cannot be read now (permissions) are not torn ones: the run stops in one line
+    naming the file, and nothing in the run is changed (before, it trained from step 0 and its saves
+    pruned the best checkpoints). As root, the trainer runs without the capabilities that bypass modes."""
+    out = tmp_path / "run"
+    shutil.copytree(reference["out"], out)
+    ckpts = out / "checkpoints"
+    hidden = [ckpts / "last.pt", *ckpts.glob("best_epoch*.pt")]
+    assert len(hidden) == 3
+    for p in hidden:
+        p.chmod(0)
+    before = _files_and_modes(out)  # the test (root or owner) reads them to compare
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "swinv2", "train", "--config", str(reference["cfg"]), "--out", str(out)],
+                       capture_output=True, text=True, timeout=240, env=env,
+                       preexec_fn=_without_root_file_access if os.geteuid() == 0 else None)
+    assert r.returncode == 2, r.stderr[-2000:]
+    err = [ln for ln in r.stderr.splitlines() if "error" in ln]
+    assert len(err) == 1 and any(f"{p}: cannot be read: Permission denied" in err[0] for p in hidden), r.stderr[-2000:]
+    assert "stopped without changing anything" in err[0]
+    assert "Traceback" not in r.stderr and "skipping checkpoint" not in r.stderr
+    assert _files_and_modes(out) == before
+
+
+def test_an_unreadable_checkpoint_folder_is_not_taken_for_an_empty_one(reference, tmp_path, monkeypatch):
+    from swinv2.checkpoint import find_resumable
+    from swinv2.errors import UnreadableFileError
+
+    ckpts = tmp_path / "checkpoints"
+    shutil.copytree(reference["out"] / "checkpoints", ckpts)
+    real = os.listdir
+
+    def listdir(path="."):
+        if Path(path) == ckpts:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    with pytest.raises(UnreadableFileError, match="checkpoints: cannot be read: Permission denied"):
+        find_resumable(ckpts)
+
+
+def test_resuming_another_run_into_a_finished_run_is_refused(reference, tmp_path, capsys):
+    """`--out r_done --resume r_one/checkpoints/X.pt` would cut r_done's history and prune its best
+    checkpoints: refused in one line, every file of r_done as it was; `--start-over` replaces it."""
+    done, other = tmp_path / "r_done", tmp_path / "r_one"
+    shutil.copytree(reference["out"], done)
+    shutil.copytree(reference["out"], other)
+    source = sorted((other / "checkpoints").glob("best_epoch*.pt"))[0]
+    before = _files_and_modes(done)
+    capsys.readouterr()
+    assert train(reference["cfg"], done, resume=str(source)) == 2
+    line = _one_error_line(capsys)
+    assert f"--out {done} already holds a run" in line and "--start-over" in line, line
+    assert _files_and_modes(done) == before
+    # A checkpoint of the run itself stays the user's explicit choice; --start-over replaces the run.
+    assert train(reference["cfg"], done, "--start-over", resume=str(source)) == 0
+    assert_same_state(load_state(done), reference["state"])
+    epochs = [json.loads(ln)["epoch"] for ln in (done / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]
+
+
+def test_a_rerun_at_once_after_sigkill_of_the_trainer_resumes_while_its_workers_live(reference, tmp_path,
+                                                                                      monkeypatch):
+    """A supervisor restarts a SIGKILLed trainer at once: its DataLoader workers are still alive then
+    (they leave within seconds), and must not hold the run's lock; the restart resumes bit-exactly."""
+    out, children = tmp_path / "run", tmp_path / "children.txt"
+    r = drive(tmp_path, {"kill_at": 7, "children": str(children)}, reference["cfg"], out, "data.workers=2",
+              own_group=True)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    pids = [int(p) for p in children.read_text().split()]
+    assert len(pids) >= 2 and any(_alive(p) for p in pids), "the workers should outlive the trainer a while"
+    assert train(reference["cfg"], out) == 0
+    assert_same_state(load_state(out), reference["state"])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is not alive
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_a_forked_child_never_holds_the_run_lock(tmp_path):
+    """The lock goes with the trainer, whatever its children do: a child forked while it is held (as
+    DataLoader workers are) and still alive after the trainer's SIGKILL holds nothing."""
+    from swinv2.rundir import _lock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    code = ("import os, signal, sys, time; from pathlib import Path; from swinv2.rundir import _lock; "
+            "f = _lock(Path(sys.argv[1])); pid = os.fork()\n"
+            "if pid == 0:\n    os.close(1); time.sleep(60); os._exit(0)\n"
+            "print(pid, flush=True); os.kill(os.getpid(), signal.SIGKILL)")
+    r = subprocess.run([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True, timeout=60)
+    assert r.returncode == -signal.SIGKILL
+    child = int(r.stdout.split()[0])
+    try:
+        assert _alive(child)
+        _lock(out).close()  # free at once, though a process forked by the holder is alive
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
+def test_sigterm_to_the_whole_process_group_saves_at_the_step_boundary(reference, tmp_path):
+    """systemd, Slurm and `timeout` signal the whole group, DataLoader workers included: the workers
+    live on until the trainer has saved at the step boundary; exit 143; the resume is bit-exact."""
+    out = tmp_path / "run"
+    r = drive(tmp_path, {"signal_group_at": [5, int(signal.SIGTERM)]}, reference["cfg"], out, "data.workers=2",
+              own_group=True)
+    assert r.returncode == 143, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "DataLoader worker" not in r.stderr, r.stderr[-3000:]
+    assert "SIGTERM" in r.stderr and "run the same command again" in r.stderr
+    state = load_state(out)
+    assert state["progress"]["global_step"] == 6  # the signalled step finished, then the save
+    assert train(reference["cfg"], out) == 0
+    assert_same_state(load_state(out), reference["state"])

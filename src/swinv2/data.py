@@ -554,13 +554,22 @@ def collate(samples: list[Sample]) -> Batch:
     return Batch(images, labels, indices, bad)
 
 
-def _ignore_sigint(worker_id: int) -> None:
-    # Ctrl-C reaches the whole process group; the main process saves a checkpoint at the next step
-    # and stops the workers itself, so a worker must not die of it first. (SIGTERM keeps its default:
-    # it is sent to the main process only, and is how multiprocessing ends workers at exit.)
+def _worker_signals(worker_id: int) -> None:
+    """Stop signals are the trainer's to handle. Ctrl-C and `kill -TERM -PGID` (systemd, Slurm,
+    `timeout`) reach the whole process group: the trainer saves a checkpoint at the next step boundary,
+    for which it still needs its workers, and then stops them itself. So a worker ignores SIGINT, and
+    SIGTERM while its trainer lives; once the trainer is gone a SIGTERM ends it (torch's own watchdog
+    also ends orphaned workers within seconds)."""
     import signal
 
+    trainer = os.getppid()
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        if os.getppid() != trainer:
+            os._exit(0)
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def make_loader(samples: SeededSamples, sampler: ShardedSampler, *, batch_size: int, workers: int,
@@ -574,7 +583,7 @@ def make_loader(samples: SeededSamples, sampler: ShardedSampler, *, batch_size: 
 
     return DataLoader(samples, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
                       pin_memory=pin_memory, drop_last=drop_last, persistent_workers=persistent_workers and workers > 0,
-                      worker_init_fn=_ignore_sigint if workers > 0 else None, generator=torch.Generator())
+                      worker_init_fn=_worker_signals if workers > 0 else None, generator=torch.Generator())
 
 
 # --------------------------------------------------------------------------- the demo data

@@ -52,7 +52,7 @@ from .hardware import DTYPES, warn_if_bf16_emulated
 from .model import SwinTransformerV2
 from .preprocess import EvalPreprocess
 from .registry import get_variant
-from .rundir import RunDir, RunLockedError  # noqa: F401 (raised by fit)
+from .rundir import RunDir, RunFolderError, RunLockedError  # noqa: F401 (raised by fit)
 from .simmim import (MaskGenerator, SimMIM, check_geometry, encoder_of, encoder_stride, encoder_weights,
                      reconstruction_images, reconstruction_loss)
 
@@ -615,17 +615,24 @@ class Trainer:
 
     # ----------------------------------------------------------------------- the run
 
-    def resume(self, explicit: str | Path | None, *, allow_config_change: bool = False) -> None:
+    def resume(self, explicit: str | Path | None, *, allow_config_change: bool = False,
+               start_over: bool = False) -> None:
         """Load `explicit` (errors are fatal) or the furthest valid checkpoint of the run directory;
         a config that differs from the checkpoint's in keys that change the run needs
-        `allow_config_change`. Then the run starts: config.yaml, and the files the run owes."""
+        `allow_config_change`. An `explicit` checkpoint from elsewhere into a directory that holds a run
+        is refused unless `start_over`, which replaces the run that was there (a fresh start too).
+        Then the run starts: config.yaml, and the files the run owes."""
         from .checkpoint import load_training_state
 
-        path = Path(explicit) if explicit else self.rundir.find_resumable()
+        if explicit and not start_over:
+            self._refuse_replacing_a_run(Path(explicit))
+        path = Path(explicit) if explicit else None if start_over else self.rundir.find_resumable()
         if path is not None:
             state = load_training_state(path)
             self.load_state_dict(state, path)  # a checkpoint of another model fails here, listing its keys
             check_config_change(state.get("config"), self.cfg, path, allowed=allow_config_change)
+        if start_over:
+            self.rundir.clear(keep=path)
         self.rundir.begin(self.cfg)
         if path is None:
             return
@@ -634,6 +641,19 @@ class Trainer:
         p = self.progress
         log.info("resumed from %s: epoch %d, step %d of %d in the epoch (global step %d)", path, p["epoch"] + 1,
                  p["step_in_epoch"], self.steps_per_epoch, p["global_step"])
+
+    def _refuse_replacing_a_run(self, source: Path) -> None:
+        """A checkpoint of another run resumed into this directory would cut its history and prune its
+        best checkpoints: refused (one line) where the directory holds a run of its own."""
+        own = self.rundir.checkpoint_dir
+        if source.parent.exists() and own.exists() and source.parent.samefile(own):
+            return  # a checkpoint of this very run: going back in it is the user's explicit choice
+        found = D.broadcast_object(self.rundir.existing_run() if self.env.is_main else None, self.env)
+        if found:
+            shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+            raise RunFolderError(f"--out {self.out} already holds a run ({shown}); resuming {source} there would "
+                                 f"replace it: drop --resume to continue that run, train into another --out, or "
+                                 f"pass --start-over to replace it")
 
     def restore_weights_file(self) -> None:
         """Write best.safetensors again from the state it should hold (the best-k leader's checkpoint,
@@ -657,9 +677,10 @@ class Trainer:
         elif self.val_loader is None and self.history:
             self.rundir.write_weights(encoder_of(self.plain_model()), *names)
 
-    def run(self, resume: str | Path | None = None, *, allow_config_change: bool = False) -> dict[str, Any]:
+    def run(self, resume: str | Path | None = None, *, allow_config_change: bool = False,
+            start_over: bool = False) -> dict[str, Any]:
         t = self.cfg.train
-        self.resume(resume, allow_config_change=allow_config_change)
+        self.resume(resume, allow_config_change=allow_config_change, start_over=start_over)
         if self.progress["epoch"] >= t.epochs:
             log.info("the run in %s already finished its %d epochs", self.out, t.epochs)
             return self.rundir.summary(self.history, self.best)
@@ -718,11 +739,12 @@ def check_config_change(saved: dict[str, Any] | None, cfg: Config, source: Path,
 
 
 def fit(cfg: Config, out_dir: str | Path, *, resume: str | Path | None = None,
-        allow_config_change: bool = False) -> dict[str, Any]:
+        allow_config_change: bool = False, start_over: bool = False) -> dict[str, Any]:
     """Train as `cfg` says, writing the run directory `out_dir`; resume from `resume` or, if
-    `out_dir` already holds checkpoints, from the valid one furthest along. Returns the run summary
-    (paths, best and final metrics). Raises TrainingInterrupted on SIGTERM/SIGINT (after saving),
-    RunLockedError if another process trains in `out_dir`."""
+    `out_dir` already holds checkpoints, from the valid one furthest along (`start_over`: replace the
+    run in `out_dir` instead). Returns the run summary (paths, best and final metrics). Raises
+    TrainingInterrupted on SIGTERM/SIGINT (after saving), RunLockedError if another process trains in
+    `out_dir`, RunFolderError if `out_dir` holds the user's own files or a link where the run writes."""
     threads = torch.get_num_threads()
     if cfg.train.threads:
         # On a small shared CPU, one intra-op thread per process (data in a worker process) is often
@@ -732,7 +754,7 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: str | Path | None = None,
     trainer = None
     try:
         trainer = Trainer(cfg, Path(out_dir), env)
-        summary = trainer.run(resume, allow_config_change=allow_config_change)
+        summary = trainer.run(resume, allow_config_change=allow_config_change, start_over=start_over)
         # Every rank done before the process group goes: rank 0 still writes its files after the last
         # collective, and a peer that tore down meanwhile once made gloo abort rank 0 at exit.
         D.barrier(env)

@@ -48,3 +48,8 @@ class CheckpointError(SwinV2Error, OSError):
 
 class UnsafeCheckpointError(CheckpointError):
     """A pickle that needs a global outside torch's weights-only allow-list; nothing was executed."""
+
+
+class UnreadableFileError(CheckpointError):
+    """A file that is there but cannot be read now (permissions, an I/O error, a stale network mount):
+    not a torn file, so never skipped as one; whatever needed it stops, touching nothing."""

@@ -327,7 +327,7 @@ def _write_joined(plans: Sequence[StagePlan], out: Path) -> None:
 
 
 def fit_recipe(cfg: Config, out_dir: str | os.PathLike, *, resume: str | os.PathLike | None = None,
-               allow_config_change: bool = False) -> dict[str, Any]:
+               allow_config_change: bool = False, start_over: bool = False) -> dict[str, Any]:
     """Train every stage of `cfg` in turn under `out_dir` (see the module docstring).
 
     Finished stages (recorded in `out_dir/recipe.json`) are skipped; the first unfinished one
@@ -337,13 +337,31 @@ def fit_recipe(cfg: Config, out_dir: str | os.PathLike, *, resume: str | os.Path
     FileNotFoundError before any work for a bad recipe; engine.TrainingInterrupted on a signal.
     """
     from .engine import fit
+    from .rundir import _lock, claim
 
     out = Path(out_dir)
     plans = plan_recipe(cfg, out)
     main = _is_main()
-    if main:
+    lock = None
+    if main:  # the recipe's folder is a run folder too: locked, never through links, never the user's files
+        claim(out, (".lock", "config.yaml", "metrics.jsonl", "curves.png", "recipe.json"), ())
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(cfg.to_yaml())
+        lock = _lock(out)
+    try:
+        return _fit_stages(cfg, out, plans, fit, resume=resume, allow_config_change=allow_config_change,
+                           start_over=start_over)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _fit_stages(cfg: Config, out: Path, plans: Sequence[StagePlan], fit: Any, *, resume: str | os.PathLike | None,
+                allow_config_change: bool, start_over: bool) -> dict[str, Any]:
+    main = _is_main()
+    if main:
+        if start_over:
+            (out / "recipe.json").unlink(missing_ok=True)
+        write_output(out / "config.yaml", cfg.to_yaml())
     rec = _read_record(out)
     summaries: list[dict[str, Any]] = []
     explicit = resume
@@ -359,7 +377,8 @@ def fit_recipe(cfg: Config, out_dir: str | os.PathLike, *, resume: str | os.Path
         if main:
             for line in describe_stage(plan, prev):
                 log.info("%s", line)
-        summary = fit(plan.cfg, plan.dir, resume=explicit, allow_config_change=allow_config_change)
+        summary = fit(plan.cfg, plan.dir, resume=explicit, allow_config_change=allow_config_change,
+                      start_over=start_over)
         explicit = None
         summaries.append(summary)
         if main:

@@ -1,6 +1,8 @@
 """The run directory of `swinv2 train --out DIR`, written by rank 0 only:
 
-    .lock                held by the training process (its pid and host inside); a second start refuses
+    .lock                held by the training process (its pid and host inside); a second start refuses.
+                         Its presence marks the folder as a run's: a new --out that holds other files
+                         is refused (they are the user's), and nothing here is written through a link
     config.yaml          the resolved config, written once the run starts (after a successful resume)
     metrics.jsonl        one JSON object per epoch (epoch, train_loss, val_loss, val_top1, val_top5, lr,
                          img_per_s, epoch_time_s, ...); rewritten from the training state on resume
@@ -15,19 +17,23 @@
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
 import os
+import re
+import shutil
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from torch import nn
 
-from .errors import SwinV2Error
+from .errors import InputError, SwinV2Error
 from . import distributed as D
 from .checkpoint import find_resumable, save_training_state, save_weights
 from .config import Config
@@ -41,22 +47,140 @@ class RunLockedError(SwinV2Error, OSError):
     """The run directory is held by another live training process."""
 
 
-def _lock(out: Path) -> IO[str]:
-    """Hold `out/.lock` (an advisory flock, released by the kernel when this process ends, however
-    it ends) and write who holds it; RunLockedError naming the holder if another process does."""
-    f = open(out / ".lock", "a+")
+class RunFolderError(InputError):
+    """An --out folder a run must not write into: it holds a link where a run file goes, files no run
+    wrote, or another run that this start would replace."""
+
+
+# What a run writes in its directory (the module doc); nothing else there is ever touched.
+RUN_FILES = (".lock", "config.yaml", "metrics.jsonl", "steps.jsonl", "bad_images.jsonl", "best.safetensors",
+             "curves.png", "checkpoints", "tensorboard", "reconstructions")
+_RUN_FOLDERS = ("checkpoints", "tensorboard", "reconstructions")
+
+
+def claim(out: Path, owned: Sequence[str] = RUN_FILES, folders: Sequence[str] = _RUN_FOLDERS) -> None:
+    """Before a run writes anything into `out`: refuse (RunFolderError, one line) a symbolic link where
+    the run writes (at one of the `owned` names, or inside one of the `folders`), since writing through
+    it would truncate or replace whatever it points to; and refuse a folder that no run has claimed
+    (no `.lock`) but that holds anything besides the run's `folders` (a `checkpoints/` copied there to
+    resume from is the run's): a config.yaml or best.safetensors there is the user's own.
+    A new or empty `out` passes. Reads only; creates nothing."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir():
+        raise RunFolderError(f"--out {out}: is a file, not a run directory")
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        entries = sorted(os.listdir(out))
+    except OSError as e:
+        raise RunFolderError(f"--out {out}: cannot be read: {e.strerror or e}") from None
+    links = [out / name for name in entries if name in owned and (out / name).is_symlink()]
+    for name in folders:
+        sub = out / name
+        if sub.is_dir() and not sub.is_symlink():
+            links += [sub / n for n in sorted(os.listdir(sub)) if (sub / n).is_symlink()]
+    if links:
+        shown = ", ".join(f"{p.relative_to(out)} -> {os.readlink(p)}" for p in links[:4])
+        raise RunFolderError(f"run directory {out}: {shown}: a symbolic link where the run writes (a run never "
+                             f"writes through links); remove {'it' if len(links) == 1 else 'them'}, or train into "
+                             f"another --out")
+    if ".lock" in entries:  # a run folder: what a run wrote there is its own, the rest is never touched
+        return
+    foreign = [n for n in entries if not (n in folders and (out / n).is_dir())]  # e.g. checkpoints/ copied over
+    if foreign:
+        shown = ", ".join(foreign[:6]) + (f", ... ({len(foreign) - 6} more)" if len(foreign) > 6 else "")
+        raise RunFolderError(f"--out {out} holds files no run wrote ({shown}); train into a new or empty folder "
+                             f"(nothing was changed)")
+
+
+# Descriptors of the run locks this process holds. A forked child (a DataLoader worker) gets a copy of
+# each, and an flock lasts while any copy is open: a worker outliving a killed trainer would keep the
+# run locked. So every fork points the child's copies at /dev/null: only the trainer holds the lock.
+_HELD: set[int] = set()
+
+
+def _drop_locks_in_child() -> None:
+    if not _HELD:
+        return
+    null = os.open(os.devnull, os.O_RDONLY)
+    try:
+        for fd in _HELD:
+            os.dup2(null, fd)  # the number stays valid (a later close is harmless); the lock is not held here
+    finally:
+        os.close(null)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_locks_in_child)
+
+
+class RunLock:
+    """`out/.lock`, held with an flock (released by the kernel when this process ends, however it ends)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd: int | None = fd
+        _HELD.add(fd)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            _HELD.discard(self.fd)
+            os.close(self.fd)
+            self.fd = None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def _holder(text: str) -> str:
+    """Who holds the lock, from what it wrote: "process N on HOST (swinv2 train)"; a holder on this host
+    that is no longer alive is said to be dead."""
+    m = re.match(r"process (\d+) on (\S+)", text)
+    if m and m.group(2) == socket.gethostname() and not _alive(int(m.group(1))):
+        return (f"process {m.group(1)}, which has ended (a process it started still holds the lock; it should "
+                f"end within seconds)")
+    return text or "another process"
+
+
+def _lock(out: Path) -> RunLock:
+    """Hold `out/.lock` (never through a symbolic link) and write who holds it; RunLockedError naming
+    the holder if another process does."""
+    try:
+        fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise RunFolderError(f"run directory {out}: .lock is a symbolic link; a run never writes through "
+                                 f"links: remove it") from None
+        raise
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise RunLockedError(f"run directory {out} is in use by {holder}; wait for it to end, or train into "
-                             f"another --out") from None
-    f.truncate(0)
-    f.write(f"process {os.getpid()} on {socket.gethostname()} (swinv2 train)\n")
-    f.flush()
-    return f
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise RunLockedError(f"run directory {out} is in use by {_holder(holder)}; wait for it to end, or train "
+                             f"into another --out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} (swinv2 train)\n".encode(), 0)
+    return RunLock(fd)
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append `line` to a run's log file, never through a symbolic link (one planted meanwhile is refused)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise RunFolderError(f"{path}: is a symbolic link; a run never writes through links") from None
+        raise
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
 
 
 class RunDir:
@@ -70,17 +194,41 @@ class RunDir:
         self._tb = None
         self._tb_purge: int | None = None
         self._epoch_times: list[float] = []
-        self._lock: IO[str] | None = None
-        refused = None
+        self._lock: RunLock | None = None
+        refused: tuple[str, str] | None = None
         if self.is_main:
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             try:
+                claim(out)
+                out.mkdir(parents=True, exist_ok=True)
                 self._lock = _lock(out)
-            except RunLockedError as e:
-                refused = str(e)
+                self.checkpoint_dir.mkdir(exist_ok=True)
+            except (RunLockedError, RunFolderError) as e:
+                refused = (type(e).__name__, str(e))
         refused = D.broadcast_object(refused, env)  # every rank stops, not only rank 0
         if refused:
-            raise RunLockedError(refused)
+            self.close()
+            raise (RunLockedError if refused[0] == "RunLockedError" else RunFolderError)(refused[1])
+
+    def existing_run(self) -> list[str]:
+        """The files of a run already in this directory (training states, weights, metrics), if any."""
+        found = [f"checkpoints/{p.name}" for p in sorted(self.checkpoint_dir.glob("*.pt"))]
+        found += [name for name in ("best.safetensors", "metrics.jsonl") if (self.out / name).is_file()]
+        return found
+
+    def clear(self, keep: Path | None = None) -> None:
+        """Remove the files of the run that was here (asked for with --start-over), except `keep`;
+        files no run writes stay."""
+        if not self.is_main:
+            return
+        for p in self.checkpoint_dir.iterdir():
+            if keep is None or not (p.exists() and keep.exists() and p.samefile(keep)):
+                p.unlink()
+        for name in ("config.yaml", "metrics.jsonl", "steps.jsonl", "bad_images.jsonl", "best.safetensors",
+                     "curves.png"):
+            (self.out / name).unlink(missing_ok=True)
+        for name in ("tensorboard", "reconstructions"):
+            shutil.rmtree(self.out / name, ignore_errors=True)
+        log.warning("--start-over: removed the files of the run that was in %s", self.out)
 
     def begin(self, cfg: Config) -> None:
         """The run starts (fresh or resumed): the resolved config.yaml."""
@@ -162,8 +310,7 @@ class RunDir:
         Lines are only appended: after a resume, re-done steps appear twice (with identical losses)."""
         if not self.is_main:
             return
-        with open(self.out / "steps.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_line(self.out / "steps.jsonl", json.dumps(row) + "\n")
         self.scalars(row["step"], {f"train/{k}": float(row[k]) for k in ("loss", "lr", "grad_norm")})
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
@@ -192,9 +339,9 @@ class RunDir:
             lines = "".join(f"\n  {p}: {r}" for p, r in sorted(merged.items()))
             log.warning("epoch %d: %d unreadable %s images skipped (never replaced by another sample):%s",
                         epoch + 1, len(merged), split, lines)
-            with open(self.out / "bad_images.jsonl", "a") as f:
-                for p, r in sorted(merged.items()):
-                    f.write(json.dumps({"epoch": epoch + 1, "split": split, "path": p, "error": r}) + "\n")
+            append_line(self.out / "bad_images.jsonl", "".join(
+                json.dumps({"epoch": epoch + 1, "split": split, "path": p, "error": r}) + "\n"
+                for p, r in sorted(merged.items())))
         return len(merged)
 
     def epoch_done(self, history: list[dict[str, Any]]) -> None:
@@ -202,8 +349,7 @@ class RunDir:
         if not self.is_main:
             return
         row = history[-1]
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_line(self.out / "metrics.jsonl", json.dumps(row) + "\n")
         self.scalars(row["step"], {f"epoch/{k}": v for k, v in row.items()
                                    if isinstance(v, (int, float)) and k not in ("epoch", "step")})
         if self._tb is not None:
