@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from swinv2 import bench, hardware
+from swinv2.fused import onednn_linear_runs
 from swinv2.registry import model_config
 
 aten = torch.ops.aten
@@ -113,7 +114,7 @@ def _replay(func, args: tuple, kwargs: dict) -> list[Callable[[], Any]]:
         mm = torch.bmm if func is aten.bmm.default else torch.mm
         a2, b2 = a.contiguous(), b.contiguous()
         calls = [lambda: mm(a, b), lambda: mm(a2, b2)]
-        if mm is torch.mm and a.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
+        if mm is torch.mm and a.dtype == torch.bfloat16 and onednn_linear_runs(torch.bfloat16):
             # a linear's weight in oneDNN's layout, made once (as `swinv2.fused.linear` keeps it)
             w = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), a.shape[0])
             calls.append(lambda: torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], ""))

@@ -3,6 +3,7 @@ logits; class-map mismatches fail naming both sides; official .pth files work wi
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -205,3 +206,91 @@ def test_version():
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0
+
+
+def _snapshot(folder):
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_json_through_a_symlink_replaces_the_report_and_keeps_the_files_mode(named, tmp_path, capsys):
+    """`swinv2 eval ... --json link.json` with link.json -> the user's private.json (0600): the report is
+    written into private.json, which stays 0600 (not 0644 under umask 022); the link stays."""
+    _, weights, data = named
+    private = tmp_path / "private.json"
+    private.write_text('{"old": true}\n')
+    os.chmod(private, 0o600)
+    link = tmp_path / "link.json"
+    link.symlink_to(private)
+    old = os.umask(0o022)
+    try:
+        assert main(["eval", "--weights", str(weights), "--data", str(data), "--json", str(link)]) == 0
+    finally:
+        os.umask(old)
+    capsys.readouterr()
+    assert json.loads(private.read_text())["n"] == 20
+    assert private.stat().st_mode & 0o7777 == 0o600
+    assert link.is_symlink() and os.readlink(link) == str(private)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "private.json"]
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="chown to another uid needs root")
+def test_json_over_another_users_file_keeps_its_owner(named, tmp_path, capsys):
+    _, weights, data = named
+    private = tmp_path / "private.json"
+    private.write_text("{}")
+    os.chown(private, 12345, 12346)
+    os.chmod(private, 0o600)
+    link = tmp_path / "link.json"
+    link.symlink_to(private)
+    assert main(["eval", "--weights", str(weights), "--data", str(data), "--json", str(link)]) == 0
+    capsys.readouterr()
+    st = private.stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (12345, 12346, 0o600)
+    assert json.loads(private.read_text())["n"] == 20 and link.is_symlink()
+
+
+def test_an_output_that_is_an_input_is_refused_before_evaluating(named, tmp_path, monkeypatch, capsys):
+    """--json or --plots onto the weights or an image of --data (also through a symlink): exit 2, one
+    line, nothing evaluated, nothing changed."""
+    import shutil
+
+    import swinv2.evaluate as P
+
+    _, weights, data = named
+    copy = tmp_path / "val"
+    shutil.copytree(data, copy)
+    shutil.copy(copy / "ant" / "0.png", copy / "ant" / "confusion_matrix.png")  # a photo named like a figure
+    w = tmp_path / "w.json"  # weights under a name that looks like a report
+    w.write_bytes(weights.read_bytes())
+    alias = tmp_path / "alias.json"
+    alias.symlink_to(w)
+    monkeypatch.setattr(P, "evaluate_folder", lambda *a, **kw: pytest.fail("evaluated before checking outputs"))
+    before = _snapshot(tmp_path)
+    for flag, out, says in (("--json", w, "is also an input of this command (--weights)"),
+                            ("--json", alias, f"is also an input of this command (--weights {w})"),
+                            ("--json", copy / "bee" / "1.png", f"is an image this command reads from --data {copy}"),
+                            ("--plots", copy / "ant", f"is an image this command reads from --data {copy}")):
+        assert main(["eval", "--weights", str(w), "--data", str(copy), flag, str(out)]) == 2
+        out_text, err = capsys.readouterr()
+        err = err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"swinv2 eval: error: {flag} {out}") and says in err[0], err
+        assert out_text == ""
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("flag, at", [("--json", "r.json"), ("--plots", "plots/per_class_accuracy.png"),
+                                      ("--plots", "plots")])
+def test_eval_outputs_refuse_a_file_of_another_kind(named, tmp_path, monkeypatch, capsys, flag, at):
+    import swinv2.evaluate as P
+
+    _, weights, data = named
+    photo = tmp_path / at
+    photo.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (32, 24), (10, 200, 40)).save(photo, format="JPEG")
+    before = _snapshot(tmp_path)
+    monkeypatch.setattr(P, "evaluate_folder", lambda *a, **kw: pytest.fail("evaluated before checking outputs"))
+    target = tmp_path / ("plots" if flag == "--plots" else "r.json")
+    assert main(["eval", "--weights", str(weights), "--data", str(data), flag, str(target)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"swinv2 eval: error: {flag} {photo}: is an existing JPEG image"), err
+    assert _snapshot(tmp_path) == before

@@ -316,15 +316,15 @@ def test_half_precision_inference_attention_keeps_fp32_logits(dtype, max_rows, m
 def test_bf16_inference_linear_is_f_linear_with_the_bias_in_the_epilogue(monkeypatch):
     """bf16 CPU inference (bf16 weights, or fp32 weights under bf16 autocast) goes through oneDNN's
     linear: F.linear's result to one bf16 rounding of the fp32-accumulated value. fp32, autograd and
-    no-bias calls stay F.linear itself, bit for bit. (A PyTorch built without oneDNN takes F.linear
-    for bf16 too, bit for bit.)"""
+    no-bias calls stay F.linear itself, bit for bit. (A PyTorch built without oneDNN, or a CPU without
+    oneDNN's bf16 kernels, takes F.linear for bf16 too, bit for bit.)"""
     g = torch.Generator().manual_seed(0)
     x, w, b = torch.randn(3, 7, 48, generator=g), torch.randn(40, 48, generator=g) * 0.1, torch.randn(40, generator=g)
     calls = []
     original = torch.ops.mkldnn._linear_pointwise
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or original(*a))
     exact = F.linear(x.double(), w.double(), b.double())
-    if not torch.backends.mkldnn.is_available():
+    if not fused.onednn_linear_runs(torch.bfloat16):
         with torch.no_grad():
             assert torch.equal(fused.linear(x.bfloat16(), w.bfloat16(), b.bfloat16()),
                                F.linear(x.bfloat16(), w.bfloat16(), b.bfloat16()))
@@ -354,7 +354,7 @@ def test_bf16_inference_linear_packs_each_weight_once_and_again_when_it_changes(
     g = torch.Generator().manual_seed(1)
     x = torch.randn(4, 9, 48, generator=g).bfloat16()
     w, b = (torch.randn(40, 48, generator=g) * 0.1).bfloat16(), torch.randn(40, generator=g).bfloat16()
-    if not torch.backends.mkldnn.is_available():
+    if not fused.onednn_linear_runs(torch.bfloat16):
         with torch.no_grad():
             assert torch.equal(fused.linear(x, w, b), F.linear(x, w, b)) and not fused._ONEDNN_WEIGHTS
         return

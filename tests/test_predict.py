@@ -262,3 +262,55 @@ def test_one_ahead_makes_the_next_item_in_the_background_while_the_caller_works(
     for i, _ in one_ahead(items(1000)):
         break
     assert len(started) <= 3
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_a_shell_glob_that_puts_a_photo_on_plot_is_refused_before_any_work(setup, tmp_path, monkeypatch, capsys,
+                                                                         fmt):
+    """`swinv2 predict --weights W --topk 3 --plot photos/*.jpg`: the shell makes the first photo the
+    value of --plot. Refused in one line (exit 2) before anything is classified; the photo is
+    byte-identical and nothing is written. With `photos/*.png` the photo is a PNG too, but not a
+    figure of ours: refused the same way."""
+    import swinv2.predict as P
+
+    root, weights, imgs = setup
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    ext = {"JPEG": "jpg", "PNG": "png"}[fmt]
+    for name in ("cat_p0", "cat_p1", "dog_p0"):
+        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(photos / f"{name}.{ext}", format=fmt)
+    glob_matches = sorted(str(p) for p in photos.iterdir())  # what `photos/*.jpg` expands to
+    first = photos / f"cat_p0.{ext}"
+    before = {p.name: p.read_bytes() for p in photos.iterdir()}
+    monkeypatch.setattr(P, "predict", lambda *a, **kw: pytest.fail("classified before checking --plot"))
+    assert main(["predict", "--weights", str(weights), "--topk", "3", "--plot", *glob_matches]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    described = "JPEG image, not a PNG figure" if fmt == "JPEG" else "PNG image, not a PNG figure"
+    assert err.strip().splitlines() == [f"swinv2 predict: error: --plot {first}: is an existing {described} this "
+                                        f"command writes; refusing to replace it (did a shell glob put an input "
+                                        f"here?)"]
+    assert {p.name: p.read_bytes() for p in photos.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
+
+
+def test_a_plot_that_is_one_of_the_inputs_is_refused(setup, tmp_path, capsys):
+    """A grid of an earlier run, given again as an input (by name, through a glob or inside a folder
+    classified): it is an input now, so --plot may not replace it; a grid elsewhere is replaced."""
+    root, weights, imgs = setup
+    grid = tmp_path / "grid.png"
+    base = ["predict", "--weights", str(weights), "--topk", "2"]
+    assert main(base + ["--plot", str(grid), str(imgs / "rgb0.png")]) == 0  # a figure of ours
+    capsys.readouterr()
+    made = grid.read_bytes()
+    for inputs in ([str(grid)], [str(tmp_path / "*.png")], [str(tmp_path)]):
+        assert main(base + ["--plot", str(grid), str(imgs / "rgb1.png"), *inputs]) == 2
+        out, err = capsys.readouterr()
+        err = err.strip().splitlines()
+        assert out == "" and len(err) == 1 and err[0].startswith(f"swinv2 predict: error: --plot {grid}: is "), err
+        assert "is also an input" in err[0] or f"is an image this command reads from PATH {tmp_path}" in err[0], err
+        assert grid.read_bytes() == made
+    assert main(base + ["--plot", str(grid), str(imgs / "rgb1.png")]) == 0  # our own figure, not an input: replaced
+    assert grid.read_bytes() != made
+    capsys.readouterr()

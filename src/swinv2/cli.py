@@ -122,8 +122,13 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from .checkpoint import convert_file
+    from .checkpoint import convert_file, guess_write_format
+    from .outputs import check_output
 
+    fmt = args.dst_format or guess_write_format(args.dst)
+    kind = "hf" if fmt == "hf" else "safetensors" if fmt == "native" or Path(args.dst).suffix == ".safetensors" \
+        else "torch"
+    check_output(args.dst, "DST", kind=kind, inputs=_reads(("SRC", args.src)), create=False)
     print(convert_file(args.src, args.dst, src_format=args.src_format, dst_format=args.dst_format,
                        model_name=args.model))
     return 0
@@ -164,6 +169,28 @@ def _write_json(path: str, record: object) -> None:
     from .outputs import write_output
 
     write_output(path, json.dumps(record, indent=1) + "\n")
+
+
+def _reads(*given: tuple[str, str | None], folder_files: bool = True) -> list[tuple[str, str]]:
+    """(option, path) of what a command reads, for `outputs.check_output(inputs=...)`: each path given,
+    the files directly in a folder given (a Hugging Face weights folder; not with `folder_files=False`)
+    and the matches of a glob that predict expands itself. Names that are not paths stay and match
+    nothing."""
+    import glob
+    import os
+
+    found: list[tuple[str, str]] = []
+    for option, value in given:
+        if value is None:
+            continue
+        found.append((option, value))
+        if os.path.isdir(value):
+            if folder_files:
+                with os.scandir(value) as entries:
+                    found += [(option, e.path) for e in entries if e.is_file()]
+        elif not os.path.lexists(value) and set("*?[") & set(value):
+            found += [(option, m) for m in glob.glob(value, recursive=True)]
+    return found
 
 
 def _add_amp_arg(p: argparse.ArgumentParser) -> None:
@@ -245,13 +272,17 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from .outputs import check_output, is_stdout
+    from .outputs import check_output, check_output_folder, is_stdout
     from .evaluate import evaluate_folder, save_eval_plots
 
+    # Never one of the user's own files: an input, or a file of another kind (a shell glob's first match).
+    reads = _reads(("--weights", args.weights), ("--calib", args.calib), ("--data", args.data), folder_files=False)
+    images = [("--data", args.data, 2), ("--calib", args.calib, 1)]
     if args.json:
-        check_output(args.json, "--json")
+        check_output(args.json, "--json", kind="json", inputs=reads, image_folders=images)
     if args.plots:
-        check_output(Path(args.plots) / "confusion_matrix.png", "--plots")
+        check_output_folder(args.plots, "--plots", {"confusion_matrix.png": "png", "per_class_accuracy.png": "png"},
+                            inputs=reads, image_folders=images)
     # With the JSON on stdout, the report for people goes to stderr.
     say = functools.partial(print, file=sys.stderr if args.json and is_stdout(args.json) else sys.stdout)
     amp_dtype = _amp_dtype(args)
@@ -323,8 +354,11 @@ def _run_predict(args: argparse.Namespace) -> int:
     from .outputs import check_output
     from .predict import predict, save_prediction_grid
 
-    if args.plot:
-        check_output(args.plot, "--plot")
+    if args.plot:  # never an input, nor a photo a shell glob put here (`--plot photos/*.jpg`)
+        check_output(args.plot, "--plot", kind="png",
+                     inputs=_reads(("--weights", args.weights), ("--calib", args.calib),
+                                   *(("PATH", p) for p in args.paths), folder_files=False),
+                     image_folders=[("PATH", p, 1) for p in args.paths] + [("--calib", args.calib, 1)])
     amp_dtype = _amp_dtype(args)
     model, prep = _load_for_use(args)
     rt = _runtime_for(args, model, prep)
@@ -387,6 +421,12 @@ def _run_export(args: argparse.Namespace) -> int:
                         "cache instead (drop --onnx)")
     if args.dynamic_size and args.onnx is None:
         raise InputError("--dynamic-size needs --onnx OUT.onnx: the runtime cache holds fixed-size graphs")
+    if args.onnx is not None:  # the graph and its sidecar OUT.onnx.json: never an input or another kind of file
+        from .outputs import check_output
+
+        reads = _reads(("--weights", args.weights))
+        check_output(args.onnx, "--onnx", kind="onnx", inputs=reads, create=False)
+        check_output(args.onnx + ".json", "--onnx (its sidecar)", kind="json", inputs=reads, create=False)
     model = load_model(args.weights, name=args.model)
     if args.onnx is not None:
         print(export_onnx(model, args.onnx, img_size=args.img_size, opset=args.opset, check=not args.no_check,
@@ -478,7 +518,9 @@ def _run_bench(args: argparse.Namespace) -> int:
     from .outputs import check_output
 
     if args.json:
-        check_output(args.json, "--json")
+        check_output(args.json, "--json", kind="json",
+                     inputs=_reads(("--weights", args.weights), ("--calib", args.calib), folder_files=False),
+                     image_folders=[("--calib", args.calib, 1)])
     # Each thread keeps its own FTZ/DAZ flags and passes them on to the threads it creates: set first.
     if args.flush_denormal and not torch.set_flush_denormal(True):
         raise InputError("--flush-denormal: this CPU cannot flush subnormals to zero")
@@ -543,11 +585,14 @@ def _run_viz_cpb(args: argparse.Namespace) -> int:
 
     from .checkpoint import load_model
     from .cpb import cpb_tables
+    from .outputs import check_output_folder
     from .plots import plot_cpb_maps
 
+    out = Path(args.out)  # every cpb_stage<k>.png there already: a figure of ours, never an input
+    pngs = {p.name: "png" for p in (out.glob("cpb_stage*.png") if out.is_dir() else ())} or {"cpb_stage0.png": "png"}
+    check_output_folder(out, "--out", pngs, inputs=_reads(("--weights", args.weights)))
     model = load_model(args.weights, name=args.model)
     tables = cpb_tables(model, args.window)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for stage in sorted({t.stage for t in tables}):
         rows = [t for t in tables if t.stage == stage]
@@ -574,6 +619,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    "checkpoint in --out")
     p.add_argument("--allow-config-change", action="store_true", help="resume although the config differs from "
                    "the checkpoint's in keys that change the run (e.g. data.batch_size, model.window_size)")
+    p.add_argument("--start-over", action="store_true", help="replace the run already in --out (its checkpoints, "
+                   "metrics and weights are removed) instead of resuming it; needed to --resume a checkpoint of "
+                   "another run into a folder that holds a run")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     p.add_argument("--check-data", action="store_true", help="scan the dataset (unreadable files, image modes, "
                    "empty or mismatched classes, class balance) and exit; non-zero exit if files are unreadable")
@@ -609,9 +657,11 @@ def _run_train(args: argparse.Namespace) -> int:
 
             for warning in shadowed_overrides(cfg, args.overrides):
                 log.warning("%s", warning)
-            summary = fit_recipe(cfg, out, resume=args.resume, allow_config_change=args.allow_config_change)
+            summary = fit_recipe(cfg, out, resume=args.resume, allow_config_change=args.allow_config_change,
+                                 start_over=args.start_over)
         else:
-            summary = fit(cfg, out, resume=args.resume, allow_config_change=args.allow_config_change)
+            summary = fit(cfg, out, resume=args.resume, allow_config_change=args.allow_config_change,
+                          start_over=args.start_over)
     except TrainingInterrupted as e:
         print(f"swinv2 train: {e}", file=sys.stderr)
         return e.exit_code

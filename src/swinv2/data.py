@@ -33,12 +33,11 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from .errors import DataError, InputError
-from .outputs import atomic_folder
+from .outputs import IMG_EXTENSIONS, atomic_folder
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, resize_size
 
 log = logging.getLogger(__name__)
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 # Transparent pixels are composited onto white: what a viewer shows for a transparent PNG, and
 # independent of the (arbitrary) colour values stored under alpha 0.
 ALPHA_BACKGROUND = (255, 255, 255)

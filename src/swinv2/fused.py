@@ -33,6 +33,8 @@ differs is how many passes over memory they take and what autograd keeps for the
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Any
 
 import torch
@@ -360,6 +362,18 @@ def gelu_linear(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 ONEDNN_LINEAR_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16,)
 
 
+@functools.lru_cache(maxsize=None)
+def onednn_linear_runs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's linear runs in `dtype` on this CPU: a PyTorch built with oneDNN, and for bf16 a
+    CPU it has bf16 kernels for (AVX-512 BW/VL/DQ, AVX-NE-CONVERT or AMX); on an AVX2-only CPU it
+    refuses to build a bf16 linear at all."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return True
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """F.linear(x, weight, bias); in bf16 eager CPU inference (bf16 weights, or bf16 autocast), oneDNN's
     linear with the bias added in the GEMM's epilogue. addmm first copies the broadcast bias into
@@ -369,7 +383,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     if bias is None or x.device.type != "cpu" or torch.is_grad_enabled() or traced():
         return F.linear(x, weight, bias)
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-    if dtype not in ONEDNN_LINEAR_DTYPES or not torch.backends.mkldnn.is_available():
+    if dtype not in ONEDNN_LINEAR_DTYPES or not onednn_linear_runs(dtype):
         return torch._C._nn.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x.to(dtype), _onednn_weight(weight, dtype, x.numel() // x.shape[-1]),
                                               bias.to(dtype), "none", [], "")
