@@ -777,3 +777,21 @@ def test_sigterm_to_the_whole_process_group_saves_at_the_step_boundary(reference
     assert state["progress"]["global_step"] == 6  # the signalled step finished, then the save
     assert train(reference["cfg"], out) == 0
     assert_same_state(load_state(out), reference["state"])
+
+
+def test_a_lock_held_in_the_name_of_a_dead_trainer_says_it_has_ended(tmp_path):
+    """Where a process the trainer started still holds the lock (not a DataLoader worker: those drop it),
+    the refusal says the named trainer has ended instead of sending the user after a dead pid."""
+    import fcntl
+    import socket
+
+    from swinv2.rundir import RunLockedError, _lock
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    (tmp_path / ".lock").write_text(f"process {pid} on {socket.gethostname()} (swinv2 train)\n")
+    with open(tmp_path / ".lock") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(RunLockedError, match=f"in use by process {pid}, which has ended"):
+            _lock(tmp_path)
+    _lock(tmp_path).close()
