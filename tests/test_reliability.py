@@ -795,3 +795,49 @@ def test_a_lock_held_in_the_name_of_a_dead_trainer_says_it_has_ended(tmp_path):
         with pytest.raises(RunLockedError, match=f"in use by process {pid}, which has ended"):
             _lock(tmp_path)
     _lock(tmp_path).close()
+
+
+@pytest.mark.parametrize("case", ["out is a file", "resume missing", "resume of another model", "run locked"])
+def test_a_refused_start_fails_before_any_work_and_leaves_nothing_behind(reference, tmp_path, capsys, monkeypatch,
+                                                                          case):
+    """Paths, the lock and the resume source are checked before the data is scanned and the model built;
+    a start refused at any point leaves no `.lock` or empty `checkpoints/` in a folder it created."""
+    from swinv2 import engine
+    from swinv2.rundir import _lock
+
+    built = []
+    monkeypatch.setattr(engine, "prepare_data", lambda *a, real=engine.prepare_data: built.append(1) or real(*a))
+    out, extra, held = tmp_path / "run", [], None
+    if case == "out is a file":
+        out = tmp_path / "README.md"
+        out.write_text("mine\n")
+    elif case == "resume missing":
+        extra = ["--resume", str(tmp_path / "nothere.pt")]
+    elif case == "resume of another model":
+        extra = ["--resume", str(reference["out"] / "checkpoints" / "last.pt"), "model.name=swinv2_tiny_window8_256",
+                 "model.drop_path_rate=0"]
+    else:
+        out.mkdir()
+        held = _lock(out)
+    capsys.readouterr()
+    from swinv2.cli import main
+
+    try:
+        assert main(["train", "--config", str(reference["cfg"]), "--out", str(out), *extra]) == 2
+    finally:
+        if held is not None:
+            held.close()
+    line = _one_error_line(capsys)
+    if case == "resume of another model":  # the checkpoint must be read against a built model
+        assert "does not fit" in line or "mis-shaped" in line, line
+        assert not out.exists()
+    else:
+        assert not built, f"the data was scanned before refusing: {line}"
+        assert {"out is a file": "is a file, not a run directory", "resume missing": "nothere.pt: no such checkpoint",
+                "run locked": "is in use by process"}[case] in line, line
+    if case == "out is a file":
+        assert out.read_text() == "mine\n"
+    elif case == "run locked":
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    else:
+        assert not out.exists()

@@ -196,6 +196,17 @@ class Trainer:
                              "sharding); use ddp, or turn the EMA off")
         if t.parallel == "fsdp" and t.task == "simmim" and env.distributed:
             raise ConfigError("train.task=simmim is not supported with train.parallel=fsdp; use ddp")
+        # The run directory is claimed and locked before minutes of set-up, and a start refused later
+        # removes what it created there.
+        self.rundir = RunDir(out_dir, env, cfg)
+        try:
+            self._build(cfg, env)
+        except BaseException:
+            self.rundir.close(refused=True)
+            raise
+
+    def _build(self, cfg: Config, env: D.DistEnv) -> None:
+        t = cfg.train
         self.train_ds, self.val_ds = prepare_data(cfg, env)
         self.classes = self.train_ds.classes
         num_classes = 0
@@ -233,7 +244,6 @@ class Trainer:
                          "overflow_steps": 0, "epoch_loss_sum": 0.0, "epoch_loss_steps": 0, "epoch_bad_files": {}}
         self.history: list[dict[str, Any]] = []
         self.best: list[dict[str, Any]] = []
-        self.rundir = RunDir(out_dir, env, cfg)
 
     def _mask_generator(self) -> MaskGenerator | None:
         """SimMIM's masks for the model's image size, the geometry checked (None: classification)."""
@@ -745,6 +755,9 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: str | Path | None = None,
     run in `out_dir` instead). Returns the run summary (paths, best and final metrics). Raises
     TrainingInterrupted on SIGTERM/SIGINT (after saving), RunLockedError if another process trains in
     `out_dir`, RunFolderError if `out_dir` holds the user's own files or a link where the run writes."""
+    if resume is not None and not Path(resume).is_file():  # before anything is built or locked
+        raise FileNotFoundError(f"--resume {resume}: " + ("is a folder, not a checkpoint file" if Path(resume).is_dir()
+                                                          else "no such checkpoint file"))
     threads = torch.get_num_threads()
     if cfg.train.threads:
         # On a small shared CPU, one intra-op thread per process (data in a worker process) is often
@@ -761,6 +774,6 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: str | Path | None = None,
         return summary
     finally:
         if trainer is not None:
-            trainer.rundir.close()
+            trainer.rundir.close(refused=not trainer.rundir.begun)
         D.teardown(env)
         torch.set_num_threads(threads)

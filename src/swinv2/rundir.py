@@ -195,6 +195,9 @@ class RunDir:
         self._tb_purge: int | None = None
         self._epoch_times: list[float] = []
         self._lock: RunLock | None = None
+        # What this start creates, removed again if it is refused (`close(refused=True)`).
+        self._new = [p for p in (out, out / ".lock", self.checkpoint_dir) if not os.path.lexists(p)]
+        self.begun = False
         refused: tuple[str, str] | None = None
         if self.is_main:
             try:
@@ -233,14 +236,23 @@ class RunDir:
     def begin(self, cfg: Config) -> None:
         """The run starts (fresh or resumed): the resolved config.yaml."""
         self.cfg = cfg
+        self.begun = True
         if self.is_main:
             write_output(self.out / "config.yaml", cfg.to_yaml())
 
-    def close(self) -> None:
-        """Flush TensorBoard and release the directory's lock."""
+    def close(self, *, refused: bool = False) -> None:
+        """Flush TensorBoard and release the directory's lock. A start `refused` before the run began
+        (bad data, a resume that does not fit) also removes what it created: the `.lock`, an empty
+        `checkpoints/`, the folder itself if it is empty again."""
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if refused and self._lock is not None:
+            for p in reversed(self._new):
+                try:
+                    p.unlink() if p.name == ".lock" else p.rmdir()  # rmdir: only where still empty
+                except OSError:
+                    pass
         if self._lock is not None:
             self._lock.close()
             self._lock = None
@@ -363,7 +375,8 @@ class RunDir:
         eta = (epochs - row["epoch"]) * sum(self._epoch_times) / len(self._epoch_times)
         val = ""
         if "val_top1" in row:
-            val = f"  val loss {row['val_loss']:.4f} top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}%"
+            val = f"  val loss {row['val_loss']:.4f} top-1 {row['val_top1']:.2f}%" + (  # top-5 of <= 5 classes: 100%
+                f" top-5 {row['val_top5']:.2f}%" if (self.cfg.model.num_classes or 6) > 5 else "")
             if "val_ema_top1" in row:
                 val += f" (EMA top-1 {row['val_ema_top1']:.2f}%)"
         elif "val_loss" in row:  # pretraining: a loss, no accuracy
