@@ -223,12 +223,84 @@ def test_train_transform_is_timms_with_the_official_small_image_rule():
     big = train_transform(64)
     small = train_transform(32)
     assert type(big.transforms[0]).__name__ == "RandomResizedCropAndInterpolation"
-    assert isinstance(small.transforms[0], transforms.RandomCrop) and small.transforms[0].padding == 4
+    first = small.transforms[0]  # per image: the official padding crop, or the random-resized crop
+    assert isinstance(first, data.SmallImageCrop) and isinstance(first.pad_crop, transforms.RandomCrop)
+    assert first.pad_crop.padding == 4 and type(first.resized_crop).__name__ == "RandomResizedCropAndInterpolation"
     for tf in (big, small):
         assert any(isinstance(t, RandAugment) for t in tf.transforms)
         assert any(isinstance(t, RandomErasing) for t in tf.transforms)
     ra = next(t for t in big.transforms if isinstance(t, RandAugment))
     assert ra.num_layers == 2 and all(op.magnitude == 9 and op.magnitude_std == 0.5 for op in ra.ops)
+
+
+def test_a_model_sized_image_gets_the_official_padding_crop_bit_for_bit():
+    """A 32x32 image at img_size 32 (the digits demo) goes through RandomCrop(32, padding=4), as the
+    whole pipeline did before images of other sizes got a resized crop: under the same seed the same
+    tensor comes out and every RNG is left in the same state (the same numbers drawn in the same
+    order), which the demo's numbers and bit-exact resumes rely on."""
+    import random
+
+    from torchvision import transforms
+
+    new = train_transform(32)
+    old = train_transform(32)
+    old.transforms[0] = transforms.RandomCrop(32, padding=4)  # what train_transform built before
+    rng = np.random.default_rng(3)
+    outputs = []
+    for seed in range(24):
+        img = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+        after = []
+        for tf in (old, new):
+            data.seed_everything(seed)
+            after.append((tf(img), torch.get_rng_state(), random.getstate(), np.random.get_state()[1]))
+        (x_old, torch_old, py_old, np_old), (x_new, torch_new, py_new, np_new) = after
+        assert torch.equal(x_new, x_old)
+        assert torch.equal(torch_new, torch_old) and py_new == py_old and np.array_equal(np_new, np_old)
+        outputs.append(x_new)
+    assert len({o.numpy().tobytes() for o in outputs}) == len(outputs)  # the seeds did vary the crops
+
+
+def _corner_image(width: int, height: int) -> tuple[Image.Image, list[tuple[int, int, int]]]:
+    """A grey image with a 40x30 block of its own colour in each corner (top-left, top-right,
+    bottom-left, bottom-right), and those colours."""
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
+    arr = np.full((height, width, 3), 128, dtype=np.uint8)
+    for (rows, cols), c in zip([(np.s_[:30], np.s_[:40]), (np.s_[:30], np.s_[-40:]),
+                                (np.s_[-30:], np.s_[:40]), (np.s_[-30:], np.s_[-40:])], colours):
+        arr[rows, cols] = c
+    return Image.fromarray(arr), colours
+
+
+def test_a_larger_image_is_resized_whole_not_cut_into_a_32px_patch():
+    """At img_size 32 a 255x141 photograph gets the random-resized crop: at scale 1 and the image's own
+    aspect ratio it is the whole image, resized, so all four corner colours land in the four corners.
+    (A 32 px RandomCrop out of it, the official rule, shows one corner at best.) Each output corner
+    pixel's bicubic support (2 px, widened by the 8x / 4.4x downscale: under 17 x 9 source pixels) lies
+    inside its 40x30 block, so it is that colour up to one uint8 step of PIL's fixed-point weights."""
+    img, colours = _corner_image(255, 141)
+    tf = train_transform(32, scale=(1, 1), ratio=(255 / 141, 255 / 141), hflip=0, color_jitter=0,
+                         auto_augment=None, re_prob=0, mean=(0, 0, 0), std=(1, 1, 1))
+    out = tf(img)
+    assert out.shape == (3, 32, 32)
+    for (r, c), colour in zip([(0, 0), (0, -1), (-1, 0), (-1, -1)], colours):
+        assert torch.allclose(out[:, r, c] * 255, torch.tensor(colour, dtype=torch.float32), atol=1.0), (r, c)
+
+
+def test_images_smaller_than_the_crop_and_mixed_sizes_go_through_a_worker(tmp_path):
+    """13x9 (smaller than the 32 px crop: it crashed the DataLoader worker), 9x13, 33x32 and 255x141
+    images next to 32x32 ones in one class folder: each gets its crop, one batch of (3, 32, 32)."""
+    folder = tmp_path / "train" / "a"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(4)
+    sizes = [(13, 9), (9, 13), (32, 32), (33, 32), (255, 141)]
+    for i, (w, h) in enumerate(sizes):
+        _save(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)), folder / f"{i}.png")
+    samples = SeededSamples(ImageFolderDataset(tmp_path / "train"), train_transform(32))
+    sampler = ShardedSampler(len(sizes), batch_size=len(sizes), seed=0)
+    loader = data.make_loader(samples, sampler, batch_size=len(sizes), workers=1, persistent_workers=False)
+    (batch,) = list(loader)
+    assert batch.bad == [] and batch.images.shape == (len(sizes), 3, 32, 32)
+    assert sorted(batch.indices.tolist()) == list(range(len(sizes)))
 
 
 def test_posterize_at_full_magnitude_works():

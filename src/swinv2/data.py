@@ -3,7 +3,8 @@
 * `load_image` turns any file PIL can read (every mode, EXIF rotation) into an RGB image, or raises
   `BadImageError` naming the path.
 * `ImageFolderDataset` reads `root/<class>/**/<image>`; hidden entries are never classes or samples,
-  an empty class folder stays a class (so labels never shift), stray files are recorded.
+  an empty class folder stays a class (so labels never shift), stray files are recorded; symlinked
+  folders are followed but each real folder is read once (`walk_folder`), an unreadable one is an error.
 * `eval_transform` is the official / timm eval pipeline; `train_transform` and `build_mixup` are
   timm's training pipeline (RandAugment, random erasing, Mixup/CutMix, label smoothing).
 * `ShardedSampler` + `SeededSamples` + `collate` make training data a pure function of
@@ -148,22 +149,45 @@ def train_transform(img_size: int, *, scale: Sequence[float] = (0.08, 1.0), rati
                     mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Callable:
     """timm's training pipeline (`timm.data.create_transform(is_training=True)`), as the official code.
 
-    Official rule kept: at img_size <= 32 the random-resized crop is replaced by RandomCrop(img_size,
-    padding=4) (microsoft/Swin-Transformer data/build.py, for CIFAR-sized inputs).
+    Official rule kept where it applies: at img_size <= 32 an image already of the model's size is
+    padding-cropped, RandomCrop(img_size, padding=4) (microsoft/Swin-Transformer data/build.py, for
+    CIFAR-sized inputs); any other image still gets the random-resized crop (see `SmallImageCrop`).
     """
     from timm.data import create_transform
-    from torchvision import transforms
 
     tf = create_transform(img_size, is_training=True, scale=tuple(scale), ratio=tuple(ratio), hflip=hflip,
                           color_jitter=color_jitter, auto_augment=auto_augment, interpolation=interpolation,
                           re_prob=re_prob, re_mode=re_mode, re_count=re_count, mean=tuple(mean), std=tuple(std))
     if img_size <= 32:
-        tf.transforms[0] = transforms.RandomCrop(img_size, padding=4)
+        tf.transforms[0] = SmallImageCrop(img_size, tf.transforms[0])
     for t in tf.transforms:
         for op in getattr(t, "ops", ()):
             if getattr(op, "name", "").startswith("Posterize"):
                 op.aug_fn = _posterize
     return tf
+
+
+class SmallImageCrop:
+    """The first step of the training pipeline at img_size <= 32, chosen per image: an image of exactly
+    img_size x img_size (the digits demo, CIFAR-like data) gets the official RandomCrop(img_size,
+    padding=4), drawing exactly what it always drew; any other image gets `resized_crop`, because a
+    32 px patch cut out of a photograph is a patch of fur while eval resizes the whole photograph, and
+    an image smaller than the crop cannot be cut at all. Per image, so a folder of mixed sizes works."""
+
+    def __init__(self, img_size: int, resized_crop: Callable) -> None:
+        from torchvision import transforms
+
+        self.img_size = img_size
+        self.pad_crop = transforms.RandomCrop(img_size, padding=4)
+        self.resized_crop = resized_crop
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if img.size == (self.img_size, self.img_size):
+            return self.pad_crop(img)
+        return self.resized_crop(img)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.img_size}x{self.img_size}: {self.pad_crop}, else {self.resized_crop})"
 
 
 def _posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
@@ -228,12 +252,53 @@ def scan_class_folders(root: str | os.PathLike) -> list[str]:
     return classes
 
 
-def _walk_images(folder: Path, label: int, samples: list[tuple[str, int]], stray: list[str]) -> None:
-    """Append (path, label) for every image file under `folder` (any depth, sorted, symlinks followed,
-    hidden entries skipped) to `samples`, and every other file to `stray`."""
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
-        for fname in sorted(f for f in filenames if not _hidden(f)):
+def _unreadable_folder(e: OSError) -> DataError:
+    return DataError(f"{e.filename}: cannot read this folder ({e.strerror}); its images would be left out: make it "
+                     f"readable or move it out of the data folder")
+
+
+def _folder_key(path: str | os.PathLike) -> tuple[int, int]:
+    """(device, inode) of the real folder at `path`, whatever links lead to it."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise _unreadable_folder(e) from None
+    return st.st_dev, st.st_ino
+
+
+def walk_folder(top: str | os.PathLike, *, seen: set[tuple[int, int]], skipped: list[str],
+                hidden: Callable[[str], bool] = _hidden) -> Iterator[tuple[str, list[str]]]:
+    """(folder, its sorted file names) for `top` and every folder under it, in sorted order, hidden
+    entries left out. Symlinked folders are followed (datasets are often linked in), but each real
+    folder (device, inode) is read once: a folder already in `seen` or reached before, such as a loop
+    `ln -s . loop` or a second link to the same images, is not entered and its path is appended to
+    `skipped` (else its images would count again, 40 times for a loop). `seen` gains each folder read.
+
+    Raises DataError naming a folder that cannot be read (os.walk would skip it in silence, and its
+    images, or a whole class, would be missing from the data without a word)."""
+    def fail(e: OSError) -> None:
+        raise _unreadable_folder(e)
+
+    seen.add(_folder_key(top))
+    for dirpath, dirnames, filenames in os.walk(top, onerror=fail, followlinks=True):
+        enter = []
+        for d in sorted(d for d in dirnames if not hidden(d)):
+            key = _folder_key(os.path.join(dirpath, d))
+            if key in seen:
+                skipped.append(os.path.join(dirpath, d))
+            else:
+                seen.add(key)  # now, not when entered: of two links to one folder, the first listed is read
+                enter.append(d)
+        dirnames[:] = enter
+        yield dirpath, sorted(f for f in filenames if not hidden(f))
+
+
+def _walk_images(folder: Path, label: int, samples: list[tuple[str, int]], stray: list[str],
+                 seen: set[tuple[int, int]], skipped: list[str]) -> None:
+    """Append (path, label) for every image file under `folder` (see `walk_folder`: any depth, sorted,
+    each real folder once, hidden entries skipped) to `samples`, and every other file to `stray`."""
+    for dirpath, filenames in walk_folder(folder, seen=seen, skipped=skipped):
+        for fname in filenames:
             path = os.path.join(dirpath, fname)
             if fname.lower().endswith(IMG_EXTENSIONS):
                 samples.append((path, label))
@@ -247,7 +312,8 @@ class ImageFolderDataset(Dataset):
     `class_names` fixes the class list (e.g. the training classes for a val folder): a val class
     folder missing there is an error, a training class without a val folder is fine. Attributes:
     `classes`, `samples` [(path, label)], `empty_classes`, `stray` (files that are not images, or sit
-    outside class folders), `missing_classes` (in `class_names` but with no folder).
+    outside class folders), `missing_classes` (in `class_names` but with no folder), `skipped_links`
+    (linked folders not followed: loops and second links to a folder already read, see `walk_folder`).
     """
 
     def __init__(self, root: str | os.PathLike, transform: Callable | None = None,
@@ -268,11 +334,16 @@ class ImageFolderDataset(Dataset):
         self.stray: list[str] = [str(self.root / e.name) for e in os.scandir(self.root)
                                  if e.is_file() and not _hidden(e.name)]
         self.empty_classes: list[str] = []
+        self.skipped_links: list[str] = []
+        # The root and every class folder count as read from the start: a link from one class into
+        # another, or up to the root, would give those images a second label.
+        seen = {_folder_key(self.root)} | {_folder_key(self.root / c) for c in self.classes
+                                           if c not in self.missing_classes}
         for label, name in enumerate(self.classes):
             if name in self.missing_classes:
                 continue
             n_before = len(self.samples)
-            _walk_images(self.root / name, label, self.samples, self.stray)
+            _walk_images(self.root / name, label, self.samples, self.stray, seen, self.skipped_links)
             if len(self.samples) == n_before:
                 self.empty_classes.append(name)
         if not self.samples:
@@ -306,7 +377,8 @@ class ImageFilesDataset(ImageFolderDataset):
         self.missing_classes: list[str] = []
         self.samples: list[tuple[str, int]] = []
         self.stray: list[str] = []
-        _walk_images(self.root, -1, self.samples, self.stray)
+        self.skipped_links: list[str] = []
+        _walk_images(self.root, -1, self.samples, self.stray, set(), self.skipped_links)
         if not self.samples:
             raise DataError(f"{self.root}: no image files ({', '.join(IMG_EXTENSIONS)}) at any depth")
 
@@ -320,8 +392,9 @@ def _listed(names: Sequence[str], limit: int = 10) -> str:
 
 def folder_warnings(ds: ImageFolderDataset, *, training: bool) -> list[str]:
     """One line per problem of one class folder: empty class folders (for a training folder: the
-    model gets an output that no image teaches, and may still predict it), ignored files, and
-    classes of a fixed class list without a folder. Training and `swinv2 eval` report the same."""
+    model gets an output that no image teaches, and may still predict it), ignored files, linked
+    folders not followed, and classes of a fixed class list without a folder. Training and `swinv2 eval`
+    report the same."""
     out = []
     if ds.empty_classes:
         empty = f"{ds.root}: empty class folders: {_listed(ds.empty_classes)}"
@@ -333,6 +406,9 @@ def folder_warnings(ds: ImageFolderDataset, *, training: bool) -> list[str]:
     if ds.stray:
         out.append(f"{ds.root}: {len(ds.stray)} files ignored (not images, or outside class folders): "
                    f"{_listed(ds.stray, 5)}")
+    if ds.skipped_links:
+        out.append(f"{ds.root}: {len(ds.skipped_links)} linked folders not followed, each leads to a folder already "
+                   f"read (a symlink loop, or a second link to the same images): {_listed(ds.skipped_links, 5)}")
     if ds.missing_classes:
         out.append(f"{ds.root}: no folder for training classes {_listed(ds.missing_classes)} (they are never "
                    f"evaluated)")

@@ -29,7 +29,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .errors import InputError
-from .data import IMG_EXTENSIONS, BadImageError, eval_resize_crop, eval_transform, load_image, normalize_images
+from .data import (IMG_EXTENSIONS, BadImageError, eval_resize_crop, eval_transform, load_image, normalize_images,
+                   walk_folder)
 from .preprocess import EvalPreprocess
 from .registry import model_info
 
@@ -58,6 +59,20 @@ def class_names_for(model: nn.Module) -> tuple[list[str], str]:
     return [str(i) for i in range(n)], "indices"
 
 
+def require_classifier(model: nn.Module, weights: str | os.PathLike = "the model") -> None:
+    """InputError where `model` has no classifier head (num_classes=0: encoder weights, e.g. a SimMIM
+    pretraining's best.safetensors): it gives features, not classes, so predict and eval would print
+    empty top-k lists and 0-class reports. The message says how to fine-tune it into a classifier."""
+    if model.config.num_classes:
+        return
+    name = model_info(model).model_name or "NAME"
+    weights = os.fspath(weights)
+    raise InputError(f"{weights}: encoder weights without a classifier head (num_classes=0, e.g. a SimMIM "
+                     f"pretraining's best.safetensors); fine-tune them on class folders first: swinv2 train --config "
+                     f"configs/finetune.yaml model.name={name} model.pretrained=false model.weights={weights} "
+                     f"data.root=DIR (docs/training.md, SimMIM)")
+
+
 def resolve_preprocess(model: nn.Module, *, img_size: int | None = None, crop_pct: float | None = None,
                        interpolation: str | None = None) -> EvalPreprocess:
     """The model's eval preprocessing (`model_info`: its weights', else its config's size with the
@@ -76,31 +91,46 @@ def _transform(prep: EvalPreprocess):
 
 
 def expand_paths(paths: Sequence[str | os.PathLike]) -> tuple[list[str], list[dict[str, str]]]:
-    """Files named, image files under folders (recursive, sorted, hidden entries skipped) and glob
-    matches, in argument order without duplicates; plus an error record per argument that names
-    nothing."""
+    """Files named, image files under folders (recursive, sorted, hidden entries skipped, each real
+    folder once: `data.walk_folder`) and glob matches (each real file once), in argument order without
+    duplicates; plus an error record per argument that names nothing. Linked folders not followed are
+    logged in one warning line; a folder that cannot be read is a DataError naming it."""
     files: list[str] = []
     errors: list[dict[str, str]] = []
+    skipped: list[str] = []
     for arg in map(os.fspath, paths):
         if os.path.isdir(arg):
             found = []
-            for dirpath, dirnames, filenames in os.walk(arg, followlinks=True):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                found += [os.path.join(dirpath, f) for f in sorted(filenames)
-                          if not f.startswith(".") and f.lower().endswith(IMG_EXTENSIONS)]
+            for dirpath, filenames in walk_folder(arg, seen=set(), skipped=skipped, hidden=lambda n: n.startswith(".")):
+                found += [os.path.join(dirpath, f) for f in filenames if f.lower().endswith(IMG_EXTENSIONS)]
             if not found:
                 errors.append({"path": arg, "error": f"no image files ({', '.join(IMG_EXTENSIONS)}) in this folder"})
             files += found
         elif os.path.exists(arg):
             files.append(arg)  # named explicitly: tried whatever its extension
         elif _GLOB_CHARS & set(arg):
-            found = sorted(p for p in glob.glob(arg, recursive=True) if os.path.isfile(p))
+            found = _each_file_once(p for p in glob.glob(arg, recursive=True) if os.path.isfile(p))
             if not found:
                 errors.append({"path": arg, "error": "no file matches this pattern"})
             files += found
         else:
             errors.append({"path": arg, "error": "file not found"})
+    if skipped:
+        log.warning("%d linked folders not followed, each leads to a folder already read (a symlink loop, or a "
+                    "second link to the same images): %s", len(skipped), ", ".join(skipped))
     return list(dict.fromkeys(files)), errors
+
+
+def _each_file_once(paths: Iterator[str]) -> list[str]:
+    """`paths` sorted, each real file (device, inode) once under its shortest path: `**` follows a
+    symlink loop such as `ln -s . loop` about 40 levels deep, matching every file under it 40 times."""
+    shortest: dict[tuple[int, int], str] = {}
+    for p in paths:
+        st = os.stat(p)
+        key = (st.st_dev, st.st_ino)
+        if key not in shortest or (p.count(os.sep), p) < (shortest[key].count(os.sep), shortest[key]):
+            shortest[key] = p
+    return sorted(shortest.values())
 
 
 @dataclass
@@ -198,6 +228,7 @@ def predict(model: nn.Module, paths: Sequence[str | os.PathLike], *, topk: int =
     """
     if topk < 1 or batch_size < 1:
         raise InputError("topk and batch_size must be at least 1")
+    require_classifier(model)
     names, source = class_names_for(model)
     k = min(topk, len(names))
     prep = preprocess or resolve_preprocess(model)
