@@ -399,3 +399,20 @@ def test_stage_overrides_on_the_command_line_and_shadowed_top_level_keys(tmp_pat
                    "swinv2 train: error: override stages.1.model.freez=[]: unknown key 'stages[1].model.freez' "
                    "(did you mean 'stages[1].model.freeze'?)"]
     assert not out.exists()
+
+
+def test_finetune_micro_is_finetune_yaml_at_the_demo_models_lr():
+    """configs/finetune_micro.yaml (what benchmarks/finetune_digits.py measures) is finetune.yaml's
+    recipe for the published variants, with the LR triple at the demo's from-scratch LR per image."""
+    from swinv2.config import load_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    ft, micro, demo = (load_config(configs / f) for f in ("finetune.yaml", "finetune_micro.yaml", "demo_digits.yaml"))
+    assert micro.model.name == demo.model.name == "swinv2_micro_window4_32" and not micro.model.pretrained
+    per_image = lambda c: c.optim.lr / c.optim.lr_base_batch  # noqa: E731
+    assert per_image(micro) == pytest.approx(per_image(demo), rel=1e-12)
+    for c in (ft, micro):
+        assert c.schedule.warmup_lr / c.optim.lr == pytest.approx(1e-3) and c.schedule.min_lr / c.optim.lr == \
+            pytest.approx(1e-2)
+    assert (micro.optim.weight_decay, micro.optim.layer_decay, micro.schedule.warmup_epochs, micro.data.aug) == \
+        (ft.optim.weight_decay, ft.optim.layer_decay, ft.schedule.warmup_epochs, ft.data.aug)

@@ -17,8 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import logging
+import math
+import os
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -54,15 +58,35 @@ class Range:
         return self.text if self.text.startswith(">") else f"in {self.text}"
 
     def violation(self, value: float | tuple[float, ...]) -> str | None:
-        """What is wrong with `value` (a number or a list of them), or None when it is in range."""
+        """What is wrong with `value` (a number or a list of them), or None when it is in range. inf and
+        NaN are refused by name whatever the range: inf passes '> 0' (a std of inf trains on zeros)."""
         if not isinstance(value, tuple):
+            if not _finite(value):
+                return f"must be a finite number {self}"
             return None if value in self else f"must be {self}"
         flat = [v for item in value for v in (item if isinstance(item, tuple) else (item,))]  # (h, w) pairs too
+        if not all(_finite(v) for v in flat):
+            return f"each value must be a finite number {self}"
         if not all(v in self for v in flat):
             return f"each value must be {self}"
         if self.ordered and value[0] > value[1]:
             return "must be (min, max) with min <= max"
         return None
+
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = _SHOWN.maxlong = 60
+_SHOWN.maxlevel = 3
+
+
+def _shown(value: Any) -> str:
+    """`value` as a message shows it: its repr, cut short where long (a value from a hostile file can be
+    100 KB of text or nested deeper than repr() can go)."""
+    return _SHOWN.repr(value)
+
+
+def _finite(v: float) -> bool:
+    return not isinstance(v, float) or math.isfinite(v)  # an int is always finite
 
 
 def _number(text: str) -> int | float:
@@ -78,17 +102,42 @@ def valid(default: Any, spec: str, *, ordered: bool = False) -> Any:
 
 # --------------------------------------------------------------------------- schema
 
+# Upper bounds of the sizes that something is allocated from or looped over: a typo or a hostile file
+# (`model.img_size=1000000000`) is one line naming the key, not a MemoryError or an hour-long hang.
+# Each is far above every official variant and shipped recipe (registry.py, configs/), so no real run
+# meets it:
+#   img_size <= 4096: the variants train at 32-384 px and the paper's largest input is 1536 px.
+#   window_size, pretrained_window_sizes <= 64: the variants use <= 24 and the paper's largest is 40
+#     (SwinV2-G); each block's position bias is (heads, w^2, w^2), already GBs at 64.
+#   num_classes <= 100000: ImageNet-22k's 21841 is the largest label set the variants were trained on.
+#   batch sizes <= 65536 images per process, accum_steps <= 4096 micro-batches, lr_base_batch <= 2^20
+#     images (the official values: 128 per GPU, 1, 512).
+#   epochs, warmup_epochs, cooldown_epochs <= 100000 (SimMIM's 800 is the longest official run); the
+#     schedule turns them into step counts, and round(inf) would be an OverflowError.
+#   workers <= 256 processes, threads <= 1024, re_count <= 64 erased boxes per image (official 1),
+#     simmim.reconstructions <= 64 pictured images, SimMIM patch sizes within the largest image.
+# The architecture itself (embed_dim, depths, num_heads, patch size, mlp_ratio) is the variant's,
+# chosen by model.name; this schema has no key for it.
+MAX_IMG_SIZE = 4096
+MAX_WINDOW = 64
+MAX_CLASSES = 100_000
+MAX_BATCH = 65_536
+MAX_EPOCHS = 100_000
+# Entries of any list setting (stages, freeze patterns, per-stage windows): real ones hold a few; each
+# stage builds a whole config, and thousands of them would take seconds to check.
+MAX_LIST = 256
+
 
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "swinv2_tiny_window8_256"
-    num_classes: int | None = valid(None, ">= 1")           # None: the number of class folders
-    img_size: int | None = valid(None, ">= 1")              # None: the variant's
+    num_classes: int | None = valid(None, f"[1, {MAX_CLASSES}]")   # None: the number of class folders
+    img_size: int | None = valid(None, f"[1, {MAX_IMG_SIZE}]")     # None: the variant's
     # None: the variant's. An int, an [h, w] window, or one int / [h, w] per stage (two ints are one
     # [h, w] window, as in timm; a two-stage model's per-stage windows are written as pairs).
-    window_size: int | tuple[int | tuple[int, int], ...] | None = valid(None, ">= 1")
+    window_size: int | tuple[int | tuple[int, int], ...] | None = valid(None, f"[1, {MAX_WINDOW}]")
     # Per stage: the window the position bias was trained with, an int or [h, w]; 0: none (model.py).
-    pretrained_window_sizes: tuple[int | tuple[int, int], ...] | None = valid(None, ">= 0")
+    pretrained_window_sizes: tuple[int | tuple[int, int], ...] | None = valid(None, f"[0, {MAX_WINDOW}]")
     # None: the variant's (0.2 T, 0.3 S, 0.5 B). 1 is out: the last block's DropPath would divide by keep = 0.
     drop_path_rate: float | None = valid(None, "[0, 1)")
     weights: str | None = None                  # initialise from a checkpoint (any supported format)
@@ -109,7 +158,7 @@ class AugConfig:
     color_jitter: float = valid(0.4, ">= 0")
     re_prob: float = valid(0.25, "[0, 1]")              # random erasing
     re_mode: Literal["const", "rand", "pixel"] = "pixel"
-    re_count: int = valid(1, ">= 1")                    # timm erases 1..re_count boxes (re_prob=0: off)
+    re_count: int = valid(1, "[1, 64]")                 # timm erases 1..re_count boxes (re_prob=0: off)
     mixup: float = valid(0.8, ">= 0")                   # mixup alpha (0 = off)
     cutmix: float = valid(1.0, ">= 0")                  # cutmix alpha (0 = off)
     cutmix_minmax: tuple[float, float] | None = valid(None, "[0, 1]", ordered=True)  # box side / image side
@@ -126,9 +175,11 @@ class DataConfig:
     val_dir: str = "val"
     val_root: str | None = None                 # a separate val folder of classes (overrides root/val_dir)
     source: Literal["folder", "digits"] = "folder"  # "digits": build root from scikit-learn's digits first
-    batch_size: int = valid(128, ">= 1")        # per process (official: 128 per GPU)
-    eval_batch_size: int | None = valid(None, ">= 1")  # None: 2 x batch_size
-    workers: int = valid(4, ">= 0")             # 0: load in the training process
+    batch_size: int = valid(128, f"[1, {MAX_BATCH}]")  # per process (official: 128 per GPU)
+    eval_batch_size: int | None = valid(None, f"[1, {MAX_BATCH}]")  # None: 2 x batch_size
+    # Data-loading processes; 0: load in the training process; auto: what this machine's CPUs keep busy
+    # (auto_workers), resolved as the config is built, so the run directory records the number that ran.
+    workers: int | Literal["auto"] = valid("auto", "[0, 256]")
     pin_memory: bool = True
     persistent_workers: bool = True
     crop_pct: float | None = valid(None, "(0, 1]")  # eval resize = img_size / crop_pct; None: the variant's
@@ -138,12 +189,33 @@ class DataConfig:
     strict: bool = False                        # decode every image first and fail listing bad ones
     aug: AugConfig = field(default_factory=AugConfig)
 
+    def __post_init__(self) -> None:
+        if self.workers == "auto":
+            object.__setattr__(self, "workers", auto_workers())
+
+
+AUTO_WORKERS_MAX = 8  # the official recipes' data-loading processes per GPU
+
+
+def auto_workers() -> int:
+    """`data.workers: auto`: the CPUs this process may run on (os.sched_getaffinity: a taskset's or
+    container's share, the count torch's DataLoader warns against), shared among the training processes
+    torchrun starts on this machine (LOCAL_WORLD_SIZE), less one for the training process itself, at
+    most AUTO_WORKERS_MAX. 1 CPU: 0 (load in the training process); 2: 1; 9 or more: 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    per_process = cpus // max(int(local), 1) if re.fullmatch(r"[0-9]{1,6}", local) else cpus
+    return max(0, min(AUTO_WORKERS_MAX, per_process - 1))
+
 
 @dataclass(frozen=True)
 class OptimConfig:
     name: Literal["adamw"] = "adamw"
     lr: float = valid(5e-4, ">= 0")             # at lr_base_batch images per step
-    lr_base_batch: int = valid(512, ">= 1")
+    lr_base_batch: int = valid(512, "[1, 1048576]")
     lr_scaling: Literal["linear", "none"] = "linear"  # linear: lr, warmup_lr, min_lr x total batch / base
     betas: tuple[float, float] = valid((0.9, 0.999), "[0, 1)")  # torch's AdamW's range
     eps: float = valid(1e-8, ">= 0")
@@ -151,7 +223,7 @@ class OptimConfig:
     # Global L2 norm; None or 0: no clipping (the engine, like the official code, clips only when it is
     # truthy). A negative norm would flip the gradients' sign.
     clip_grad: float | None = valid(5.0, ">= 0")
-    accum_steps: int = valid(1, ">= 1")         # micro-batches per optimizer step
+    accum_steps: int = valid(1, "[1, 4096]")    # micro-batches per optimizer step
     # Layer-wise LR decay (SimMIM fine-tuning): lr x layer_decay^(L+1 - layer id), see
     # schedule.swin_layer_id; None: off (1 is the same, 0 would leave only the head training).
     layer_decay: float | None = valid(None, "(0, 1]")
@@ -160,16 +232,16 @@ class OptimConfig:
 @dataclass(frozen=True)
 class ScheduleConfig:
     name: Literal["cosine"] = "cosine"
-    warmup_epochs: float = valid(20.0, ">= 0")  # 0: no warm-up; >= train.epochs is warned about
+    warmup_epochs: float = valid(20.0, f"[0, {MAX_EPOCHS}]")  # 0: no warm-up; >= train.epochs is warned about
     warmup_lr: float = valid(5e-7, ">= 0")
     min_lr: float = valid(5e-6, ">= 0")
-    cooldown_epochs: float = valid(0.0, ">= 0")  # the last epochs, at cooldown_lr
+    cooldown_epochs: float = valid(0.0, f"[0, {MAX_EPOCHS}]")  # the last epochs, at cooldown_lr
     cooldown_lr: float | None = valid(None, ">= 0")  # None: min_lr
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = valid(300, ">= 1")
+    epochs: int = valid(300, f"[1, {MAX_EPOCHS}]")
     seed: int = valid(0, "[0, 18446744073709551615]")  # torch.manual_seed's range: up to 2**64 - 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["none", "bf16", "fp16"] = "none"   # fp16 adds a dynamic loss scaler
@@ -190,7 +262,7 @@ class TrainConfig:
     log_every: int = valid(50, ">= 1")          # optimizer steps between log lines / TensorBoard points
     tensorboard: bool = True
     progress: bool = True                       # tqdm bars (rank 0)
-    threads: int | None = valid(None, ">= 1")   # torch.set_num_threads; None: torch's default
+    threads: int | None = valid(None, "[1, 1024]")  # torch.set_num_threads; None: torch's default
     # classify: labels from class folders, cross-entropy. simmim: masked-image pretraining without labels
     # (the `simmim` section; images at any depth under the train / val folders, class folders ignored).
     task: Literal["classify", "simmim"] = "classify"
@@ -211,12 +283,12 @@ class SimMIMConfig:
 
     # A multiple of the model's patch size that divides the image size; None: the encoder stride
     # (patch x 2^(stages-1): 32 px for the 4-stage variants at patch 4, SimMIM's 32 at 192 px).
-    mask_patch_size: int | None = valid(None, ">= 1")
+    mask_patch_size: int | None = valid(None, f"[1, {MAX_IMG_SIZE}]")
     mask_ratio: float = valid(0.6, "(0, 1)")
     # Odd side (px) of the window that normalises each target pixel by its local mean / std (the SwinV2
     # SimMIM configs: 47 at 192 px); None: the normalised pixels themselves (SimMIM's Swin V1 / ViT).
-    norm_target_patch_size: int | None = valid(None, ">= 3")
-    reconstructions: int = valid(8, ">= 0")     # val images drawn each evaluated epoch (0: no picture)
+    norm_target_patch_size: int | None = valid(None, f"[3, {MAX_IMG_SIZE - 1}]")
+    reconstructions: int = valid(8, "[0, 64]")  # val images drawn each evaluated epoch (0: no picture)
 
 
 class _Inherit:
@@ -301,9 +373,12 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         if not p.is_file():
             raise FileNotFoundError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            text = _read_recipe(p)
+            loaded = parse_yaml(text)
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
+            raise ConfigError(f"{p}: not valid YAML: {_yaml_fault(e, text)}") from None
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}", key=e.key, reason=e.reason) from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping of sections at the top level, got {type(loaded).__name__}")
         d = loaded or {}
@@ -317,21 +392,155 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.epochs=2)")
+            raise ConfigError(f"override {_shown(item)} is not of the form key=value (e.g. train.epochs=2)")
+        # As given where it is short and printable; else quoted on one line and cut short.
+        shown = item if len(item) <= 200 and item.isprintable() else \
+            _shown(item) + (f" ({len(item)} characters)" if len(item) > 200 else "")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = parse_yaml(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw  # e.g. an unbalanced bracket in a path: keep the text
+        except ConfigError as e:
+            raise ConfigError(f"override {shown}: {e}", key=key, reason=str(e)) from None
         _set_dotted(d, key, value)
         try:
             cfg = Config.from_dict(d)
         except ConfigError as e:
             own = e.key is not None and re.sub(r"\[(\d+)\]", r".\1", e.key) == key  # stages[1].x is stages.1.x
-            raise ConfigError(f"override {item}: {e.reason if own else e}", key=e.key, reason=e.reason) from None
+            raise ConfigError(f"override {shown}: {e.reason if own else e}", key=e.key, reason=e.reason) from None
     if not cfg.stages:  # a recipe's stages are checked one by one once resolved (recipes.plan_recipe)
         check_task(cfg)
     _warn_long_warmup(cfg)
     return cfg
+
+
+# A recipe is a few KB (the longest shipped one is 4 KB): 64 KiB leaves room for any real one and
+# bounds the parse of the worst file (64 KiB of one flow list: about 0.5 s with libyaml, 5 s with
+# PyYAML's pure-Python parser, on a busy 2-core machine).
+MAX_RECIPE_BYTES = 64 * 1024
+# Sections, stages and lists nest 7 deep at most (stages[0].data.aug.scale); nesting is refused well
+# before it could exhaust the Python stack of the recursive composer and constructor.
+MAX_YAML_DEPTH = 32
+_YAML_BASE = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser where installed: ~5x faster
+
+
+def _read_recipe(p: Path) -> str:
+    """The text of recipe `p`: at most MAX_RECIPE_BYTES of UTF-8, or a ConfigError (which load_config
+    prefixes with the file) saying which byte is not."""
+    with open(p, "rb") as f:
+        data = f.read(MAX_RECIPE_BYTES + 1)
+    if len(data) > MAX_RECIPE_BYTES:
+        raise ConfigError(f"larger than {MAX_RECIPE_BYTES // 1024} KiB, too large for a recipe "
+                          f"(the shipped ones are a few KB)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError(f"line {line}: byte 0x{data[e.start]:02x} is not UTF-8 text; save the file as UTF-8") \
+            from None
+
+
+class _RecipeLoader(_YAML_BASE):  # type: ignore[misc, valid-type]
+    """PyYAML's safe loader whose construction faults (a date such as 2024-13-45, an integer of more
+    than 4300 digits: ValueError) are YAML errors at the value's line, like any other."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return yaml.constructor.SafeConstructor.construct_object(self, node, deep=deep)
+        except (ValueError, OverflowError) as e:
+            problem = "an integer of more than 4300 digits" if "integer string conversion" in str(e) else str(e)
+            raise yaml.constructor.ConstructorError(None, None, f"cannot read {_shown(node.value)}: {problem}",
+                                                    node.start_mark) from None
+
+
+def parse_yaml(text: str) -> Any:
+    """The YAML document `text` (a recipe, or an override's value), held to what a recipe needs so that a
+    tiny file cannot take unbounded time or memory, nor silently mean something else:
+
+    - no anchors or aliases (&a / *a): a few hundred bytes of aliases to aliases expand to gigabytes,
+      and a recipe gains nothing from them;
+    - no key twice in one mapping (YAML keeps the last silently);
+    - nesting at most MAX_YAML_DEPTH deep (200,000 brackets were a RecursionError).
+
+    Raises ConfigError (what is wrong and the line) for the first two, yaml.YAMLError for deeper
+    nesting and any other invalid YAML (an override then keeps its text, e.g. a path with brackets).
+    """
+    _check_utf8(text)
+    _check_events(text)
+    loader = _RecipeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_duplicate_keys(node, "")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_utf8(text: str) -> None:
+    """ConfigError for a character UTF-8 cannot hold: a byte of a non-UTF-8 command line arrives as a
+    lone surrogate (Python's surrogateescape), which libyaml cannot even be handed."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = ord(text[e.start])
+        what = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"character U+{c:04X}"
+        raise ConfigError(f"{what} is not UTF-8 text") from None
+
+
+def _check_events(text: str) -> None:
+    """Anchors, aliases and depth, from the event stream: a flat loop, however deep the nesting; the
+    parse stops at the first fault, before a deep document is read to its end."""
+    loader = _YAML_BASE(text)
+    depth = 0
+    try:
+        while loader.check_event():
+            event = loader.get_event()
+            line = event.start_mark.line + 1
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                raise ConfigError(f"line {line}: anchors and aliases (&name, *name) are not supported in a "
+                                  f"recipe; write the value out")
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_YAML_DEPTH:  # as libyaml's own limit (1000) would: a YAML error
+                    raise yaml.parser.ParserError(None, None, f"nested more than {MAX_YAML_DEPTH} deep (a recipe's "
+                                                  f"sections and lists nest a few levels)", event.start_mark)
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+    finally:
+        loader.dispose()
+
+
+def _check_duplicate_keys(node: yaml.Node, where: str) -> None:
+    """ConfigError for a key set twice in one mapping under `node`, naming its dotted key and both lines."""
+    if isinstance(node, yaml.MappingNode):
+        first: dict[str, int] = {}
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            dotted = f"{where}.{name}" if where and name is not None else (name or where)
+            if name is not None:
+                line = key.start_mark.line + 1
+                if name in first:
+                    raise ConfigError(f"line {line}: duplicate key {_shown(dotted)} (first at line {first[name]}); "
+                                      f"YAML would silently keep the last, so set it once", key=dotted)
+                first[name] = line
+            _check_duplicate_keys(value, dotted)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicate_keys(item, f"{where}[{i}]")
+
+
+def _yaml_fault(e: yaml.YAMLError, text: str) -> str:
+    """One line for a YAML error in `text`: what is wrong and where (PyYAML's own text spans lines)."""
+    if isinstance(e, yaml.reader.ReaderError):  # a character YAML does not allow, by its offset
+        line = text.count("\n", 0, e.position) + 1
+        code = e.character if isinstance(e.character, int) else ord(e.character)  # libyaml: int; PyYAML: str
+        return f"line {line}: character U+{code:04X} is not allowed in YAML ({e.reason})"
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    parts = [getattr(e, "context", None), getattr(e, "problem", None)]
+    what = " ".join(": ".join(str(p) for p in parts if p).split()) or " ".join(str(e).split())
+    return f"line {mark.line + 1}, column {mark.column + 1}: {what}" if mark is not None else what
 
 
 def _warn_long_warmup(cfg: Config) -> None:
@@ -365,6 +574,34 @@ def schema_keys(cls: type = Config, prefix: str = "") -> list[str]:
     return keys
 
 
+def schema_table(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, valid values) of every setting, sections walked into: what
+    `swinv2 train --list-keys` prints. Defaults are written as in a recipe (JSON is YAML)."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        key, tp = prefix + f.name, hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += schema_table(tp, key + ".")
+            continue
+        if f.name == "stages":
+            rows.append((key, "a list of stages", "[]", "each: name, init_from and any keys above "
+                         "(stages.N.KEY; see docs/training.md)"))
+            continue
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        rng = f.metadata.get("range")
+        rows.append((key, _type_name(tp), json.dumps(_to_plain(default)), str(rng) if rng else ""))
+    return rows
+
+
+def schema_text() -> str:
+    """schema_table() as aligned columns under a header."""
+    rows = [("KEY", "TYPE", "DEFAULT", "VALID")] + schema_table()
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "".join(f"{k:<{widths[0]}}  {t:<{widths[1]}}  {d:<{widths[2]}}  {v}".rstrip() + "\n"
+                   for k, t, d, v in rows)
+
+
 def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     node = d
@@ -385,6 +622,8 @@ def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
 
 def _suggest(key: str, valid: Sequence[str]) -> str:
     """' (did you mean X?)' for the closest dotted key, matching on the full key or its last part."""
+    if len(key) > 200:  # no key is near it, and difflib takes seconds per 100 KB
+        return ""
     all_keys = schema_keys()
     close = difflib.get_close_matches(key, list(valid) + all_keys, n=1, cutoff=0.6)
     if not close:
@@ -403,14 +642,14 @@ def _build(cls: type, d: Any, prefix: str) -> Any:
     if d is None:
         d = {}
     if not isinstance(d, dict):
-        reason = f"expected a mapping of keys, got {d!r}"
+        reason = f"expected a mapping of keys, got {_shown(d)}"
         raise ConfigError(f"{where}: {reason}", key=prefix.rstrip(".") or None, reason=reason)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in fields(cls)]
     for key in d:
         if key not in names:
             full = f"{prefix}{key}"
-            raise ConfigError(f"unknown key {full!r}{_suggest(full, [prefix + n for n in names])}", key=full)
+            raise ConfigError(f"unknown key {_shown(full)}{_suggest(full, [prefix + n for n in names])}", key=full)
     kwargs = {name: _coerce(hints[name], d[name], prefix + name) for name in names if name in d}
     return cls(**kwargs)
 
@@ -457,6 +696,9 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
             raise _type_error(key, tp, value)
         if len(args) == 2 and args[1] is Ellipsis:
+            if len(value) > MAX_LIST:
+                reason = f"a list of {len(value)} entries; at most {MAX_LIST} are accepted"
+                raise ConfigError(f"{key}: {reason}", key=key, reason=reason)
             return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
             raise _type_error(key, tp, value)
@@ -471,7 +713,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an int beyond 1.8e308
+                reason = f"{_shown(value)} is too large (a float holds up to 1.8e308)"
+                raise ConfigError(f"{key}: {reason}", key=key, reason=reason) from None
         if isinstance(value, str):  # PyYAML reads "1e-3" (no dot) as a string
             try:
                 return float(value)
@@ -488,7 +734,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 
 
 def _type_error(key: str, tp: Any, value: Any) -> ConfigError:
-    reason = f"expected {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+    reason = f"expected {_type_name(tp)}, got {_shown(value)} ({type(value).__name__})"
     return ConfigError(f"{key}: {reason}", key=key, reason=reason)
 
 
@@ -502,10 +748,10 @@ def _check_ranges(obj: Any, prefix: str = "") -> None:
         elif isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0]):
             for i, item in enumerate(value):
                 _check_ranges(item, f"{key}[{i}].")
-        elif "range" in f.metadata and value is not None and value is not INHERIT:
-            reason = f.metadata["range"].violation(value)
+        elif "range" in f.metadata and value is not None and value is not INHERIT and not isinstance(value, str):
+            reason = f.metadata["range"].violation(value)  # a str is a word the type allows (workers: auto)
             if reason is not None:
-                shown = list(value) if isinstance(value, tuple) else value
+                shown = _shown(list(value) if isinstance(value, tuple) else value)
                 raise ConfigError(f"{key}={shown}: {reason}", key=key, reason=reason)
 
 
