@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "swinv2"
 # Lowest first; a module may import modules of strictly lower layers only (docs/architecture.md).
 LAYERS: list[set[str]] = [
     {"errors"},                         # the project's error types: imports nothing of ours
-    {"outputs", "preprocess"},          # writing result files; the eval preprocessing constants
+    {"outputs", "preprocess", "units"},  # writing result files; the eval preprocessing constants; multi-file units
     {"allocator", "config", "distributed", "faults", "fused", "hardware"},  # leaves
     {"data", "schedule", "windows"},    # data pipeline; optimiser + LR schedule; window layout (kernels)
     {"attention"},                      # attention kernels and their dispatch

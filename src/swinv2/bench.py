@@ -98,6 +98,8 @@ from .registry import model_config
 log = logging.getLogger(__name__)
 
 IMPLS = ("ours", "timm", "hf", "torchvision")
+# The package each peer is built from; only timm and torchvision are dependencies of swinv2.
+PEER_PACKAGES = {"timm": "timm", "hf": "transformers", "torchvision": "torchvision"}
 CPU_DEVICE = torch.device("cpu")
 # Inference runtimes running our exported graph (`swinv2.runtime`), rows "<runtime>/<precision>".
 RUNTIME_IMPLS = ("onnxruntime", "openvino")
@@ -176,6 +178,20 @@ def randomize_weights_(model: nn.Module, seed: int = 0, *, std: float = 0.02,
         else:
             p.copy_(std * torch.randn(p.shape, generator=g))
     return model
+
+
+def check_peers(impls: Sequence[str]) -> None:
+    """InputError for an implementation of `impls` that is not one of IMPLS, or whose package is not
+    installed here (`pip install transformers` for hf): before any model is built."""
+    import importlib.util
+
+    for p in impls:
+        if p not in IMPLS:
+            raise InputError(f"unknown implementation {p!r} in --compare; choose from {', '.join(IMPLS[1:])}")
+        package = PEER_PACKAGES.get(p)
+        if package is not None and importlib.util.find_spec(package) is None:
+            raise InputError(f"--compare {p} needs the {package} package, which is not installed here: "
+                             f"pip install {package}")
 
 
 def build_impl(impl: str, config: SwinV2Config, state_dict: dict[str, Tensor]) -> nn.Module:
@@ -388,9 +404,7 @@ def run(model: str, *, batch_sizes: Sequence[int] = (8,), img_sizes: Sequence[in
     if runtime_names and (train or runtime_factory is None or dev.type != "cpu"):
         raise InputError(f"--compare {','.join(runtime_names)}: runtimes are timed in CPU inference only "
                          "(and need swinv2.runtime.bench_factory)")
-    for p in impls:
-        if p not in IMPLS:
-            raise InputError(f"unknown implementation {p!r} in --compare; choose from {', '.join(IMPLS[1:])}")
+    check_peers(impls)
     switches = {}
     if ab is not None:
         if ab not in AB_SWITCHES or impls[0] != "ours":

@@ -18,6 +18,7 @@ with one line naming that global, before anything in it runs.
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
@@ -36,8 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import convert, hub
-from .errors import CheckpointError, InputError, UnsafeCheckpointError
+from . import convert, hub, units
+from .errors import CheckpointError, InputError, UnreadableFileError, UnsafeCheckpointError
 from .model import SwinTransformerV2, SwinV2Config
 from .outputs import atomic_write
 from .preprocess import EvalPreprocess
@@ -153,6 +154,11 @@ def torch_load(path: PathLike) -> Any:
         raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint")
+    try:  # a file that cannot be read now is not a torn one: say so, never "corrupt"
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise UnreadableFileError(f"{path}: cannot be read: {e.strerror or e}") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -167,7 +173,20 @@ def torch_load(path: PathLike) -> Any:
         raise CheckpointError(f"{path}: not a readable torch checkpoint (unsupported or corrupt pickle): "
                               f"{_cause(e)}") from None
     except Exception as e:  # torch raises RuntimeError/EOFError/KeyError/... for torn or foreign bytes
+        oserror = _os_error(e)
+        if oserror is not None:  # the system failed to read it (EIO, ESTALE): not the file's fault
+            raise UnreadableFileError(f"{path}: cannot be read: {oserror.strerror or oserror}") from None
         raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): {_cause(e)}") from None
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError with an errno behind `e`, if the failure was the system's (an I/O error, a stale mount)."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 # --------------------------------------------------------------------------- training state
@@ -227,27 +246,31 @@ def find_resumable(directory: PathLike, pattern: str = "*.pt", *, remove_temp: b
     training step recorded inside it (`progress.global_step`), `last.pt` first among equals, then by
     name. Never by modification time, which a `touch` or a `cp -r` of the run rewrites.
 
-    Files that fail to load are skipped with a warning naming them. Temp files left by a save that
-    was killed (`.NAME.*.tmp`) are never candidates and are removed when `remove_temp` (set it False
-    while another process may be saving into `directory`). Returns None if nothing loads.
+    Files read and found torn are skipped with a warning naming them. A file (or the directory) that
+    cannot be read now (permissions, an I/O error, a stale mount) raises UnreadableFileError before
+    anything is changed: starting over would replace a run that is still there. Temp files left by a
+    save that was killed (`.NAME.*.tmp`) are never candidates and are removed, once every candidate
+    was read, when `remove_temp` (set it False while another process may be saving into
+    `directory`). Returns None if nothing loads.
     """
     directory = Path(directory)
     if not directory.is_dir():
         return None
-    if remove_temp:
-        for tmp in directory.glob(".*.tmp"):
-            log.warning("removing %s: temp file of an interrupted checkpoint save", tmp)
-            try:
-                tmp.unlink()
-            except OSError as e:
-                log.warning("could not remove %s: %s", tmp, e)
+    try:
+        names = sorted(os.listdir(directory))  # Path.glob would take an unreadable folder for an empty one
+    except OSError as e:
+        raise UnreadableFileError(f"{directory}: cannot be read: {e.strerror or e}; stopped without changing "
+                                  f"anything") from None
     best: tuple[tuple[int, bool, str], Path] | None = None
-    for p in sorted(directory.glob(pattern)):
-        if not p.is_file() or p.name.endswith(".tmp"):
+    for p in (directory / n for n in names if fnmatch.fnmatchcase(n, pattern) and not n.startswith(".")):
+        if not p.is_file():
             continue
         try:
             state = load_training_state(p)
-        except OSError as e:  # CheckpointError, or the file vanished meanwhile
+        except UnreadableFileError as e:
+            raise UnreadableFileError(f"{e}; stopped without changing anything (a checkpoint that cannot be "
+                                      f"read is not skipped: fix its permissions or mount, or move it away)") from None
+        except OSError as e:  # CheckpointError (read and found torn), or the file vanished meanwhile
             log.warning("skipping checkpoint %s: %s", p, e)
             continue
         progress = state.get("progress")
@@ -256,6 +279,13 @@ def find_resumable(directory: PathLike, pattern: str = "*.pt", *, remove_temp: b
         del state
         if best is None or key > best[0]:
             best = (key, p)
+    if remove_temp:
+        for tmp in (directory / n for n in names if n.startswith(".") and n.endswith(".tmp")):
+            log.warning("removing %s: temp file of an interrupted checkpoint save", tmp)
+            try:
+                tmp.unlink()
+            except OSError as e:
+                log.warning("could not remove %s: %s", tmp, e)
     return None if best is None else best[1]
 
 
@@ -289,9 +319,60 @@ def read_metadata(path: PathLike) -> dict[str, str]:
         raise CheckpointError(f"{path}: not a readable .safetensors file: {_describe(e).splitlines()[0]}") from None
 
 
-def _read_hf_folder(path: Path) -> dict[str, torch.Tensor]:
+# The files of a Hugging Face folder `write_weights` writes, in the order written: config.json, which
+# describes the others, last. One id per write is stored in model.safetensors' metadata (UNIT_KEY) and
+# in config.json's "swinv2" block ("unit_id"), so a folder killed between its files is refused on read.
+HF_FILES = ("model.safetensors", "preprocessor_config.json", "config.json")
+UNIT_KEY = "swinv2.unit_id"
+
+
+def _read_hf_config(path: Path) -> dict[str, Any]:
+    """config.json of the Hugging Face folder `path`, parsed (CheckpointError naming it if it is not JSON)."""
+    try:
+        hf = json.loads((path / "config.json").read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path / 'config.json'}: not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{path / 'config.json'}: holds a JSON {type(hf).__name__}, not an object")
+    return hf
+
+
+def _read_hf_safetensors(path: Path, folder: Path, config: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
+    """The tensors of the folder's model.safetensors, read through one open file with its metadata, and
+    checked to be of the same write as `config` (its config.json): where the weights carry our unit id
+    (we wrote them), config.json must carry the same. Weights without one (transformers wrote them,
+    e.g. `save_pretrained` of a model loaded from our folder) go with any config.json: our writer
+    writes the weights first, so a write of ours cut short always leaves weights with the new id."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # SafetensorError, OSError: torn header, wrong bytes
+        raise CheckpointError(f"{path}: not a readable .safetensors file: {_describe(e).splitlines()[0]}") from None
+    unit = meta.get(UNIT_KEY)
+    if unit is not None and config is None:
+        raise units.torn(folder, f"model.safetensors (write {unit}) has no config.json beside it")
+    if unit is not None:
+        ours = config.get("swinv2")
+        described = ours.get("unit_id") if isinstance(ours, dict) else None
+        if described != unit:
+            said = f"write {described}" if described else "no write id: an older config.json"
+            raise units.torn(folder, f"model.safetensors (write {unit}) and config.json ({said}) come from "
+                                     f"different writes")
+    return tensors
+
+
+def _read_hf_folder(path: Path, config: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """The weights of a Hugging Face folder; `config`: its config.json as already read (else read here),
+    which our model.safetensors must match (see `_read_hf_safetensors`)."""
+    if config is None and (path / "config.json").is_file():
+        config = _read_hf_config(path)
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (path / name).is_file():
+            if name == "model.safetensors":
+                return _read_hf_safetensors(path / name, path, config)
             return read_state_dict(path / name)
         index = path / f"{name}.index.json"
         if index.is_file():  # sharded: {"weight_map": {key: shard file}}
@@ -523,10 +604,10 @@ def _read_weights(path: Path) -> _Weights:
                         _preprocess(json.loads(meta["swinv2.preprocess"])) if "swinv2.preprocess" in meta else None,
                         meta.get("swinv2.model_name"))
     if path.is_dir() and (path / "config.json").is_file():
-        hf = json.loads((path / "config.json").read_text())
+        hf = _read_hf_config(path)  # read once: the weights are checked against this very config
         kwargs, class_names = convert.hf_config_to_kwargs(hf)
         ours = hf.get("swinv2") or {}
-        return _Weights(read_state_dict(path), SwinV2Config(**kwargs), class_names,
+        return _Weights(_read_hf_folder(path, hf), SwinV2Config(**kwargs), class_names,
                         _preprocess(ours["preprocess"]) if "preprocess" in ours else None, ours.get("model_name"))
     if path.is_dir() or path.suffix == ".safetensors":
         return _Weights(read_state_dict(path))
@@ -639,7 +720,10 @@ def write_weights(model: SwinTransformerV2, path: PathLike, fmt: str = "native",
     model.safetensors for `Swinv2ForImageClassification.from_pretrained(folder)` and preprocessor_config.json for
     `AutoImageProcessor.from_pretrained(folder)`; config.json also keeps the registry name and the exact eval
     preprocessing under ``"swinv2"``, so `load_model(folder)` restores them. Class names, preprocessing and
-    name default to the model's attributes, as in `save_weights`.
+    name default to the model's attributes, as in `save_weights`. The folder's files are one unit: one
+    writer at a time (`units.unit_lock`), config.json written last, and an id of this write in it and in
+    model.safetensors' metadata, so a folder killed between its files is refused on read, never read as a
+    mix; temp files a killed write left are removed by the next one.
     """
     path = Path(path)
     if fmt == "native":
@@ -648,14 +732,20 @@ def write_weights(model: SwinTransformerV2, path: PathLike, fmt: str = "native",
     sd = convert.from_native(model.state_dict(), fmt, config=model.config).state_dict
     if fmt == "hf":
         names, prep, model_name = _descriptions(model, class_names, preprocess, model_name)
-        ours = {"model_name": model_name, "preprocess": asdict(prep)}
+        unit = units.new_unit_id()  # one id for this write, in the weights and in config.json
+        ours = {"model_name": model_name, "preprocess": asdict(prep), "unit_id": unit}
         texts = {file: json.dumps(record, indent=2) + "\n" for file, record in (
-            ("config.json", convert.hf_config_from_kwargs(model.config.to_dict(), names, extra=ours)),
-            ("preprocessor_config.json", convert.hf_preprocessor_config(asdict(prep))))}
+            ("preprocessor_config.json", convert.hf_preprocessor_config(asdict(prep))),
+            ("config.json", convert.hf_config_from_kwargs(model.config.to_dict(), names, extra=ours)))}
         path.mkdir(parents=True, exist_ok=True)
-        _write_safetensors(path / "model.safetensors", sd, dict(SAFETENSORS_FORMAT))
-        for file, text in texts.items():
-            atomic_write(path / file, lambda f, text=text: f.write(text.encode()))
+        # One writer at a time in the folder; temp files of ours found then are of a killed write.
+        with units.unit_lock(path) as taken:
+            if taken:
+                units.remove_stale_temps(path, HF_FILES)
+            # In HF_FILES order: the weights first, config.json (which describes them) last.
+            _write_safetensors(path / "model.safetensors", sd, {**SAFETENSORS_FORMAT, UNIT_KEY: unit})
+            for file, text in texts.items():
+                atomic_write(path / file, lambda f, text=text: f.write(text.encode()))
     else:
         _write_state_dict(sd, path, fmt)
     return path

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,6 +23,85 @@ if TYPE_CHECKING:  # torch is imported inside the commands that need it: `swinv2
     import torch
 
 log = logging.getLogger("swinv2")
+
+
+# --------------------------------------------------------------------------- option values
+#
+# argparse `type=` checks shared by the commands: a value out of range ends at parse time, before any
+# weights or data are read, in argparse's one line "argument --batch-size: must be at least 1, got 0".
+
+# Well above the largest images SwinV2 was trained on (1536 px, SwinV2-G); a typo such as 1000000000
+# would otherwise be a resize target that allocates without bound.
+MAX_IMG_SIZE = 8192
+# viz-cpb evaluates the bias MLP on (2w-1)^2 offsets per block and draws a (2w-1)-pixel map per head.
+MAX_CPB_WINDOW = 128
+
+
+def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse `type`: an integer from `low` to `high` (no upper bound where None)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            valid = f"at least {low}" if high is None else f"from {low} to {high}"
+            raise argparse.ArgumentTypeError(f"must be {valid}, got {value}")
+        return value
+    return parse
+
+
+def _fraction(text: str) -> float:
+    """An argparse `type`: a number in (0, 1] (the centre crop's share of the resized image)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not 0 < value <= 1:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _opset(text: str) -> int:
+    """An argparse `type`: an ONNX opset the exporter can write this model at. From 14: the fixed
+    graph's attention (scaled_dot_product_attention) has no ONNX form before it; up to the newest
+    opset this PyTorch's TorchScript exporter (the one `swinv2.export` uses) supports."""
+    return _int_in(14, newest_opset())(text)
+
+
+def newest_opset() -> int:
+    """The newest opset of PyTorch's TorchScript exporter (20 in PyTorch 2.14; newer ones it writes with a
+    warning that they are not supported)."""
+    import torch.onnx
+
+    return getattr(getattr(torch.onnx, "_constants", None), "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20)
+
+
+POSITIVE = _int_in(1)
+NON_NEGATIVE = _int_in(0)
+IMG_SIZE = _int_in(1, MAX_IMG_SIZE)
+
+
+def _check_device(args: argparse.Namespace) -> None:
+    """--device, where the command has it, as a device this machine has (cpu, cuda[:N]; "auto" becomes
+    one of them), or InputError naming it: before any work, and never a device the commands cannot
+    run on (meta, mps)."""
+    if getattr(args, "device", "cpu") == "cpu":
+        return
+    from .distributed import resolve_device
+
+    device = resolve_device(args.device, "--device")
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"--device={args.device}: not usable here; use cpu, cuda, cuda:N or auto")
+    args.device = str(device)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse's parser, its usage errors in one line (exit 2) as every other error of the command
+    line; the usage is one --help away. Sub-parsers are of the same class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 # --------------------------------------------------------------------------- models
@@ -144,8 +225,9 @@ def _add_weights_args(p: argparse.ArgumentParser, *, preprocess: bool = True) ->
     p.add_argument("--model", default=None, help="registry name, for weights that do not describe their "
                    "architecture (see `swinv2 models`)")
     if preprocess:
-        p.add_argument("--img-size", type=int, default=None, help="eval image size (default: from the weights)")
-        p.add_argument("--crop-pct", type=float, default=None, help="resize to img_size / crop_pct, then centre-crop")
+        p.add_argument("--img-size", type=IMG_SIZE, default=None, help="eval image size (default: from the weights)")
+        p.add_argument("--crop-pct", type=_fraction, default=None,
+                       help="resize to img_size / crop_pct, then centre-crop (0 < crop_pct <= 1)")
         p.add_argument("--interpolation", default=None, choices=["bicubic", "bilinear", "nearest"],
                        help="resize interpolation (default: from the weights, bicubic)")
 
@@ -153,9 +235,10 @@ def _add_weights_args(p: argparse.ArgumentParser, *, preprocess: bool = True) ->
 def _load_for_use(args: argparse.Namespace):
     """(model, eval preprocessing) from --weights / --model and the preprocessing overrides."""
     from .checkpoint import load_model
-    from .predict import resolve_preprocess
+    from .predict import require_classifier, resolve_preprocess
 
     model = load_model(args.weights, name=args.model)
+    require_classifier(model, args.weights)  # eval and predict classify: encoder weights cannot
     prep = resolve_preprocess(model, img_size=getattr(args, "img_size", None), crop_pct=getattr(args, "crop_pct", None),
                               interpolation=getattr(args, "interpolation", None))
     return model, prep
@@ -257,15 +340,17 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                        "skipped.")
     _add_weights_args(p)
     p.add_argument("--data", required=True, help="class folder: DIR/<class>/<image files>")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=0, help="data-loading processes (default 0: in this process)")
+    p.add_argument("--batch-size", type=POSITIVE, default=64)
+    p.add_argument("--workers", type=NON_NEGATIVE, default=0,
+                   help="data-loading processes (default 0: in this process)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     _add_amp_arg(p)
     _add_runtime_args(p)
     p.add_argument("--compare-fp32", action="store_true", help="also evaluate PyTorch fp32 on the same images and "
                    "report the top-1 difference and the logit agreement (for --precision bf16 / int8)")
-    p.add_argument("--json", metavar="OUT", default=None, help="write every metric, the per-class accuracy and the "
-                   "confusion matrix to this JSON file")
+    p.add_argument("--json", metavar="OUT", nargs="?", const="-", default=None, help="write every metric, the "
+                   "per-class accuracy and the confusion matrix to this JSON file; on stdout with --json alone or "
+                   "--json - (the report for people then goes to stderr)")
     p.add_argument("--plots", metavar="DIR", default=None, help="write confusion_matrix.png and "
                    "per_class_accuracy.png into DIR")
     p.set_defaults(func=_run_eval)
@@ -298,8 +383,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         f"{prep.img_size} px, crop {prep.crop_pct}, {prep.interpolation}"
         + ("" if amp_dtype is None else f", autocast {args.amp}")
         + ("" if rt is None else f", {rt.name} {rt.precision}"))
-    say(f"top-1 {report['top1']:.2f}%  top-5 {report['top5']:.2f}%  loss {report['loss']:.4f}  "
-        f"({report['img_per_s']:.1f} img/s)")
+    top5 = "" if report["top5"] is None else f"top-5 {report['top5']:.2f}%  "  # None: 5 classes or fewer
+    say(f"top-1 {report['top1']:.2f}%  {top5}loss {report['loss']:.4f}  ({report['img_per_s']:.1f} img/s)")
     if "fp32" in report:
         ref = report["fp32"]
         say(f"vs PyTorch fp32: top-1 {ref['top1']:.2f}% ({ref['img_per_s']:.1f} img/s), delta "
@@ -326,19 +411,23 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="classify image files, folders and globs",
                        description="Print the top-k classes of each image. Unreadable files are reported on stderr "
                        "and skipped; the exit code is non-zero for them only with --fail-on-error (1), and 2 when no "
-                       "image at all was classified (e.g. a mistyped path). --json prints "
+                       "image at all was classified (e.g. a mistyped path). --json prints (--json OUT: writes) "
                        '{"topk", "class_names_from", "results": [{"path", "top": [{"index", "label", "prob"}]}], '
                        '"errors": [{"path", "error"}]} (prob: softmax probability, 0..1).')
     _add_weights_args(p)
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or globs")
-    p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=0, help="processes decoding and resizing images while the model "
-                   "runs (default 0: a thread of this process reads the next batch meanwhile)")
+    # PATH may be empty to argparse: an image right after --json is a PATH too (`_json_flag_then_path`).
+    p.add_argument("paths", nargs="*", metavar="PATH", help="image files, folders (searched recursively) or globs")
+    p.add_argument("--topk", type=POSITIVE, default=5)
+    p.add_argument("--batch-size", type=POSITIVE, default=32)
+    p.add_argument("--workers", type=NON_NEGATIVE, default=0, help="processes decoding and resizing images while the "
+                   "model runs (default 0: a thread of this process reads the next batch meanwhile)")
     p.add_argument("--device", default="cpu")
     _add_amp_arg(p)
     _add_runtime_args(p)
-    p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    p.add_argument("--json", metavar="OUT", nargs="?", const="-", default=None, help="the results as JSON: on "
+                   "stdout (--json alone, or --json -), or written to the file OUT, as eval --json does. An image "
+                   "file, folder or glob right after --json is still read as a PATH (JSON on stdout), as before "
+                   "--json took a file")
     p.add_argument("--plot", metavar="OUT.png", default=None, help="draw a grid of the first 32 images with "
                    "their top-k labels; an image in a folder named like a class is marked right (green ✓) or "
                    "wrong (red ✗) by its top-1")
@@ -346,19 +435,39 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_predict)
 
 
+def _json_flag_then_path(args: argparse.Namespace) -> None:
+    """`predict --json photo.jpg more.jpg`: before --json took a file, this printed JSON for both images.
+    A value after --json that names something predict reads (an image file name, a folder, a glob) is
+    therefore taken as the first PATH, with the JSON on stdout, rather than as a file to write over."""
+    from .data import IMG_EXTENSIONS
+
+    value = args.json
+    if value is not None and (value.lower().endswith(IMG_EXTENSIONS) or os.path.isdir(value)
+                              or set("*?[") & set(value)):
+        args.paths.insert(0, value)
+        args.json = "-"
+
+
 def _run_predict(args: argparse.Namespace) -> int:
     import json
     import time
 
     start = time.perf_counter()
-    from .outputs import check_output
+    from .outputs import check_output, is_stdout
     from .predict import predict, save_prediction_grid
 
-    if args.plot:  # never an input, nor a photo a shell glob put here (`--plot photos/*.jpg`)
-        check_output(args.plot, "--plot", kind="png",
-                     inputs=_reads(("--weights", args.weights), ("--calib", args.calib),
-                                   *(("PATH", p) for p in args.paths), folder_files=False),
-                     image_folders=[("PATH", p, 1) for p in args.paths] + [("--calib", args.calib, 1)])
+    _json_flag_then_path(args)
+    if not args.paths:
+        raise InputError("no PATH given: name the image files, folders or globs to classify")
+    json_out = args.json is not None and is_stdout(args.json)  # then nothing else goes to stdout
+    # Outputs: never an input, nor a photo a shell glob put there (`--plot photos/*.jpg`).
+    reads = _reads(("--weights", args.weights), ("--calib", args.calib), *(("PATH", p) for p in args.paths),
+                   folder_files=False)
+    images = [("PATH", p, 1) for p in args.paths] + [("--calib", args.calib, 1)]
+    if args.json is not None and not json_out:
+        check_output(args.json, "--json", kind="json", inputs=reads, image_folders=images)
+    if args.plot:
+        check_output(args.plot, "--plot", kind="png", inputs=reads, image_folders=images)
     amp_dtype = _amp_dtype(args)
     model, prep = _load_for_use(args)
     rt = _runtime_for(args, model, prep)
@@ -367,7 +476,7 @@ def _run_predict(args: argparse.Namespace) -> int:
                     preprocess=prep, thumbnails=32 if args.plot else 0, amp_dtype=amp_dtype, runtime=rt,
                     workers=args.workers)
     end = time.perf_counter()
-    if args.json:
+    if json_out:
         print(json.dumps(preds.to_json(), indent=1))
     else:
         for r in preds.results:
@@ -383,11 +492,14 @@ def _run_predict(args: argparse.Namespace) -> int:
           f"{n / (end - ready):.1f} img/s once the model was loaded{' and the runtime compiled' if rt else ''} "
           f"(reading, resizing and {rt.name if rt else 'torch'} {args.precision}; --workers {args.workers})",
           file=sys.stderr)
+    if args.json is not None and not json_out:
+        _write_json(args.json, preds.to_json())
+        print(f"wrote {args.json}")
     if args.plot:
         path = save_prediction_grid(preds, args.plot)
         n, shown = len(preds.results), len(preds.thumbnails)
         print(f"wrote {path}" + (f" (the first {shown} of {n} images)" if shown < n else ""),
-              file=sys.stderr if args.json else sys.stdout)
+              file=sys.stderr if json_out else sys.stdout)
     return 1 if (args.fail_on_error and preds.errors) else 0
 
 
@@ -400,13 +512,14 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     _add_weights_args(p, preprocess=False)
     p.add_argument("--onnx", metavar="OUT.onnx", default=None, help="write the fp32 graph here; without it the graph "
                    "for --runtime / --precision is made in the runtime cache (what eval / predict --runtime use)")
-    p.add_argument("--img-size", type=int, default=None, help="input size of the exported graph (with "
+    p.add_argument("--img-size", type=IMG_SIZE, default=None, help="input size of the exported graph (with "
                    "--dynamic-size: the eval size it is checked at and the sidecar's preprocessing)")
     p.add_argument("--dynamic-size", action="store_true", help="with --onnx: a graph whose height and width are "
                    "dynamic too (window layout, shift masks and position bias computed in the graph), so one file "
                    "runs at any image size; 0-6%% slower than the fixed graph in ONNX Runtime and OpenVINO "
                    "(SwinV2-T, 256 px, batch 8, 2 threads)")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=_opset, default=None, help="with --onnx: the ONNX opset, 14 to the newest this "
+                   "PyTorch exports (default 17, as the runtime cache)")
     p.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime comparison")
     _add_runtime_args(p, default_runtime=None)
     p.set_defaults(func=_run_export)
@@ -414,13 +527,15 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 def _run_export(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
-    from .export import export_onnx
+    from .export import DEFAULT_OPSET, export_onnx
 
     if args.onnx is not None and (args.precision != "fp32" or args.runtime is not None or args.calib):
         raise InputError("--onnx writes the fp32 graph; --runtime / --precision / --calib export into the runtime "
                         "cache instead (drop --onnx)")
     if args.dynamic_size and args.onnx is None:
         raise InputError("--dynamic-size needs --onnx OUT.onnx: the runtime cache holds fixed-size graphs")
+    if args.opset is not None and args.onnx is None:
+        raise InputError(f"--opset needs --onnx OUT.onnx: the runtime cache holds opset-{DEFAULT_OPSET} graphs")
     if args.onnx is not None:  # the graph and its sidecar OUT.onnx.json: never an input or another kind of file
         from .outputs import check_output
 
@@ -429,8 +544,8 @@ def _run_export(args: argparse.Namespace) -> int:
         check_output(args.onnx + ".json", "--onnx (its sidecar)", kind="json", inputs=reads, create=False)
     model = load_model(args.weights, name=args.model)
     if args.onnx is not None:
-        print(export_onnx(model, args.onnx, img_size=args.img_size, opset=args.opset, check=not args.no_check,
-                          dynamic_size=args.dynamic_size))
+        print(export_onnx(model, args.onnx, img_size=args.img_size, opset=args.opset or DEFAULT_OPSET,
+                          check=not args.no_check, dynamic_size=args.dynamic_size))
         return 0
     from .runtime import load_runtime
 
@@ -450,8 +565,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="registry name (see `swinv2 models`)")
     p.add_argument("--weights", default=None, help="weights to time, a file or NAME[.TAG] (default: the same random "
                    "weights for all)")
-    p.add_argument("--batch-size", type=int, nargs="+", default=[8])
-    p.add_argument("--img-size", type=int, nargs="+", default=[None], help="default: the variant's size")
+    p.add_argument("--batch-size", type=POSITIVE, nargs="+", default=[8])
+    p.add_argument("--img-size", type=IMG_SIZE, nargs="+", default=[None], help="default: the variant's size")
     p.add_argument("--dtype", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"],
                    help="inference: weights and input in this dtype; --train: autocast (fp16: CUDA only)")
     p.add_argument("--compile", action="store_true", help="torch.compile every implementation")
@@ -462,16 +577,16 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="ours with sequential attention: CPU training recomputes the attention probabilities in "
                         "the backward instead of keeping them (peers unchanged)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds (median and spread over them)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed calls per implementation first")
-    p.add_argument("--iters", type=int, default=3, help="timed calls per implementation per round")
+    p.add_argument("--repeats", type=POSITIVE, default=5, help="timed rounds (median and spread over them)")
+    p.add_argument("--warmup", type=NON_NEGATIVE, default=2, help="untimed calls per implementation first")
+    p.add_argument("--iters", type=POSITIVE, default=3, help="timed calls per implementation per round")
     p.add_argument("--compare", default="", help="comma-separated peers: timm,hf,torchvision, and the runtimes "
                    "onnxruntime,openvino (our exported graph; CPU inference)")
     p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "int8"],
                    help="the runtimes' precisions, one row each (bf16 where the CPU has it; int8 calibrated on "
                    "--calib, else on seeded noise: fine for speed, not for accuracy)")
     p.add_argument("--calib", metavar="DIR", default=None, help="int8 runtime rows: calibration images")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=POSITIVE, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--matmul-peak", action="store_true", help="also measure the matrix-multiply GFLOP/s limit")
     p.add_argument("--json", metavar="OUT", default=None, help="write meta + results to this JSON file")
@@ -485,7 +600,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                         "bf16: oneDNN's weight layout made once vs on every call), half-attention (with --dtype "
                         "bf16/fp16: fp32 logits vs SDPA's flash kernel), flush (with --train: flushed vs plain "
                         "attention softmax)")
-    p.add_argument("--own-process", type=int, metavar="ROUNDS", default=None,
+    p.add_argument("--own-process", type=POSITIVE, metavar="ROUNDS", default=None,
                    help="run ours and each --compare peer alone, each in ROUNDS fresh processes (alternating), "
                         "instead of side by side in this one")
     p.add_argument("--flush-denormal", action="store_true",
@@ -536,6 +651,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     # the build order swapped); retained, none faults after its warm-up, whatever the order.
     retained = False if args.default_malloc else allocator.retain_freed_cpu_memory()
     compare = [c.strip() for c in args.compare.split(",") if c.strip()]
+    bench.check_peers([c for c in compare if c not in bench.RUNTIME_IMPLS])  # also for --own-process's children
     if args.own_process and args.ab:
         raise InputError("--ab compares within one process; leave out --own-process")
     if args.own_process:
@@ -572,11 +688,12 @@ def _run_bench(args: argparse.Namespace) -> int:
 def _add_viz_cpb(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("viz-cpb", help="heat maps of the learned continuous position bias, every layer and head",
                        description="Draw 16*sigmoid(cpb_mlp(offset)) over the (2w-1)x(2w-1) relative offsets of every "
-                       "block and head, one PNG per stage. --window evaluates every stage at that window (any size: "
-                       "shows the log-spaced extrapolation).")
+                       "block and head, one PNG per stage. --window evaluates every stage at that window (any size "
+                       f"up to {MAX_CPB_WINDOW}: shows the log-spaced extrapolation).")
     _add_weights_args(p, preprocess=False)
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--window", type=int, default=None, help="window for every stage (default: each stage's own)")
+    p.add_argument("--window", type=_int_in(1, MAX_CPB_WINDOW), default=None,
+                   help=f"window for every stage, 1 to {MAX_CPB_WINDOW} (default: each stage's own)")
     p.set_defaults(func=_run_viz_cpb)
 
 
@@ -623,10 +740,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    "metrics and weights are removed) instead of resuming it; needed to --resume a checkpoint of "
                    "another run into a folder that holds a run")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--list-keys", action="store_true", help="list every config key (for the recipe or as "
+                   "KEY=VALUE) with its type, default and valid values, and exit")
     p.add_argument("--check-data", action="store_true", help="scan the dataset (unreadable files, image modes, "
                    "empty or mismatched classes, class balance) and exit; non-zero exit if files are unreadable")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.epochs=2 "
-                   "data.batch_size=64 optim.lr=1e-3; a stage's own keys: stages.0.train.epochs=1")
+                   "data.batch_size=64 optim.lr=1e-3; a stage's own keys: stages.0.train.epochs=1 "
+                   "(--list-keys lists the keys)")
     p.set_defaults(func=_run_train)
 
 
@@ -634,8 +754,11 @@ def _run_train(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from .config import load_config
+    from .config import load_config, schema_text
 
+    if args.list_keys:
+        print(schema_text(), end="")
+        return 0
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(cfg.to_yaml(), end="")
@@ -655,8 +778,8 @@ def _run_train(args: argparse.Namespace) -> int:
         if cfg.stages:  # a multi-stage recipe: one run directory per stage under --out
             from .recipes import fit_recipe, shadowed_overrides
 
-            for warning in shadowed_overrides(cfg, args.overrides):
-                log.warning("%s", warning)
+            for warning in shadowed_overrides(cfg, args.overrides):  # config warnings: rank 0's alone (`main`)
+                logging.getLogger("swinv2.config").warning("%s", warning)
             summary = fit_recipe(cfg, out, resume=args.resume, allow_config_change=args.allow_config_change,
                                  start_over=args.start_over)
         else:
@@ -674,7 +797,8 @@ def _run_train(args: argparse.Namespace) -> int:
             best = summary.get("best")
             best = f"; best {best[next(k for k in best if k != 'epoch')]:.2f}% at epoch {best['epoch']}" if best else ""
             ema = f" (EMA top-1 {final['val_ema_top1']:.2f}%)" if "val_ema_top1" in final else ""
-            print(f"final val top-1 {final['val_top1']:.2f}%  top-5 {final['val_top5']:.2f}%{ema}{best}")
+            top5 = f"  top-5 {final['val_top5']:.2f}%" if (summary.get("num_classes") or 6) > 5 else ""  # else 100%
+            print(f"final val top-1 {final['val_top1']:.2f}%{top5}{ema}{best}")
         elif "val_loss" in final:  # pretraining (train.task: simmim): a reconstruction loss, no accuracy
             best = summary.get("best")
             best = f"; best {best[next(k for k in best if k != 'epoch')]:.4f} at epoch {best['epoch']}" if best else ""
@@ -711,14 +835,19 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="swinv2", description="Swin Transformer V2: train, evaluate, convert, "
-                                     "export and benchmark.")
+    parser = _OneLineParser(prog="swinv2", description="Swin Transformer V2: train, evaluate, convert, "
+                            "export and benchmark.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--version", action="version", version=f"swinv2 {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)
     return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    _check_device(args)
+    return int(args.func(args) or 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -732,12 +861,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif extra:
         parser.parse_args(argv)  # argparse's own error for anything else
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    # Under torchrun every rank reads the same config: its warnings are said once, by rank 0.
+    logging.getLogger("swinv2.config").setLevel(logging.NOTSET if os.environ.get("RANK", "0") == "0"
+                                                 else logging.ERROR)
     if args.command in RETAIN_MEMORY_COMMANDS:
         allocator.retain_freed_cpu_memory()
     if args.debug:
-        return int(args.func(args) or 0)
+        return _run(args)
     try:
-        return int(args.func(args) or 0)
+        return _run(args)
+    except KeyboardInterrupt:  # Ctrl-C; outputs are renamed into place whole, so none is half-written
+        print(f"swinv2 {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     except (SwinV2Error, OSError) as e:  # the user's input or files; anything else is a bug: traceback
         print(f"swinv2 {args.command}: error: {e}", file=sys.stderr)
         return 2

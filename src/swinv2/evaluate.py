@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from .data import (BadImageError, ImageFolderDataset, Sample, collate, folder_warnings, load_image,
                    scan_class_folders)
 from .errors import InputError
-from .predict import _transform, resolve_preprocess
+from .predict import _transform, require_classifier, resolve_preprocess
 from .preprocess import EvalPreprocess
 from .registry import model_info
 
@@ -199,7 +199,8 @@ def evaluate_folder(model: nn.Module, data: str | os.PathLike, *, weights: str =
                     runtime: Any = None, compare_fp32: bool = False) -> dict[str, Any]:
     """Top-1 / top-5 / loss / per-class accuracy of `model` on the class folder `data`.
 
-    Returns `evaluate`'s metrics (loss, top1, top5, n, img_per_s, skipped) plus "classes" (the
+    Returns `evaluate`'s metrics (loss, top1, top5, n, img_per_s, skipped; "top5" is None for a model
+    of 5 classes or fewer, where it would be 100% whatever the model does) plus "classes" (the
     model's class list), "confusion" (C x C list, rows = true class), "per_class" (one
     {"class", "n", "correct", "top1"} per class with images), "empty_classes" (class folders without
     images), "warnings" (the class-folder lines, also logged), "errors" (unreadable files) and
@@ -215,6 +216,7 @@ def evaluate_folder(model: nn.Module, data: str | os.PathLike, *, weights: str =
     from torch.utils.data import DataLoader
 
     data = os.fspath(data)
+    require_classifier(model, weights)
     classes = check_class_map(model_info(model).class_names, model.config.num_classes,
                               scan_class_folders(data), weights=weights, data=data)
     prep = preprocess or resolve_preprocess(model)
@@ -235,6 +237,8 @@ def evaluate_folder(model: nn.Module, data: str | os.PathLike, *, weights: str =
                            "top1_delta": metrics["top1"] - fp32["top1"],
                            **agreement(torch.cat(net.logits or [torch.zeros(0, 0)]),
                                        torch.cat(ref.logits or [torch.zeros(0, 0)]))}
+    if model.config.num_classes <= 5:
+        metrics["top5"] = None
     confusion = metrics.pop("confusion")
     correct = confusion.diag().tolist()
     counts = confusion.sum(dim=1).tolist()

@@ -29,6 +29,12 @@ within `atol` is it renamed into place, so a failed export leaves nothing behind
 `<out>.json` records what a deployment needs besides the graph: input / output names, the image
 size (null for a dynamic graph, with `"dynamic_size": true`), the eval preprocessing and the class
 names.
+
+The graph and its sidecar are one unit (`swinv2.units`): each export draws an id, stored in the
+graph's `metadata_props` (key "swinv2.unit_id") and in the sidecar ("unit_id"), which is written
+after the graph. `read_sidecar` refuses, in one line, a sidecar of another export than its graph (an
+export killed between the two). Exports into the same folder run one at a time, and the first one
+after a kill removes the temp files it left (`.<out>.XXXXXXXX.tmp`).
 """
 from __future__ import annotations
 
@@ -46,15 +52,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import InputError
+from .errors import CheckpointError, InputError
 from .outputs import atomic_file, write_output
 from .registry import model_info
+from .units import new_unit_id, remove_stale_temps, torn, unit_lock
 
 log = logging.getLogger(__name__)
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 DEFAULT_OPSET = 17
+UNIT_KEY = "swinv2.unit_id"  # the graph's metadata_props key holding the id its sidecar must carry
 
 
 @dataclass
@@ -172,19 +180,27 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, img_size: int | No
         raise InputError(f"img_size must be positive, got {img_size}")
     model = model.eval().float().cpu()
     start = time.perf_counter()
-    # Written under a temp name and renamed into place only once it passed the check.
-    with atomic_file(path) as tmp:
-        # Traced at batch 2: a batch of 1 could let the tracer treat the batch axis as a constant 1.
-        x = torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            (_export_dynamic_graph if dynamic_size else _export_graph)(model, os.fspath(tmp), x, opset)
-        sizes = dynamic_check_sizes(img_size) if dynamic_size else [(img_size, img_size)]
-        diffs = _check_sizes(tmp, model, sizes, check_batches) if check else {}
-        bad = {b: d for b, d in diffs.items() if not d <= atol}  # `not <=` also catches NaN
-        if bad:
-            raise InputError(f"ONNX Runtime differs from PyTorch by {max(bad.values()):.3g} (> {atol:g}) at batch "
-                             f"{', '.join(map(str, bad))}; {path} was not written")
-    _write_sidecar(path, model, img_size, opset, dynamic_size)
+    unit = new_unit_id()  # this export's id, in the graph and in its sidecar
+    sidecar = sidecar_path(path)
+    # One export at a time into the folder: the graph and its sidecar are published as a pair, and a
+    # temp file of ours for these names found meanwhile is a killed export's.
+    with unit_lock(path.parent) as taken:
+        if taken:
+            remove_stale_temps(path.parent, (path.name, sidecar.name))
+        # Written under a temp name and renamed into place only once it passed the check.
+        with atomic_file(path) as tmp:
+            # Traced at batch 2: a batch of 1 could let the tracer treat the batch axis as a constant 1.
+            x = torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                (_export_dynamic_graph if dynamic_size else _export_graph)(model, os.fspath(tmp), x, opset)
+            add_graph_metadata(tmp, {UNIT_KEY: unit})  # before the check: it checks the bytes that are kept
+            sizes = dynamic_check_sizes(img_size) if dynamic_size else [(img_size, img_size)]
+            diffs = _check_sizes(tmp, model, sizes, check_batches) if check else {}
+            bad = {b: d for b, d in diffs.items() if not d <= atol}  # `not <=` also catches NaN
+            if bad:
+                raise InputError(f"ONNX Runtime differs from PyTorch by {max(bad.values()):.3g} (> {atol:g}) at "
+                                 f"batch {', '.join(map(str, bad))}; {path} was not written")
+        _write_sidecar(path, model, img_size, opset, dynamic_size, unit)  # last: it describes the graph
     report = ExportReport(os.fspath(path), img_size, opset, time.perf_counter() - start, atol, diffs,
                           dynamic_size, sizes if check else [])
     log.debug("%s", report)
@@ -202,10 +218,12 @@ def _check_sizes(path: Path, model: nn.Module, sizes: Sequence[tuple[int, int]],
     return diffs
 
 
-def _write_sidecar(path: Path, model: nn.Module, img_size: int, opset: int, dynamic_size: bool = False) -> None:
+def _write_sidecar(path: Path, model: nn.Module, img_size: int, opset: int, dynamic_size: bool = False,
+                   unit: str | None = None) -> None:
     """`<out>.json`: names, shapes, preprocessing and classes, so the .onnx can be used on its own.
     A dynamic graph has `"img_size": null` and `"dynamic_size": true`; `"eval_img_size"` (and the
-    preprocessing's size) is the size its images are resized and cropped to in eval, `img_size`."""
+    preprocessing's size) is the size its images are resized and cropped to in eval, `img_size`.
+    `"unit_id"` is the id in the graph's metadata_props (`UNIT_KEY`): a reader compares the two."""
     described = model_info(model)
     prep = described.preprocess
     spatial: list[Any] = ["height", "width"] if dynamic_size else [img_size, img_size]
@@ -220,6 +238,146 @@ def _write_sidecar(path: Path, model: nn.Module, img_size: int, opset: int, dyna
         "class_names": described.class_names,
         "config": model.config.to_dict(),
     }
+    if unit is not None:
+        info["unit_id"] = unit
     if prep.img_size != img_size:
         info["preprocess"] = {**asdict(prep), "img_size": img_size}
-    write_output(path.with_name(path.name + ".json"), json.dumps(info, indent=1))
+    write_output(sidecar_path(path), json.dumps(info, indent=1))
+
+
+# --------------------------------------------------------------------------- the graph's metadata and its sidecar
+
+_MODEL_METADATA_PROPS = 14  # ModelProto.metadata_props: repeated StringStringEntryProto {key = 1; value = 2}
+_MAX_ENTRY = 1 << 20  # a metadata entry larger than this is skipped, never read into memory
+
+
+def sidecar_path(graph: str | os.PathLike) -> Path:
+    """`<graph>.json`, the sidecar `export_onnx` writes beside the graph."""
+    graph = Path(graph)
+    return graph.with_name(graph.name + ".json")
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def add_graph_metadata(path: str | os.PathLike, props: dict[str, str]) -> None:
+    """Add `props` to the ONNX file's `metadata_props`, by appending the serialized entries: protobuf
+    parsers merge a message's concatenated parts, appending to a repeated field (onnx, ONNX Runtime
+    and OpenVINO read them like any other entry), so the graph is not parsed or rewritten."""
+    with open(path, "ab") as f:
+        for key, value in props.items():
+            f.write(_field(_MODEL_METADATA_PROPS, _field(1, key.encode()) + _field(2, value.encode())))
+
+
+def _read_varint(f: Any) -> int | None:
+    """The next varint of `f`; None at the end of the file."""
+    n, shift = 0, 0
+    while True:
+        b = f.read(1)
+        if not b:
+            if shift:
+                raise EOFError
+            return None
+        n |= (b[0] & 0x7F) << shift
+        if not b[0] & 0x80:
+            return n
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _entry(raw: bytes) -> tuple[str, str]:
+    """(key, value) of a serialized StringStringEntryProto."""
+    import io
+
+    f, out = io.BytesIO(raw), {1: "", 2: ""}
+    while (tag := _read_varint(f)) is not None:
+        if tag & 7 != 2:
+            raise ValueError("unexpected wire type in a metadata entry")
+        n = _read_varint(f)
+        if n is None:
+            raise EOFError
+        data = f.read(n)
+        if len(data) != n:
+            raise EOFError
+        if tag >> 3 in out:
+            out[tag >> 3] = data.decode()
+    return out[1], out[2]
+
+
+def graph_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The `metadata_props` of an ONNX file (a later entry wins), read by walking the top-level fields
+    of its ModelProto and seeking past the others (the graph, the weights): cheap at any size.
+    Raises CheckpointError naming the file where it is not a complete protobuf message."""
+    props: dict[str, str] = {}
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            while (tag := _read_varint(f)) is not None:
+                number, wire = tag >> 3, tag & 7
+                if wire == 0:
+                    if _read_varint(f) is None:
+                        raise EOFError
+                elif wire == 1 or wire == 5:
+                    f.seek(8 if wire == 1 else 4, os.SEEK_CUR)
+                elif wire == 2:
+                    n = _read_varint(f)
+                    if n is None:
+                        raise EOFError
+                    if number == _MODEL_METADATA_PROPS and n <= _MAX_ENTRY:
+                        raw = f.read(n)
+                        if len(raw) != n:
+                            raise EOFError
+                        key, value = _entry(raw)
+                        props[key] = value
+                    else:
+                        f.seek(n, os.SEEK_CUR)
+                else:
+                    raise ValueError(f"wire type {wire}")
+                if number == 0 or f.tell() > size:
+                    raise EOFError
+    except (EOFError, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not a complete ONNX graph (truncated or not protobuf: "
+                              f"{type(e).__name__}{': ' + str(e) if str(e) else ''})") from None
+    return props
+
+
+def read_sidecar(graph: str | os.PathLike) -> dict[str, Any]:
+    """The sidecar `<graph>.json` of an exported graph, checked to describe this graph.
+
+    Where the graph carries an export id (`UNIT_KEY` in its metadata_props: `export_onnx` wrote it),
+    the sidecar must carry the same: the sidecar is written after the graph, so an export killed
+    between the two leaves the new graph beside the old sidecar (or none), and that is refused with
+    CheckpointError (one line: an interrupted export, export again). A graph without one (exported
+    elsewhere, or post-processed by a tool that drops metadata) goes with its sidecar as it is.
+    Raises FileNotFoundError where there is no sidecar, CheckpointError where it is not JSON.
+    """
+    graph = Path(graph)
+    side = sidecar_path(graph)
+    unit = graph_metadata(graph).get(UNIT_KEY)
+    try:
+        info = json.loads(side.read_text())
+    except FileNotFoundError:
+        if unit is not None:
+            raise torn(graph, f"the graph (export {unit}) has no sidecar {side.name}") from None
+        raise
+    except ValueError as e:
+        raise CheckpointError(f"{side}: not valid JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{side}: holds a JSON {type(info).__name__}, not an object")
+    if unit is not None and info.get("unit_id") != unit:
+        said = f"export {info['unit_id']}" if info.get("unit_id") else "no export id (an older sidecar)"
+        raise torn(graph, f"the graph (export {unit}) and its sidecar {side.name} ({said}) come from different "
+                          f"exports")
+    return info

@@ -21,7 +21,16 @@ request within the call (from the last 10 MB chunk written). Between calls nothi
 huggingface_hub 2.4 (tested here) downloads into a per-process temporary file that it deletes on
 failure (its PR #4228; 0.x versions resumed a shared ``.incomplete`` file instead), so a call that
 gives up leaves nothing under the final name and the next one starts over. A file in the cache is
-used without any network access. Sources of a record are tried in order (timm's safetensors first);
+used without any network access.
+
+A process killed while downloading does leave its temporary file, `blobs/<etag>.<8 hex>.incomplete`
+(`<etag>.incomplete` from huggingface_hub 0.x), often 0 bytes; it is never read (only a finished
+download is renamed to the blob). `fetch` removes those of the blob it is about to download or has
+found in the cache, when huggingface_hub's own lock for that blob (``.locks/<repo>/<etag>.lock``,
+held by every download of it) can be taken at once and the file was last written `STALE_AFTER_S`
+ago: a download in progress, in this process or another, is never touched; the age also spares one
+on a filesystem where that lock is not honoured (huggingface_hub allows for those). Nothing else in
+the cache is removed. Sources of a record are tried in order (timm's safetensors first);
 only "no such repo / file" moves on to the next one. This module imports `registry` only;
 `huggingface_hub` is imported when a file is looked up, so `import swinv2` stays fast.
 """
@@ -31,6 +40,7 @@ import hashlib
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +58,7 @@ SOURCES = {
 OFFICIAL_RELEASE = "https://github.com/SwinTransformer/storage/releases/download/v2.0.0/"
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".tar")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+STALE_AFTER_S = 60.0  # a download's temporary file unwritten for this long, with its lock free, is left by a kill
 
 
 class WeightsUnavailableError(SwinV2Error, OSError):
@@ -285,6 +296,9 @@ def fetch(record: WeightsRecord | str) -> Path:
     if hit is not None:
         _verify(*hit, downloaded=False)
         log.info("%s: using the cached %s", rec.spec, hit[0])
+        blob = Path(os.path.realpath(hit[0]))
+        if blob.parent.name == "blobs":
+            remove_stale_partials(blob.parent.parent, blob.name)
         return hit[0]
     hf, constants = _hf()
     from huggingface_hub.utils import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
@@ -304,14 +318,17 @@ def fetch(record: WeightsRecord | str) -> Path:
     for source in rec.files:
         # One HEAD first, without huggingface_hub's back-off: no network fails at once, in one line.
         try:
-            hf.get_hf_file_metadata(hf.hf_hub_url(source.repo, source.filename))
+            meta = hf.get_hf_file_metadata(hf.hf_hub_url(source.repo, source.filename))
         except not_there as e:
             missing.append(f"{source} ({type(e).__name__})")
             continue
         except HfHubHTTPError:
-            pass  # the hub answered, with an error (e.g. 503): hf_hub_download retries it
+            meta = None  # the hub answered, with an error (e.g. 503): hf_hub_download retries it
         except Exception as e:  # DNS, connection refused, timeout, proxy
             raise unreachable(source, e) from None
+        if meta is not None and meta.etag:  # what an earlier download of this blob, killed, left
+            repo_folder = constants.REPO_ID_SEPARATOR.join(["models", *source.repo.split("/")])
+            remove_stale_partials(cache_dir() / repo_folder, meta.etag)
         log.info("%s: downloading %s from %s", rec.spec, source, constants.ENDPOINT)
         try:
             path = Path(hf.hf_hub_download(source.repo, source.filename))
@@ -327,6 +344,47 @@ def fetch(record: WeightsRecord | str) -> Path:
         return path
     raise WeightsUnavailableError(f"{rec.spec}: none of its files is on {constants.ENDPOINT}: {'; '.join(missing)}; "
                                   f"{_manual(rec)}")
+
+
+def remove_stale_partials(repo_folder: Path, etag: str) -> list[Path]:
+    """Remove what killed downloads of the blob `etag` left in `repo_folder/blobs` (see the module
+    docstring for when a file counts as left); returns what was removed. Never raises."""
+    blobs = repo_folder / "blobs"
+    pattern = re.compile(re.escape(etag) + r"(\.[0-9a-f]{8})?\.incomplete")
+    try:
+        partials = [p for p in blobs.iterdir() if pattern.fullmatch(p.name)]
+    except OSError:
+        return []
+    if not partials:
+        return []
+    from filelock import FileLock, Timeout  # huggingface_hub's own lock, on the same file
+
+    lock = FileLock(cache_dir() / ".locks" / repo_folder.name / f"{etag}.lock", mode=0o664)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.debug("%s: a download of it is in progress; its partial files are left alone", etag)
+        return []
+    except Exception as e:  # no flock here (huggingface_hub falls back to a soft lock), a read-only cache
+        log.debug("%s: cannot take its lock (%s); its partial files are left alone", etag, e)
+        return []
+    removed = []
+    try:
+        now = time.time()
+        for p in partials:
+            try:
+                st = p.stat()
+                if now - st.st_mtime < STALE_AFTER_S or not p.is_file():
+                    continue
+                p.unlink()
+            except OSError as e:
+                log.debug("could not remove %s: %s", p, e)
+                continue
+            log.warning("removed %s (%d bytes), left by an interrupted download", p, st.st_size)
+            removed.append(p)
+    finally:
+        lock.release()
+    return removed
 
 
 def _first_line(e: BaseException) -> str:

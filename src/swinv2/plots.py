@@ -194,17 +194,21 @@ def plot_reconstructions(rows: dict[str, np.ndarray], path: str | os.PathLike, *
 # --------------------------------------------------------------------------- training
 
 
-def plot_training_curves(metrics: Sequence[dict], out_png: str | os.PathLike) -> Path:
+def plot_training_curves(metrics: Sequence[dict], out_png: str | os.PathLike, *,
+                         num_classes: int | None = None) -> Path:
     """Loss, accuracy and learning-rate curves from the rows of a run's metrics.jsonl.
 
     Uses the keys present: train_loss / val_loss / val_ema_loss, val_top1 / val_top5 / val_ema_top1
-    (percent) and lr (the LR at each epoch's last step), all against `epoch`.
+    (percent) and lr (the LR at each epoch's last step), all against `epoch`. Top-5 is left out for a
+    model of `num_classes` <= 5, where it is always 100%.
     """
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    accuracy = [("val_top1", "val top-1"), ("val_top5", "val top-5"), ("val_ema_top1", "val top-1 (EMA)")]
+    if num_classes is not None and num_classes <= 5:
+        accuracy.remove(("val_top5", "val top-5"))
     panels = [
         (axes[0], "loss", [("train_loss", "train"), ("val_loss", "val"), ("val_ema_loss", "val (EMA)")]),
-        (axes[1], "accuracy (%)", [("val_top1", "val top-1"), ("val_top5", "val top-5"),
-                                   ("val_ema_top1", "val top-1 (EMA)")]),
+        (axes[1], "accuracy (%)", accuracy),
         (axes[2], "learning rate", [("lr", "lr")]),
     ]
     for ax, ylabel, series in panels:

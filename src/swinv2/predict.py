@@ -67,10 +67,13 @@ def require_classifier(model: nn.Module, weights: str | os.PathLike = "the model
         return
     name = model_info(model).model_name or "NAME"
     weights = os.fspath(weights)
+    if name == "swinv2_micro_window4_32":  # the demo's model: its own recipe, at its learning rate
+        recipe = "configs/finetune_micro.yaml"
+    else:
+        recipe = f"configs/finetune.yaml model.name={name} model.pretrained=false"
     raise InputError(f"{weights}: encoder weights without a classifier head (num_classes=0, e.g. a SimMIM "
                      f"pretraining's best.safetensors); fine-tune them on class folders first: swinv2 train --config "
-                     f"configs/finetune.yaml model.name={name} model.pretrained=false model.weights={weights} "
-                     f"data.root=DIR (docs/training.md, SimMIM)")
+                     f"{recipe} model.weights={weights} data.root=DIR (docs/training.md, SimMIM)")
 
 
 def resolve_preprocess(model: nn.Module, *, img_size: int | None = None, crop_pct: float | None = None,

@@ -368,7 +368,7 @@ class RunDir:
             self._tb.flush()
         from .plots import plot_training_curves
 
-        plot_training_curves(history, self.out / "curves.png")
+        plot_training_curves(history, self.out / "curves.png", num_classes=self.cfg.model.num_classes)
 
     def log_epoch(self, row: dict[str, Any], epochs: int) -> None:
         self._epoch_times.append(row["epoch_time_s"])
@@ -389,6 +389,7 @@ class RunDir:
                                "curves": str(self.out / "curves.png"), "metrics": str(self.out / "metrics.jsonl")}
         if (self.out / "best.safetensors").exists():
             out["weights"] = str(self.out / "best.safetensors")
+        out["num_classes"] = self.cfg.model.num_classes
         if history:
             out["final"] = history[-1]
         if best:

@@ -26,6 +26,13 @@ lives in `<weights>.exports/` beside a weights file whose folder is writable, el
 An entry whose key differs (the weights were retrained in place) is reported as stale in one line
 and made again; an entry without its key file (an interrupted write) is simply made again. Graph
 files are written under temporary names and renamed into place.
+
+An entry is one unit of files (`swinv2.units`): its key also binds the files it was written with
+(`"bound"`: the export id in the fp32 graph and its sidecar; the SHA-256 of the int8 .xml and .bin),
+checked on every use, so a graph of another write beside the key (a write killed or interleaved,
+a file replaced by hand) is made again, never run. Processes using a cache folder take turns
+(`units.unit_lock`: check, build and load under it), and the first one after a kill removes the temp
+files and folders it left there (`.NAME.XXXXXXXX.tmp`, `.int8-XXXXXXXX`).
 """
 from __future__ import annotations
 
@@ -52,6 +59,7 @@ from .errors import InputError
 from .hardware import cpu_name
 from .outputs import atomic_write
 from .registry import model_info
+from .units import remove_stale_temps, unit_lock
 
 log = logging.getLogger(__name__)
 
@@ -177,24 +185,78 @@ def _read_key(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _cached(graph: Path, key: dict[str, Any], build: Callable[[Path], None]) -> Path:
-    """`graph`, made by `build(graph)` unless its key file matches `key`. The key file is written after
-    the graph, so a graph without one (an interrupted write) is made again."""
+# Temp folders `int8_openvino` builds in (tempfile.TemporaryDirectory(prefix=...)), removed after a kill.
+_TEMP_DIRS = (".int8-",)
+
+
+@contextlib.contextmanager
+def _cache_folder(root: Path):
+    """`root` created and locked for this process (`units.unit_lock`); what a killed process left in it
+    removed first. Every file in an export-cache folder is ours and written under this lock."""
+    root.mkdir(parents=True, exist_ok=True)
+    with unit_lock(root) as taken:
+        if taken:
+            remove_stale_temps(root, None, dirs=_TEMP_DIRS)
+        yield
+
+
+def _bind_onnx(graph: Path) -> dict[str, Any]:
+    """What binds an fp32 entry's files: the export id its graph and sidecar share (`export.read_sidecar`
+    raises CheckpointError where they differ)."""
+    from .export import UNIT_KEY, graph_metadata, read_sidecar
+
+    read_sidecar(graph)
+    return {"unit_id": graph_metadata(graph).get(UNIT_KEY)}
+
+
+def _bind_ir(xml: Path) -> dict[str, Any]:
+    """What binds an int8 entry's files: the SHA-256 of its .xml and .bin (OpenVINO's IR has no id to compare)."""
+    out = {}
+    for p in (xml, xml.with_suffix(".bin")):
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda f=f: f.read(1 << 22), b""):
+                h.update(block)
+        out[p.name] = h.hexdigest()
+    return {"sha256": out}
+
+
+def _unbound(graph: Path, old: dict[str, Any], bind: Callable[[Path], dict[str, Any]]) -> str | None:
+    """Why the entry's files are not those its key was written with (None: they are)."""
+    if "bound" not in old:
+        return "its key binds no files (made by an older version)"
+    try:
+        now = bind(graph)
+    except (OSError, ValueError) as e:  # CheckpointError (a torn pair), a file missing or unreadable
+        return str(e).splitlines()[0]
+    return None if now == old["bound"] else ("its files are not those its key was written with (an interrupted or "
+                                              "mixed write, or a file replaced)")
+
+
+def _cached(graph: Path, key: dict[str, Any], build: Callable[[Path], None],
+            bind: Callable[[Path], dict[str, Any]]) -> Path:
+    """`graph`, made by `build(graph)` unless its key file matches `key` and its files are those the key
+    binds (`bind(graph)`, stored as the key's "bound"). The key file is written after the files, so a
+    graph without one (an interrupted write) is made again. Runs under the folder's lock."""
     key_path = graph.with_name(graph.name + ".key.json")
-    old = _read_key(key_path) if key_path.exists() else None
-    if old == key and graph.exists():
-        log.debug("using the cached export %s", graph)
-        return graph
-    if old is not None and old.get("sha256") != key["sha256"]:
-        log.warning("stale cached export %s: the weights changed since it was made (sha256 %s... then, %s... now); "
-                    "exporting again", graph, str(old.get("sha256"))[:12], key["sha256"][:12])
-    elif old is not None:
-        changed = ", ".join(k for k in key if old.get(k) != key[k]) or "its graph file is missing"
-        log.info("cached export %s was made with other settings (%s); exporting again", graph, changed)
-    key_path.unlink(missing_ok=True)
-    graph.parent.mkdir(parents=True, exist_ok=True)
-    build(graph)
-    _write_json_atomic(key_path, key)
+    with _cache_folder(graph.parent):
+        old = _read_key(key_path) if key_path.exists() else None
+        same = old is not None and {k: v for k, v in old.items() if k != "bound"} == key
+        if same and graph.exists():
+            problem = _unbound(graph, old, bind)
+            if problem is None:
+                log.debug("using the cached export %s", graph)
+                return graph
+            log.warning("cached export %s does not match its key: %s; exporting again", graph, problem)
+        elif old is not None and old.get("sha256") != key["sha256"]:
+            log.warning("stale cached export %s: the weights changed since it was made (sha256 %s... then, %s... "
+                        "now); exporting again", graph, str(old.get("sha256"))[:12], key["sha256"][:12])
+        elif old is not None:
+            changed = ", ".join(k for k in key if old.get(k) != key[k]) or "its graph file is missing"
+            log.info("cached export %s was made with other settings (%s); exporting again", graph, changed)
+        key_path.unlink(missing_ok=True)
+        build(graph)
+        _write_json_atomic(key_path, {**key, "bound": bind(graph)})
     return graph
 
 
@@ -217,7 +279,8 @@ def fp32_onnx(model: nn.Module, root: Path, sha: str, img_size: int) -> Path:
                 raise
             log.info("OpenVINO vs PyTorch on %s: max |delta| %s", path.name, diffs)
 
-    return _cached(root / f"{img_size}px-fp32.onnx", _key(sha, img_size, "fp32", opset=DEFAULT_OPSET), build)
+    return _cached(root / f"{img_size}px-fp32.onnx", _key(sha, img_size, "fp32", opset=DEFAULT_OPSET), build,
+                   _bind_onnx)
 
 
 def _check_runtime(fn: Callable[[np.ndarray], np.ndarray], model: nn.Module, img_size: int, *,
@@ -284,11 +347,16 @@ def int8_openvino(model: nn.Module, root: Path, sha: str, img_size: int,
         fingerprint = hashlib.sha256(b"".join(a.tobytes() for a in images)).hexdigest()
     key = _key(sha, img_size, "int8", calib=fingerprint, quantiser="nncf, no smooth quant, fp32 patch embedding and head")
     if calib is None:
-        old = _read_key(xml.with_name(xml.name + ".key.json"))
-        if old is None or not xml.exists() or any(old.get(k) != key[k] for k in ("sha256", "img_size")):
-            stale = " (the cached one is stale: the weights changed)" if old and old.get("sha256") != sha else ""
-            raise InputError(f"--precision int8 needs calibration images{stale}: --calib DIR, a folder of images like "
-                             f"the ones to classify (e.g. the training set)")
+        with _cache_folder(root):
+            old = _read_key(xml.with_name(xml.name + ".key.json"))
+            if old is None or not xml.exists() or any(old.get(k) != key[k] for k in ("sha256", "img_size")):
+                stale = " (the cached one is stale: the weights changed)" if old and old.get("sha256") != sha else ""
+                raise InputError(f"--precision int8 needs calibration images{stale}: --calib DIR, a folder of images "
+                                 f"like the ones to classify (e.g. the training set)")
+            problem = _unbound(xml, old, _bind_ir)
+            if problem is not None:
+                raise InputError(f"--precision int8 needs calibration images (the cached {xml.name} does not match "
+                                 f"its key: {problem}): --calib DIR, a folder of images like the ones to classify")
         return xml
     onnx_path = fp32_onnx(model, root, sha, img_size)
 
@@ -320,7 +388,7 @@ def int8_openvino(model: nn.Module, root: Path, sha: str, img_size: int,
                 with open(Path(tmp) / name, "rb") as src:
                     atomic_write(dst, lambda f, src=src: shutil.copyfileobj(src, f))
 
-    return _cached(xml, key, build)
+    return _cached(xml, key, build, _bind_ir)
 
 
 @contextlib.contextmanager
@@ -367,10 +435,15 @@ def _openvino_fn(path: Path, precision: str, threads: int | None) -> Callable[[n
 
 def _takes_any_size(graph: str | None) -> bool:
     """Whether `graph` was exported with dynamic height and width (`export_onnx(dynamic_size=True)`),
-    as its sidecar `<graph>.json` records; a graph without one is fixed at its size."""
+    as its sidecar `<graph>.json` records; a graph without one is fixed at its size. A sidecar of
+    another export than the graph raises CheckpointError (`export.read_sidecar`)."""
+    if graph is None or not graph.endswith(".onnx"):  # OpenVINO's int8 IR: fixed, no sidecar
+        return False
+    from .export import read_sidecar
+
     try:
-        return graph is not None and json.loads(Path(graph + ".json").read_text()).get("dynamic_size") is True
-    except (OSError, ValueError):
+        return read_sidecar(graph).get("dynamic_size") is True
+    except FileNotFoundError:
         return False
 
 
@@ -461,11 +534,12 @@ def load_runtime(model: nn.Module, runtime: str = "auto", precision: str = "fp32
         return Runtime("torch", precision, img_size, num_classes, _torch_infer(model, precision))
     sha = weights_sha256(model)
     root = export_root(sha, weights=weights, cache_dir=cache_dir)
-    if precision == "int8":
-        graph = int8_openvino(model, root, sha, img_size, calib)
-    else:
-        graph = fp32_onnx(model, root, sha, img_size)
-    fn = _onnxruntime_fn(graph, threads) if runtime == "onnxruntime" else _openvino_fn(graph, precision, threads)
+    with _cache_folder(root):  # checked, made if needed and loaded while no other process changes the folder
+        if precision == "int8":
+            graph = int8_openvino(model, root, sha, img_size, calib)
+        else:
+            graph = fp32_onnx(model, root, sha, img_size)
+        fn = _onnxruntime_fn(graph, threads) if runtime == "onnxruntime" else _openvino_fn(graph, precision, threads)
     return Runtime(runtime, precision, img_size, num_classes, _numpy_infer(fn), path=os.fspath(graph))
 
 
