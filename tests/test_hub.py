@@ -2,24 +2,31 @@
 stand-in for the hub, parity with the reference models holding the served weights, every failure.
 
 Nothing here reaches the network: `FakeHub` is an HTTP server on 127.0.0.1 that answers the hub's
-resolve endpoint (`/{repo}/resolve/{revision}/{file}`, HEAD and GET, with the ETag / X-Repo-Commit /
-Content-Length headers and HTTP ranges that `hf_hub_download` uses), and huggingface_hub's
-endpoint, cache folder and offline flag are pointed at it / at tmp_path for each test.
+resolve endpoint (`/{repo}/resolve/{revision}/{file}`, HEAD and GET, with the ETag / X-Linked-Etag /
+X-Linked-Size / X-Repo-Commit / Content-Length headers and HTTP ranges that `hf_hub_download` uses)
+and its file listing (`POST /api/models/{repo}/paths-info/{revision}`, what `HfApi.get_paths_info`
+reads), and huggingface_hub's endpoint, cache folder and offline flag are pointed at it / at tmp_path
+for each test.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import logging
 import os
+import re
 import socket
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs
 
+import numpy as np
 import pytest
 import torch
 from huggingface_hub import constants
@@ -30,6 +37,7 @@ import swinv2
 from swinv2 import cli, hub
 from swinv2.checkpoint import create_model, load_model, load_weights
 from swinv2.config import load_config
+from swinv2.errors import ConfigError
 from swinv2.convert import convert_state_dict
 from swinv2.engine import build_model
 from swinv2.registry import get_variant, list_models
@@ -42,14 +50,31 @@ MICRO = "swinv2_micro_window4_32"
 # --------------------------------------------------------------------------- the stand-in hub
 
 
+def git_blob_id(data: bytes) -> str:
+    """git's id of a blob: what the hub publishes (ETag, listing) for a file kept in git."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def lfs_pointer(data: bytes) -> bytes:
+    """The pointer file git keeps in place of an LFS file."""
+    return (f"version https://git-lfs.github.com/spec/v1\noid sha256:{hashlib.sha256(data).hexdigest()}\n"
+            f"size {len(data)}\n").encode()
+
+
 class FakeHub:
-    """Serves {(repo, filename): bytes}; faults: `cut[key]` = byte counts after which successive GETs
-    drop the connection, `corrupt` = keys served with flipped bytes under the true ETag."""
+    """Serves {(repo, filename): bytes} as the hub does: .safetensors / .bin as LFS files (ETag the git
+    id of the pointer, X-Linked-Etag the SHA-256, X-Linked-Size), others kept in git (ETag the git blob
+    id), and lists them (LFS SHA-256 and size, git blob id). Faults: `cut[key]` = byte counts after
+    which successive GETs drop the connection, `corrupt` = keys served with flipped bytes under the
+    true ETag and listing, `opaque` = keys whose ETag is no hash (as some mirrors send) and no
+    X-Linked-Etag, `listing = False`: no file listing (404)."""
 
     def __init__(self) -> None:
         self.files: dict[tuple[str, str], bytes] = {}
         self.cut: dict[tuple[str, str], list[int]] = {}
         self.corrupt: set[tuple[str, str]] = set()
+        self.opaque: set[tuple[str, str]] = set()
+        self.listing = True
         self.log: list[tuple[str, str, str | None]] = []  # (method, repo/file, Range header)
         hub_ = self
 
@@ -62,6 +87,31 @@ class FakeHub:
 
             def do_GET(self) -> None:
                 self._answer(body=True)
+
+            def do_POST(self) -> None:  # the file listing: /api/models/{repo}/paths-info/{revision}
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
+                head, sep, _ = self.path.partition("/paths-info/")
+                repo = head.removeprefix("/api/models/")
+                hub_.log.append(("POST", f"{repo}/paths-info", None))
+                if not (sep and hub_.listing and any(r == repo for r, _ in hub_.files)):
+                    return self._error(404, "RepoNotFound", commit=None)
+                entries = []
+                for path in parse_qs(body).get("paths", []):
+                    data = hub_.files.get((repo, path))
+                    if data is None:
+                        continue
+                    entry = {"type": "file", "path": path, "size": len(data), "oid": git_blob_id(data)}
+                    if path.endswith((".safetensors", ".bin")):
+                        pointer = lfs_pointer(data)
+                        entry |= {"oid": git_blob_id(pointer), "lfs": {"oid": hashlib.sha256(data).hexdigest(),
+                                                                      "size": len(data), "pointerSize": len(pointer)}}
+                    entries.append(entry)
+                raw = json.dumps(entries).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
 
             def _answer(self, body: bool) -> None:
                 repo, sep, rest = self.path.lstrip("/").partition("/resolve/")
@@ -77,13 +127,19 @@ class FakeHub:
                     return self._error(404, "EntryNotFound", commit=commit)
                 data = hub_.files[key]
                 lfs = filename.endswith((".safetensors", ".bin"))
-                etag = hashlib.sha256(data).hexdigest() if lfs else hashlib.sha1(data).hexdigest()
                 start = 0
                 rng = self.headers.get("Range")
                 if body and rng:
                     start = int(rng.split("=")[1].split("-")[0])
                 self.send_response(206 if start else 200)
-                self.send_header("ETag", f'"{etag}"')
+                if key in hub_.opaque:
+                    self.send_header("ETag", f'"mirror-{len(data):x}-{zlib.crc32(data):08x}"')
+                elif lfs:
+                    self.send_header("ETag", f'"{git_blob_id(lfs_pointer(data))}"')
+                    self.send_header("X-Linked-Etag", f'"{hashlib.sha256(data).hexdigest()}"')
+                    self.send_header("X-Linked-Size", str(len(data)))
+                else:
+                    self.send_header("ETag", f'"{git_blob_id(data)}"')
                 self.send_header("X-Repo-Commit", commit)
                 self.send_header("Content-Length", str(len(data) - start))
                 if start:
@@ -447,22 +503,104 @@ def test_unknown_tag_lists_the_valid_ones(capsys, tmp_path):
         swinv2.create_model(TINY, pretrained="ms_in22k")
 
 
-def test_hash_mismatch_refuses_and_removes_the_file(fake_hub, micro_record, capsys):
-    repo = "timm/micro.hash"
+# What catches a download corrupted in transit, per what the hub publishes for the file: (served as,
+# ETag no hash, file listing) -> the words naming the digest that caught it.
+CORRUPTIONS = {
+    "lfs": ("model.safetensors", False, True, "SHA-256 {got} is not the hub's file listing (LFS SHA-256)"),
+    "lfs-no-listing": ("model.safetensors", False, False, "SHA-256 {got} is not the hub's (its ETag)"),
+    "lfs-opaque-etag": ("model.safetensors", True, True, "SHA-256 {got} is not the hub's file listing (LFS SHA-256)"),
+    "git": ("model.pt", False, True, "git blob id {got} is not the hub's file listing (git blob id)"),
+    "git-no-listing": ("model.pt", False, False, "git blob id {got} is not the hub's (its ETag)"),
+    "git-opaque-etag": ("model.pt", True, True, "git blob id {got} is not the hub's file listing (git blob id)"),
+}
+
+
+@pytest.mark.parametrize("case", CORRUPTIONS)
+def test_a_corrupted_download_is_refused_and_removed(fake_hub, micro_record, capsys, case):
+    """Bytes flipped in transit under the true ETag and listing, whatever the ETag is: an LFS SHA-256,
+    a git blob id, or no hash at all (the file listing then catches it): one line, nothing kept; the
+    next download, whole, is used."""
+    filename, opaque, listing, says = CORRUPTIONS[case]
+    repo = f"timm/{case}.micro"
     data = _st(convert_state_dict(_micro_weights().state_dict(), dst="timm"))
-    fake_hub.add(repo, "model.safetensors", data)
-    fake_hub.corrupt.add((repo, "model.safetensors"))  # bytes altered in transit, the ETag is the true SHA-256
-    rec = micro_record("hash", (hub.HubFile(repo, "model.safetensors", "timm"),))
+    key = (repo, filename)
+    fake_hub.add(*key, data)
+    fake_hub.corrupt.add(key)
+    if opaque:
+        fake_hub.opaque.add(key)
+    fake_hub.listing = listing
+    rec = micro_record(case.replace("-", "_"), (hub.HubFile(repo, filename, "timm"),))
     cache = Path(constants.HF_HUB_CACHE)
     err = _one_line_error(capsys, ["download", rec.spec])
-    assert "SHA-256" in err and "the hub's (ETag)" in err and "removed" in err
-    assert not hub.is_cached(rec) and not list(cache.glob("*/blobs/*"))
+    corrupted = bytes(b ^ 0xFF for b in data)
+    got = (hashlib.sha256(corrupted).hexdigest() if "SHA-256" in says else git_blob_id(corrupted))[:16] + "..."
+    assert f"{repo}/{filename}: the download was corrupted: its {says.format(got=got)}" in err
+    assert f"removed from the cache {cache}: run the command again" in err
+    assert not hub.is_cached(rec) and [f for f in _cache_files(cache) if "/blobs/" in f or "/snapshots/" in f] == []
+    assert ("POST", f"{repo}/paths-info", None) in fake_hub.log  # the listing was asked for, answered or not
     fake_hub.corrupt.clear()
-    assert hashlib.sha256(hub.fetch(rec).read_bytes()).hexdigest() == hashlib.sha256(data).hexdigest()
+    assert hub.fetch(rec).read_bytes() == data
 
-    # A published SHA-256 that the (cached) file does not have: refused and removed as well.
+
+def test_a_download_nothing_published_names_is_used_with_a_warning(fake_hub, micro_record, caplog):
+    """A mirror whose ETag is no hash and which has no file listing: nothing to check the file against;
+    it is used, and a warning says it was not verified."""
+    repo = "timm/micro.mirror"
+    data = _st(convert_state_dict(_micro_weights().state_dict(), dst="timm"))
+    fake_hub.add(repo, "model.safetensors", data)
+    fake_hub.opaque.add((repo, "model.safetensors"))
+    fake_hub.listing = False
+    rec = micro_record("mirror", (hub.HubFile(repo, "model.safetensors", "timm"),))
+    with caplog.at_level(logging.WARNING, logger="swinv2.hub"):
+        assert hub.fetch(rec).read_bytes() == data
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert f"{repo}/model.safetensors: downloaded but not verified" in warning
+
+
+def test_a_corrupted_file_in_the_cache_is_refused_before_its_first_use(fake_hub, micro_record, monkeypatch,
+                                                                      capsys, tmp_path):
+    """A cached blob whose bytes changed on disk (size and mtime kept, as bit rot does), in a new
+    process: `predict`, and `train` before it builds anything, refuse it in one line and remove it;
+    the next run downloads it afresh. Within a process a file is hashed once while its size and mtime
+    hold."""
+    from PIL import Image
+
+    repo = "timm/micro.rot"
+    data = _st(convert_state_dict(_micro_weights().state_dict(), dst="timm"))
+    fake_hub.add(repo, "model.safetensors", data)
+    rec = micro_record("rot", (hub.HubFile(repo, "model.safetensors", "timm"),))
+    hashed = []
+    digests = hub._digests
+    monkeypatch.setattr(hub, "_digests", lambda path, *a: hashed.append(path) or digests(path, *a))
+    snapshot = hub.fetch(rec)
+    blob = snapshot.resolve()
+    assert hashed == [blob] and hub.fetch(rec) == snapshot and hashed == [blob]  # verified once, then remembered
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    out = tmp_path / "run"
+    for argv in (["predict", "--weights", rec.spec, str(image)],
+                 ["train", "--out", str(out), f"model.name={MICRO}", "model.pretrained=rot", f"data.root={tmp_path}"]):
+        st = blob.stat()
+        raw = bytearray(blob.read_bytes())
+        raw[len(raw) // 2] ^= 0x01
+        blob.write_bytes(bytes(raw))
+        os.utime(blob, ns=(st.st_atime_ns, st.st_mtime_ns))
+        monkeypatch.setattr(hub, "_verified", set())  # a new process
+        err = _one_line_error(capsys, argv)
+        assert f"{repo}/model.safetensors: the cached file {blob} is corrupted: its SHA-256" in err
+        assert "not the hub's (its ETag)" in err and "run the command again" in err
+        assert not blob.exists() and not snapshot.exists() and not hub.is_cached(rec) and not out.exists()
+        assert hub.fetch(rec).read_bytes() == data
+
+
+def test_a_records_own_sha256_is_checked_on_a_cached_file(fake_hub, micro_record):
+    """A record that publishes a SHA-256 the (cached, hub-verified) file does not have: refused, removed."""
+    repo = "timm/micro.pinned"
+    fake_hub.add(repo, "model.safetensors", _st(convert_state_dict(_micro_weights().state_dict(), dst="timm")))
+    rec = micro_record("hub", (hub.HubFile(repo, "model.safetensors", "timm"),))
+    hub.fetch(rec)
     micro_record("pinned", (hub.HubFile(repo, "model.safetensors", "timm", sha256="0" * 64),))
-    with pytest.raises(hub.WeightsHashError, match="the record's 0000000000000000"):
+    with pytest.raises(hub.WeightsHashError, match="its SHA-256 [0-9a-f]{16}... is not the record's 0000000000000000"):
         create_model(MICRO, pretrained="pinned")
     assert not hub.is_cached(rec)
 
@@ -524,5 +662,59 @@ def test_model_pretrained_in_a_recipe_gives_a_new_head_on_the_pretrained_backbon
     for k, v in src.state_dict().items():
         if not k.startswith("head."):
             assert torch.equal(model.state_dict()[k], v), k
-    with pytest.raises(ValueError, match="weights or pretrained, not both"):
-        build_model(load_config(None, [f"model.name={MICRO}", "model.pretrained=recipe", "model.weights=x.pt"]), 3)
+    with pytest.raises(ConfigError, match="model.weights='x.pt' .* and model.pretrained=recipe .*two start points"):
+        load_config(None, [f"model.name={MICRO}", "model.pretrained=recipe", "model.weights=x.pt"])
+
+
+FINETUNE = Path(__file__).resolve().parents[1] / "configs" / "finetune.yaml"
+
+
+@pytest.mark.parametrize("hub_state", ["offline", "unreachable"])
+def test_train_without_the_hub_says_it_in_config_keys_before_any_work(tmp_path, monkeypatch, capsys, hub_state):
+    """`swinv2 train --config configs/finetune.yaml` (model.pretrained: true) with the weights not in the
+    cache and no hub: one line at once, advising the config keys and naming the recipe that set
+    model.pretrained, never eval's `--weights` / `--model`; no run folder made. Set by an override
+    instead, the override is named."""
+    if hub_state == "offline":
+        _point_hub_at(monkeypatch, "http://127.0.0.1:9", tmp_path / "hf" / "hub", offline=True)
+    else:
+        with socket.socket() as s:  # a port nobody listens on
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        _point_hub_at(monkeypatch, f"http://127.0.0.1:{port}", tmp_path / "hf" / "hub")
+    out = tmp_path / "run"
+    start = time.monotonic()
+    err = _one_line_error(capsys, ["train", "--config", str(FINETUNE), "--out", str(out), f"model.name={TINY}",
+                                   f"data.root={tmp_path / 'data'}"])
+    assert time.monotonic() - start < 10 and not out.exists()
+    assert f"{TINY}.ms_in1k" in err and ("HF_HUB_OFFLINE is set" if hub_state == "offline" else "cannot reach") in err
+    assert (f"fetch {hub.OFFICIAL_RELEASE}swinv2_tiny_patch4_window8_256.pth yourself and train from it with "
+            f"model.pretrained=false model.weights=FILE.pth (model.pretrained was set by {FINETUNE})") in err
+    assert "--weights" not in err and "--model" not in err
+
+    err = _one_line_error(capsys, ["train", "--out", str(out), f"model.name={TINY}", "model.pretrained=true",
+                                   f"data.root={tmp_path / 'data'}"])
+    assert "(model.pretrained was set by override model.pretrained=true)" in err and not out.exists()
+
+
+def test_weights_and_pretrained_together_name_both_keys_and_where_each_was_set(tmp_path, capsys):
+    """The recipe sets model.pretrained, an override model.weights: refused at config time, in one line
+    naming both keys and their sources, before the data or model is built (the run folder not made);
+    the same for a multi-stage recipe's first stage."""
+    out = tmp_path / "run"
+    start = time.monotonic()
+    err = _one_line_error(capsys, ["train", "--config", str(FINETUNE), "--out", str(out), f"model.name={MICRO}",
+                                   "model.weights=w.pt", f"data.root={tmp_path}"])
+    assert time.monotonic() - start < 10 and not out.exists()
+    assert (f"model.weights='w.pt' (set by override model.weights=w.pt) and model.pretrained=true (set by "
+            f"{FINETUNE}): two start points; keep one: model.pretrained=false") in err
+    cfg = load_config(FINETUNE, ["model.weights=w.pt", "model.pretrained=false"])  # what the message advises
+    assert (cfg.model.weights, cfg.model.pretrained) == ("w.pt", False)
+
+    recipe = tmp_path / "stages.yaml"
+    recipe.write_text(f"model: {{name: {MICRO}, pretrained: true}}\n"
+                      "stages:\n  - {name: a, model: {freeze: [], weights: w.pt}}\n  - {name: b, model: {freeze: []}}\n")
+    with pytest.raises(ConfigError, match=re.escape(
+            f"stages.0.model.weights='w.pt' (set by {recipe}) and model.pretrained=true (set by {recipe})")):
+        load_config(recipe)
+    assert load_config(recipe, ["stages.0.model.pretrained=false"]).stages[0].model.pretrained is False

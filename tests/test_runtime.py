@@ -132,6 +132,113 @@ def test_a_stale_cached_export_is_detected_and_made_again(tmp_path, name, caplog
     assert json.loads(graph.with_name(graph.name + ".key.json").read_text())["sha256"] == R.weights_sha256(second)
 
 
+def _ort_logits(graph: Path, x: torch.Tensor) -> torch.Tensor:
+    """The graph file run by a fresh ONNX Runtime session, outside the cache's checks."""
+    import onnxruntime as ort
+
+    run = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(run.run(None, {run.get_inputs()[0].name: x.numpy()})[0])
+
+
+def test_a_tampered_export_cache_entry_is_made_again_never_run(tmp_path, caplog):
+    """W.safetensors.exports/32px-fp32.onnx replaced behind the key's back, in each way the export id
+    alone does not or does catch: another model's graph given the entry's id, one byte of a weight
+    changed, another model's graph with its own id or with none, another cache's whole entry. Each
+    time: one warning naming the graph, the graph made again, and what runs is the weights' model."""
+    pytest.importorskip("onnxruntime")
+    from swinv2.export import UNIT_KEY, _field, _MODEL_METADATA_PROPS, add_graph_metadata, export_onnx, \
+        graph_metadata, read_sidecar
+
+    a, b = _random_model(seed=0), _random_model(seed=1)
+    weights = tmp_path / "W.safetensors"
+    save_weights(a, weights)
+    graph = tmp_path / "W.safetensors.exports" / "32px-fp32.onnx"
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 4 - 2
+    with torch.no_grad():
+        want, other = a(x), b(x)
+    assert (want - other).abs().max() > 0.1  # the two models' logits are told apart by the 1e-4 below
+
+    # B exported by our exporter (its own id), and B's graph with its id entry cut off (no id at all).
+    export_onnx(b, tmp_path / "b.onnx", check=False)
+    b_raw = (tmp_path / "b.onnx").read_bytes()
+    b_id = graph_metadata(tmp_path / "b.onnx")[UNIT_KEY]
+    id_entry = _field(_MODEL_METADATA_PROPS, _field(1, UNIT_KEY.encode()) + _field(2, b_id.encode()))
+    assert b_raw.endswith(id_entry)
+    R.load_runtime(b, "onnxruntime", "fp32", cache_dir=tmp_path / "b-cache")
+    (b_entry,) = (tmp_path / "b-cache").rglob("32px-fp32.onnx")
+
+    def b_with_the_entrys_id(g: Path) -> None:
+        entry_id = graph_metadata(g)[UNIT_KEY]
+        g.write_bytes(b_raw)
+        add_graph_metadata(g, {UNIT_KEY: entry_id})  # a later entry wins: the graph now reads as the entry's
+        read_sidecar(g)  # the id check alone passes it
+
+    def one_byte_of_the_head_bias(g: Path) -> None:
+        raw = bytearray(g.read_bytes())
+        at = raw.find(a.head.bias.detach().numpy().tobytes())
+        assert at > 0
+        raw[at + 3] ^= 0x40  # the sign-and-exponent byte of the first class's bias
+        g.write_bytes(bytes(raw))
+        assert (_ort_logits(g, x)[:, 0] - want[:, 0]).abs().min() > 1  # it would run, and be wrong
+
+    def b_with_its_own_id(g: Path) -> None:
+        g.write_bytes(b_raw)
+
+    def b_with_no_id(g: Path) -> None:
+        g.write_bytes(b_raw[: -len(id_entry)])
+        assert UNIT_KEY not in graph_metadata(g)
+
+    def another_caches_whole_entry(g: Path) -> None:
+        for suffix in ("", ".json", ".key.json"):
+            Path(str(g) + suffix).write_bytes(Path(str(b_entry) + suffix).read_bytes())
+
+    R.load_runtime(swinv2.load_model(weights), "onnxruntime", "fp32", weights=weights)
+    for tamper, says in ((b_with_the_entrys_id, "is not the file its key was written with"),
+                         (one_byte_of_the_head_bias, "is not the file its key was written with"),
+                         (b_with_its_own_id, "come from different exports"),
+                         (b_with_no_id, "is not the file its key was written with"),
+                         (another_caches_whole_entry, "the weights changed")):
+        tamper(graph)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="swinv2.runtime"):
+            rt = R.load_runtime(swinv2.load_model(weights), "onnxruntime", "fp32", weights=weights)
+        warned = [r.getMessage() for r in caplog.records]
+        assert len(warned) == 1 and str(graph) in warned[0] and says in warned[0], (tamper.__name__, warned)
+        assert (rt(x) - want).abs().max() <= 1e-4, tamper.__name__
+        assert (_ort_logits(graph, x) - want).abs().max() <= 1e-4, tamper.__name__  # the file itself made again
+
+
+def test_the_export_cache_key_names_the_exporter_and_binds_the_files_hashes(tmp_path, caplog):
+    """A graph exported by another torch (or another version of our export code) is made again, as is
+    an entry whose key predates the files' hashes; an entry that matches is used as it is."""
+    pytest.importorskip("onnxruntime")
+    import torch as torch_
+
+    model = _random_model()
+    R.load_runtime(model, "onnxruntime", "fp32", cache_dir=tmp_path)
+    (graph,) = tmp_path.rglob("32px-fp32.onnx")
+    key_path = graph.with_name(graph.name + ".key.json")
+    key = json.loads(key_path.read_text())
+    assert key["exporter"] == {"torch": torch_.__version__, "swinv2": swinv2.__version__,
+                               "format": R.EXPORT_FORMAT, "opset": 17}
+    assert set(key["bound"]["sha256"]) == {"32px-fp32.onnx", "32px-fp32.onnx.json"}
+    for edit, says in ((lambda k: k["exporter"].update(torch="2.0.0"), "other settings (exporter)"),
+                       (lambda k: k["bound"].pop("sha256"), "binds no file hashes")):
+        old = json.loads(key_path.read_text())
+        edit(old)
+        key_path.write_text(json.dumps(old))
+        mtime = graph.stat().st_mtime_ns
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="swinv2.runtime"):
+            R.load_runtime(model, "onnxruntime", "fp32", cache_dir=tmp_path)
+        assert graph.stat().st_mtime_ns != mtime and says in caplog.text
+        remade = json.loads(key_path.read_text())
+        assert remade.pop("bound")["sha256"] and remade == {k: v for k, v in key.items() if k != "bound"}
+    mtime = graph.stat().st_mtime_ns
+    R.load_runtime(model, "onnxruntime", "fp32", cache_dir=tmp_path)
+    assert graph.stat().st_mtime_ns == mtime
+
+
 def test_weights_hash_follows_the_tensors():
     a, b = _random_model(seed=0), _random_model(seed=0)
     assert R.weights_sha256(a) == R.weights_sha256(b)

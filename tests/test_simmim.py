@@ -4,6 +4,7 @@ class folders that resumes bit-identically after a SIGKILL, and the two-stage di
 from __future__ import annotations
 
 import json
+import logging
 import math
 import signal
 from pathlib import Path
@@ -248,6 +249,30 @@ def test_a_folder_without_class_folders_is_pretraining_data(tmp_path, capsys):
     from swinv2.engine import check_data
 
     with pytest.raises(DataError, match="no class folders"):  # a classifier still needs them
+        check_data(load_config(None, [f"data.root={root}"]))
+
+
+def test_a_flat_root_of_images_is_the_pretraining_set(tmp_path, caplog):
+    """data.root holding images directly (no train/ folder) is read whole for SimMIM, without validation;
+    a classifier on the same root is still refused, naming the folder it needs."""
+    from swinv2.engine import check_data, fit
+
+    rng = np.random.default_rng(1)
+    root = tmp_path / "photos"
+    root.mkdir()
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / f"{i:02d}.png")
+    cfg_file = tmp_path / "pt.yaml"
+    cfg_file.write_text(TINY.format(root=root))
+    cfg = load_config(cfg_file, ["train.epochs=2"])
+    report = check_data(cfg)
+    assert len(report.splits["train"]) == 12 and "val" not in report.splits
+    with caplog.at_level(logging.INFO, logger="swinv2.engine"):
+        out = fit(cfg, tmp_path / "run")
+    assert f"{root} has no train/ folder: pretraining on every image under it" in caplog.text
+    history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2] and all(h["train_loss"] > 0 for h in history), out
+    with pytest.raises(FileNotFoundError, match=f"training folder not found: {root / 'train'}"):
         check_data(load_config(None, [f"data.root={root}"]))
 
 

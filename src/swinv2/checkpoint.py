@@ -15,12 +15,18 @@ Files of weights and training state get the mode of any new file (0o666 less the
 
 Never `weights_only=False`: a pickle that needs any global beyond torch's allow-list is refused
 with one line naming that global, before anything in it runs.
+
+Nothing a file says is trusted before it is checked, in one line naming the file and the key: the
+architecture, class names and preprocessing a file describes (types, ranges, and the architecture
+against the file's own tensor shapes, before a model is built from it), non-finite weights, the shard
+names of a Hugging Face index (plain file names in its folder), and the keys of a training state.
 """
 from __future__ import annotations
 
 import fnmatch
 import json
 import logging
+import math
 import os
 import pickle
 import pickletools
@@ -38,11 +44,13 @@ import torch
 from torch import nn
 
 from . import convert, hub, units
+from .config import MAX_CLASSES, MAX_IMG_SIZE, MAX_WINDOW
 from .errors import CheckpointError, InputError, UnreadableFileError, UnsafeCheckpointError
 from .model import SwinTransformerV2, SwinV2Config
 from .outputs import atomic_write
 from .preprocess import EvalPreprocess
-from .registry import ModelInfo, config_with, default_preprocess, get_variant, model_config, model_info
+from .registry import ALIASES, ModelInfo, config_with, default_preprocess, get_variant, model_config, model_info
+from .windows import pair
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +246,34 @@ def load_training_state(path: PathLike) -> dict[str, Any]:
     state = torch_load(path)
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a training-state dict")
+    if state.get("format") == TRAINING_STATE_FORMAT:
+        _check_training_state(state, path)
     return state
+
+
+# What a training state of `engine.fit` holds (`Trainer.state_dict`), each key with the types it may have;
+# "ema" and "scaler" are None where the run has none.
+_STATE_KEYS: dict[str, tuple[type, ...]] = {
+    "model": (dict,), "ema": (dict, type(None)), "optimizer": (dict,), "scheduler": (dict,),
+    "scaler": (dict, type(None)), "progress": (dict,), "sampler": (dict,), "history": (list,), "best": (list,),
+    "classes": (list,), "preprocess": (dict,)}
+
+
+def _check_training_state(state: Mapping[str, Any], path: PathLike) -> None:
+    """CheckpointError naming `path` and the key if a tagged training state lacks one that resuming or
+    reading its weights needs, or holds the wrong type there: a file that loads but was cut down or
+    edited is as unusable as a torn one (`find_resumable` skips it with a warning; an explicit
+    `--resume` of it is one line)."""
+    for key, types in _STATE_KEYS.items():
+        if key not in state:
+            raise CheckpointError(f"{path}: training state without {key!r} (damaged or edited); not usable")
+        if not isinstance(state[key], types):
+            wanted = " or ".join("None" if t is type(None) else t.__name__ for t in types)
+            raise CheckpointError(f"{path}: training state {key!r} holds a {type(state[key]).__name__}, not a "
+                                  f"{wanted} (damaged or edited); not usable")
+    if not all(isinstance(c, str) for c in state["classes"]):
+        raise CheckpointError(f"{path}: training state 'classes' holds {_shown(state['classes'])}, not class names "
+                              f"(strings); not usable")
 
 
 def find_resumable(directory: PathLike, pattern: str = "*.pt", *, remove_temp: bool = True) -> Path | None:
@@ -330,8 +365,10 @@ def _read_hf_config(path: Path) -> dict[str, Any]:
     """config.json of the Hugging Face folder `path`, parsed (CheckpointError naming it if it is not JSON)."""
     try:
         hf = json.loads((path / "config.json").read_text())
-    except ValueError as e:
+    except ValueError as e:  # not JSON, or not UTF-8
         raise CheckpointError(f"{path / 'config.json'}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path / 'config.json'}: JSON nested too deeply") from None
     if not isinstance(hf, dict):
         raise CheckpointError(f"{path / 'config.json'}: holds a JSON {type(hf).__name__}, not an object")
     return hf
@@ -373,22 +410,63 @@ def _read_hf_folder(path: Path, config: Mapping[str, Any] | None = None) -> dict
         if (path / name).is_file():
             if name == "model.safetensors":
                 return _read_hf_safetensors(path / name, path, config)
-            return read_state_dict(path / name)
+            return _read_tensors(path / name)
         index = path / f"{name}.index.json"
         if index.is_file():  # sharded: {"weight_map": {key: shard file}}
             out: dict[str, torch.Tensor] = {}
-            for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-                out.update(read_state_dict(path / shard))
+            for shard in _shards(index):
+                out.update(_read_tensors(path / shard))
             return out
     raise FileNotFoundError(f"{path}: folder holds no model.safetensors or pytorch_model.bin")
+
+
+def _shards(index: Path) -> list[str]:
+    """The shard files a sharded folder's index names (`weight_map` values), each a plain file name in
+    the folder: a path (``/etc/passwd``, ``../../x``) would read a file outside it, so it is refused."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (ValueError, AttributeError, RecursionError):  # not JSON (or not UTF-8), not an object, too deep
+        raise CheckpointError(f"{index}: not a JSON object {{\"weight_map\": {{key: shard file}}}}") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: weight_map is {_shown(weight_map)}, not an object {{key: shard file}}")
+    for key, shard in weight_map.items():
+        if not (isinstance(shard, str) and shard not in ("", ".", "..") and "/" not in shard and "\\" not in shard
+                and not os.path.isabs(shard) and "\0" not in shard):
+            raise CheckpointError(f"{index}: weight_map entry {_shown(key)}: {_shown(shard, 300)} is not a plain file "
+                                  f"name in the folder; refused (shards are read from the index's own folder only)")
+    return sorted(set(weight_map.values()))
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """`repr(value)`, cut to `limit` characters: a file's content quoted in a one-line message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a `.pth`/`.pt`/`.bin`/`.safetensors` file or a Hugging Face folder, unwrapped.
 
     Torch files are read with `weights_only=True` only (see `torch_load`); ``model`` / ``state_dict``
-    containers and a DDP ``module.`` prefix are removed, non-tensor entries dropped.
+    containers and a DDP ``module.`` prefix are removed, non-tensor entries dropped. Non-finite
+    weights are refused (`_check_finite`).
     """
+    return _check_finite(_read_tensors(path), path)
+
+
+def _check_finite(sd: dict[str, torch.Tensor], origin: PathLike | str) -> dict[str, torch.Tensor]:
+    """`sd`, if every floating-point tensor in it is finite; else CheckpointError naming the first few
+    that are not, and how many. A NaN weight makes every output NaN ("loss nan"), an inf head one class
+    for every image: never a number to report. Derived buffers are skipped (never loaded)."""
+    bad = [k for k, t in sd.items() if (t.is_floating_point() or t.is_complex()) and
+           k.rsplit(".", 1)[-1] not in convert.DERIVED_KEYS and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(f"{origin}: non-finite weights (NaN or inf) in {len(bad)} tensor{'s' * (len(bad) != 1)}"
+                              f": {_abbreviate(bad, 5)}; refused (from a diverged training run?)")
+    return sd
+
+
+def _read_tensors(path: PathLike) -> dict[str, torch.Tensor]:
+    """`read_state_dict` without the finiteness check (its callers check once, on the whole file)."""
     path = Path(path)
     if path.is_dir():
         return _read_hf_folder(path)
@@ -447,8 +525,11 @@ def imagenet_22k_to_1k() -> list[int]:
     return [int(line) for line in text.split()]
 
 
-def _fit_head(sd: dict[str, torch.Tensor], target: dict[str, torch.Tensor], report: LoadReport) -> None:
-    """Make the checkpoint's classifier fit the model's, in place: map 22k -> 1k, drop or reinitialise."""
+def _fit_head(sd: dict[str, torch.Tensor], target: Mapping[str, torch.Tensor], report: LoadReport, *,
+              new_head: bool = True) -> None:
+    """Make the checkpoint's classifier fit the model's, in place: map 22k -> 1k, drop or (`new_head`: a
+    fine-tune, a new head on purpose) reinitialise. Without `new_head` a head that does not fit stays as
+    it is, for the key check to report as missing or mis-shaped."""
     head = [k for k in ("head.weight", "head.bias") if k in target]
     src_w = sd.get("head.weight")
     if not head:  # num_classes=0: a feature extractor
@@ -467,6 +548,8 @@ def _fit_head(sd: dict[str, torch.Tensor], target: dict[str, torch.Tensor], repo
         report.reshaped += [f"{k} (21841 -> 1000 rows, official 22k->1k map)" for k in ("head.weight", "head.bias")
                             if k in sd]
         log.info("classifier head mapped from 21841 to 1000 ImageNet-1k classes (official map)")
+        return
+    if not new_head:
         return
     what = "no classifier head" if src_w is None else f"a {src_w.shape[0]}-class head"
     log.warning("the weights have %s; the model's %d-class head keeps its fresh initialisation", what, n_model)
@@ -489,11 +572,21 @@ def load_weights(model: nn.Module, path_or_state_dict: PathLike | Mapping[str, A
         raw, origin = path_or_state_dict, "state dict"
     else:
         raw, origin = read_state_dict(path_or_state_dict), str(path_or_state_dict)
-    conv = convert.to_native(raw, src)
+    conv = _to_native(raw, src, origin)
+    report, usable = _match(conv, model.state_dict(), origin, strict=strict)
+    _apply(model, usable, report)
+    _detected(conv, src)
+    return report
+
+
+def _match(conv: convert.Conversion, target: Mapping[str, torch.Tensor], origin: str, *, strict: bool,
+           new_head: bool = True) -> tuple[LoadReport, dict[str, torch.Tensor]]:
+    """How converted weights fit a model whose state dict is `target`: the report, and the tensors to
+    load. With `strict`, a missing, unexpected or mis-shaped key (or integers for a floating-point
+    parameter) raises InputError listing them, before the model is touched. `new_head`: see `_fit_head`."""
     sd = dict(conv.state_dict)
-    target = model.state_dict()
     report = LoadReport(src=conv.src, dropped=[f"{k} ({why})" for k, why in conv.dropped.items()])
-    _fit_head(sd, target, report)
+    _fit_head(sd, target, report, new_head=new_head)
     for key, t in target.items():
         if key not in sd:
             if conv.reinitialised is not None and conv.reinitialised.search(key):
@@ -502,14 +595,22 @@ def load_weights(model: nn.Module, path_or_state_dict: PathLike | Mapping[str, A
                 report.missing.append(key)
         elif sd[key].shape != t.shape:
             report.mismatched.append(f"{key}: weights {tuple(sd[key].shape)} vs model {tuple(t.shape)}")
+        elif sd[key].is_floating_point() != t.is_floating_point():  # integers for weights: not a model's file
+            report.mismatched.append(f"{key}: weights {sd[key].dtype} vs model {t.dtype}")
     report.unexpected = [k for k in sd if k not in target]
     if strict and not report.ok:
         parts = [f"{n} ({len(getattr(report, n))}): {_abbreviate(getattr(report, n))}"
                  for n in ("missing", "unexpected", "mismatched") if getattr(report, n)]
         raise InputError(f"{origin} ({conv.src} format) does not fit the model: " + "; ".join(parts))
-    usable = {k: v for k, v in sd.items() if k in target and v.shape == target[k].shape}
-    model.load_state_dict(usable, strict=False)
+    usable = {k: v for k, v in sd.items() if k in target and v.shape == target[k].shape
+              and v.is_floating_point() == target[k].is_floating_point()}
     report.loaded = list(usable)
+    return report, usable
+
+
+def _apply(model: nn.Module, usable: Mapping[str, torch.Tensor], report: LoadReport) -> LoadReport:
+    """Load the tensors `_match` found usable into `model`, and say what was left out."""
+    model.load_state_dict(usable, strict=False)
     if report.reinitialised:
         log.info("left at their initialisation: %s", _abbreviate(report.reinitialised))
     if not report.ok:
@@ -520,9 +621,151 @@ def load_weights(model: nn.Module, path_or_state_dict: PathLike | Mapping[str, A
 # --------------------------------------------------------------------------- self-describing weights
 
 
-def _preprocess(d: Mapping[str, Any]) -> EvalPreprocess:
-    """An `EvalPreprocess` from its `asdict` (JSON gives lists where it has tuples)."""
+# Bounds of what a weights file may describe, checked before anything is built from it. Far above every
+# variant (registry.py: SwinV2-G has embed_dim 512, 4 stages, 42 blocks in a stage, a 4096-wide last
+# stage, CPB MLPs of 512), so no real file meets them; the tensors themselves then decide the rest
+# (`_check_tensors`). Image and window sizes and class counts share the recipe schema's bounds (config.py).
+_ARCH_RANGES = {"patch_size": (1, MAX_IMG_SIZE), "in_chans": (1, 64), "num_classes": (0, MAX_CLASSES),
+                "embed_dim": (1, 8192), "cpb_hidden_dim": (1, 8192), "extra_norm_every_n_blocks": (0, 256)}
+_MAX_WIDTH = 65_536      # channels of the last stage, embed_dim * 2 ** (stages - 1)
+_MAX_BLOCKS = 256        # blocks in all stages together
+_MAX_MLP_RATIO = 64.0
+_INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")  # torchvision's
+# The JSON type each field of a described config must have: checked before `SwinV2Config` converts it
+# (it would take "22" for depths (2, 2), or 2.7 for 2).
+_CONFIG_KINDS = {"img_size": "size", "patch_size": "int", "in_chans": "int", "num_classes": "int", "embed_dim": "int",
+                 "depths": "ints", "num_heads": "ints", "window_size": "windows", "pretrained_window_sizes": "windows",
+                 "mlp_ratio": "number", "qkv_bias": "bool", "drop_rate": "number", "attn_drop_rate": "number",
+                 "drop_path_rate": "number", "patch_norm": "bool", "cpb_hidden_dim": "int",
+                 "extra_norm_every_n_blocks": "int"}
+_KIND_TEXT = {"int": "an integer", "number": "a finite number", "bool": "true or false", "size": "an integer or "
+              "[height, width]", "ints": f"a list of at most {convert.MAX_STAGES} integers", "windows": "an integer "
+              "or a list (one per stage) of integers or [height, width] pairs"}
+
+
+def _is_kind(v: Any, kind: str) -> bool:
+    is_int = isinstance(v, int) and not isinstance(v, bool)
+    seq = isinstance(v, (list, tuple)) and len(v) <= convert.MAX_STAGES
+    if kind == "int":
+        return is_int
+    if kind == "number":
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if kind == "bool":
+        return isinstance(v, bool)
+    if kind == "size":
+        return is_int or (seq and len(v) == 2 and all(_is_kind(x, "int") for x in v))
+    if kind == "ints":
+        return seq and all(_is_kind(x, "int") for x in v)
+    return is_int or (seq and all(_is_kind(x, "size") for x in v))  # windows
+
+
+def _config_from(d: Any, source: str, keys: Mapping[str, str] | None = None) -> SwinV2Config:
+    """The `SwinV2Config` a file describes (`d`: its JSON), checked: known fields of the right types,
+    a valid architecture, within `_ARCH_RANGES`; else CheckpointError naming `source` (the file and
+    where in it) and the key (`keys`: what the file calls each field, e.g. config.json's names)."""
+    if not isinstance(d, Mapping):
+        raise CheckpointError(f"{source}: a JSON {type(d).__name__}, not an object of SwinV2Config fields")
+    unknown = sorted(map(str, set(d) - set(_CONFIG_KINDS)))
+    if unknown:
+        raise CheckpointError(f"{source}: unknown keys {', '.join(map(_shown, unknown[:5]))}; known: "
+                              f"{', '.join(_CONFIG_KINDS)}")
+    for field_name, value in d.items():
+        if not _is_kind(value, _CONFIG_KINDS[field_name]):
+            key = (keys or {}).get(field_name, field_name)
+            raise CheckpointError(f"{source}: {key}: {_shown(value)} is not {_KIND_TEXT[_CONFIG_KINDS[field_name]]}")
+    # The bounds the config's own checks would state without the key: said here with it.
+    for name, (low, high) in _ARCH_RANGES.items():
+        if name in d and not low <= d[name] <= high:
+            _out_of_range(source, keys, name, d[name], f"{low} to {high}")
+    for name, low in (("window_size", 1), ("pretrained_window_sizes", 0)):
+        sizes = d.get(name, ())
+        if not all(low <= w <= MAX_WINDOW for w in _flat_ints(sizes)):
+            _out_of_range(source, keys, name, sizes, f"{low} to {MAX_WINDOW}")
+    try:
+        cfg = SwinV2Config(**d)
+    except (ValueError, TypeError, ArithmeticError) as e:  # a dim not divisible by its heads, 0 heads, ...
+        raise CheckpointError(f"{source}: not a valid architecture: {e}") from None
+    _check_ranges(cfg, source, keys)
+    return cfg
+
+
+def _flat_ints(v: Any) -> list[int]:
+    """The integers in a size or window spec (an int, or lists of them, nested once)."""
+    return [v] if isinstance(v, int) else [x for item in v for x in _flat_ints(item)]
+
+
+def _out_of_range(source: str, keys: Mapping[str, str] | None, name: str, value: Any, allowed: str) -> None:
+    raise CheckpointError(f"{source}: {(keys or {}).get(name, name)}: {_shown(value)} is out of range ({allowed}); "
+                          f"refused before building anything from it")
+
+
+def _check_ranges(cfg: SwinV2Config, source: str, keys: Mapping[str, str] | None = None) -> None:
+    """CheckpointError naming `source` and the key if a field of `cfg` is outside what any real model has."""
+    def refuse(name: str, value: Any, allowed: str) -> None:
+        _out_of_range(source, keys, name, value, allowed)
+
+    for name, (low, high) in _ARCH_RANGES.items():
+        if not low <= getattr(cfg, name) <= high:
+            refuse(name, getattr(cfg, name), f"{low} to {high}")
+    if not all(1 <= s <= MAX_IMG_SIZE for s in cfg.img_size):
+        refuse("img_size", cfg.img_size, f"1 to {MAX_IMG_SIZE} px")
+    if not 1 <= len(cfg.depths) <= convert.MAX_STAGES or min(cfg.depths) < 1 or sum(cfg.depths) > _MAX_BLOCKS:
+        refuse("depths", cfg.depths, f"1 to {convert.MAX_STAGES} stages of at least 1 block, {_MAX_BLOCKS} blocks "
+               f"in all")
+    if cfg.num_features > _MAX_WIDTH:
+        refuse("embed_dim", cfg.embed_dim, f"the last stage at most {_MAX_WIDTH} wide")
+    if min(cfg.num_heads) < 1:
+        refuse("num_heads", cfg.num_heads, "at least 1 per stage")
+    if not all(1 <= w <= MAX_WINDOW for hw in cfg.stage_window_sizes for w in hw):
+        refuse("window_size", cfg.window_size, f"1 to {MAX_WINDOW}")
+    if not all(0 <= w <= MAX_WINDOW for p in cfg.pretrained_window_sizes for w in pair(p)):
+        refuse("pretrained_window_sizes", cfg.pretrained_window_sizes, f"0 to {MAX_WINDOW}")
+    if not 0 < cfg.mlp_ratio <= _MAX_MLP_RATIO:
+        refuse("mlp_ratio", cfg.mlp_ratio, f"above 0, at most {_MAX_MLP_RATIO:g}")
+    for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            refuse(name, getattr(cfg, name), "0 to 1")
+
+
+def _preprocess(d: Any, source: str) -> EvalPreprocess:
+    """The `EvalPreprocess` a file describes (`d`: its `asdict`, where JSON gives lists for tuples),
+    checked: a size in range, a crop fraction in (0, 1], a torchvision interpolation, three finite
+    means and three finite positive stds (a zero std divides every pixel by zero: "nan%");
+    CheckpointError naming `source` and the key otherwise."""
+    if not isinstance(d, Mapping):
+        raise CheckpointError(f"{source}: a {type(d).__name__}, not an object of eval preprocessing settings")
+    known = ("img_size", "crop_pct", "interpolation", "mean", "std")
+    unknown = sorted(map(str, set(d) - set(known)))
+    missing = [k for k in ("img_size", "crop_pct") if k not in d]
+    if unknown or missing:
+        what = f"unknown keys {', '.join(map(_shown, unknown[:5]))}" if unknown else f"no {' or '.join(missing)}"
+        raise CheckpointError(f"{source}: {what}; its keys are {', '.join(known)}")
+
+    def refuse(key: str, wanted: str) -> None:
+        raise CheckpointError(f"{source}: {key}: {_shown(d[key])} is not {wanted}")
+
+    size, crop = d["img_size"], d["crop_pct"]
+    if not _is_kind(size, "int") or not 1 <= size <= MAX_IMG_SIZE:
+        refuse("img_size", f"an image size from 1 to {MAX_IMG_SIZE} px")
+    if not _is_kind(crop, "number") or not 0 < crop <= 1 or size / crop > 2 * MAX_IMG_SIZE:
+        refuse("crop_pct", f"a fraction in (0, 1] that resizes to at most {2 * MAX_IMG_SIZE} px")
+    if d.get("interpolation", "bicubic") not in _INTERPOLATIONS:
+        refuse("interpolation", f"one of {', '.join(_INTERPOLATIONS)}")
+    for key, low in (("mean", -math.inf), ("std", 0.0)):
+        v = d.get(key, (0.5,) * 3)
+        if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(_is_kind(x, "number") and x > low for x in v)):
+            refuse(key, "three finite numbers" + (" above 0" if key == "std" else ""))
     return EvalPreprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def _class_names(value: Any, num_classes: int, source: str) -> list[str]:
+    """Class names a file gives for its `num_classes`-class head: a list of that many strings."""
+    if not (isinstance(value, list) and all(isinstance(n, str) for n in value)):
+        raise CheckpointError(f"{source}: {_shown(value)} is not a list of class names (strings)")
+    if len(value) != num_classes:
+        raise CheckpointError(f"{source}: {len(value)} class names for a {num_classes}-class model (its head); "
+                              f"one name per class")
+    return value
 
 
 def _descriptions(model: nn.Module, class_names: Sequence[str] | None, preprocess: EvalPreprocess | None,
@@ -584,38 +827,85 @@ class _Weights:
     class_names: list[str] | None = None
     preprocess: EvalPreprocess | None = None
     model_name: str | None = None
+    source: str = ""  # where the config was read ("W.safetensors: metadata swinv2.config"), for messages
+    keys: Mapping[str, str] = field(default_factory=dict)  # what that file calls each config field
 
 
 def _measured_weights(state: Mapping[str, Any]) -> Mapping[str, Any]:
     """The weights of a training state that its best metric measures, those `best.safetensors` holds:
     the EMA's under ``train.best_metric: val_ema_top1`` (or ``val_ema_loss``), else the model's."""
-    metric = state.get("config", {}).get("train", {}).get("best_metric") or ""
-    return state["ema"] if metric.startswith("val_ema_") and state.get("ema") is not None else state["model"]
+    config = state.get("config")
+    train = config.get("train") if isinstance(config, dict) else None
+    metric = train.get("best_metric") if isinstance(train, dict) else None
+    use_ema = isinstance(metric, str) and metric.startswith("val_ema_") and state.get("ema") is not None
+    return state["ema"] if use_ema else state["model"]
 
 
 def _read_weights(path: Path) -> _Weights:
     """Tensors and self-description of our `.safetensors` (metadata), a Hugging Face folder
     (config.json, with our ``swinv2`` record if we wrote it), a training state of `engine.fit`
-    (model config, classes, eval preprocessing, model name) or any other weights file (none)."""
+    (model config, classes, eval preprocessing, model name) or any other weights file (none).
+    What a file says about itself is checked as it is read (`_config_from`, `_preprocess`,
+    `_class_names`), and every tensor is finite (`_check_finite`), before anything is built."""
+    weights = _described(path)
+    _check_finite(weights.state_dict, path)
+    return weights
+
+
+def _described(path: Path) -> _Weights:
+    """`_read_weights` before the finiteness check. What the file says is checked before its tensors
+    are read."""
     meta = read_metadata(path)
     if "swinv2.config" in meta:
-        return _Weights(read_state_dict(path), SwinV2Config.from_dict(json.loads(meta["swinv2.config"])),
-                        json.loads(meta["swinv2.class_names"]) if "swinv2.class_names" in meta else None,
-                        _preprocess(json.loads(meta["swinv2.preprocess"])) if "swinv2.preprocess" in meta else None,
-                        meta.get("swinv2.model_name"))
+        where = f"{path}: metadata"
+        said = {k: _metadata_json(meta, k, where) for k in ("swinv2.config", "swinv2.class_names", "swinv2.preprocess")
+                if k in meta}
+        cfg = _config_from(said["swinv2.config"], f"{where} swinv2.config")
+        names = said.get("swinv2.class_names")
+        if names is not None:
+            names = _class_names(names, cfg.num_classes, f"{where} swinv2.class_names")
+        prep = said.get("swinv2.preprocess")
+        if prep is not None:
+            prep = _preprocess(prep, f"{where} swinv2.preprocess")
+        return _Weights(_read_tensors(path), cfg, names, prep, meta.get("swinv2.model_name") or None,
+                        f"{where} swinv2.config")
     if path.is_dir() and (path / "config.json").is_file():
         hf = _read_hf_config(path)  # read once: the weights are checked against this very config
-        kwargs, class_names = convert.hf_config_to_kwargs(hf)
+        where = str(path / "config.json")
+        try:
+            kwargs, names = convert.hf_config_to_kwargs(hf, where)
+        except InputError as e:
+            raise CheckpointError(f"{where}: {e}") from None
+        cfg = _config_from(kwargs, where, convert.HF_KEYS)
         ours = hf.get("swinv2") or {}
-        return _Weights(_read_hf_folder(path, hf), SwinV2Config(**kwargs), class_names,
-                        _preprocess(ours["preprocess"]) if "preprocess" in ours else None, ours.get("model_name"))
+        model_name = ours.get("model_name")
+        if model_name is not None and not isinstance(model_name, str):
+            raise CheckpointError(f"{where}: swinv2.model_name: {_shown(model_name)} is not a string")
+        prep = _preprocess(ours["preprocess"], f"{where} swinv2.preprocess") if "preprocess" in ours else None
+        return _Weights(_read_hf_folder(path, hf), cfg, names, prep, model_name or None, where, convert.HF_KEYS)
     if path.is_dir() or path.suffix == ".safetensors":
-        return _Weights(read_state_dict(path))
+        return _Weights(_read_tensors(path))
     obj = torch_load(path)
     if isinstance(obj, dict) and obj.get("format") == TRAINING_STATE_FORMAT and "model_config" in obj:
-        return _Weights(_tensors_of(_measured_weights(obj), path), SwinV2Config.from_dict(obj["model_config"]),
-                        list(obj["classes"]), _preprocess(obj["preprocess"]), obj.get("model_name"))
+        _check_training_state(obj, path)
+        cfg = _config_from(obj["model_config"], f"{path}: model_config")
+        # A SimMIM pretraining's state names the folders' classes for a head it does not have.
+        names = _class_names(obj["classes"], cfg.num_classes, f"{path}: classes") if cfg.num_classes else None
+        prep = _preprocess(obj["preprocess"], f"{path}: preprocess")
+        model_name = obj.get("model_name")
+        return _Weights(_tensors_of(_measured_weights(obj), path), cfg, names, prep,
+                        model_name if isinstance(model_name, str) and model_name else None, f"{path}: model_config")
     return _Weights(_tensors_of(obj, path))
+
+
+def _metadata_json(meta: Mapping[str, str], key: str, where: str) -> Any:
+    """The JSON value of our metadata entry `key`; CheckpointError naming it if it is not JSON."""
+    try:
+        return json.loads(meta[key])
+    except ValueError as e:
+        raise CheckpointError(f"{where} {key}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{where} {key}: JSON nested too deeply") from None
 
 
 def load_model(path: PathLike, *, name: str | None = None, src: str = "auto", **overrides: Any) -> SwinTransformerV2:
@@ -626,8 +916,12 @@ def load_model(path: PathLike, *, name: str | None = None, src: str = "auto", **
     are those the run's best metric measures, the EMA's for ``val_ema_top1``, as in best.safetensors),
     or, for formats that do not describe it (official `.pth`, timm, torchvision), the registry
     `name`, whose class count then follows the weights' head (a 21841-class head for a 1000-class
-    variant is mapped, see `load_weights`). `overrides` change the config (e.g. ``num_classes=10``,
-    ``img_size=384``). The load is strict. `model.info` (a `registry.ModelInfo`) holds the
+    variant is mapped, see `load_weights`; weights without a head give an encoder, ``num_classes=0``).
+    Weights that describe themselves take `name` only where it agrees with them (InputError
+    otherwise: it would be ignored). `overrides` change the config (e.g. ``num_classes=10``,
+    ``img_size=384``). The load is strict: the head is the weights' own, and a new one (fresh) only
+    with a ``num_classes`` override that asks for another class count. The architecture is checked
+    against the weights' tensor shapes before the model is built, and every tensor must be finite. `model.info` (a `registry.ModelInfo`) holds the
     `load_report`, the `class_names` (from the metadata; dropped with a num_classes override), the
     eval `preprocess` (the metadata's, else the registry record of `name`, else the official rule for
     the config's img_size, which any img_size override also selects) and the `model_name` (the
@@ -641,28 +935,139 @@ def load_model(path: PathLike, *, name: str | None = None, src: str = "auto", **
 
 
 def _build(weights: _Weights, path: Path, name: str | None, src: str, overrides: dict[str, Any]) -> SwinTransformerV2:
-    """`load_model` once the file is read."""
-    sd, cfg, class_names, preprocess = weights.state_dict, weights.config, weights.class_names, weights.preprocess
-    if cfg is None and name is not None:
+    """`load_model` once the file is read: the architecture it describes (which `name`, if given, must
+    agree with) or the registry's, checked against the tensors before the model is built; the head
+    stays the weights' own unless an override changes the class count (a new head on purpose)."""
+    conv = _to_native(weights.state_dict, src, path)  # once per load: the format is detected (and logged) once
+    cfg, class_names, preprocess = weights.config, weights.class_names, weights.preprocess
+    if cfg is not None:
+        if name is not None:
+            _check_same_model(weights, name, path)
+        _check_tensors(cfg, conv.state_dict, weights.source, weights.keys, complete=True)
+    elif name is not None:
         variant = get_variant(name)
+        head = conv.state_dict.get("head.weight")
+        rows = head.shape[0] if head is not None and head.ndim == 2 else 0
         cfg = variant.config
-        head = convert.to_native(sd, src).state_dict.get("head.weight")
-        rows = 0 if head is None else head.shape[0]
-        if rows and rows != cfg.num_classes and not (rows == 21841 and cfg.num_classes == 1000):
-            cfg = replace(cfg, num_classes=rows)  # a fine-tuned checkpoint keeps its own classes
+        if rows != cfg.num_classes and not (rows == 21841 and cfg.num_classes == 1000):
+            cfg = replace(cfg, num_classes=rows)  # a fine-tuned checkpoint keeps its own classes; none: an encoder
+        _check_tensors(cfg, conv.state_dict, f"{path}: --model {name}", complete=False)
         preprocess = variant.preprocess
-    elif cfg is None:
+    else:
         raise InputError(f"{path} does not describe its architecture; pass the registry model name "
                          f"(--model NAME, see `swinv2 models`)")
     new_cfg = config_with(cfg, **overrides)
+    if new_cfg != cfg:
+        _check_ranges(new_cfg, f"load_model({path}) overrides")
     if new_cfg.num_classes != cfg.num_classes:
         class_names = None
     if new_cfg.img_size != cfg.img_size:
         preprocess = None
     model = SwinTransformerV2(new_cfg)
-    report = load_weights(model, sd, src=src, strict=True)
+    report, usable = _match(conv, model.state_dict(), str(path), strict=True,
+                            new_head=new_cfg.num_classes != cfg.num_classes)
+    _apply(model, usable, report)
+    _detected(conv, src)
     model.info = ModelInfo(weights.model_name or name, class_names, preprocess or default_preprocess(new_cfg), report)
     return model.eval()
+
+
+def _to_native(sd: Mapping[str, Any], src: str, origin: PathLike | str) -> convert.Conversion:
+    """`convert.to_native`, its errors (a format it cannot tell, q/k/v that do not fit) naming `origin`.
+    The format it detects is not logged here: `_detected` says it once the load succeeded, so a file
+    refused is one line."""
+    try:
+        return convert.to_native(sd, convert.detect_format(convert.unwrap(sd)) if src == "auto" else src)
+    except InputError as e:
+        raise InputError(f"{origin}: {e}") from None
+
+
+def _detected(conv: convert.Conversion, src: str) -> None:
+    if src == "auto":
+        log.info("weights format detected: %s", conv.src)
+
+
+_BLOCK_KEY = re.compile(r"layers\.(\d+)\.blocks\.(\d+)\.")
+
+
+def _tensor_architecture(sd: Mapping[str, torch.Tensor]) -> list[tuple[str, Any, str]]:
+    """What native tensors themselves show of the architecture: (field, value, the tensor that shows it)
+    for the fields that set every parameter's size (the patch embedding, blocks per stage, heads, MLP and
+    CPB widths, classes); a field whose tensor is absent is (field, None, that tensor)."""
+    def tensor(key: str, ndim: int) -> torch.Tensor | None:
+        t = sd.get(key)
+        return t if isinstance(t, torch.Tensor) and t.ndim == ndim else None
+
+    stages: dict[int, set[int]] = {}
+    for k in sd:
+        m = _BLOCK_KEY.match(k)
+        if m:
+            stages.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    found: list[tuple[str, Any, str]] = [("depths", tuple(len(stages[i]) for i in sorted(stages)),
+                                          "layers.N.blocks.M tensors")]
+    patch = tensor("patch_embed.proj.weight", 4)
+    shown = f"patch_embed.proj.weight {tuple(patch.shape)}" if patch is not None else "patch_embed.proj.weight"
+    found += [(name, None if patch is None else patch.shape[dim], shown)
+              for name, dim in (("embed_dim", 0), ("in_chans", 1), ("patch_size", 2))]
+    for name, key, ndim in (("num_heads", "attn.logit_scale", 3), ("mlp_hidden", "mlp.fc1.weight", 2)):
+        ts = [tensor(f"layers.{i}.blocks.0.{key}", ndim) for i in sorted(stages)]
+        value = tuple(t.shape[0] for t in ts) if ts and all(t is not None for t in ts) else None
+        found.append((name, value, f"layers.N.blocks.0.{key}"))
+    cpb = tensor("layers.0.blocks.0.attn.cpb_mlp.0.weight", 2)
+    found.append(("cpb_hidden_dim", None if cpb is None else cpb.shape[0], "layers.0.blocks.0.attn.cpb_mlp.0.weight"))
+    head = tensor("head.weight", 2)
+    found.append(("num_classes", 0 if head is None else head.shape[0],
+                  "no head.weight" if head is None else f"head.weight {tuple(head.shape)}"))
+    return found
+
+
+def _check_tensors(cfg: SwinV2Config, sd: Mapping[str, torch.Tensor], source: str,
+                   keys: Mapping[str, str] | None = None, *, complete: bool) -> None:
+    """CheckpointError if `cfg` (what `source` says) disagrees with the native tensors `sd` on a field
+    that sets parameter sizes (`_tensor_architecture`): so the model built from `cfg` is no larger than
+    the weights that fill it, and a lying file (embed_dim=30000 beside 24-wide tensors, a 10-class
+    description of a 5-row head) is refused before anything is allocated. `complete`: the file
+    describes itself, so every such tensor must be there to check (a description of the registry,
+    `complete=False`, skips fields whose tensor the format lacks, e.g. SwinV1's heads)."""
+    for name, value, tensor in _tensor_architecture(sd):
+        said = tuple(int(cfg.embed_dim * 2**i * cfg.mlp_ratio) for i in range(len(cfg.depths))) \
+            if name == "mlp_hidden" else getattr(cfg, name)
+        if name == "num_classes" and not complete:
+            continue  # the registry's class count follows the head (`_build`)
+        key = (keys or {}).get(name, "mlp_ratio" if name == "mlp_hidden" else name)
+        if value is None:
+            if complete:
+                raise CheckpointError(f"{source} describes {key}, but the weights have no {tensor} to check it "
+                                      f"against: not a whole SwinV2 model")
+            continue
+        if value != said:
+            if name == "mlp_hidden":
+                shown = f"{key} {cfg.mlp_ratio} (MLP widths {list(said)})"
+            elif name == "num_classes":
+                shown = f"{said} classes ({key})"
+            else:
+                shown = f"{key} {_shown(list(said) if isinstance(said, tuple) else said)}"
+            has = list(value) if isinstance(value, tuple) else value
+            raise CheckpointError(f"{source} says {shown}, but the weights have {has} ({tensor}); refused before "
+                                  f"building the model")
+
+
+def _check_same_model(weights: _Weights, name: str, path: Path) -> None:
+    """InputError unless the registry model `name` (--model) is the one self-describing weights say
+    they are: the weights' architecture is what runs, so a --model that differs would be ignored."""
+    variant = get_variant(name)
+    said = weights.model_name
+    if said is not None:
+        if ALIASES.get(said, said) != variant.name:
+            raise InputError(f"{path}: the weights say they are {said}, --model says {name}; drop --model (these "
+                             f"weights describe their architecture) or pass weights of {name}")
+        return
+    for field_name in ("embed_dim", "depths", "num_heads", "patch_size", "in_chans"):
+        ours, theirs = getattr(weights.config, field_name), getattr(variant.config, field_name)
+        if ours != theirs:
+            raise InputError(f"{path}: the weights describe {field_name}={_shown(ours)}, --model {name} has "
+                             f"{_shown(theirs)}; drop --model (these weights describe their architecture) or pass "
+                             f"weights of {name}")
 
 
 # --------------------------------------------------------------------------- writing any format

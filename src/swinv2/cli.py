@@ -22,6 +22,8 @@ from .errors import InputError, SwinV2Error
 if TYPE_CHECKING:  # torch is imported inside the commands that need it: `swinv2 models` stays fast
     import torch
 
+    from .config import Config
+
 log = logging.getLogger("swinv2")
 
 
@@ -359,6 +361,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _run_eval(args: argparse.Namespace) -> int:
     from .outputs import check_output, check_output_folder, is_stdout
     from .evaluate import evaluate_folder, save_eval_plots
+    from .registry import describe_model
 
     # Never one of the user's own files: an input, or a file of another kind (a shell glob's first match).
     reads = _reads(("--weights", args.weights), ("--calib", args.calib), ("--data", args.data), folder_files=False)
@@ -379,6 +382,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     for e in report["errors"]:
         print(f"swinv2 eval: skipped {e['path']}: {e['error']}", file=sys.stderr)
     skipped = f", {len(report['errors'])} unreadable skipped" if report["errors"] else ""
+    say(f"model: {describe_model(model)} ({model.config.num_classes} classes), weights {args.weights}")
     say(f"{args.data}: {report['n']} images, {len(report['per_class'])} classes{skipped}; "
         f"{prep.img_size} px, crop {prep.crop_pct}, {prep.interpolation}"
         + ("" if amp_dtype is None else f", autocast {args.amp}")
@@ -397,7 +401,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     for r in shown:
         say(f"  {r['class']:<{width}}  {r['top1']:6.2f}%  ({r['correct']}/{r['n']})")
     if args.json:
-        _write_json(args.json, {"weights": args.weights, "data": args.data, "amp": args.amp,
+        _write_json(args.json, {"weights": args.weights, "model": describe_model(model),
+                                "model_config": model.config.to_dict(), "data": args.data, "amp": args.amp,
                                 "runtime": rt.name if rt else "torch", "precision": args.precision, **report})
         if not is_stdout(args.json):
             say(f"wrote {args.json}")
@@ -455,6 +460,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     from .outputs import check_output, is_stdout
     from .predict import predict, save_prediction_grid
+    from .registry import describe_model
 
     _json_flag_then_path(args)
     if not args.paths:
@@ -476,6 +482,9 @@ def _run_predict(args: argparse.Namespace) -> int:
                     preprocess=prep, thumbnails=32 if args.plot else 0, amp_dtype=amp_dtype, runtime=rt,
                     workers=args.workers)
     end = time.perf_counter()
+    if preds.results:  # the model that ran heads the report, on stderr: stdout holds one line per image (or JSON)
+        print(f"model: {describe_model(model)} ({model.config.num_classes} classes), weights {args.weights}",
+              file=sys.stderr)
     if json_out:
         print(json.dumps(preds.to_json(), indent=1))
     else:
@@ -750,6 +759,22 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_train)
 
 
+def _published_start(cfg: Config, args: argparse.Namespace) -> tuple[str, str] | None:
+    """(the key that set model.pretrained, where it was set) when the config starts from published
+    weights; weights that can be had neither from the cache nor from the hub are said now, in config
+    keys, before the data and model are built."""
+    from . import hub
+    from .config import key_origin, start_point
+
+    start = start_point(cfg)
+    key, pretrained = start["pretrained"]
+    if not pretrained:
+        return None
+    from_config = (key, key_origin(key, args.config, args.overrides))
+    hub.check_available(hub.resolve_pretrained(start["name"][1], pretrained), from_config=from_config)
+    return from_config
+
+
 def _run_train(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
@@ -764,12 +789,14 @@ def _run_train(args: argparse.Namespace) -> int:
         print(cfg.to_yaml(), end="")
         return 0
     from .engine import NonFiniteError, TrainingInterrupted, check_data, fit
+    from .hub import WeightsUnavailableError
 
     if args.check_data:
         report = check_data(cfg)
         print(report.format())
         return 0 if report.ok else 1
     out = args.out or str(Path("runs") / (Path(args.config).stem if args.config else "default"))
+    published = _published_start(cfg, args)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: say which rank speaks
         for h in logging.getLogger().handlers:
             h.setFormatter(logging.Formatter(f"%(asctime)s [rank {os.environ.get('RANK', '0')}] %(levelname)s "
@@ -788,6 +815,8 @@ def _run_train(args: argparse.Namespace) -> int:
     except TrainingInterrupted as e:
         print(f"swinv2 train: {e}", file=sys.stderr)
         return e.exit_code
+    except WeightsUnavailableError as e:  # the hub went away after `_published_start` asked it
+        raise (e.in_config_words(published) if published else e) from None
     except NonFiniteError as e:
         print(f"swinv2 train: error: {e}", file=sys.stderr)
         return 1
@@ -861,6 +890,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif extra:
         parser.parse_args(argv)  # argparse's own error for anything else
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    if not args.debug:  # huggingface_hub's own retry warnings (several lines each) are not the CLI's one line
+        os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # read when huggingface_hub is first imported
+        if "huggingface_hub" in sys.modules:
+            logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     # Under torchrun every rank reads the same config: its warnings are said once, by rank 0.
     logging.getLogger("swinv2.config").setLevel(logging.NOTSET if os.environ.get("RANK", "0") == "0"
                                                  else logging.ERROR)

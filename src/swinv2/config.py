@@ -408,10 +408,49 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         except ConfigError as e:
             own = e.key is not None and re.sub(r"\[(\d+)\]", r".\1", e.key) == key  # stages[1].x is stages.1.x
             raise ConfigError(f"override {shown}: {e.reason if own else e}", key=e.key, reason=e.reason) from None
+    _check_start_point(cfg, path, overrides)
     if not cfg.stages:  # a recipe's stages are checked one by one once resolved (recipes.plan_recipe)
         check_task(cfg)
     _warn_long_warmup(cfg)
     return cfg
+
+
+def key_origin(key: str, path: str | Path | None, overrides: Sequence[str]) -> str:
+    """Where dotted `key` of `load_config(path, overrides)` got its value, for a key whose value is not
+    its default: the last override that set it (or a section holding it), else the recipe file."""
+    for item in reversed(overrides):
+        given = item.partition("=")[0].strip()
+        if key == given or key.startswith(given + "."):
+            return f"override {item if len(item) <= 200 and item.isprintable() else _shown(item)}"
+    return str(path) if path is not None else "the defaults"
+
+
+def start_point(cfg: Config) -> dict[str, tuple[str, Any]]:
+    """{"name" | "weights" | "pretrained": (dotted key, value)} of the first model trained: the top
+    level's model section, or the first stage's keys where it sets them (a later stage starts from the
+    one before it, recipes.plan_recipe)."""
+    stage = cfg.stages[0].model if cfg.stages else None
+    out = {}
+    for name in ("name", "weights", "pretrained"):
+        own = stage is not None and getattr(stage, name) is not INHERIT  # else inherited from the top level
+        out[name] = (f"stages.0.model.{name}" if own else f"model.{name}", getattr(stage if own else cfg.model, name))
+    return out
+
+
+def _check_start_point(cfg: Config, path: str | Path | None, overrides: Sequence[str]) -> None:
+    """model.weights and model.pretrained are two start points (create_model refuses them together,
+    but only once the data is built): refused here, naming where each was set."""
+    start = start_point(cfg)
+    (w_key, weights), (p_key, pretrained) = start["weights"], start["pretrained"]
+    if weights is None or not pretrained:
+        return
+    w_from, p_from = (key_origin(k, path, overrides) for k in (w_key, p_key))
+    shown = json.dumps(pretrained) if isinstance(pretrained, bool) else pretrained
+    prefix = "stages.0." if cfg.stages else ""
+    reason = (f"two start points; keep one: {prefix}model.pretrained=false to start from the file, or "
+              f"{prefix}model.weights=null for the published weights")
+    raise ConfigError(f"{w_key}={_shown(weights)} (set by {w_from}) and {p_key}={shown} (set by {p_from}): "
+                      f"{reason}", key=w_key, reason=reason)
 
 
 # A recipe is a few KB (the longest shipped one is 4 KB): 64 KiB leaves room for any real one and

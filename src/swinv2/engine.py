@@ -106,8 +106,10 @@ def freeze(model: nn.Module, patterns: tuple[str, ...] | list[str]) -> list[str]
     return sorted(set(frozen))
 
 
-def data_roots(cfg: Config, env: D.DistEnv | None = None) -> tuple[Path, Path]:
-    """(train folder, val folder) of the config; the digits demo folder is built first if asked."""
+def data_roots(cfg: Config, env: D.DistEnv | None = None) -> tuple[Path, Path | None]:
+    """(train folder, val folder or None) of the config; the digits demo folder is built first if asked.
+    For pretraining (`train.task: simmim`) a flat `data.root` of images, without a `train/` folder, is
+    the training set itself (and has no validation set unless `data.val_root` names one)."""
     d = cfg.data
     if not d.root:
         raise ConfigError("data.root is not set (the folder holding train/ and val/ class folders)")
@@ -118,6 +120,10 @@ def data_roots(cfg: Config, env: D.DistEnv | None = None) -> tuple[Path, Path]:
         if env is not None:
             D.barrier(env)
     train_root = root / d.train_dir
+    if not train_root.is_dir() and cfg.train.task == "simmim" and root.is_dir():
+        log.info("%s has no %s/ folder: pretraining on every image under it%s", root, d.train_dir,
+                 "" if d.val_root else " (no validation set; data.val_root may name one)")
+        return root, Path(d.val_root) if d.val_root else None
     if not train_root.is_dir():
         raise FileNotFoundError(f"training folder not found: {train_root}")
     return train_root, Path(d.val_root) if d.val_root else root / d.val_dir
@@ -126,7 +132,7 @@ def data_roots(cfg: Config, env: D.DistEnv | None = None) -> tuple[Path, Path]:
 def check_data(cfg: Config) -> DataReport:
     """`swinv2 train --check-data`: decode every image of the configured folders and report."""
     train_root, val_root = data_roots(cfg)
-    return check_dataset(train_root, val_root if val_root.is_dir() else None, workers=max(cfg.data.workers, 1),
+    return check_dataset(train_root, val_root if val_root is not None and val_root.is_dir() else None, workers=max(cfg.data.workers, 1),
                          labels=cfg.train.task != "simmim")
 
 
@@ -145,11 +151,12 @@ def prepare_data(cfg: Config, env: D.DistEnv) -> tuple[ImageFolderDataset, Image
             raise BadDataError(problem)
     if cfg.train.task == "simmim":
         train = ImageFilesDataset(train_root)
-        val = ImageFilesDataset(val_root) if val_root.is_dir() else None
+        val = ImageFilesDataset(val_root) if val_root is not None and val_root.is_dir() else None
     else:
+        assert val_root is not None  # only a flat pretraining root has none
         train = ImageFolderDataset(train_root)
         val = ImageFolderDataset(val_root, class_names=train.classes) if val_root.is_dir() else None
-    if val is None:
+    if val is None and val_root is not None:
         log.warning("no validation folder at %s: training without evaluation", val_root)
     if env.is_main:
         for w in hygiene_warnings(train, val):

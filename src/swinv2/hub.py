@@ -12,8 +12,17 @@ not derived, from (checked when written; see `SOURCES`):
   * microsoft/Swin-Transformer `MODELHUB.md`: the GitHub release files ``swinv2_*.pth`` and top-1.
 
 No SHA-256 or exact byte size is published beside these files (the hub pages show rounded sizes),
-so `HubFile.sha256` / `.size` are None; after every download the file is checked against the
-SHA-256 the hub itself sends as the ETag of an LFS file, and against `sha256` where a record has one.
+so `HubFile.sha256` / `.size` are None. What the hub publishes for each file is checked instead
+(`_verify`): after a download, against the hub's file listing (``/api/models/REPO/paths-info``,
+`HfApi.get_paths_info`: the LFS SHA-256 and size of an LFS file, the git blob id and size of a file
+kept in git) and against the ETag the blob is named by (huggingface_hub takes it from the file's
+metadata, ``X-Linked-Etag`` or ``ETag``: the same LFS SHA-256 or git blob id); a cached file is
+rechecked against its blob name before its first use in a process (the result is remembered per
+file, size and mtime, so it is hashed once). A record's own `sha256` / `size` are checked always.
+A file that does not match is removed from the cache (blob and snapshot link) and the call fails in
+one line (`WeightsHashError`: the download was corrupted, run again). Only a file that nothing
+published names (a mirror whose ETag is no hash and which has no file listing) goes unchecked, with
+a warning after its download.
 
 Downloads go through `huggingface_hub.hf_hub_download`: its cache (``HF_HOME`` / ``HF_HUB_CACHE``),
 ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE`` apply; a transfer cut off is resumed with an HTTP range
@@ -41,8 +50,10 @@ import logging
 import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import SwinV2Error, UnknownNameError
 from .registry import ALIASES, VARIANTS, get_variant
@@ -58,11 +69,24 @@ SOURCES = {
 OFFICIAL_RELEASE = "https://github.com/SwinTransformer/storage/releases/download/v2.0.0/"
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".tar")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_GIT_SHA1 = re.compile(r"[0-9a-f]{40}")
 STALE_AFTER_S = 60.0  # a download's temporary file unwritten for this long, with its lock free, is left by a kill
 
 
 class WeightsUnavailableError(SwinV2Error, OSError):
-    """The weights are not in the local cache and cannot be downloaded; the message says what to do."""
+    """The weights are not in the local cache and cannot be downloaded; the message says what to do.
+
+    `problem` is what went wrong and `record` the weights asked for: `in_config_words` restates the
+    advice for a training config, whose keys differ from eval's and predict's options."""
+
+    def __init__(self, problem: str, record: WeightsRecord | None = None,
+                 from_config: tuple[str, str] | None = None) -> None:
+        super().__init__(problem if record is None else f"{problem}; {_manual(record, from_config)}")
+        self.problem, self.record = problem, record
+
+    def in_config_words(self, from_config: tuple[str, str]) -> WeightsUnavailableError:
+        """The same fault, its advice in config keys; `from_config`: see `_manual`."""
+        return WeightsUnavailableError(self.problem, self.record, from_config)
 
 
 class WeightsDownloadError(SwinV2Error, OSError):
@@ -252,80 +276,198 @@ def is_cached(record: WeightsRecord) -> bool:
     return cached_file(record) is not None
 
 
-def _manual(record: WeightsRecord) -> str:
-    return (f"on a machine with network run `swinv2 download {record.spec}` and copy its Hugging Face cache "
-            f"into {cache_dir()} (HF_HUB_CACHE / HF_HOME), or fetch {record.official_url} yourself and pass "
-            f"--weights FILE.pth --model {record.variant}")
+def _manual(record: WeightsRecord, from_config: tuple[str, str] | None = None) -> str:
+    """What to do without the hub, in the words of the command that asked: eval / predict / export
+    options, or config keys where a training config asked (`from_config`: the dotted key that set
+    pretrained, e.g. "model.pretrained", and where it was set, e.g. the recipe file)."""
+    elsewhere = (f"on a machine with network run `swinv2 download {record.spec}` and copy its Hugging Face cache "
+                 f"into {cache_dir()} (HF_HUB_CACHE / HF_HOME), or fetch {record.official_url} yourself and ")
+    if from_config is None:
+        return elsewhere + f"pass --weights FILE.pth --model {record.variant}"
+    key, set_by = from_config
+    section = key.rpartition(".")[0]
+    return elsewhere + (f"train from it with {section}.pretrained=false {section}.weights=FILE.pth ({key} was set "
+                        f"by {set_by})")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
+@dataclass(frozen=True)
+class _Digest:
+    """A digest a file must have, and whose word it is."""
+
+    algo: str                   # "sha256", or "git-sha1": git's blob id, sha1(b"blob SIZE\0" + content)
+    hexdigest: str
+    size: int | None            # bytes, where known
+    whose: str
+
+
+_ALGO_NAMES = {"sha256": "SHA-256", "git-sha1": "git blob id"}
+_verified: set[tuple] = set()  # (blob path, dev, inode, size, mtime_ns, algo, digest) checked in this process
+
+
+def _published(source: HubFile, blob_name: str, listed: _Digest | None = None,
+               size: int | None = None) -> list[_Digest]:
+    """The digests a file of `source` stored as blob `blob_name` must have: the record's, the hub's
+    file listing's (`listed`, after a download), and its blob name: huggingface_hub names a blob by the
+    hub's ETag, the LFS SHA-256 of an LFS file or the git blob id of a file kept in git (`size`: the
+    size the hub announced with it)."""
+    out = []
+    if source.sha256 is not None:
+        out.append(_Digest("sha256", source.sha256, source.size, "the record's"))
+    if listed is not None:
+        out.append(listed)
+    if _SHA256.fullmatch(blob_name):
+        out.append(_Digest("sha256", blob_name, size, "the hub's (its ETag)"))
+    elif _GIT_SHA1.fullmatch(blob_name):
+        out.append(_Digest("git-sha1", blob_name, size, "the hub's (its ETag)"))
+    return out
+
+
+def _listed(source: HubFile, revision: str | None) -> _Digest | None:
+    """What the hub's file listing publishes for `source` at `revision`; None where it does not answer
+    (a mirror without the API, a network fault: the ETag is still checked)."""
+    hf, constants = _hf()
+    try:
+        (info,) = hf.HfApi(endpoint=constants.ENDPOINT).get_paths_info(source.repo, [source.filename],
+                                                                        revision=revision)
+        if info.lfs is not None:
+            return _Digest("sha256", info.lfs.sha256, info.lfs.size, "the hub's file listing (LFS SHA-256)")
+        return _Digest("git-sha1", info.blob_id, info.size, "the hub's file listing (git blob id)")
+    except Exception as e:  # no listing: nothing to add, never a reason to refuse the file
+        log.debug("%s: no file listing from %s (%s)", source, constants.ENDPOINT, _first_line(e))
+        return None
+
+
+def _digests(path: Path, algos: set[str], size: int) -> dict[str, str]:
+    """Each of `algos` of the file at `path` (`size` bytes), in one read."""
+    hashes = {a: hashlib.sha256() if a == "sha256" else hashlib.sha1(b"blob %d\0" % size) for a in algos}
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+            for h in hashes.values():
+                h.update(block)
+    return {a: h.hexdigest() for a, h in hashes.items()}
 
 
-def _verify(path: Path, source: HubFile, *, downloaded: bool) -> None:
-    """Check the SHA-256 against the record's (always) and the hub's LFS ETag (after a download:
-    the blob is named by it); on a mismatch remove the file from the cache and raise."""
+def _verify(path: Path, source: HubFile, published: list[_Digest], *, downloaded: bool) -> None:
+    """Check the file at `path` (a snapshot link to its blob) against every digest in `published`, its
+    size first; on a mismatch remove it from the cache and raise WeightsHashError. A file that passed
+    is not hashed again in this process while its size and mtime stay the same."""
     blob = Path(os.path.realpath(path))
-    expected, whose = source.sha256, "the record's"
-    if expected is None and downloaded and _SHA256.fullmatch(blob.name):
-        expected, whose = blob.name, "the hub's (ETag)"
-    if expected is None:
+    if not published:
+        if downloaded:
+            log.warning("%s: downloaded but not verified: the hub published no hash for it (its ETag %s is no "
+                        "SHA-256 or git blob id, and it has no file listing)", source, blob.name)
         return
-    actual = _sha256(path)
-    if actual == expected:
+    st = blob.stat()
+    seen = (str(blob), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    todo = [d for d in published if (*seen, d.algo, d.hexdigest) not in _verified]
+    if not todo:
+        return
+    problem = next((f"it is {st.st_size} bytes, not the {d.size} {d.whose} says" for d in todo
+                    if d.size is not None and d.size != st.st_size), None)
+    if problem is None:
+        actual = _digests(blob, {d.algo for d in todo}, st.st_size)
+        problem = next((f"its {_ALGO_NAMES[d.algo]} {actual[d.algo][:16]}... is not {d.whose} {d.hexdigest[:16]}..."
+                        for d in todo if actual[d.algo] != d.hexdigest), None)
+    if problem is None:
+        _verified.update((*seen, d.algo, d.hexdigest) for d in todo)
         return
     for p in {path, blob}:
         try:
             p.unlink()
         except FileNotFoundError:
             pass
-    raise WeightsHashError(f"{source}: SHA-256 {actual[:16]}... is not {whose} {expected[:16]}...; the file was "
-                           f"refused and removed from the cache (run the command again to download it afresh)")
+    what = "the download was corrupted" if downloaded else f"the cached file {blob} is corrupted"
+    raise WeightsHashError(f"{source}: {what}: {problem}; it was removed from the cache {cache_dir()}: run the "
+                           f"command again to download it afresh")
 
 
-def fetch(record: WeightsRecord | str) -> Path:
-    """The local path of the record's weights: from the cache, else downloaded (first source that
-    exists). Raises WeightsUnavailableError (offline / hub unreachable, with the manual alternative),
-    WeightsDownloadError (transfer failed, nothing kept) or WeightsHashError (file removed)."""
-    rec = lookup(record) if isinstance(record, str) else record
-    hit = cached_file(rec)
-    if hit is not None:
-        _verify(*hit, downloaded=False)
-        log.info("%s: using the cached %s", rec.spec, hit[0])
-        blob = Path(os.path.realpath(hit[0]))
-        if blob.parent.name == "blobs":
-            remove_stale_partials(blob.parent.parent, blob.name)
-        return hit[0]
+def _on_hub(rec: WeightsRecord, missing: list[str],
+            from_config: tuple[str, str] | None) -> Iterator[tuple[HubFile, Any]]:
+    """Each of the record's files the hub has, in order, with its metadata (None where the hub answered
+    with an error that a download retries), by one HEAD each without huggingface_hub's back-off, so
+    that no network fails at once, in one line; the files it does not have are added to `missing`.
+    Raises WeightsUnavailableError offline and where the hub cannot be reached (`from_config`: see
+    `_manual`)."""
     hf, constants = _hf()
-    from huggingface_hub.utils import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
-                                       RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.utils import HfHubHTTPError
 
-    not_there = (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)  # gated: a repo error
-    tried = ", ".join(map(str, rec.files))
     if constants.HF_HUB_OFFLINE:
         raise WeightsUnavailableError(f"{rec.spec} is not in the cache {cache_dir()} and HF_HUB_OFFLINE is set "
-                                      f"(looked for {tried}); {_manual(rec)}")
-
-    def unreachable(source: HubFile, e: BaseException) -> WeightsUnavailableError:
-        return WeightsUnavailableError(f"{rec.spec}: cannot reach {constants.ENDPOINT} to download {source} and it "
-                                       f"is not in the cache {cache_dir()} ({_first_line(e)}); {_manual(rec)}")
-
-    missing = []
+                                      f"(looked for {', '.join(map(str, rec.files))})", rec, from_config)
     for source in rec.files:
-        # One HEAD first, without huggingface_hub's back-off: no network fails at once, in one line.
         try:
             meta = hf.get_hf_file_metadata(hf.hf_hub_url(source.repo, source.filename))
-        except not_there as e:
+        except _not_there() as e:
             missing.append(f"{source} ({type(e).__name__})")
             continue
         except HfHubHTTPError:
             meta = None  # the hub answered, with an error (e.g. 503): hf_hub_download retries it
         except Exception as e:  # DNS, connection refused, timeout, proxy
-            raise unreachable(source, e) from None
+            raise _unreachable(rec, source, e, from_config) from None
+        yield source, meta
+
+
+def _not_there() -> tuple[type[BaseException], ...]:
+    """huggingface_hub's errors for "no such repo / file" (a gated repo is a repo error): only these
+    move on to a record's next file."""
+    from huggingface_hub.utils import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    return EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+
+def _unreachable(rec: WeightsRecord, source: HubFile, e: BaseException,
+                 from_config: tuple[str, str] | None) -> WeightsUnavailableError:
+    return WeightsUnavailableError(f"{rec.spec}: cannot reach {_hf()[1].ENDPOINT} to download {source} and it is "
+                                   f"not in the cache {cache_dir()} ({_first_line(e)})", rec, from_config)
+
+
+def _none_there(rec: WeightsRecord, missing: list[str],
+                from_config: tuple[str, str] | None) -> WeightsUnavailableError:
+    return WeightsUnavailableError(f"{rec.spec}: none of its files is on {_hf()[1].ENDPOINT}: {'; '.join(missing)}",
+                                   rec, from_config)
+
+
+def _verify_cached(path: Path, source: HubFile) -> None:
+    """`_verify` a file found in the cache against what its blob name (and the record) publish."""
+    _verify(path, source, _published(source, Path(os.path.realpath(path)).name), downloaded=False)
+
+
+def check_available(record: WeightsRecord | str, *, from_config: tuple[str, str] | None = None) -> None:
+    """Raise now what `fetch` would for a file in the cache that does not match (WeightsHashError) or
+    for one that is not there while the hub is offline, unreachable or has none of the record's files
+    (WeightsUnavailableError). Downloads nothing (a HEAD per file), so a command can say so before it
+    builds anything; `from_config`: see `_manual`."""
+    rec = lookup(record) if isinstance(record, str) else record
+    hit = cached_file(rec)
+    if hit is not None:
+        _verify_cached(*hit)  # remembered: fetch does not hash it again
+        return
+    missing: list[str] = []
+    for _ in _on_hub(rec, missing, from_config):
+        return
+    raise _none_there(rec, missing, from_config)
+
+
+def fetch(record: WeightsRecord | str) -> Path:
+    """The local path of the record's weights: from the cache (rechecked, `_verify`), else downloaded
+    (first source that exists) and verified. Raises WeightsUnavailableError (offline / hub unreachable,
+    with the manual alternative), WeightsDownloadError (transfer failed, nothing kept) or
+    WeightsHashError (the file did not match; removed)."""
+    rec = lookup(record) if isinstance(record, str) else record
+    hit = cached_file(rec)
+    if hit is not None:
+        path, source = hit
+        _verify_cached(path, source)
+        log.info("%s: using the cached %s", rec.spec, path)
+        blob = Path(os.path.realpath(path))
+        if blob.parent.name == "blobs":
+            remove_stale_partials(blob.parent.parent, blob.name)
+        return path
+    hf, constants = _hf()
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    missing: list[str] = []
+    for source, meta in _on_hub(rec, missing, None):
         if meta is not None and meta.etag:  # what an earlier download of this blob, killed, left
             repo_folder = constants.REPO_ID_SEPARATOR.join(["models", *source.repo.split("/")])
             remove_stale_partials(cache_dir() / repo_folder, meta.etag)
@@ -333,17 +475,18 @@ def fetch(record: WeightsRecord | str) -> Path:
         try:
             path = Path(hf.hf_hub_download(source.repo, source.filename))
         except LocalEntryNotFoundError as e:  # the connection went away after the HEAD
-            raise unreachable(source, e) from None
-        except not_there as e:
+            raise _unreachable(rec, source, e, None) from None
+        except _not_there() as e:
             missing.append(f"{source} ({type(e).__name__})")
             continue
         except Exception as e:  # httpx errors after the retries, size checks, disk full
             raise WeightsDownloadError(f"{rec.spec}: download of {source} failed: {_first_line(e)}; nothing partial "
                                        f"was kept, run the command again to retry") from None
-        _verify(path, source, downloaded=True)
+        listed = _listed(source, meta.commit_hash if meta is not None else None)
+        size = meta.size if meta is not None else None
+        _verify(path, source, _published(source, Path(os.path.realpath(path)).name, listed, size), downloaded=True)
         return path
-    raise WeightsUnavailableError(f"{rec.spec}: none of its files is on {constants.ENDPOINT}: {'; '.join(missing)}; "
-                                  f"{_manual(rec)}")
+    raise _none_there(rec, missing, None)
 
 
 def remove_stale_partials(repo_folder: Path, etag: str) -> list[Path]:

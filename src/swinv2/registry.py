@@ -39,6 +39,17 @@ def model_info(model: SwinTransformerV2) -> ModelInfo:
     return info if info.preprocess is not None else replace(info, preprocess=default_preprocess(model.config))
 
 
+def describe_model(model: SwinTransformerV2) -> str:
+    """The model that runs, as reports name it: its registry name, else (weights that describe an
+    architecture without naming it) that architecture."""
+    name = model_info(model).model_name
+    if name:
+        return name
+    c = model.config
+    return (f"unnamed SwinV2 (embed_dim {c.embed_dim}, depths {list(c.depths)}, num_heads {list(c.num_heads)}, "
+            f"window {c.window_size})")
+
+
 @dataclass(frozen=True)
 class Variant:
     name: str

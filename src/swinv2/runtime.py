@@ -28,11 +28,19 @@ and made again; an entry without its key file (an interrupted write) is simply m
 files are written under temporary names and renamed into place.
 
 An entry is one unit of files (`swinv2.units`): its key also binds the files it was written with
-(`"bound"`: the export id in the fp32 graph and its sidecar; the SHA-256 of the int8 .xml and .bin),
-checked on every use, so a graph of another write beside the key (a write killed or interleaved,
-a file replaced by hand) is made again, never run. Processes using a cache folder take turns
-(`units.unit_lock`: check, build and load under it), and the first one after a kill removes the temp
-files and folders it left there (`.NAME.XXXXXXXX.tmp`, `.int8-XXXXXXXX`).
+(`"bound"`: the SHA-256 of each file, the fp32 graph's and its sidecar's, the int8 .xml's and .bin's,
+and the export id the fp32 graph and its sidecar share), checked on every use, so a graph of another
+write beside the key (a write killed or interleaved, a file replaced by hand, another model's graph
+given the right export id, a flipped byte) is made again with one warning, never run. The id alone
+is not enough: it is a metadata entry anyone can append to any graph (`export.add_graph_metadata`).
+Hashing on every use is cheap next to loading (medians on a shared 2-core machine): the micro
+model's graph (0.8 MB) hashes in 0.7 ms against 0.27 s to open an ONNX Runtime session on it,
+SwinV2-T/w8's (115 MB) in 0.11 s against 1.5 s.
+The key also names the exporter (`exporter()`: torch's version, this package's and `EXPORT_FORMAT`,
+with the opset), so a graph exported by another version of either is made again, not reused.
+Processes using a cache folder take turns (`units.unit_lock`: check, build and load under it), and the
+first one after a kill removes the temp files and folders it left there (`.NAME.XXXXXXXX.tmp`,
+`.int8-XXXXXXXX`).
 """
 from __future__ import annotations
 
@@ -71,6 +79,9 @@ EXTRAS = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
 CALIB_IMAGES = 300
 ATOL_FP32 = 1e-4
 AUTO_MAX_BATCH = 8
+# What the export cache's graphs are made by, besides torch and opset: raise it whenever export.py or
+# the model's traced forward changes the graph written for the same weights, so old entries are made again.
+EXPORT_FORMAT = 2
 
 
 class RuntimeUnavailable(InputError):
@@ -200,37 +211,45 @@ def _cache_folder(root: Path):
         yield
 
 
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _bind_onnx(graph: Path) -> dict[str, Any]:
-    """What binds an fp32 entry's files: the export id its graph and sidecar share (`export.read_sidecar`
-    raises CheckpointError where they differ)."""
-    from .export import UNIT_KEY, graph_metadata, read_sidecar
+    """What binds an fp32 entry's files: the SHA-256 of its graph and sidecar, and the export id they
+    share (`export.read_sidecar` raises CheckpointError where they differ)."""
+    from .export import UNIT_KEY, graph_metadata, read_sidecar, sidecar_path
 
     read_sidecar(graph)
-    return {"unit_id": graph_metadata(graph).get(UNIT_KEY)}
+    return {"unit_id": graph_metadata(graph).get(UNIT_KEY),
+            "sha256": {p.name: _file_sha256(p) for p in (graph, sidecar_path(graph))}}
 
 
 def _bind_ir(xml: Path) -> dict[str, Any]:
     """What binds an int8 entry's files: the SHA-256 of its .xml and .bin (OpenVINO's IR has no id to compare)."""
-    out = {}
-    for p in (xml, xml.with_suffix(".bin")):
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for block in iter(lambda f=f: f.read(1 << 22), b""):
-                h.update(block)
-        out[p.name] = h.hexdigest()
-    return {"sha256": out}
+    return {"sha256": {p.name: _file_sha256(p) for p in (xml, xml.with_suffix(".bin"))}}
 
 
 def _unbound(graph: Path, old: dict[str, Any], bind: Callable[[Path], dict[str, Any]]) -> str | None:
     """Why the entry's files are not those its key was written with (None: they are)."""
-    if "bound" not in old:
-        return "its key binds no files (made by an older version)"
+    bound = old.get("bound")
+    if not isinstance(bound, dict) or not isinstance(bound.get("sha256"), dict):
+        return "its key binds no file hashes (made by an older version)"
     try:
         now = bind(graph)
     except (OSError, ValueError) as e:  # CheckpointError (a torn pair), a file missing or unreadable
         return str(e).splitlines()[0]
-    return None if now == old["bound"] else ("its files are not those its key was written with (an interrupted or "
-                                              "mixed write, or a file replaced)")
+    changed = [name for name, sha in now["sha256"].items() if bound["sha256"].get(name) != sha]
+    if changed:
+        name = changed[0]
+        return (f"{name} is not the file its key was written with (SHA-256 {now['sha256'][name][:12]}... now, "
+                f"{str(bound['sha256'].get(name))[:12]}... then): replaced, damaged or of another write")
+    return None if now == bound else ("its files are not those its key was written with (an interrupted or "
+                                      "mixed write)")
 
 
 def _cached(graph: Path, key: dict[str, Any], build: Callable[[Path], None],
@@ -260,13 +279,21 @@ def _cached(graph: Path, key: dict[str, Any], build: Callable[[Path], None],
     return graph
 
 
+def exporter() -> dict[str, Any]:
+    """What made the cache's graphs, as its keys record it: a graph of another exporter is made again."""
+    from . import __version__
+    from .export import DEFAULT_OPSET
+
+    return {"torch": torch.__version__, "swinv2": __version__, "format": EXPORT_FORMAT, "opset": DEFAULT_OPSET}
+
+
 def _key(sha: str, img_size: int, precision: str, **extra: Any) -> dict[str, Any]:
-    return {"sha256": sha, "img_size": img_size, "precision": precision, **extra}
+    return {"sha256": sha, "img_size": img_size, "precision": precision, "exporter": exporter(), **extra}
 
 
 def fp32_onnx(model: nn.Module, root: Path, sha: str, img_size: int) -> Path:
     """The checked fp32 ONNX graph of `model` at `img_size` in the cache folder `root`."""
-    from .export import DEFAULT_OPSET, export_onnx
+    from .export import export_onnx
 
     def build(path: Path) -> None:
         check = installed("onnxruntime")  # export_onnx's own check runs in ONNX Runtime
@@ -279,8 +306,7 @@ def fp32_onnx(model: nn.Module, root: Path, sha: str, img_size: int) -> Path:
                 raise
             log.info("OpenVINO vs PyTorch on %s: max |delta| %s", path.name, diffs)
 
-    return _cached(root / f"{img_size}px-fp32.onnx", _key(sha, img_size, "fp32", opset=DEFAULT_OPSET), build,
-                   _bind_onnx)
+    return _cached(root / f"{img_size}px-fp32.onnx", _key(sha, img_size, "fp32"), build, _bind_onnx)
 
 
 def _check_runtime(fn: Callable[[np.ndarray], np.ndarray], model: nn.Module, img_size: int, *,
