@@ -34,10 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
-from swinv2.checkpoint import save_weights
+from swinv2.weights.checkpoint import save_weights
 from swinv2.config import Config, load_config
-from swinv2.data import build_digits_folder
-from swinv2.engine import fit
+from swinv2.train.datasets import build_digits_folder
+from swinv2.train.engine import fit
 from swinv2.outputs import atomic_folder
 from swinv2 import create_model
 

@@ -24,7 +24,7 @@ hot in cache. So no implementation built from these kernels can take less than t
 the excluded work into them is the most any such implementation can do.
 
 Against it: the time a ratio target allows, from the peers measured in the same process
-(`swinv2.bench.run`): for eager inference the fastest peer's batch time over 1.3, for the training
+(`swinv2.tools.bench.run`): for eager inference the fastest peer's batch time over 1.3, for the training
 step timm's over 1.25, and for the compiled share of the matmul peak the model's FLOPs over 0.85 of
 the measured peak. A floor above the allowance means the target cannot be met with PyTorch's kernels
 on this machine; only kernels that do the unavoidable work faster (an exact erf or exp, a GEMM)
@@ -46,9 +46,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from swinv2 import bench, hardware
-from swinv2.fused import onednn_linear_runs
-from swinv2.registry import model_config
+from swinv2.tools import bench
+
+from swinv2 import hardware, timing
+from swinv2.model.kernels import onednn_linear_runs
+from swinv2.weights.registry import model_config
 
 aten = torch.ops.aten
 CPU = torch.device("cpu")
@@ -115,7 +117,7 @@ def _replay(func, args: tuple, kwargs: dict) -> list[Callable[[], Any]]:
         a2, b2 = a.contiguous(), b.contiguous()
         calls = [lambda: mm(a, b), lambda: mm(a2, b2)]
         if mm is torch.mm and a.dtype == torch.bfloat16 and onednn_linear_runs(torch.bfloat16):
-            # a linear's weight in oneDNN's layout, made once (as `swinv2.fused.linear` keeps it)
+            # a linear's weight in oneDNN's layout, made once (as `swinv2.model.kernels.linear` keeps it)
             w = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), a.shape[0])
             calls.append(lambda: torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], ""))
         return calls
@@ -135,7 +137,7 @@ def _least_time(fn: Callable[[], Any], repeats: int) -> float:
     `hardware.matmul_peak` does)."""
     fn()
     fn()
-    return min(bench._timed(fn, CPU) for _ in range(repeats))
+    return min(timing.timed(fn, CPU) for _ in range(repeats))
 
 
 def record(step: Callable[[], Any], skip: Sequence[torch.nn.Module] = ()) -> collections.Counter:
@@ -195,7 +197,7 @@ class Floor:
 def reference_calls(model: str, *, batch_size: int, train: bool,
                     dtype: torch.dtype = torch.float32) -> tuple[collections.Counter, torch.nn.Module]:
     """The recorded kernels of one forward (or forward + backward) of timm's `model` at its nominal size,
-    and that timm model; in bf16, weights and input cast to it (inference, as `swinv2.bench` runs it)."""
+    and that timm model; in bf16, weights and input cast to it (inference, as `swinv2.tools.bench` runs it)."""
     config = model_config(model)
     ref = bench.build_impl("timm", config, bench.SwinTransformerV2(config).state_dict()).to(dtype)
     ref.train(train)

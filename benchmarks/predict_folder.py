@@ -3,7 +3,7 @@
 The folder: N photographs' worth of JPEGs (500 x 375 or 375 x 500, quality 90), random crops of
 scikit-learn's two sample photographs (china.jpg, flower.jpg) resized to that size, so decoding and
 resizing cost what they cost on camera pictures of that size. The model: SwinV2-T window 8 at 256 px
-with drawn weights (`swinv2.bench.randomize_weights_`; the speed does not depend on the values),
+with drawn weights (`swinv2.tools.bench.randomize_weights_`; the speed does not depend on the values),
 saved as a self-describing `.safetensors` file. The runtime: OpenVINO, bf16 where the CPU has native
 bf16, else fp32.
 
@@ -14,7 +14,7 @@ Each round runs, one after the other:
     whose last line gives img/s for the whole command (process start to last result, loading the
     weights and compiling the runtime included) and once the runtime was compiled;
   * the model alone, just before and just after the command: the same runtime
-    (`swinv2.runtime.load_runtime`, same cached graph) on one batch of 32 images already in memory,
+    (`swinv2.serve.runtime.load_runtime`, same cached graph) on one batch of 32 images already in memory,
     median of 6 calls after 2 warm-up calls; the round's rate is the mean of the two (a shared
     machine's speed drifts over a minute).
 
@@ -77,7 +77,7 @@ def build_jpegs(folder: Path, n: int, seed: int = 0) -> Path:
 def build_weights(path: Path) -> Path:
     """SwinV2-T with drawn weights, saved self-describing (kept when present)."""
     import swinv2
-    from swinv2.bench import randomize_weights_
+    from swinv2.tools.bench import randomize_weights_
 
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,7 +106,7 @@ def model_alone(runtime, calls: int = 6) -> float:
     """img/s of `runtime` on one batch of BATCH images in memory: median of `calls` after 2 warm-ups."""
     import torch
 
-    from swinv2.bench import median_seconds
+    from swinv2.timing import median_seconds
 
     x = torch.randn(BATCH, 3, runtime.img_size, runtime.img_size, generator=torch.Generator().manual_seed(0))
     return BATCH / median_seconds(lambda: runtime(x), calls=calls, warmup=2)
@@ -117,7 +117,7 @@ def measure(*, images: int = 800, rounds: int = 3, workers: int = 0, work: Path 
     import torch
 
     import swinv2
-    from swinv2 import runtime as rt
+    from swinv2.serve import runtime as rt
 
     precision = "bf16" if rt.native_bf16("openvino") else "fp32"
     folder = build_jpegs(work / f"jpegs{images}", images)

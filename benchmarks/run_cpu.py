@@ -1,6 +1,6 @@
 """The performance table, reproduced side by side with the peers in one process: `make bench`.
 
-Every row runs `swinv2.bench.run` (same weights for every implementation, interleaved repeats,
+Every row runs `swinv2.tools.bench.run` (same weights for every implementation, interleaved repeats,
 median of paired ratios; see that module's docstring for the method) and compares with the target.
 The floor rows set the ratio targets against the least time PyTorch's kernels need (`benchmarks/floor.py`).
 Writes `OUT/cpu.json` (every measurement, the environment) and `OUT/cpu.md` (the table).
@@ -31,7 +31,8 @@ import floor  # benchmarks/floor.py, beside this script
 import predict_folder  # benchmarks/predict_folder.py, beside this script
 import swinv2
 from swinv2.outputs import write_output
-from swinv2 import bench, hardware
+from swinv2.tools import bench
+from swinv2 import hardware
 from swinv2.allocator import retain_freed_cpu_memory
 
 MODEL = "swinv2_tiny_window8_256"
@@ -75,7 +76,7 @@ def runtime_rows(run, native_bf16: bool) -> list[dict]:
     `--runtime auto` picks within 5% of the fastest runtime of the row's precision."""
     from importlib.util import find_spec
 
-    from swinv2 import runtime
+    from swinv2.serve import runtime
 
     installed = [r for r in ("onnxruntime", "openvino") if find_spec(r) is not None]
     if not installed:
@@ -98,7 +99,7 @@ def runtime_rows(run, native_bf16: bool) -> list[dict]:
                                 "(reported)" if target is None else f">= {target} x our eager fp32",
                                 None if target is None else ratio >= target))
             if len(timed) > 1:
-                model = bench.randomize_weights_(swinv2.SwinTransformerV2(swinv2.registry.model_config(MODEL)))
+                model = bench.randomize_weights_(swinv2.SwinTransformerV2(swinv2.weights.registry.model_config(MODEL)))
                 auto = runtime.load_runtime(model, "auto", precision, cache_dir=cache, calib=_noise_images())
                 pick = f"{auto.name}/{precision}"
                 # auto also weighs PyTorch itself: our eager fp32 is in this run; our bf16 (or int8) eager is

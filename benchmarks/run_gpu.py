@@ -3,7 +3,7 @@ and compiled, with the official model zoo's V100 throughput as a reference point
 
     python benchmarks/run_gpu.py --out benchmarks/results [--models swinv2_tiny_window8_256 ...]
 
-Writes OUT/gpu.json and OUT/gpu.md. Uses `swinv2.bench.run` (same weights for every implementation,
+Writes OUT/gpu.json and OUT/gpu.md. Uses `swinv2.tools.bench.run` (same weights for every implementation,
 CUDA-synchronised, interleaved repeats, medians of paired ratios).
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from swinv2 import bench
-from swinv2.registry import get_variant
+from swinv2.tools import bench
+from swinv2.weights.registry import get_variant
 
 
 def main() -> int:

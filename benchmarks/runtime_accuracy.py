@@ -2,7 +2,7 @@
 
 Two sets, both built from data that ships inside scikit-learn (nothing is downloaded):
 
-* digits: the demo's set (`swinv2.data.build_digits_folder`: 1797 real 8x8 digit scans upscaled to
+* digits: the demo's set (`swinv2.train.datasets.build_digits_folder`: 1797 real 8x8 digit scans upscaled to
   32 px, stratified 80/20 split, 360 val images), model trained with configs/demo_digits.yaml.
 * digits on photos: each image is one real handwritten digit (the same scans, bicubic-upscaled to a
   random size) pasted at a random place, in a random colour and opacity, onto a random crop of one of
@@ -13,7 +13,7 @@ Two sets, both built from data that ships inside scikit-learn (nothing is downlo
   the small model stayed at chance for as long as this script can afford).
 
 For each set and each runtime / precision this machine runs (torch fp32 is the reference; torch bf16
-and OpenVINO bf16 only where the CPU has native bf16, `swinv2.runtime.native_bf16`; OpenVINO int8
+and OpenVINO bf16 only where the CPU has native bf16, `swinv2.serve.runtime.native_bf16`; OpenVINO int8
 calibrated on 128 training images, evenly spread over the sorted training files; ONNX Runtime fp32),
 the user's command does the measuring:
 
@@ -167,7 +167,7 @@ def train(recipe: Path, overrides: list[str], out: Path) -> dict:
     """Train `recipe` into `out/run` (a finished run there is reused; fit resumes an unfinished one);
     the run's numbers, kept in out/result.json."""
     from swinv2.config import load_config
-    from swinv2.engine import fit
+    from swinv2.train.engine import fit
 
     cfg = load_config(recipe, overrides)
     done = out / "result.json"
@@ -196,7 +196,7 @@ def adopt(run: Path, recipe: Path, overrides: list[str], out: Path) -> dict:
     import yaml
 
     from swinv2.config import load_config
-    from swinv2.engine import RESUME_MAY_CHANGE, config_changes
+    from swinv2.train.engine import RESUME_MAY_CHANGE, config_changes
 
     cfg = load_config(recipe, overrides)
     saved = yaml.safe_load((run / "config.yaml").read_text())
@@ -271,17 +271,17 @@ def time_models(weights: str, val: Path, calib: Path, cache: Path, rows: list[di
                 calls: int = 25) -> dict:
     """Model-only images/s of every runtime that ran in `rows` on one batch of `batch` val images: each
     runtime in its own block (3 warm-up calls, then the median of `calls`), one after another in one
-    process, on the exports eval cached. Not interleaved (`swinv2.runtime.time_runtimes`): on 2 cores a
+    process, on the exports eval cached. Not interleaved (`swinv2.serve.runtime.time_runtimes`): on 2 cores a
     runtime timed right after ONNX Runtime or OpenVINO ran several times slower than alone (their
     thread pools keep spinning after a call), which interleaving charges to whoever comes next."""
     import torch
 
     import swinv2
-    from swinv2.bench import median_seconds
-    from swinv2.runtime import calibration_set, load_runtime
+    from swinv2.timing import median_seconds
+    from swinv2.serve.runtime import calibration_set, load_runtime
 
     model = swinv2.load_model(weights)
-    img_size = swinv2.registry.model_info(model).preprocess.img_size
+    img_size = swinv2.weights.registry.model_info(model).preprocess.img_size
     images, _ = calibration_set(val, model, img_size, limit=batch)
     x = torch.from_numpy(np.concatenate(images))
     rates = {}
@@ -377,7 +377,7 @@ def main() -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    from swinv2.data import build_digits_folder
+    from swinv2.train.datasets import build_digits_folder
     from swinv2.outputs import check_output, write_output
 
     results = Path(args.results)

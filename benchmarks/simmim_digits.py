@@ -36,9 +36,10 @@ from finetune_digits import (COMMON, MICRO, ROOT, _row, arm_summary, arm_table, 
                              copy_classes, run)  # (benchmarks/ is not a package)
 
 from swinv2.config import Config, load_config  # noqa: E402
-from swinv2.data import IMG_EXTENSIONS, build_digits_folder  # noqa: E402
+from swinv2.outputs import IMG_EXTENSIONS  # noqa: E402
+from swinv2.train.datasets import build_digits_folder  # noqa: E402
 from swinv2.outputs import atomic_folder  # noqa: E402
-from swinv2.recipes import plan_recipe  # noqa: E402
+from swinv2.train.recipes import plan_recipe  # noqa: E402
 
 RECIPE = ROOT / "configs" / "simmim_digits.yaml"
 

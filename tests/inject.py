@@ -30,7 +30,7 @@ def install_faults(*, kill_at: int | None = None, signal_at: list | None = None,
     import builtins
     import io
 
-    from swinv2 import engine
+    from swinv2.train import engine
 
     if kill_at is not None or signal_at is not None or signal_group_at is not None:
         orig_step = torch.optim.AdamW.step

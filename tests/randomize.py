@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from swinv2.bench import randomize_weights_
+from swinv2.tools.bench import randomize_weights_
 
 
 def randomize_(model: nn.Module, seed: int = 0, *, std: float = 0.01, scale_max: float = 4.8) -> nn.Module:

@@ -1,4 +1,4 @@
-"""SwinV2 as a detection / segmentation backbone (swinv2.backbone) and the two examples built on it.
+"""SwinV2 as a detection / segmentation backbone (swinv2.serve.backbone) and the two examples built on it.
 
 The reference for the outputs is the model's own `forward_intermediates` plus a plain `F.layer_norm`
 with the backbone's norm parameters, after every parameter is re-randomised (the official init makes
@@ -20,8 +20,8 @@ from torch import nn
 
 from randomize import randomize_
 from swinv2 import create_backbone, create_model
-from swinv2.backbone import SwinV2Backbone, load_backbone_weights, unfold_to_official_reduction
-from swinv2.model import PatchMerging, SwinTransformerV2, SwinV2Config
+from swinv2.serve.backbone import SwinV2Backbone, load_backbone_weights, unfold_to_official_reduction
+from swinv2.model.transformer import PatchMerging, SwinTransformerV2, SwinV2Config
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TINY = SwinV2Config(img_size=64, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import swinv2
-from swinv2 import bench
+from swinv2.tools import bench
 from swinv2.cli import main
 from randomize import randomize_
 
@@ -127,7 +127,7 @@ def test_bad_requests_fail_with_one_clear_line(capsys):
 def test_ab_adds_ours_with_the_alternative_switched_on_for_its_calls_only(tmp_path, capsys):
     """`--ab grouping`: one more row, ours with the whole batch through each block, timed in the same
     rounds; the same logits; the switch is on inside its context only."""
-    from swinv2 import attention, fused
+    from swinv2.model import attention, kernels as fused
 
     out = tmp_path / "ab.json"
     assert main(["bench", "--model", MICRO, "--batch-size", "2", "--repeats", "2", "--iters", "1", "--warmup", "1",

@@ -19,11 +19,11 @@ from safetensors import safe_open
 
 import swinv2
 from swinv2 import cli
-from swinv2.checkpoint import (TRAINING_STATE_FORMAT, CheckpointError, UnsafeCheckpointError, convert_file,
+from swinv2.weights.checkpoint import (TRAINING_STATE_FORMAT, CheckpointError, UnsafeCheckpointError, convert_file,
                                load_model, load_training_state, load_weights, read_state_dict, save_training_state,
                                save_weights, torch_load, write_weights)
 from swinv2 import create_model
-from swinv2.registry import EvalPreprocess, ModelInfo, get_variant
+from swinv2.weights.registry import EvalPreprocess, ModelInfo, get_variant
 
 MICRO = "swinv2_micro_window4_32"
 
@@ -333,7 +333,7 @@ def test_hf_folder_preprocessing_loads_in_transformers(tmp_path: Path, monkeypat
                                                        crop_pct: float, interpolation: str) -> None:
     from transformers import AutoImageProcessor
 
-    from swinv2.data import eval_transform
+    from swinv2.images import eval_transform
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     prep = EvalPreprocess(32, crop_pct, interpolation, PREP.mean, PREP.std)
@@ -419,7 +419,7 @@ TINY_RUN = ["model.name=swinv2_micro_window4_32", "model.drop_path_rate=0.0", "d
 
 
 def test_training_state_format_tag_is_the_engines() -> None:
-    from swinv2 import engine
+    from swinv2.train import engine
 
     assert TRAINING_STATE_FORMAT == engine.STATE_FORMAT
 
@@ -429,7 +429,7 @@ def test_training_checkpoint_loads_as_self_describing_weights(tmp_path: Path, ca
                                                               best_metric: str) -> None:
     from image_folders import make_image_folder
 
-    from swinv2 import engine
+    from swinv2.train import engine
     from swinv2.config import load_config
 
     root = make_image_folder(tmp_path / "data")

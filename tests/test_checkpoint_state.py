@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from swinv2.checkpoint import (CheckpointError, UnsafeCheckpointError, find_resumable, load_training_state,
+from swinv2.weights.checkpoint import (CheckpointError, UnsafeCheckpointError, find_resumable, load_training_state,
                                save_training_state)
 
 

@@ -21,7 +21,7 @@ from PIL import Image
 
 import swinv2
 from swinv2 import cli
-from swinv2.checkpoint import save_weights
+from swinv2.weights.checkpoint import save_weights
 from swinv2.cli import main
 from swinv2.errors import InputError
 from randomize import randomize_
@@ -94,7 +94,7 @@ OUT_OF_RANGE = [
 @pytest.mark.parametrize("argv, option, says", OUT_OF_RANGE,
                          ids=[" ".join(a[0:1] + a[-2:]) for a, _, _ in OUT_OF_RANGE])
 def test_an_out_of_range_option_is_one_line_at_parse_time(tmp_path, monkeypatch, capsys, argv, option, says):
-    import swinv2.checkpoint as C
+    import swinv2.weights.checkpoint as C
 
     # Weights that do not exist: had parsing passed, the error would name them instead.
     monkeypatch.setattr(C, "load_model", lambda *a, **kw: pytest.fail("loaded weights past a bad option"))
@@ -134,7 +134,7 @@ def test_export_writes_a_checked_graph_at_both_ends_of_the_opset_range(files, tm
 
 
 def test_opset_without_onnx_is_refused_rather_than_ignored(files, monkeypatch, capsys):
-    import swinv2.checkpoint as C
+    import swinv2.weights.checkpoint as C
 
     _, three, _, _, _ = files
     monkeypatch.setattr(C, "load_model", lambda *a, **kw: pytest.fail("loaded weights before refusing"))
@@ -145,8 +145,8 @@ def test_opset_without_onnx_is_refused_rather_than_ignored(files, monkeypatch, c
 
 @pytest.mark.parametrize("device", ["meta", "mps"])
 def test_a_device_the_commands_cannot_run_on_is_one_line_before_loading(files, monkeypatch, capsys, device):
-    import swinv2.checkpoint as C
-    from swinv2 import bench
+    import swinv2.weights.checkpoint as C
+    from swinv2.tools import bench
 
     _, three, _, _, data = files
     monkeypatch.setattr(C, "load_model", lambda *a, **kw: pytest.fail("loaded weights for an unusable device"))
@@ -172,7 +172,7 @@ def test_device_auto_is_a_device_of_this_machine(files, capsys):
 
 @pytest.mark.parametrize("own_process", [False, True])
 def test_compare_with_a_peer_whose_package_is_missing_says_what_to_install(monkeypatch, capsys, own_process):
-    from swinv2 import bench
+    from swinv2.tools import bench
 
     # None in sys.modules is how Python marks a module that cannot be imported: `import transformers`
     # raises ImportError and importlib finds no spec, as where it was never installed.
@@ -189,7 +189,7 @@ def test_compare_with_a_peer_whose_package_is_missing_says_what_to_install(monke
 
 
 def test_every_installed_peer_passes_the_check():
-    from swinv2 import bench
+    from swinv2.tools import bench
 
     installed = [p for p in bench.IMPLS if p == "ours" or importlib.util.find_spec(bench.PEER_PACKAGES[p])]
     assert {"ours", "timm", "torchvision"} <= set(installed)  # swinv2's own dependencies
@@ -238,7 +238,7 @@ def test_predict_json_before_an_image_keeps_its_old_meaning(files, capsys):
 
 
 def test_predict_json_over_a_users_file_is_refused_before_work(files, tmp_path, monkeypatch, capsys):
-    import swinv2.predict as P
+    import swinv2.serve.predict as P
 
     _, three, _, _, data = files
     notes = tmp_path / "notes.txt"
@@ -286,8 +286,8 @@ def test_the_fine_tune_command_it_gives_resolves_to_a_config(files, tmp_path, ca
     """The command of the encoder-weights message, run as given (DIR and NAME filled in) with
     --print-config: the recipe exists and its overrides fit the schema."""
     import yaml
-    from swinv2.checkpoint import load_model
-    from swinv2.predict import require_classifier
+    from swinv2.weights.checkpoint import load_model
+    from swinv2.weights.registry import require_classifier
 
     _, _, _, encoder, data = files
     if not named:  # weights that do not name their variant: the general recipe, model.name to give
@@ -305,8 +305,8 @@ def test_the_fine_tune_command_it_gives_resolves_to_a_config(files, tmp_path, ca
 
 
 def test_library_predict_refuses_a_model_without_head(files):
-    from swinv2.checkpoint import load_model
-    from swinv2.predict import predict
+    from swinv2.weights.checkpoint import load_model
+    from swinv2.serve.predict import predict
 
     _, _, _, encoder, data = files
     with pytest.raises(InputError, match="encoder weights without a classifier head"):
@@ -320,7 +320,7 @@ def test_library_predict_refuses_a_model_without_head(files):
 DRIVER = """\
 import sys, time
 from pathlib import Path
-from swinv2.model import SwinTransformerV2
+from swinv2.model.transformer import SwinTransformerV2
 forward, marker = SwinTransformerV2.forward, Path(sys.argv[1])
 def slow(self, x):
     marker.touch()
@@ -399,9 +399,9 @@ def test_eval_leaves_top5_out_for_five_classes_or_fewer(files, tmp_path, capsys)
 
 @pytest.mark.parametrize("classes, shown", [(3, False), (5, False), (6, True)])
 def test_the_epoch_log_line_shows_top5_only_above_five_classes(tmp_path, caplog, classes, shown):
-    from swinv2 import distributed as D
+    from swinv2.train import distributed as D
     from swinv2.config import load_config
-    from swinv2.rundir import RunDir
+    from swinv2.train.rundir import RunDir
 
     cfg = load_config(None, [f"model.num_classes={classes}"])
     rundir = RunDir(tmp_path / "run", D.DistEnv(0, 1, 0, torch.device("cpu")), cfg)

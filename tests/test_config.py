@@ -154,7 +154,7 @@ def test_recipes_load(path, caplog):
     """Every shipped recipe is inside the ranges and warns about nothing (e.g. no warm-up as long as a stage)."""
     caplog.set_level(logging.WARNING, logger="swinv2.config")
     cfg = load_config(path)
-    from swinv2.registry import get_variant
+    from swinv2.weights.registry import get_variant
 
     get_variant(cfg.model.name)  # names a registered model
     assert caplog.records == []
@@ -503,7 +503,7 @@ def test_huge_img_size_is_one_line_on_the_command_line(tmp_path, capsys):
 
 def test_every_registered_variant_is_inside_the_bounds():
     """The bounds leave every variant (official or not) its own sizes, set explicitly as a recipe would."""
-    from swinv2.registry import VARIANTS
+    from swinv2.weights.registry import VARIANTS
 
     for name, v in VARIANTS.items():
         c = v.config
@@ -565,7 +565,7 @@ def test_workers_auto_in_a_stage_and_on_resume():
     with pytest.raises(ConfigError, match=r"^override data.workers=many: expected int or one of 'auto'"):
         load_config(None, ["data.workers=many"])
     # The checkpoint holds the number that ran; a resume on a machine that resolves another number is allowed.
-    from swinv2.engine import check_config_change
+    from swinv2.train.engine import check_config_change
 
     saved = Config().replace(**{"data.workers": auto_workers() + 1}).to_dict()
     check_config_change(saved, load_config(None, ["data.workers=auto"]), Path("last.pt"), allowed=False)

@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from swinv2.convert import (DERIVED_KEYS, _Template, convert, convert_state_dict, detect_format, from_native,
+from swinv2.weights.convert import (DERIVED_KEYS, _Template, convert, convert_state_dict, detect_format, from_native,
                             tv_derived_buffers, unwrap)
-from swinv2.model import DERIVED_KEYS as MODEL_DERIVED_KEYS
-from swinv2.model import SwinTransformerV2, SwinV2Config
+from swinv2.model.transformer import DERIVED_KEYS as MODEL_DERIVED_KEYS
+from swinv2.model.transformer import SwinTransformerV2, SwinV2Config
 
 EMBED, DEPTHS, HEADS, WINDOW, IMG = 24, (2, 2, 2), (2, 4, 8), 4, 32
 CFG = SwinV2Config(img_size=IMG, embed_dim=EMBED, depths=DEPTHS, num_heads=HEADS, window_size=WINDOW,

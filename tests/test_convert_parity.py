@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from swinv2.convert import convert_state_dict
-from swinv2.model import SwinTransformerV2, SwinV2Config
+from swinv2.weights.convert import convert_state_dict
+from swinv2.model.transformer import SwinTransformerV2, SwinV2Config
 
 TOL = 1e-5
 DEPTHS = (2, 2, 2, 2)

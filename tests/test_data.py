@@ -10,9 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from swinv2 import data
-from swinv2.data import (BadImageError, ImageFolderDataset, SeededSamples, ShardedSampler, build_mixup, check_dataset,
-                         collate, eval_transform, load_image, scan_class_folders, train_transform)
+from swinv2 import images
+from swinv2.images import BadImageError, eval_transform, load_image
+from swinv2.train import datasets as data
+from swinv2.train.datasets import (ImageFolderDataset, SeededSamples, ShardedSampler, build_mixup, check_dataset, collate,
+                                   scan_class_folders, train_transform)
 from image_folders import make_image_folder
 
 
@@ -61,7 +63,7 @@ def test_rgba_composited_on_white(tmp_path):
     arr[1, 0] = (0, 0, 0, 128)       # half: blended with white
     path = _save(Image.fromarray(arr, "RGBA"), tmp_path / "a.png")
     got = np.asarray(load_image(path)).astype(int)
-    assert data.ALPHA_BACKGROUND == (255, 255, 255)
+    assert images.ALPHA_BACKGROUND == (255, 255, 255)
     assert got[0, 0].tolist() == [10, 20, 30]
     assert got[0, 1].tolist() == [255, 255, 255]
     assert all(abs(v - 127) <= 1 for v in got[1, 0])
@@ -209,10 +211,10 @@ def test_resize_crop_then_batch_normalize_is_timms_eval_transform_bit_for_bit():
     for size, crop in ((32, 0.875), (48, 1.0)):
         ref = torch.stack([create_transform(size, is_training=False, crop_pct=crop, interpolation="bicubic",
                                             mean=mean, std=std)(i) for i in imgs])
-        resize_crop = data.eval_resize_crop(size, crop)
+        resize_crop = images.eval_resize_crop(size, crop)
         raw = torch.stack([resize_crop(i) for i in imgs])
         assert raw.dtype == torch.uint8
-        assert torch.equal(data.normalize_images(raw, mean, std), ref)
+        assert torch.equal(images.normalize_images(raw, mean, std), ref)
 
 
 def test_train_transform_is_timms_with_the_official_small_image_rule():

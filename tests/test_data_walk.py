@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from swinv2 import data
+from swinv2.train import datasets as data
 from swinv2.cli import main
-from swinv2.data import ImageFilesDataset, ImageFolderDataset, check_dataset
+from swinv2.train.datasets import ImageFilesDataset, ImageFolderDataset, check_dataset
 from swinv2.errors import DataError
-from swinv2.predict import expand_paths
+from swinv2.serve.predict import expand_paths
 from image_folders import make_image_folder
 
 
@@ -156,7 +156,7 @@ def test_an_unreadable_class_folder_stops_check_data_in_one_line(tmp_path):
 
 def test_an_unreadable_folder_stops_predict_in_one_line(tmp_path):
     import swinv2
-    from swinv2.checkpoint import save_weights
+    from swinv2.weights.checkpoint import save_weights
 
     weights = tmp_path / "w.safetensors"
     save_weights(swinv2.create_model("swinv2_micro_window4_32", num_classes=2), weights, class_names=["x", "y"])

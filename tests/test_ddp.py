@@ -73,7 +73,7 @@ def test_two_processes_killed_and_restarted_resume_exactly(two_procs, tmp_path):
 
 @pytest.mark.slow
 def test_fsdp2_trains_like_ddp_resumes_and_loads_in_one_process(two_procs, tmp_path):
-    from swinv2.checkpoint import load_model
+    from swinv2.weights.checkpoint import load_model
     from swinv2 import create_model
 
     out = tmp_path / "run"

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from swinv2 import distributed as D
-from swinv2 import engine
+from swinv2.train import distributed as D
+from swinv2.train import engine
 from swinv2.config import load_config
 from swinv2 import create_model
-from swinv2.schedule import WarmupCosineLR, build_optimizer, param_groups, scaled_lrs
+from swinv2.train.schedule import WarmupCosineLR, build_optimizer, param_groups, scaled_lrs
 from image_folders import make_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ def test_linear_lr_scaling():
 def test_schedule_build_gives_the_optimizer_and_its_schedule_from_the_config():
     """One call: the LRs scaled to the total batch (peak, warm-up, minimum and cool-down alike), warm-up
     and cool-down epochs as steps, the optimizer's groups and hyper-parameters from `optim`."""
-    from swinv2 import schedule
+    from swinv2.train import schedule
     from swinv2.config import OptimConfig, ScheduleConfig
 
     model = create_model("swinv2_micro_window4_32", num_classes=5)
@@ -213,7 +213,7 @@ def test_bf16_amp_on_a_cpu_without_native_bf16_warns_naming_the_setting(tmp_path
 
 
 def test_stochastic_depth_and_init_weights(tmp_path):
-    from swinv2.checkpoint import save_weights
+    from swinv2.weights.checkpoint import save_weights
 
     tr = make_trainer(tmp_path, "model.drop_path_rate=0.3")
     blocks = [b for layer in tr.model.layers for b in layer.blocks]
@@ -228,7 +228,7 @@ def test_stochastic_depth_and_init_weights(tmp_path):
 
 
 def test_freeze_ema_and_the_saved_state(tmp_path):
-    from swinv2.checkpoint import load_training_state
+    from swinv2.weights.checkpoint import load_training_state
 
     tr = make_trainer(tmp_path, "model.freeze=[patch_embed.*]", "train.ema=true", "train.ema_decay=0.9")
     assert not any(n.startswith("patch_embed") for g in tr.optimizer.param_groups for n in g["param_names"])
@@ -257,7 +257,7 @@ def _train(out: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 def test_demo_config_one_epoch_writes_the_run_directory_then_resumes(tmp_path):
-    from swinv2.checkpoint import load_model
+    from swinv2.weights.checkpoint import load_model
 
     out = tmp_path / "run"
     extra = (f"data.root={tmp_path / 'digits'}", "data.workers=0")

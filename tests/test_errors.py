@@ -5,7 +5,7 @@ import pytest
 
 from swinv2 import cli
 from swinv2.errors import CheckpointError, ConfigError, InputError, SwinV2Error, UnknownNameError
-from swinv2.registry import get_variant
+from swinv2.weights.registry import get_variant
 
 
 def _failing_models(exc: BaseException):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import swinv2
-from swinv2.checkpoint import load_model, save_weights
+from swinv2.weights.checkpoint import load_model, save_weights
 from swinv2.cli import main
 from machine import cpu_paths
 from randomize import randomize_
@@ -190,7 +190,7 @@ def test_a_device_this_machine_lacks_is_one_line(named, capsys, device, says):
 
 
 def test_output_paths_are_checked_before_evaluating(named, tmp_path, monkeypatch, capsys):
-    import swinv2.evaluate as P
+    import swinv2.train.evaluate as P
 
     _, weights, data = named
     monkeypatch.setattr(P, "evaluate_folder", lambda *a, **kw: pytest.fail("evaluated before checking outputs"))
@@ -254,7 +254,7 @@ def test_an_output_that_is_an_input_is_refused_before_evaluating(named, tmp_path
     line, nothing evaluated, nothing changed."""
     import shutil
 
-    import swinv2.evaluate as P
+    import swinv2.train.evaluate as P
 
     _, weights, data = named
     copy = tmp_path / "val"
@@ -281,7 +281,7 @@ def test_an_output_that_is_an_input_is_refused_before_evaluating(named, tmp_path
 @pytest.mark.parametrize("flag, at", [("--json", "r.json"), ("--plots", "plots/per_class_accuracy.png"),
                                       ("--plots", "plots")])
 def test_eval_outputs_refuse_a_file_of_another_kind(named, tmp_path, monkeypatch, capsys, flag, at):
-    import swinv2.evaluate as P
+    import swinv2.train.evaluate as P
 
     _, weights, data = named
     photo = tmp_path / at

@@ -7,8 +7,8 @@ import torch
 from sklearn.metrics import confusion_matrix, log_loss, top_k_accuracy_score
 from torch import nn
 
-from swinv2.data import Batch
-from swinv2.evaluate import evaluate
+from swinv2.train.datasets import Batch
+from swinv2.train.evaluate import evaluate
 
 
 class FixedLogits(nn.Module):

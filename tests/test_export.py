@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import swinv2
-from swinv2.checkpoint import load_model, save_weights
+from swinv2.weights.checkpoint import load_model, save_weights
 from swinv2.cli import main
-from swinv2.export import export_onnx
+from swinv2.serve.export import export_onnx
 from randomize import randomize_
 
 onnx = pytest.importorskip("onnx")

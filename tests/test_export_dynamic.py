@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import swinv2
-from swinv2 import runtime as R
-from swinv2.checkpoint import save_weights
+from swinv2.serve import runtime as R
+from swinv2.weights.checkpoint import save_weights
 from swinv2.cli import main
-from swinv2.export import export_onnx
-from swinv2.export_graph import DynamicSizeForward
+from swinv2.serve.export import export_onnx
+from swinv2.serve.dynamic_forward import DynamicSizeForward
 from randomize import randomize_
 
 onnx = pytest.importorskip("onnx")

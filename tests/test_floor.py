@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import floor  # noqa: E402
-from swinv2 import fused  # noqa: E402
-from swinv2.registry import model_config  # noqa: E402
+from swinv2.model import kernels as fused  # noqa: E402
+from swinv2.weights.registry import model_config  # noqa: E402
 
 aten = torch.ops.aten
 MICRO = "swinv2_micro_window4_32"
@@ -48,7 +48,7 @@ def test_replays_do_the_recorded_kernels_work():
     a, b, bias = torch.randn(5, 7, generator=g), torch.randn(9, 7, generator=g).t(), torch.randn(9, generator=g)
     for fn in floor._replay(aten.addmm.default, (bias, a, b), {}):  # the GEMM, the bias left to an epilogue
         torch.testing.assert_close(fn(), a @ b)
-    # bf16: also oneDNN's linear on the weight in its layout (`swinv2.fused.linear`); one bf16 rounding
+    # bf16: also oneDNN's linear on the weight in its layout (`swinv2.model.kernels.linear`); one bf16 rounding
     # of the fp32-accumulated product of the bf16 operands
     a16, b16, bias16 = a.bfloat16(), b.bfloat16(), bias.bfloat16()
     exact = a16.double() @ b16.double()

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from randomize import randomize_
-from swinv2 import create_model, fused
-from swinv2.fused import cosine_qkv, gelu_linear, permute_rows, sequential_attention, softmax_flushed
+from swinv2 import create_model
+from swinv2.model import kernels as fused
+from swinv2.model.kernels import cosine_qkv, gelu_linear, permute_rows, sequential_attention, softmax_flushed
 
 
 def _qkv(dtype=torch.float64, zero_row: bool = False):
@@ -307,7 +308,7 @@ def test_half_precision_inference_attention_keeps_fp32_logits(dtype, max_rows, m
         calls.append(args[0].dtype)
         return original(*args)
 
-    monkeypatch.setattr("swinv2.attention.attention_fp32_logits", spy)
+    monkeypatch.setattr("swinv2.model.attention.attention_fp32_logits", spy)
     with torch.inference_mode():
         model(torch.randn(1, 3, 32, 32, generator=g).to(dtype))
     assert calls and set(calls) == {dtype}

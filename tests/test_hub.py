@@ -1,4 +1,4 @@
-"""Weights by name (`swinv2.hub`): records, the real huggingface_hub download path against a local
+"""Weights by name (`swinv2.weights.hub`): records, the real huggingface_hub download path against a local
 stand-in for the hub, parity with the reference models holding the served weights, every failure.
 
 Nothing here reaches the network: `FakeHub` is an HTTP server on 127.0.0.1 that answers the hub's
@@ -34,13 +34,14 @@ from randomize import randomize_
 from safetensors.torch import save as safetensors_bytes
 
 import swinv2
-from swinv2 import cli, hub
-from swinv2.checkpoint import create_model, load_model, load_weights
+from swinv2 import cli
+from swinv2.weights import hub
+from swinv2.weights.checkpoint import create_model, load_model, load_weights
 from swinv2.config import load_config
 from swinv2.errors import ConfigError
-from swinv2.convert import convert_state_dict
-from swinv2.engine import build_model
-from swinv2.registry import get_variant, list_models
+from swinv2.weights.convert import convert_state_dict
+from swinv2.train.engine import build_model
+from swinv2.weights.registry import get_variant, list_models
 
 TOL = 1e-5
 TINY = "swinv2_tiny_window8_256"
@@ -551,7 +552,7 @@ def test_a_download_nothing_published_names_is_used_with_a_warning(fake_hub, mic
     fake_hub.opaque.add((repo, "model.safetensors"))
     fake_hub.listing = False
     rec = micro_record("mirror", (hub.HubFile(repo, "model.safetensors", "timm"),))
-    with caplog.at_level(logging.WARNING, logger="swinv2.hub"):
+    with caplog.at_level(logging.WARNING, logger="swinv2.weights.hub"):
         assert hub.fetch(rec).read_bytes() == data
     (warning,) = [r.getMessage() for r in caplog.records]
     assert f"{repo}/model.safetensors: downloaded but not verified" in warning

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import swinv2
-from swinv2.model import DERIVED_KEYS, WindowAttention
-from swinv2.windows import class_masks, shift_mask, window_order
+from swinv2.model.transformer import DERIVED_KEYS, WindowAttention
+from swinv2.model.windows import class_masks, shift_mask, window_order
 from randomize import randomize_
 from machine import cpu_paths
 from tolerance import assert_as_accurate
@@ -246,7 +246,7 @@ def _sequential_against_written_out(monkeypatch):
     training step on a 48 x 40 input: 12 x 10 tokens, 3 x 3 windows (padded), all four mask classes;
     sequential attention in pieces of 3 windows, smaller than one block's probabilities. Also the
     sizes of the (N, N) tensors autograd saved in the two fp32 forwards."""
-    import swinv2.attention as A
+    import swinv2.model.attention as A
 
     monkeypatch.setattr(A, "SEQUENTIAL_ATTENTION_BYTES", 3 * 2 * 16 * 16 * 4)  # 3 windows' worth
     x = torch.randn(2, 3, 48, 40, generator=torch.Generator().manual_seed(0))
@@ -278,7 +278,7 @@ def test_sequential_attention_same_gradients_without_keeping_the_probabilities(m
 def test_sequential_attention_test_catches_a_bias_gradient_off_by_1e_3(monkeypatch):
     """The comparison above is tight enough to see a relative error of 1e-3 planted in the sequential
     path's bias gradient (it reaches the CPB MLP's weights)."""
-    import swinv2.fused as fused
+    import swinv2.model.kernels as fused
 
     backward = fused._SequentialAttention.backward
 
@@ -374,8 +374,8 @@ def test_chunked_cpu_inference_matches_timm_and_the_whole_batch(monkeypatch):
     """Eager CPU inference runs each block over groups of images (`INFERENCE_CHUNK_BYTES`). Forced down
     to one image per group, every block runs per image and the logits still match timm's at 1e-5 and
     the whole-batch forward's; with grad enabled nothing is grouped."""
-    import swinv2.attention as A
-    import swinv2.model as M
+    import swinv2.model.attention as A
+    import swinv2.model.transformer as M
 
     ours = randomize_(swinv2.create_model("swinv2_tiny_window8_256", depths=(2, 2, 2, 2)), seed=3).eval()
     ref = timm.create_model("swinv2_tiny_window8_256", depths=(2, 2, 2, 2)).eval()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from swinv2.model import SwinTransformerV2, SwinV2Config
+from swinv2.model.transformer import SwinTransformerV2, SwinV2Config
 from swinv2 import create_model
 
 MICRO = "swinv2_micro_window4_32"

@@ -106,7 +106,7 @@ def test_check_output_creates_missing_folders_and_refuses_what_cannot_be_written
 
 
 def test_bench_refuses_an_unwritable_json_path_before_measuring(tmp_path, monkeypatch, capsys):
-    from swinv2 import bench
+    from swinv2.tools import bench
     from swinv2.cli import main
 
     monkeypatch.setattr(bench, "run", lambda *a, **kw: pytest.fail("measured before checking --json"))

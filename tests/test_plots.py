@@ -9,9 +9,9 @@ from PIL import Image
 
 import swinv2
 from swinv2 import plots
-from swinv2.checkpoint import save_weights
+from swinv2.weights.checkpoint import save_weights
 from swinv2.cli import main
-from swinv2.cpb import cpb_tables
+from swinv2.model.cpb import cpb_tables
 from randomize import randomize_
 
 timm = pytest.importorskip("timm")

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 import swinv2
-from swinv2.checkpoint import load_model, save_weights
+from swinv2.weights.checkpoint import load_model, save_weights
 from swinv2.cli import main
-from swinv2.predict import class_names_for, expand_paths, one_ahead, predict
+from swinv2.serve.predict import class_names_for, expand_paths, one_ahead, predict
 from randomize import randomize_
 
 timm_data = pytest.importorskip("timm.data")
@@ -192,7 +192,7 @@ def test_eval_reads_an_empty_class_folder_as_training_does_and_warns(setup, tmp_
     eval reports it with the same warning lines training uses (`data.folder_warnings`)."""
     import shutil
 
-    from swinv2.data import ImageFolderDataset, folder_warnings
+    from swinv2.train.datasets import ImageFolderDataset, folder_warnings
 
     root, weights, imgs = setup
     data = tmp_path / "val"
@@ -216,7 +216,7 @@ def test_eval_reads_an_empty_class_folder_as_training_does_and_warns(setup, tmp_
 
 
 def test_plot_path_is_checked_before_predicting(tmp_path, monkeypatch, capsys):
-    import swinv2.predict as P
+    import swinv2.serve.predict as P
     from swinv2.cli import main
 
     monkeypatch.setattr(P, "predict", lambda *a, **kw: pytest.fail("predicted before checking --plot"))
@@ -271,7 +271,7 @@ def test_a_shell_glob_that_puts_a_photo_on_plot_is_refused_before_any_work(setup
     value of --plot. Refused in one line (exit 2) before anything is classified; the photo is
     byte-identical and nothing is written. With `photos/*.png` the photo is a PNG too, but not a
     figure of ours: refused the same way."""
-    import swinv2.predict as P
+    import swinv2.serve.predict as P
 
     root, weights, imgs = setup
     photos = tmp_path / "photos"

@@ -23,12 +23,12 @@ import yaml
 from PIL import Image
 
 import swinv2
-from swinv2 import engine
-from swinv2.checkpoint import load_training_state, read_state_dict, save_weights
+from swinv2.train import engine
+from swinv2.weights.checkpoint import load_training_state, read_state_dict, save_weights
 from swinv2.cli import main
 from swinv2.config import Config, ConfigError, load_config
-from swinv2.recipes import fit_recipe, next_pretrained_windows, plan_recipe, shadowed_overrides
-from swinv2.registry import get_variant, model_config
+from swinv2.train.recipes import fit_recipe, next_pretrained_windows, plan_recipe, shadowed_overrides
+from swinv2.weights.registry import get_variant, model_config
 
 REPO = Path(__file__).resolve().parents[1]
 MICRO = "swinv2_micro_window4_32"
@@ -259,7 +259,7 @@ def _simmim_layer_ids(model: swinv2.SwinTransformerV2) -> dict[str, int]:
 
 
 def test_layer_decay_gives_each_parameter_lr_times_decay_to_the_depth_from_the_top():
-    from swinv2.schedule import WarmupCosineLR, build_optimizer, param_groups, swin_layer_id
+    from swinv2.train.schedule import WarmupCosineLR, build_optimizer, param_groups, swin_layer_id
 
     cfg = swinv2.SwinV2Config(img_size=(32, 32), embed_dim=16, depths=(1, 2, 3, 1), num_heads=(1, 2, 4, 8),
                               window_size=2, pretrained_window_sizes=(0, 0, 0, 0), num_classes=5)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import swinv2
-from swinv2.registry import OFFICIAL_PARAMS, count_params, get_variant, model_config
+from swinv2.weights.registry import OFFICIAL_PARAMS, count_params, get_variant, model_config
 
 timm = pytest.importorskip("timm")
 

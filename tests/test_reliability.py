@@ -53,7 +53,7 @@ def reference(tmp_path_factory) -> dict:
     """The uninterrupted tiny run: final state, loss trace and the samples of every step."""
     tmp = tmp_path_factory.mktemp("reference")
     cfg = tiny_config(tmp)
-    from swinv2 import engine
+    from swinv2.train import engine
 
     orig = engine.Trainer.train_step
     record_batches(engine, str(tmp / "batches.jsonl"))
@@ -66,7 +66,7 @@ def reference(tmp_path_factory) -> dict:
 
 
 def resume_recording(cfg: Path, out: Path, record: Path, monkeypatch, *overrides: str) -> int:
-    from swinv2 import engine
+    from swinv2.train import engine
 
     monkeypatch.setattr(engine.Trainer, "train_step", engine.Trainer.train_step)
     record_batches(engine, str(record))
@@ -110,7 +110,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(reference, tmp_pa
 
 
 def test_kill_during_a_checkpoint_write(reference, tmp_path):
-    from swinv2.checkpoint import load_training_state
+    from swinv2.weights.checkpoint import load_training_state
 
     out = tmp_path / "run"
     r = drive(tmp_path, {"kill_in_save": 3}, reference["cfg"], out)
@@ -192,8 +192,8 @@ def test_sigterm_sigint_checkpoint_at_the_step_boundary(reference, tmp_path, sig
 
 
 def _trainer(tmp: Path, *overrides: str):
-    from swinv2 import distributed as D
-    from swinv2 import engine
+    from swinv2.train import distributed as D
+    from swinv2.train import engine
     from swinv2.config import load_config
 
     cfg = load_config(tiny_config(tmp), [*overrides])
@@ -215,7 +215,7 @@ def _equal(a: dict, b: dict) -> bool:
 
 
 def test_non_finite_steps_are_skipped_counted_and_abort(tmp_path, caplog):
-    from swinv2 import engine
+    from swinv2.train import engine
 
     tr, it = _trainer(tmp_path, "train.max_bad_steps=3")
     tr.train_step([next(it)])
@@ -297,8 +297,8 @@ def _break_images(train_dir: Path) -> list[str]:
 
 
 def test_corrupt_images_are_reported_and_never_substituted(tmp_path, monkeypatch, caplog, capsys):
-    from swinv2 import engine
-    from swinv2.data import ImageFolderDataset
+    from swinv2.train import engine
+    from swinv2.train.datasets import ImageFolderDataset
 
     root = make_image_folder(tmp_path / "data")
     bad = _break_images(root / "train")
@@ -325,7 +325,7 @@ def test_corrupt_images_are_reported_and_never_substituted(tmp_path, monkeypatch
 
 
 def test_micro_batch_of_only_unreadable_files(tmp_path):
-    from swinv2.data import Batch
+    from swinv2.train.datasets import Batch
 
     tr, it = _trainer(tmp_path, "optim.accum_steps=2", "data.aug.mixup=0", "data.aug.cutmix=0")
     good = next(it)
@@ -370,7 +370,7 @@ def test_every_image_mode_trains(tmp_path):
 
 
 def test_class_folder_hygiene_is_reported_and_stored(tmp_path, caplog):
-    from swinv2.checkpoint import load_model
+    from swinv2.weights.checkpoint import load_model
 
     root = make_image_folder(tmp_path / "data", classes=("ant", "bee", "cow"))
     (root / "train" / "dog").mkdir()                      # empty class: kept, so labels never shift
@@ -431,7 +431,7 @@ def test_wrong_checkpoint_lists_the_keys(reference, tmp_path, capsys):
     state = load_state(reference["out"])
     del state["model"]["norm.weight"]
     state["model"]["extra.weight"] = torch.zeros(1)
-    from swinv2.checkpoint import save_training_state
+    from swinv2.weights.checkpoint import save_training_state
 
     save_training_state(tmp_path / "edited.pt", state)
     assert train(reference["cfg"], tmp_path / "b", resume=str(tmp_path / "edited.pt")) == 2
@@ -500,7 +500,7 @@ def _snapshot_files(root: Path) -> dict[str, bytes]:
 def test_a_second_training_in_the_same_run_directory_is_refused(reference, tmp_path, capsys):
     """While a live process holds the run (here: this one), another start refuses in one line naming
     the run and the holder, and writes nothing; a holder killed with SIGKILL holds nothing."""
-    from swinv2.rundir import _lock
+    from swinv2.train.rundir import _lock
 
     out = tmp_path / "run"
     shutil.copytree(reference["out"], out)
@@ -516,7 +516,7 @@ def test_a_second_training_in_the_same_run_directory_is_refused(reference, tmp_p
     assert {k: v for k, v in _snapshot_files(out).items() if k != ".lock"} == \
         {k: v for k, v in before.items() if k != ".lock"}
     dead = subprocess.run([sys.executable, "-c", "import os, signal, sys; from pathlib import Path; "
-                           "from swinv2.rundir import _lock; f = _lock(Path(sys.argv[1])); "
+                           "from swinv2.train.rundir import _lock; f = _lock(Path(sys.argv[1])); "
                            "os.kill(os.getpid(), signal.SIGKILL)", str(out)], timeout=120)
     assert dead.returncode == -signal.SIGKILL
     assert "process" in (out / ".lock").read_text()  # the dead holder's name is still in the file ...
@@ -526,8 +526,8 @@ def test_a_second_training_in_the_same_run_directory_is_refused(reference, tmp_p
 def test_a_failed_best_weights_save_is_made_good_by_the_next_start(reference, tmp_path, monkeypatch, capsys):
     """Disk full at the first save of best.safetensors: the run stops with the clear line; space freed,
     the same command writes best.safetensors (the best-k leader's weights) and the summary lists it."""
-    from swinv2 import rundir
-    from swinv2.checkpoint import CheckpointError, load_model
+    from swinv2.train import rundir
+    from swinv2.weights.checkpoint import CheckpointError, load_model
 
     out = tmp_path / "run"
     real = rundir.save_weights
@@ -617,7 +617,7 @@ def test_a_planted_symlink_in_the_run_folder_is_refused_and_its_target_untouched
 
 def test_a_link_planted_during_a_run_is_never_appended_through(tmp_path):
     from swinv2.errors import InputError
-    from swinv2.rundir import append_line
+    from swinv2.train.rundir import append_line
 
     victim = tmp_path / "victim.txt"
     victim.write_text("keep\n")
@@ -683,7 +683,7 @@ def test_an_unreadable_checkpoint_stops_the_run_touching_nothing(reference, tmp_
 
 
 def test_an_unreadable_checkpoint_folder_is_not_taken_for_an_empty_one(reference, tmp_path, monkeypatch):
-    from swinv2.checkpoint import find_resumable
+    from swinv2.weights.checkpoint import find_resumable
     from swinv2.errors import UnreadableFileError
 
     ckpts = tmp_path / "checkpoints"
@@ -746,11 +746,11 @@ def _alive(pid: int) -> bool:
 def test_a_forked_child_never_holds_the_run_lock(tmp_path):
     """The lock goes with the trainer, whatever its children do: a child forked while it is held (as
     DataLoader workers are) and still alive after the trainer's SIGKILL holds nothing."""
-    from swinv2.rundir import _lock
+    from swinv2.train.rundir import _lock
 
     out = tmp_path / "run"
     out.mkdir()
-    code = ("import os, signal, sys, time; from pathlib import Path; from swinv2.rundir import _lock; "
+    code = ("import os, signal, sys, time; from pathlib import Path; from swinv2.train.rundir import _lock; "
             "f = _lock(Path(sys.argv[1])); pid = os.fork()\n"
             "if pid == 0:\n    os.close(1); time.sleep(60); os._exit(0)\n"
             "print(pid, flush=True); os.kill(os.getpid(), signal.SIGKILL)")
@@ -785,7 +785,7 @@ def test_a_lock_held_in_the_name_of_a_dead_trainer_says_it_has_ended(tmp_path):
     import fcntl
     import socket
 
-    from swinv2.rundir import RunLockedError, _lock
+    from swinv2.train.rundir import RunLockedError, _lock
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)
@@ -802,8 +802,8 @@ def test_a_refused_start_fails_before_any_work_and_leaves_nothing_behind(referen
                                                                           case):
     """Paths, the lock and the resume source are checked before the data is scanned and the model built;
     a start refused at any point leaves no `.lock` or empty `checkpoints/` in a folder it created."""
-    from swinv2 import engine
-    from swinv2.rundir import _lock
+    from swinv2.train import engine
+    from swinv2.train.rundir import _lock
 
     built = []
     monkeypatch.setattr(engine, "prepare_data", lambda *a, real=engine.prepare_data: built.append(1) or real(*a))

@@ -17,10 +17,10 @@ import torch
 from PIL import Image
 
 import swinv2
-from swinv2 import runtime as R
-from swinv2.checkpoint import save_weights
+from swinv2.serve import runtime as R
+from swinv2.weights.checkpoint import save_weights
 from swinv2.cli import main
-from swinv2.registry import EvalPreprocess, ModelInfo
+from swinv2.weights.registry import EvalPreprocess, ModelInfo
 from randomize import randomize_
 
 MICRO = "swinv2_micro_window4_32"
@@ -114,7 +114,7 @@ def test_a_stale_cached_export_is_detected_and_made_again(tmp_path, name, caplog
 
     # Unchanged weights: the cached graph is used, not made again.
     mtime = graph.stat().st_mtime_ns
-    with caplog.at_level(logging.INFO, logger="swinv2.runtime"):
+    with caplog.at_level(logging.INFO, logger="swinv2.serve.runtime"):
         R.load_runtime(swinv2.load_model(weights), name, "fp32", weights=weights)
     assert graph.stat().st_mtime_ns == mtime and "stale" not in caplog.text
 
@@ -122,7 +122,7 @@ def test_a_stale_cached_export_is_detected_and_made_again(tmp_path, name, caplog
     second = _random_model(seed=1)
     save_weights(second, weights)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="swinv2.runtime"):
+    with caplog.at_level(logging.WARNING, logger="swinv2.serve.runtime"):
         rt = R.load_runtime(swinv2.load_model(weights), name, "fp32", weights=weights)
     stale = [r.getMessage() for r in caplog.records if "stale" in r.getMessage()]
     assert len(stale) == 1 and str(graph) in stale[0] and "weights changed" in stale[0]
@@ -146,7 +146,7 @@ def test_a_tampered_export_cache_entry_is_made_again_never_run(tmp_path, caplog)
     changed, another model's graph with its own id or with none, another cache's whole entry. Each
     time: one warning naming the graph, the graph made again, and what runs is the weights' model."""
     pytest.importorskip("onnxruntime")
-    from swinv2.export import UNIT_KEY, _field, _MODEL_METADATA_PROPS, add_graph_metadata, export_onnx, \
+    from swinv2.serve.export import UNIT_KEY, _field, _MODEL_METADATA_PROPS, add_graph_metadata, export_onnx, \
         graph_metadata, read_sidecar
 
     a, b = _random_model(seed=0), _random_model(seed=1)
@@ -200,7 +200,7 @@ def test_a_tampered_export_cache_entry_is_made_again_never_run(tmp_path, caplog)
                          (another_caches_whole_entry, "the weights changed")):
         tamper(graph)
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="swinv2.runtime"):
+        with caplog.at_level(logging.WARNING, logger="swinv2.serve.runtime"):
             rt = R.load_runtime(swinv2.load_model(weights), "onnxruntime", "fp32", weights=weights)
         warned = [r.getMessage() for r in caplog.records]
         assert len(warned) == 1 and str(graph) in warned[0] and says in warned[0], (tamper.__name__, warned)
@@ -229,7 +229,7 @@ def test_the_export_cache_key_names_the_exporter_and_binds_the_files_hashes(tmp_
         key_path.write_text(json.dumps(old))
         mtime = graph.stat().st_mtime_ns
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="swinv2.runtime"):
+        with caplog.at_level(logging.INFO, logger="swinv2.serve.runtime"):
             R.load_runtime(model, "onnxruntime", "fp32", cache_dir=tmp_path)
         assert graph.stat().st_mtime_ns != mtime and says in caplog.text
         remade = json.loads(key_path.read_text())
@@ -267,7 +267,7 @@ def _write_set(root, n: int, rng: np.random.Generator) -> None:
 def trained(tmp_path_factory):
     """A micro SwinV2 trained (40 Adam steps, seeded; ~97% val top-1) to tell the tints apart, and its
     image folders."""
-    from swinv2.data import eval_transform, load_image
+    from swinv2.images import eval_transform, load_image
 
     root = tmp_path_factory.mktemp("tints")
     rng = np.random.default_rng(0)
@@ -377,12 +377,12 @@ def test_export_into_the_cache_then_eval_uses_it(trained, tmp_path, capsys):
 
 
 def test_bench_times_the_runtimes_as_rows_of_the_same_table(tmp_path, caplog):
-    from swinv2 import bench
+    from swinv2.tools import bench
 
     names = [r for r in ("onnxruntime", "openvino") if R.installed(r)]
     if not names:
         pytest.skip("no ONNX runtime installed")
-    with caplog.at_level(logging.WARNING, logger="swinv2.bench"):
+    with caplog.at_level(logging.WARNING, logger="swinv2.tools.bench"):
         results = bench.run(MICRO, batch_sizes=(2,), compare=["timm", *names], precisions=("fp32", "bf16"),
                             repeats=2, iters=1, warmup=1, measure_memory=False,
                             runtime_factory=R.bench_factory(cache_dir=tmp_path))
@@ -420,13 +420,13 @@ def test_predict_through_a_runtime_with_loader_workers_matches_pytorch(trained, 
 
 def test_a_failed_export_leaves_no_cache_entry(tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
-    import swinv2.export
+    import swinv2.serve.export
 
     def broken(model, path, **kw):
         path.write_bytes(b"half a graph")  # what an interrupted export could leave under the final name
         raise OSError("disk full")
 
-    monkeypatch.setattr(swinv2.export, "export_onnx", broken)
+    monkeypatch.setattr(swinv2.serve.export, "export_onnx", broken)
     with pytest.raises(OSError, match="disk full"):
         R.load_runtime(_random_model(), "onnxruntime", "fp32", cache_dir=tmp_path)
     assert not list(tmp_path.rglob("*.key.json"))  # no key: the half graph is never used...
@@ -444,7 +444,7 @@ _FREED_ELSEWHERE_THEN_FORK = """
 import gc, signal, subprocess, sys, tempfile, threading
 import torch
 import swinv2
-from swinv2.runtime import load_runtime
+from swinv2.serve.runtime import load_runtime
 signal.signal(signal.SIGCHLD, lambda *a: None)
 model = swinv2.create_model("swinv2_micro_window4_32", num_classes=3).eval()
 held = {"rt": load_runtime(model, "openvino", "fp32", cache_dir=tempfile.mkdtemp())}

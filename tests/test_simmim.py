@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 
 from swinv2 import create_model
-from swinv2.checkpoint import load_weights
+from swinv2.weights.checkpoint import load_weights
 from swinv2.config import load_config
-from swinv2.convert import detect_format
+from swinv2.weights.convert import detect_format
 from swinv2.errors import ConfigError, DataError
-from swinv2.simmim import (MaskGenerator, SimMIM, check_geometry, encoder_stride, masked_l1, norm_targets,
+from swinv2.model.simmim import (MaskGenerator, SimMIM, check_geometry, encoder_stride, masked_l1, norm_targets,
                            reconstruction_images)
 from image_folders import make_image_folder
 from runs import assert_same_state, drive, load_state, steps_log, train
@@ -235,7 +235,7 @@ def flat_folder(root: Path) -> Path:
 
 def test_a_folder_without_class_folders_is_pretraining_data(tmp_path, capsys):
     from swinv2.cli import main
-    from swinv2.data import ImageFilesDataset
+    from swinv2.train.datasets import ImageFilesDataset
 
     root = flat_folder(tmp_path / "flat")
     ds = ImageFilesDataset(root / "train")
@@ -246,7 +246,7 @@ def test_a_folder_without_class_folders_is_pretraining_data(tmp_path, capsys):
     assert main(["train", "--check-data", f"data.root={root}", "train.task=simmim", "train.best_metric=val_loss"]) == 0
     out = capsys.readouterr().out
     assert "16 images (no labels" in out and "4 images (no labels" in out and "notes.txt" in out
-    from swinv2.engine import check_data
+    from swinv2.train.engine import check_data
 
     with pytest.raises(DataError, match="no class folders"):  # a classifier still needs them
         check_data(load_config(None, [f"data.root={root}"]))
@@ -255,7 +255,7 @@ def test_a_folder_without_class_folders_is_pretraining_data(tmp_path, capsys):
 def test_a_flat_root_of_images_is_the_pretraining_set(tmp_path, caplog):
     """data.root holding images directly (no train/ folder) is read whole for SimMIM, without validation;
     a classifier on the same root is still refused, naming the folder it needs."""
-    from swinv2.engine import check_data, fit
+    from swinv2.train.engine import check_data, fit
 
     rng = np.random.default_rng(1)
     root = tmp_path / "photos"
@@ -267,7 +267,7 @@ def test_a_flat_root_of_images_is_the_pretraining_set(tmp_path, caplog):
     cfg = load_config(cfg_file, ["train.epochs=2"])
     report = check_data(cfg)
     assert len(report.splits["train"]) == 12 and "val" not in report.splits
-    with caplog.at_level(logging.INFO, logger="swinv2.engine"):
+    with caplog.at_level(logging.INFO, logger="swinv2.train.engine"):
         out = fit(cfg, tmp_path / "run")
     assert f"{root} has no train/ folder: pretraining on every image under it" in caplog.text
     history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -304,7 +304,7 @@ def test_two_stage_recipe_hands_the_encoder_to_the_classifier(tmp_path):
     import yaml
     from safetensors.torch import load_file
 
-    from swinv2.recipes import fit_recipe
+    from swinv2.train.recipes import fit_recipe
 
     root = make_image_folder(tmp_path / "data")  # class folders: stage 1 ignores them
     text = TINY.format(root=root).replace("epochs: 3, ema: true", "epochs: 1, ema: false").replace(

@@ -25,9 +25,10 @@ import torch
 
 import swinv2
 from randomize import randomize_
-from swinv2 import cli, hub
-from swinv2.checkpoint import UNIT_KEY, CheckpointError, load_model, save_weights, write_weights
-from swinv2.registry import EvalPreprocess
+from swinv2 import cli
+from swinv2.weights import hub
+from swinv2.weights.checkpoint import UNIT_KEY, CheckpointError, load_model, save_weights, write_weights
+from swinv2.weights.registry import EvalPreprocess
 
 MICRO = "swinv2_micro_window4_32"
 TESTS = Path(__file__).resolve().parent
@@ -242,7 +243,7 @@ def test_two_writers_of_one_folder_take_turns(tmp_path, two_models, monkeypatch)
     """A writes its weights and stops before its config.json; B starts writing meanwhile. B waits for A
     (the folder's lock), so the two never interleave (A's weights, B's..., A's config.json would be a
     folder refused for good) and the folder ends as B, whole."""
-    import swinv2.checkpoint as C
+    import swinv2.weights.checkpoint as C
 
     a, b, _ = two_models
     folder = tmp_path / "hf"
@@ -287,7 +288,7 @@ def _onnx_read_back(graph: Path, a, b) -> str:
     """"A", "B" or "refused" for an exported graph read with its sidecar (`export.read_sidecar`)."""
     import onnxruntime as ort
 
-    from swinv2.export import read_sidecar
+    from swinv2.serve.export import read_sidecar
 
     try:
         side = read_sidecar(graph)
@@ -308,7 +309,7 @@ def _onnx_read_back(graph: Path, a, b) -> str:
 
 def test_onnx_graph_and_sidecar_killed_between_them(tmp_path, two_models):
     pytest.importorskip("onnxruntime")
-    from swinv2.export import UNIT_KEY as GRAPH_KEY, export_onnx, graph_metadata
+    from swinv2.serve.export import UNIT_KEY as GRAPH_KEY, export_onnx, graph_metadata
 
     a, b, b_file = two_models
     a_file = tmp_path / "a.safetensors"
@@ -340,7 +341,7 @@ def test_onnx_graph_and_sidecar_killed_between_them(tmp_path, two_models):
 
 def test_graph_metadata_reads_what_onnx_reads():
     onnx = pytest.importorskip("onnx")
-    from swinv2.export import add_graph_metadata, graph_metadata
+    from swinv2.serve.export import add_graph_metadata, graph_metadata
 
     import tempfile
 
@@ -377,7 +378,7 @@ def test_export_cache_killed_at_each_rename_runs_the_current_weights(tmp_path, t
     rename of the cache entry (graph, sidecar, key); the next use runs W's weights, never the old
     graph, and removes what the kill left."""
     pytest.importorskip("onnxruntime")
-    from swinv2 import runtime as R
+    from swinv2.serve import runtime as R
 
     a, b, _ = two_models
     weights = tmp_path / "w.safetensors"
@@ -404,7 +405,7 @@ def test_export_cache_entry_of_another_write_is_made_again(tmp_path, two_models,
     import logging
     import shutil
 
-    from swinv2 import runtime as R
+    from swinv2.serve import runtime as R
 
     a, b, _ = two_models
     R.load_runtime(a, "onnxruntime", "fp32", cache_dir=tmp_path / "x")
@@ -415,7 +416,7 @@ def test_export_cache_entry_of_another_write_is_made_again(tmp_path, two_models,
         for name in files:  # B's graph (and its sidecar) under A's key
             shutil.copy(gb.with_name(name), ga.with_name(name))
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="swinv2.runtime"):
+        with caplog.at_level(logging.WARNING, logger="swinv2.serve.runtime"):
             rt = R.load_runtime(a, "onnxruntime", "fp32", cache_dir=tmp_path / "x")
         assert _logits(rt, a) <= 1e-4
         assert any("does not match its key" in r.getMessage() and str(ga) in r.getMessage() for r in caplog.records)
@@ -427,7 +428,7 @@ def test_export_cache_entry_of_another_write_is_made_again(tmp_path, two_models,
 HUB_SETUP = """
 from huggingface_hub import constants
 from huggingface_hub import file_download
-import swinv2.hub as H
+import swinv2.weights.hub as H
 hub_spec = spec["hub_spec"]
 constants.ENDPOINT = hub_spec["url"]
 constants.HUGGINGFACE_CO_URL_TEMPLATE = hub_spec["url"] + "/{repo_id}/resolve/{revision}/{filename}"
@@ -457,7 +458,7 @@ def test_a_download_killed_leaves_a_partial_removed_once_no_download_holds_it(tm
     from safetensors.torch import save as safetensors_bytes
     from test_hub import FakeHub, _point_hub_at
 
-    from swinv2.convert import convert_state_dict
+    from swinv2.weights.convert import convert_state_dict
 
     server = FakeHub()
     try:

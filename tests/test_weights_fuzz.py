@@ -19,9 +19,9 @@ from safetensors import safe_open
 
 import swinv2
 from randomize import randomize_
-from swinv2.checkpoint import load_model, save_weights, write_weights
+from swinv2.weights.checkpoint import load_model, save_weights, write_weights
 from swinv2.errors import CheckpointError, InputError
-from swinv2.model import SwinV2Config
+from swinv2.model.transformer import SwinV2Config
 
 MICRO = "swinv2_micro_window4_32"
 SEED = 35

@@ -26,11 +26,11 @@ from safetensors.torch import save_file
 import swinv2
 from image_folders import make_image_folder
 from randomize import randomize_
-from swinv2 import checkpoint
-from swinv2.checkpoint import (TRAINING_STATE_FORMAT, find_resumable, load_model, save_training_state, save_weights,
+from swinv2.weights import checkpoint
+from swinv2.weights.checkpoint import (TRAINING_STATE_FORMAT, find_resumable, load_model, save_training_state, save_weights,
                                write_weights)
 from swinv2.cli import main
-from swinv2.convert import convert_state_dict
+from swinv2.weights.convert import convert_state_dict
 from swinv2.errors import CheckpointError
 from swinv2.preprocess import EvalPreprocess
 

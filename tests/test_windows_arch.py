@@ -24,15 +24,15 @@ import torch
 import torch.nn.functional as F
 
 from randomize import randomize_
-from swinv2.checkpoint import load_model, save_weights
-from swinv2.convert import convert_state_dict, from_native, hf_config_from_kwargs, tv_derived_buffers
-from swinv2.cpb import cpb_tables
+from swinv2.weights.checkpoint import load_model, save_weights
+from swinv2.weights.convert import convert_state_dict, from_native, hf_config_from_kwargs, tv_derived_buffers
+from swinv2.model.cpb import cpb_tables
 from swinv2.errors import InputError
-from swinv2.export_graph import DynamicSizeForward
-from swinv2.flops import count_flops
-from swinv2.model import SwinTransformerV2, SwinV2Config
-from swinv2.registry import OFFICIAL_PARAMS, count_params, get_variant, list_models, model_config
-from swinv2.windows import class_masks, effective_window, nonempty_classes, shift_mask, window_order
+from swinv2.serve.dynamic_forward import DynamicSizeForward
+from swinv2.tools.flops import count_flops
+from swinv2.model.transformer import SwinTransformerV2, SwinV2Config
+from swinv2.weights.registry import OFFICIAL_PARAMS, count_params, get_variant, list_models, model_config
+from swinv2.model.windows import class_masks, effective_window, nonempty_classes, shift_mask, window_order
 
 timm = pytest.importorskip("timm")
 from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2  # noqa: E402
@@ -405,7 +405,7 @@ def test_extra_norm_every_two_blocks_in_a_tiny_model():
 
 def test_dynamic_onnx_graph_runs_rectangular_per_stage_windows(tmp_path):
     ort = pytest.importorskip("onnxruntime")
-    from swinv2.export import export_onnx
+    from swinv2.serve.export import export_onnx
 
     cfg = SwinV2Config(img_size=32, embed_dim=16, depths=(2, 2), num_heads=(2, 2), window_size=((4, 3), (2, 2)),
                        pretrained_window_sizes=((3, 2), 0), num_classes=5, drop_path_rate=0.0)

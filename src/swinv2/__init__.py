@@ -10,31 +10,31 @@ from typing import TYPE_CHECKING, Any
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "create_backbone": "backbone",
-    "LoadReport": "checkpoint", "create_model": "checkpoint", "load_model": "checkpoint",
-    "load_weights": "checkpoint", "save_weights": "checkpoint",
-    "convert_state_dict": "convert",
-    "count_flops": "flops",
-    "SwinTransformerV2": "model", "SwinV2Config": "model",
-    "get_variant": "registry", "list_models": "registry",
+    "create_backbone": "serve.backbone",
+    "LoadReport": "weights.checkpoint", "create_model": "weights.checkpoint", "load_model": "weights.checkpoint",
+    "load_weights": "weights.checkpoint", "save_weights": "weights.checkpoint",
+    "convert_state_dict": "weights.convert",
+    "count_flops": "tools.flops",
+    "SwinTransformerV2": "model.transformer", "SwinV2Config": "model.transformer",
+    "get_variant": "weights.registry", "list_models": "weights.registry",
     "retain_freed_cpu_memory": "allocator",
 }
 __all__ = [*_EXPORTS, "hub"]
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from . import hub
+    from .weights import hub
     from .allocator import retain_freed_cpu_memory
-    from .checkpoint import LoadReport, create_model, load_model, load_weights, save_weights
-    from .convert import convert_state_dict
-    from .flops import count_flops
-    from .model import SwinTransformerV2, SwinV2Config
-    from .registry import get_variant, list_models
+    from .weights.checkpoint import LoadReport, create_model, load_model, load_weights, save_weights
+    from .weights.convert import convert_state_dict
+    from .tools.flops import count_flops
+    from .model.transformer import SwinTransformerV2, SwinV2Config
+    from .weights.registry import get_variant, list_models
 
 
 def __getattr__(name: str) -> Any:
     if name == "hub":
-        return importlib.import_module(".hub", __name__)
+        return importlib.import_module(".weights.hub", __name__)
     if name in _EXPORTS:
         value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
         globals()[name] = value  # later lookups skip this function

@@ -67,7 +67,7 @@ def _fraction(text: str) -> float:
 def _opset(text: str) -> int:
     """An argparse `type`: an ONNX opset the exporter can write this model at. From 14: the fixed
     graph's attention (scaled_dot_product_attention) has no ONNX form before it; up to the newest
-    opset this PyTorch's TorchScript exporter (the one `swinv2.export` uses) supports."""
+    opset this PyTorch's TorchScript exporter (the one `swinv2.serve.export` uses) supports."""
     return _int_in(14, newest_opset())(text)
 
 
@@ -90,7 +90,7 @@ def _check_device(args: argparse.Namespace) -> None:
     run on (meta, mps)."""
     if getattr(args, "device", "cpu") == "cpu":
         return
-    from .distributed import resolve_device
+    from .train.distributed import resolve_device
 
     device = resolve_device(args.device, "--device")
     if device.type not in ("cpu", "cuda"):
@@ -116,9 +116,9 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_models(args: argparse.Namespace) -> int:
-    from . import hub
-    from .flops import count_flops
-    from .registry import count_params, get_variant, list_models
+    from .weights import hub
+    from .tools.flops import count_flops
+    from .weights.registry import count_params, get_variant, list_models
 
     rows = []
     for name in list_models(include_unofficial=True):
@@ -167,7 +167,7 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_download(args: argparse.Namespace) -> int:
-    from . import hub
+    from .weights import hub
 
     failed = 0
     for spec in args.names:
@@ -205,7 +205,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from .checkpoint import convert_file, guess_write_format
+    from .weights.checkpoint import convert_file, guess_write_format
     from .outputs import check_output
 
     fmt = args.dst_format or guess_write_format(args.dst)
@@ -236,8 +236,8 @@ def _add_weights_args(p: argparse.ArgumentParser, *, preprocess: bool = True) ->
 
 def _load_for_use(args: argparse.Namespace):
     """(model, eval preprocessing) from --weights / --model and the preprocessing overrides."""
-    from .checkpoint import load_model
-    from .predict import require_classifier, resolve_preprocess
+    from .weights.checkpoint import load_model
+    from .serve.predict import require_classifier, resolve_preprocess
 
     model = load_model(args.weights, name=args.model)
     require_classifier(model, args.weights)  # eval and predict classify: encoder weights cannot
@@ -287,7 +287,7 @@ def _add_amp_arg(p: argparse.ArgumentParser) -> None:
 def _amp_dtype(args: argparse.Namespace) -> torch.dtype | None:
     """--amp as an autocast dtype (None for none), checked against --device, which must exist here."""
     from .hardware import DTYPES, warn_if_bf16_emulated
-    from .distributed import resolve_device
+    from .train.distributed import resolve_device
 
     device = resolve_device(args.device, "--device")
     if args.amp == "none":
@@ -326,7 +326,7 @@ def _runtime_for(args: argparse.Namespace, model, prep):
         raise InputError("--amp is autocast for --runtime torch --precision fp32; use --precision bf16 instead")
     if args.device != "cpu":
         raise InputError(f"--runtime {args.runtime} --precision {args.precision} runs on the CPU; drop --device")
-    from .runtime import load_runtime
+    from .serve.runtime import load_runtime
 
     rt = load_runtime(model, args.runtime, args.precision, weights=args.weights, img_size=prep.img_size,
                       calib=args.calib, cache_dir=args.cache_dir, batch_size=args.batch_size)
@@ -360,8 +360,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def _run_eval(args: argparse.Namespace) -> int:
     from .outputs import check_output, check_output_folder, is_stdout
-    from .evaluate import evaluate_folder, save_eval_plots
-    from .registry import describe_model
+    from .train.evaluate import evaluate_folder, save_eval_plots
+    from .weights.registry import describe_model
 
     # Never one of the user's own files: an input, or a file of another kind (a shell glob's first match).
     reads = _reads(("--weights", args.weights), ("--calib", args.calib), ("--data", args.data), folder_files=False)
@@ -444,7 +444,7 @@ def _json_flag_then_path(args: argparse.Namespace) -> None:
     """`predict --json photo.jpg more.jpg`: before --json took a file, this printed JSON for both images.
     A value after --json that names something predict reads (an image file name, a folder, a glob) is
     therefore taken as the first PATH, with the JSON on stdout, rather than as a file to write over."""
-    from .data import IMG_EXTENSIONS
+    from .outputs import IMG_EXTENSIONS
 
     value = args.json
     if value is not None and (value.lower().endswith(IMG_EXTENSIONS) or os.path.isdir(value)
@@ -459,8 +459,8 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     from .outputs import check_output, is_stdout
-    from .predict import predict, save_prediction_grid
-    from .registry import describe_model
+    from .serve.predict import predict, save_prediction_grid
+    from .weights.registry import describe_model
 
     _json_flag_then_path(args)
     if not args.paths:
@@ -535,8 +535,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model
-    from .export import DEFAULT_OPSET, export_onnx
+    from .weights.checkpoint import load_model
+    from .serve.export import DEFAULT_OPSET, export_onnx
 
     if args.onnx is not None and (args.precision != "fp32" or args.runtime is not None or args.calib):
         raise InputError("--onnx writes the fp32 graph; --runtime / --precision / --calib export into the runtime "
@@ -556,7 +556,7 @@ def _run_export(args: argparse.Namespace) -> int:
         print(export_onnx(model, args.onnx, img_size=args.img_size, opset=args.opset or DEFAULT_OPSET,
                           check=not args.no_check, dynamic_size=args.dynamic_size))
         return 0
-    from .runtime import load_runtime
+    from .serve.runtime import load_runtime
 
     runtime = args.runtime or ("onnxruntime" if args.precision == "fp32" else "openvino")
     rt = load_runtime(model, runtime, args.precision, weights=args.weights, img_size=args.img_size,
@@ -570,7 +570,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                        description="Benchmark a registry variant, optionally against timm, Hugging Face and "
                        "torchvision built with the same weights and timed interleaved in this process. "
                        "'ours x' = how many times faster ours is (median of per-round paired ratios); "
-                       "'ours mem' = our peak memory / theirs. See swinv2.bench for the method and JSON fields.")
+                       "'ours mem' = our peak memory / theirs. See swinv2.tools.bench for the method and JSON fields.")
     p.add_argument("--model", required=True, help="registry name (see `swinv2 models`)")
     p.add_argument("--weights", default=None, help="weights to time, a file or NAME[.TAG] (default: the same random "
                    "weights for all)")
@@ -638,7 +638,8 @@ def _bench_child_args(args: argparse.Namespace) -> list[str]:
 def _run_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from . import bench, hardware
+    from .tools import bench
+    from . import hardware
     from .outputs import check_output
 
     if args.json:
@@ -669,7 +670,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     else:
         import tempfile
 
-        from .runtime import bench_factory
+        from .serve.runtime import bench_factory
 
         with tempfile.TemporaryDirectory(prefix="swinv2-bench-") as cache:  # the runtimes' exports, this run only
             results = bench.run(args.model, batch_sizes=args.batch_size, img_sizes=args.img_size, dtypes=args.dtype,
@@ -709,8 +710,8 @@ def _add_viz_cpb(sub: argparse._SubParsersAction) -> None:
 def _run_viz_cpb(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .checkpoint import load_model
-    from .cpb import cpb_tables
+    from .weights.checkpoint import load_model
+    from .model.cpb import cpb_tables
     from .outputs import check_output_folder
     from .plots import plot_cpb_maps
 
@@ -763,7 +764,7 @@ def _published_start(cfg: Config, args: argparse.Namespace) -> tuple[str, str] |
     """(the key that set model.pretrained, where it was set) when the config starts from published
     weights; weights that can be had neither from the cache nor from the hub are said now, in config
     keys, before the data and model are built."""
-    from . import hub
+    from .weights import hub
     from .config import key_origin, start_point
 
     start = start_point(cfg)
@@ -788,8 +789,8 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
-    from .engine import NonFiniteError, TrainingInterrupted, check_data, fit
-    from .hub import WeightsUnavailableError
+    from .train.engine import NonFiniteError, TrainingInterrupted, check_data, fit
+    from .weights.hub import WeightsUnavailableError
 
     if args.check_data:
         report = check_data(cfg)
@@ -803,7 +804,7 @@ def _run_train(args: argparse.Namespace) -> int:
                                              f"%(message)s", datefmt="%H:%M:%S"))
     try:
         if cfg.stages:  # a multi-stage recipe: one run directory per stage under --out
-            from .recipes import fit_recipe, shadowed_overrides
+            from .train.recipes import fit_recipe, shadowed_overrides
 
             for warning in shadowed_overrides(cfg, args.overrides):  # config warnings: rank 0's alone (`main`)
                 logging.getLogger("swinv2.config").warning("%s", warning)

@@ -2,7 +2,7 @@
 `save_prediction_grid`; the eval preprocessing of a loaded model (`resolve_preprocess`), which
 `evaluate.evaluate_folder` shares.
 
-Images are read with `data.load_image` (every PIL mode, EXIF rotation) and preprocessed with the
+Images are read with `images.load_image` (every PIL mode, EXIF rotation) and preprocessed with the
 model's eval transform (`model.info.preprocess`, from the weights' metadata or the registry record). An
 unreadable file never stops the run: it is reported, with its reason, and skipped.
 
@@ -19,7 +19,7 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,11 +28,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .errors import InputError
-from .data import (IMG_EXTENSIONS, BadImageError, eval_resize_crop, eval_transform, load_image, normalize_images,
-                   walk_folder)
-from .preprocess import EvalPreprocess
-from .registry import model_info
+from ..errors import InputError
+from ..images import BadImageError, eval_resize_crop, load_image, normalize_images, walk_folder
+from ..outputs import IMG_EXTENSIONS
+from ..preprocess import EvalPreprocess
+from ..weights.registry import model_info, require_classifier, resolve_preprocess
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -59,43 +59,13 @@ def class_names_for(model: nn.Module) -> tuple[list[str], str]:
     return [str(i) for i in range(n)], "indices"
 
 
-def require_classifier(model: nn.Module, weights: str | os.PathLike = "the model") -> None:
-    """InputError where `model` has no classifier head (num_classes=0: encoder weights, e.g. a SimMIM
-    pretraining's best.safetensors): it gives features, not classes, so predict and eval would print
-    empty top-k lists and 0-class reports. The message says how to fine-tune it into a classifier."""
-    if model.config.num_classes:
-        return
-    name = model_info(model).model_name or "NAME"
-    weights = os.fspath(weights)
-    if name == "swinv2_micro_window4_32":  # the demo's model: its own recipe, at its learning rate
-        recipe = "configs/finetune_micro.yaml"
-    else:
-        recipe = f"configs/finetune.yaml model.name={name} model.pretrained=false"
-    raise InputError(f"{weights}: encoder weights without a classifier head (num_classes=0, e.g. a SimMIM "
-                     f"pretraining's best.safetensors); fine-tune them on class folders first: swinv2 train --config "
-                     f"{recipe} model.weights={weights} data.root=DIR (docs/training.md, SimMIM)")
-
-
-def resolve_preprocess(model: nn.Module, *, img_size: int | None = None, crop_pct: float | None = None,
-                       interpolation: str | None = None) -> EvalPreprocess:
-    """The model's eval preprocessing (`model_info`: its weights', else its config's size with the
-    official crop) with any given overrides applied."""
-    prep = model_info(model).preprocess
-    overrides = {k: v for k, v in dict(img_size=img_size, crop_pct=crop_pct, interpolation=interpolation).items()
-                 if v is not None}
-    return replace(prep, **overrides)
-
-
-def _transform(prep: EvalPreprocess):
-    return eval_transform(prep.img_size, prep.crop_pct, prep.interpolation, mean=prep.mean, std=prep.std)
-
 
 # --------------------------------------------------------------------------- predict
 
 
 def expand_paths(paths: Sequence[str | os.PathLike]) -> tuple[list[str], list[dict[str, str]]]:
     """Files named, image files under folders (recursive, sorted, hidden entries skipped, each real
-    folder once: `data.walk_folder`) and glob matches (each real file once), in argument order without
+    folder once: `images.walk_folder`) and glob matches (each real file once), in argument order without
     duplicates; plus an error record per argument that names nothing. Linked folders not followed are
     logged in one warning line; a folder that cannot be read is a DataError naming it."""
     files: list[str] = []
@@ -181,7 +151,7 @@ def _batches(files: Sequence[str], prep: EvalPreprocess, batch_size: int, errors
     """(paths, (B, 3, H, W) float tensor) batches of the readable files, preprocessed by `prep`, in
     order; unreadable ones go to `errors`. Images are decoded, resized and cropped one by one (with
     `workers` > 0 in that many loader processes, overlapping the model), and scaled and normalised
-    as a batch (`data.normalize_images`: the same values, in a fraction of the time). A batch holds the
+    as a batch (`images.normalize_images`: the same values, in a fraction of the time). A batch holds the
     readable files of `batch_size` consecutive ones."""
     from torch.utils.data import DataLoader
 
@@ -265,7 +235,7 @@ def save_prediction_grid(preds: PredictionSet, path: str | os.PathLike) -> Path:
     (see `grid_titles`). Where an image's folder is named like one of the model's classes, that is taken
     as its true class and the title is marked right / wrong by the top-1 label. The figure's title says
     how many images are shown of how many classified, and how many of the marked ones are right."""
-    from .plots import plot_prediction_grid
+    from ..plots import plot_prediction_grid
 
     shown = preds.results[: len(preds.thumbnails)]
     width = min(24, max(len(t["label"]) for r in shown for t in r["top"]))

@@ -43,14 +43,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import convert, hub, units
-from .config import MAX_CLASSES, MAX_IMG_SIZE, MAX_WINDOW
-from .errors import CheckpointError, InputError, UnreadableFileError, UnsafeCheckpointError
-from .model import SwinTransformerV2, SwinV2Config
-from .outputs import atomic_write
-from .preprocess import EvalPreprocess
+from . import convert, hub
+from .. import units
+from ..config import MAX_CLASSES, MAX_IMG_SIZE, MAX_WINDOW
+from ..errors import CheckpointError, InputError, UnreadableFileError, UnsafeCheckpointError
+from ..model.transformer import SwinTransformerV2, SwinV2Config
+from ..outputs import atomic_write
+from ..preprocess import EvalPreprocess
 from .registry import ALIASES, ModelInfo, config_with, default_preprocess, get_variant, model_config, model_info
-from .windows import pair
+from ..model.windows import pair
 
 log = logging.getLogger(__name__)
 
@@ -521,7 +522,7 @@ def _abbreviate(keys: list[str], n: int = 6) -> str:
 @lru_cache(maxsize=1)
 def imagenet_22k_to_1k() -> list[int]:
     """Row of each ImageNet-1k class in the official 21841-class head (official map22kto1k.txt)."""
-    text = resources.files("swinv2").joinpath("data/map22kto1k.txt").read_text()
+    text = resources.files("swinv2.weights").joinpath("map22kto1k.txt").read_text()
     return [int(line) for line in text.split()]
 
 
@@ -810,7 +811,7 @@ def _write_safetensors(path: Path, sd: Mapping[str, torch.Tensor], meta: dict[st
 
 def resolve_weights(path: PathLike, name: str | None = None) -> tuple[Path, str | None]:
     """(local file, registry name) for a weights argument: an existing path as given; otherwise
-    ``NAME[.TAG]`` of published weights (`swinv2.hub`), fetched into the Hugging Face cache, with
+    ``NAME[.TAG]`` of published weights (`swinv2.weights.hub`), fetched into the Hugging Face cache, with
     `name` defaulting to NAME (``..._192to256.ms_in22k``: the 22k weights in the 256 px model)."""
     if Path(path).exists() or not hub.looks_like_name(str(path)):
         return Path(path), name
@@ -1082,7 +1083,7 @@ def create_model(name: str, *, num_classes: int | None = None, img_size: int | t
     """Build a registered variant, optionally overriding its config and loading `weights` or `pretrained`.
 
     `weights` is a path or a state dict in any supported format (see `swinv2.load_weights`).
-    `pretrained` names published weights (see `swinv2.hub`): True for the variant's default tag, a
+    `pretrained` names published weights (see `swinv2.weights.hub`): True for the variant's default tag, a
     tag (``"ms_in22k"``) or ``"NAME.TAG"`` of another variant; they are downloaded once into the
     Hugging Face cache. Either way window and resolution changes transfer by construction, 21841 ->
     1000 heads go through the official map, and another class count keeps a fresh head (a warning).

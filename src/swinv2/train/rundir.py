@@ -33,12 +33,12 @@ from typing import Any
 
 from torch import nn
 
-from .errors import InputError, SwinV2Error
+from ..errors import InputError, SwinV2Error
 from . import distributed as D
-from .checkpoint import find_resumable, save_training_state, save_weights
-from .config import Config
-from .outputs import write_output
-from .preprocess import EvalPreprocess
+from ..weights.checkpoint import find_resumable, save_training_state, save_weights
+from ..config import Config
+from ..outputs import write_output
+from ..preprocess import EvalPreprocess
 
 log = logging.getLogger(__name__)
 
@@ -366,7 +366,7 @@ class RunDir:
                                    if isinstance(v, (int, float)) and k not in ("epoch", "step")})
         if self._tb is not None:
             self._tb.flush()
-        from .plots import plot_training_curves
+        from ..plots import plot_training_curves
 
         plot_training_curves(history, self.out / "curves.png", num_classes=self.cfg.model.num_classes)
 

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import ConfigError, InputError
-from .model import SwinTransformerV2, SwinV2Config
+from ..errors import ConfigError, InputError
+from .transformer import SwinTransformerV2, SwinV2Config
 from .windows import pair
 
 
@@ -187,7 +187,7 @@ def encoder_weights(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
 def reconstruction_loss(model: SimMIM, batches: Iterable, masks: Callable[[Tensor], Tensor], *,
                         device: torch.device, amp_dtype: torch.dtype | None = None) -> Tensor:
     """(sum over images of the masked-pixel L1 loss, images) of `model` (eval mode, restored) on
-    `batches` (`data.Batch`), as a float64 tensor to all-reduce; `masks(indices)` gives the masks of
+    `batches` (`datasets.Batch`), as a float64 tensor to all-reduce; `masks(indices)` gives the masks of
     a batch's images. Every image has the same number of masked pixels, so a batch's loss is the mean
     of its images' losses."""
     was_training = model.training

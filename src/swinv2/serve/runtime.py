@@ -63,11 +63,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import InputError
-from .hardware import cpu_name
-from .outputs import atomic_write
-from .registry import model_info
-from .units import remove_stale_temps, unit_lock
+from ..errors import InputError
+from ..hardware import cpu_name
+from ..outputs import atomic_write
+from ..weights.registry import model_info
+from ..units import remove_stale_temps, unit_lock
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def native_bf16(runtime: str) -> bool:
         _import("openvino", runtime)
         return "BF16" in _ov_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     if runtime == "torch":
-        from .hardware import BF16_EMULATED_SLOWDOWN, bf16_matmul_slowdown
+        from ..hardware import BF16_EMULATED_SLOWDOWN, bf16_matmul_slowdown
 
         return bf16_matmul_slowdown("cpu") < BF16_EMULATED_SLOWDOWN
     return False
@@ -281,7 +281,7 @@ def _cached(graph: Path, key: dict[str, Any], build: Callable[[Path], None],
 
 def exporter() -> dict[str, Any]:
     """What made the cache's graphs, as its keys record it: a graph of another exporter is made again."""
-    from . import __version__
+    from .. import __version__
     from .export import DEFAULT_OPSET
 
     return {"torch": torch.__version__, "swinv2": __version__, "format": EXPORT_FORMAT, "opset": DEFAULT_OPSET}
@@ -332,8 +332,9 @@ def calibration_set(calib: str | os.PathLike, model: nn.Module, img_size: int, *
     """Up to `limit` preprocessed (1, 3, S, S) images from the folder `calib` (searched recursively;
     evenly spaced over the sorted files, so every class folder contributes), and a fingerprint of
     which files they were (SHA-256 of their paths relative to `calib` and sizes)."""
-    from .data import BadImageError, load_image
-    from .predict import _transform, expand_paths, resolve_preprocess
+    from ..images import BadImageError, eval_pipeline, load_image
+    from .predict import expand_paths
+    from ..weights.registry import resolve_preprocess
 
     calib = os.fspath(calib)
     if not os.path.isdir(calib):
@@ -343,7 +344,7 @@ def calibration_set(calib: str | os.PathLike, model: nn.Module, img_size: int, *
         raise InputError(f"--calib {calib}: {errors[0]['error'] if errors else 'no image files'}")
     if len(files) > limit:
         files = [files[i * len(files) // limit] for i in range(limit)]
-    transform = _transform(resolve_preprocess(model, img_size=img_size))
+    transform = eval_pipeline(resolve_preprocess(model, img_size=img_size))
     images, h = [], hashlib.sha256()
     for path in files:
         try:
@@ -587,7 +588,7 @@ def time_runtimes(runtimes: dict[str, Runtime], x: torch.Tensor, *, passes: int 
     counts. Not call by call in turns: ONNX Runtime's and OpenVINO's thread pools keep spinning for a
     while after a call, and on a small machine that slows whichever runs next. `settle_s` of sleep
     before each block lets the last pool go idle."""
-    from .bench import median_seconds
+    from ..timing import median_seconds
 
     names = list(runtimes)
     best = dict.fromkeys(names, 0.0)

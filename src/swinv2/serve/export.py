@@ -4,7 +4,7 @@ By default the graph is traced at ONE image size: window padding, shift masks an
 table are shape-dependent and become constants, so a model exported at 256 px runs at 256 px only;
 export again for another size (`img_size=`). The batch axis stays dynamic.
 
-`dynamic_size=True` exports `export_graph.DynamicSizeForward` instead: the same parameters and the
+`dynamic_size=True` exports `dynamic_forward.DynamicSizeForward` instead: the same parameters and the
 official math, with the padding, roll, window partition, shift masks, each stage's effective window
 (min(H, W) and no shift where the map is not larger than the window) and the position bias for it
 computed in the graph from the input's shape. Its input is (batch, 3, height, width), all three
@@ -52,10 +52,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError, InputError
-from .outputs import atomic_file, write_output
-from .registry import model_info
-from .units import new_unit_id, remove_stale_temps, torn, unit_lock
+from ..errors import CheckpointError, InputError
+from ..outputs import atomic_file, write_output
+from ..weights.registry import model_info
+from ..units import new_unit_id, remove_stale_temps, torn, unit_lock
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +109,8 @@ def _export_graph(model: nn.Module, path: str, x: torch.Tensor, opset: int) -> N
 
 
 def _export_dynamic_graph(model: nn.Module, path: str, x: torch.Tensor, opset: int) -> None:
-    """`export_graph.DynamicSizeForward(model)` with batch, height and width dynamic."""
-    from .export_graph import DynamicSizeForward
+    """`dynamic_forward.DynamicSizeForward(model)` with batch, height and width dynamic."""
+    from .dynamic_forward import DynamicSizeForward
 
     with warnings.catch_warnings():
         # Here a TracerWarning means a shape became a Python number, i.e. a constant of the traced

@@ -6,7 +6,7 @@ timm augmentation and Mixup/CutMix, autocast (bf16, or fp16 with a dynamic loss 
 the EMA update. Every epoch: evaluation of the model (and the EMA), one metrics row, a checkpoint.
 
 Exact resume: all randomness is derived from numbers the training state holds. Data order and
-each sample's augmentation come from (seed, epoch, sample index) (see `data.ShardedSampler`); the
+each sample's augmentation come from (seed, epoch, sample index) (see `datasets.ShardedSampler`); the
 per-step randomness (Mixup/CutMix, stochastic depth) from (seed, step, rank), reseeded before
 every step. So no generator state needs saving, and the training state is the model, EMA,
 optimizer, scheduler, scaler, progress (epoch, step in epoch, global step), sampler position,
@@ -38,22 +38,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError, DataError, InputError
+from ..errors import ConfigError, DataError, InputError
 from . import distributed as D
 from . import schedule
-from .checkpoint import create_model
-from .config import Config, check_task
-from .data import (Batch, DataReport, ImageFilesDataset, ImageFolderDataset, SeededSamples, ShardedSampler,
-                   build_digits_folder, build_mixup, check_dataset, eval_transform, hygiene_warnings, make_loader,
+from ..weights.checkpoint import create_model
+from ..config import Config, check_task
+from .datasets import (Batch, DataReport, ImageFilesDataset, ImageFolderDataset, SeededSamples, ShardedSampler,
+                   build_digits_folder, build_mixup, check_dataset, hygiene_warnings, make_loader,
                    pretrain_transform, sample_seed, seed_everything, train_transform)
 from .evaluate import evaluate
 from .faults import NonFiniteError, StopSignals, TrainingInterrupted, assert_finite, check_fits
-from .hardware import DTYPES, warn_if_bf16_emulated
-from .model import SwinTransformerV2
-from .preprocess import EvalPreprocess
-from .registry import get_variant
+from ..hardware import DTYPES, warn_if_bf16_emulated
+from ..images import eval_pipeline
+from ..model.transformer import SwinTransformerV2
+from ..preprocess import EvalPreprocess
+from ..weights.registry import get_variant
 from .rundir import RunDir, RunFolderError, RunLockedError  # noqa: F401 (raised by fit)
-from .simmim import (MaskGenerator, SimMIM, check_geometry, encoder_of, encoder_stride, encoder_weights,
+from ..model.simmim import (MaskGenerator, SimMIM, check_geometry, encoder_of, encoder_stride, encoder_weights,
                      reconstruction_images, reconstruction_loss)
 
 log = logging.getLogger(__name__)
@@ -291,7 +292,7 @@ class Trainer:
         self.val_loader = None
         if self.val_ds is not None:
             p = self.preprocess
-            etf = eval_transform(p.img_size, p.crop_pct, p.interpolation, p.mean, p.std)
+            etf = eval_pipeline(p)
             val_sampler = ShardedSampler(len(self.val_ds), num_replicas=env.world_size, rank=env.rank,
                                          shuffle=False, drop_last=False)
             self.val_loader = make_loader(SeededSamples(self.val_ds, etf), val_sampler,
@@ -566,10 +567,10 @@ class Trainer:
         k = self.cfg.simmim.reconstructions
         if not (self.env.is_main and self.masks is not None and self.val_ds is not None and k):
             return None
-        from .plots import plot_reconstructions
+        from ..plots import plot_reconstructions
 
         p = self.preprocess
-        samples = SeededSamples(self.val_ds, eval_transform(p.img_size, p.crop_pct, p.interpolation, p.mean, p.std))
+        samples = SeededSamples(self.val_ds, eval_pipeline(p))
         picked = sorted({round(i) for i in torch.linspace(0, len(self.val_ds) - 1, k).tolist()})
         good = [s for s in (samples[i] for i in picked) if s.error is None]
         if not good:
@@ -639,7 +640,7 @@ class Trainer:
         `allow_config_change`. An `explicit` checkpoint from elsewhere into a directory that holds a run
         is refused unless `start_over`, which replaces the run that was there (a fresh start too).
         Then the run starts: config.yaml, and the files the run owes."""
-        from .checkpoint import load_training_state
+        from ..weights.checkpoint import load_training_state
 
         if explicit and not start_over:
             self._refuse_replacing_a_run(Path(explicit))
@@ -676,7 +677,7 @@ class Trainer:
         """Write best.safetensors again from the state it should hold (the best-k leader's checkpoint,
         or the latest weights of a run without validation): a save that failed earlier, e.g. on a
         full disk, is made good on the next start."""
-        from .checkpoint import load_training_state
+        from ..weights.checkpoint import load_training_state
 
         names = (self.classes, self.preprocess, self.cfg.model.name)
         if self.best:

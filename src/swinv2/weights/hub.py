@@ -55,7 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import SwinV2Error, UnknownNameError
+from ..errors import SwinV2Error, UnknownNameError
 from .registry import ALIASES, VARIANTS, get_variant
 
 log = logging.getLogger(__name__)

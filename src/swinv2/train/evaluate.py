@@ -1,7 +1,7 @@
 """Evaluation: `evaluate(model, loader)` -> named metrics (loss, top-1, top-5, count, throughput,
 confusion), and `evaluate_folder` -> the report of `swinv2 eval` on a class folder.
 
-Works on any loader yielding `(images, labels, ...)` (a plain tuple, or `data.Batch`, whose extra
+Works on any loader yielding `(images, labels, ...)` (a plain tuple, or `datasets.Batch`, whose extra
 fields are ignored; its `bad` files are counted separately). Under `torch.distributed` each rank
 evaluates its own shard and the sums are all-reduced, so every rank returns the metrics of the
 whole set.
@@ -22,12 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from .data import (BadImageError, ImageFolderDataset, Sample, collate, folder_warnings, load_image,
-                   scan_class_folders)
-from .errors import InputError
-from .predict import _transform, require_classifier, resolve_preprocess
-from .preprocess import EvalPreprocess
-from .registry import model_info
+from .datasets import ImageFolderDataset, Sample, collate, folder_warnings, scan_class_folders
+from ..errors import InputError
+from ..images import BadImageError, eval_pipeline, load_image
+from ..preprocess import EvalPreprocess
+from ..weights.registry import model_info, require_classifier, resolve_preprocess
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +155,7 @@ class _EvalSamples(Dataset):
 
 
 class _Reporting:
-    """Iterates a loader of `data.Batch`es, remembering every unreadable file it reports."""
+    """Iterates a loader of `datasets.Batch`es, remembering every unreadable file it reports."""
 
     def __init__(self, loader) -> None:
         self.loader = loader
@@ -204,9 +203,9 @@ def evaluate_folder(model: nn.Module, data: str | os.PathLike, *, weights: str =
     model's class list), "confusion" (C x C list, rows = true class), "per_class" (one
     {"class", "n", "correct", "top1"} per class with images), "empty_classes" (class folders without
     images), "warnings" (the class-folder lines, also logged), "errors" (unreadable files) and
-    "preprocess". Class folders are read as in training (`data.ImageFolderDataset`: hidden folders are
+    "preprocess". Class folders are read as in training (`datasets.ImageFolderDataset`: hidden folders are
     never classes, an empty folder keeps its class slot) and reported with the same lines
-    (`data.folder_warnings`). `weights` names the weights in a class-map error.
+    (`datasets.folder_warnings`). `weights` names the weights in a class-map error.
 
     With `runtime` (a `runtime.Runtime`) the images run through it instead of `model`. With
     `compare_fp32` the PyTorch fp32 `model` evaluates the same images too, and "fp32" holds its
@@ -224,7 +223,7 @@ def evaluate_folder(model: nn.Module, data: str | os.PathLike, *, weights: str =
     warnings = folder_warnings(dataset, training=False)
     for w in warnings:
         log.warning("%s", w)
-    loader = _Reporting(DataLoader(_EvalSamples(dataset, _transform(prep)), batch_size=batch_size,
+    loader = _Reporting(DataLoader(_EvalSamples(dataset, eval_pipeline(prep)), batch_size=batch_size,
                                    num_workers=workers, collate_fn=collate))
     net = runtime.as_module() if runtime is not None else model.to(device)
     if compare_fp32:
@@ -251,7 +250,7 @@ def evaluate_folder(model: nn.Module, data: str | os.PathLike, *, weights: str =
 
 def save_eval_plots(report: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
     """confusion_matrix.png and per_class_accuracy.png of an `evaluate_folder` report in `out_dir`."""
-    from .plots import plot_confusion_matrix, plot_per_class_accuracy
+    from ..plots import plot_confusion_matrix, plot_per_class_accuracy
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -25,11 +25,11 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import convert, hub
-from .checkpoint import LoadReport, read_state_dict
-from .errors import InputError
-from .model import DERIVED_KEYS, SwinTransformerV2, SwinV2Config
-from .registry import config_with, model_config
+from ..weights import convert, hub
+from ..weights.checkpoint import LoadReport, read_state_dict
+from ..errors import InputError
+from ..model.transformer import DERIVED_KEYS, SwinTransformerV2, SwinV2Config
+from ..weights.registry import config_with, model_config
 
 log = logging.getLogger(__name__)
 

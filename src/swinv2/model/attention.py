@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fused import attention_fp32_logits, cosine_qkv, mask_runs, sequential_attention, softmax_flushed, traced
+from .kernels import attention_fp32_logits, cosine_qkv, mask_runs, sequential_attention, softmax_flushed, traced
 from .windows import Pair, compact, pair, plain_tensors, window_bias
 
 # Eager CPU inference runs each block over groups of images whose widest intermediate fits in this

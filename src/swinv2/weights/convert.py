@@ -15,7 +15,7 @@ Formats (names accepted by `src` / `dst`):
   * ``simmim`` (read only) — SimMIM pretraining checkpoints, the official ones (microsoft/SimMIM and
     microsoft/Swin-Transformer `models/simmim.py`: ``encoder.*`` with ``encoder.mask_token``, ``decoder.*``;
     the released SwinV2 ones name the CPB MLP ``rpe_mlp``, renamed as the official loader does) and ours
-    (`swinv2.simmim`: ``encoder.*``, ``mask_token``, ``decoder.*``): the encoder is kept under the
+    (`swinv2.model.simmim`: ``encoder.*``, ``mask_token``, ``decoder.*``): the encoder is kept under the
     classifier's names, the mask token and the decoder are dropped (pretraining only).
 
 Key renames are declarative tables of templates (``{i}`` stage, ``{j}`` block, ``{2i+1}`` an index
@@ -41,10 +41,10 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from .errors import InputError
-from .model import DERIVED_KEYS
-from .windows import pair, relative_position_index
-from .preprocess import resize_size
+from ..errors import InputError
+from ..model.transformer import DERIVED_KEYS
+from ..model.windows import pair, relative_position_index
+from ..preprocess import resize_size
 
 log = logging.getLogger(__name__)
 
@@ -618,7 +618,7 @@ def hf_preprocessor_config(preprocess: Mapping[str, Any]) -> dict[str, Any]:
     """Our eval transform (an `EvalPreprocess` as a dict) -> a transformers `preprocessor_config.json`.
 
     A `BitImageProcessor`: resize the shorter side to floor(img_size / crop_pct), centre-crop img_size,
-    rescale to [0, 1], normalise: `data.eval_transform` step for step, at every size. (The
+    rescale to [0, 1], normalise: `images.eval_transform` step for step, at every size. (The
     `ViTImageProcessor` of the hub's SwinV2 folders resizes to a square with no crop, and the ConvNeXt one
     ignores crop_pct from 384 px on: neither reproduces a crop_pct.) Centre crops with an odd margin sit
     one pixel apart: transformers rounds the offset down, torchvision half to even.

@@ -38,13 +38,13 @@ from typing import Any, Sequence
 
 import torch
 
-from .errors import InputError
-from .config import INHERIT, Config, ConfigError, check_task
-from .model import SwinV2Config, SwinTransformerV2
-from .windows import pair, stage_windows
-from .outputs import write_output
-from .registry import get_variant, model_config
-from .simmim import check_geometry, encoder_stride
+from ..errors import InputError
+from ..config import INHERIT, Config, ConfigError, check_task
+from ..model.transformer import SwinV2Config, SwinTransformerV2
+from ..model.windows import pair, stage_windows
+from ..outputs import write_output
+from ..weights.registry import get_variant, model_config
+from ..model.simmim import check_geometry, encoder_stride
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +315,7 @@ def _join_metrics(plans: Sequence[StagePlan], out: Path) -> list[dict[str, Any]]
 
 
 def _write_joined(plans: Sequence[StagePlan], out: Path) -> None:
-    from .plots import plot_training_curves
+    from ..plots import plot_training_curves
 
     rows = _join_metrics(plans, out)
     if rows:

@@ -12,7 +12,7 @@ merging), windows clamped to the actual map size, per-stage and rectangular (h, 
 extra main-branch norm (paper §3.6), activation checkpointing, multi-scale features.
 The speed machinery sits behind one seam each (torch only, see docs/performance.md): the window layout
 in `windows.py`, the attention kernels, bias cache and inference grouping in `attention.py`, fused
-autograd ops in `fused.py`. `set_fused_attention(False)` runs the official formula written out here.
+autograd ops in `kernels.py`. `set_fused_attention(False)` runs the official formula written out here.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .attention import BiasCache, cached_position_bias, forward_in_chunks, fused_attention, log_spaced_coords
-from .fused import gelu_linear, linear, linear_gelu
+from .kernels import gelu_linear, linear, linear_gelu
 from .windows import Pair, cached, compact_windows, effective_window, from_windows, pair, pretrained_windows
 from .windows import relative_position_index, stage_window_sizes, to_windows, window_bias
 

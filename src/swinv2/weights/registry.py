@@ -7,14 +7,17 @@ Names follow timm; the official config names are aliases.
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from torch import nn
 
-from .errors import UnknownNameError
-from .model import SwinTransformerV2, SwinV2Config
-from .preprocess import EvalPreprocess
+from ..errors import InputError, UnknownNameError
+from ..model.transformer import SwinTransformerV2, SwinV2Config
+from ..preprocess import EvalPreprocess
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -178,3 +181,29 @@ def count_params(config: SwinV2Config) -> int:
     with torch.device("meta"):
         model = SwinTransformerV2(config)
     return sum(p.numel() for p in model.parameters())
+
+def require_classifier(model: nn.Module, weights: str | os.PathLike = "the model") -> None:
+    """InputError where `model` has no classifier head (num_classes=0: encoder weights, e.g. a SimMIM
+    pretraining's best.safetensors): it gives features, not classes, so predict and eval would print
+    empty top-k lists and 0-class reports. The message says how to fine-tune it into a classifier."""
+    if model.config.num_classes:
+        return
+    name = model_info(model).model_name or "NAME"
+    weights = os.fspath(weights)
+    if name == "swinv2_micro_window4_32":  # the demo's model: its own recipe, at its learning rate
+        recipe = "configs/finetune_micro.yaml"
+    else:
+        recipe = f"configs/finetune.yaml model.name={name} model.pretrained=false"
+    raise InputError(f"{weights}: encoder weights without a classifier head (num_classes=0, e.g. a SimMIM "
+                     f"pretraining's best.safetensors); fine-tune them on class folders first: swinv2 train --config "
+                     f"{recipe} model.weights={weights} data.root=DIR (docs/training.md, SimMIM)")
+
+
+def resolve_preprocess(model: nn.Module, *, img_size: int | None = None, crop_pct: float | None = None,
+                       interpolation: str | None = None) -> EvalPreprocess:
+    """The model's eval preprocessing (`model_info`: its weights', else its config's size with the
+    official crop) with any given overrides applied."""
+    prep = model_info(model).preprocess
+    overrides = {k: v for k, v in dict(img_size=img_size, crop_pct=crop_pct, interpolation=interpolation).items()
+                 if v is not None}
+    return replace(prep, **overrides)

@@ -86,25 +86,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import attention, fused
-from . import distributed as D
-from .errors import InputError
+from ..model import attention, kernels as fused
+from ..train import distributed as D
+from ..errors import InputError
 from .flops import count_flops
-from .hardware import DTYPES, cpu_name, warn_if_bf16_emulated
-from .model import SwinTransformerV2, SwinV2Config
-from .outputs import write_output
-from .registry import model_config
+from ..hardware import DTYPES, cpu_name, warn_if_bf16_emulated
+from ..model.transformer import SwinTransformerV2, SwinV2Config
+from ..outputs import write_output
+from ..weights.registry import model_config
+from ..timing import sync, timed
 
 log = logging.getLogger(__name__)
 
 IMPLS = ("ours", "timm", "hf", "torchvision")
 # The package each peer is built from; only timm and torchvision are dependencies of swinv2.
 PEER_PACKAGES = {"timm": "timm", "hf": "transformers", "torchvision": "torchvision"}
-CPU_DEVICE = torch.device("cpu")
-# Inference runtimes running our exported graph (`swinv2.runtime`), rows "<runtime>/<precision>".
+# Inference runtimes running our exported graph (`swinv2.serve.runtime`), rows "<runtime>/<precision>".
 RUNTIME_IMPLS = ("onnxruntime", "openvino")
 # (runtime, model, precision, img_size) -> callable on (B, 3, S, S) float32 images giving fp32 logits;
-# `swinv2.runtime.bench_factory` makes one (bench sits below runtime in the import layers).
+# `swinv2.serve.runtime.bench_factory` makes one (bench sits below runtime in the import layers).
 RuntimeFactory = Callable[[str, nn.Module, str, int], Callable[[Tensor], Tensor]]
 
 
@@ -124,7 +124,7 @@ AB_SWITCHES: dict[str, tuple[str, Callable[[], contextlib.AbstractContextManager
     # eager CPU inference: the whole batch through each block at once, not groups within 16 MiB
     "grouping": ("ours/whole-batch", lambda: mock.patch.object(attention, "INFERENCE_CHUNK_BYTES", 1 << 62)),
     # each linear on the other kernel: fp32 (every F.linear, training too) on oneDNN's linear with the bias
-    # in its epilogue, bf16 inference (`fused.linear`) on addmm
+    # in its epilogue, bf16 inference (`kernels.linear`) on addmm
     "linear": ("ours/other-linear", lambda: _both(mock.patch.object(F, "linear", _onednn_linear),
                                                   mock.patch.object(fused, "ONEDNN_LINEAR_DTYPES", (torch.float32,)))),
     # bf16 CPU inference: oneDNN's linear given the plain weight, reordered into its layout on every call
@@ -220,7 +220,7 @@ def build_impl(impl: str, config: SwinV2Config, state_dict: dict[str, Tensor]) -
     if impl == "hf":
         from transformers import Swinv2Config, Swinv2ForImageClassification
 
-        from .convert import convert_state_dict
+        from ..weights.convert import convert_state_dict
 
         hf_cfg = Swinv2Config(image_size=c.img_size[0], patch_size=c.patch_size, num_channels=c.in_chans,
                               embed_dim=c.embed_dim, depths=list(c.depths), num_heads=list(c.num_heads),
@@ -234,7 +234,7 @@ def build_impl(impl: str, config: SwinV2Config, state_dict: dict[str, Tensor]) -
     if impl == "torchvision":
         from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
 
-        from .convert import convert_state_dict
+        from ..weights.convert import convert_state_dict
 
         if any(c.pretrained_window_sizes):
             raise InputError("torchvision's SwinV2 has no pretrained_window_sizes; compare this variant "
@@ -250,11 +250,6 @@ def build_impl(impl: str, config: SwinV2Config, state_dict: dict[str, Tensor]) -
 
 
 # --------------------------------------------------------------------------- measuring one step
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _make_step(module: nn.Module, *, train: bool, x: Tensor, dtype: torch.dtype,
@@ -283,20 +278,6 @@ def _make_step(module: nn.Module, *, train: bool, x: Tensor, dtype: torch.dtype,
 
     return train_step
 
-
-def _timed(step: Callable[[], Any], device: torch.device) -> float:
-    _sync(device)
-    t0 = time.perf_counter()
-    step()
-    _sync(device)
-    return time.perf_counter() - t0
-
-
-def median_seconds(step: Callable[[], Any], *, calls: int, warmup: int, device: torch.device = CPU_DEVICE) -> float:
-    """The median time of `calls` timed calls of `step` after `warmup` untimed ones."""
-    for _ in range(warmup):
-        step()
-    return statistics.median(_timed(step, device) for _ in range(calls))
 
 
 def _cpu_peak_from_trace(path: str) -> int:
@@ -329,11 +310,11 @@ def _stderr_muted() -> Iterator[None]:
 def peak_memory(step: Callable[[], Any], device: torch.device) -> int:
     """Peak bytes allocated during one call of `step` above those allocated before it (see module doc)."""
     if device.type == "cuda":
-        _sync(device)
+        sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
         out = step()
-        _sync(device)
+        sync(device)
         peak = torch.cuda.max_memory_allocated(device) - before
         del out
         return int(peak)
@@ -403,7 +384,7 @@ def run(model: str, *, batch_sizes: Sequence[int] = (8,), img_sizes: Sequence[in
         raise InputError(f"{only}: a runtime is timed beside ours, not alone (no --own-process)")
     if runtime_names and (train or runtime_factory is None or dev.type != "cpu"):
         raise InputError(f"--compare {','.join(runtime_names)}: runtimes are timed in CPU inference only "
-                         "(and need swinv2.runtime.bench_factory)")
+                         "(and need swinv2.serve.runtime.bench_factory)")
     check_peers(impls)
     switches = {}
     if ab is not None:
@@ -420,7 +401,7 @@ def run(model: str, *, batch_sizes: Sequence[int] = (8,), img_sizes: Sequence[in
         warn_if_bf16_emulated(dev, "--dtype bf16")
 
     if weights is not None:
-        from .checkpoint import load_model
+        from ..weights.checkpoint import load_model
 
         base = load_model(weights, name=model)
         base_config = base.config
@@ -523,7 +504,7 @@ def _bench_setting(modules: dict[str, nn.Module], diffs: dict[str, float | None]
             steps[p] = _switched(steps[p], switches[p])
         compile_s = None
         for i in range(warmup):
-            t = _timed(steps[p], device)
+            t = timed(steps[p], device)
             if i == 0 and compile:
                 compile_s = t
         peak = peak_memory(steps[p], device) if measure_memory else None
@@ -552,7 +533,7 @@ def _bench_setting(modules: dict[str, nn.Module], diffs: dict[str, float | None]
         order = names[r % len(names):] + names[: r % len(names)]  # rotate: no impl always runs first
         for p in order:
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            times = [_timed(steps[p], device) for _ in range(iters)]
+            times = [timed(steps[p], device) for _ in range(iters)]
             faults[p] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
             call_times[p] += times
             round_times[p].append(sum(times))
@@ -621,7 +602,7 @@ def optimizer_steps(model: str, *, rounds: int = 15, weight_decay: float = 0.05)
     """Time one AdamW step over `model`'s parameter groups as `swinv2 train` builds them (official
     no-decay set): torch's default implementation (a for-loop on the CPU), foreach and fused, in
     interleaved rounds. `ms_per_step` is the median; `x_default` how many times faster than the default."""
-    from .schedule import param_groups
+    from ..train.schedule import param_groups
 
     base = SwinTransformerV2(model_config(model))
     kinds = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .fused import permute_rows, traced
+from .kernels import permute_rows, traced
 
 # Official mask value for token pairs from different regions of a shifted window.
 MASK_VALUE = -100.0

@@ -20,8 +20,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .errors import ConfigError
-from .config import OptimConfig, ScheduleConfig
+from ..errors import ConfigError
+from ..config import OptimConfig, ScheduleConfig
 
 
 def no_decay(name: str, param: torch.Tensor, keywords: set[str] | frozenset[str]) -> bool:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import windows
-from .model import SwinTransformerV2, log_spaced_coords
+from .transformer import SwinTransformerV2, log_spaced_coords
 from .windows import Pair, compact, pair
 
 

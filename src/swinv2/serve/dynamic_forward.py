@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .model import BasicLayer, PatchMerging, SwinTransformerBlock, SwinTransformerV2, WindowAttention
-from .windows import MASK_VALUE, Pair
+from ..model.transformer import BasicLayer, PatchMerging, SwinTransformerBlock, SwinTransformerV2, WindowAttention
+from ..model.windows import MASK_VALUE, Pair
 
 
 class Layout(NamedTuple):

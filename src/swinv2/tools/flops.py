@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import math
 
-from .model import SwinTransformerV2, SwinV2Config
-from .windows import effective_window
-from .registry import get_variant
+from ..model.transformer import SwinTransformerV2, SwinV2Config
+from ..model.windows import effective_window
+from ..weights.registry import get_variant
 
 
 def _attention_macs(N: int, dim: int, heads: int) -> int:
