@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from swinv2.weights.checkpoint import save_weights
+from swinv2.weights.files import save_weights
 from swinv2.config import Config, load_config
 from swinv2.train.datasets import build_digits_folder
 from swinv2.train.engine import fit

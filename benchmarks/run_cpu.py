@@ -3,7 +3,9 @@
 Every row runs `swinv2.tools.bench.run` (same weights for every implementation, interleaved repeats,
 median of paired ratios; see that module's docstring for the method) and compares with the target.
 The floor rows set the ratio targets against the least time PyTorch's kernels need (`benchmarks/floor.py`).
-Writes `OUT/cpu.json` (every measurement, the environment) and `OUT/cpu.md` (the table).
+Writes `OUT/cpu.json` (every measurement, the environment) and `OUT/cpu.md` (every row with its target),
+puts that table into docs/performance.md and the short table users decide by into README.md.
+`--tables-only` writes the tables again from `OUT/cpu.json`, measuring nothing.
 
 The implementations share this process's heap, so the process first makes malloc keep freed memory for
 reuse (`swinv2.allocator`): after its warm-up no implementation page-faults, whichever ran before it.
@@ -12,7 +14,7 @@ left, and the ratios with the build order (measured: eager timm 1.10x or 1.29x s
 training step 1.06x or 1.15x, with the order swapped). `swinv2 bench --own-process N [--default-malloc]`
 measures each implementation alone in its own process instead, under either policy.
 
-    python benchmarks/run_cpu.py --out benchmarks/results [--quick] [--default-malloc]
+    python benchmarks/run_cpu.py --out benchmarks/results [--quick] [--default-malloc] [--tables-only]
 """
 from __future__ import annotations
 
@@ -84,8 +86,7 @@ def runtime_rows(run, native_bf16: bool) -> list[dict]:
                      None, "", None)]
     precisions = ("fp32", "bf16", "int8") if native_bf16 else ("fp32", "int8")
     with tempfile.TemporaryDirectory(prefix="swinv2-bench-") as cache:
-        factory = runtime.bench_factory(cache_dir=cache)
-        r = run("runtimes", batch_sizes=(8,), compare=installed, precisions=precisions, runtime_factory=factory)
+        r = run("runtimes", batch_sizes=(8,), compare=installed, precisions=precisions, runtime_cache=cache)
         out = []
         for precision in precisions:
             timed = {k: v for k, v in r.items() if k.endswith(f"/{precision}")}
@@ -144,7 +145,12 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="fewer repeats, skip compiled rows (a smoke run)")
     ap.add_argument("--default-malloc", action="store_true", help="keep glibc's malloc defaults (see above)")
+    ap.add_argument("--tables-only", action="store_true",
+                    help="write cpu.md, README's and docs/performance.md's tables again from OUT/cpu.json; no run")
     args = ap.parse_args()
+    if args.tables_only:
+        write_tables(Path(args.out))
+        return 0
     retained = False if args.default_malloc else retain_freed_cpu_memory()
     malloc = "freed memory retained for reuse (swinv2.allocator)" if retained else "malloc as given"
     out = Path(args.out)
@@ -271,32 +277,97 @@ def main() -> int:
                 threads=torch.get_num_threads(), matmul_peak_fp32_gflop_s=peak32, matmul_peak_fp32_probes=peak_probes,
                 matmul_peak_bf16_gflop_s=peak16, malloc=malloc, env=bench.environment("cpu"))
     write_output(out / "cpu.json", json.dumps(dict(meta=meta, rows=rows, results=raw), indent=1, default=str))
-    lines = [f"SwinV2-T window 8, 256 px, {meta['env']['cpu']} CPU ({torch.get_num_threads()} threads), "
-             f"torch {torch.__version__}, {meta['date']}, {malloc}; `make bench`", "", "| what | ours | peers | ratio | target | met |", "|---|---|---|---|---|---|"]
+    write_tables(out)
+    return 0
+
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PERFORMANCE = ROOT / "docs" / "performance.md"
+MARKERS = ("<!-- bench:start -->", "<!-- bench:end -->")
+PEER_NAMES = {"timm": "timm", "hf": "Hugging Face", "torchvision": "torchvision"}
+
+
+def _setting(meta: dict) -> str:
+    return (f"{meta['env']['cpu']} CPU ({meta['threads']} threads), torch {meta['torch']}, {meta['date']}, "
+            f"{meta['malloc']}; `make bench`")
+
+
+def full_table(meta: dict, rows: list[dict]) -> str:
+    """Every row of the run with its ratio, target and whether it is met (cpu.md, docs/performance.md)."""
+    lines = [f"SwinV2-T window 8, 256 px, {_setting(meta)}", "",
+             "| what | ours | peers | ratio | target | met |", "|---|---|---|---|---|---|"]
     for row in rows:
         ratio = "" if row["ratio"] is None else f"{row['ratio']:.2f}"
         met = "" if row["met"] is None else ("yes" if row["met"] else "**no**")
         lines.append(f"| {row['what']} | {row['ours']} | {row['peer']} | {ratio} | {row['target']} | {met} |")
-    table = "\n".join(lines)
-    write_output(out / "cpu.md", table + "\n")
-    update_readme(table, README)
-    print(table)
-    return 0
+    return "\n".join(lines)
 
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-MARKERS = ("<!-- bench:start -->", "<!-- bench:end -->")
+def user_table(meta: dict, results: dict) -> str:
+    """The README's table: ours beside each peer (the peer's number, and in brackets ours over it as the
+    median of the paired per-round ratios), the fastest runtime of each precision against our eager fp32
+    timed in the same rounds, a training step and its memory. Only what the run measured; a dash where a
+    peer was not part of that row's run."""
+    by_key = {key: {r["impl"]: r for r in res} for key, res in results.items() if isinstance(res, list)}
+    peers = list(PEER_NAMES)
+    lines = [f"SwinV2-T window 8, 256 px, batch 8 unless said, {_setting(meta)}", "",
+             "| | swinv2 | " + " | ".join(PEER_NAMES.values()) + " |", "|---|---|" + "---|" * len(peers)]
+
+    def row(what: str, key: str, field: str, fmt: str) -> None:
+        r = by_key.get(key)
+        if not r or "ours" not in r:
+            return
+        ours = r["ours"][field]
+        cells = [fmt.format(ours)]
+        for p in peers:
+            if p not in r:
+                cells.append("–")
+                continue
+            # speed: ours_speedup is ours over the peer per round; memory: ours / peer
+            ratio = r[p]["ours_speedup"] if field == "img_per_s" else ours / r[p][field]
+            cells.append(f"{fmt.format(r[p][field])} ({ratio:.2f})")
+        lines.append(f"| {what} | " + " | ".join(cells) + " |")
+
+    row("inference fp32, img/s", "eager_fp32", "img_per_s", "{:.2f}")
+    row("inference bf16, img/s", "eager_bf16", "img_per_s", "{:.2f}")
+    runtimes = by_key.get("runtimes", {})
+    for precision in ("fp32", "bf16", "int8"):
+        timed = {k: v for k, v in runtimes.items() if k.endswith(f"/{precision}")}
+        if timed:
+            name, best = max(timed.items(), key=lambda kv: kv[1]["img_per_s"])
+            flags = "" if precision == "fp32" else f" --precision {precision}"
+            lines.append(f"| {precision} in the fastest runtime (`--runtime {name.split('/')[0]}{flags}`) | "
+                         f"{1 / best['ours_speedup']:.2f} x our eager fp32 |" + " – |" * len(peers))
+    row("training step fp32, img/s", "train_fp32", "img_per_s", "{:.2f}")
+    for what, key in (("training step fp32, peak memory, MB", "train_fp32"),
+                      ("training 512 px, batch 4, peak memory, MB", "train_512"),
+                      ("the same, ours with `--grad-checkpointing`", "train_512_ckpt")):
+        for impl in by_key.get(key, {}).values():
+            impl["peak_mb"] = (impl["peak_mem_bytes"] or 0) / 2**20
+        row(what, key, "peak_mb", "{:.0f}")
+    return "\n".join(lines)
 
 
-def update_readme(table: str, readme: Path) -> None:
-    """Put `table` between the README's bench markers, so that its one performance table is always
-    the latest `make bench` run."""
-    text = readme.read_text()
+def write_tables(out: Path) -> None:
+    """From OUT/cpu.json: OUT/cpu.md and docs/performance.md's table (every row, its target, the floors),
+    and README's short table."""
+    data = json.loads((out / "cpu.json").read_text())
+    full = full_table(data["meta"], data["rows"])
+    write_output(out / "cpu.md", full + "\n")
+    update_block(full, PERFORMANCE)
+    update_block(user_table(data["meta"], data["results"]), README)
+    print(full)
+
+
+def update_block(table: str, path: Path) -> None:
+    """Put `table` between the file's bench markers, so that its table is always the latest `make bench` run."""
+    text = path.read_text()
     start, end = text.find(MARKERS[0]), text.find(MARKERS[1])
     if start < 0 or end < start:
-        print(f"{readme}: no {MARKERS[0]} ... {MARKERS[1]} block; table not copied there", file=sys.stderr)
+        print(f"{path}: no {MARKERS[0]} ... {MARKERS[1]} block; table not copied there", file=sys.stderr)
         return
-    write_output(readme, text[:start + len(MARKERS[0])] + "\n" + table + "\n" + text[end:])
+    write_output(path, text[:start + len(MARKERS[0])] + "\n" + table + "\n" + text[end:])
 
 
 if __name__ == "__main__":

@@ -196,7 +196,7 @@ def adopt(run: Path, recipe: Path, overrides: list[str], out: Path) -> dict:
     import yaml
 
     from swinv2.config import load_config
-    from swinv2.train.engine import RESUME_MAY_CHANGE, config_changes
+    from swinv2.config import RESUME_MAY_CHANGE, config_changes
 
     cfg = load_config(recipe, overrides)
     saved = yaml.safe_load((run / "config.yaml").read_text())

@@ -25,7 +25,7 @@ from digits_scenes import (CLASS_NAMES, NUM_CLASSES, Scene, mean_average_precisi
                            scenes_for, train, write_metrics)
 
 from swinv2 import SwinV2Config, create_backbone  # noqa: E402
-from swinv2.backbone import SwinV2FPN  # noqa: E402
+from swinv2.serve.backbone import SwinV2FPN  # noqa: E402
 
 # Anchor sizes per FPN level (strides 4, 8, 16) and tall aspect ratios (h / w): digit ink boxes are
 # 7..29 px wide and 22..32 px high (h / w 1.3..1.8, up to ~4 for a "1").

@@ -4,7 +4,7 @@
 
 Scenes of 1..4 real handwritten digits (examples/digits_scenes.py: scikit-learn's scans, upscaled and
 pasted; exact per-pixel masks; val digits never seen in training), 11 classes (background + 10
-digits). The model is `swinv2.backbone.SwinV2Segmenter`: a tiny 4-stage SwinV2 (embed dim 32, window
+digits). The model is `swinv2.serve.backbone.SwinV2Segmenter`: a tiny 4-stage SwinV2 (embed dim 32, window
 4, strides 4..32) under a light Semantic-FPN decoder, trained from scratch with per-pixel cross-entropy
 for a fixed number of steps. Reports mIoU and pixel accuracy on the val scenes and draws the masks.
 Writes into --out: metrics.json, predictions.png.
@@ -25,7 +25,7 @@ from digits_scenes import (CLASS_NAMES, NUM_CLASSES, Scene, confusion_matrix, se
                            scenes_for, train, write_metrics)
 
 from swinv2 import SwinV2Config, create_backbone  # noqa: E402
-from swinv2.backbone import SwinV2Segmenter  # noqa: E402
+from swinv2.serve.backbone import SwinV2Segmenter  # noqa: E402
 
 MEAN, STD = 0.1, 0.25  # of the scenes' pixels, roughly: inputs centred for the patch embedding
 # Ten colours told apart at a glance on a dark image (Trubetskoy's "distinct colours"); digit d gets the d-th.

@@ -76,7 +76,7 @@ def drive(tmp: Path, faults: dict, cfg: Path, out: Path, *overrides: str, nproc:
 
 
 def load_state(out: Path, name: str = "last.pt") -> dict:
-    from swinv2.weights.checkpoint import load_training_state
+    from swinv2.weights.training_state import load_training_state
 
     return load_training_state(out / "checkpoints" / name)
 

@@ -30,6 +30,7 @@ LAYERS: dict[str, list[set[str]]] = {
         {"config", "images", "plots"},          # the typed config; reading images; figures
     ],
     "model": [
+        {"fast_paths"},                         # which switchable fast paths run (the policy)
         {"kernels"},                            # CPU kernels (fused linear, oneDNN bf16)
         {"windows"},                            # window partition / shift masks
         {"attention"},                          # attention kernels and their dispatch
@@ -37,18 +38,25 @@ LAYERS: dict[str, list[set[str]]] = {
         {"cpb", "simmim"},                      # CPB maps; SimMIM's network (mask token, decoder, loss)
     ],
     "weights": [
-        {"registry", "convert"},                # variants; foreign state-dict layouts
-        {"hub"},                                # weights by name
-        {"checkpoint"},                         # weights files, create_model / load_model
+        {"registry", "formats", "messages"},    # variants; one record per weight format; quoting files in messages
+        {"convert", "hf_config", "safe_load", "hub"},  # key maps; transformers' configs; weights_only; by name
+        {"training_state", "files"},            # the training-state file; reading / writing weight files
+        {"described"},                          # what a weights file says about itself, checked
+        {"factory"},                            # create_model / load_model / load_weights / convert_file
     ],
     "serve": [
+        {"decode", "metrics", "batching"},      # untrusted uploads; Prometheus text; dynamic batching
         {"dynamic_forward", "predict"},         # the size-free export forward; inference over files
         {"export", "backbone"},                 # ONNX export; detection / segmentation backbone
         {"runtime"},                            # inference runtimes
+        {"service"},                            # a classifier shared by concurrent callers
+        {"app"},                                # the HTTP endpoints (Starlette)
+        {"server"},                             # `swinv2 serve`: the process, signals, drain
     ],
     "train": [
         {"datasets", "distributed", "faults", "schedule"},  # data; process groups; faults; LR schedule
         {"evaluate", "rundir"},                 # metrics and `swinv2 eval`; the run directory
+        {"tasks"},                              # classification and SimMIM: what the engine asks of a task
         {"engine"},                             # training
         {"recipes"},                            # multi-stage recipes over fit()
     ],
@@ -191,9 +199,9 @@ def test_the_cycle_finder_finds_cycles(graph, expected):
 def test_lazy_relative_and_absolute_imports_are_read(tmp_path):
     source = tmp_path / "m.py"
     source.write_text("from ..weights import hub\nimport swinv2.tools.bench\nfrom . import datasets as D\n\ndef f():\n"
-                      "    from ..weights.checkpoint import x\n    from .engine import fit\n"
+                      "    from ..weights.factory import x\n    from .engine import fit\n"
                       "    from swinv2.train import engine\n    from swinv2.cli import main\n"
                       "    from .. import errors, __version__\n    from ..model import SwinTransformerV2\n"
                       "    import swinv2\n")
-    assert _imports(source, ["train"]) == {"weights.hub", "tools.bench", "train.datasets", "weights.checkpoint",
+    assert _imports(source, ["train"]) == {"weights.hub", "tools.bench", "train.datasets", "weights.factory",
                                            "train.engine", "cli", "errors", "model.__init__"}

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from randomize import randomize_
-from swinv2 import create_backbone, create_model
+from swinv2 import create_backbone
 from swinv2.serve.backbone import SwinV2Backbone, load_backbone_weights, unfold_to_official_reduction
 from swinv2.model.transformer import PatchMerging, SwinTransformerV2, SwinV2Config
 
@@ -34,8 +34,8 @@ def _stage_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("out_indices", [None, (1, 3), (0, 2)])
-def test_outputs_are_the_stage_maps_through_their_norms(out_indices):
-    model = create_model("swinv2_micro_window4_32", num_classes=0) if out_indices is None else SwinTransformerV2(TINY)
+def test_outputs_are_the_stage_maps_through_their_norms(out_indices, make_micro):
+    model = make_micro(0, randomized=False) if out_indices is None else SwinTransformerV2(TINY)
     backbone = randomize_(SwinV2Backbone(model, out_indices)).eval()
     x = torch.randn(2, 3, 44, 60)
     with torch.no_grad():
@@ -187,8 +187,8 @@ def test_unfold_reduction_order_matches_mmcv_patch_merging():
     torch.testing.assert_close(ours(x).reshape(2, -1, 2 * C), reference, rtol=1e-5, atol=1e-5)
 
 
-def test_classifier_checkpoint_gives_final_norm_to_last_stage_and_drops_the_head():
-    classifier = randomize_(create_model("swinv2_micro_window4_32", num_classes=7))
+def test_classifier_checkpoint_gives_final_norm_to_last_stage_and_drops_the_head(make_micro):
+    classifier = make_micro(7, std=0.01)
     backbone = create_backbone("swinv2_micro_window4_32", weights=classifier.state_dict())
     report = backbone.load_report
     assert report.ok and report.reinitialised == ["norm0.weight", "norm0.bias"]

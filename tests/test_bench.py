@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import fields
 
 import numpy as np
 import pytest
 import torch
 
 import swinv2
-from swinv2.tools import bench
-from swinv2.cli import main
 from randomize import randomize_
+from swinv2.cli import main
+from swinv2.model.fast_paths import FastPaths, fast_paths
+from swinv2.tools import bench
 
 MICRO = "swinv2_micro_window4_32"
 
@@ -22,8 +24,8 @@ DOCUMENTED = {
     "impl", "model", "mode", "device", "dtype", "compiled", "grad_checkpointing", "sequential_attention",
     "compile_s", "batch_size", "img_size", "warmup",
     "repeats", "iters", "img_per_s", "img_per_s_min", "img_per_s_max", "spread_pct", "latency_ms_p50",
-    "latency_ms_p90", "peak_mem_bytes", "minor_faults_per_call", "weights_bytes", "gmacs_per_img", "gflop_per_s", "ours_speedup",
-    "ours_speedup_min", "ours_speedup_max", "ours_mem_ratio", "max_abs_diff",
+    "latency_ms_p90", "peak_mem_bytes", "minor_faults_per_call", "weights_bytes", "gmacs_per_img", "gflop_per_s",
+    "ours_speedup", "ours_speedup_min", "ours_speedup_max", "ours_mem_ratio", "max_abs_diff",
 }
 
 
@@ -126,27 +128,36 @@ def test_bad_requests_fail_with_one_clear_line(capsys):
 
 def test_ab_adds_ours_with_the_alternative_switched_on_for_its_calls_only(tmp_path, capsys):
     """`--ab grouping`: one more row, ours with the whole batch through each block, timed in the same
-    rounds; the same logits; the switch is on inside its context only."""
-    from swinv2.model import attention, kernels as fused
-
+    rounds; the same logits. Each A/B row runs under a policy one fast path away from the default, in
+    effect during its calls only."""
     out = tmp_path / "ab.json"
     assert main(["bench", "--model", MICRO, "--batch-size", "2", "--repeats", "2", "--iters", "1", "--warmup", "1",
                  "--no-memory", "--ab", "grouping", "--json", str(out)]) == 0
     ours, alternative = json.loads(out.read_text())["results"]
     assert (ours["impl"], alternative["impl"]) == ("ours", "ours/whole-batch")
     assert alternative["max_abs_diff"] == 0.0 and alternative["ours_speedup"] > 0
-    def state():
-        return (attention.INFERENCE_CHUNK_BYTES, attention.softmax_flushed, torch.nn.functional.linear,
-                attention.FP32_LOGIT_DTYPES, fused._onednn_weight)
 
-    default = state()
-    for name, (_, switch) in bench.AB_SWITCHES.items():
-        with switch():
-            switched = state()
-        assert switched != default, name
-    assert state() == default
+    default = FastPaths()
+    for name, (_, paths) in bench.AB_SWITCHES.items():
+        changed = [f.name for f in fields(FastPaths) if getattr(paths, f.name) != getattr(default, f.name)]
+        assert len(changed) == 1, name
+        assert bench._switched(fast_paths, paths)() == paths
+        assert fast_paths() == default
     assert main(["bench", "--model", MICRO, "--ab", "nope"]) == 2
     assert "--ab 'nope'" in capsys.readouterr().err
+
+
+def test_help_puts_the_developer_options_last_under_their_own_heading(capsys):
+    """`swinv2 bench --help` is for users: the switches that measure swinv2 itself come after every
+    other option, under one heading."""
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = capsys.readouterr().out
+    users, developers = text.split("\noptions:\n")[1].split("developer options: measuring the implementation itself")
+    for flag in ("--ab", "--own-process", "--default-malloc", "--flush-denormal", "--matmul-peak", "--optimizer-step"):
+        assert f"\n  {flag} " in developers and flag not in users, flag
+    for flag in ("--model", "--compare", "--train", "--dtype", "--grad-checkpointing", "--json"):
+        assert f"\n  {flag} " in users, flag
 
 
 def test_own_process_runs_each_implementation_alone_in_a_fresh_process(tmp_path):

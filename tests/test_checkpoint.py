@@ -19,9 +19,11 @@ from safetensors import safe_open
 
 import swinv2
 from swinv2 import cli
-from swinv2.weights.checkpoint import (TRAINING_STATE_FORMAT, CheckpointError, UnsafeCheckpointError, convert_file,
-                               load_model, load_training_state, load_weights, read_state_dict, save_training_state,
-                               save_weights, torch_load, write_weights)
+from swinv2.errors import CheckpointError, UnsafeCheckpointError
+from swinv2.weights.factory import convert_file, load_model, load_weights
+from swinv2.weights.files import read_state_dict, save_weights, write_weights
+from swinv2.weights.safe_load import torch_load
+from swinv2.weights.training_state import TRAINING_STATE_FORMAT, load_training_state, save_training_state
 from swinv2 import create_model
 from swinv2.weights.registry import EvalPreprocess, ModelInfo, get_variant
 
@@ -85,7 +87,7 @@ def test_21841_head_maps_to_exactly_the_official_rows() -> None:
                           "layers.0.blocks.0.attn.relative_position_index": torch.zeros(16, 16, dtype=torch.long)}}
     model = create_model(MICRO, num_classes=1000)
     report = load_weights(model, official)
-    rows = [int(line) for line in (resources.files("swinv2") / "data" / "map22kto1k.txt").read_text().split()]
+    rows = [int(line) for line in (resources.files("swinv2.weights") / "map22kto1k.txt").read_text().split()]
     assert len(rows) == 1000 and max(rows) < 21841
     assert torch.equal(model.head.weight, src_model.head.weight[rows])
     assert torch.equal(model.head.bias, src_model.head.bias[rows])
@@ -128,7 +130,7 @@ def test_window_and_resolution_transfer(target: str, window: int) -> None:
     for k, v in pre.state_dict().items():
         if "cpb_mlp" in k or "logit_scale" in k:
             assert torch.equal(model.state_dict()[k], v), k
-    rows = torch.tensor([int(x) for x in (resources.files("swinv2") / "data/map22kto1k.txt").read_text().split()])
+    rows = torch.tensor([int(x) for x in (resources.files("swinv2.weights") / "map22kto1k.txt").read_text().split()])
     assert torch.equal(model.head.weight, pre.head.weight[rows])
     # the same through create_model(weights=...)
     again = create_model(target, weights={"model": sd}, **small)
@@ -418,10 +420,15 @@ TINY_RUN = ["model.name=swinv2_micro_window4_32", "model.drop_path_rate=0.0", "d
             "train.ema_decay=0.9", "data.crop_pct=1.0", "data.interpolation=bilinear"]
 
 
-def test_training_state_format_tag_is_the_engines() -> None:
+def test_the_training_state_tag_is_written_once() -> None:
+    """One tag, in weights/training_state.py: the engine writes the very tag its readers check."""
     from swinv2.train import engine
 
-    assert TRAINING_STATE_FORMAT == engine.STATE_FORMAT
+    package = Path(swinv2.__file__).parent
+    spelled = sorted(p.relative_to(package).as_posix() for p in package.rglob("*.py")
+                     if f'"{TRAINING_STATE_FORMAT}"' in p.read_text())
+    assert spelled == ["weights/training_state.py"]
+    assert engine.STATE_FORMAT == TRAINING_STATE_FORMAT
 
 
 @pytest.mark.parametrize("best_metric", ["val_top1", "val_ema_top1"])

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from swinv2.weights.checkpoint import (CheckpointError, UnsafeCheckpointError, find_resumable, load_training_state,
-                               save_training_state)
+from swinv2.errors import CheckpointError, UnsafeCheckpointError
+from swinv2.weights.training_state import find_resumable, load_training_state, save_training_state
 
 
 def _state(seed: int) -> dict:

@@ -19,12 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
-import swinv2
 from swinv2 import cli
-from swinv2.weights.checkpoint import save_weights
 from swinv2.cli import main
 from swinv2.errors import InputError
-from randomize import randomize_
 
 MICRO = "swinv2_micro_window4_32"
 REPO = Path(__file__).resolve().parents[1]
@@ -36,21 +33,15 @@ def _write_images(folder: Path, n: int, rng: np.random.Generator, size=(36, 40))
         Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
 
 
-def _weights(path: Path, classes: list[str], seed: int) -> Path:
-    model = randomize_(swinv2.create_model(MICRO, num_classes=len(classes)), seed=seed, std=0.02)
-    save_weights(model, path, class_names=classes or None, model_name=MICRO)
-    return path
-
-
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, make_micro_weights):
     """Weights of 3 and 6 classes, encoder-only weights (a SimMIM run's best.safetensors: no head, the
     variant's name recorded), and a class folder of the 3 classes."""
     root = tmp_path_factory.mktemp("cli_inputs")
-    torch.manual_seed(0)
-    three = _weights(root / "three.safetensors", ["ant", "bee", "cat"], seed=1)
-    six = _weights(root / "six.safetensors", ["ant", "bee", "cat", "dog", "eel", "fox"], seed=2)
-    encoder = _weights(root / "encoder.safetensors", [], seed=3)
+    three = make_micro_weights(root / "three.safetensors", ["ant", "bee", "cat"], seed=1, model_name=MICRO)
+    six = make_micro_weights(root / "six.safetensors", ["ant", "bee", "cat", "dog", "eel", "fox"], seed=2,
+                             model_name=MICRO)
+    encoder = make_micro_weights(root / "encoder.safetensors", [], seed=3, model_name=MICRO)
     rng = np.random.default_rng(0)
     data = root / "val"
     for c in ("ant", "bee", "cat"):
@@ -94,7 +85,7 @@ OUT_OF_RANGE = [
 @pytest.mark.parametrize("argv, option, says", OUT_OF_RANGE,
                          ids=[" ".join(a[0:1] + a[-2:]) for a, _, _ in OUT_OF_RANGE])
 def test_an_out_of_range_option_is_one_line_at_parse_time(tmp_path, monkeypatch, capsys, argv, option, says):
-    import swinv2.weights.checkpoint as C
+    import swinv2.weights.factory as C
 
     # Weights that do not exist: had parsing passed, the error would name them instead.
     monkeypatch.setattr(C, "load_model", lambda *a, **kw: pytest.fail("loaded weights past a bad option"))
@@ -134,7 +125,7 @@ def test_export_writes_a_checked_graph_at_both_ends_of_the_opset_range(files, tm
 
 
 def test_opset_without_onnx_is_refused_rather_than_ignored(files, monkeypatch, capsys):
-    import swinv2.weights.checkpoint as C
+    import swinv2.weights.factory as C
 
     _, three, _, _, _ = files
     monkeypatch.setattr(C, "load_model", lambda *a, **kw: pytest.fail("loaded weights before refusing"))
@@ -145,7 +136,7 @@ def test_opset_without_onnx_is_refused_rather_than_ignored(files, monkeypatch, c
 
 @pytest.mark.parametrize("device", ["meta", "mps"])
 def test_a_device_the_commands_cannot_run_on_is_one_line_before_loading(files, monkeypatch, capsys, device):
-    import swinv2.weights.checkpoint as C
+    import swinv2.weights.factory as C
     from swinv2.tools import bench
 
     _, three, _, _, data = files
@@ -282,17 +273,16 @@ def test_encoder_weights_are_one_line_saying_to_fine_tune(files, tmp_path, capsy
 
 
 @pytest.mark.parametrize("named", [True, False])
-def test_the_fine_tune_command_it_gives_resolves_to_a_config(files, tmp_path, capsys, named):
+def test_the_fine_tune_command_it_gives_resolves_to_a_config(files, make_micro_weights, tmp_path, capsys, named):
     """The command of the encoder-weights message, run as given (DIR and NAME filled in) with
     --print-config: the recipe exists and its overrides fit the schema."""
     import yaml
-    from swinv2.weights.checkpoint import load_model
+    from swinv2.weights.factory import load_model
     from swinv2.weights.registry import require_classifier
 
     _, _, _, encoder, data = files
     if not named:  # weights that do not name their variant: the general recipe, model.name to give
-        encoder = tmp_path / "unnamed.safetensors"
-        save_weights(swinv2.create_model(MICRO, num_classes=0), encoder)
+        encoder = make_micro_weights(tmp_path / "unnamed.safetensors", [], randomized=False)
     with pytest.raises(InputError) as e:
         require_classifier(load_model(encoder), encoder)
     command = str(e.value).split("fine-tune them on class folders first: ")[1].split(" (docs/")[0].split()
@@ -305,7 +295,7 @@ def test_the_fine_tune_command_it_gives_resolves_to_a_config(files, tmp_path, ca
 
 
 def test_library_predict_refuses_a_model_without_head(files):
-    from swinv2.weights.checkpoint import load_model
+    from swinv2.weights.factory import load_model
     from swinv2.serve.predict import predict
 
     _, _, _, encoder, data = files

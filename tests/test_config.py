@@ -18,7 +18,8 @@ import yaml
 
 from swinv2.config import (INHERIT, MAX_RECIPE_BYTES, AugConfig, Config, ConfigError, DataConfig, ModelConfig,
                            OptimConfig, ScheduleConfig, StageTrainConfig, TrainConfig, _build, _set_dotted,
-                           auto_workers, load_config, schema_keys, schema_table)
+                           RESUME_MAY_CHANGE, auto_workers, check_resume_config, config_changes, load_config,
+                           schema_keys, schema_table)
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = [REPO / "configs" / f"swinv2_{f}_window{w}_256.yaml" for f in ("tiny", "small", "base") for w in (8, 16)]
@@ -565,10 +566,49 @@ def test_workers_auto_in_a_stage_and_on_resume():
     with pytest.raises(ConfigError, match=r"^override data.workers=many: expected int or one of 'auto'"):
         load_config(None, ["data.workers=many"])
     # The checkpoint holds the number that ran; a resume on a machine that resolves another number is allowed.
-    from swinv2.train.engine import check_config_change
-
     saved = Config().replace(**{"data.workers": auto_workers() + 1}).to_dict()
-    check_config_change(saved, load_config(None, ["data.workers=auto"]), Path("last.pt"), allowed=False)
+    check_resume_config(saved, load_config(None, ["data.workers=auto"]), Path("last.pt"), allowed=False)
+
+
+# --------------------------------------------------------------------------- a resumed run's config
+
+
+def test_config_changes_lists_each_differing_leaf_by_its_dotted_key():
+    saved = {"model": {"name": "a", "freeze": ["x"]}, "optim": {"lr": 1.0}, "gone": 1}
+    now = {"model": {"name": "a", "freeze": ["y"]}, "optim": {"lr": 2.0}, "new": {"k": 1}}
+    # Keys only one side has (a schema that gained or lost a field since the checkpoint) are no change.
+    assert config_changes(saved, now) == {"model.freeze": (["x"], ["y"]), "optim.lr": (1.0, 2.0)}
+    assert config_changes(saved, saved) == {}
+
+
+def test_a_resume_may_change_where_the_data_lives_and_how_the_run_is_logged(caplog):
+    saved = Config().to_dict()
+    source = Path("run/checkpoints/last.pt")
+    check_resume_config(None, Config(), source, allowed=False)  # a checkpoint without a config: nothing to compare
+    check_resume_config(saved, Config(), source, allowed=False)
+    assert caplog.records == []
+    cfg = Config().replace(**{"data.root": "/elsewhere", "train.log_every": 7})
+    assert {"data.root", "train.log_every"} <= set(RESUME_MAY_CHANGE)
+    with caplog.at_level(logging.WARNING, logger="swinv2.config"):
+        check_resume_config(saved, cfg, source, allowed=False)
+    d = Config()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"resuming {source} with a changed config: data.root {d.data.root!r} -> '/elsewhere', "
+        f"train.log_every {d.train.log_every} -> 7"]
+
+
+def test_a_resume_that_changes_what_is_computed_needs_the_flag(caplog):
+    d = Config()
+    saved = d.to_dict()
+    cfg = d.replace(**{"optim.lr": 1e-3, "train.log_every": 7})  # one key that changes the run, one that does not
+    listed = f"optim.lr {d.optim.lr!r} -> 0.001, train.log_every {d.train.log_every} -> 7"
+    with pytest.raises(ConfigError) as e:
+        check_resume_config(saved, cfg, Path("last.pt"), allowed=False)
+    assert str(e.value) == (f"last.pt: resuming with a config that changes the run ({listed}); train with "
+                            f"--allow-config-change to resume with it anyway, or into another --out")
+    with caplog.at_level(logging.WARNING, logger="swinv2.config"):
+        check_resume_config(saved, cfg, Path("last.pt"), allowed=True)
+    assert [r.getMessage() for r in caplog.records] == [f"resuming last.pt with a changed config: {listed}"]
 
 
 # --------------------------------------------------------------------------- --list-keys

@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from swinv2.weights.convert import (DERIVED_KEYS, _Template, convert, convert_state_dict, detect_format, from_native,
-                            tv_derived_buffers, unwrap)
 from swinv2.model.transformer import DERIVED_KEYS as MODEL_DERIVED_KEYS
 from swinv2.model.transformer import SwinTransformerV2, SwinV2Config
+from swinv2.weights.convert import (DERIVED_KEYS, Template, convert, convert_state_dict, detect_format, from_native,
+                                    tv_derived_buffers, unwrap)
 
 EMBED, DEPTHS, HEADS, WINDOW, IMG = 24, (2, 2, 2), (2, 4, 8), 4, 32
 CFG = SwinV2Config(img_size=IMG, embed_dim=EMBED, depths=DEPTHS, num_heads=HEADS, window_size=WINDOW,
@@ -157,11 +157,11 @@ def test_unknown_keys_pass_through_unmapped() -> None:
 
 
 def test_template_index_arithmetic() -> None:
-    t = _Template("features.{2i+1}.{j}.{*}")
+    t = Template("features.{2i+1}.{j}.{*}")
     assert t.match("features.5.3.attn.proj.weight") == {"i": 2, "j": 3, "*": "attn.proj.weight"}
     assert t.match("features.4.3.x") is None  # even: a merging layer, not a stage
     assert t.format({"i": 2, "j": 3, "*": "mlp.0.bias"}) == "features.5.3.mlp.0.bias"
-    assert _Template("layers.{i+1}.downsample.{*}").match("layers.0.downsample.norm.weight") is None
+    assert Template("layers.{i+1}.downsample.{*}").match("layers.0.downsample.norm.weight") is None
 
 
 def test_tv_derived_buffers_formula_window_8() -> None:

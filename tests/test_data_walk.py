@@ -114,8 +114,8 @@ def test_predict_reads_each_folder_and_file_once(tmp_path, caplog):
 # --------------------------------------------------------------------------- unreadable folders
 
 
-def test_an_unreadable_class_folder_is_an_error_naming_it_not_an_empty_class(tmp_path, monkeypatch):
-    root = make_image_folder(tmp_path / "data", classes=("a", "b"), n_train=2, n_val=1)
+def test_an_unreadable_class_folder_is_an_error_naming_it_not_an_empty_class(image_folder, monkeypatch):
+    root = image_folder  # classes a, b
     _images(root / "train" / "b" / "deep", 2)
     real_scandir = os.scandir
     denied = {root / "train" / "b", root / "train" / "b" / "deep"}
@@ -137,10 +137,10 @@ def test_an_unreadable_class_folder_is_an_error_naming_it_not_an_empty_class(tmp
             assert str(e.value).startswith(expected)
 
 
-def test_an_unreadable_class_folder_stops_check_data_in_one_line(tmp_path):
+def test_an_unreadable_class_folder_stops_check_data_in_one_line(image_folder):
     """A really unreadable folder (mode 0; as root, the child runs without the capabilities that
     bypass modes): exit 2, one line naming it, no traceback. Before: an empty class, exit 0."""
-    root = make_image_folder(tmp_path / "data", classes=("a", "b"), n_train=2, n_val=1)
+    root = image_folder  # classes a, b
     locked = root / "train" / "b"
     locked.chmod(0)
     try:
@@ -154,12 +154,8 @@ def test_an_unreadable_class_folder_stops_check_data_in_one_line(tmp_path):
         f"out: make it readable or move it out of the data folder"]
 
 
-def test_an_unreadable_folder_stops_predict_in_one_line(tmp_path):
-    import swinv2
-    from swinv2.weights.checkpoint import save_weights
-
-    weights = tmp_path / "w.safetensors"
-    save_weights(swinv2.create_model("swinv2_micro_window4_32", num_classes=2), weights, class_names=["x", "y"])
+def test_an_unreadable_folder_stops_predict_in_one_line(tmp_path, micro_weights):
+    weights = micro_weights
     imgs = _images(tmp_path / "imgs", 2)
     locked = _images(imgs / "more", 2)
     locked.chmod(0)

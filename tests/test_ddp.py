@@ -72,9 +72,8 @@ def test_two_processes_killed_and_restarted_resume_exactly(two_procs, tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp2_trains_like_ddp_resumes_and_loads_in_one_process(two_procs, tmp_path):
-    from swinv2.weights.checkpoint import load_model
-    from swinv2 import create_model
+def test_fsdp2_trains_like_ddp_resumes_and_loads_in_one_process(two_procs, tmp_path, make_micro):
+    from swinv2.weights.factory import load_model
 
     out = tmp_path / "run"
     fsdp = ("train.parallel=fsdp", "train.ema=false")
@@ -87,7 +86,7 @@ def test_fsdp2_trains_like_ddp_resumes_and_loads_in_one_process(two_procs, tmp_p
     for s in steps_log(out):  # sharded parameters, the same training (re-done steps included)
         assert abs(s["loss"] - ddp[s["step"]]) <= 1e-6, s
     state = load_state(out)
-    model = create_model("swinv2_micro_window4_32", num_classes=2)
+    model = make_micro(2, randomized=False)
     model.load_state_dict(state["model"])  # full tensors: loads in one process
     reference = load_state(two_procs["out"])["model"]
     for k, v in model.state_dict().items():

@@ -213,7 +213,7 @@ def test_bf16_amp_on_a_cpu_without_native_bf16_warns_naming_the_setting(tmp_path
 
 
 def test_stochastic_depth_and_init_weights(tmp_path):
-    from swinv2.weights.checkpoint import save_weights
+    from swinv2.weights.files import save_weights
 
     tr = make_trainer(tmp_path, "model.drop_path_rate=0.3")
     blocks = [b for layer in tr.model.layers for b in layer.blocks]
@@ -228,7 +228,7 @@ def test_stochastic_depth_and_init_weights(tmp_path):
 
 
 def test_freeze_ema_and_the_saved_state(tmp_path):
-    from swinv2.weights.checkpoint import load_training_state
+    from swinv2.weights.training_state import load_training_state
 
     tr = make_trainer(tmp_path, "model.freeze=[patch_embed.*]", "train.ema=true", "train.ema_decay=0.9")
     assert not any(n.startswith("patch_embed") for g in tr.optimizer.param_groups for n in g["param_names"])
@@ -248,6 +248,39 @@ def test_freeze_ema_and_the_saved_state(tmp_path):
         make_trainer(tmp_path / "typo", "model.freeze=[patch_embd.*]")
 
 
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_the_training_state_is_its_table_and_a_resume_checks_before_it_loads(tmp_path):
+    from swinv2.errors import InputError
+
+    root = make_image_folder(tmp_path / "data")
+    tr = make_trainer(tmp_path / "a", "train.ema=true", data_root=root)
+    tr.sampler.set_epoch(0)
+    tr.train_step([next(iter(tr.train_loader))])
+    state = tr.state_dict()
+    # The file's keys, in this order: what `weights.training_state` and older runs read.
+    assert list(state) == [p.key for p in engine.STATE] == [
+        "format", "version", "model", "ema", "optimizer", "scheduler", "scaler", "progress", "sampler", "history",
+        "best", "classes", "preprocess", "model_name", "model_config", "config", "world_size"]
+    assert [p.key for p in engine.STATE if p.finite] == ["model", "ema", "optimizer", "scaler"]
+
+    other = make_trainer(tmp_path / "b", "train.ema=true", data_root=root)
+    untouched = {k: v.clone() for k, v in other.model.state_dict().items()}
+    with pytest.raises(InputError, match="the class map changed"):  # checked before the weights are loaded
+        other.load_state_dict({**state, "classes": ["x", "y"]}, Path("last.pt"))
+    assert _same(other.model.state_dict(), untouched) and other.progress["global_step"] == 0
+    other.load_state_dict(state, Path("last.pt"))
+    assert _same(other.state_dict(), state)  # every part restored: it writes the same state again
+
+
 # --------------------------------------------------------------------------- the command
 
 
@@ -257,7 +290,7 @@ def _train(out: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 def test_demo_config_one_epoch_writes_the_run_directory_then_resumes(tmp_path):
-    from swinv2.weights.checkpoint import load_model
+    from swinv2.weights.factory import load_model
 
     out = tmp_path / "run"
     extra = (f"data.root={tmp_path / 'digits'}", "data.workers=0")

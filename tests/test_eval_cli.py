@@ -11,11 +11,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import swinv2
-from swinv2.weights.checkpoint import load_model, save_weights
+from swinv2.weights.factory import load_model
 from swinv2.cli import main
 from machine import cpu_paths
-from randomize import randomize_
 
 timm_data = pytest.importorskip("timm.data")
 
@@ -56,12 +54,9 @@ def _reference(model, data, classes, *, varied=True):
 
 
 @pytest.fixture(scope="module")
-def named(tmp_path_factory):
+def named(tmp_path_factory, make_micro_weights):
     root = tmp_path_factory.mktemp("eval")
-    torch.manual_seed(0)
-    model = randomize_(swinv2.create_model("swinv2_micro_window4_32", num_classes=len(CLASSES)), seed=5, std=0.02)
-    weights = root / "w.safetensors"
-    save_weights(model, weights, class_names=CLASSES)
+    weights = make_micro_weights(root / "w.safetensors", CLASSES, seed=5)
     rng = np.random.default_rng(1)
     data = root / "val"
     for c in CLASSES[:5]:  # the val folder lacks "fox": allowed
@@ -131,11 +126,10 @@ def test_class_map_mismatch_names_both(named, tmp_path, capsys):
     assert "class map mismatch" in err and "zebra" in err and str(weights) in err and str(bad) in err
 
 
-def test_official_pth_with_model_name(tmp_path, capsys):
+def test_official_pth_with_model_name(tmp_path, capsys, make_micro):
     """An official-format .pth (no architecture, no class names) evaluates with --model; the sorted
     folders are the 1000 class indices, so 999 folders are refused."""
-    torch.manual_seed(0)
-    model = randomize_(swinv2.create_model("swinv2_micro_window4_32"), seed=7, std=0.02).eval()
+    model = make_micro(seed=7).eval()
     pth = tmp_path / "official.pth"
     torch.save({"model": model.state_dict()}, pth)
     data = tmp_path / "val"

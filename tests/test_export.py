@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import swinv2
-from swinv2.weights.checkpoint import load_model, save_weights
+from swinv2.weights.factory import load_model
 from swinv2.cli import main
 from swinv2.serve.export import export_onnx
 from randomize import randomize_
@@ -47,11 +47,8 @@ def test_onnx_runtime_matches_pytorch_at_batch_1_and_3(tmp_path, name):
     assert [d.dim_value for d in dims[1:]] == [3, size, size]
 
 
-def test_cli_export_prints_the_check_and_writes_the_sidecar(tmp_path, capsys):
-    torch.manual_seed(0)
-    model = randomize_(swinv2.create_model("swinv2_micro_window4_32", num_classes=3))
-    weights = tmp_path / "w.safetensors"
-    save_weights(model, weights, class_names=["ant", "bee", "cow"])
+def test_cli_export_prints_the_check_and_writes_the_sidecar(tmp_path, make_micro_weights, capsys):
+    weights = make_micro_weights(tmp_path / "w.safetensors", ["ant", "bee", "cow"], std=0.01)
     out = tmp_path / "m.onnx"
     assert main(["export", "--weights", str(weights), "--onnx", str(out), "--img-size", "48"]) == 0
     text = capsys.readouterr().out
@@ -63,19 +60,18 @@ def test_cli_export_prints_the_check_and_writes_the_sidecar(tmp_path, capsys):
     assert _ort_vs_torch(out, load_model(weights), 48, 2) <= 1e-4
 
 
-def test_failed_check_leaves_nothing_behind(tmp_path):
-    model = swinv2.create_model("swinv2_micro_window4_32")
+def test_failed_check_leaves_nothing_behind(tmp_path, make_micro):
+    model = make_micro(randomized=False)
     path = tmp_path / "m.onnx"
     with pytest.raises(ValueError, match="not written"):
         export_onnx(model, path, atol=-1.0)  # no difference can pass a negative limit
     assert list(tmp_path.iterdir()) == []
 
 
-def test_bad_output_paths_fail_cleanly(tmp_path, capsys):
-    weights = tmp_path / "w.safetensors"
-    save_weights(swinv2.create_model("swinv2_micro_window4_32"), weights)
+def test_bad_output_paths_fail_cleanly(tmp_path, micro_weights, capsys):
+    weights = micro_weights
     assert main(["export", "--weights", str(weights), "--onnx", str(tmp_path / "no" / "m.onnx")]) == 2
     assert "output folder not found" in capsys.readouterr().err
     assert main(["export", "--weights", str(weights), "--onnx", str(tmp_path / "m.txt")]) == 2
     assert ".onnx" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [weights.name]

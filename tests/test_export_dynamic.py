@@ -13,7 +13,7 @@ import torch
 
 import swinv2
 from swinv2.serve import runtime as R
-from swinv2.weights.checkpoint import save_weights
+from swinv2.weights.files import save_weights
 from swinv2.cli import main
 from swinv2.serve.export import export_onnx
 from swinv2.serve.dynamic_forward import DynamicSizeForward

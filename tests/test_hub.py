@@ -36,7 +36,7 @@ from safetensors.torch import save as safetensors_bytes
 import swinv2
 from swinv2 import cli
 from swinv2.weights import hub
-from swinv2.weights.checkpoint import create_model, load_model, load_weights
+from swinv2.weights.factory import create_model, load_model, load_weights
 from swinv2.config import load_config
 from swinv2.errors import ConfigError
 from swinv2.weights.convert import convert_state_dict

@@ -367,15 +367,12 @@ def test_streamed_outputs_are_never_sniffed(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, make_micro_weights):
     """Tiny self-describing weights, an eval folder and a real JPEG photo."""
-    import swinv2
     from PIL import Image
 
     root = tmp_path_factory.mktemp("cmds")
-    weights = root / "w.safetensors"
-    swinv2.save_weights(swinv2.create_model("swinv2_micro_window4_32", num_classes=2), weights,
-                        class_names=["ant", "bee"])
+    weights = make_micro_weights(root / "w.safetensors", ["ant", "bee"], randomized=False)
     for c in ("ant", "bee"):
         (root / "val" / c).mkdir(parents=True)
         Image.new("RGB", (40, 40), (120, 60 * len(c), 30)).save(root / "val" / c / "0.png")

@@ -9,10 +9,8 @@ from PIL import Image
 
 import swinv2
 from swinv2 import plots
-from swinv2.weights.checkpoint import save_weights
 from swinv2.cli import main
 from swinv2.model.cpb import cpb_tables
-from randomize import randomize_
 
 timm = pytest.importorskip("timm")
 from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2, checkpoint_filter_fn  # noqa: E402
@@ -68,9 +66,8 @@ def _timm_tables(ours: swinv2.SwinTransformerV2, window: int) -> list[torch.Tens
 
 
 @pytest.mark.parametrize("pretrained", [0, 4])
-def test_cpb_tables_match_timm(pretrained):
-    torch.manual_seed(0)
-    ours = randomize_(swinv2.create_model("swinv2_micro_window4_32", pretrained_window_sizes=(pretrained,) * 2))
+def test_cpb_tables_match_timm(pretrained, make_micro):
+    ours = make_micro(std=0.01, pretrained_window_sizes=(pretrained,) * 2)
     tables = cpb_tables(ours)  # native windows: 4 in stage 0; stage 1's 4x4 map is one window of 4
     ref = _timm_tables(ours, 4)
     assert [(t.stage, t.block, t.window) for t in tables] == [(0, 0, 4), (0, 1, 4), (1, 0, 4), (1, 1, 4)]
@@ -85,10 +82,9 @@ def test_cpb_tables_match_timm(pretrained):
         assert t.window == 8 and torch.allclose(t.bias, r, atol=1e-6)
 
 
-def test_cpb_table_is_what_attention_adds():
+def test_cpb_table_is_what_attention_adds(make_micro):
     """The (2w-1)^2 table, gathered by relative offset, is the model's own (nH, N, N) position bias."""
-    torch.manual_seed(0)
-    model = randomize_(swinv2.create_model("swinv2_micro_window4_32"))
+    model = make_micro(std=0.01)
     w = 5
     table = cpb_tables(model, window=w)[0].bias  # (nH, 9, 9)
     with torch.no_grad():
@@ -100,10 +96,8 @@ def test_cpb_table_is_what_attention_adds():
             assert torch.allclose(bias[:, i, j], table[:, dy + w - 1, dx + w - 1], atol=1e-6)
 
 
-def test_viz_cpb_cli_writes_one_png_per_stage(tmp_path, capsys):
-    torch.manual_seed(0)
-    weights = tmp_path / "w.safetensors"
-    save_weights(randomize_(swinv2.create_model("swinv2_micro_window4_32")), weights)
+def test_viz_cpb_cli_writes_one_png_per_stage(tmp_path, make_micro_weights, capsys):
+    weights = make_micro_weights(tmp_path / "w.safetensors", std=0.01)
     for window in (None, 9):
         out = tmp_path / f"cpb{window}"
         args = ["viz-cpb", "--weights", str(weights), "--out", str(out)] + (["--window", str(window)] if window else [])
@@ -114,11 +108,9 @@ def test_viz_cpb_cli_writes_one_png_per_stage(tmp_path, capsys):
     assert capsys.readouterr().out.count("wrote") == 4
 
 
-def test_viz_cpb_draws_a_rectangular_window_with_its_own_axes(tmp_path, monkeypatch):
+def test_viz_cpb_draws_a_rectangular_window_with_its_own_axes(tmp_path, make_micro_weights, monkeypatch):
     seen = _drawn_figure(monkeypatch)
-    torch.manual_seed(0)
-    weights = tmp_path / "w.safetensors"
-    save_weights(randomize_(swinv2.create_model("swinv2_micro_window4_32", window_size=(4, 2))), weights)
+    weights = make_micro_weights(tmp_path / "w.safetensors", std=0.01, window_size=(4, 2))
     assert main(["viz-cpb", "--weights", str(weights), "--out", str(tmp_path / "cpb")]) == 0
     _valid_png(tmp_path / "cpb" / "cpb_stage1.png")
     assert "window (4, 2)" in seen["suptitle"]

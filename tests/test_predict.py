@@ -11,11 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-import swinv2
-from swinv2.weights.checkpoint import load_model, save_weights
+from swinv2.weights.factory import load_model
 from swinv2.cli import main
 from swinv2.serve.predict import class_names_for, expand_paths, one_ahead, predict
-from randomize import randomize_
 
 timm_data = pytest.importorskip("timm.data")
 
@@ -23,12 +21,9 @@ CLASSES = ["ant", "bee", "cat", "dog", "eel"]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, make_micro_weights):
     root = tmp_path_factory.mktemp("predict")
-    torch.manual_seed(0)
-    model = randomize_(swinv2.create_model("swinv2_micro_window4_32", num_classes=len(CLASSES)), seed=3, std=0.02)
-    weights = root / "w.safetensors"
-    save_weights(model, weights, class_names=CLASSES)
+    weights = make_micro_weights(root / "w.safetensors", CLASSES, seed=3)
     rng = np.random.default_rng(0)
     imgs = root / "imgs"
     (imgs / "sub").mkdir(parents=True)
@@ -122,12 +117,12 @@ def test_expand_paths(setup):
     assert [e["error"] for e in errors] == ["file not found", "no file matches this pattern"]
 
 
-def test_unnamed_1000_class_model_gets_imagenet_names():
-    model = swinv2.create_model("swinv2_micro_window4_32")  # 1000 classes, no names
+def test_unnamed_1000_class_model_gets_imagenet_names(make_micro):
+    model = make_micro(randomized=False)  # 1000 classes, no names
     names, source = class_names_for(model)
     assert len(names) == 1000 and source.startswith("imagenet-1k")
     assert names[0] == "tench" and names[1] == "goldfish" and names[999] == "toilet tissue"
-    unnamed = swinv2.create_model("swinv2_micro_window4_32", num_classes=7)
+    unnamed = make_micro(7, randomized=False)
     assert class_names_for(unnamed) == ([str(i) for i in range(7)], "indices")
 
 
@@ -215,16 +210,14 @@ def test_eval_reads_an_empty_class_folder_as_training_does_and_warns(setup, tmp_
     assert np.array(report["confusion"])[CLASSES.index("bee")].sum() == 0
 
 
-def test_plot_path_is_checked_before_predicting(tmp_path, monkeypatch, capsys):
+def test_plot_path_is_checked_before_predicting(tmp_path, micro_weights, monkeypatch, capsys):
     import swinv2.serve.predict as P
     from swinv2.cli import main
 
     monkeypatch.setattr(P, "predict", lambda *a, **kw: pytest.fail("predicted before checking --plot"))
     blocker = tmp_path / "file"
     blocker.write_text("")
-    weights = tmp_path / "w.safetensors"
-    swinv2.save_weights(swinv2.create_model("swinv2_micro_window4_32", num_classes=2), weights)
-    assert main(["predict", "--weights", str(weights), "--plot", str(blocker / "grid.png"), str(tmp_path)]) == 2
+    assert main(["predict", "--weights", str(micro_weights), "--plot", str(blocker / "grid.png"), str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--plot" in err[0] and str(blocker) in err[0], err
 

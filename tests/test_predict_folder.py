@@ -9,8 +9,6 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import predict_folder  # noqa: E402
-import swinv2  # noqa: E402
-from randomize import randomize_  # noqa: E402
 from swinv2.cli import main  # noqa: E402
 
 
@@ -25,11 +23,9 @@ def test_builds_camera_sized_jpegs_once(tmp_path):
     assert [f.stat().st_mtime_ns for f in files] == stamp
 
 
-def test_reads_the_whole_command_line_of_swinv2_predict(tmp_path, capsys):
+def test_reads_the_whole_command_line_of_swinv2_predict(tmp_path, micro_weights, capsys):
     folder = predict_folder.build_jpegs(tmp_path / "jpegs", 3)
-    weights = tmp_path / "micro.safetensors"
-    swinv2.save_weights(randomize_(swinv2.create_model("swinv2_micro_window4_32", num_classes=5), 0), weights)
-    assert main(["predict", "--weights", str(weights), "--batch-size", "2", str(folder)]) == 0
+    assert main(["predict", "--weights", str(micro_weights), "--batch-size", "2", str(folder)]) == 0
     match = predict_folder.LINE.search(capsys.readouterr().err)
     assert match is not None and int(match.group(1)) == 3
     assert float(match.group(3)) > 0 and float(match.group(4)) >= float(match.group(3))

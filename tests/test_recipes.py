@@ -24,7 +24,8 @@ from PIL import Image
 
 import swinv2
 from swinv2.train import engine
-from swinv2.weights.checkpoint import load_training_state, read_state_dict, save_weights
+from swinv2.weights.files import read_state_dict, save_weights
+from swinv2.weights.training_state import load_training_state
 from swinv2.cli import main
 from swinv2.config import Config, ConfigError, load_config
 from swinv2.train.recipes import fit_recipe, next_pretrained_windows, plan_recipe, shadowed_overrides

@@ -110,7 +110,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(reference, tmp_pa
 
 
 def test_kill_during_a_checkpoint_write(reference, tmp_path):
-    from swinv2.weights.checkpoint import load_training_state
+    from swinv2.weights.training_state import load_training_state
 
     out = tmp_path / "run"
     r = drive(tmp_path, {"kill_in_save": 3}, reference["cfg"], out)
@@ -219,15 +219,15 @@ def test_non_finite_steps_are_skipped_counted_and_abort(tmp_path, caplog):
 
     tr, it = _trainer(tmp_path, "train.max_bad_steps=3")
     tr.train_step([next(it)])
-    criterion = tr.criterion
+    criterion = tr.task.criterion
     # A NaN loss ...
-    tr.criterion = lambda out, y: criterion(out, y) * float("nan")
+    tr.task.criterion = lambda out, y: criterion(out, y) * float("nan")
     before = _snapshot(tr)
     out = tr.train_step([next(it)])
     assert out["skipped"] and _equal(before, _snapshot(tr))
     assert tr.progress["bad_steps"] == 1 and any("step 1: non-finite loss" in m for m in caplog.messages)
     # ... and an Inf gradient with a finite loss.
-    tr.criterion = criterion
+    tr.task.criterion = criterion
     handle = tr.model.head.weight.register_hook(lambda g: g * float("inf"))
     before = _snapshot(tr)
     out = tr.train_step([next(it)])
@@ -237,7 +237,7 @@ def test_non_finite_steps_are_skipped_counted_and_abort(tmp_path, caplog):
     out = tr.train_step([next(it)])  # a good step resets the run of bad ones
     assert not out["skipped"] and not _equal(before, _snapshot(tr)) and tr.progress["consecutive_bad"] == 0
     # K in a row abort with a clear message
-    tr.criterion = lambda out, y: criterion(out, y) * float("inf")
+    tr.task.criterion = lambda out, y: criterion(out, y) * float("inf")
     tr.sampler.set_epoch(1)
     it = iter(tr.train_loader)
     tr.train_step([next(it)])
@@ -370,7 +370,7 @@ def test_every_image_mode_trains(tmp_path):
 
 
 def test_class_folder_hygiene_is_reported_and_stored(tmp_path, caplog):
-    from swinv2.weights.checkpoint import load_model
+    from swinv2.weights.factory import load_model
 
     root = make_image_folder(tmp_path / "data", classes=("ant", "bee", "cow"))
     (root / "train" / "dog").mkdir()                      # empty class: kept, so labels never shift
@@ -431,7 +431,7 @@ def test_wrong_checkpoint_lists_the_keys(reference, tmp_path, capsys):
     state = load_state(reference["out"])
     del state["model"]["norm.weight"]
     state["model"]["extra.weight"] = torch.zeros(1)
-    from swinv2.weights.checkpoint import save_training_state
+    from swinv2.weights.training_state import save_training_state
 
     save_training_state(tmp_path / "edited.pt", state)
     assert train(reference["cfg"], tmp_path / "b", resume=str(tmp_path / "edited.pt")) == 2
@@ -527,7 +527,8 @@ def test_a_failed_best_weights_save_is_made_good_by_the_next_start(reference, tm
     """Disk full at the first save of best.safetensors: the run stops with the clear line; space freed,
     the same command writes best.safetensors (the best-k leader's weights) and the summary lists it."""
     from swinv2.train import rundir
-    from swinv2.weights.checkpoint import CheckpointError, load_model
+    from swinv2.errors import CheckpointError
+    from swinv2.weights.factory import load_model
 
     out = tmp_path / "run"
     real = rundir.save_weights
@@ -683,7 +684,7 @@ def test_an_unreadable_checkpoint_stops_the_run_touching_nothing(reference, tmp_
 
 
 def test_an_unreadable_checkpoint_folder_is_not_taken_for_an_empty_one(reference, tmp_path, monkeypatch):
-    from swinv2.weights.checkpoint import find_resumable
+    from swinv2.weights.training_state import find_resumable
     from swinv2.errors import UnreadableFileError
 
     ckpts = tmp_path / "checkpoints"

@@ -18,24 +18,18 @@ from PIL import Image
 
 import swinv2
 from swinv2.serve import runtime as R
-from swinv2.weights.checkpoint import save_weights
+from swinv2.weights.files import save_weights
 from swinv2.cli import main
 from swinv2.weights.registry import EvalPreprocess, ModelInfo
-from randomize import randomize_
 
 MICRO = "swinv2_micro_window4_32"
 ONNX_RUNTIMES = [pytest.param(r, marks=pytest.mark.skipif(not R.installed(r), reason=f"{r} not installed"))
                  for r in ("onnxruntime", "openvino")]
 
 
-def _random_model(seed: int = 0, num_classes: int = 10) -> swinv2.SwinTransformerV2:
-    torch.manual_seed(seed)
-    return randomize_(swinv2.create_model(MICRO, num_classes=num_classes), seed, std=0.02).eval()
-
-
 @pytest.mark.parametrize("name", ONNX_RUNTIMES)
-def test_fp32_reproduces_pytorch_at_two_batch_sizes(tmp_path, name):
-    model = _random_model()
+def test_fp32_reproduces_pytorch_at_two_batch_sizes(tmp_path, name, make_micro):
+    model = make_micro(10).eval()
     rt = R.load_runtime(model, name, "fp32", cache_dir=tmp_path)
     assert rt.name == name and rt.path.endswith("32px-fp32.onnx")
     for batch in (1, 5):
@@ -53,8 +47,8 @@ def test_fp32_reproduces_pytorch_at_two_batch_sizes(tmp_path, name):
         assert any((Path(rt.path).parent / "openvino-compiled").iterdir())
 
 
-def test_torch_runtime_fp32_is_the_model_itself(tmp_path):
-    model = _random_model()
+def test_torch_runtime_fp32_is_the_model_itself(tmp_path, make_micro):
+    model = make_micro(10).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(R.load_runtime(model, "torch", "fp32")(x), model(x))
@@ -66,13 +60,13 @@ def _one_line(err: str) -> str:
     return lines[0]
 
 
-def test_a_missing_package_names_the_extra(tmp_path, monkeypatch, capsys):
+def test_a_missing_package_names_the_extra(tmp_path, monkeypatch, capsys, make_micro):
     monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` now raises ImportError
     assert not R.installed("openvino")
     with pytest.raises(R.RuntimeUnavailable, match=r"pip install 'swinv2\[openvino\]'"):
-        R.load_runtime(_random_model(), "openvino", "fp32", cache_dir=tmp_path)
+        R.load_runtime(make_micro(10).eval(), "openvino", "fp32", cache_dir=tmp_path)
     weights = tmp_path / "w.safetensors"
-    save_weights(_random_model(), weights)
+    save_weights(make_micro(10).eval(), weights)
     assert main(["predict", "--weights", str(weights), "--runtime", "openvino", str(tmp_path)]) == 2
     line = _one_line(capsys.readouterr().err)
     assert line.startswith("swinv2 predict: error:") and "pip install 'swinv2[openvino]'" in line
@@ -84,27 +78,27 @@ def test_a_missing_package_names_the_extra(tmp_path, monkeypatch, capsys):
     ("torch", "int8", "not supported by --runtime torch"),
     ("onnxruntime", "fp16", "unknown precision"),
 ])
-def test_an_unsupported_precision_is_one_line(tmp_path, runtime, precision, says):
+def test_an_unsupported_precision_is_one_line(tmp_path, runtime, precision, says, make_micro):
     if runtime != "torch":
         pytest.importorskip(runtime)
     with pytest.raises(R.RuntimeUnavailable, match=says) as e:
-        R.load_runtime(_random_model(), runtime, precision, cache_dir=tmp_path)
+        R.load_runtime(make_micro(10).eval(), runtime, precision, cache_dir=tmp_path)
     assert "\n" not in str(e.value)
 
 
-def test_bf16_is_refused_where_the_cpu_would_emulate_it(tmp_path, monkeypatch, capsys):
+def test_bf16_is_refused_where_the_cpu_would_emulate_it(tmp_path, monkeypatch, capsys, make_micro):
     monkeypatch.setattr(R, "native_bf16", lambda runtime: False)
     weights = tmp_path / "w.safetensors"
-    save_weights(_random_model(), weights)
+    save_weights(make_micro(10).eval(), weights)
     assert main(["eval", "--weights", str(weights), "--data", str(tmp_path), "--runtime", "torch",
                  "--precision", "bf16"]) == 2
     assert "no native bf16 (AVX-512 BF16 or AMX)" in _one_line(capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("name", ONNX_RUNTIMES)
-def test_a_stale_cached_export_is_detected_and_made_again(tmp_path, name, caplog):
+def test_a_stale_cached_export_is_detected_and_made_again(tmp_path, name, caplog, make_micro):
     weights = tmp_path / "w.safetensors"
-    first = _random_model(seed=0)
+    first = make_micro(10, seed=0).eval()
     save_weights(first, weights)
     rt = R.load_runtime(swinv2.load_model(weights), name, "fp32", weights=weights)
     graph = tmp_path / "w.safetensors.exports" / "32px-fp32.onnx"
@@ -119,7 +113,7 @@ def test_a_stale_cached_export_is_detected_and_made_again(tmp_path, name, caplog
     assert graph.stat().st_mtime_ns == mtime and "stale" not in caplog.text
 
     # Retrained in place: one warning line names the stale export; the new graph runs the new weights.
-    second = _random_model(seed=1)
+    second = make_micro(10, seed=1).eval()
     save_weights(second, weights)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="swinv2.serve.runtime"):
@@ -140,7 +134,7 @@ def _ort_logits(graph: Path, x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(run.run(None, {run.get_inputs()[0].name: x.numpy()})[0])
 
 
-def test_a_tampered_export_cache_entry_is_made_again_never_run(tmp_path, caplog):
+def test_a_tampered_export_cache_entry_is_made_again_never_run(tmp_path, caplog, make_micro):
     """W.safetensors.exports/32px-fp32.onnx replaced behind the key's back, in each way the export id
     alone does not or does catch: another model's graph given the entry's id, one byte of a weight
     changed, another model's graph with its own id or with none, another cache's whole entry. Each
@@ -149,7 +143,7 @@ def test_a_tampered_export_cache_entry_is_made_again_never_run(tmp_path, caplog)
     from swinv2.serve.export import UNIT_KEY, _field, _MODEL_METADATA_PROPS, add_graph_metadata, export_onnx, \
         graph_metadata, read_sidecar
 
-    a, b = _random_model(seed=0), _random_model(seed=1)
+    a, b = make_micro(10, seed=0).eval(), make_micro(10, seed=1).eval()
     weights = tmp_path / "W.safetensors"
     save_weights(a, weights)
     graph = tmp_path / "W.safetensors.exports" / "32px-fp32.onnx"
@@ -208,13 +202,13 @@ def test_a_tampered_export_cache_entry_is_made_again_never_run(tmp_path, caplog)
         assert (_ort_logits(graph, x) - want).abs().max() <= 1e-4, tamper.__name__  # the file itself made again
 
 
-def test_the_export_cache_key_names_the_exporter_and_binds_the_files_hashes(tmp_path, caplog):
+def test_the_export_cache_key_names_the_exporter_and_binds_the_files_hashes(tmp_path, caplog, make_micro):
     """A graph exported by another torch (or another version of our export code) is made again, as is
     an entry whose key predates the files' hashes; an entry that matches is used as it is."""
     pytest.importorskip("onnxruntime")
     import torch as torch_
 
-    model = _random_model()
+    model = make_micro(10).eval()
     R.load_runtime(model, "onnxruntime", "fp32", cache_dir=tmp_path)
     (graph,) = tmp_path.rglob("32px-fp32.onnx")
     key_path = graph.with_name(graph.name + ".key.json")
@@ -239,8 +233,8 @@ def test_the_export_cache_key_names_the_exporter_and_binds_the_files_hashes(tmp_
     assert graph.stat().st_mtime_ns == mtime
 
 
-def test_weights_hash_follows_the_tensors():
-    a, b = _random_model(seed=0), _random_model(seed=0)
+def test_weights_hash_follows_the_tensors(make_micro):
+    a, b = make_micro(10, seed=0).eval(), make_micro(10, seed=0).eval()
     assert R.weights_sha256(a) == R.weights_sha256(b)
     with torch.no_grad():
         b.head.bias[0] += 1e-6
@@ -264,7 +258,7 @@ def _write_set(root, n: int, rng: np.random.Generator) -> None:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, make_micro):
     """A micro SwinV2 trained (40 Adam steps, seeded; ~97% val top-1) to tell the tints apart, and its
     image folders."""
     from swinv2.images import eval_transform, load_image
@@ -273,8 +267,8 @@ def trained(tmp_path_factory):
     rng = np.random.default_rng(0)
     _write_set(root / "train", 40, rng)
     _write_set(root / "val", 30, rng)
-    torch.manual_seed(0)
-    model = swinv2.create_model(MICRO, num_classes=3)
+    model = make_micro(3, randomized=False)
+    torch.manual_seed(0)  # drop path draws from the global stream, which no test has seeded yet here
     transform = eval_transform(32, 1.0)
     classes = list(COLOURS)
     xs = torch.stack([transform(load_image(p)) for c in classes for p in sorted((root / "train" / c).iterdir())])
@@ -385,7 +379,7 @@ def test_bench_times_the_runtimes_as_rows_of_the_same_table(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="swinv2.tools.bench"):
         results = bench.run(MICRO, batch_sizes=(2,), compare=["timm", *names], precisions=("fp32", "bf16"),
                             repeats=2, iters=1, warmup=1, measure_memory=False,
-                            runtime_factory=R.bench_factory(cache_dir=tmp_path))
+                            runtime_cache=tmp_path)
     rows = {r["impl"]: r for r in results}
     if "onnxruntime" in names:  # no bf16 kernels there: a warning, no row
         assert "onnxruntime/bf16" not in rows and "onnxruntime/bf16 skipped" in caplog.text
@@ -396,7 +390,7 @@ def test_bench_times_the_runtimes_as_rows_of_the_same_table(tmp_path, caplog):
         assert row["peak_mem_bytes"] is None
     assert list(rows)[:2] == ["ours", "timm"] and f"{names[0]}/fp32" in bench.format_table(results)
     with pytest.raises(ValueError, match="CPU inference only"):
-        bench.run(MICRO, compare=names, train=True, runtime_factory=R.bench_factory(cache_dir=tmp_path))
+        bench.run(MICRO, compare=names, train=True, runtime_cache=tmp_path)
 
 
 @pytest.mark.parametrize("name", ONNX_RUNTIMES)
@@ -418,7 +412,7 @@ def test_predict_through_a_runtime_with_loader_workers_matches_pytorch(trained, 
     assert "60 images in" in err and "img/s for the whole command" in err and f"{name} fp32" in err
 
 
-def test_a_failed_export_leaves_no_cache_entry(tmp_path, monkeypatch):
+def test_a_failed_export_leaves_no_cache_entry(tmp_path, monkeypatch, make_micro):
     pytest.importorskip("onnxruntime")
     import swinv2.serve.export
 
@@ -428,10 +422,10 @@ def test_a_failed_export_leaves_no_cache_entry(tmp_path, monkeypatch):
 
     monkeypatch.setattr(swinv2.serve.export, "export_onnx", broken)
     with pytest.raises(OSError, match="disk full"):
-        R.load_runtime(_random_model(), "onnxruntime", "fp32", cache_dir=tmp_path)
+        R.load_runtime(make_micro(10).eval(), "onnxruntime", "fp32", cache_dir=tmp_path)
     assert not list(tmp_path.rglob("*.key.json"))  # no key: the half graph is never used...
     monkeypatch.undo()
-    model = _random_model()
+    model = make_micro(10).eval()
     rt = R.load_runtime(model, "onnxruntime", "fp32", cache_dir=tmp_path)  # ...but made again
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from swinv2 import create_model
-from swinv2.weights.checkpoint import load_weights
+from swinv2.weights.factory import load_weights
 from swinv2.config import load_config
 from swinv2.weights.convert import detect_format
 from swinv2.errors import ConfigError, DataError
@@ -267,7 +267,7 @@ def test_a_flat_root_of_images_is_the_pretraining_set(tmp_path, caplog):
     cfg = load_config(cfg_file, ["train.epochs=2"])
     report = check_data(cfg)
     assert len(report.splits["train"]) == 12 and "val" not in report.splits
-    with caplog.at_level(logging.INFO, logger="swinv2.train.engine"):
+    with caplog.at_level(logging.INFO, logger="swinv2.train.tasks"):
         out = fit(cfg, tmp_path / "run")
     assert f"{root} has no train/ folder: pretraining on every image under it" in caplog.text
     history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

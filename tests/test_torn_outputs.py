@@ -27,7 +27,9 @@ import swinv2
 from randomize import randomize_
 from swinv2 import cli
 from swinv2.weights import hub
-from swinv2.weights.checkpoint import UNIT_KEY, CheckpointError, load_model, save_weights, write_weights
+from swinv2.errors import CheckpointError
+from swinv2.weights.factory import load_model
+from swinv2.weights.files import UNIT_KEY, save_weights, write_weights
 from swinv2.weights.registry import EvalPreprocess
 
 MICRO = "swinv2_micro_window4_32"
@@ -243,7 +245,7 @@ def test_two_writers_of_one_folder_take_turns(tmp_path, two_models, monkeypatch)
     """A writes its weights and stops before its config.json; B starts writing meanwhile. B waits for A
     (the folder's lock), so the two never interleave (A's weights, B's..., A's config.json would be a
     folder refused for good) and the folder ends as B, whole."""
-    import swinv2.weights.checkpoint as C
+    import swinv2.weights.files as C
 
     a, b, _ = two_models
     folder = tmp_path / "hf"

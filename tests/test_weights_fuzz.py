@@ -19,7 +19,8 @@ from safetensors import safe_open
 
 import swinv2
 from randomize import randomize_
-from swinv2.weights.checkpoint import load_model, save_weights, write_weights
+from swinv2.weights.factory import load_model
+from swinv2.weights.files import save_weights, write_weights
 from swinv2.errors import CheckpointError, InputError
 from swinv2.model.transformer import SwinV2Config
 

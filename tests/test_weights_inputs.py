@@ -26,9 +26,10 @@ from safetensors.torch import save_file
 import swinv2
 from image_folders import make_image_folder
 from randomize import randomize_
-from swinv2.weights import checkpoint
-from swinv2.weights.checkpoint import (TRAINING_STATE_FORMAT, find_resumable, load_model, save_training_state, save_weights,
-                               write_weights)
+from swinv2.weights import factory
+from swinv2.weights.factory import load_model
+from swinv2.weights.files import save_weights, write_weights
+from swinv2.weights.training_state import TRAINING_STATE_FORMAT, find_resumable, save_training_state
 from swinv2.cli import main
 from swinv2.weights.convert import convert_state_dict
 from swinv2.errors import CheckpointError
@@ -99,7 +100,7 @@ def nothing_built(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was built from a file that should have been refused first")
 
-    monkeypatch.setattr(checkpoint, "SwinTransformerV2", refuse)
+    monkeypatch.setattr(factory, "SwinTransformerV2", refuse)
 
 
 # --------------------------------------------------------------------------- item 4: heads

@@ -24,8 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from randomize import randomize_
-from swinv2.weights.checkpoint import load_model, save_weights
-from swinv2.weights.convert import convert_state_dict, from_native, hf_config_from_kwargs, tv_derived_buffers
+from swinv2.weights.factory import load_model
+from swinv2.weights.files import save_weights
+from swinv2.weights.convert import convert_state_dict, from_native, tv_derived_buffers
+from swinv2.weights.hf_config import hf_config_from_kwargs
 from swinv2.model.cpb import cpb_tables
 from swinv2.errors import InputError
 from swinv2.serve.dynamic_forward import DynamicSizeForward

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 # public name -> the module that defines it
 _EXPORTS = {
     "create_backbone": "serve.backbone",
-    "LoadReport": "weights.checkpoint", "create_model": "weights.checkpoint", "load_model": "weights.checkpoint",
-    "load_weights": "weights.checkpoint", "save_weights": "weights.checkpoint",
+    "LoadReport": "weights.factory", "create_model": "weights.factory", "load_model": "weights.factory",
+    "load_weights": "weights.factory", "save_weights": "weights.files",
     "convert_state_dict": "weights.convert",
     "count_flops": "tools.flops",
     "SwinTransformerV2": "model.transformer", "SwinV2Config": "model.transformer",
@@ -25,7 +25,8 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from .weights import hub
     from .allocator import retain_freed_cpu_memory
-    from .weights.checkpoint import LoadReport, create_model, load_model, load_weights, save_weights
+    from .weights.factory import LoadReport, create_model, load_model, load_weights
+    from .weights.files import save_weights
     from .weights.convert import convert_state_dict
     from .tools.flops import count_flops
     from .model.transformer import SwinTransformerV2, SwinV2Config

@@ -187,30 +187,33 @@ def _run_download(args: argparse.Namespace) -> int:
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("convert", help="convert weights between formats (native, official, timm, hf, torchvision)",
-                       description="Convert SwinV2 weights. Reads native .safetensors, official .pth (also SwinV1 "
-                       "and 22k heads), timm, Hugging Face folders and torchvision files; torch files only "
-                       "with weights_only=True.")
+    from .weights import formats  # no torch: the records the choices and the table below come from
+
+    p = sub.add_parser("convert", help=f"convert weights between formats ({', '.join(formats.WRITABLE)})",
+                       description="Convert SwinV2 weights between the formats below (official .pth files with\n"
+                       "22k heads too); torch files are read only with weights_only=True.",
+                       epilog="formats:\n" + formats.table(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="weights file, Hugging Face folder or published weights NAME[.TAG]")
-    p.add_argument("dst", help="output file (.safetensors: native, .pth: official) or folder (hf)")
-    p.add_argument("--src", dest="src_format", default="auto",
-                   choices=["auto", "native", "official", "timm", "hf", "torchvision", "swinv1"],
+    by_suffix = "; ".join(f"{', '.join(s or 'none (a folder)' for s in f.guessed_from)}: {f.name}"
+                          for f in formats.FORMATS if f.guessed_from)
+    p.add_argument("dst", help=f"output file or folder; without --dst its suffix picks the format ({by_suffix})")
+    p.add_argument("--src", dest="src_format", default="auto", choices=["auto", *formats.READABLE],
                    help="source format (default: detected from the keys)")
-    p.add_argument("--dst", dest="dst_format", default=None,
-                   choices=["native", "official", "timm", "hf", "torchvision"],
+    p.add_argument("--dst", dest="dst_format", default=None, choices=formats.WRITABLE,
                    help="target format (default: from DST's suffix)")
     p.add_argument("--model", default=None, help="registry name, for sources that do not describe their "
-                   "architecture (needed for native, hf and torchvision targets)")
+                   f"architecture (needed for {', '.join(f.name for f in formats.FORMATS if f.needs_model)} targets)")
     p.set_defaults(func=_run_convert)
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from .weights.checkpoint import convert_file, guess_write_format
     from .outputs import check_output
+    from .weights.factory import convert_file
+    from .weights.formats import FOLDER, get_format, guess_write_format
 
-    fmt = args.dst_format or guess_write_format(args.dst)
-    kind = "hf" if fmt == "hf" else "safetensors" if fmt == "native" or Path(args.dst).suffix == ".safetensors" \
-        else "torch"
+    fmt = get_format(args.dst_format or guess_write_format(args.dst))
+    kind = "hf" if FOLDER in fmt.writes else "safetensors" if fmt.writes == (".safetensors",) \
+        or Path(args.dst).suffix == ".safetensors" else "torch"
     check_output(args.dst, "DST", kind=kind, inputs=_reads(("SRC", args.src)), create=False)
     print(convert_file(args.src, args.dst, src_format=args.src_format, dst_format=args.dst_format,
                        model_name=args.model))
@@ -236,7 +239,7 @@ def _add_weights_args(p: argparse.ArgumentParser, *, preprocess: bool = True) ->
 
 def _load_for_use(args: argparse.Namespace):
     """(model, eval preprocessing) from --weights / --model and the preprocessing overrides."""
-    from .weights.checkpoint import load_model
+    from .weights.factory import load_model
     from .serve.predict import require_classifier, resolve_preprocess
 
     model = load_model(args.weights, name=args.model)
@@ -512,6 +515,66 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 1 if (args.fail_on_error and preds.errors) else 0
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve weights over HTTP: a JSON API with dynamic batching, and a web page",
+                       description="Serve a classifier: POST /v1/predict (an image, multipart field `file` or the raw "
+                       "body; ?topk=) answers the top-k as JSON, the same numbers as `swinv2 predict`; GET / is a "
+                       "page to drop images on; GET /health, /v1/model, /metrics (Prometheus). Concurrent requests "
+                       "are batched. SIGTERM drains and exits 0. Needs pip install 'swinv2[serve]'; see "
+                       "docs/serving.md.")
+    _add_weights_args(p)
+    _add_runtime_args(p, default_runtime="auto")
+
+    def number(low: float, high: float) -> Callable[[str], float]:
+        def parse(text: str) -> float:
+            try:
+                value = float(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+            if not low <= value <= high:  # also refuses nan
+                raise argparse.ArgumentTypeError(f"must be from {low:g} to {high:g}, got {text}")
+            return value
+        return parse
+
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                   "only; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=_int_in(0, 65535), default=8000, help="port (default 8000; 0: a free one, "
+                   "printed at start)")
+    p.add_argument("--max-batch", type=_int_in(1, 1024), default=16, help="images per model call at most "
+                   "(default 16)")
+    p.add_argument("--max-wait-ms", type=number(0, 10_000), default=5.0, help="how long a request may wait for "
+                   "others to fill its batch (default 5)")
+    p.add_argument("--queue", type=_int_in(1, 100_000), default=64, help="predictions in progress at most "
+                   "(reading, decoding, waiting, in the model); more are answered 503 with Retry-After (default 64)")
+    p.add_argument("--max-body-mb", type=number(0.001, 1024), default=20.0, help="request body size limit in MiB; "
+                   "larger ones are answered 413 (default 20)")
+    p.add_argument("--max-megapixels", type=number(0.001, 1000), default=40.0, help="larger images are refused "
+                   "from their header, before decoding (422; decompression bombs; default 40)")
+    p.add_argument("--timeout-s", type=number(0.001, 3600), default=30.0, help="a prediction not answered in this "
+                   "time is answered 504 (default 30)")
+    p.add_argument("--workers", type=_int_in(1, 256), default=min(4, os.cpu_count() or 1), help="threads decoding "
+                   "and resizing uploads (default: the CPU count, at most 4)")
+    p.add_argument("--threads", type=_int_in(1, 1024), default=None, help="threads of the runtime per model call "
+                   "(default: its own, every core; fewer where other processes share the CPU)")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from .serve.server import require_serve_extra
+
+    require_serve_extra()  # before the weights are read: one line naming the extra
+    allocator.retain_freed_cpu_memory()  # a server runs the model call after call (see swinv2.allocator)
+    model, prep = _load_for_use(args)
+    from .serve.server import serve
+    from .serve.service import ServeSettings
+
+    settings = ServeSettings(runtime=args.runtime, precision=args.precision, calib=args.calib,
+                             cache_dir=args.cache_dir, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                             workers=args.workers, max_pixels=int(args.max_megapixels * 1e6), threads=args.threads)
+    return serve(model, prep, settings, host=args.host, port=args.port, queue=args.queue,
+                 max_body_bytes=int(args.max_body_mb * 2**20), timeout_s=args.timeout_s, weights=args.weights)
+
+
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export weights to ONNX (dynamic batch), checked in ONNX Runtime",
                        description="Export to ONNX with a dynamic batch axis. The graph is fixed at one image size "
@@ -535,7 +598,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from .weights.checkpoint import load_model
+    from .weights.factory import load_model
     from .serve.export import DEFAULT_OPSET, export_onnx
 
     if args.onnx is not None and (args.precision != "fp32" or args.runtime is not None or args.calib):
@@ -597,27 +660,31 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib", metavar="DIR", default=None, help="int8 runtime rows: calibration images")
     p.add_argument("--threads", type=POSITIVE, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    p.add_argument("--matmul-peak", action="store_true", help="also measure the matrix-multiply GFLOP/s limit")
     p.add_argument("--json", metavar="OUT", default=None, help="write meta + results to this JSON file")
-    p.add_argument("--default-malloc", action="store_true",
-                   help="keep glibc's malloc defaults; by default freed memory is retained for reuse "
-                   "(swinv2.allocator), so that no implementation's page faults depend on which one ran first")
-    p.add_argument("--ab", metavar="NAME", default=None,
-                   help="also time ours with one fast path switched to its alternative, interleaved in this process: "
-                        "grouping (eager CPU inference in groups of images vs the whole batch), linear (each "
-                        "dtype's linears on the other kernel: MKL addmm <-> oneDNN), packed-weights (with --dtype "
-                        "bf16: oneDNN's weight layout made once vs on every call), half-attention (with --dtype "
-                        "bf16/fp16: fp32 logits vs SDPA's flash kernel), flush (with --train: flushed vs plain "
-                        "attention softmax)")
-    p.add_argument("--own-process", type=POSITIVE, metavar="ROUNDS", default=None,
-                   help="run ours and each --compare peer alone, each in ROUNDS fresh processes (alternating), "
-                        "instead of side by side in this one")
-    p.add_argument("--flush-denormal", action="store_true",
-                   help="flush subnormal floats to zero (FTZ/DAZ) before PyTorch starts its threads: what an "
-                        "implementation gains shows the time it spends on subnormal arithmetic")
-    p.add_argument("--optimizer-step", action="store_true",
-                   help="instead: time one AdamW step (default, foreach, fused) over the model's parameter groups")
-    p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # one implementation alone (--own-process)
+    # Last in the help: what these answer is how swinv2 itself is built, not what a model costs.
+    dev = p.add_argument_group("developer options: measuring the implementation itself",
+                               "A/Bs of swinv2's own fast paths, the process's malloc and floating-point settings "
+                               "the timings depend on, the machine's matmul limit (docs/performance.md).")
+    dev.add_argument("--ab", metavar="NAME", default=None,
+                     help="also time ours with one fast path switched to its alternative, interleaved in this "
+                          "process: grouping (eager CPU inference in groups of images vs the whole batch), linear "
+                          "(eager CPU inference linears on the other kernel: MKL addmm <-> oneDNN), packed-weights "
+                          "(with --dtype bf16: oneDNN's weight layout made once vs on every call), half-attention "
+                          "(with --dtype bf16/fp16: fp32 logits vs SDPA's flash kernel), flush (with --train: "
+                          "flushed vs plain attention softmax)")
+    dev.add_argument("--own-process", type=POSITIVE, metavar="ROUNDS", default=None,
+                     help="run ours and each --compare peer alone, each in ROUNDS fresh processes (alternating), "
+                          "instead of side by side in this one")
+    dev.add_argument("--default-malloc", action="store_true",
+                     help="keep glibc's malloc defaults; by default freed memory is retained for reuse "
+                          "(swinv2.allocator), so that no implementation's page faults depend on which one ran first")
+    dev.add_argument("--flush-denormal", action="store_true",
+                     help="flush subnormal floats to zero (FTZ/DAZ) before PyTorch starts its threads: what an "
+                          "implementation gains shows the time it spends on subnormal arithmetic")
+    dev.add_argument("--matmul-peak", action="store_true", help="also measure the matrix-multiply GFLOP/s limit")
+    dev.add_argument("--optimizer-step", action="store_true",
+                     help="instead: time one AdamW step (default, foreach, fused) over the model's parameter groups")
+    dev.add_argument("--only", default=None, help=argparse.SUPPRESS)  # one implementation alone (--own-process)
     p.set_defaults(func=_run_bench)
 
 
@@ -668,18 +735,12 @@ def _run_bench(args: argparse.Namespace) -> int:
         results = bench.run_own_processes(["ours"] + [c for c in compare if c != "ours"], _bench_child_args(args),
                                           rounds=args.own_process)
     else:
-        import tempfile
-
-        from .serve.runtime import bench_factory
-
-        with tempfile.TemporaryDirectory(prefix="swinv2-bench-") as cache:  # the runtimes' exports, this run only
-            results = bench.run(args.model, batch_sizes=args.batch_size, img_sizes=args.img_size, dtypes=args.dtype,
-                                compile=args.compile, train=args.train, device=args.device, repeats=args.repeats,
-                                warmup=args.warmup, iters=args.iters, compare=compare, weights=args.weights,
-                                measure_memory=not args.no_memory, grad_checkpointing=args.grad_checkpointing,
-                                sequential_attention=args.sequential_attention, ab=args.ab, only=args.only,
-                                precisions=args.precision,
-                                runtime_factory=bench_factory(calib=args.calib, cache_dir=cache))
+        results = bench.run(args.model, batch_sizes=args.batch_size, img_sizes=args.img_size, dtypes=args.dtype,
+                            compile=args.compile, train=args.train, device=args.device, repeats=args.repeats,
+                            warmup=args.warmup, iters=args.iters, compare=compare, weights=args.weights,
+                            measure_memory=not args.no_memory, grad_checkpointing=args.grad_checkpointing,
+                            sequential_attention=args.sequential_attention, ab=args.ab, only=args.only,
+                            precisions=args.precision, calib=args.calib)
     print(bench.format_table(results))
     print("ours x: how many times faster ours is than the row (median of paired rounds); ours mem: our peak "
           "memory / the row's")
@@ -710,7 +771,7 @@ def _add_viz_cpb(sub: argparse._SubParsersAction) -> None:
 def _run_viz_cpb(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .weights.checkpoint import load_model
+    from .weights.factory import load_model
     from .model.cpb import cpb_tables
     from .outputs import check_output_folder
     from .plots import plot_cpb_maps
@@ -850,8 +911,8 @@ def _run_train(args: argparse.Namespace) -> int:
 RETAIN_MEMORY_COMMANDS = ("train", "eval", "predict")
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_models, _add_download, _add_convert, _add_eval, _add_predict, _add_export, _add_bench, _add_viz_cpb,
-    _add_train,
+    _add_models, _add_download, _add_convert, _add_eval, _add_predict, _add_serve, _add_export, _add_bench,
+    _add_viz_cpb, _add_train,
 ]
 
 

@@ -25,9 +25,10 @@ import re
 import reprlib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Sequence, Union
+from typing import TYPE_CHECKING, Any, Literal, Sequence, Union, cast
 
 import yaml
 
@@ -307,8 +308,18 @@ def _stage_section(cls: type) -> type:
          field(default=INHERIT, metadata=f.metadata)) for f in fields(cls)], frozen=True)
 
 
-StageModelConfig, StageDataConfig, StageOptimConfig, StageScheduleConfig, StageTrainConfig, StageSimMIMConfig = map(
-    _stage_section, (ModelConfig, DataConfig, OptimConfig, ScheduleConfig, TrainConfig, SimMIMConfig))
+if TYPE_CHECKING:  # built at run time, so opaque to mypy; each field holds its section's value or INHERIT
+    from typing import TypeAlias
+
+    StageModelConfig: TypeAlias = Any
+    StageDataConfig: TypeAlias = Any
+    StageOptimConfig: TypeAlias = Any
+    StageScheduleConfig: TypeAlias = Any
+    StageTrainConfig: TypeAlias = Any
+    StageSimMIMConfig: TypeAlias = Any
+else:
+    StageModelConfig, StageDataConfig, StageOptimConfig, StageScheduleConfig, StageTrainConfig, StageSimMIMConfig = map(
+        _stage_section, (ModelConfig, DataConfig, OptimConfig, ScheduleConfig, TrainConfig, SimMIMConfig))
 
 
 @dataclass(frozen=True)
@@ -621,13 +632,13 @@ def schema_table(cls: type = Config, prefix: str = "") -> list[tuple[str, str, s
     for f in fields(cls):
         key, tp = prefix + f.name, hints[f.name]
         if dataclasses.is_dataclass(tp):
-            rows += schema_table(tp, key + ".")
+            rows += schema_table(cast(type, tp), key + ".")
             continue
         if f.name == "stages":
             rows.append((key, "a list of stages", "[]", "each: name, init_from and any keys above "
                          "(stages.N.KEY; see docs/training.md)"))
             continue
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        default = cast("Callable[[], Any]", f.default_factory)() if f.default is dataclasses.MISSING else f.default
         rng = f.metadata.get("range")
         rows.append((key, _type_name(tp), json.dumps(_to_plain(default)), str(rng) if rng else ""))
     return rows
@@ -643,7 +654,7 @@ def schema_text() -> str:
 
 def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
-    node = d
+    node: dict[str, Any] | list[Any] = d
     for i, part in enumerate(parts[:-1]):
         if isinstance(node, list):  # a list index, e.g. stages.1.train.epochs
             if not part.isdigit() or int(part) >= len(node):
@@ -707,7 +718,7 @@ def _type_name(tp: Any) -> str:
     if tp is type(None):
         return "null"
     if dataclasses.is_dataclass(tp):
-        return f"a mapping ({tp.__name__})"
+        return f"a mapping ({cast(type, tp).__name__})"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -743,7 +754,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise _type_error(key, tp, value)
         return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key + ".")
+        return _build(cast(type, tp), value, key + ".")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -813,6 +824,42 @@ def check_task(cfg: Config) -> None:
         reason = "must be odd (a window centred on each pixel)"
         raise ConfigError(f"simmim.norm_target_patch_size={s.norm_target_patch_size}: {reason}",
                           key="simmim.norm_target_patch_size", reason=reason)
+
+
+# Keys a resume may change without `allow_config_change`: where the data lives and how the run is
+# driven and logged, not what it computes. (train.epochs extends or shortens the run.)
+RESUME_MAY_CHANGE = ("data.root", "data.val_root", "data.workers", "data.persistent_workers", "data.pin_memory",
+                     "data.eval_batch_size", "train.epochs", "train.progress", "train.tensorboard", "train.log_every",
+                     "train.threads", "train.checkpoint_every", "train.eval_every", "train.device")
+
+
+def config_changes(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (saved value, current value)} for every leaf that differs. Keys only one side has
+    (a checkpoint written before the schema gained or lost a field) are not changes."""
+    changes: dict[str, tuple[Any, Any]] = {}
+    for key in sorted(set(saved) & set(now)):
+        a, b = saved[key], now[key]
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes |= config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes[f"{prefix}{key}"] = (a, b)
+    return changes
+
+
+def check_resume_config(saved: dict[str, Any] | None, cfg: Config, source: Path, *, allowed: bool) -> None:
+    """A run resumed from `source`, whose config was `saved` (None: not recorded), with `cfg`: log how they
+    differ; ConfigError listing the changes if any is outside RESUME_MAY_CHANGE, unless `allowed`."""
+    if saved is None:
+        return
+    changes = config_changes(saved, cfg.to_dict())
+    if not changes:
+        return
+    listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+    altering = [k for k in changes if k not in RESUME_MAY_CHANGE]
+    if altering and not allowed:
+        raise ConfigError(f"{source}: resuming with a config that changes the run ({listed}); train with "
+                          f"--allow-config-change to resume with it anyway, or into another --out")
+    log.warning("resuming %s with a changed config: %s", source, listed)
 
 
 def _to_plain(obj: Any) -> Any:

@@ -138,7 +138,7 @@ def folder_key(path: str | os.PathLike) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def walk_folder(top: str | os.PathLike, *, seen: set[tuple[int, int]], skipped: list[str],
+def walk_folder(top: str | os.PathLike[str], *, seen: set[tuple[int, int]], skipped: list[str],
                 hidden: Callable[[str], bool] = is_hidden) -> Iterator[tuple[str, list[str]]]:
     """(folder, its sorted file names) for `top` and every folder under it, in sorted order, hidden
     entries left out. Symlinked folders are followed (datasets are often linked in), but each real

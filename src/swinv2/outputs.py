@@ -148,7 +148,7 @@ KINDS = {
     "onnx": "an ONNX graph",
     "hf": "a Hugging Face model folder",
 }
-# The files `checkpoint.write_weights(..., "hf")` writes into its folder, and their kinds.
+# The files `weights.files.write_weights(..., "hf")` writes into its folder, and their kinds.
 HF_FOLDER_FILES = {"config.json": "json", "model.safetensors": "safetensors", "preprocessor_config.json": "json"}
 _SNIFF = 4096  # bytes read from the start of an existing file to tell its kind
 
@@ -319,7 +319,7 @@ def _refuse_inputs(path: PathLike, what: str, inputs: Iterable[tuple[str, PathLi
             label = f"{option} {given}" if os.fspath(given) != os.fspath(path) else option
             raise OutputRefusedError(f"{what} {path}: is also an input of this command ({label}); refusing to "
                                      f"replace it (did a shell glob put an input here?)")
-    folders = [f for f in image_folders if f[1] is not None]
+    folders = [(option, folder, depth) for option, folder, depth in image_folders if folder is not None]
     if not folders or not os.path.isfile(path):
         return
     for option, folder, depth in folders:
@@ -424,18 +424,19 @@ def atomic_file(path: PathLike) -> Iterator[Path]:
         raise CheckpointError(f"cannot save {path}: directory {directory} does not exist")
     fd, name = tempfile.mkstemp(dir=directory, prefix=_temp_name(target), suffix=".tmp")
     os.close(fd)
-    tmp: Path | None = Path(name)
+    tmp = Path(name)
+    leftover: Path | None = tmp  # the temp to remove on the way out; None once renamed onto `target`
     try:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         _keep_owner_and_mode(tmp, target, path)
         os.replace(tmp, target)
-        tmp = None
+        leftover = None
         _fsync_dir(directory)
     finally:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
+        if leftover is not None:
+            leftover.unlink(missing_ok=True)
 
 
 def atomic_write(path: PathLike, write: Callable[[IO[bytes]], Any]) -> None:

@@ -166,6 +166,7 @@ def plot_cpb_maps(biases: Sequence[np.ndarray], path: str | os.PathLike, *, stag
     pre = f", pre-trained window {pretrained_window}" if pretrained_window else ""
     fig.suptitle(f"Stage {stage}: continuous position bias 16·sigmoid(cpb_mlp), window {window}{pre}\n"
                  f"(relative offset dy down, dx right; range {vmin:.2f} to {vmax:.2f})", fontsize=10)
+    assert im is not None  # heads >= 1 (0 would have divided by zero above): block 0 head 0 drew a map
     fig.colorbar(im, ax=axes, shrink=min(0.9, 0.3 + 0.25 * rows), aspect=30)
     return _save(fig, path)
 

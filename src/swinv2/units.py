@@ -114,7 +114,7 @@ def unit_lock(folder: os.PathLike | str) -> Iterator[bool]:
         os.close(fd)  # releases the flock
 
 
-def remove_stale_temps(folder: os.PathLike | str, names: Iterable[str] | None = None, *,
+def remove_stale_temps(folder: os.PathLike[str] | str, names: Iterable[str] | None = None, *,
                        dirs: Iterable[str] = ()) -> list[Path]:
     """Remove the temp files `atomic_file` left in `folder` for the final names `names` (None: any
     name), and temp folders whose name starts with one of `dirs`; returns what was removed.

@@ -1,10 +1,15 @@
-"""The fast window-attention kernels and their dispatch (torch only; used by model.py).
+"""The fast window-attention kernels and their dispatch, and the continuous position bias (torch only;
+used by transformer.py).
 
-`WindowAttention` in model.py computes q, k, v, the logit scale and the biases the official way, then
-either runs the official formula itself (`fused=False`, the reference) or calls `fused_attention`
-here: the same softmax(cos(q, k) * scale + bias) v, through whichever kernel is fastest for the case.
-Also here: the log-spaced CPB input table, the cache of the position bias in CPU inference, and eager
-CPU inference over groups of images. Why each is built this way, with the measurements: docs/performance.md.
+`WindowAttention` in transformer.py computes q, k, v, the logit scale and the biases the official way,
+then either runs the official formula itself (`fused=False`, the reference) or calls `fused_attention`
+here: the same softmax(cos(q, k) * scale + bias) v, through whichever kernel is fastest for the case
+(`fast_paths.FastPaths` switches some of them off). Also here: eager CPU inference over groups of
+images, and the log-spaced continuous position bias (paper §3.3), each step written once for every
+caller (the model, `cpb.cpb_tables`, the size-free export forward): `log_spaced_coords` (the CPB MLP's
+input), `cpb_bias` (16 * sigmoid of its output, per offset or gathered per token pair with
+`windows.relative_index`), and its cache in CPU inference. Why each is built this way, with the
+measurements: docs/performance.md.
 """
 from __future__ import annotations
 
@@ -16,42 +21,78 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .fast_paths import fast_paths
 from .kernels import attention_fp32_logits, cosine_qkv, mask_runs, sequential_attention, softmax_flushed, traced
 from .windows import Pair, compact, pair, plain_tensors, window_bias
 
-# Eager CPU inference runs each block over groups of images whose widest intermediate fits in this
-# many bytes: larger buffers come from fresh pages on every call (glibc's mmap threshold).
+# Eager CPU inference (`FastPaths.grouped_inference`) runs each block over groups of images whose widest
+# intermediate fits in this many bytes: larger buffers come from fresh pages on every call (glibc's mmap
+# threshold).
 INFERENCE_CHUNK_BYTES = 16 << 20
 # With `set_sequential_attention`, CPU training computes attention in pieces of at most this many bytes of
 # probabilities and recomputes them in the backward pass instead of keeping them.
 SEQUENTIAL_ATTENTION_BYTES = 16 << 20
 
-# Eager CPU inference in these dtypes computes the attention logits in fp32 (`attention_fp32_logits`),
-# in pieces of at most this many bytes of logits: pieces that stay in a core's cache ran the softmax
-# and the products about twice as fast as 16 MiB ones (SwinV2-T stage 1, batch 8).
+# Eager CPU inference in these dtypes computes the attention logits in fp32 (`attention_fp32_logits`,
+# `FastPaths.fp32_logits`), in pieces of at most this many bytes of logits: pieces that stay in a core's
+# cache ran the softmax and the products about twice as fast as 16 MiB ones (SwinV2-T stage 1, batch 8).
 FP32_LOGIT_DTYPES = (torch.bfloat16, torch.float16)
 FP32_LOGIT_PIECE_BYTES = 2 << 20
 
 # (window: w if square else (h, w); autocast dtype or None) -> (CPB parameter snapshot, position bias)
 BiasCache = dict[tuple[int | Pair, torch.dtype | None], tuple[list[Tensor], Tensor]]
+# A window's (h, w) as ints, or as 0-dim int64 tensors (the size-free export forward's traced shapes).
+SizePair = tuple[int | Tensor, int | Tensor]
+
+
+def log_spaced_coords(window: SizePair, pretrained_window: Pair, *, square: bool | None = None,
+                      device: torch.device | None = None) -> Tensor:
+    """((2h-1)(2w-1), 2) fp32 input of the CPB MLP (paper §3.3, official formula): the offsets (dy, dx)
+    of the h x w window's token pairs, dy major, normalised per axis by the pre-training window (else the
+    window) - 1, to [-8, 8], then sign*log2(1+|x|)/log2(8).
+
+    The window is two ints (the model: `cpb_input`, cached per window) or two 0-dim int64 tensors (the
+    size-free export forward, where they are traced shapes); then `square` says whether the window is
+    square, which tensors cannot answer while traced. A square divisor divides as one number and a
+    rectangular pair as a (2,) tensor, as the model has always computed them: on CUDA the two differ in
+    the last bit (a number divides there as a multiplication by its reciprocal).
+    """
+    wh, ww = window
+    span_w = 2 * ww - 1
+    k = torch.arange((2 * wh - 1) * span_w, device=device)
+    table = torch.stack((k // span_w - (wh - 1), k % span_w - (ww - 1)), dim=-1).float()
+    # A window of 1 has the single offset 0; dividing by at least 1 keeps it 0 instead of 0/0.
+    if pretrained_window[0] > 0:
+        dh, dw = (max(v - 1, 1) for v in pretrained_window)
+    else:
+        dh, dw = (max(v - 1, 1) if isinstance(v, int) else torch.clamp(v - 1, min=1).float() for v in window)
+    if isinstance(dh, int) and isinstance(dw, int):
+        square = dh == dw
+    elif square is None:
+        raise ValueError("log_spaced_coords: a window of tensors needs square=")
+    if not square:  # torch.full, not torch.tensor: the size-free export refuses a tensor made a trace constant
+        dh = torch.stack([v if isinstance(v, Tensor) else torch.full((), v, dtype=torch.float32, device=device)
+                          for v in (dh, dw)])
+    table = table / dh * 8  # to [-8, 8]
+    return torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
 
 
 @lru_cache(maxsize=64)
-def log_spaced_coords(window: int | Pair, pretrained_window: int | Pair, device: torch.device) -> Tensor:
-    """((2h-1)(2w-1), 2) fp32 input of the CPB MLP (paper §3.3, official formula): offsets (dy, dx),
-    normalised per axis by the pre-training window (else the window) - 1, to [-8, 8], then
-    sign*log2(1+|x|)/log2(8)."""
-    (wh, ww), pre = pair(window), pair(pretrained_window)
+def cpb_input(window: int | Pair, pretrained_window: int | Pair, device: torch.device) -> Tensor:
+    """`log_spaced_coords` of a window (int or (h, w)), cached per window and device as a plain tensor."""
     with plain_tensors(), torch.no_grad():
-        rh = torch.arange(-(wh - 1), wh, dtype=torch.float32, device=device)
-        rw = torch.arange(-(ww - 1), ww, dtype=torch.float32, device=device)
-        table = torch.stack(torch.meshgrid(rh, rw, indexing="ij"), dim=-1)  # (2h-1, 2w-1, 2)
-        # A window of 1 has the single offset 0; dividing by max(.,1) keeps it 0 instead of 0/0.
-        dh, dw = (max(v - 1, 1) for v in (pre if pre[0] > 0 else (wh, ww)))
-        table = table / (dh if dh == dw else torch.tensor([dh, dw], dtype=torch.float32, device=device))
-        table = table * 8  # to [-8, 8]
-        table = torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
-        return table.reshape(-1, 2)
+        return log_spaced_coords(pair(window), pair(pretrained_window), device=device)
+
+
+def cpb_bias(cpb_mlp: nn.Module, coords: Tensor, index: Tensor | None = None) -> Tensor:
+    """16 * sigmoid(cpb_mlp(coords)): the ((2h-1)(2w-1), nH) bias of every offset of `log_spaced_coords`,
+    or with the (N, N) `index` of each token pair's offset (`windows.relative_index`), the (nH, N, N)
+    bias of every token pair. Gathered from the (nH, (2h-1)(2w-1)) transpose, so it comes out a
+    contiguous (nH, N, N) as attention reads it, and before the sigmoid, as the official code does."""
+    bias = cpb_mlp(coords)
+    if index is not None:
+        bias = bias.t().index_select(1, index.reshape(-1)).reshape(-1, *index.shape)
+    return 16 * torch.sigmoid(bias)
 
 
 def _same_values(a: list[Tensor], b: list[Tensor]) -> bool:
@@ -98,7 +139,7 @@ def fused_attention(qkv: Tensor, logit_scale: Tensor, bias: Tensor, counts: tupl
     """
     rows, N, _ = qkv.shape
     if (qkv.dtype in FP32_LOGIT_DTYPES and qkv.device.type == "cpu" and not torch.is_grad_enabled()
-            and not (attn_drop and training) and not traced()):
+            and not (attn_drop and training) and not traced() and fast_paths().fp32_logits):
         piece = max(1, FP32_LOGIT_PIECE_BYTES // (heads * N * N * 4))
         return attention_fp32_logits(qkv, heads, logit_scale, bias, counts, piece)
     images = rows // sum(counts)
@@ -111,7 +152,8 @@ def fused_attention(qkv: Tensor, logit_scale: Tensor, bias: Tensor, counts: tupl
             piece = max(1, SEQUENTIAL_ATTENTION_BYTES // (heads * N * N * q.element_size()))
             return sequential_attention(q, k, v, bias, counts, images, piece)
         attn = (q @ k.transpose(-2, -1)).view(-1, images, heads, N, N) + window_bias(bias, counts)
-        attn = softmax_flushed(attn).view(rows, heads, N, N)
+        attn = softmax_flushed(attn) if fast_paths().flushed_softmax else attn.softmax(dim=-1)
+        attn = attn.view(rows, heads, N, N)
         if attn_drop:
             attn = F.dropout(attn, attn_drop, training)
         return attn @ v
@@ -124,11 +166,11 @@ def fused_attention(qkv: Tensor, logit_scale: Tensor, bias: Tensor, counts: tupl
 
 def forward_in_chunks(forward: Callable[..., Tensor], x: Tensor, width: int) -> Tensor:
     """`forward(x)` for a (B, H, W, C) map; in eager CPU inference, over groups of as many images as
-    keep a (H, W, width) intermediate within `INFERENCE_CHUNK_BYTES`, each written by
-    `forward(part, out=...)` into one output."""
+    keep a (H, W, width) intermediate within `INFERENCE_CHUNK_BYTES` (`FastPaths.grouped_inference`),
+    each written by `forward(part, out=...)` into one output."""
     B, H, W, _ = x.shape
     n = B
-    if not (torch.is_grad_enabled() or x.device.type != "cpu" or traced()):
+    if not (torch.is_grad_enabled() or x.device.type != "cpu" or traced()) and fast_paths().grouped_inference:
         n = max(1, INFERENCE_CHUNK_BYTES // (H * W * width * x.element_size()))
     if n >= B:
         return forward(x)

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from . import windows
-from .transformer import SwinTransformerV2, log_spaced_coords
+from .attention import cpb_bias, cpb_input
+from .transformer import SwinTransformerV2
 from .windows import Pair, compact, pair
 
 
@@ -48,8 +49,8 @@ def cpb_tables(model: SwinTransformerV2, window: int | Pair | None = None) -> li
         for j, block in enumerate(layer.blocks):
             attn = block.attn
             weight = attn.cpb_mlp[0].weight
-            coords = log_spaced_coords((wh, ww), attn.pretrained_window_size, weight.device).to(weight.dtype)
-            bias = 16 * torch.sigmoid(attn.cpb_mlp(coords))  # ((2h-1)(2w-1), nH)
+            coords = cpb_input((wh, ww), attn.pretrained_window_size, weight.device).to(weight.dtype)
+            bias = cpb_bias(attn.cpb_mlp, coords)  # ((2h-1)(2w-1), nH)
             bias = bias.float().T.reshape(-1, 2 * wh - 1, 2 * ww - 1).cpu()
             tables.append(CPBTable(i, j, compact((wh, ww)), compact(attn.pretrained_window_size), bias))
     return tables

@@ -1,40 +1,14 @@
-"""Fused and memory-lean ops for SwinV2's hot paths (torch only; used by model.py, windows.py, attention.py).
+"""Fused and memory-lean ops for SwinV2's hot paths (torch only; used by windows.py, attention.py, transformer.py).
 
-Each forward computes the ops of the plain formula, so outputs are unchanged up to float rounding; what
-differs is how many passes over memory they take and what autograd keeps for the backward pass:
-
-* `cosine_qkv(qkv, windows, heads, scale)`: q/|q| * scale, k/|k| and v from the qkv projection,
-  each written straight into a fresh contiguous tensor in the attention's layout. Saves the normalised
-  q and k and the norms instead of the raw projection, the norms, quotients and products; its backward
-  writes the q, k and v gradients straight into qkv's layout (no stack, no layout copy).
-* `gelu_linear(h, weight, bias)`: fc2(GELU(h)). Saves h only and recomputes GELU(h) in the backward
-  (one elementwise op) instead of keeping the 4C-wide activation twice (GELU input and fc2 input).
-* `permute_rows(x, order, inverse)`: the window gather/scatter, whose gradient is the inverse gather
-  instead of a zero-fill plus index_add_.
-* `softmax_flushed(s)`: softmax over the last dim whose subnormal outputs (below the dtype's
-  smallest normal number, 1.2e-38 in fp32 and bf16) are flushed to zero. The shift mask's -100 puts
-  masked logits about 100 below their row's maximum, where exp lands in the subnormal range; x86 cores
-  take a microcode assist for every subnormal operand, and a bmm over such probabilities ran 29x
-  slower (fp32, 384 x 64 x 64 @ 64 x 32, 2 cores). A flushed value was below 1.2e-38 of its row's
-  sum, so outputs and gradients are unchanged to far below float rounding. (Setting FTZ/DAZ instead
-  would be a process-wide switch that only reaches OpenMP threads created after it.)
-* `sequential_attention(q, k, v, bias, counts, images, max_rows)`: window attention in pieces of rows
-  under per-mask-class biases, saving q, k, v and the biases only; the backward recomputes each
-  piece's probabilities (the paper's sequential self-attention; opt-in, for large windows or inputs).
-* `linear(x, weight, bias)` and `linear_gelu(x, weight, bias)` (fc1 and its GELU, which in eager
-  inference runs in place on the matmul's fresh output: no second 4C-wide buffer). In fp32 the
-  linear is F.linear (MKL's addmm on the CPU); oneDNN's linear with the bias in its epilogue
-  (`mkldnn._linear_pointwise`) is not used there: with freed memory retained (`swinv2.allocator`,
-  no page faults) addmm ran the SwinV2-T forward 1.05-1.10x and the training step 1.15x faster in
-  eager, and the compiled forward 1.12x, on an AVX2 machine; on an AVX-512 one the two were level
-  (same-process A/Bs, batch 8, `swinv2 bench --ab linear`). In bf16 inference addmm's copy of the
-  bias into the output cost 4-8% of the forward on the AVX-512 machine, so bf16 takes oneDNN, with
-  each weight reordered into oneDNN's layout once (`_onednn_weight`) rather than on every call.
+Each op computes the ops of the plain formula, so outputs are unchanged up to float rounding; what
+differs is how many passes over memory they take and what autograd keeps for the backward pass (each
+op's docstring says which). Traced, compiled or exported, they are the plain ops (`traced`). Which of
+the switchable ones run is `fast_paths.FastPaths`; the measurements behind each choice are in
+docs/performance.md ("Kernel notes").
 """
 from __future__ import annotations
 
 import functools
-
 from typing import Any
 
 import torch
@@ -42,6 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.multiprocessing.reductions import StorageWeakRef
+
+from .fast_paths import fast_paths
 
 EPS = 1e-12  # F.normalize's default
 
@@ -232,10 +208,15 @@ class _SoftmaxFlushed(torch.autograd.Function):
 
 
 def softmax_flushed(s: Tensor) -> Tensor:
-    """softmax(s, dim=-1) with subnormal probabilities flushed to zero (fp32 / bf16; see the module doc).
+    """softmax(s, dim=-1) with subnormal probabilities (below the dtype's smallest normal number,
+    1.2e-38 in fp32 and bf16) flushed to zero.
 
-    Traced or compiled, the same as plain ops (inductor fuses the flush into the softmax kernel); in
-    other dtypes, the plain softmax."""
+    The shift mask's -100 puts masked logits about 100 below their row's maximum, where exp lands in
+    the subnormal range, and x86 cores take a microcode assist for every subnormal operand of the next
+    product. A flushed value was below 1.2e-38 of its row's sum, so outputs and gradients are unchanged
+    to far below float rounding. (The FTZ/DAZ switch instead would be process-wide and reach only
+    threads created after it.) Traced or compiled, the same as plain ops (inductor fuses the flush into
+    the softmax kernel); in other dtypes, the plain softmax."""
     if s.dtype not in (torch.float32, torch.bfloat16):
         return s.softmax(dim=-1)
     if traced():
@@ -352,14 +333,11 @@ def attention_fp32_logits(qkv: Tensor, heads: int, scale: Tensor, bias: Tensor, 
 
 
 def gelu_linear(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """F.linear(F.gelu(h), weight, bias), recomputing GELU(h) in the backward pass when training."""
+    """F.linear(F.gelu(h), weight, bias), recomputing GELU(h) in the backward pass when training: autograd
+    keeps h only, not the 4C-wide activation twice (GELU's input and fc2's), for one elementwise op."""
     if traced() or not torch.is_grad_enabled():
         return F.linear(F.gelu(h), weight, bias)
     return _GeluLinear.apply(h, weight, bias)
-
-
-# Eager CPU inference in these dtypes runs its linears on oneDNN (`linear`), the others on addmm.
-ONEDNN_LINEAR_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16,)
 
 
 @functools.lru_cache(maxsize=None)
@@ -375,18 +353,19 @@ def onednn_linear_runs(dtype: torch.dtype) -> bool:
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """F.linear(x, weight, bias); in bf16 eager CPU inference (bf16 weights, or bf16 autocast), oneDNN's
-    linear with the bias added in the GEMM's epilogue. addmm first copies the broadcast bias into
-    the whole output, which for bf16 cost 4-8% of a SwinV2-T forward (`swinv2 bench --dtype bf16
-    --ab linear`); in fp32 the two were level or addmm faster (see the module doc). The addmm path is
-    aten's linear itself, so that `--ab linear` can switch F.linear and this dtype choice apart."""
+    """F.linear(x, weight, bias); in eager CPU inference in a dtype of `FastPaths.onednn_linear_dtypes`
+    (by default bf16: bf16 weights, or bf16 autocast), oneDNN's linear with the bias added in the GEMM's
+    epilogue. addmm first copies the broadcast bias into the whole output, a few percent of a bf16
+    forward; in fp32 the two were level or addmm faster (docs/performance.md, "Kernel notes")."""
     if bias is None or x.device.type != "cpu" or torch.is_grad_enabled() or traced():
         return F.linear(x, weight, bias)
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-    if dtype not in ONEDNN_LINEAR_DTYPES or not onednn_linear_runs(dtype):
-        return torch._C._nn.linear(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x.to(dtype), _onednn_weight(weight, dtype, x.numel() // x.shape[-1]),
-                                              bias.to(dtype), "none", [], "")
+    paths = fast_paths()
+    if dtype not in paths.onednn_linear_dtypes or not onednn_linear_runs(dtype):
+        return F.linear(x, weight, bias)
+    rows = x.numel() // x.shape[-1]
+    packed = _onednn_weight(weight, dtype, rows) if paths.packed_weights else weight.to(dtype)
+    return torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed, bias.to(dtype), "none", [], "")
 
 
 # (storage address, offset, shape, strides, dtype) of a weight -> (weak reference to its storage, its
@@ -400,9 +379,9 @@ _ONEDNN_WEIGHTS: dict[tuple, tuple[StorageWeakRef, int, Tensor]] = {}
 
 def _onednn_weight(weight: Tensor, dtype: torch.dtype, rows: int) -> Tensor:
     """`weight` in `dtype`, reordered once into oneDNN's blocked layout for its linear. Given a plain
-    weight, oneDNN reorders it on every call: for SwinV2-T's bf16 forward that was 3-7% of the time
-    (`swinv2 bench --dtype bf16 --ab packed-weights`). The GEMM and its result are the same; `rows`
-    only hints the layout. A weight without a version counter (made under inference mode) is not kept."""
+    weight, oneDNN reorders it on every call (`FastPaths.packed_weights` off; a few percent of a bf16
+    forward). The GEMM and its result are the same; `rows` only hints the layout. A weight without a
+    version counter (made under inference mode) is not kept."""
     if weight.is_inference() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
         return weight.to(dtype)
     storage = StorageWeakRef(weight.untyped_storage())

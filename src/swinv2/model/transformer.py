@@ -1,11 +1,11 @@
 """Swin Transformer V2 (Liu et al., arXiv 2111.09883), with the official parameter names and numerics.
 
-Read bottom-up: attention -> block -> patch merging -> stage -> model (the position-bias tables it
-indexes: `attention.log_spaced_coords`, `windows.relative_position_index`). Feature
+Read bottom-up: attention -> block -> patch merging -> stage -> model (the position bias it adds:
+`attention.cpb_bias` over `attention.log_spaced_coords`, gathered by `windows.relative_index`). Feature
 maps stay channels-last, (B, H, W, C), from the patch embedding to the head. What V2 changes over V1:
   * res-post-norm (paper §3.2): `SwinTransformerBlock._forward`, post-norms zero-initialised.
   * scaled cosine attention (paper §3.2): `WindowAttention`, per-head `logit_scale` clamped at log(100).
-  * log-spaced continuous position bias (paper §3.3): `log_spaced_coords` + `cpb_mlp`, `16 * sigmoid`.
+  * log-spaced continuous position bias (paper §3.3): `cpb_mlp` of `log_spaced_coords`, `16 * sigmoid` (`cpb_bias`).
   * v2 patch merging: `PatchMerging`, reduction THEN norm.
 Beyond the official code: any input size (pad to a window multiple, then shift; odd sizes padded before
 merging), windows clamped to the actual map size, per-stage and rectangular (h, w) windows, the SwinV2-H/G
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from .attention import BiasCache, cached_position_bias, forward_in_chunks, fused_attention, log_spaced_coords
+from .attention import BiasCache, cached_position_bias, cpb_bias, cpb_input, forward_in_chunks, fused_attention
 from .kernels import gelu_linear, linear, linear_gelu
 from .windows import Pair, cached, compact_windows, effective_window, from_windows, pair, pretrained_windows
 from .windows import relative_position_index, stage_window_sizes, to_windows, window_bias
@@ -179,13 +179,8 @@ class WindowAttention(nn.Module):
     def position_bias(self, window: int | Pair) -> Tensor:
         """(nH, N, N) = 16 * sigmoid(cpb_mlp(log-spaced table))[relative_position_index], N = h*w."""
         window, weight = pair(window), self.cpb_mlp[0].weight
-        table = cached(log_spaced_coords, window, self.pretrained_window_size, weight.device).to(weight.dtype)
-        bias = self.cpb_mlp(table)  # ((2h-1)(2w-1), nH)
-        index = cached(relative_position_index, window, weight.device).view(-1)
-        N = window[0] * window[1]
-        # Gathered from the (nH, (2h-1)(2w-1)) transpose: a contiguous (nH, N, N), as attention reads it.
-        bias = bias.t().index_select(1, index).view(self.num_heads, N, N)
-        return 16 * torch.sigmoid(bias)
+        table = cached(cpb_input, window, self.pretrained_window_size, weight.device).to(weight.dtype)
+        return cpb_bias(self.cpb_mlp, table, cached(relative_position_index, window, weight.device))
 
     def attention_bias(self, window: Pair, masks: Tensor | None) -> Tensor:
         """(n, nH, N, N): the position bias plus each of the n class masks `masks` (n, N, N); (1, nH, N, N)

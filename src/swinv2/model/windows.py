@@ -128,14 +128,22 @@ def window_partition(x: Tensor, window: Pair) -> Tensor:
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, wh * ww, C)
 
 
+def relative_index(wh: int | Tensor, ww: int | Tensor) -> Tensor:
+    """(N, N) int64 index of each token pair's offset (dy, dx) into the (2h-1) x (2w-1) bias table, dy
+    major, N = h*w, tokens in raster order. The sizes are ints, or 0-dim int64 tensors that tracing
+    keeps as shapes (the size-free export forward). Built from the (row, column) grid of the tokens: the
+    same integers as flat-index arithmetic, but the form torch.compile fuses with the gather as it always
+    has (the compiled logits stay bit for bit what they were)."""
+    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)  # (2, N)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (N, N, 2): (dy, dx) of each pair
+    return (rel[..., 0] + (wh - 1)) * (2 * ww - 1) + rel[..., 1] + (ww - 1)
+
+
 @lru_cache(maxsize=64)
 def relative_position_index(window: int | Pair, device: torch.device) -> Tensor:
-    """(N, N) index of each token pair's offset (dy, dx) into the (2h-1) x (2w-1) bias table, N = h*w."""
-    wh, ww = pair(window)
+    """`relative_index` of a window (int or (h, w)), cached per window and device as a plain tensor."""
     with plain_tensors(), torch.no_grad():
-        coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)
-        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (N, N, 2)
-        return ((rel[..., 0] + (wh - 1)) * (2 * ww - 1) + rel[..., 1] + (ww - 1)).to(device)
+        return relative_index(*pair(window)).to(device)
 
 
 def mask_class(row: int, col: int, rows: int, cols: int) -> int:

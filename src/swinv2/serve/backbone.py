@@ -20,15 +20,16 @@ import os
 import re
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..weights import convert, hub
-from ..weights.checkpoint import LoadReport, read_state_dict
+from ..weights.factory import LoadReport
+from ..weights.files import read_state_dict
 from ..errors import InputError
-from ..model.transformer import DERIVED_KEYS, SwinTransformerV2, SwinV2Config
+from ..model.transformer import DERIVED_KEYS, BasicLayer, SwinTransformerV2, SwinV2Config
 from ..weights.registry import config_with, model_config
 
 log = logging.getLogger(__name__)
@@ -88,10 +89,13 @@ class SwinV2Backbone(nn.Module):
         if self.frozen_stages < 0:
             return []
         modules: list[nn.Module] = [self.patch_embed, self.pos_drop]
+        layers = cast(Sequence[BasicLayer], self.layers)  # the model's stages
         for i in range(self.frozen_stages + 1):
             if i > 0:
-                modules.append(self.layers[i - 1].downsample)
-            modules.append(self.layers[i].blocks)
+                downsample = layers[i - 1].downsample
+                assert downsample is not None  # every stage but the last merges, and i - 1 < frozen_stages < stages
+                modules.append(downsample)
+            modules.append(layers[i].blocks)
             if i in self.out_indices:
                 modules.append(getattr(self, f"norm{i}"))
         return modules
@@ -109,7 +113,7 @@ class SwinV2Backbone(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward pass instead of storing its activations."""
-        for layer in self.layers:
+        for layer in cast(Sequence[BasicLayer], self.layers):
             layer.grad_checkpointing = enable
 
     def forward(self, x: Tensor) -> list[Tensor]:
@@ -117,12 +121,15 @@ class SwinV2Backbone(nn.Module):
         x = self.pos_drop(self.patch_embed(x))
         last = self.out_indices[-1]
         maps = []
+        layers = cast(Sequence[BasicLayer], self.layers)  # the model's stages
         for i in range(last + 1):
-            x = self.layers[i].forward_blocks(x)
+            x = layers[i].forward_blocks(x)
             if i in self.out_indices:
                 maps.append(getattr(self, f"norm{i}")(x).permute(0, 3, 1, 2).contiguous())
             if i < last:
-                x = self.layers[i].downsample(x)
+                downsample = layers[i].downsample
+                assert downsample is not None  # every stage but the last merges, and i < last < stages
+                x = downsample(x)
         return maps
 
 

@@ -15,8 +15,9 @@ graph runs at any height and width:
   min(H, W) and shift 0 when min(H, W) <= the configured window; for a rectangular (h, w) one the same
   test per axis (timm's rule); computed with `torch.where`, so N = h * w is dynamic. Windows may differ
   per stage (each block carries its own).
-* position bias: the log-spaced coordinates table and the relative position index are built from the
-  dynamic (h, w) window with `arange`, then go through the block's CPB MLP, in the graph.
+* position bias: the model's own formula (`attention.log_spaced_coords`, `windows.relative_index`,
+  `attention.cpb_bias`) given the dynamic (h, w) window as tensors: its aranges, the CPB MLP and the
+  gather are in the graph.
 * shift masks: per window-ordered token its region label (the official three slices per axis, in
   the rolled frame), compared pairwise within each window; with shift 0 every label in a window is
   equal and the mask is zero, so one formula serves both branches.
@@ -34,8 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..model.attention import cpb_bias, log_spaced_coords
 from ..model.transformer import BasicLayer, PatchMerging, SwinTransformerBlock, SwinTransformerV2, WindowAttention
-from ..model.windows import MASK_VALUE, Pair
+from ..model.windows import MASK_VALUE, Pair, relative_index
 
 
 class Layout(NamedTuple):
@@ -101,38 +103,11 @@ def window_layout(H: Tensor, W: Tensor, window: TensorPair, shift: TensorPair, m
     return Layout(window, N, Hp * Wp // N, gather, scatter, mask)
 
 
-def _normalise(table: Tensor, attn: WindowAttention, window: TensorPair, square: bool) -> Tensor:
-    """Offsets (dy, dx) / (pre-training window - 1, else window - 1), at least 1 (a window of 1 has the
-    single offset 0, kept 0 instead of 0/0). A square divisor divides as one number, as the model does;
-    rectangles column by column (a constant tensor of two divisors would be a trace constant).
-    `square`: whether the block's window is square (the pre-training window decides where there is one)."""
-    ph, pw = attn.pretrained_window_size
-    if ph > 0:
-        (dh, dw), square = (max(ph - 1, 1), max(pw - 1, 1)), ph == pw
-    else:
-        dh, dw = (torch.clamp(w - 1, min=1).float() for w in window)
-    if square:
-        return table / dh
-    return torch.stack((table[:, 0] / dh, table[:, 1] / dw), dim=-1)
-
-
 def position_bias(attn: WindowAttention, window: TensorPair, square: bool) -> Tensor:
-    """(nH, N, N) = 16 * sigmoid(cpb_mlp(log-spaced table))[relative index], for a dynamic (h, w) window.
-
-    The same table as `attention.log_spaced_coords` (same op order, so the same fp32 values) and the
-    same index as `windows.relative_position_index`, from flat aranges instead of meshgrids."""
-    wh, ww = window
-    span_h, span_w = 2 * wh - 1, 2 * ww - 1
-    k = torch.arange(span_h * span_w)
-    table = torch.stack((k // span_w - (wh - 1), k % span_w - (ww - 1)), dim=-1)  # (.., 2) offsets (dy, dx)
-    table = _normalise(table.float(), attn, window, square) * 8
-    table = torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
-    bias = attn.cpb_mlp(table)  # ((2h-1)(2w-1), nH)
-    p = torch.arange(wh * ww)
-    r, c = p // ww, p % ww
-    index = (r[:, None] - r[None, :] + wh - 1) * span_w + (c[:, None] - c[None, :] + ww - 1)
-    N = wh * ww
-    return 16 * torch.sigmoid(bias.t().index_select(1, index.reshape(-1)).reshape(-1, N, N))
+    """(nH, N, N) = 16 * sigmoid(cpb_mlp(log-spaced table))[relative index] for a dynamic (h, w) window:
+    the model's formula, sizes as tensors. `square`: whether the block's window is square."""
+    table = log_spaced_coords(window, attn.pretrained_window_size, square=square)
+    return cpb_bias(attn.cpb_mlp, table, relative_index(*window))
 
 
 def window_attention(attn: WindowAttention, x: Tensor, layout: Layout, square: bool) -> Tensor:

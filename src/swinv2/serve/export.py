@@ -47,12 +47,13 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from ..errors import CheckpointError, InputError
+from ..model.transformer import SwinTransformerV2
 from ..outputs import atomic_file, write_output
 from ..weights.registry import model_info
 from ..units import new_unit_id, remove_stale_temps, torn, unit_lock
@@ -119,8 +120,9 @@ def _export_dynamic_graph(model: nn.Module, path: str, x: torch.Tensor, opset: i
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         # The crops to a dynamic even size are slices with tensor bounds, which constant folding skips.
         warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
-        torch.onnx.export(DynamicSizeForward(model), (x,), path, dynamo=False, input_names=[INPUT_NAME],
-                          output_names=[OUTPUT_NAME], opset_version=opset, do_constant_folding=True,
+        torch.onnx.export(DynamicSizeForward(cast(SwinTransformerV2, model)), (x,), path, dynamo=False,
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset,
+                          do_constant_folding=True,
                           dynamic_axes={INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch"}})
 
 
@@ -175,7 +177,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, img_size: int | No
     if not path.parent.is_dir():
         raise FileNotFoundError(f"output folder not found: {path.parent}")
     if img_size is None:
-        img_size = model_info(model).preprocess.img_size
+        prep = model_info(cast(SwinTransformerV2, model)).preprocess
+        assert prep is not None  # model_info fills it in from the config where the weights gave none
+        img_size = prep.img_size
     if img_size < 1:
         raise InputError(f"img_size must be positive, got {img_size}")
     model = model.eval().float().cpu()
@@ -224,19 +228,21 @@ def _write_sidecar(path: Path, model: nn.Module, img_size: int, opset: int, dyna
     A dynamic graph has `"img_size": null` and `"dynamic_size": true`; `"eval_img_size"` (and the
     preprocessing's size) is the size its images are resized and cropped to in eval, `img_size`.
     `"unit_id"` is the id in the graph's metadata_props (`UNIT_KEY`): a reader compares the two."""
-    described = model_info(model)
+    swin = cast(SwinTransformerV2, model)  # typed as a Module for callers; a SwinV2 (or a wrapper of one) here
+    described = model_info(swin)
     prep = described.preprocess
+    assert prep is not None  # model_info fills it in from the config where the weights gave none
     spatial: list[Any] = ["height", "width"] if dynamic_size else [img_size, img_size]
     info: dict[str, Any] = {
         "input": {"name": INPUT_NAME, "shape": ["batch", 3, *spatial], "dtype": "float32"},
-        "output": {"name": OUTPUT_NAME, "shape": ["batch", model.config.num_classes]},
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", swin.config.num_classes]},
         "img_size": None if dynamic_size else img_size,
         "dynamic_size": dynamic_size,
         "eval_img_size": img_size,
         "opset": opset,
         "preprocess": asdict(prep),
         "class_names": described.class_names,
-        "config": model.config.to_dict(),
+        "config": swin.config.to_dict(),
     }
     if unit is not None:
         info["unit_id"] = unit

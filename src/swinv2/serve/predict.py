@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 
 from ..errors import InputError
 from ..images import BadImageError, eval_resize_crop, load_image, normalize_images, walk_folder
+from ..model.transformer import SwinTransformerV2
 from ..outputs import IMG_EXTENSIONS
 from ..preprocess import EvalPreprocess
 from ..weights.registry import model_info, require_classifier, resolve_preprocess
@@ -50,8 +51,9 @@ def imagenet_class_names() -> list[str]:
 def class_names_for(model: nn.Module) -> tuple[list[str], str]:
     """(names, where they came from): the weights' own, ImageNet-1k for an unnamed 1000-class head,
     else the class indices as text."""
-    names = model_info(model).class_names
-    n = model.config.num_classes
+    swin = cast(SwinTransformerV2, model)  # typed as a Module for callers; a SwinV2 (or a wrapper of one) here
+    names = model_info(swin).class_names
+    n = swin.config.num_classes
     if names:
         return list(names), "weights"
     if n == 1000:
@@ -63,7 +65,7 @@ def class_names_for(model: nn.Module) -> tuple[list[str], str]:
 # --------------------------------------------------------------------------- predict
 
 
-def expand_paths(paths: Sequence[str | os.PathLike]) -> tuple[list[str], list[dict[str, str]]]:
+def expand_paths(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[str], list[dict[str, str]]]:
     """Files named, image files under folders (recursive, sorted, hidden entries skipped, each real
     folder once: `images.walk_folder`) and glob matches (each real file once), in argument order without
     duplicates; plus an error record per argument that names nothing. Linked folders not followed are
@@ -71,7 +73,7 @@ def expand_paths(paths: Sequence[str | os.PathLike]) -> tuple[list[str], list[di
     files: list[str] = []
     errors: list[dict[str, str]] = []
     skipped: list[str] = []
-    for arg in map(os.fspath, paths):
+    for arg in (os.fspath(p) for p in paths):
         if os.path.isdir(arg):
             found = []
             for dirpath, filenames in walk_folder(arg, seen=set(), skipped=skipped, hidden=lambda n: n.startswith(".")):
@@ -182,11 +184,11 @@ def one_ahead(items: Iterator[T]) -> Iterator[T]:
         pending = pool.submit(next, items, end)
         while (item := pending.result()) is not end:
             pending = pool.submit(next, items, end)
-            yield item
+            yield cast(T, item)  # not `end`, so one of `items`
 
 
 @torch.no_grad()
-def predict(model: nn.Module, paths: Sequence[str | os.PathLike], *, topk: int = 5, batch_size: int = 32,
+def predict(model: nn.Module, paths: Sequence[str | os.PathLike[str]], *, topk: int = 5, batch_size: int = 32,
             device: str | torch.device = "cpu", preprocess: EvalPreprocess | None = None,
             thumbnails: int = 0, amp_dtype: torch.dtype | None = None, runtime: Any = None,
             workers: int = 0) -> PredictionSet:

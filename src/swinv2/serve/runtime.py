@@ -646,17 +646,3 @@ def _auto(model: nn.Module, precision: str, *, weights, img_size: int, calib, ca
 
 def _rates(rates: dict[str, float]) -> str:
     return ", ".join(f"{n} {v:.1f} img/s" for n, v in sorted(rates.items(), key=lambda kv: -kv[1]))
-
-
-def bench_factory(*, calib: str | os.PathLike | None = None, cache_dir: str | os.PathLike) -> Callable:
-    """A `bench.RuntimeFactory`: (runtime, model, precision, img_size) -> the loaded `Runtime`. int8 is
-    calibrated on the `calib` folder, else on 32 seeded N(0, 1) images (enough for timing, not for
-    accuracy)."""
-    def make(runtime: str, model: nn.Module, precision: str, img_size: int) -> Runtime:
-        images = calib
-        if precision == "int8" and images is None:
-            g = torch.Generator().manual_seed(0)
-            images = [torch.randn(1, 3, img_size, img_size, generator=g).numpy() for _ in range(32)]
-        return load_runtime(model, runtime, precision, img_size=img_size, calib=images, cache_dir=cache_dir)
-
-    return make

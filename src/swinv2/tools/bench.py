@@ -10,8 +10,9 @@ callers (`swinv2 bench`, `benchmarks/run_cpu.py`) first make malloc retain freed
 the ratios, depend on which one ran before it.
 
 A/B of one of our fast paths (`ab=NAME`, `swinv2 bench --ab NAME`, names in `AB_SWITCHES`): one more
-row, "ours/<alternative>", is our model with that path switched to its alternative during each of its
-calls, timed in the same interleaved rounds; its `ours_speedup` is how many times faster the path is.
+row, "ours/<alternative>", is our model run under a `model.fast_paths.FastPaths` policy with that path
+switched to its alternative during each of its calls, timed in the same interleaved rounds; its
+`ours_speedup` is how many times faster the path is.
 `only=IMPL` benchmarks one implementation alone (no ours): `swinv2 bench --own-process` runs every
 implementation that way, each in a fresh process, to see what a user's own process sees.
 
@@ -80,21 +81,21 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..model import attention, kernels as fused
-from ..train import distributed as D
 from ..errors import InputError
-from .flops import count_flops
 from ..hardware import DTYPES, cpu_name, warn_if_bf16_emulated
+from ..model.fast_paths import FastPaths, use_fast_paths
 from ..model.transformer import SwinTransformerV2, SwinV2Config
 from ..outputs import write_output
-from ..weights.registry import model_config
+from ..serve.runtime import load_runtime
 from ..timing import sync, timed
+from ..train import distributed as D
+from ..weights.registry import model_config
+from .flops import count_flops
 
 log = logging.getLogger(__name__)
 
@@ -103,44 +104,27 @@ IMPLS = ("ours", "timm", "hf", "torchvision")
 PEER_PACKAGES = {"timm": "timm", "hf": "transformers", "torchvision": "torchvision"}
 # Inference runtimes running our exported graph (`swinv2.serve.runtime`), rows "<runtime>/<precision>".
 RUNTIME_IMPLS = ("onnxruntime", "openvino")
-# (runtime, model, precision, img_size) -> callable on (B, 3, S, S) float32 images giving fp32 logits;
-# `swinv2.serve.runtime.bench_factory` makes one (bench sits below runtime in the import layers).
-RuntimeFactory = Callable[[str, nn.Module, str, int], Callable[[Tensor], Tensor]]
 
-
-def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-
-@contextlib.contextmanager
-def _both(a: contextlib.AbstractContextManager, b: contextlib.AbstractContextManager) -> Iterator[None]:
-    with a, b:
-        yield
-
-
-# A/B name -> (row name of ours with the alternative, context manager switching ours to it). Each
+# A/B name -> (row name of ours with the alternative, the fast paths that row runs under). Each
 # alternative is what the fast path replaced (docs/performance.md, "Why the fast paths are built this way").
-AB_SWITCHES: dict[str, tuple[str, Callable[[], contextlib.AbstractContextManager]]] = {
+AB_SWITCHES: dict[str, tuple[str, FastPaths]] = {
     # eager CPU inference: the whole batch through each block at once, not groups within 16 MiB
-    "grouping": ("ours/whole-batch", lambda: mock.patch.object(attention, "INFERENCE_CHUNK_BYTES", 1 << 62)),
-    # each linear on the other kernel: fp32 (every F.linear, training too) on oneDNN's linear with the bias
-    # in its epilogue, bf16 inference (`kernels.linear`) on addmm
-    "linear": ("ours/other-linear", lambda: _both(mock.patch.object(F, "linear", _onednn_linear),
-                                                  mock.patch.object(fused, "ONEDNN_LINEAR_DTYPES", (torch.float32,)))),
+    "grouping": ("ours/whole-batch", FastPaths(grouped_inference=False)),
+    # eager CPU inference: each dtype's linears on the other kernel, fp32 on oneDNN's linear with the bias
+    # in its epilogue, bf16 on addmm
+    "linear": ("ours/other-linear", FastPaths(onednn_linear_dtypes=(torch.float32,))),
     # bf16 CPU inference: oneDNN's linear given the plain weight, reordered into its layout on every call
-    "packed-weights": ("ours/plain-weights", lambda: mock.patch.object(fused, "_onednn_weight",
-                                                                       lambda weight, dtype, rows: weight.to(dtype))),
+    "packed-weights": ("ours/plain-weights", FastPaths(packed_weights=False)),
     # bf16 / fp16 CPU inference: SDPA's flash kernel on the half-precision q, k, v, not fp32 logits
-    "half-attention": ("ours/flash-half", lambda: mock.patch.object(attention, "FP32_LOGIT_DTYPES", ())),
+    "half-attention": ("ours/flash-half", FastPaths(fp32_logits=False)),
     # CPU training: the plain softmax, whose masked (subnormal) probabilities reach the next bmm
-    "flush": ("ours/plain-softmax", lambda: mock.patch.object(attention, "softmax_flushed",
-                                                              lambda s: s.softmax(dim=-1))),
+    "flush": ("ours/plain-softmax", FastPaths(flushed_softmax=False)),
 }
 
 
-def _switched(step: Callable[[], Any], switch: Callable[[], contextlib.AbstractContextManager]) -> Callable[[], Any]:
+def _switched(step: Callable[[], Any], paths: FastPaths) -> Callable[[], Any]:
     def run_switched() -> Any:
-        with switch():
+        with use_fast_paths(paths):
             return step()
     return run_switched
 
@@ -361,12 +345,15 @@ def run(model: str, *, batch_sizes: Sequence[int] = (8,), img_sizes: Sequence[in
         compare: Sequence[str] = (), weights: str | os.PathLike | None = None, measure_memory: bool = True,
         seed: int = 0, grad_checkpointing: bool = False, sequential_attention: bool = False,
         ab: str | None = None, only: str | None = None, precisions: Sequence[str] = ("fp32",),
-        runtime_factory: RuntimeFactory | None = None) -> list[dict[str, Any]]:
+        calib: str | os.PathLike | None = None,
+        runtime_cache: str | os.PathLike | None = None) -> list[dict[str, Any]]:
     """Benchmark `model` (a registry name) and the `compare` peers; one result dict per impl and setting.
 
     Runtimes in `compare` ("onnxruntime", "openvino") become rows "<runtime>/<precision>", one per entry
-    of `precisions` the runtime supports here (`runtime_factory` builds them; inference only), timed in
-    the same interleaved rounds: their `ours_speedup` compares them with ours at each `dtypes` entry.
+    of `precisions` the runtime supports here (CPU inference only), timed in the same interleaved
+    rounds: their `ours_speedup` compares them with ours at each `dtypes` entry. Their exports go to
+    `runtime_cache` (default: a temporary folder of this call); int8 is calibrated on the `calib`
+    folder, else on seeded noise (enough for timing, not for accuracy).
 
     `img_sizes` entries of None mean the variant's nominal size. Without `weights` every impl gets the
     same re-randomised weights (`randomize_weights_`); with `weights` (any file `swinv2.load_model`
@@ -382,16 +369,15 @@ def run(model: str, *, batch_sizes: Sequence[int] = (8,), img_sizes: Sequence[in
     impls = [p for p in impls if p not in RUNTIME_IMPLS]
     if not impls:
         raise InputError(f"{only}: a runtime is timed beside ours, not alone (no --own-process)")
-    if runtime_names and (train or runtime_factory is None or dev.type != "cpu"):
-        raise InputError(f"--compare {','.join(runtime_names)}: runtimes are timed in CPU inference only "
-                         "(and need swinv2.serve.runtime.bench_factory)")
+    if runtime_names and (train or dev.type != "cpu"):
+        raise InputError(f"--compare {','.join(runtime_names)}: runtimes are timed in CPU inference only")
     check_peers(impls)
-    switches = {}
+    switches: dict[str, FastPaths] = {}
     if ab is not None:
         if ab not in AB_SWITCHES or impls[0] != "ours":
             raise InputError(f"--ab {ab!r}: choose from {', '.join(AB_SWITCHES)}, with ours in the run")
-        name, switch = AB_SWITCHES[ab]
-        switches[name] = switch
+        name, paths = AB_SWITCHES[ab]
+        switches[name] = paths
         impls.insert(1, name)
     for d in dtypes:
         _check_dtype(d, dev)
@@ -401,7 +387,7 @@ def run(model: str, *, batch_sizes: Sequence[int] = (8,), img_sizes: Sequence[in
         warn_if_bf16_emulated(dev, "--dtype bf16")
 
     if weights is not None:
-        from ..weights.checkpoint import load_model
+        from ..weights.factory import load_model
 
         base = load_model(weights, name=model)
         base_config = base.config
@@ -413,36 +399,46 @@ def run(model: str, *, batch_sizes: Sequence[int] = (8,), img_sizes: Sequence[in
     del base
 
     results = []
-    for img in img_sizes:
-        size = img or base_config.img_size[0]
-        config = replace(base_config, img_size=(size, size))
-        modules = {p: build_impl("ours" if p in switches else p, config, state_dict) for p in impls}
-        diffs = _max_abs_diffs(modules, size, switches)
-        runtimes = _build_runtimes(runtime_names, precisions, runtime_factory, modules[impls[0]], size, diffs)
-        for dtype in dtypes:
-            for batch in batch_sizes:
-                results += _bench_setting(modules, diffs, model=model, config=config, size=size, batch=batch,
-                                          dtype=dtype, compile=compile, compile_kwargs=compile_kwargs or {},
-                                          train=train, device=dev, repeats=repeats, warmup=warmup,
-                                          iters=iters, measure_memory=measure_memory, seed=seed,
-                                          grad_checkpointing=grad_checkpointing,
-                                          sequential_attention=sequential_attention, switches=switches,
-                                          runtimes=runtimes)
+    with contextlib.ExitStack() as stack:
+        if runtime_names and runtime_cache is None:  # the runtimes' exports, this call only
+            runtime_cache = stack.enter_context(tempfile.TemporaryDirectory(prefix="swinv2-bench-"))
+        for img in img_sizes:
+            size = img or base_config.img_size[0]
+            config = replace(base_config, img_size=(size, size))
+            modules = {p: build_impl("ours" if p in switches else p, config, state_dict) for p in impls}
+            diffs = _max_abs_diffs(modules, size, switches)
+            runtimes = _build_runtimes(runtime_names, precisions, modules[impls[0]], size, diffs, calib=calib,
+                                       cache_dir=runtime_cache)
+            for dtype in dtypes:
+                for batch in batch_sizes:
+                    results += _bench_setting(modules, diffs, model=model, config=config, size=size, batch=batch,
+                                              dtype=dtype, compile=compile, compile_kwargs=compile_kwargs or {},
+                                              train=train, device=dev, repeats=repeats, warmup=warmup,
+                                              iters=iters, measure_memory=measure_memory, seed=seed,
+                                              grad_checkpointing=grad_checkpointing,
+                                              sequential_attention=sequential_attention, switches=switches,
+                                              runtimes=runtimes)
     return results
 
 
 @torch.no_grad()
-def _build_runtimes(names: Sequence[str], precisions: Sequence[str], factory: RuntimeFactory | None,
-                    ours: nn.Module, size: int, diffs: dict[str, float | None]) -> dict[str, tuple[Callable, str]]:
+def _build_runtimes(names: Sequence[str], precisions: Sequence[str], ours: nn.Module, size: int,
+                    diffs: dict[str, float | None], *, calib: str | os.PathLike | None,
+                    cache_dir: str | os.PathLike | None) -> dict[str, tuple[Callable, str]]:
     """"<runtime>/<precision>" -> (callable, precision) for every pair that runs here (others are skipped
-    with a warning, e.g. bf16 on a CPU without it); their max |logits - ours fp32| go into `diffs`."""
+    with a warning, e.g. bf16 on a CPU without it); their max |logits - ours fp32| go into `diffs`.
+    int8 without `calib` is calibrated on 32 seeded N(0, 1) images."""
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))  # as in _max_abs_diffs
     ref = ours.eval()(x)
     out = {}
     for name in names:
         for precision in precisions:
+            images = calib
+            if precision == "int8" and images is None:
+                g = torch.Generator().manual_seed(0)
+                images = [torch.randn(1, 3, size, size, generator=g).numpy() for _ in range(32)]
             try:
-                fn = factory(name, ours, precision, size)
+                fn = load_runtime(ours, name, precision, img_size=size, calib=images, cache_dir=cache_dir)
             except ValueError as e:  # runtime.RuntimeUnavailable: one line saying why
                 log.warning("%s/%s skipped: %s", name, precision, e)
                 continue
@@ -453,12 +449,12 @@ def _build_runtimes(names: Sequence[str], precisions: Sequence[str], factory: Ru
 
 @torch.no_grad()
 def _max_abs_diffs(modules: dict[str, nn.Module], size: int,
-                   switches: dict[str, Callable[[], contextlib.AbstractContextManager]]) -> dict[str, float | None]:
+                   switches: dict[str, FastPaths]) -> dict[str, float | None]:
     """fp32 eval logits of every impl against the first (ours) on one seeded image; A/B rows switched."""
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
     outs = {}
     for p, m in modules.items():
-        with switches.get(p, contextlib.nullcontext)():
+        with use_fast_paths(switches[p]) if p in switches else contextlib.nullcontext():
             outs[p] = m.eval()(x)
     ref = next(iter(outs))
     diffs: dict[str, float | None] = {ref: None}
@@ -475,7 +471,7 @@ def _bench_setting(modules: dict[str, nn.Module], diffs: dict[str, float | None]
                    compile_kwargs: dict[str, Any], train: bool, device: torch.device, repeats: int,
                    warmup: int, iters: int, measure_memory: bool, seed: int,
                    grad_checkpointing: bool = False, sequential_attention: bool = False,
-                   switches: dict[str, Callable[[], contextlib.AbstractContextManager]] | None = None,
+                   switches: dict[str, FastPaths] | None = None,
                    runtimes: dict[str, tuple[Callable, str]] | None = None) -> list[dict[str, Any]]:
     """Warm-up, memory and interleaved timed rounds of every impl at one (batch, size, dtype); ratios
     against the first impl (ours unless `only`); impls in `switches` run ours under their switch."""

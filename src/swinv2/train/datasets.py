@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import numpy as np
 import torch
@@ -36,6 +36,9 @@ from ..errors import DataError, InputError
 from ..outputs import IMG_EXTENSIONS, atomic_folder
 from ..images import BadImageError, folder_key, is_hidden, load_image, open_image, walk_folder
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,8 @@ def train_transform(img_size: int, *, scale: Sequence[float] = (0.08, 1.0), rati
     """
     from timm.data import create_transform
 
-    tf = create_transform(img_size, is_training=True, scale=tuple(scale), ratio=tuple(ratio), hflip=hflip,
+    tf = create_transform(img_size, is_training=True, scale=cast("tuple[float, float]", tuple(scale)),
+                          ratio=cast("tuple[float, float]", tuple(ratio)), hflip=hflip,
                           color_jitter=color_jitter, auto_augment=auto_augment, interpolation=interpolation,
                           re_prob=re_prob, re_mode=re_mode, re_count=re_count, mean=tuple(mean), std=tuple(std))
     if img_size <= 32:
@@ -438,7 +442,7 @@ class ShardedSampler(Sampler):
 class Sample(NamedTuple):
     image: Tensor | None
     label: int
-    index: int
+    index: int  # type: ignore[assignment]  # a field named as tuple.index (mypy: NamedTuple field shadowing)
     error: tuple[str, str] | None  # (path, reason) of an unreadable file
 
 
@@ -474,7 +478,7 @@ class SeededSamples(Dataset):
 def collate(samples: list[Sample]) -> Batch:
     good = [s for s in samples if s.error is None]
     bad = [s.error for s in samples if s.error is not None]
-    images = torch.stack([s.image for s in good]) if good else torch.empty(0)
+    images = torch.stack([cast(Tensor, s.image) for s in good]) if good else torch.empty(0)  # no error: an image
     labels = torch.tensor([s.label for s in good], dtype=torch.int64)
     indices = torch.tensor([s.index for s in good], dtype=torch.int64)
     return Batch(images, labels, indices, bad)
@@ -499,7 +503,8 @@ def _worker_signals(worker_id: int) -> None:
 
 
 def make_loader(samples: SeededSamples, sampler: ShardedSampler, *, batch_size: int, workers: int,
-                pin_memory: bool = False, persistent_workers: bool = True, drop_last: bool = False):
+                pin_memory: bool = False, persistent_workers: bool = True,
+                drop_last: bool = False) -> DataLoader[Sample]:
     """A DataLoader over `samples` in `sampler`'s order, batched by `collate`.
 
     It gets its own generator so that starting an epoch never draws from the global torch RNG
@@ -540,7 +545,7 @@ def build_digits_folder(root: str | os.PathLike, *, img_size: int = 32, val_frac
                 for i in sorted(ids):
                     d = tmp / split / str(digits.target[i])
                     d.mkdir(parents=True, exist_ok=True)
-                    image = Image.fromarray(images[i], mode="L").resize((img_size, img_size), Image.BICUBIC)
+                    image = Image.fromarray(images[i], mode="L").resize((img_size, img_size), Image.Resampling.BICUBIC)
                     image.save(d / f"{i:04d}.png")
             (tmp / ".complete").write_text(f"sklearn.datasets.load_digits, {img_size}px, val_fraction "
                                            f"{val_fraction}, seed {seed}\n")

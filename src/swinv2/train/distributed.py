@@ -10,13 +10,16 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..errors import InputError
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, ValueType
 
 
 @dataclass(frozen=True)
@@ -65,8 +68,8 @@ def setup(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv:
             dev = torch.device("cuda", local_rank)
         if not dist.is_initialized():
             backend = "nccl" if dev.type == "cuda" else "gloo"
-            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
-                                    **({"device_id": dev} if dev.type == "cuda" else {}))
+            device_kw: dict[str, Any] = {"device_id": dev} if dev.type == "cuda" else {}
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **device_kw)
     if rank != 0:
         # A level, not a logger filter: filters on "swinv2" would not see records of its children.
         logging.getLogger("swinv2").setLevel(logging.WARNING)
@@ -118,8 +121,8 @@ def wrap_model(model: nn.Module, env: DistEnv, parallel: str = "ddp") -> nn.Modu
     if parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for layer in model.layers:
-            for block in layer.blocks:
+        for layer in cast(nn.ModuleList, model.layers):  # SwinTransformerV2's stages
+            for block in cast(nn.ModuleList, layer.blocks):
                 fully_shard(block)
         fully_shard(model)
         return model
@@ -148,7 +151,7 @@ def is_fsdp(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def _full_options(**kw: Any):
+def _full_options(**kw: Any) -> StateDictOptions:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
@@ -161,7 +164,7 @@ def full_model_state(model: nn.Module, env: DistEnv, *, everywhere: bool = False
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         opts = StateDictOptions(full_state_dict=True) if everywhere else _full_options()
-        return get_model_state_dict(model, options=opts)
+        return cast("dict[str, torch.Tensor]", get_model_state_dict(model, options=opts))  # a model's: tensors
     return model.state_dict()
 
 
@@ -169,7 +172,7 @@ def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor], env:
     if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-        set_model_state_dict(model, state, options=_full_options())
+        set_model_state_dict(model, cast("dict[str, ValueType]", state), options=_full_options())
         return
     model.load_state_dict(state)
 

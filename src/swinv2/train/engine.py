@@ -10,12 +10,13 @@ each sample's augmentation come from (seed, epoch, sample index) (see `datasets.
 per-step randomness (Mixup/CutMix, stochastic depth) from (seed, step, rank), reseeded before
 every step. So no generator state needs saving, and the training state is the model, EMA,
 optimizer, scheduler, scaler, progress (epoch, step in epoch, global step), sampler position,
-metric history, best-k list, class map and resolved config. A run killed at any point and started
-again with the same command continues bit-identically (on CPU) from its last checkpoint.
+metric history, best-k list, class map and resolved config (`STATE`, one row per part). A run killed
+at any point and started again with the same command continues bit-identically (on CPU) from its
+last checkpoint.
 
-`train.task: simmim` trains `simmim.SimMIM` (masked-image pretraining without labels) in the same loop:
-its model returns the loss, each image's mask comes from (seed, epoch, sample index), validation is
-the reconstruction loss on fixed masks, and the weights file is the encoder alone.
+The loop is the same for every `train.task`; what a task decides (the data, the module trained, the
+loss, the validation metrics, the weights file, the picture per epoch) the trainer asks of its
+`tasks.Task`: classification, or SimMIM masked-image pretraining without labels.
 
 Faults (docs/reliability.md): SIGTERM/SIGINT save a checkpoint at the next step boundary and raise
 `TrainingInterrupted` (exit 143/130); a non-finite loss or gradient skips the step (weights, EMA
@@ -32,38 +33,55 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 import torch
 from torch import nn
 
+from ..config import Config, check_resume_config, check_task
 from ..errors import ConfigError, DataError, InputError
-from . import distributed as D
-from . import schedule
-from ..weights.checkpoint import create_model
-from ..config import Config, check_task
-from .datasets import (Batch, DataReport, ImageFilesDataset, ImageFolderDataset, SeededSamples, ShardedSampler,
-                   build_digits_folder, build_mixup, check_dataset, hygiene_warnings, make_loader,
-                   pretrain_transform, sample_seed, seed_everything, train_transform)
-from .evaluate import evaluate
-from .faults import NonFiniteError, StopSignals, TrainingInterrupted, assert_finite, check_fits
 from ..hardware import DTYPES, warn_if_bf16_emulated
 from ..images import eval_pipeline
 from ..model.transformer import SwinTransformerV2
 from ..preprocess import EvalPreprocess
+from ..weights.factory import create_model
 from ..weights.registry import get_variant
+from ..weights.training_state import TRAINING_STATE_FORMAT as STATE_FORMAT  # the one tag of a training state
+from . import distributed as D
+from . import schedule
+from .datasets import (Batch, DataReport, ImageFolderDataset, SeededSamples, ShardedSampler, build_digits_folder,
+                       check_dataset, hygiene_warnings, make_loader, sample_seed, seed_everything)
+from .faults import NonFiniteError, StopSignals, TrainingInterrupted, assert_finite, check_fits
 from .rundir import RunDir, RunFolderError, RunLockedError  # noqa: F401 (raised by fit)
-from ..model.simmim import (MaskGenerator, SimMIM, check_geometry, encoder_of, encoder_stride, encoder_weights,
-                     reconstruction_images, reconstruction_loss)
+from .tasks import Task, task_for
+
+if TYPE_CHECKING:
+    from timm.utils import ModelEmaV3
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data import DataLoader
+
+    from .datasets import Sample
+    from .tasks import TrainedModule
 
 log = logging.getLogger(__name__)
 
-STATE_FORMAT = "swinv2.training_state"
 STATE_VERSION = 1
-# Tags mixed into the seeds of SimMIM's masks: a training image's mask is a function of (seed, epoch,
-# index), a validation image's of its index alone (every run is scored on the same masked pixels).
-TRAIN_MASKS, VAL_MASKS = 2, 3
+
+
+class Progress(TypedDict):
+    """Where the run is (`Trainer.progress`, saved as the training state's "progress")."""
+
+    epoch: int
+    step_in_epoch: int
+    global_step: int
+    bad_steps: int
+    consecutive_bad: int
+    overflow_steps: int
+    epoch_loss_sum: float
+    epoch_loss_steps: int
+    epoch_bad_files: dict[str, str]  # path -> reason, of the epoch's unreadable training images
 
 
 class BadDataError(DataError):
@@ -73,22 +91,19 @@ class BadDataError(DataError):
 # --------------------------------------------------------------------------- building blocks
 
 
-def build_model(cfg: Config, num_classes: int) -> nn.Module:
-    """The configured variant with `num_classes` outputs, init weights loaded, patterns frozen; under
-    `train.task: simmim` the same variant without a head (the patterns name its parameters as a
-    classifier's) inside `SimMIM`, with its mask token and decoder."""
+def build_model(cfg: Config, num_classes: int) -> SwinTransformerV2:
+    """The configured variant with `num_classes` outputs (0: none, as a SimMIM encoder), init weights
+    loaded, patterns frozen. The trainer trains the task's module around it (`Task.wrap`)."""
     m = cfg.model
-    simmim = cfg.train.task == "simmim"
-    model = create_model(m.name, num_classes=0 if simmim else num_classes, img_size=m.img_size,
-                         window_size=m.window_size, pretrained_window_sizes=m.pretrained_window_sizes,
-                         drop_path_rate=m.drop_path_rate, weights=m.weights, pretrained=m.pretrained,
-                         strict=m.weights_strict)
+    model = create_model(m.name, num_classes=num_classes, img_size=m.img_size, window_size=m.window_size,
+                         pretrained_window_sizes=m.pretrained_window_sizes, drop_path_rate=m.drop_path_rate,
+                         weights=m.weights, pretrained=m.pretrained, strict=m.weights_strict)
     freeze(model, m.freeze)
     if cfg.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if cfg.train.sequential_attention:
         model.set_sequential_attention(True)
-    return SimMIM(model, norm_target_patch_size=cfg.simmim.norm_target_patch_size) if simmim else model
+    return model
 
 
 def freeze(model: nn.Module, patterns: tuple[str, ...] | list[str]) -> list[str]:
@@ -107,10 +122,9 @@ def freeze(model: nn.Module, patterns: tuple[str, ...] | list[str]) -> list[str]
     return sorted(set(frozen))
 
 
-def data_roots(cfg: Config, env: D.DistEnv | None = None) -> tuple[Path, Path | None]:
-    """(train folder, val folder or None) of the config; the digits demo folder is built first if asked.
-    For pretraining (`train.task: simmim`) a flat `data.root` of images, without a `train/` folder, is
-    the training set itself (and has no validation set unless `data.val_root` names one)."""
+def data_roots(cfg: Config, task: Task, env: D.DistEnv | None = None) -> tuple[Path, Path | None]:
+    """(train folder, val folder or None) of the config, as `task` lays them out (`Task.data_roots`); the
+    digits demo folder is built first if asked."""
     d = cfg.data
     if not d.root:
         raise ConfigError("data.root is not set (the folder holding train/ and val/ class folders)")
@@ -120,27 +134,21 @@ def data_roots(cfg: Config, env: D.DistEnv | None = None) -> tuple[Path, Path | 
             build_digits_folder(root, img_size=cfg.model.img_size or get_variant(cfg.model.name).config.img_size[0])
         if env is not None:
             D.barrier(env)
-    train_root = root / d.train_dir
-    if not train_root.is_dir() and cfg.train.task == "simmim" and root.is_dir():
-        log.info("%s has no %s/ folder: pretraining on every image under it%s", root, d.train_dir,
-                 "" if d.val_root else " (no validation set; data.val_root may name one)")
-        return root, Path(d.val_root) if d.val_root else None
-    if not train_root.is_dir():
-        raise FileNotFoundError(f"training folder not found: {train_root}")
-    return train_root, Path(d.val_root) if d.val_root else root / d.val_dir
+    return task.data_roots(root)
 
 
 def check_data(cfg: Config) -> DataReport:
     """`swinv2 train --check-data`: decode every image of the configured folders and report."""
-    train_root, val_root = data_roots(cfg)
-    return check_dataset(train_root, val_root if val_root is not None and val_root.is_dir() else None, workers=max(cfg.data.workers, 1),
-                         labels=cfg.train.task != "simmim")
+    task = task_for(cfg)
+    train_root, val_root = data_roots(cfg, task)
+    return check_dataset(train_root, val_root if val_root is not None and val_root.is_dir() else None,
+                         workers=max(cast(int, cfg.data.workers), 1),  # "auto": resolved by DataConfig
+                         labels=task.labelled)
 
 
-def prepare_data(cfg: Config, env: D.DistEnv) -> tuple[ImageFolderDataset, ImageFolderDataset | None]:
-    """The train and val folders, hygiene reported; in strict mode every image decoded first. For
-    pretraining (`train.task: simmim`) every image under each folder, without labels."""
-    train_root, val_root = data_roots(cfg, env)
+def prepare_data(cfg: Config, env: D.DistEnv, task: Task) -> tuple[ImageFolderDataset, ImageFolderDataset | None]:
+    """The train and val datasets of `task`, hygiene reported; in strict mode every image decoded first."""
+    train_root, val_root = data_roots(cfg, task, env)
     if cfg.data.strict:  # rank 0 decodes every image; every rank learns the verdict
         problem = None
         if env.is_main:
@@ -150,13 +158,7 @@ def prepare_data(cfg: Config, env: D.DistEnv) -> tuple[ImageFolderDataset, Image
         problem = D.broadcast_object(problem, env)
         if problem:
             raise BadDataError(problem)
-    if cfg.train.task == "simmim":
-        train = ImageFilesDataset(train_root)
-        val = ImageFilesDataset(val_root) if val_root is not None and val_root.is_dir() else None
-    else:
-        assert val_root is not None  # only a flat pretraining root has none
-        train = ImageFolderDataset(train_root)
-        val = ImageFolderDataset(val_root, class_names=train.classes) if val_root.is_dir() else None
+    train, val = task.datasets(train_root, val_root)
     if val is None and val_root is not None:
         log.warning("no validation folder at %s: training without evaluation", val_root)
     if env.is_main:
@@ -165,21 +167,134 @@ def prepare_data(cfg: Config, env: D.DistEnv) -> tuple[ImageFolderDataset, Image
     return train, val
 
 
-def eval_preprocess(cfg: Config, model: nn.Module) -> EvalPreprocess:
+def eval_preprocess(cfg: Config, model: TrainedModule) -> EvalPreprocess:
     d = cfg.data
     crop = d.crop_pct if d.crop_pct is not None else get_variant(cfg.model.name).preprocess.crop_pct
-    return EvalPreprocess(model.config.img_size[0], crop, d.interpolation, tuple(d.mean), tuple(d.std))
+    return EvalPreprocess(model.config.img_size[0], crop, d.interpolation,
+                          cast("tuple[float, float, float]", tuple(d.mean)),
+                          cast("tuple[float, float, float]", tuple(d.std)))
 
 
-def build_criterion(cfg: Config, mixup_active: bool) -> nn.Module:
-    """Soft-target CE under Mixup (its targets carry the smoothing), else label smoothing, else CE."""
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+def check_run(cfg: Config, env: D.DistEnv, task: Task) -> torch.dtype | None:
+    """Refuse settings this machine or process group cannot train (ConfigError); warn of slow ones.
+    Returns the autocast dtype (None: fp32)."""
+    t = cfg.train
+    if t.amp == "fp16" and env.device.type != "cuda":
+        log.warning("train.amp=fp16 on the CPU is slow (it exists for testing the loss scaler); "
+                    "use train.amp=none, or bf16 on a CPU with AVX-512 BF16 or AMX")
+    if t.amp == "bf16":
+        warn_if_bf16_emulated(env.device, "train.amp=bf16")
+    if t.parallel == "fsdp" and t.ema and env.distributed:
+        raise ConfigError("train.ema is not supported with train.parallel=fsdp (the EMA would need its own "
+                          "sharding); use ddp, or turn the EMA off")
+    task.check_parallel(t.parallel, env.distributed)
+    return None if t.amp == "none" else DTYPES[t.amp]
 
-    if mixup_active:
-        return SoftTargetCrossEntropy()
-    if cfg.data.aug.label_smoothing > 0:
-        return LabelSmoothingCrossEntropy(smoothing=cfg.data.aug.label_smoothing)
-    return nn.CrossEntropyLoss()
+
+# --------------------------------------------------------------------------- the training state
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One entry of the training state: how the trainer writes it (`save`), what a resume checks before
+    anything is loaded (`check`) and how it restores it (`load`; None: written for the file's readers).
+    `check` and `load` take the whole state and the file it came from."""
+
+    key: str
+    save: Callable[[Trainer], Any]
+    load: Callable[[Trainer, dict[str, Any], Path], None] | None = None
+    check: Callable[[Trainer, dict[str, Any], Path], None] | None = None
+    finite: bool = False  # tensors no checkpoint may hold non-finite
+
+
+def _check_format(tr: Trainer, state: dict[str, Any], source: Path) -> None:
+    if state.get("format") != STATE_FORMAT:
+        raise InputError(f"{source}: not a swinv2 training state (no '{STATE_FORMAT}' format tag)")
+
+
+def _check_classes(tr: Trainer, state: dict[str, Any], source: Path) -> None:
+    if state["classes"] != list(tr.classes):
+        raise InputError(f"{source}: trained on classes {state['classes'][:5]}... but the data now has "
+                         f"{tr.classes[:5]}...: the class map changed")
+
+
+def _load_model(tr: Trainer, state: dict[str, Any], source: Path) -> None:
+    check_fits(tr.model.state_dict(), state["model"], f"{source} (model)")  # another model fails here
+    D.load_full_model_state(tr.model, state["model"], tr.env)
+
+
+def _load_ema(tr: Trainer, state: dict[str, Any], source: Path) -> None:
+    if tr.ema is None:
+        return
+    if state["ema"] is None:
+        log.warning("%s holds no EMA; the EMA restarts from the current weights", source)
+        tr.ema.module.load_state_dict(tr.model.state_dict())
+    else:
+        check_fits(tr.model.state_dict(), state["ema"], f"{source} (EMA)")
+        tr.ema.module.load_state_dict(state["ema"])
+
+
+def _load_optimizer(tr: Trainer, state: dict[str, Any], source: Path) -> None:
+    try:
+        D.load_full_optimizer_state(tr.model, tr.optimizer, state["optimizer"], tr.env)
+    except (RuntimeError, ValueError, KeyError) as e:  # e.g. another set of frozen parameters
+        raise InputError(f"{source}: the optimizer state does not fit this run (were other parameters "
+                         f"frozen?): {str(e).splitlines()[0]}") from None
+
+
+def _load_scaler(tr: Trainer, state: dict[str, Any], source: Path) -> None:
+    if tr.scaler is None:
+        return
+    if state["scaler"] is None:
+        log.warning("%s holds no loss-scaler state; the fp16 scaler starts fresh", source)
+    else:
+        tr.scaler.load_state_dict(state["scaler"])
+
+
+def _load_sampler(tr: Trainer, state: dict[str, Any], source: Path) -> None:
+    """The sampler's position, which must be where the (already loaded) progress says."""
+    saved_world = state.get("world_size", 1)
+    if saved_world != tr.env.world_size:
+        log.warning("%s was written by %d processes, resuming on %d: data order continues, per-rank "
+                    "randomness differs", source, saved_world, tr.env.world_size)
+    tr.sampler.load_state_dict(state["sampler"])
+    expected = (tr.progress["epoch"], tr.progress["step_in_epoch"] * tr.sampler.batch_size)
+    if (tr.sampler.epoch, tr.sampler.start) != expected:
+        raise InputError(f"{source}: sampler position {state['sampler']} does not match the progress "
+                         f"{tr.progress} (a different batch size, accumulation or number of processes?)")
+
+
+def _rows(key: str) -> Part:
+    """A list of dict rows (metric history, best-k) held as the trainer's attribute `key`, copied both ways."""
+    return Part(key, lambda tr: [dict(r) for r in getattr(tr, key)],
+                lambda tr, state, _: setattr(tr, key, [dict(r) for r in state[key]]))
+
+
+# The training state, in the order of the file's keys. Tensors and plain Python data only (it loads
+# weights_only); a resume runs every check, then every load, in this order.
+STATE: tuple[Part, ...] = (
+    Part("format", lambda tr: STATE_FORMAT, check=_check_format),
+    Part("version", lambda tr: STATE_VERSION),
+    Part("model", lambda tr: D.full_model_state(tr.model, tr.env), _load_model, finite=True),
+    Part("ema", lambda tr: tr.ema.module.state_dict() if tr.ema is not None else None, _load_ema, finite=True),
+    Part("optimizer", lambda tr: D.full_optimizer_state(tr.model, tr.optimizer, tr.env), _load_optimizer,
+         finite=True),
+    Part("scheduler", lambda tr: tr.scheduler.state_dict(),
+         lambda tr, state, _: tr.scheduler.load_state_dict(state["scheduler"])),
+    Part("scaler", lambda tr: tr.scaler.state_dict() if tr.scaler is not None else None, _load_scaler, finite=True),
+    Part("progress", lambda tr: dict(tr.progress),
+         lambda tr, state, _: setattr(tr, "progress", dict(state["progress"]))),
+    Part("sampler", lambda tr: tr.sampler.state_dict(consumed=tr.progress["step_in_epoch"] * tr.sampler.batch_size),
+         _load_sampler),
+    _rows("history"),
+    _rows("best"),
+    Part("classes", lambda tr: list(tr.classes), check=_check_classes),
+    Part("preprocess", lambda tr: dataclasses.asdict(tr.preprocess)),
+    Part("model_name", lambda tr: tr.cfg.model.name),
+    Part("model_config", lambda tr: tr.model.config.to_dict()),
+    Part("config", lambda tr: tr.cfg.to_dict()),
+    Part("world_size", lambda tr: tr.env.world_size),  # read by the sampler's load
+)
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -188,22 +303,25 @@ def build_criterion(cfg: Config, mixup_active: bool) -> nn.Module:
 class Trainer:
     """Everything a run holds, built from the config; `run()` trains to the end or to a signal."""
 
+    # Declared here for the `STATE` parts above, which read them before mypy sees `_build`.
+    env: D.DistEnv
+    cfg: Config
+    classes: list[str]
+    model: TrainedModule
+    preprocess: EvalPreprocess
+    ema: ModelEmaV3 | None
+    optimizer: torch.optim.AdamW
+    scheduler: schedule.WarmupCosineLR
+    scaler: torch.amp.GradScaler | None
+    sampler: ShardedSampler
+    progress: Progress
+
     def __init__(self, cfg: Config, out_dir: Path, env: D.DistEnv) -> None:
         self.env, self.out = env, out_dir
-        t = cfg.train
         check_task(cfg)
+        self.task = task_for(cfg)
         get_variant(cfg.model.name)  # an unknown model name fails before any data is scanned
-        self.amp_dtype = None if t.amp == "none" else DTYPES[t.amp]
-        if t.amp == "fp16" and env.device.type != "cuda":
-            log.warning("train.amp=fp16 on the CPU is slow (it exists for testing the loss scaler); "
-                        "use train.amp=none, or bf16 on a CPU with AVX-512 BF16 or AMX")
-        if t.amp == "bf16":
-            warn_if_bf16_emulated(env.device, "train.amp=bf16")
-        if t.parallel == "fsdp" and t.ema and env.distributed:
-            raise ConfigError("train.ema is not supported with train.parallel=fsdp (the EMA would need its own "
-                             "sharding); use ddp, or turn the EMA off")
-        if t.parallel == "fsdp" and t.task == "simmim" and env.distributed:
-            raise ConfigError("train.task=simmim is not supported with train.parallel=fsdp; use ddp")
+        self.amp_dtype = check_run(cfg, env, self.task)
         # The run directory is claimed and locked before minutes of set-up, and a start refused later
         # removes what it created there.
         self.rundir = RunDir(out_dir, env, cfg)
@@ -215,22 +333,15 @@ class Trainer:
 
     def _build(self, cfg: Config, env: D.DistEnv) -> None:
         t = cfg.train
-        self.train_ds, self.val_ds = prepare_data(cfg, env)
+        self.train_ds, self.val_ds = prepare_data(cfg, env, self.task)
         self.classes = self.train_ds.classes
-        num_classes = 0
-        if t.task == "classify":
-            num_classes = cfg.model.num_classes or len(self.classes)
-            if num_classes < len(self.classes):
-                raise ConfigError(f"model.num_classes={num_classes} but the training folder has "
-                                  f"{len(self.classes)} classes")
-            cfg = cfg.replace(**{"model.num_classes": num_classes})
+        cfg, num_classes = self.task.resolve(cfg, self.classes)
         self.cfg = cfg
 
         seed_everything(t.seed)  # model init: identical on every rank and every run
-        self.model = build_model(cfg, num_classes).to(env.device)
-        self.masks = self._mask_generator()  # None: classification
+        self.model = self.task.wrap(build_model(cfg, num_classes)).to(env.device)
+        self.task.bind(self.model.config, num_classes, env, self.amp_dtype)
         self.preprocess = eval_preprocess(cfg, self.model)
-        img_size = self.model.config.img_size[0]
         self.ema = None
         if t.ema:
             from timm.utils import ModelEmaV3
@@ -239,7 +350,7 @@ class Trainer:
         # Wrapped before the optimizer is built: FSDP replaces the parameters by sharded ones.
         self.wrapped = D.wrap_model(self.model, env, t.parallel)
         self.forward = torch.compile(self.wrapped) if t.compile else self.wrapped
-        self._build_loaders(cfg, env, img_size, num_classes)
+        self._build_loaders(cfg, env, self.model.config.img_size[0])
         self.total_batch = cfg.data.batch_size * self.accum * env.world_size
         self.steps_per_epoch = self.sampler.batches_per_epoch
         self.optimizer, self.scheduler = schedule.build(self.model, cfg.optim, cfg.schedule,
@@ -253,120 +364,40 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.best: list[dict[str, Any]] = []
 
-    def _mask_generator(self) -> MaskGenerator | None:
-        """SimMIM's masks for the model's image size, the geometry checked (None: classification)."""
-        if self.cfg.train.task != "simmim":
-            return None
-        arch, s = self.model.config, self.cfg.simmim
-        stride = encoder_stride(arch)
-        mask_patch = s.mask_patch_size or stride
-        check_geometry(arch.img_size[0], arch.patch_size, stride, mask_patch)
-        return MaskGenerator(arch.img_size, mask_patch, arch.patch_size, s.mask_ratio)
-
-    def train_masks(self, indices: torch.Tensor) -> torch.Tensor:
-        """The masks of training images `indices` in the current epoch: a function of (seed, epoch, index)."""
-        t, epoch = self.cfg.train, self.progress["epoch"]
-        return self.masks([sample_seed(t.seed, epoch, int(i), TRAIN_MASKS) for i in indices])
-
-    def val_masks(self, indices: torch.Tensor) -> torch.Tensor:
-        """The masks of validation images `indices`: the same in every epoch and every run."""
-        return self.masks([sample_seed(VAL_MASKS, int(i)) for i in indices])
-
-    def _build_loaders(self, cfg: Config, env: D.DistEnv, img_size: int, num_classes: int) -> None:
-        """Per-rank loaders (one sampler "batch" = the images of one optimizer step on this rank),
-        Mixup/CutMix and the loss (none for SimMIM: its model returns the loss)."""
-        d, a = cfg.data, cfg.data.aug
+    def _build_loaders(self, cfg: Config, env: D.DistEnv, img_size: int) -> None:
+        """Per-rank loaders (one sampler "batch" = the images of one optimizer step on this rank)."""
+        d = cfg.data
         self.accum = cfg.optim.accum_steps
         self.sampler = ShardedSampler(len(self.train_ds), batch_size=d.batch_size * self.accum,
                                       num_replicas=env.world_size, rank=env.rank, seed=cfg.train.seed)
-        if self.masks is not None:
-            tf = pretrain_transform(img_size, scale=a.scale, ratio=a.ratio, hflip=a.hflip,
-                                    interpolation=a.interpolation, mean=d.mean, std=d.std)
-        else:
-            tf = train_transform(img_size, scale=a.scale, ratio=a.ratio, hflip=a.hflip, color_jitter=a.color_jitter,
-                                 auto_augment=a.auto_augment, interpolation=a.interpolation, re_prob=a.re_prob,
-                                 re_mode=a.re_mode, re_count=a.re_count, mean=d.mean, std=d.std)
         pin = d.pin_memory and env.device.type == "cuda"
-        self.train_loader = make_loader(SeededSamples(self.train_ds, tf), self.sampler, batch_size=d.batch_size,
-                                        workers=d.workers, pin_memory=pin, persistent_workers=d.persistent_workers)
-        self.val_loader = None
+        self.train_loader = make_loader(SeededSamples(self.train_ds, self.task.train_transform(img_size)),
+                                        self.sampler, batch_size=d.batch_size,
+                                        workers=cast(int, d.workers), pin_memory=pin,  # "auto": resolved
+                                        persistent_workers=d.persistent_workers)
+        self.val_loader: DataLoader[Sample] | None = None
         if self.val_ds is not None:
-            p = self.preprocess
-            etf = eval_pipeline(p)
             val_sampler = ShardedSampler(len(self.val_ds), num_replicas=env.world_size, rank=env.rank,
                                          shuffle=False, drop_last=False)
-            self.val_loader = make_loader(SeededSamples(self.val_ds, etf), val_sampler,
-                                          batch_size=d.eval_batch_size or 2 * d.batch_size, workers=d.workers,
+            self.val_loader = make_loader(SeededSamples(self.val_ds, eval_pipeline(self.preprocess)), val_sampler,
+                                          batch_size=d.eval_batch_size or 2 * d.batch_size,
+                                          workers=cast(int, d.workers),  # "auto": resolved by DataConfig
                                           pin_memory=pin, persistent_workers=d.persistent_workers)
-        self.mixup = self.criterion = None
-        if self.masks is None:
-            self.mixup = build_mixup(num_classes, mixup=a.mixup, cutmix=a.cutmix, cutmix_minmax=a.cutmix_minmax,
-                                     prob=a.mixup_prob, switch_prob=a.switch_prob, mode=a.mixup_mode,
-                                     label_smoothing=a.label_smoothing)
-            self.criterion = build_criterion(cfg, self.mixup is not None)
 
     # ----------------------------------------------------------------------- state
 
     def state_dict(self) -> dict[str, Any]:
-        """The whole training state: tensors and plain Python data only (loads weights_only)."""
-        return {
-            "format": STATE_FORMAT, "version": STATE_VERSION,
-            "model": D.full_model_state(self.model, self.env),
-            "ema": self.ema.module.state_dict() if self.ema is not None else None,
-            "optimizer": D.full_optimizer_state(self.model, self.optimizer, self.env),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "progress": dict(self.progress),
-            "sampler": self.sampler.state_dict(consumed=self.progress["step_in_epoch"] * self.sampler.batch_size),
-            "history": [dict(h) for h in self.history],
-            "best": [dict(b) for b in self.best],
-            "classes": list(self.classes),
-            "preprocess": dataclasses.asdict(self.preprocess),
-            "model_name": self.cfg.model.name,
-            "model_config": self.model.config.to_dict(),
-            "config": self.cfg.to_dict(),
-            "world_size": self.env.world_size,
-        }
+        """The whole training state (`STATE`): tensors and plain Python data only (loads weights_only)."""
+        return {part.key: part.save(self) for part in STATE}
 
     def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
-        if state.get("format") != STATE_FORMAT:
-            raise InputError(f"{source}: not a swinv2 training state (no '{STATE_FORMAT}' format tag)")
-        if state["classes"] != list(self.classes):
-            raise InputError(f"{source}: trained on classes {state['classes'][:5]}... but the data now has "
-                             f"{self.classes[:5]}...: the class map changed")
-        expected = self.model.state_dict()
-        check_fits(expected, state["model"], f"{source} (model)")
-        D.load_full_model_state(self.model, state["model"], self.env)
-        if self.ema is not None:
-            if state["ema"] is None:
-                log.warning("%s holds no EMA; the EMA restarts from the current weights", source)
-                self.ema.module.load_state_dict(self.model.state_dict())
-            else:
-                check_fits(expected, state["ema"], f"{source} (EMA)")
-                self.ema.module.load_state_dict(state["ema"])
-        try:
-            D.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"], self.env)
-        except (RuntimeError, ValueError, KeyError) as e:  # e.g. another set of frozen parameters
-            raise InputError(f"{source}: the optimizer state does not fit this run (were other parameters "
-                             f"frozen?): {str(e).splitlines()[0]}") from None
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None:
-            if state["scaler"] is None:
-                log.warning("%s holds no loss-scaler state; the fp16 scaler starts fresh", source)
-            else:
-                self.scaler.load_state_dict(state["scaler"])
-        self.progress = dict(state["progress"])
-        saved_world = state.get("world_size", 1)
-        if saved_world != self.env.world_size:
-            log.warning("%s was written by %d processes, resuming on %d: data order continues, per-rank "
-                        "randomness differs", source, saved_world, self.env.world_size)
-        self.sampler.load_state_dict(state["sampler"])
-        if (self.sampler.epoch, self.sampler.start) != (self.progress["epoch"],
-                                                        self.progress["step_in_epoch"] * self.sampler.batch_size):
-            raise InputError(f"{source}: sampler position {state['sampler']} does not match the progress "
-                             f"{self.progress} (a different batch size, accumulation or number of processes?)")
-        self.history = [dict(h) for h in state["history"]]
-        self.best = [dict(b) for b in state["best"]]
+        """Restore `state` (read from `source`): what must match is checked before anything is loaded."""
+        for part in STATE:
+            if part.check is not None:
+                part.check(self, state, source)
+        for part in STATE:
+            if part.load is not None:
+                part.load(self, state, source)
 
     def save(self, state: dict[str, Any] | None = None) -> Path:
         """Checkpoint to checkpoints/last.pt (rank 0 writes; every rank takes part in gathering)."""
@@ -378,7 +409,7 @@ class Trainer:
         """`state_dict()` after checking that no saved tensor is non-finite."""
         state = self.state_dict()
         if self.env.is_main:
-            assert_finite({k: state[k] for k in ("model", "ema", "optimizer", "scaler")})
+            assert_finite({part.key: state[part.key] for part in STATE if part.finite})
         return state
 
     # ----------------------------------------------------------------------- one step
@@ -418,20 +449,18 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
         n_sum = 0
         for i, batch in enumerate(micro_batches):
-            x, y = batch.images, batch.labels
-            if self.mixup is not None and len(y) % 2:  # Mixup pairs images: drop one to make it even
-                x, y = x[:-1], y[:-1]
+            x, y = self.task.even_out(batch.images, batch.labels)
             empty = len(y) == 0  # every file of this micro-batch was unreadable
             if empty:  # a rank still takes part in the gradient all-reduce, with zero weight
                 x = torch.zeros(1, 3, *self.model.config.img_size)
             x = x.to(env.device, non_blocking=True)
             y = y.to(env.device, non_blocking=True)
-            if self.mixup is not None and not empty:
-                x, y = self.mixup(x, y)
+            if not empty:
+                x, y = self.task.mix(x, y)
             sync = i == len(micro_batches) - 1 or not env.distributed or t.parallel != "ddp"
-            with (contextlib.nullcontext() if sync else self.wrapped.no_sync()):
+            with (contextlib.nullcontext() if sync else cast("DistributedDataParallel", self.wrapped).no_sync()):
                 with torch.autocast(env.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                    loss = self._loss(x, y, batch.indices, empty)
+                    loss = self.task.loss(self.forward, x, y, batch.indices, empty, self.progress["epoch"])
                 scaled = loss / len(micro_batches)
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             loss_sum += loss.detach().double() * len(y)
@@ -441,17 +470,6 @@ class Trainer:
         D.all_reduce_sum(stats, env)
         loss_mean = (stats[0] / stats[1]).item() if stats[1] > 0 else float("nan")
         return loss_mean, float(stats[1])
-
-    def _loss(self, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, empty: bool) -> torch.Tensor:
-        """The micro-batch's loss through the (wrapped) model: cross-entropy of the logits, or SimMIM's
-        masked-pixel loss, which its model returns. An empty micro-batch gives a zero that still reaches
-        every parameter, so the gradient all-reduce of DDP goes ahead."""
-        if self.masks is None:
-            out = self.forward(x)
-            return out.sum() * 0.0 if empty else self.criterion(out, y)
-        masks = self.masks([0]) if empty else self.train_masks(indices)
-        loss = self.forward(x, masks.to(x.device))
-        return loss * 0.0 if empty else loss
 
     def _skip_step(self, step: int, loss_mean: float, grad_norm: float, n: float) -> bool:
         """Count and log a step with a non-finite loss or gradient (or no image on any rank); no update."""
@@ -486,9 +504,9 @@ class Trainer:
         self.sampler.set_epoch(epoch, start_step * self.sampler.batch_size)
         bar = self.rundir.progress_bar(self.steps_per_epoch, start_step, f"epoch {epoch + 1}/{self.cfg.train.epochs}")
         if start_step == 0:  # per-epoch tallies live in the progress: a resumed epoch reports all its steps
-            self.progress.update(epoch_loss_sum=0.0, epoch_loss_steps=0, epoch_bad_files={})
+            self.progress.update({"epoch_loss_sum": 0.0, "epoch_loss_steps": 0, "epoch_bad_files": {}})
         images, t0 = 0.0, time.perf_counter()
-        it = iter(self.train_loader) if start_step < self.steps_per_epoch else iter(())
+        it: Iterator[Batch] = iter(self.train_loader) if start_step < self.steps_per_epoch else iter(())
         try:
             for _ in range(start_step, self.steps_per_epoch):
                 micro = [next(it) for _ in range(self.accum)]
@@ -502,16 +520,7 @@ class Trainer:
                 rate = images / max(time.perf_counter() - t0, 1e-9)
                 bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}", img_s=f"{rate:.0f}", refresh=False)
                 bar.update(1)  # after set_postfix: a line logged here (stderr not a tty) shows this step's values
-                gs = self.progress["global_step"]
-                if gs % self.cfg.train.log_every == 0:
-                    self.rundir.log_step({"step": gs, "epoch": epoch + 1, "loss": out["loss"], "lr": out["lr"],
-                                          "grad_norm": out["grad_norm"], "skipped": out["skipped"]})
-                if D.any_rank(stop.signum is not None, self.env):  # at this step boundary, on every rank
-                    path = self.save()
-                    raise TrainingInterrupted(stop.signum or signal.SIGTERM, path)
-                every = self.cfg.train.checkpoint_every
-                if every and gs % every == 0:
-                    self.save()
+                self._after_step(epoch, out, stop)
         finally:
             bar.close()
         elapsed = time.perf_counter() - t0
@@ -519,6 +528,19 @@ class Trainer:
         loss_sum, steps = self.progress["epoch_loss_sum"], self.progress["epoch_loss_steps"]
         return {"train_loss": loss_sum / steps if steps else float("nan"), "img_per_s": images / max(elapsed, 1e-9),
                 "train_time_s": elapsed, "bad_images": n_bad}
+
+    def _after_step(self, epoch: int, out: dict[str, float], stop: StopSignals) -> None:
+        """At a step boundary: the step log line, and a checkpoint when one is due or a signal asks to stop."""
+        gs = self.progress["global_step"]
+        if gs % self.cfg.train.log_every == 0:
+            self.rundir.log_step({"step": gs, "epoch": epoch + 1, "loss": out["loss"], "lr": out["lr"],
+                                  "grad_norm": out["grad_norm"], "skipped": out["skipped"]})
+        if D.any_rank(stop.signum is not None, self.env):  # at this step boundary, on every rank
+            path = self.save()
+            raise TrainingInterrupted(stop.signum or signal.SIGTERM, path)
+        every = self.cfg.train.checkpoint_every
+        if every and gs % every == 0:
+            self.save()
 
     def plain_model(self) -> nn.Module:
         """The model as an ordinary module: itself, or under FSDP an unsharded copy gathered on every
@@ -530,60 +552,27 @@ class Trainer:
         return plain
 
     def validate(self, epoch: int, model: nn.Module) -> dict[str, float]:
-        """Top-1/top-5/loss of the model (and the EMA) on the whole val set, reduced over ranks; for
-        SimMIM the reconstruction loss (on the fixed validation masks) instead."""
+        """The task's metrics (`Task.validate`) of the model (and the EMA) on the whole val set, reduced
+        over ranks."""
         bad: dict[str, str] = {}
+        val_loader = self.val_loader
+        assert val_loader is not None  # called (by end_epoch) only where there is validation data
 
-        def batches():
-            for b in self.val_loader:
+        def batches() -> Iterator[Batch]:
+            for b in val_loader:
                 bad.update(dict(b.bad))
                 yield b
 
         # A plain module (not the DDP/FSDP wrapper): each rank evaluates its own shard with no
         # collective inside the forward, so uneven shards are fine; the sums are reduced after.
-        measure = self._classification if self.masks is None else self._reconstruction
-        out = measure(model, batches(), "val")
+        out = self.task.validate(model, batches(), "val")
         if self.ema is not None:
-            out |= {k: v for k, v in measure(self.ema.module, self.val_loader, "val_ema").items() if k != "val_ema_n"}
+            ema = self.task.validate(self.ema.module, val_loader, "val_ema")
+            out |= {k: v for k, v in ema.items() if k != "val_ema_n"}
         n_bad = self.rundir.report_bad_files(epoch, "val", bad)
         if n_bad:
             out["val_bad_images"] = n_bad
         return out
-
-    def _classification(self, model: nn.Module, batches: Any, prefix: str) -> dict[str, float]:
-        m = evaluate(model, batches, device=self.env.device, amp_dtype=self.amp_dtype)
-        return {f"{prefix}_loss": m["loss"], f"{prefix}_top1": m["top1"], f"{prefix}_top5": m["top5"],
-                f"{prefix}_n": m["n"]}
-
-    def _reconstruction(self, model: nn.Module, batches: Any, prefix: str) -> dict[str, float]:
-        sums = reconstruction_loss(model, batches, self.val_masks, device=self.env.device, amp_dtype=self.amp_dtype)
-        D.all_reduce_sum(sums, self.env)
-        loss = (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
-        return {f"{prefix}_loss": loss, f"{prefix}_n": int(sums[1])}
-
-    def draw_reconstructions(self, epoch: int, model: nn.Module) -> Path | None:
-        """reconstructions/epochNNNN.png (rank 0): masked input, reconstruction and original of
-        `simmim.reconstructions` fixed val images (evenly spaced through the set), masked as in validation."""
-        k = self.cfg.simmim.reconstructions
-        if not (self.env.is_main and self.masks is not None and self.val_ds is not None and k):
-            return None
-        from ..plots import plot_reconstructions
-
-        p = self.preprocess
-        samples = SeededSamples(self.val_ds, eval_pipeline(p))
-        picked = sorted({round(i) for i in torch.linspace(0, len(self.val_ds) - 1, k).tolist()})
-        good = [s for s in (samples[i] for i in picked) if s.error is None]
-        if not good:
-            return None
-        images = torch.stack([s.image for s in good]).to(self.env.device)
-        mask = self.val_masks(torch.tensor([s.index for s in good])).to(self.env.device)
-        pictures = reconstruction_images(model, images, mask, p.mean, p.std)
-        path = self.out / "reconstructions" / f"epoch{epoch + 1:04d}.png"
-        path.parent.mkdir(exist_ok=True)
-        val_loss = self.history[-1].get("val_loss") if self.history else None
-        loss = f", val loss {val_loss:.4f}" if val_loss is not None else ""
-        return plot_reconstructions(pictures, path, title=f"SimMIM epoch {epoch + 1}{loss}: {self.masks.count} of "
-                                    f"{self.masks.squares} squares masked")
 
     def end_epoch(self, epoch: int, train_stats: dict[str, float], epoch_start: float) -> dict[str, Any]:
         """Evaluate, record the metrics row, keep the best-k, checkpoint (the epoch's commit point)."""
@@ -596,22 +585,31 @@ class Trainer:
             row |= self.validate(epoch, plain)
         row |= {"epoch_time_s": time.perf_counter() - epoch_start, "skipped_steps": self.progress["bad_steps"]}
         self.history.append(row)
-        if evaluated:
-            self.draw_reconstructions(epoch, plain)
-        self.progress.update(epoch=epoch + 1, step_in_epoch=0)
+        if evaluated and self.env.is_main and self.val_ds is not None:
+            self.task.picture(plain, self.val_ds, self.preprocess, row, self.out)
+        self.progress.update({"epoch": epoch + 1, "step_in_epoch": 0})
         self.sampler.set_epoch(epoch + 1, 0)
         new_best = self._rank_best(row) if evaluated else None
         state = self.checked_state()
-        names = (self.classes, self.preprocess, self.cfg.model.name)
-        if new_best is not None:
-            best_model = self.ema.module if t.best_metric.startswith("val_ema_") else plain
-            self.rundir.write_best(new_best, state, encoder_of(best_model), *names, top=new_best is self.best[0])
-        elif self.val_loader is None:
-            self.rundir.write_weights(encoder_of(self.plain_model()), *names)
+        self._write_weights(new_best, state, plain if evaluated else None)
         self.save(state)
         self.rundir.prune_best(self.best)
         self.rundir.epoch_done(self.history)
         return row
+
+    def _write_weights(self, new_best: dict[str, Any] | None, state: dict[str, Any], plain: nn.Module | None) -> None:
+        """A new best-k entry's checkpoint (and best.safetensors for the leader); without validation,
+        best.safetensors holds the latest weights."""
+        names = (self.classes, self.preprocess, self.cfg.model.name)
+        if new_best is not None:
+            assert plain is not None  # a new best comes of an evaluation, whose model end_epoch passes
+            # Ranked on an EMA metric only where the EMA was validated (else _rank_best refused the metric).
+            best_model = (cast("ModelEmaV3", self.ema).module if self.cfg.train.best_metric.startswith("val_ema_")
+                          else plain)
+            self.rundir.write_best(new_best, state, self.task.weights_model(best_model), *names,
+                                   top=new_best is self.best[0])
+        elif self.val_loader is None:
+            self.rundir.write_weights(self.task.weights_model(self.plain_model()), *names)
 
     def _rank_best(self, row: dict[str, Any]) -> dict[str, Any] | None:
         metric = self.cfg.train.best_metric
@@ -640,7 +638,7 @@ class Trainer:
         `allow_config_change`. An `explicit` checkpoint from elsewhere into a directory that holds a run
         is refused unless `start_over`, which replaces the run that was there (a fresh start too).
         Then the run starts: config.yaml, and the files the run owes."""
-        from ..weights.checkpoint import load_training_state
+        from ..weights.training_state import load_training_state
 
         if explicit and not start_over:
             self._refuse_replacing_a_run(Path(explicit))
@@ -648,7 +646,7 @@ class Trainer:
         if path is not None:
             state = load_training_state(path)
             self.load_state_dict(state, path)  # a checkpoint of another model fails here, listing its keys
-            check_config_change(state.get("config"), self.cfg, path, allowed=allow_config_change)
+            check_resume_config(state.get("config"), self.cfg, path, allowed=allow_config_change)
         if start_over:
             self.rundir.clear(keep=path)
         self.rundir.begin(self.cfg)
@@ -677,7 +675,7 @@ class Trainer:
         """Write best.safetensors again from the state it should hold (the best-k leader's checkpoint,
         or the latest weights of a run without validation): a save that failed earlier, e.g. on a
         full disk, is made good on the next start."""
-        from ..weights.checkpoint import load_training_state
+        from ..weights.training_state import load_training_state
 
         names = (self.classes, self.preprocess, self.cfg.model.name)
         if self.best:
@@ -690,10 +688,10 @@ class Trainer:
                     log.warning("cannot re-write best.safetensors from %s: %s", source, e)
                     return
                 model = SwinTransformerV2(self.model.config)
-                model.load_state_dict(encoder_weights(weights) if self.masks is not None else weights)
+                model.load_state_dict(self.task.weights_of(weights))
                 self.rundir.write_weights(model, *names)
         elif self.val_loader is None and self.history:
-            self.rundir.write_weights(encoder_of(self.plain_model()), *names)
+            self.rundir.write_weights(self.task.weights_model(self.plain_model()), *names)
 
     def run(self, resume: str | Path | None = None, *, allow_config_change: bool = False,
             start_over: bool = False) -> dict[str, Any]:
@@ -702,13 +700,7 @@ class Trainer:
         if self.progress["epoch"] >= t.epochs:
             log.info("the run in %s already finished its %d epochs", self.out, t.epochs)
             return self.rundir.summary(self.history, self.best)
-        n_params = sum(p.numel() for p in self.model.parameters())
-        what = f"{len(self.classes)} classes" if self.masks is None else (
-            f"SimMIM pretraining without labels: {self.masks.count} of {self.masks.squares} squares masked")
-        log.info("training %s (%.2fM params, %s) on %s x%d: %d images, %d steps/epoch of %d images, "
-                 "lr %.3g", self.cfg.model.name, n_params / 1e6, what, self.env.device,
-                 self.env.world_size, len(self.train_ds), self.steps_per_epoch, self.total_batch,
-                 self.scheduler.lr)
+        self._log_start()
         with StopSignals() as self._stop:
             for epoch in range(self.progress["epoch"], t.epochs):
                 t0 = time.perf_counter()
@@ -716,44 +708,16 @@ class Trainer:
                 row = self.end_epoch(epoch, stats, t0)
                 self.rundir.log_epoch(row, t.epochs)
                 if D.any_rank(self._stop.signum is not None, self.env):  # arrived during evaluation
-                    raise TrainingInterrupted(self._stop.signum or signal.SIGTERM, self.rundir.checkpoint_dir / "last.pt")
+                    last = self.rundir.checkpoint_dir / "last.pt"
+                    raise TrainingInterrupted(self._stop.signum or signal.SIGTERM, last)
         return self.rundir.summary(self.history, self.best)
 
-
-# Keys a resume may change without `allow_config_change`: where the data lives and how the run is
-# driven and logged, not what it computes. (train.epochs extends or shortens the run.)
-RESUME_MAY_CHANGE = ("data.root", "data.val_root", "data.workers", "data.persistent_workers", "data.pin_memory",
-                     "data.eval_batch_size", "train.epochs", "train.progress", "train.tensorboard", "train.log_every",
-                     "train.threads", "train.checkpoint_every", "train.eval_every", "train.device")
-
-
-def config_changes(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
-    """{dotted key: (saved value, current value)} for every leaf that differs. Keys only one side has
-    (a checkpoint written before the schema gained or lost a field) are not changes."""
-    changes: dict[str, tuple[Any, Any]] = {}
-    for key in sorted(set(saved) & set(now)):
-        a, b = saved[key], now[key]
-        if isinstance(a, dict) and isinstance(b, dict):
-            changes |= config_changes(a, b, f"{prefix}{key}.")
-        elif a != b:
-            changes[f"{prefix}{key}"] = (a, b)
-    return changes
-
-
-def check_config_change(saved: dict[str, Any] | None, cfg: Config, source: Path, *, allowed: bool) -> None:
-    """Log how `cfg` differs from the checkpoint's config; refuse changes outside RESUME_MAY_CHANGE
-    unless `allowed` (ValueError listing them)."""
-    if saved is None:
-        return
-    changes = config_changes(saved, cfg.to_dict())
-    if not changes:
-        return
-    listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
-    altering = [k for k in changes if k not in RESUME_MAY_CHANGE]
-    if altering and not allowed:
-        raise ConfigError(f"{source}: resuming with a config that changes the run ({listed}); train with "
-                         f"--allow-config-change to resume with it anyway, or into another --out")
-    log.warning("resuming %s with a changed config: %s", source, listed)
+    def _log_start(self) -> None:
+        n_params = sum(p.numel() for p in self.model.parameters())
+        log.info("training %s (%.2fM params, %s) on %s x%d: %d images, %d steps/epoch of %d images, "
+                 "lr %.3g", self.cfg.model.name, n_params / 1e6, self.task.describe(self.classes), self.env.device,
+                 self.env.world_size, len(self.train_ds), self.steps_per_epoch, self.total_batch,
+                 self.scheduler.lr)
 
 
 def fit(cfg: Config, out_dir: str | Path, *, resume: str | Path | None = None,

@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,9 @@ from ..errors import InputError
 from ..images import BadImageError, eval_pipeline, load_image
 from ..preprocess import EvalPreprocess
 from ..weights.registry import model_info, require_classifier, resolve_preprocess
+
+if TYPE_CHECKING:
+    from ..model.transformer import SwinTransformerV2
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +86,7 @@ def evaluate(model: nn.Module, loader: Iterable, *, device: str | torch.device =
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(sums)
         if return_confusion:
+            assert confusion is not None  # made above, batches or not
             dist.all_reduce(confusion)
         t = torch.tensor([float(skipped)], dtype=torch.float64, device=device)
         dist.all_reduce(t)
@@ -98,6 +102,7 @@ def evaluate(model: nn.Module, loader: Iterable, *, device: str | torch.device =
         "skipped": skipped,
     }
     if return_confusion:
+        assert confusion is not None  # made above, batches or not
         out["confusion"] = confusion.cpu()
     return out
 
@@ -216,7 +221,8 @@ def evaluate_folder(model: nn.Module, data: str | os.PathLike, *, weights: str =
 
     data = os.fspath(data)
     require_classifier(model, weights)
-    classes = check_class_map(model_info(model).class_names, model.config.num_classes,
+    swin = cast("SwinTransformerV2", model)  # typed as a Module for callers, as in weights.registry
+    classes = check_class_map(model_info(swin).class_names, swin.config.num_classes,
                               scan_class_folders(data), weights=weights, data=data)
     prep = preprocess or resolve_preprocess(model)
     dataset = ImageFolderDataset(data, class_names=classes)
@@ -234,9 +240,9 @@ def evaluate_folder(model: nn.Module, data: str | os.PathLike, *, weights: str =
         fp32 = evaluate(ref, loader.loader, device=device)  # the same images; unreadable ones reported once
         metrics["fp32"] = {"top1": fp32["top1"], "img_per_s": fp32["img_per_s"],
                            "top1_delta": metrics["top1"] - fp32["top1"],
-                           **agreement(torch.cat(net.logits or [torch.zeros(0, 0)]),
+                           **agreement(torch.cat(cast(_Recording, net).logits or [torch.zeros(0, 0)]),
                                        torch.cat(ref.logits or [torch.zeros(0, 0)]))}
-    if model.config.num_classes <= 5:
+    if swin.config.num_classes <= 5:
         metrics["top5"] = None
     confusion = metrics.pop("confusion")
     correct = confusion.diag().tolist()

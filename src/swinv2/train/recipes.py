@@ -44,7 +44,7 @@ from ..model.transformer import SwinV2Config, SwinTransformerV2
 from ..model.windows import pair, stage_windows
 from ..outputs import write_output
 from ..weights.registry import get_variant, model_config
-from ..model.simmim import check_geometry, encoder_stride
+from .tasks import task_for
 
 log = logging.getLogger(__name__)
 
@@ -190,11 +190,9 @@ def plan_recipe(cfg: Config, out_dir: str | os.PathLike) -> list[StagePlan]:
 
 
 def _check_task(cfg: Config, arch: SwinV2Config) -> None:
-    """A stage's task settings and, for SimMIM pretraining, its masks against its model."""
+    """A stage's task settings and its model against its task (e.g. SimMIM's masks against the patches)."""
     check_task(cfg)
-    if cfg.train.task == "simmim":
-        stride = encoder_stride(arch)
-        check_geometry(arch.img_size[0], arch.patch_size, stride, cfg.simmim.mask_patch_size or stride)
+    task_for(cfg).check_model(arch)
 
 
 def _check_fits(prev: StagePlan, model: SwinTransformerV2, where: str) -> None:

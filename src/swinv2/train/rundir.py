@@ -29,16 +29,20 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError, SwinV2Error
 from . import distributed as D
-from ..weights.checkpoint import find_resumable, save_training_state, save_weights
+from ..weights.files import save_weights
+from ..weights.training_state import find_resumable, save_training_state
 from ..config import Config
 from ..outputs import write_output
 from ..preprocess import EvalPreprocess
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from ..model.transformer import SwinTransformerV2
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +195,7 @@ class RunDir:
         self.out, self.env, self.cfg = out, env, cfg
         self.is_main = env.is_main
         self.checkpoint_dir = out / "checkpoints"
-        self._tb = None
+        self._tb: SummaryWriter | None = None
         self._tb_purge: int | None = None
         self._epoch_times: list[float] = []
         self._lock: RunLock | None = None
@@ -272,7 +276,7 @@ class RunDir:
             save_training_state(path, state)
         return path
 
-    def write_best(self, entry: dict[str, Any], state: dict[str, Any], model: nn.Module, classes: list[str],
+    def write_best(self, entry: dict[str, Any], state: dict[str, Any], model: SwinTransformerV2, classes: list[str],
                    preprocess: EvalPreprocess, model_name: str, *, top: bool) -> None:
         """The new best-k member's training state, and best.safetensors when it ranks first. Written
         before last.pt: a kill in between leaves the best file as the newest complete checkpoint."""
@@ -281,7 +285,8 @@ class RunDir:
         if top:
             self.write_weights(model, classes, preprocess, model_name)
 
-    def write_weights(self, model: nn.Module, classes: list[str], preprocess: EvalPreprocess, model_name: str) -> None:
+    def write_weights(self, model: SwinTransformerV2, classes: list[str], preprocess: EvalPreprocess,
+                      model_name: str) -> None:
         """best.safetensors (rank 0): the best weights, or the latest for a run without validation data."""
         if self.is_main:
             save_weights(model, self.out / "best.safetensors", class_names=classes, preprocess=preprocess,
@@ -310,7 +315,7 @@ class RunDir:
         return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr,
                     disable=not (self.is_main and self.cfg.train.progress), unit="step")
 
-    def _writer(self):
+    def _writer(self) -> SummaryWriter | None:
         if self._tb is None and self.is_main and self.cfg.train.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -15,13 +15,28 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence, cast
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
 from ..config import OptimConfig, ScheduleConfig
+
+if TYPE_CHECKING:
+    from ..model import SwinV2Config
+
+
+class _DecayKeywords(Protocol):
+    """A model that names its no-decay parameters (SwinTransformerV2, SimMIM)."""
+
+    def no_weight_decay_keywords(self) -> set[str]: ...
+
+
+class _Configured(Protocol):
+    """A model with its architecture config (layer-wise LR decay reads `depths`)."""
+
+    config: SwinV2Config
 
 
 def no_decay(name: str, param: torch.Tensor, keywords: set[str] | frozenset[str]) -> bool:
@@ -54,16 +69,18 @@ def swin_layer_id(name: str, depths: Sequence[int]) -> int:
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict[str, Any]]:
     """[decay group, no-decay group] of the trainable parameters, each with `param_names`; with
     `layer_decay`, one (decay, no-decay) pair per layer id, top layer first, each with `lr_scale`."""
-    keywords = set(model.no_weight_decay_keywords()) if hasattr(model, "no_weight_decay_keywords") else set()
+    keywords = set(cast(_DecayKeywords, model).no_weight_decay_keywords()) \
+        if hasattr(model, "no_weight_decay_keywords") else set()
     if layer_decay is not None:
-        depths, top = model.config.depths, sum(model.config.depths) + 1
+        config = cast(_Configured, model).config
+        depths, top = config.depths, sum(config.depths) + 1
         by_layer: dict[tuple[int, bool], dict[str, Any]] = {}
         for name, p in model.named_parameters():
             if p.requires_grad:
-                lid, skip = swin_layer_id(name, depths), no_decay(name, p, keywords)
-                by_layer.setdefault((lid, skip), {"params": [], "weight_decay": 0.0 if skip else weight_decay,
-                                                  "lr_scale": layer_decay ** (top - lid), "layer_id": lid})
-                by_layer[(lid, skip)]["params"].append((name, p))
+                lid, exempt = swin_layer_id(name, depths), no_decay(name, p, keywords)
+                by_layer.setdefault((lid, exempt), {"params": [], "weight_decay": 0.0 if exempt else weight_decay,
+                                                    "lr_scale": layer_decay ** (top - lid), "layer_id": lid})
+                by_layer[(lid, exempt)]["params"].append((name, p))
         return [by_layer[k] for k in sorted(by_layer, key=lambda k: (-k[0], k[1]))]
     decay: list[tuple[str, nn.Parameter]] = []
     skip: list[tuple[str, nn.Parameter]] = []
@@ -71,7 +88,8 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
         if not p.requires_grad:
             continue
         (skip if no_decay(name, p, keywords) else decay).append((name, p))
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": skip, "weight_decay": 0.0}]
+    groups: list[dict[str, Any]] = [{"params": decay, "weight_decay": weight_decay},
+                                    {"params": skip, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
 

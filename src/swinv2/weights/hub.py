@@ -182,7 +182,7 @@ def _build_records() -> dict[str, tuple[WeightsRecord, ...]]:
                    HubFile(f"timm/{key}", "pytorch_model.bin", "timm"),
                    HubFile(ms_repo, "pytorch_model.bin", "hf")),
             official_url=OFFICIAL_RELEASE + official)
-    out = {name: (rec,) for name, rec in native.items()}
+    out: dict[str, tuple[WeightsRecord, ...]] = {name: (rec,) for name, rec in native.items()}
     for variant, start in _STARTS_FROM.items():  # the 22k start point, loaded into the fine-tune architecture
         src = native[start]
         out[variant] += (WeightsRecord(variant=variant, tag=src.tag, arch=start, classes=src.classes,

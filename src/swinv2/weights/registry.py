@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -27,7 +27,7 @@ class ModelInfo:
     model_name: str | None = None          # registry name, if known
     class_names: list[str] | None = None   # one per output, if the weights name them
     preprocess: EvalPreprocess | None = None
-    load_report: Any = None                # checkpoint.LoadReport: how the weights were mapped
+    load_report: Any = None                # factory.LoadReport: how the weights were mapped
 
 
 def default_preprocess(cfg: SwinV2Config) -> EvalPreprocess:
@@ -186,9 +186,10 @@ def require_classifier(model: nn.Module, weights: str | os.PathLike = "the model
     """InputError where `model` has no classifier head (num_classes=0: encoder weights, e.g. a SimMIM
     pretraining's best.safetensors): it gives features, not classes, so predict and eval would print
     empty top-k lists and 0-class reports. The message says how to fine-tune it into a classifier."""
-    if model.config.num_classes:
+    swin = cast(SwinTransformerV2, model)  # typed as a Module for callers; a SwinV2 (or a wrapper of one) here
+    if swin.config.num_classes:
         return
-    name = model_info(model).model_name or "NAME"
+    name = model_info(swin).model_name or "NAME"
     weights = os.fspath(weights)
     if name == "swinv2_micro_window4_32":  # the demo's model: its own recipe, at its learning rate
         recipe = "configs/finetune_micro.yaml"
@@ -203,7 +204,8 @@ def resolve_preprocess(model: nn.Module, *, img_size: int | None = None, crop_pc
                        interpolation: str | None = None) -> EvalPreprocess:
     """The model's eval preprocessing (`model_info`: its weights', else its config's size with the
     official crop) with any given overrides applied."""
-    prep = model_info(model).preprocess
-    overrides = {k: v for k, v in dict(img_size=img_size, crop_pct=crop_pct, interpolation=interpolation).items()
-                 if v is not None}
+    prep = model_info(cast(SwinTransformerV2, model)).preprocess
+    assert prep is not None  # model_info fills it in from the config where the weights gave none
+    given = dict(img_size=img_size, crop_pct=crop_pct, interpolation=interpolation)
+    overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     return replace(prep, **overrides)
