@@ -34,6 +34,7 @@ could.
 
 `benchmarks/run_cpu.py` (`make bench`) adds the same rows to the performance table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,10 +47,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from swinv2.tools import bench
-
 from swinv2 import hardware, timing
 from swinv2.model.kernels import onednn_linear_runs
+from swinv2.tools import bench
 from swinv2.weights.registry import model_config
 
 aten = torch.ops.aten
@@ -57,17 +57,23 @@ CPU = torch.device("cpu")
 
 # What each recorded kernel counts as in the floor; kernels not listed cost nothing.
 GROUPS = {
-    aten.mm.default: "matmuls", aten.addmm.default: "matmuls", aten.bmm.default: "matmuls",
-    aten.convolution.default: "matmuls", aten.convolution_backward.default: "matmuls",
+    aten.mm.default: "matmuls",
+    aten.addmm.default: "matmuls",
+    aten.bmm.default: "matmuls",
+    aten.convolution.default: "matmuls",
+    aten.convolution_backward.default: "matmuls",
     aten._softmax.default: "softmax exp",
-    aten.gelu.default: "GELU", aten.gelu_backward.default: "GELU",
-    aten.native_layer_norm.default: "layer norms", aten.native_layer_norm_backward.default: "layer norms",
+    aten.gelu.default: "GELU",
+    aten.gelu_backward.default: "GELU",
+    aten.native_layer_norm.default: "layer norms",
+    aten.native_layer_norm_backward.default: "layer norms",
 }
 
 
 @dataclass(frozen=True)
 class _Meta:
     """A tensor argument, by what a replay needs of it."""
+
     shape: tuple[int, ...]
     stride: tuple[int, ...]
     dtype: torch.dtype
@@ -184,6 +190,7 @@ def adamw_time(model: torch.nn.Module, repeats: int = 7) -> float:
 @dataclass
 class Floor:
     """The least seconds of one forward (`train=False`) or training step, by group."""
+
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -194,8 +201,9 @@ class Floor:
         return ", ".join(f"{k} {v * 1e3:.0f}" for k, v in sorted(self.seconds.items(), key=lambda kv: -kv[1]))
 
 
-def reference_calls(model: str, *, batch_size: int, train: bool,
-                    dtype: torch.dtype = torch.float32) -> tuple[collections.Counter, torch.nn.Module]:
+def reference_calls(
+    model: str, *, batch_size: int, train: bool, dtype: torch.dtype = torch.float32
+) -> tuple[collections.Counter, torch.nn.Module]:
     """The recorded kernels of one forward (or forward + backward) of timm's `model` at its nominal size,
     and that timm model; in bf16, weights and input cast to it (inference, as `swinv2.tools.bench` runs it)."""
     config = model_config(model)
@@ -208,9 +216,11 @@ def reference_calls(model: str, *, batch_size: int, train: bool,
         def step() -> None:
             F.cross_entropy(ref(x), labels).backward()
     else:
+
         def step() -> None:
             with torch.no_grad():
                 ref(x)
+
     step()  # warm: timm builds its buffers on the first call
     # The CPB MLP depends on the parameters only: inference computes it once (ours caches it), while a
     # training step has to run it, forward and backward, since the parameters change every step.
@@ -218,8 +228,14 @@ def reference_calls(model: str, *, batch_size: int, train: bool,
     return record(step, skip=cpb), ref
 
 
-def kernel_floor(model: str = "swinv2_tiny_window8_256", *, batch_size: int = 8, train: bool = False,
-                 repeats: int = 7, dtype: torch.dtype = torch.float32) -> Floor:
+def kernel_floor(
+    model: str = "swinv2_tiny_window8_256",
+    *,
+    batch_size: int = 8,
+    train: bool = False,
+    repeats: int = 7,
+    dtype: torch.dtype = torch.float32,
+) -> Floor:
     """The floor (module docstring) of `model` at its nominal size, in `dtype`, on this CPU."""
     calls, ref = reference_calls(model, batch_size=batch_size, train=train, dtype=dtype)
     seconds = time_kernels(calls, repeats)
@@ -231,6 +247,7 @@ def kernel_floor(model: str = "swinv2_tiny_window8_256", *, batch_size: int = 8,
 @dataclass
 class Gap:
     """One ratio target: the seconds it allows, the floor, and ours now (None: not measured here)."""
+
     what: str
     target: str
     allowed_s: float
@@ -243,9 +260,15 @@ class Gap:
         return self.floor.total / self.allowed_s
 
 
-def gaps(eager: dict[str, dict], train: dict[str, dict], peers: Sequence[str], peak_gflop_s: float,
-         model: str = "swinv2_tiny_window8_256", compiled: dict[str, dict] | None = None,
-         eager_bf16: dict[str, dict] | None = None) -> list[Gap]:
+def gaps(
+    eager: dict[str, dict],
+    train: dict[str, dict],
+    peers: Sequence[str],
+    peak_gflop_s: float,
+    model: str = "swinv2_tiny_window8_256",
+    compiled: dict[str, dict] | None = None,
+    eager_bf16: dict[str, dict] | None = None,
+) -> list[Gap]:
     """The ratio targets against the floor, from `bench.run` results by implementation: `eager`
     (inference, ours and `peers`), `train` (training step, ours and timm) and, if measured, `compiled`
     (compiled inference, ours) and `eager_bf16` (bf16 inference, ours and timm; its floor is timm's
@@ -256,16 +279,40 @@ def gaps(eager: dict[str, dict], train: dict[str, dict], peers: Sequence[str], p
     forward = kernel_floor(model, batch_size=batch)
     step = kernel_floor(model, batch_size=batch, train=True)
     return [
-        Gap("eager fp32 forward", "1.3 x fastest eager peer", batch / (1.3 * fastest), forward,
-            batch / eager["ours"]["img_per_s"]),
-        Gap("compiled fp32 forward", "0.85 of the matmul peak", flop / (0.85 * peak_gflop_s * 1e9), forward,
-            None if compiled is None else batch / compiled["ours"]["img_per_s"]),
-        Gap("train step fp32", "1.25 x timm", batch / (1.25 * train["timm"]["img_per_s"]), step,
-            batch / train["ours"]["img_per_s"]),
-    ] + ([] if eager_bf16 is None else [
-        Gap("eager bf16 forward", "1.3 x timm bf16", batch / (1.3 * eager_bf16["timm"]["img_per_s"]),
-            kernel_floor(model, batch_size=batch, dtype=torch.bfloat16), batch / eager_bf16["ours"]["img_per_s"]),
-    ])
+        Gap(
+            "eager fp32 forward",
+            "1.3 x fastest eager peer",
+            batch / (1.3 * fastest),
+            forward,
+            batch / eager["ours"]["img_per_s"],
+        ),
+        Gap(
+            "compiled fp32 forward",
+            "0.85 of the matmul peak",
+            flop / (0.85 * peak_gflop_s * 1e9),
+            forward,
+            None if compiled is None else batch / compiled["ours"]["img_per_s"],
+        ),
+        Gap(
+            "train step fp32",
+            "1.25 x timm",
+            batch / (1.25 * train["timm"]["img_per_s"]),
+            step,
+            batch / train["ours"]["img_per_s"],
+        ),
+    ] + (
+        []
+        if eager_bf16 is None
+        else [
+            Gap(
+                "eager bf16 forward",
+                "1.3 x timm bf16",
+                batch / (1.3 * eager_bf16["timm"]["img_per_s"]),
+                kernel_floor(model, batch_size=batch, dtype=torch.bfloat16),
+                batch / eager_bf16["ours"]["img_per_s"],
+            ),
+        ]
+    )
 
 
 def main() -> int:
@@ -283,14 +330,20 @@ def main() -> int:
     eager = {r["impl"]: r for r in bench.run(model, compare=peers, **common)}
     train = {r["impl"]: r for r in bench.run(model, compare=("timm",), train=True, **common)}
     peak = hardware.matmul_peak("cpu", "fp32")
-    print(f"{model}, batch {args.batch_size}, fp32, {torch.get_num_threads()} threads, "
-          f"matmul peak {peak:.0f} GFLOP/s; times in ms")
-    print("| step | target | target allows | floor of PyTorch's kernels | floor / allowed | ours now | floor by group |")
+    print(
+        f"{model}, batch {args.batch_size}, fp32, {torch.get_num_threads()} threads, "
+        f"matmul peak {peak:.0f} GFLOP/s; times in ms"
+    )
+    print(
+        "| step | target | target allows | floor of PyTorch's kernels | floor / allowed | ours now | floor by group |"
+    )
     print("|---|---|---|---|---|---|---|")
     for g in gaps(eager, train, peers, peak, model):
         ours = "" if g.ours_s is None else f"{g.ours_s * 1e3:.0f}"
-        print(f"| {g.what} | {g.target} | {g.allowed_s * 1e3:.0f} | {g.floor.total * 1e3:.0f} | {g.ratio:.2f} | "
-              f"{ours} | {g.floor.breakdown()} |")
+        print(
+            f"| {g.what} | {g.target} | {g.allowed_s * 1e3:.0f} | {g.floor.total * 1e3:.0f} | {g.ratio:.2f} | "
+            f"{ours} | {g.floor.breakdown()} |"
+        )
     return 0
 
 

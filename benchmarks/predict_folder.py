@@ -26,6 +26,7 @@ target is 0.8 for the whole command.
 Writes benchmarks/results/predict_folder.{md,json}; `make bench` adds the row to the performance table.
 Work goes to runs/predict_folder/ (the JPEGs, the weights, the export cache), reused when present.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -86,9 +87,25 @@ def build_weights(path: Path) -> Path:
 
 
 def predict_command(weights: Path, folder: Path, cache: Path, precision: str, workers: int) -> list[str]:
-    return [sys.executable, "-m", "swinv2", "predict", "--weights", str(weights), "--runtime", "openvino",
-            "--precision", precision, "--batch-size", str(BATCH), "--workers", str(workers),
-            "--cache-dir", str(cache), str(folder)]
+    return [
+        sys.executable,
+        "-m",
+        "swinv2",
+        "predict",
+        "--weights",
+        str(weights),
+        "--runtime",
+        "openvino",
+        "--precision",
+        precision,
+        "--batch-size",
+        str(BATCH),
+        "--workers",
+        str(workers),
+        "--cache-dir",
+        str(cache),
+        str(folder),
+    ]
 
 
 def run_predict(cmd: list[str]) -> dict:
@@ -98,8 +115,7 @@ def run_predict(cmd: list[str]) -> dict:
     if done.returncode != 0 or match is None:
         raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()[-500:]}")
     n, seconds, whole, loaded = match.groups()
-    return dict(images=int(n), seconds=float(seconds), whole_img_per_s=float(whole),
-                loaded_img_per_s=float(loaded))
+    return dict(images=int(n), seconds=float(seconds), whole_img_per_s=float(whole), loaded_img_per_s=float(loaded))
 
 
 def model_alone(runtime, calls: int = 6) -> float:
@@ -131,16 +147,33 @@ def measure(*, images: int = 800, rounds: int = 3, workers: int = 0, work: Path 
         before = model_alone(runtime)
         command = run_predict(cmd)
         alone = (before + model_alone(runtime)) / 2
-        per_round.append(dict(command, model_img_per_s=alone, whole_ratio=command["whole_img_per_s"] / alone,
-                              loaded_ratio=command["loaded_img_per_s"] / alone))
+        per_round.append(
+            dict(
+                command,
+                model_img_per_s=alone,
+                whole_ratio=command["whole_img_per_s"] / alone,
+                loaded_ratio=command["loaded_img_per_s"] / alone,
+            )
+        )
     whole = statistics.median(r["whole_ratio"] for r in per_round)
-    return dict(model=MODEL, images=images, image_sizes=[f"{w}x{h}" for w, h in SIZES], batch_size=BATCH,
-                runtime="openvino", precision=precision, workers=workers, threads=torch.get_num_threads(),
-                command=" ".join(["swinv2"] + cmd[3:]).replace(f"{ROOT}/", ""), rounds=per_round, whole_ratio=whole,
-                loaded_ratio=statistics.median(r["loaded_ratio"] for r in per_round),
-                whole_img_per_s=statistics.median(r["whole_img_per_s"] for r in per_round),
-                model_img_per_s=statistics.median(r["model_img_per_s"] for r in per_round),
-                target=TARGET, met=whole >= TARGET)
+    return dict(
+        model=MODEL,
+        images=images,
+        image_sizes=[f"{w}x{h}" for w, h in SIZES],
+        batch_size=BATCH,
+        runtime="openvino",
+        precision=precision,
+        workers=workers,
+        threads=torch.get_num_threads(),
+        command=" ".join(["swinv2"] + cmd[3:]).replace(f"{ROOT}/", ""),
+        rounds=per_round,
+        whole_ratio=whole,
+        loaded_ratio=statistics.median(r["loaded_ratio"] for r in per_round),
+        whole_img_per_s=statistics.median(r["whole_img_per_s"] for r in per_round),
+        model_img_per_s=statistics.median(r["model_img_per_s"] for r in per_round),
+        target=TARGET,
+        met=whole >= TARGET,
+    )
 
 
 def markdown(record: dict) -> str:
@@ -160,10 +193,16 @@ def markdown(record: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for i, r in enumerate(record["rounds"], 1):
-        lines.append(f"| {i} | {r['whole_img_per_s']:.1f} | {r['loaded_img_per_s']:.1f} | {r['model_img_per_s']:.1f} "
-                     f"| {r['whole_ratio']:.2f} | {r['loaded_ratio']:.2f} |")
-    lines += ["", f"Median whole / alone: **{record['whole_ratio']:.2f}** (target >= {record['target']}: "
-              f"{'met' if record['met'] else 'not met'}); once compiled / alone: {record['loaded_ratio']:.2f}.", ""]
+        lines.append(
+            f"| {i} | {r['whole_img_per_s']:.1f} | {r['loaded_img_per_s']:.1f} | {r['model_img_per_s']:.1f} "
+            f"| {r['whole_ratio']:.2f} | {r['loaded_ratio']:.2f} |"
+        )
+    lines += [
+        "",
+        f"Median whole / alone: **{record['whole_ratio']:.2f}** (target >= {record['target']}: "
+        f"{'met' if record['met'] else 'not met'}); once compiled / alone: {record['loaded_ratio']:.2f}.",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -16,6 +16,7 @@ measures each implementation alone in its own process instead, under either poli
 
     python benchmarks/run_cpu.py --out benchmarks/results [--quick] [--default-malloc] [--tables-only]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,10 +33,10 @@ import torch
 import floor  # benchmarks/floor.py, beside this script
 import predict_folder  # benchmarks/predict_folder.py, beside this script
 import swinv2
-from swinv2.outputs import write_output
-from swinv2.tools import bench
 from swinv2 import hardware
 from swinv2.allocator import retain_freed_cpu_memory
+from swinv2.outputs import write_output
+from swinv2.tools import bench
 
 MODEL = "swinv2_tiny_window8_256"
 
@@ -45,8 +46,7 @@ def _by_impl(results: list[dict]) -> dict[str, dict]:
 
 
 def _row(what: str, ours: str, peer: str, ratio: float | None, target: str, met: bool | None) -> dict:
-    return dict(what=what, ours=ours, peer=peer, ratio=ratio, target=target,
-                met=None if met is None else bool(met))
+    return dict(what=what, ours=ours, peer=peer, ratio=ratio, target=target, met=None if met is None else bool(met))
 
 
 def fullgraph_check(size: int) -> tuple[bool, str]:
@@ -82,8 +82,9 @@ def runtime_rows(run, native_bf16: bool) -> list[dict]:
 
     installed = [r for r in ("onnxruntime", "openvino") if find_spec(r) is not None]
     if not installed:
-        return [_row("runtimes (ONNX Runtime, OpenVINO)", "not installed", "pip install swinv2[openvino]",
-                     None, "", None)]
+        return [
+            _row("runtimes (ONNX Runtime, OpenVINO)", "not installed", "pip install swinv2[openvino]", None, "", None)
+        ]
     precisions = ("fp32", "bf16", "int8") if native_bf16 else ("fp32", "int8")
     with tempfile.TemporaryDirectory(prefix="swinv2-bench-") as cache:
         r = run("runtimes", batch_sizes=(8,), compare=installed, precisions=precisions, runtime_cache=cache)
@@ -95,10 +96,16 @@ def runtime_rows(run, native_bf16: bool) -> list[dict]:
             target = RUNTIME_TARGETS[precision]
             for name, res in sorted(timed.items(), key=lambda kv: -kv[1]["img_per_s"]):
                 ratio = 1 / res["ours_speedup"]  # the runtime's speed over ours
-                out.append(_row(f"{name} inference (img/s, max |d| {res['max_abs_diff']:.1e})",
-                                f"{r['ours']['img_per_s']:.2f} (eager fp32)", f"{res['img_per_s']:.2f}", ratio,
-                                "(reported)" if target is None else f">= {target} x our eager fp32",
-                                None if target is None else ratio >= target))
+                out.append(
+                    _row(
+                        f"{name} inference (img/s, max |d| {res['max_abs_diff']:.1e})",
+                        f"{r['ours']['img_per_s']:.2f} (eager fp32)",
+                        f"{res['img_per_s']:.2f}",
+                        ratio,
+                        "(reported)" if target is None else f">= {target} x our eager fp32",
+                        None if target is None else ratio >= target,
+                    )
+                )
             if len(timed) > 1:
                 model = bench.randomize_weights_(swinv2.SwinTransformerV2(swinv2.weights.registry.model_config(MODEL)))
                 auto = runtime.load_runtime(model, "auto", precision, cache_dir=cache, calib=_noise_images())
@@ -112,8 +119,16 @@ def runtime_rows(run, native_bf16: bool) -> list[dict]:
                     ours = run(f"torch {precision} for auto", batch_sizes=(8,), dtypes=(precision,))["ours"]
                     rates[pick] = ours["img_per_s"]
                 share = rates[pick] / max(rates.values())
-                out.append(_row(f"--runtime auto, {precision}: picks", pick, auto.note, share,
-                                ">= 0.95 x fastest runtime", share >= 0.95))
+                out.append(
+                    _row(
+                        f"--runtime auto, {precision}: picks",
+                        pick,
+                        auto.note,
+                        share,
+                        ">= 0.95 x fastest runtime",
+                        share >= 0.95,
+                    )
+                )
     return out
 
 
@@ -129,9 +144,16 @@ def predict_rows(quick: bool) -> list[dict]:
     r = predict_folder.measure(images=images, rounds=rounds)
     if not quick:
         predict_folder.write_results(r)
-    return [_row(f"predict {images} JPEGs, whole command ({r['runtime']} {r['precision']}, img/s)",
-                 f"{r['whole_img_per_s']:.1f}", f"model alone {r['model_img_per_s']:.1f}", r["whole_ratio"],
-                 f">= {r['target']} x model alone", r["met"])]
+    return [
+        _row(
+            f"predict {images} JPEGs, whole command ({r['runtime']} {r['precision']}, img/s)",
+            f"{r['whole_img_per_s']:.1f}",
+            f"model alone {r['model_img_per_s']:.1f}",
+            r["whole_ratio"],
+            f">= {r['target']} x model alone",
+            r["met"],
+        )
+    ]
 
 
 def _noise_images(n: int = 32, size: int = 256) -> list:
@@ -145,8 +167,11 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="fewer repeats, skip compiled rows (a smoke run)")
     ap.add_argument("--default-malloc", action="store_true", help="keep glibc's malloc defaults (see above)")
-    ap.add_argument("--tables-only", action="store_true",
-                    help="write cpu.md, README's and docs/performance.md's tables again from OUT/cpu.json; no run")
+    ap.add_argument(
+        "--tables-only",
+        action="store_true",
+        help="write cpu.md, README's and docs/performance.md's tables again from OUT/cpu.json; no run",
+    )
     args = ap.parse_args()
     if args.tables_only:
         write_tables(Path(args.out))
@@ -181,9 +206,16 @@ def main() -> int:
     eager = r["ours"]["gflop_per_s"]
     peak_probes.append(hardware.matmul_peak("cpu", "fp32"))
     ratio = min(r[p]["ours_speedup"] for p in peers)
-    rows.append(_row("eager fp32 inference (img/s)", f"{r['ours']['img_per_s']:.2f}",
-                     ", ".join(f"{p} {r[p]['img_per_s']:.2f}" for p in peers), ratio,
-                     ">= 1.3 x fastest peer", ratio >= 1.3))
+    rows.append(
+        _row(
+            "eager fp32 inference (img/s)",
+            f"{r['ours']['img_per_s']:.2f}",
+            ", ".join(f"{p} {r[p]['img_per_s']:.2f}" for p in peers),
+            ratio,
+            ">= 1.3 x fastest peer",
+            ratio >= 1.3,
+        )
+    )
     # What the ratio target asks of the machine: the share of the matmul peak ours would have to reach
     # (the fastest peer's FLOP rate times the target, over the peak). Shown beside our share, it says
     # how far the target is from what the matmuls alone allow.
@@ -198,8 +230,16 @@ def main() -> int:
         r = compiled_r = run("compiled_fp32", batch_sizes=(8,), compare=("timm",), compile=True)
         peak_probes.append(hardware.matmul_peak("cpu", "fp32"))
         ratio = r["timm"]["ours_speedup"]
-        rows.append(_row("compiled fp32 inference (img/s)", f"{r['ours']['img_per_s']:.2f}",
-                         f"timm {r['timm']['img_per_s']:.2f}", ratio, ">= 1.0 x timm compiled", ratio >= 1.0))
+        rows.append(
+            _row(
+                "compiled fp32 inference (img/s)",
+                f"{r['ours']['img_per_s']:.2f}",
+                f"timm {r['timm']['img_per_s']:.2f}",
+                ratio,
+                ">= 1.0 x timm compiled",
+                ratio >= 1.0,
+            )
+        )
         share_rows.append(("compiled fp32, share of matmul peak", r["ours"]["gflop_per_s"], ">= 0.85", 0.85))
     peak32 = max(peak_probes)
 
@@ -210,33 +250,74 @@ def main() -> int:
         if not compiled:
             eager_bf16_r = r
         ratio = r["timm"]["ours_speedup"]
-        rows.append(_row(f"{'compiled' if compiled else 'eager'} bf16 inference (img/s)",
-                         f"{r['ours']['img_per_s']:.2f}", f"timm {r['timm']['img_per_s']:.2f}", ratio,
-                         ">= 1.3 x timm", ratio >= 1.3))
+        rows.append(
+            _row(
+                f"{'compiled' if compiled else 'eager'} bf16 inference (img/s)",
+                f"{r['ours']['img_per_s']:.2f}",
+                f"timm {r['timm']['img_per_s']:.2f}",
+                ratio,
+                ">= 1.3 x timm",
+                ratio >= 1.3,
+            )
+        )
     if native_bf16:  # the probe above is small (n = 512); the peak is the same n = 2048 multiply as fp32's
         peak16 = hardware.matmul_peak("cpu", "bf16")
-    rows.append(_row("bf16 matmul peak", "" if native_bf16 else "bf16 rows skipped: no native bf16 on this CPU",
-                     f"{peak16:.1f} GFLOP/s", peak16 / peak32, "(x fp32 peak)", None))
+    rows.append(
+        _row(
+            "bf16 matmul peak",
+            "" if native_bf16 else "bf16 rows skipped: no native bf16 on this CPU",
+            f"{peak16:.1f} GFLOP/s",
+            peak16 / peak32,
+            "(x fp32 peak)",
+            None,
+        )
+    )
 
     r = train_r = run("train_fp32", batch_sizes=(8,), compare=("timm",), train=True)
     ratio = r["timm"]["ours_speedup"]
     mem = r["ours"]["peak_mem_bytes"] / r["timm"]["peak_mem_bytes"]
-    rows.append(_row("train step fp32 eager (img/s)", f"{r['ours']['img_per_s']:.2f}",
-                     f"timm {r['timm']['img_per_s']:.2f}", ratio, ">= 1.25 x timm", ratio >= 1.25))
+    rows.append(
+        _row(
+            "train step fp32 eager (img/s)",
+            f"{r['ours']['img_per_s']:.2f}",
+            f"timm {r['timm']['img_per_s']:.2f}",
+            ratio,
+            ">= 1.25 x timm",
+            ratio >= 1.25,
+        )
+    )
     needs.append(("train step fp32", 1.25 * r["timm"]["gflop_per_s"], "1.25 x timm"))
-    share_rows.append(("train step fp32, share of matmul peak (3 x forward FLOPs)", r["ours"]["gflop_per_s"],
-                       "(reference)", None))
-    rows.append(_row("train step fp32, peak memory (MB)", f"{r['ours']['peak_mem_bytes'] / 2**20:.0f}",
-                     f"timm {r['timm']['peak_mem_bytes'] / 2**20:.0f}", mem, "<= 0.8 x timm", mem <= 0.8))
+    share_rows.append(
+        ("train step fp32, share of matmul peak (3 x forward FLOPs)", r["ours"]["gflop_per_s"], "(reference)", None)
+    )
+    rows.append(
+        _row(
+            "train step fp32, peak memory (MB)",
+            f"{r['ours']['peak_mem_bytes'] / 2**20:.0f}",
+            f"timm {r['timm']['peak_mem_bytes'] / 2**20:.0f}",
+            mem,
+            "<= 0.8 x timm",
+            mem <= 0.8,
+        )
+    )
 
     peak_note = f"peak {peak32:.0f} GFLOP/s (best of {', '.join(f'{p:.0f}' for p in peak_probes)})"
     for what, gflop_s, target, need in share_rows:
         share = gflop_s / peak32
-        rows.append(_row(what, f"{gflop_s:.0f} GFLOP/s", peak_note, share, target,
-                         None if need is None else share >= need))
+        rows.append(
+            _row(what, f"{gflop_s:.0f} GFLOP/s", peak_note, share, target, None if need is None else share >= need)
+        )
     for what, gflop_s, target in needs:
-        rows.append(_row(f"{what}: share of the peak that {target} needs", f"{gflop_s:.0f} GFLOP/s", peak_note,
-                         gflop_s / peak32, "(reference)", None))
+        rows.append(
+            _row(
+                f"{what}: share of the peak that {target} needs",
+                f"{gflop_s:.0f} GFLOP/s",
+                peak_note,
+                gflop_s / peak32,
+                "(reference)",
+                None,
+            )
+        )
 
     # What the ratio targets leave: the least time PyTorch's kernels need (benchmarks/floor.py) beside
     # the time each target allows; above 1, no implementation built from those kernels meets it here.
@@ -244,38 +325,77 @@ def main() -> int:
     for g in floor.gaps(eager_r, train_r, peers, peak32, MODEL, compiled=compiled_r, eager_bf16=eager_bf16_r):
         raw[f"floor {g.what}"] = dict(seconds=g.floor.seconds, allowed_s=g.allowed_s, ours_s=g.ours_s)
         ours = "" if g.ours_s is None else f"; ours takes {g.ours_s * 1e3:.0f}"
-        rows.append(_row(f"{g.what} (batch 8): least time of PyTorch's kernels (ms)",
-                         f"{g.floor.total * 1e3:.0f} ({g.floor.breakdown()})",
-                         f"{g.target} allows {g.allowed_s * 1e3:.0f}{ours}", g.ratio,
-                         "(floor / allowed; above 1: out of reach)", None))
+        rows.append(
+            _row(
+                f"{g.what} (batch 8): least time of PyTorch's kernels (ms)",
+                f"{g.floor.total * 1e3:.0f} ({g.floor.breakdown()})",
+                f"{g.target} allows {g.allowed_s * 1e3:.0f}{ours}",
+                g.ratio,
+                "(floor / allowed; above 1: out of reach)",
+                None,
+            )
+        )
 
     for ckpt in (False, True):
         key = "train_512_ckpt" if ckpt else "train_512"
-        r = run(key, batch_sizes=(4,), img_sizes=(512,), compare=("timm",), train=True,
-                grad_checkpointing=ckpt, repeats=1 if args.quick else 2)
+        r = run(
+            key,
+            batch_sizes=(4,),
+            img_sizes=(512,),
+            compare=("timm",),
+            train=True,
+            grad_checkpointing=ckpt,
+            repeats=1 if args.quick else 2,
+        )
         mem = r["ours"]["peak_mem_bytes"] / r["timm"]["peak_mem_bytes"]
         target = 0.35 if ckpt else 0.7
-        rows.append(_row(f"train 512 px batch 4{' + checkpointing' if ckpt else ''}, peak memory (MB)",
-                         f"{r['ours']['peak_mem_bytes'] / 2**20:.0f}",
-                         f"timm {r['timm']['peak_mem_bytes'] / 2**20:.0f}", mem, f"<= {target} x timm",
-                         mem <= target))
+        rows.append(
+            _row(
+                f"train 512 px batch 4{' + checkpointing' if ckpt else ''}, peak memory (MB)",
+                f"{r['ours']['peak_mem_bytes'] / 2**20:.0f}",
+                f"timm {r['timm']['peak_mem_bytes'] / 2**20:.0f}",
+                mem,
+                f"<= {target} x timm",
+                mem <= target,
+            )
+        )
 
     r256 = run("scale_256", batch_sizes=(1,), img_sizes=(256,), measure_memory=False)["ours"]
-    r1024 = run("scale_1024", batch_sizes=(1,), img_sizes=(1024,), measure_memory=False,
-                repeats=1 if args.quick else 3)["ours"]
+    r1024 = run(
+        "scale_1024", batch_sizes=(1,), img_sizes=(1024,), measure_memory=False, repeats=1 if args.quick else 3
+    )["ours"]
     per_px = (1 / (r1024["img_per_s"] * 1024**2)) / (1 / (r256["img_per_s"] * 256**2))
-    rows.append(_row("time per pixel, 1024 px vs 256 px (batch 1)", f"{r1024['img_per_s']:.3f} img/s @1024",
-                     f"{r256['img_per_s']:.2f} img/s @256", per_px, "<= 1.15", per_px <= 1.15))
+    rows.append(
+        _row(
+            "time per pixel, 1024 px vs 256 px (batch 1)",
+            f"{r1024['img_per_s']:.3f} img/s @1024",
+            f"{r256['img_per_s']:.2f} img/s @256",
+            per_px,
+            "<= 1.15",
+            per_px <= 1.15,
+        )
+    )
 
     if not args.quick:
         ok, detail = fullgraph_check(256)
-        rows.append(_row("torch.compile fullgraph=True, no recompiles", "yes" if ok else "no", detail, None,
-                         "compiles", ok))
+        rows.append(
+            _row("torch.compile fullgraph=True, no recompiles", "yes" if ok else "no", detail, None, "compiles", ok)
+        )
 
-    meta = dict(date=datetime.date.today().isoformat(), model=MODEL, python=sys.version.split()[0],
-                machine=platform.machine(), processor=platform.processor(), torch=torch.__version__,
-                threads=torch.get_num_threads(), matmul_peak_fp32_gflop_s=peak32, matmul_peak_fp32_probes=peak_probes,
-                matmul_peak_bf16_gflop_s=peak16, malloc=malloc, env=bench.environment("cpu"))
+    meta = dict(
+        date=datetime.date.today().isoformat(),
+        model=MODEL,
+        python=sys.version.split()[0],
+        machine=platform.machine(),
+        processor=platform.processor(),
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        matmul_peak_fp32_gflop_s=peak32,
+        matmul_peak_fp32_probes=peak_probes,
+        matmul_peak_bf16_gflop_s=peak16,
+        malloc=malloc,
+        env=bench.environment("cpu"),
+    )
     write_output(out / "cpu.json", json.dumps(dict(meta=meta, rows=rows, results=raw), indent=1, default=str))
     write_tables(out)
     return 0
@@ -289,14 +409,20 @@ PEER_NAMES = {"timm": "timm", "hf": "Hugging Face", "torchvision": "torchvision"
 
 
 def _setting(meta: dict) -> str:
-    return (f"{meta['env']['cpu']} CPU ({meta['threads']} threads), torch {meta['torch']}, {meta['date']}, "
-            f"{meta['malloc']}; `make bench`")
+    return (
+        f"{meta['env']['cpu']} CPU ({meta['threads']} threads), torch {meta['torch']}, {meta['date']}, "
+        f"{meta['malloc']}; `make bench`"
+    )
 
 
 def full_table(meta: dict, rows: list[dict]) -> str:
     """Every row of the run with its ratio, target and whether it is met (cpu.md, docs/performance.md)."""
-    lines = [f"SwinV2-T window 8, 256 px, {_setting(meta)}", "",
-             "| what | ours | peers | ratio | target | met |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"SwinV2-T window 8, 256 px, {_setting(meta)}",
+        "",
+        "| what | ours | peers | ratio | target | met |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in rows:
         ratio = "" if row["ratio"] is None else f"{row['ratio']:.2f}"
         met = "" if row["met"] is None else ("yes" if row["met"] else "**no**")
@@ -311,8 +437,12 @@ def user_table(meta: dict, results: dict) -> str:
     peer was not part of that row's run."""
     by_key = {key: {r["impl"]: r for r in res} for key, res in results.items() if isinstance(res, list)}
     peers = list(PEER_NAMES)
-    lines = [f"SwinV2-T window 8, 256 px, batch 8 unless said, {_setting(meta)}", "",
-             "| | swinv2 | " + " | ".join(PEER_NAMES.values()) + " |", "|---|---|" + "---|" * len(peers)]
+    lines = [
+        f"SwinV2-T window 8, 256 px, batch 8 unless said, {_setting(meta)}",
+        "",
+        "| | swinv2 | " + " | ".join(PEER_NAMES.values()) + " |",
+        "|---|---|" + "---|" * len(peers),
+    ]
 
     def row(what: str, key: str, field: str, fmt: str) -> None:
         r = by_key.get(key)
@@ -337,12 +467,16 @@ def user_table(meta: dict, results: dict) -> str:
         if timed:
             name, best = max(timed.items(), key=lambda kv: kv[1]["img_per_s"])
             flags = "" if precision == "fp32" else f" --precision {precision}"
-            lines.append(f"| {precision} in the fastest runtime (`--runtime {name.split('/')[0]}{flags}`) | "
-                         f"{1 / best['ours_speedup']:.2f} x our eager fp32 |" + " – |" * len(peers))
+            lines.append(
+                f"| {precision} in the fastest runtime (`--runtime {name.split('/')[0]}{flags}`) | "
+                f"{1 / best['ours_speedup']:.2f} x our eager fp32 |" + " – |" * len(peers)
+            )
     row("training step fp32, img/s", "train_fp32", "img_per_s", "{:.2f}")
-    for what, key in (("training step fp32, peak memory, MB", "train_fp32"),
-                      ("training 512 px, batch 4, peak memory, MB", "train_512"),
-                      ("the same, ours with `--grad-checkpointing`", "train_512_ckpt")):
+    for what, key in (
+        ("training step fp32, peak memory, MB", "train_fp32"),
+        ("training 512 px, batch 4, peak memory, MB", "train_512"),
+        ("the same, ours with `--grad-checkpointing`", "train_512_ckpt"),
+    ):
         for impl in by_key.get(key, {}).values():
             impl["peak_mb"] = (impl["peak_mem_bytes"] or 0) / 2**20
         row(what, key, "peak_mb", "{:.0f}")
@@ -367,7 +501,7 @@ def update_block(table: str, path: Path) -> None:
     if start < 0 or end < start:
         print(f"{path}: no {MARKERS[0]} ... {MARKERS[1]} block; table not copied there", file=sys.stderr)
         return
-    write_output(path, text[:start + len(MARKERS[0])] + "\n" + table + "\n" + text[end:])
+    write_output(path, text[: start + len(MARKERS[0])] + "\n" + table + "\n" + text[end:])
 
 
 if __name__ == "__main__":

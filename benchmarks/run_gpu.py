@@ -6,6 +6,7 @@ and compiled, with the official model zoo's V100 throughput as a reference point
 Writes OUT/gpu.json and OUT/gpu.md. Uses `swinv2.tools.bench.run` (same weights for every implementation,
 CUDA-synchronised, interleaved repeats, medians of paired ratios).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,29 +31,42 @@ def main() -> int:
         raise SystemExit("run_gpu.py: no CUDA device is available (use benchmarks/run_cpu.py)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch_size}, "
-             f"{datetime.date.today().isoformat()}", "",
-             "| model | mode | dtype | compiled | ours img/s | timm img/s | ours x timm | ours mem / timm | "
-             "official FPS (V100, fp16, batch 64) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch_size}, "
+        f"{datetime.date.today().isoformat()}",
+        "",
+        "| model | mode | dtype | compiled | ours img/s | timm img/s | ours x timm | ours mem / timm | "
+        "official FPS (V100, fp16, batch 64) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     raw = []
     for name in args.models:
         fps = get_variant(name).fps_v100
         for train in (False, True):
             for dtype in ("fp16", "bf16"):
                 for compiled in (False, True):
-                    res = bench.run(name, batch_sizes=(args.batch_size,), dtypes=(dtype,), compile=compiled,
-                                    train=train, device="cuda", repeats=args.repeats, warmup=3, iters=5,
-                                    compare=("timm",))
+                    res = bench.run(
+                        name,
+                        batch_sizes=(args.batch_size,),
+                        dtypes=(dtype,),
+                        compile=compiled,
+                        train=train,
+                        device="cuda",
+                        repeats=args.repeats,
+                        warmup=3,
+                        iters=5,
+                        compare=("timm",),
+                    )
                     raw += res
                     r = {x["impl"]: x for x in res}
                     lines.append(
                         f"| {name} | {'train' if train else 'infer'} | {dtype} | {'yes' if compiled else 'no'} | "
                         f"{r['ours']['img_per_s']:.0f} | {r['timm']['img_per_s']:.0f} | "
                         f"{r['timm']['ours_speedup']:.2f} | {r['timm']['ours_mem_ratio']:.2f} | "
-                        f"{fps if fps and not train else ''} |")
+                        f"{fps if fps and not train else ''} |"
+                    )
                     print(lines[-1], flush=True)
-    (out / "gpu.json").write_text(json.dumps(dict(meta=bench.environment("cuda"), results=raw), indent=1,
-                                              default=str))
+    (out / "gpu.json").write_text(json.dumps(dict(meta=bench.environment("cuda"), results=raw), indent=1, default=str))
     (out / "gpu.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -33,6 +33,7 @@ graphs); whatever is finished there is reused on the next run unless --fresh.
 runs/demo_digits, what `make demo` writes) instead of training it again; its config is checked
 against the recipe first.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,8 +63,16 @@ TARGETS = {"bf16": 0.3, "int8": 0.5}  # the project's: |top-1 delta| vs fp32 at 
 # --------------------------------------------------------------------------- digits on photographs
 
 
-def build_photo_digits(root: str | os.PathLike, *, img_size: int = 48, train_copies: int = 2, val_copies: int = 2,
-                       val_fraction: float = 0.2, train_region: float = 0.7, seed: int = 0) -> Path:
+def build_photo_digits(
+    root: str | os.PathLike,
+    *,
+    img_size: int = 48,
+    train_copies: int = 2,
+    val_copies: int = 2,
+    val_fraction: float = 0.2,
+    train_region: float = 0.7,
+    seed: int = 0,
+) -> Path:
     """scikit-learn's digits pasted onto crops of its two sample photographs, as an image folder
     `root/{train,val}/<digit>/<n>.png` (RGB, `img_size` px); built once, atomically (see the module doc).
 
@@ -71,8 +80,9 @@ def build_photo_digits(root: str | os.PathLike, *, img_size: int = 48, train_cop
     its width; val: the rest), resized to `img_size`; the digit scan upscaled (bicubic) to 60-85% of
     `img_size`, placed at random wholly inside; its ink pasted in a random colour at opacity 0.85-1,
     the colour drawn until its luminance differs by at least 100 (of 255) from the background under
-    the digit (so dark digits on light ground and light on dark both occur). Each training digit gives `train_copies` images, each val digit `val_copies`, every one
-    on its own crop, place, size and colour. Deterministic in `seed`.
+    the digit (so dark digits on light ground and light on dark both occur). Each training digit gives
+    `train_copies` images, each val digit `val_copies`, every one on its own crop, place, size and colour.
+    Deterministic in `seed`.
     """
     from PIL import Image
     from sklearn.datasets import load_digits, load_sample_images
@@ -102,13 +112,13 @@ def build_photo_digits(root: str | os.PathLike, *, img_size: int = 48, train_cop
         side = int(rng.integers(img_size, min(int(img_size * 2), x_hi - x_lo, h) + 1))
         x0 = int(rng.integers(x_lo, x_hi - side + 1))
         y0 = int(rng.integers(0, h - side + 1))
-        bg = Image.fromarray(photo[y0:y0 + side, x0:x0 + side]).resize((img_size, img_size), Image.BICUBIC)
+        bg = Image.fromarray(photo[y0 : y0 + side, x0 : x0 + side]).resize((img_size, img_size), Image.BICUBIC)
         bg = np.asarray(bg, dtype=np.float32)
         d = int(rng.integers(int(0.6 * img_size), int(0.85 * img_size) + 1))
         glyph = Image.fromarray(ink[i], mode="F").resize((d, d), Image.BICUBIC)
         alpha = np.clip(np.asarray(glyph, dtype=np.float32), 0.0, 1.0) * rng.uniform(0.85, 1.0)
         px, py = (int(rng.integers(0, img_size - d + 1)) for _ in range(2))
-        under = bg[py:py + d, px:px + d]
+        under = bg[py : py + d, px : px + d]
         bg_luma = float((under.reshape(-1, 3) @ luma).mean())
         for _ in range(100):
             colour = rng.integers(0, 256, size=3).astype(np.float32)
@@ -117,7 +127,7 @@ def build_photo_digits(root: str | os.PathLike, *, img_size: int = 48, train_cop
         else:
             colour = np.full(3, 0.0 if bg_luma > 127 else 255.0, dtype=np.float32)
         a = alpha[..., None]
-        bg[py:py + d, px:px + d] = under * (1 - a) + colour * a
+        bg[py : py + d, px : px + d] = under * (1 - a) + colour * a
         return Image.fromarray(bg.round().clip(0, 255).astype(np.uint8), mode="RGB")
 
     with atomic_folder(root) as tmp:
@@ -130,7 +140,8 @@ def build_photo_digits(root: str | os.PathLike, *, img_size: int = 48, train_cop
         (tmp / ".complete").write_text(
             f"digits on photos: sklearn load_digits on load_sample_images crops, {img_size}px, train copies "
             f"{train_copies}, val copies {val_copies}, val_fraction {val_fraction}, train region {train_region}, "
-            f"seed {seed}\n")
+            f"seed {seed}\n"
+        )
     return root
 
 
@@ -181,10 +192,18 @@ def train(recipe: Path, overrides: list[str], out: Path) -> dict:
     summary = fit(cfg, out / "run")
     run = out / "run"
     last = _last_metrics(run)
-    result = {"recipe": os.path.relpath(recipe, ROOT), "overrides": overrides, "weights": summary["weights"],
-              "final_val_top1": last["val_top1"], "final_val_ema_top1": last.get("val_ema_top1"),
-              "best": summary.get("best"), "epochs": last["epoch"], "train_seconds": _train_seconds(run),
-              "fit_call_seconds": round(time.perf_counter() - t0, 1), "config": cfg.to_dict()}
+    result = {
+        "recipe": os.path.relpath(recipe, ROOT),
+        "overrides": overrides,
+        "weights": summary["weights"],
+        "final_val_top1": last["val_top1"],
+        "final_val_ema_top1": last.get("val_ema_top1"),
+        "best": summary.get("best"),
+        "epochs": last["epoch"],
+        "train_seconds": _train_seconds(run),
+        "fit_call_seconds": round(time.perf_counter() - t0, 1),
+        "config": cfg.to_dict(),
+    }
     done.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
@@ -195,8 +214,7 @@ def adopt(run: Path, recipe: Path, overrides: list[str], out: Path) -> dict:
     config differs from the recipe in anything but where the data lives and how the run was logged."""
     import yaml
 
-    from swinv2.config import load_config
-    from swinv2.config import RESUME_MAY_CHANGE, config_changes
+    from swinv2.config import RESUME_MAY_CHANGE, config_changes, load_config
 
     cfg = load_config(recipe, overrides)
     saved = yaml.safe_load((run / "config.yaml").read_text())
@@ -216,12 +234,19 @@ def adopt(run: Path, recipe: Path, overrides: list[str], out: Path) -> dict:
     for name in ("best.safetensors", "config.yaml", "metrics.jsonl"):
         shutil.copy2(run / name, dst / name)
     weights = dst / "best.safetensors"
-    result = {"recipe": os.path.relpath(recipe, ROOT), "overrides": overrides, "weights": str(weights),
-              "adopted_from": os.path.relpath(run.resolve(), ROOT),
-              "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
-              "final_val_top1": last["val_top1"], "final_val_ema_top1": last.get("val_ema_top1"),
-              "epochs": last["epoch"], "train_seconds": _train_seconds(run), "config": cfg.to_dict(),
-              "config_differences_allowed": {k: list(v) for k, v in changes.items()}}
+    result = {
+        "recipe": os.path.relpath(recipe, ROOT),
+        "overrides": overrides,
+        "weights": str(weights),
+        "adopted_from": os.path.relpath(run.resolve(), ROOT),
+        "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        "final_val_top1": last["val_top1"],
+        "final_val_ema_top1": last.get("val_ema_top1"),
+        "epochs": last["epoch"],
+        "train_seconds": _train_seconds(run),
+        "config": cfg.to_dict(),
+        "config_differences_allowed": {k: list(v) for k, v in changes.items()},
+    }
     (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 
@@ -229,32 +254,68 @@ def adopt(run: Path, recipe: Path, overrides: list[str], out: Path) -> dict:
 # --------------------------------------------------------------------------- measuring
 
 
-COMBOS = [("torch", "fp32"), ("torch", "bf16"), ("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8"),
-          ("onnxruntime", "fp32")]
+COMBOS = [
+    ("torch", "fp32"),
+    ("torch", "bf16"),
+    ("openvino", "fp32"),
+    ("openvino", "bf16"),
+    ("openvino", "int8"),
+    ("onnxruntime", "fp32"),
+]
 
 
 def eval_cli(weights: str, val: Path, calib: Path, cache: Path, runtime: str, precision: str, out: Path) -> dict:
     """One `swinv2 eval ... --compare-fp32 --json` run; its report, or why it did not run."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = ["swinv2", "eval", "--weights", weights, "--data", str(val), "--runtime", runtime, "--precision", precision,
-           *(["--calib", str(calib)] if precision == "int8" else []), "--cache-dir", str(cache),
-           "--compare-fp32", "--json", str(out)]
+    cmd = [
+        "swinv2",
+        "eval",
+        "--weights",
+        weights,
+        "--data",
+        str(val),
+        "--runtime",
+        runtime,
+        "--precision",
+        precision,
+        *(["--calib", str(calib)] if precision == "int8" else []),
+        "--cache-dir",
+        str(cache),
+        "--compare-fp32",
+        "--json",
+        str(out),
+    ]
     out.unlink(missing_ok=True)
     t0 = time.perf_counter()
     proc = subprocess.run(SWINV2 + cmd[1:], capture_output=True, text=True, cwd=ROOT)
-    row = {"runtime": runtime, "precision": precision, "command": " ".join(_rel(c) for c in cmd),
-           "wall_seconds": round(time.perf_counter() - t0, 1), "exit": proc.returncode}
+    row = {
+        "runtime": runtime,
+        "precision": precision,
+        "command": " ".join(_rel(c) for c in cmd),
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+        "exit": proc.returncode,
+    }
     if proc.returncode != 0 or not out.is_file():
         row["error"] = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1:] or ["(no output)"]
         row["error"] = row["error"][0]
         return row
     report = json.loads(out.read_text())
     ref = report["fp32"]
-    row.update({"top1": report["top1"], "top5": report["top5"], "loss": report["loss"], "n": report["n"],
-                "img_per_s_end_to_end": report["img_per_s"], "fp32_top1": ref["top1"],
-                "top1_delta": ref["top1_delta"], "top1_agreement": ref["top1_agreement"],
-                "max_abs_logit_diff": ref["max_abs_logit_diff"], "mean_abs_logit_diff": ref["mean_abs_logit_diff"],
-                "stderr_notes": [ln for ln in proc.stderr.splitlines() if ln.strip()][-6:]})
+    row.update(
+        {
+            "top1": report["top1"],
+            "top5": report["top5"],
+            "loss": report["loss"],
+            "n": report["n"],
+            "img_per_s_end_to_end": report["img_per_s"],
+            "fp32_top1": ref["top1"],
+            "top1_delta": ref["top1_delta"],
+            "top1_agreement": ref["top1_agreement"],
+            "max_abs_logit_diff": ref["max_abs_logit_diff"],
+            "mean_abs_logit_diff": ref["mean_abs_logit_diff"],
+            "stderr_notes": [ln for ln in proc.stderr.splitlines() if ln.strip()][-6:],
+        }
+    )
     return row
 
 
@@ -267,8 +328,9 @@ def _rel(s: str) -> str:
         return s
 
 
-def time_models(weights: str, val: Path, calib: Path, cache: Path, rows: list[dict], batch: int = 64,
-                calls: int = 25) -> dict:
+def time_models(
+    weights: str, val: Path, calib: Path, cache: Path, rows: list[dict], batch: int = 64, calls: int = 25
+) -> dict:
     """Model-only images/s of every runtime that ran in `rows` on one batch of `batch` val images: each
     runtime in its own block (3 warm-up calls, then the median of `calls`), one after another in one
     process, on the exports eval cached. Not interleaved (`swinv2.serve.runtime.time_runtimes`): on 2 cores a
@@ -277,8 +339,8 @@ def time_models(weights: str, val: Path, calib: Path, cache: Path, rows: list[di
     import torch
 
     import swinv2
-    from swinv2.timing import median_seconds
     from swinv2.serve.runtime import calibration_set, load_runtime
+    from swinv2.timing import median_seconds
 
     model = swinv2.load_model(weights)
     img_size = swinv2.weights.registry.model_info(model).preprocess.img_size
@@ -292,8 +354,13 @@ def time_models(weights: str, val: Path, calib: Path, cache: Path, rows: list[di
         rates[f"{r['runtime']} {r['precision']}"] = len(x) / median_seconds(partial(rt, x), calls=calls, warmup=3)
         del rt
         time.sleep(0.5)  # let the last runtime's pool go idle
-    return {"batch": len(x), "img_size": img_size, "torch_threads": torch.get_num_threads(), "calls": calls,
-            "img_per_s": rates}
+    return {
+        "batch": len(x),
+        "img_size": img_size,
+        "torch_threads": torch.get_num_threads(),
+        "calls": calls,
+        "img_per_s": rates,
+    }
 
 
 def machine() -> str:
@@ -325,9 +392,11 @@ def target_check(row: dict) -> str:
 
 
 def table(record: dict) -> list[str]:
-    lines = ["| set | runtime / precision | val top-1 | Δ top-1 vs torch fp32 | top-1 agreement | "
-             "max / mean abs logit diff | img/s, eval end to end | img/s, model only (batch 64) | target |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| set | runtime / precision | val top-1 | Δ top-1 vs torch fp32 | top-1 agreement | "
+        "max / mean abs logit diff | img/s, eval end to end | img/s, model only (batch 64) | target |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for s in record["sets"]:
         rates = s["model_only"]["img_per_s"]
         for r in s["rows"]:
@@ -335,10 +404,12 @@ def table(record: dict) -> list[str]:
             if "top1" not in r:
                 lines.append(f"| {s['label']} | {name} | not run here: {r['error']} | | | | | | |")
                 continue
-            lines.append(f"| {s['label']} | {name} | {r['top1']:.2f}% | {r['top1_delta']:+.2f} | "
-                         f"{r['top1_agreement']:.2f}% | {r['max_abs_logit_diff']:.3g} / {r['mean_abs_logit_diff']:.3g} | "
-                         f"{r['img_per_s_end_to_end']:.0f} | {rates.get(name, float('nan')):.0f} | "
-                         f"{target_check(r)} |")
+            lines.append(
+                f"| {s['label']} | {name} | {r['top1']:.2f}% | {r['top1_delta']:+.2f} | "
+                f"{r['top1_agreement']:.2f}% | {r['max_abs_logit_diff']:.3g} / {r['mean_abs_logit_diff']:.3g} | "
+                f"{r['img_per_s_end_to_end']:.0f} | {rates.get(name, float('nan')):.0f} | "
+                f"{target_check(r)} |"
+            )
     return lines
 
 
@@ -347,38 +418,48 @@ def markdown(record: dict) -> str:
         where = f", the run in {t['adopted_from']}" if t.get("adopted_from") else ""
         return f"trained with {t['recipe']} ({t['train_seconds']:.0f} s of training{where}; its best epoch's weights)"
 
-    sets = "; ".join(f"{s['label']}: {s['n_val']} val images ({s['description']}), {s['model']} "
-                     f"{trained(s['training'])}" for s in record["sets"])
-    return "\n".join([
-        "# Accuracy of bf16 and int8 against fp32",
-        "",
-        f"`{record['command']}` on {record['date']} ({record['machine']}; {record['wall_seconds']:.0f} s in all; runs found finished are reused, their training is not in it).",
-        "",
-        f"{sets}. Each row is `swinv2 eval --runtime R --precision P --compare-fp32` (int8: NNCF calibrated on "
-        f"{CALIB_IMAGES} training images); Δ and agreement are against PyTorch fp32 on the same images. "
-        "End-to-end img/s includes PNG decoding and resizing in one process; model-only img/s is the median of 25 "
-        "calls on one batch of 64 val images, each runtime timed alone after warm-up (a shared machine: img/s is "
-        "indicative only). Targets: bf16 within 0.3 points of fp32, "
-        "int8 within 0.5.",
-        "",
-        *table(record),
-        "",
-    ])
+    sets = "; ".join(
+        f"{s['label']}: {s['n_val']} val images ({s['description']}), {s['model']} {trained(s['training'])}"
+        for s in record["sets"]
+    )
+    return "\n".join(
+        [
+            "# Accuracy of bf16 and int8 against fp32",
+            "",
+            f"`{record['command']}` on {record['date']} ({record['machine']}; {record['wall_seconds']:.0f} s in all; "
+            "runs found finished are reused, their training is not in it).",
+            "",
+            f"{sets}. Each row is `swinv2 eval --runtime R --precision P --compare-fp32` (int8: NNCF calibrated on "
+            f"{CALIB_IMAGES} training images); Δ and agreement are against PyTorch fp32 on the same images. "
+            "End-to-end img/s includes PNG decoding and resizing in one process; model-only img/s is the median of 25 "
+            "calls on one batch of 64 val images, each runtime timed alone after warm-up (a shared machine: img/s is "
+            "indicative only). Targets: bf16 within 0.3 points of fp32, "
+            "int8 within 0.5.",
+            "",
+            *table(record),
+            "",
+        ]
+    )
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default=str(WORK), help="data, runs, exports and eval reports (default %(default)s)")
     p.add_argument("--results", default=str(RESULTS), help="writes RESULTS.json and RESULTS.md")
-    p.add_argument("--demo-from", metavar="RUN", default=None, help="take the digits model from this finished run "
-                   "of configs/demo_digits.yaml (e.g. runs/demo_digits) instead of training it")
+    p.add_argument(
+        "--demo-from",
+        metavar="RUN",
+        default=None,
+        help="take the digits model from this finished run "
+        "of configs/demo_digits.yaml (e.g. runs/demo_digits) instead of training it",
+    )
     p.add_argument("--fresh", action="store_true", help="rebuild the data folders, retrain, export again")
     args = p.parse_args()
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    from swinv2.train.datasets import build_digits_folder
     from swinv2.outputs import check_output, write_output
+    from swinv2.train.datasets import build_digits_folder
 
     results = Path(args.results)
     for suffix in (".json", ".md"):
@@ -397,11 +478,21 @@ def main() -> int:
     quiet_data = lambda root: [f"data.root={root}", *QUIET]  # noqa: E731
     demo_recipe, photo_recipe = ROOT / "configs" / "demo_digits.yaml", ROOT / "configs" / "digits_on_photos.yaml"
     sets = [
-        {"key": "digits", "label": "digits 32 px", "root": digits, "recipe": demo_recipe,
-         "description": "scikit-learn digits, the demo's set"},
-        {"key": "digits_on_photos", "label": "digits on photos 48 px", "root": photos, "recipe": photo_recipe,
-         "description": "one digit per image on a crop of china.jpg / flower.jpg, val digits and photo regions "
-                        "unseen in training; the model is a fine-tune of the digits model"},
+        {
+            "key": "digits",
+            "label": "digits 32 px",
+            "root": digits,
+            "recipe": demo_recipe,
+            "description": "scikit-learn digits, the demo's set",
+        },
+        {
+            "key": "digits_on_photos",
+            "label": "digits on photos 48 px",
+            "root": photos,
+            "recipe": photo_recipe,
+            "description": "one digit per image on a crop of china.jpg / flower.jpg, val digits and photo regions "
+            "unseen in training; the model is a fine-tune of the digits model",
+        },
     ]
     for s in sets:
         t0 = time.perf_counter()
@@ -414,26 +505,38 @@ def main() -> int:
         else:
             s["training"] = train(s["recipe"], overrides, out)
         timings[f"train_{s['key']}"] = round(time.perf_counter() - t0, 1)
-        print(f"{s['key']}: model {s['training']['weights']}: val top-1 {s['training']['final_val_top1']:.2f}% "
-              f"({s['training']['train_seconds']:.0f} s of training)", flush=True)
+        print(
+            f"{s['key']}: model {s['training']['weights']}: val top-1 {s['training']['final_val_top1']:.2f}% "
+            f"({s['training']['train_seconds']:.0f} s of training)",
+            flush=True,
+        )
 
     for s in sets:
         t0 = time.perf_counter()
         out = work / s["key"]
         weights = s["training"]["weights"]
-        val, calib, cache = s["root"] / "val", build_calib(s["root"] / "train", out / f"calib{CALIB_IMAGES}"), out  # graphs: out/exports/
+        val, calib, cache = (
+            s["root"] / "val",
+            build_calib(s["root"] / "train", out / f"calib{CALIB_IMAGES}"),
+            out,
+        )  # graphs: out/exports/
         s["rows"] = []
         for runtime, precision in COMBOS:
             row = eval_cli(weights, val, calib, cache, runtime, precision, out / "eval" / f"{runtime}-{precision}.json")
             s["rows"].append(row)
-            shown = (f"top-1 {row['top1']:.2f}% delta {row['top1_delta']:+.2f} agreement {row['top1_agreement']:.2f}%"
-                     if "top1" in row else f"not run: {row['error']}")
+            shown = (
+                f"top-1 {row['top1']:.2f}% delta {row['top1_delta']:+.2f} agreement {row['top1_agreement']:.2f}%"
+                if "top1" in row
+                else f"not run: {row['error']}"
+            )
             print(f"  {s['key']} {runtime} {precision}: {shown} ({row['wall_seconds']} s)", flush=True)
         s["model_only"] = time_models(weights, val, calib, cache, s["rows"])
         timings[f"eval_{s['key']}"] = round(time.perf_counter() - t0, 1)
         s["model"] = s["training"]["config"]["model"]["name"] + (
-            f" at {s['training']['config']['model']['img_size']} px" if s["training"]["config"]["model"]["img_size"]
-            else "")
+            f" at {s['training']['config']['model']['img_size']} px"
+            if s["training"]["config"]["model"]["img_size"]
+            else ""
+        )
         s["n_val"] = sum(1 for _ in val.rglob("*.png"))
         s["n_train"] = sum(1 for _ in (s["root"] / "train").rglob("*.png"))
         s["root"], s["recipe"] = _rel(str(s["root"])), _rel(str(s["recipe"]))

@@ -17,6 +17,7 @@ Runs go to runs/simmim_digits_bench/ (a finished run is reused when the script r
 config: delete the folder to measure afresh). Helpers shared with benchmarks/finetune_digits.py are
 imported from it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,13 +33,23 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune_digits import (COMMON, MICRO, ROOT, _row, arm_summary, arm_table, cached_fit,  # noqa: E402
-                             copy_classes, run)  # (benchmarks/ is not a package)
-
+from finetune_digits import (  # noqa: E402
+    COMMON,
+    MICRO,
+    ROOT,
+    _row,
+    arm_summary,
+    arm_table,
+    cached_fit,
+    copy_classes,  # (benchmarks/ is not a package)
+    run,
+)
 from swinv2.config import Config, load_config  # noqa: E402
-from swinv2.outputs import IMG_EXTENSIONS  # noqa: E402
+from swinv2.outputs import (
+    IMG_EXTENSIONS,  # noqa: E402
+    atomic_folder,  # noqa: E402
+)
 from swinv2.train.datasets import build_digits_folder  # noqa: E402
-from swinv2.outputs import atomic_folder  # noqa: E402
 from swinv2.train.recipes import plan_recipe  # noqa: E402
 
 RECIPE = ROOT / "configs" / "simmim_digits.yaml"
@@ -55,21 +66,30 @@ def build_folders(work: Path, label_fraction: float, seed: int = 0) -> tuple[Pat
                     shutil.copy2(f, tmp / f.name)
     rng = np.random.default_rng(seed)
     for split, fraction in (("train", label_fraction), ("val", 1.0)):
-        copy_classes(full / split, ft / split, sorted(d.name for d in (full / split).iterdir() if d.is_dir()),
-                     fraction, rng)
+        copy_classes(
+            full / split, ft / split, sorted(d.name for d in (full / split).iterdir() if d.is_dir()), fraction, rng
+        )
     count = lambda d: sum(1 for p in d.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)  # noqa: E731
-    counts = {"pretrain_train": count(flat / "train"), "pretrain_val": count(flat / "val"),
-              "finetune_train": count(ft / "train"), "finetune_val": count(ft / "val")}
+    counts = {
+        "pretrain_train": count(flat / "train"),
+        "pretrain_val": count(flat / "val"),
+        "finetune_train": count(ft / "train"),
+        "finetune_val": count(ft / "val"),
+    }
     return flat, ft, counts
 
 
 def pretrain(cfg: Config, out: Path) -> dict:
     """Pretrain (or reuse a finished run in `out`): val reconstruction loss per evaluated epoch, time."""
+
     def numbers(summary: dict, out: Path) -> dict:
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        return {"final_val_loss": summary["final"]["val_loss"], "best_val_loss": summary["best"]["val_loss"],
-                "best_epoch": summary["best"]["epoch"],
-                "curve": [[r["epoch"], r["train_loss"], r.get("val_loss")] for r in rows]}
+        return {
+            "final_val_loss": summary["final"]["val_loss"],
+            "best_val_loss": summary["best"]["val_loss"],
+            "best_epoch": summary["best"]["epoch"],
+            "curve": [[r["epoch"], r["train_loss"], r.get("val_loss")] for r in rows],
+        }
 
     return cached_fit(cfg, out, numbers)
 
@@ -97,8 +117,11 @@ def plot(record: dict, path: Path) -> None:
         for i, r in enumerate(a["runs"]):
             c = np.array(r["curve"], dtype=float)
             axes[1].plot(c[:, 0], c[:, 2], color=color, alpha=0.8, label=arm if i == 0 else None)
-    axes[1].set(xlabel="fine-tuning epoch", ylabel="val top-1 (%)",
-                title=f"{record['images']['finetune_train']} labelled images, one line per seed")
+    axes[1].set(
+        xlabel="fine-tuning epoch",
+        ylabel="val top-1 (%)",
+        title=f"{record['images']['finetune_train']} labelled images, one line per seed",
+    )
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
@@ -113,11 +136,16 @@ def main() -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--label-fraction", type=float, default=0.1)
     p.add_argument("--pretrain-epochs", type=int, default=None, help="default: the recipe's")
-    p.add_argument("--epochs", type=int, default=200, help="fine-tune / scratch epochs (at batch 16: 9 steps each; "
-                   "both arms still gain at 100)")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=200,
+        help="fine-tune / scratch epochs (at batch 16: 9 steps each; both arms still gain at 100)",
+    )
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more recipe overrides, e.g. "
-                   "stages.0.optim.lr=1e-3")
+    p.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="more recipe overrides, e.g. stages.0.optim.lr=1e-3"
+    )
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     work = Path(args.out)
@@ -126,9 +154,16 @@ def main() -> int:
     flat, ft_root, counts = build_folders(work, args.label_fraction)
     print(f"images: {counts}", flush=True)
 
-    over = [f"stages.0.data.root={flat}", "stages.0.data.source=folder", f"stages.1.data.root={ft_root}",
-            "stages.1.data.source=folder", f"stages.1.train.epochs={args.epochs}",
-            f"stages.1.data.batch_size={args.batch_size}", *COMMON, *args.set]
+    over = [
+        f"stages.0.data.root={flat}",
+        "stages.0.data.source=folder",
+        f"stages.1.data.root={ft_root}",
+        "stages.1.data.source=folder",
+        f"stages.1.train.epochs={args.epochs}",
+        f"stages.1.data.batch_size={args.batch_size}",
+        *COMMON,
+        *args.set,
+    ]
     if args.pretrain_epochs:
         over.append(f"stages.0.train.epochs={args.pretrain_epochs}")
     recipe = load_config(RECIPE, over)
@@ -136,12 +171,18 @@ def main() -> int:
     pre_cfg, ft_base = plans[0].cfg, plans[1].cfg
 
     pre = pretrain(pre_cfg, plans[0].dir)
-    print(f"pretrain: val loss {pre['final_val_loss']:.4f} (best {pre['best_val_loss']:.4f} at epoch "
-          f"{pre['best_epoch']}) in {pre['seconds']} s", flush=True)
+    print(
+        f"pretrain: val loss {pre['final_val_loss']:.4f} (best {pre['best_val_loss']:.4f} at epoch "
+        f"{pre['best_epoch']}) in {pre['seconds']} s",
+        flush=True,
+    )
 
-    arms = {"SimMIM -> fine-tune": ft_base,
-            "scratch": ft_base.replace(**{"model.weights": None, "model.pretrained_window_sizes": None,
-                                          "optim.layer_decay": None})}
+    arms = {
+        "SimMIM -> fine-tune": ft_base,
+        "scratch": ft_base.replace(
+            **{"model.weights": None, "model.pretrained_window_sizes": None, "optim.layer_decay": None}
+        ),
+    }
     record_arms: dict[str, list[dict]] = {}
     for arm, base in arms.items():
         record_arms[arm] = []
@@ -156,12 +197,21 @@ def main() -> int:
         "command": "python benchmarks/simmim_digits.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end, "
-                   f"python {platform.python_version()}",
-        "model": MICRO, "images": counts, "label_fraction": args.label_fraction, "epochs": args.epochs,
-        "batch_size": args.batch_size, "seeds": args.seeds, "overrides": over,
-        "pretrain": _row(pre) | {"epochs": pre_cfg.train.epochs, "lr": pre_cfg.optim.lr,
-                                 "mask_patch_size": pre_cfg.simmim.mask_patch_size,
-                                 "mask_ratio": pre_cfg.simmim.mask_ratio},
+        f"python {platform.python_version()}",
+        "model": MICRO,
+        "images": counts,
+        "label_fraction": args.label_fraction,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "seeds": args.seeds,
+        "overrides": over,
+        "pretrain": _row(pre)
+        | {
+            "epochs": pre_cfg.train.epochs,
+            "lr": pre_cfg.optim.lr,
+            "mask_patch_size": pre_cfg.simmim.mask_patch_size,
+            "mask_ratio": pre_cfg.simmim.mask_ratio,
+        },
         "finetune": {"lr": ft_base.optim.lr, "layer_decay": ft_base.optim.layer_decay},
         "arms": {k: arm_summary(v) for k, v in record_arms.items()},
         "wall_seconds": round(time.perf_counter() - t_start, 1),
@@ -183,7 +233,8 @@ def write_results(record: dict, results: Path) -> None:
         "",
         f"Model {record['model']}. Pretraining (`configs/simmim_digits.yaml` stage 1): {n['pretrain_train']} "
         f"training images in a flat folder (no labels), {pre['epochs']} epochs, {pre['mask_patch_size']} px squares "
-        f"at ratio {pre['mask_ratio']}, lr {pre['lr']:g} at batch 32: val reconstruction loss {pre['final_val_loss']:.4f} "
+        f"at ratio {pre['mask_ratio']}, lr {pre['lr']:g} at batch 32: "
+        f"val reconstruction loss {pre['final_val_loss']:.4f} "
         f"(best {pre['best_val_loss']:.4f} at epoch {pre['best_epoch']}; {pre['seconds']:.0f} s). "
         f"Fine-tuning (stage 2): {n['finetune_train']} labelled training images ({record['label_fraction']:.0%}, "
         f"stratified, fixed), {record['epochs']} epochs at batch {record['batch_size']}, layer decay "
@@ -192,8 +243,11 @@ def write_results(record: dict, results: Path) -> None:
         "",
         *arm_table(record["arms"]),
     ]
-    lines += ["", f"Curves: `{results.with_suffix('.png').name}` (pretraining losses; val top-1 per epoch of "
-              "every fine-tuning run)."]
+    lines += [
+        "",
+        f"Curves: `{results.with_suffix('.png').name}` (pretraining losses; val top-1 per epoch of "
+        "every fine-tuning run).",
+    ]
     results.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {results.with_suffix('.json')}, .md and .png")

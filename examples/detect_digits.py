@@ -9,6 +9,7 @@ sized to the digits (12..36 px, tall). It trains from scratch for a fixed number
 reports mAP@0.5 on the val scenes and draws its detections. Writes into --out: metrics.json,
 predictions.png.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,9 +22,16 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from digits_scenes import (CLASS_NAMES, NUM_CLASSES, Scene, mean_average_precision, parse_args,  # noqa: E402
-                           scenes_for, train, write_metrics)
-
+from digits_scenes import (  # noqa: E402
+    CLASS_NAMES,
+    NUM_CLASSES,
+    Scene,
+    mean_average_precision,
+    parse_args,
+    scenes_for,
+    train,
+    write_metrics,
+)
 from swinv2 import SwinV2Config, create_backbone  # noqa: E402
 from swinv2.serve.backbone import SwinV2FPN  # noqa: E402
 
@@ -35,8 +43,16 @@ ASPECT_RATIOS = ((1.0, 1.5, 2.5),) * 3
 
 def tiny_config(size: int = 96, embed_dim: int = 32) -> SwinV2Config:
     """A 3-stage SwinV2 small enough to train on two CPU cores in minutes (window 4, strides 4/8/16)."""
-    return SwinV2Config(img_size=size, embed_dim=embed_dim, depths=(2, 2, 2), num_heads=(2, 4, 8), window_size=4,
-                        pretrained_window_sizes=(0, 0, 0), num_classes=0, drop_path_rate=0.1)
+    return SwinV2Config(
+        img_size=size,
+        embed_dim=embed_dim,
+        depths=(2, 2, 2),
+        num_heads=(2, 4, 8),
+        window_size=4,
+        pretrained_window_sizes=(0, 0, 0),
+        num_classes=0,
+        drop_path_rate=0.1,
+    )
 
 
 def build_detector(size: int = 96, embed_dim: int = 32, fpn_channels: int = 64) -> nn.Module:
@@ -49,13 +65,25 @@ def build_detector(size: int = 96, embed_dim: int = 32, fpn_channels: int = 64) 
     body = create_backbone(tiny_config(size, embed_dim), out_indices=(0, 1, 2))
     backbone = SwinV2FPN(body, out_channels=fpn_channels, extra_pool=False)
     return FasterRCNN(
-        backbone, num_classes=None, min_size=size, max_size=size, image_mean=[0.1] * 3, image_std=[0.25] * 3,
+        backbone,
+        num_classes=None,
+        min_size=size,
+        max_size=size,
+        image_mean=[0.1] * 3,
+        image_std=[0.25] * 3,
         rpn_anchor_generator=AnchorGenerator(ANCHOR_SIZES, ASPECT_RATIOS),
         box_roi_pool=MultiScaleRoIAlign(backbone.featmap_names, output_size=7, sampling_ratio=2),
-        box_head=TwoMLPHead(fpn_channels * 7 * 7, 256), box_predictor=FastRCNNPredictor(256, NUM_CLASSES),
-        rpn_pre_nms_top_n_train=400, rpn_post_nms_top_n_train=200, rpn_pre_nms_top_n_test=300,
-        rpn_post_nms_top_n_test=100, rpn_batch_size_per_image=128, box_batch_size_per_image=64,
-        box_score_thresh=0.01, box_detections_per_img=20)
+        box_head=TwoMLPHead(fpn_channels * 7 * 7, 256),
+        box_predictor=FastRCNNPredictor(256, NUM_CLASSES),
+        rpn_pre_nms_top_n_train=400,
+        rpn_post_nms_top_n_train=200,
+        rpn_pre_nms_top_n_test=300,
+        rpn_post_nms_top_n_test=100,
+        rpn_batch_size_per_image=128,
+        box_batch_size_per_image=64,
+        box_score_thresh=0.01,
+        box_detections_per_img=20,
+    )
 
 
 def targets_of(scenes: list[Scene]) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
@@ -79,14 +107,16 @@ def predict(model: nn.Module, scenes: list[Scene], batch_size: int = 32) -> list
     model.eval()
     out = []
     for i in range(0, len(scenes), batch_size):
-        out += model([s.image for s in scenes[i:i + batch_size]])
+        out += model([s.image for s in scenes[i : i + batch_size]])
     return out
 
 
-def draw(scenes: list[Scene], predictions: list[dict[str, torch.Tensor]], path: Path, threshold: float = 0.5,
-         n: int = 12) -> None:
+def draw(
+    scenes: list[Scene], predictions: list[dict[str, torch.Tensor]], path: Path, threshold: float = 0.5, n: int = 12
+) -> None:
     """Val scenes with the detections scoring >= threshold (label, score) and true boxes dashed."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
@@ -100,8 +130,15 @@ def draw(scenes: list[Scene], predictions: list[dict[str, torch.Tensor]], path: 
         for box, label, score in zip(pred["boxes"].tolist(), pred["labels"].tolist(), pred["scores"].tolist()):
             if score >= threshold:
                 ax.add_patch(Rectangle(box[:2], box[2] - box[0], box[3] - box[1], fill=False, ec="lime", lw=1.5))
-                ax.text(box[0], box[1] - 1, f"{CLASS_NAMES[label]} {score:.2f}", color="lime", fontsize=8,
-                        va="bottom", bbox=dict(facecolor="black", alpha=0.6, pad=0.5, lw=0))
+                ax.text(
+                    box[0],
+                    box[1] - 1,
+                    f"{CLASS_NAMES[label]} {score:.2f}",
+                    color="lime",
+                    fontsize=8,
+                    va="bottom",
+                    bbox=dict(facecolor="black", alpha=0.6, pad=0.5, lw=0),
+                )
         ax.axis("off")
     fig.suptitle(f"Faster R-CNN + SwinV2, val scenes: detections >= {threshold} (green), truth (dashed)")
     fig.tight_layout()
@@ -119,16 +156,27 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     predictions = predict(model, val)
     mean_ap, per_class = mean_average_precision(predictions, val)
     wall = time.perf_counter() - start
-    metrics = {"map50": mean_ap, "ap50_per_digit": dict(zip(CLASS_NAMES[1:], per_class)),
-               "val_scenes": len(val), "val_digits": int(sum(len(s.labels) for s in val)),
-               "train_scenes": len(train_scenes), "steps": args.steps, "batch_size": args.batch_size,
-               "final_loss": float(np.mean(losses[-50:])), "train_s": round(train_s, 1), "wall_s": round(wall, 1),
-               "threads": args.threads, "seed": args.seed,
-               "params": sum(p.numel() for p in model.parameters())}
+    metrics = {
+        "map50": mean_ap,
+        "ap50_per_digit": dict(zip(CLASS_NAMES[1:], per_class)),
+        "val_scenes": len(val),
+        "val_digits": int(sum(len(s.labels) for s in val)),
+        "train_scenes": len(train_scenes),
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "final_loss": float(np.mean(losses[-50:])),
+        "train_s": round(train_s, 1),
+        "wall_s": round(wall, 1),
+        "threads": args.threads,
+        "seed": args.seed,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
     write_metrics(args.out, metrics)
     draw(val, predictions, args.out / "predictions.png")
-    print(f"val mAP@0.5 {mean_ap:.3f} over {metrics['val_digits']} digits in {len(val)} scenes; "
-          f"wall time {wall:.0f} s; wrote {args.out}/metrics.json, predictions.png")
+    print(
+        f"val mAP@0.5 {mean_ap:.3f} over {metrics['val_digits']} digits in {len(val)} scenes; "
+        f"wall time {wall:.0f} s; wrote {args.out}/metrics.json, predictions.png"
+    )
     return metrics
 
 

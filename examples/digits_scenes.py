@@ -9,6 +9,7 @@ was never seen in training. Everything is seeded: the same arguments give the sa
 Class ids: 0 is background, digit d is d + 1 (torchvision detection and the segmentation loss both
 reserve 0 for background).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,19 +57,22 @@ def _upscaled(scan: np.ndarray, scale: int) -> Tensor:
     return F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)[0, 0].clamp(0, 1)
 
 
-def _place(rng: np.random.Generator, size: int, side: int, taken: list[tuple[int, int, int]],
-           tries: int = 50) -> tuple[int, int] | None:
+def _place(
+    rng: np.random.Generator, size: int, side: int, taken: list[tuple[int, int, int]], tries: int = 50
+) -> tuple[int, int] | None:
     """A top-left corner for a side x side patch that keeps a 2 px gap to every patch in `taken`."""
     for _ in range(tries):
         y, x = (int(v) for v in rng.integers(0, size - side + 1, size=2))
-        if all(y + side + 2 <= ty or ty + ts + 2 <= y or x + side + 2 <= tx or tx + ts + 2 <= x
-               for ty, tx, ts in taken):
+        if all(
+            y + side + 2 <= ty or ty + ts + 2 <= y or x + side + 2 <= tx or tx + ts + 2 <= x for ty, tx, ts in taken
+        ):
             return y, x
     return None
 
 
-def make_scene(rng: np.random.Generator, images: np.ndarray, targets: np.ndarray, pool: np.ndarray,
-               size: int, max_digits: int) -> Scene:
+def make_scene(
+    rng: np.random.Generator, images: np.ndarray, targets: np.ndarray, pool: np.ndarray, size: int, max_digits: int
+) -> Scene:
     """One scene from the scans `pool` (indices into `images`); see the module docstring."""
     canvas = torch.from_numpy(rng.normal(0.08, 0.04, size=(size, size)).astype(np.float32)).clamp(0, 1)
     mask = torch.zeros(size, size, dtype=torch.int64)
@@ -83,14 +87,18 @@ def make_scene(rng: np.random.Generator, images: np.ndarray, targets: np.ndarray
         y, x = corner
         taken.append((y, x, side))
         ink = digit > INK
-        region = canvas[y:y + side, x:x + side]
-        canvas[y:y + side, x:x + side] = torch.maximum(region, digit)
-        mask[y:y + side, x:x + side][ink] = int(targets[scan]) + 1
+        region = canvas[y : y + side, x : x + side]
+        canvas[y : y + side, x : x + side] = torch.maximum(region, digit)
+        mask[y : y + side, x : x + side][ink] = int(targets[scan]) + 1
         rows, cols = ink.any(1).nonzero()[:, 0], ink.any(0).nonzero()[:, 0]
         boxes.append([x + cols[0].item(), y + rows[0].item(), x + cols[-1].item() + 1, y + rows[-1].item() + 1])
         labels.append(int(targets[scan]) + 1)
-    return Scene(canvas.expand(3, -1, -1).contiguous(), torch.tensor(boxes, dtype=torch.float32).view(-1, 4),
-                 torch.tensor(labels, dtype=torch.int64), mask)
+    return Scene(
+        canvas.expand(3, -1, -1).contiguous(),
+        torch.tensor(boxes, dtype=torch.float32).view(-1, 4),
+        torch.tensor(labels, dtype=torch.int64),
+        mask,
+    )
 
 
 def make_scenes(n: int, pool: np.ndarray, *, size: int = 96, max_digits: int = 4, seed: int = 0) -> list[Scene]:
@@ -103,7 +111,7 @@ def make_scenes(n: int, pool: np.ndarray, *, size: int = 96, max_digits: int = 4
 def batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
     """One epoch of shuffled index batches (the last, short batch dropped: steady step times)."""
     order = rng.permutation(n)
-    return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+    return [order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
 
 
 def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -139,12 +147,18 @@ def parse_args(argv: list[str] | None, *, doc: str, out: str, steps: int) -> arg
 def scenes_for(args: argparse.Namespace) -> tuple[list[Scene], list[Scene]]:
     """(train, val) scenes from disjoint sets of scans."""
     train_pool, val_pool = split_scans(seed=args.seed)
-    return (make_scenes(args.train_scenes, train_pool, size=args.size, seed=args.seed + 1),
-            make_scenes(args.val_scenes, val_pool, size=args.size, seed=args.seed + 2))
+    return (
+        make_scenes(args.train_scenes, train_pool, size=args.size, seed=args.seed + 1),
+        make_scenes(args.val_scenes, val_pool, size=args.size, seed=args.seed + 2),
+    )
 
 
-def train(model: nn.Module, scenes: list[Scene], args: argparse.Namespace,
-          step: Callable[[nn.Module, torch.optim.Optimizer, list[Scene]], float]) -> list[float]:
+def train(
+    model: nn.Module,
+    scenes: list[Scene],
+    args: argparse.Namespace,
+    step: Callable[[nn.Module, torch.optim.Optimizer, list[Scene]], float],
+) -> list[float]:
     """`args.steps` steps of `step` with AdamW (weight decay 0.05) on warm-up + cosine; the losses."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     rng, losses, start = np.random.default_rng(args.seed), [], time.perf_counter()
@@ -156,8 +170,11 @@ def train(model: nn.Module, scenes: list[Scene], args: argparse.Namespace,
                 group["lr"] = lr_at(len(losses), args.steps, args.lr, warmup=min(100, args.steps // 10 + 1))
             losses.append(step(model, optimizer, [scenes[i] for i in idx]))
             if len(losses) % 100 == 0 or len(losses) == args.steps:
-                print(f"step {len(losses)}/{args.steps}  loss {np.mean(losses[-100:]):.3f}  "
-                      f"{time.perf_counter() - start:.0f} s", flush=True)
+                print(
+                    f"step {len(losses)}/{args.steps}  loss {np.mean(losses[-100:]):.3f}  "
+                    f"{time.perf_counter() - start:.0f} s",
+                    flush=True,
+                )
     return losses
 
 
@@ -189,8 +206,9 @@ def average_precision(scores: list[float], hits: list[bool], n_true: int) -> flo
     return float(np.sum((recall[1:] - recall[:-1]) * precision[1:]))
 
 
-def mean_average_precision(predictions: list[dict[str, Tensor]], truths: list[Scene], iou: float = 0.5,
-                           num_classes: int = NUM_CLASSES) -> tuple[float, list[float]]:
+def mean_average_precision(
+    predictions: list[dict[str, Tensor]], truths: list[Scene], iou: float = 0.5, num_classes: int = NUM_CLASSES
+) -> tuple[float, list[float]]:
     """mAP@iou over the classes that occur in `truths`, and the AP per class (nan: class absent).
 
     Per class, detections of all images are ranked by score; each is a hit when it overlaps a
@@ -232,5 +250,9 @@ def segmentation_scores(confusion: Tensor) -> dict[str, object]:
     union = cm.sum(0) + cm.sum(1) - tp
     iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
     valid = ~torch.isnan(iou)
-    return {"miou": iou[valid].mean().item(), "miou_digits": iou[1:][valid[1:]].mean().item(),
-            "pixel_accuracy": (tp.sum() / cm.sum()).item(), "iou_per_class": iou.tolist()}
+    return {
+        "miou": iou[valid].mean().item(),
+        "miou_digits": iou[1:][valid[1:]].mean().item(),
+        "pixel_accuracy": (tp.sum() / cm.sum()).item(),
+        "iou_per_class": iou.tolist(),
+    }

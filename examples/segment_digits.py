@@ -9,6 +9,7 @@ digits). The model is `swinv2.serve.backbone.SwinV2Segmenter`: a tiny 4-stage Sw
 for a fixed number of steps. Reports mIoU and pixel accuracy on the val scenes and draws the masks.
 Writes into --out: metrics.json, predictions.png.
 """
+
 from __future__ import annotations
 
 import sys
@@ -21,22 +22,48 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from digits_scenes import (CLASS_NAMES, NUM_CLASSES, Scene, confusion_matrix, segmentation_scores, parse_args,  # noqa: E402
-                           scenes_for, train, write_metrics)
-
+from digits_scenes import (  # noqa: E402
+    CLASS_NAMES,
+    NUM_CLASSES,
+    Scene,
+    confusion_matrix,
+    parse_args,
+    scenes_for,
+    segmentation_scores,
+    train,
+    write_metrics,
+)
 from swinv2 import SwinV2Config, create_backbone  # noqa: E402
 from swinv2.serve.backbone import SwinV2Segmenter  # noqa: E402
 
 MEAN, STD = 0.1, 0.25  # of the scenes' pixels, roughly: inputs centred for the patch embedding
 # Ten colours told apart at a glance on a dark image (Trubetskoy's "distinct colours"); digit d gets the d-th.
-DIGIT_COLOURS = ["#4363d8", "#f58231", "#3cb44b", "#e6194b", "#911eb4", "#ffe119", "#f032e6", "#42d4f4",
-                 "#bfef45", "#fabed4"]
+DIGIT_COLOURS = [
+    "#4363d8",
+    "#f58231",
+    "#3cb44b",
+    "#e6194b",
+    "#911eb4",
+    "#ffe119",
+    "#f032e6",
+    "#42d4f4",
+    "#bfef45",
+    "#fabed4",
+]
 
 
 def tiny_config(size: int = 96, embed_dim: int = 32) -> SwinV2Config:
     """A 4-stage SwinV2 small enough to train on two CPU cores in minutes (window 4, strides 4..32)."""
-    return SwinV2Config(img_size=size, embed_dim=embed_dim, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16),
-                        window_size=4, pretrained_window_sizes=(0, 0, 0, 0), num_classes=0, drop_path_rate=0.1)
+    return SwinV2Config(
+        img_size=size,
+        embed_dim=embed_dim,
+        depths=(2, 2, 2, 2),
+        num_heads=(2, 4, 8, 16),
+        window_size=4,
+        pretrained_window_sizes=(0, 0, 0, 0),
+        num_classes=0,
+        drop_path_rate=0.1,
+    )
 
 
 def build_segmenter(size: int = 96, embed_dim: int = 32, channels: int = 64) -> SwinV2Segmenter:
@@ -65,8 +92,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scenes: list[
 def predict(model: nn.Module, scenes: list[Scene], batch_size: int = 32) -> torch.Tensor:
     """(N, H, W) predicted classes."""
     model.eval()
-    return torch.cat([model(inputs_of(scenes[i:i + batch_size])[0]).argmax(1)
-                      for i in range(0, len(scenes), batch_size)])
+    return torch.cat(
+        [model(inputs_of(scenes[i : i + batch_size])[0]).argmax(1) for i in range(0, len(scenes), batch_size)]
+    )
 
 
 def _colour(mask: torch.Tensor, palette: np.ndarray) -> np.ndarray:
@@ -79,6 +107,7 @@ def _colour(mask: torch.Tensor, palette: np.ndarray) -> np.ndarray:
 def draw(scenes: list[Scene], predicted: torch.Tensor, path: Path, n: int = 6) -> None:
     """Per val scene: the image, the true mask and the predicted mask, coloured by digit, with a legend."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
@@ -93,8 +122,13 @@ def draw(scenes: list[Scene], predicted: torch.Tensor, path: Path, n: int = 6) -
                 ax.imshow(_colour(mask, palette.copy()), interpolation="nearest")
             ax.set_title(title, fontsize=8)
             ax.axis("off")
-    fig.legend(handles=[Patch(color=palette[c], label=CLASS_NAMES[c]) for c in range(1, NUM_CLASSES)],
-               loc="lower center", ncol=10, fontsize=8, title="digit")
+    fig.legend(
+        handles=[Patch(color=palette[c], label=CLASS_NAMES[c]) for c in range(1, NUM_CLASSES)],
+        loc="lower center",
+        ncol=10,
+        fontsize=8,
+        title="digit",
+    )
     fig.suptitle("SwinV2 + Semantic FPN, val scenes: per-pixel digit classes")
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=100)
@@ -111,18 +145,29 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     predicted = predict(model, val)
     scores = segmentation_scores(confusion_matrix(predicted, torch.stack([s.mask for s in val])))
     wall = time.perf_counter() - start
-    metrics = {"miou": scores["miou"], "miou_digits": scores["miou_digits"],
-               "pixel_accuracy": scores["pixel_accuracy"],
-               "iou_per_class": dict(zip(CLASS_NAMES, scores["iou_per_class"])),
-               "val_scenes": len(val), "train_scenes": len(train_scenes), "steps": args.steps,
-               "batch_size": args.batch_size, "final_loss": float(np.mean(losses[-50:])),
-               "train_s": round(train_s, 1), "wall_s": round(wall, 1), "threads": args.threads, "seed": args.seed,
-               "params": sum(p.numel() for p in model.parameters())}
+    metrics = {
+        "miou": scores["miou"],
+        "miou_digits": scores["miou_digits"],
+        "pixel_accuracy": scores["pixel_accuracy"],
+        "iou_per_class": dict(zip(CLASS_NAMES, scores["iou_per_class"])),
+        "val_scenes": len(val),
+        "train_scenes": len(train_scenes),
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "final_loss": float(np.mean(losses[-50:])),
+        "train_s": round(train_s, 1),
+        "wall_s": round(wall, 1),
+        "threads": args.threads,
+        "seed": args.seed,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
     write_metrics(args.out, metrics)
     draw(val, predicted, args.out / "predictions.png")
-    print(f"val mIoU {scores['miou']:.3f} (digits only {scores['miou_digits']:.3f}), pixel accuracy "
-          f"{scores['pixel_accuracy']:.4f} over {len(val)} scenes; wall time {wall:.0f} s; "
-          f"wrote {args.out}/metrics.json, predictions.png")
+    print(
+        f"val mIoU {scores['miou']:.3f} (digits only {scores['miou_digits']:.3f}), pixel accuracy "
+        f"{scores['pixel_accuracy']:.4f} over {len(val)} scenes; wall time {wall:.0f} s; "
+        f"wrote {args.out}/metrics.json, predictions.png"
+    )
     return metrics
 
 

@@ -4,6 +4,7 @@ says in which order the suite ran and which CPU kernels it exercised, so a failu
 
 And what many tests ask for: the micro model (`make_micro`), a weights file of it (`make_micro_weights`,
 `micro_weights`) and a small class-folder data set (`image_folder`)."""
+
 from __future__ import annotations
 
 import random
@@ -55,8 +56,9 @@ def make_micro():
     otherwise the official init, drawn under `torch.manual_seed(seed)`. The test's own random stream is
     left where it was."""
 
-    def make(num_classes: int | None = None, *, seed: int = 0, std: float = 0.02, randomized: bool = True,
-             **overrides) -> swinv2.SwinTransformerV2:
+    def make(
+        num_classes: int | None = None, *, seed: int = 0, std: float = 0.02, randomized: bool = True, **overrides
+    ) -> swinv2.SwinTransformerV2:
         from randomize import randomize_  # here, so that a suite that never asks for it never imports swinv2.tools
 
         if num_classes is not None:
@@ -75,8 +77,7 @@ def make_micro_weights(make_micro):
     arguments) -> path`: our self-describing `.safetensors` of `make_micro(len(classes), ...)` with those
     class names (no classes: encoder-only weights, no head)."""
 
-    def make(path: Path, classes=("ant", "bee", "cat"), *, seed: int = 0, model_name: str | None = None,
-             **kw) -> Path:
+    def make(path: Path, classes=("ant", "bee", "cat"), *, seed: int = 0, model_name: str | None = None, **kw) -> Path:
         model = make_micro(len(classes), seed=seed, **kw)
         swinv2.save_weights(model, path, class_names=list(classes) or None, model_name=model_name)
         return Path(path)

@@ -1,4 +1,5 @@
 """Generated image-folder datasets, for the test files that read or train on one."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,8 +8,9 @@ import numpy as np
 from PIL import Image
 
 
-def make_image_folder(root: Path, *, classes=("a", "b"), n_train: int = 8, n_val: int = 4, size: int = 32,
-                      seed: int = 0) -> Path:
+def make_image_folder(
+    root: Path, *, classes=("a", "b"), n_train: int = 8, n_val: int = 4, size: int = 32, seed: int = 0
+) -> Path:
     """root/{train,val}/<class>/NN.png: noisy images whose bright half (left/right/...) is the class,
     so that a tiny model can learn them."""
     rng = np.random.default_rng(seed)

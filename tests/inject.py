@@ -1,6 +1,7 @@
 """Faults injected for real into a training process: `install_faults` patches the process it runs in.
 The driver script of runs.drive installs it in a real `swinv2 train` process (or each torchrun
 worker); test_reliability.py also records batches in its own process with `record_batches`."""
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,17 @@ from typing import Any
 import torch
 
 
-def install_faults(*, kill_at: int | None = None, signal_at: list | None = None, kill_in_save: int | None = None,
-                   record: str | None = None, dump_params: str | None = None, readonly: str | None = None,
-                   signal_group_at: list | None = None, children: str | None = None) -> None:
+def install_faults(
+    *,
+    kill_at: int | None = None,
+    signal_at: list | None = None,
+    kill_in_save: int | None = None,
+    record: str | None = None,
+    dump_params: str | None = None,
+    readonly: str | None = None,
+    signal_group_at: list | None = None,
+    children: str | None = None,
+) -> None:
     """Patch this process (the driver's, or the test's own for `record`):
 
     kill_at: SIGKILL itself inside the optimizer step of global step `kill_at` (after backward).
@@ -76,8 +85,10 @@ def install_faults(*, kill_at: int | None = None, signal_at: list | None = None,
 
         def run(self, *a, **kw):
             out = orig_run(self, *a, **kw)
-            torch.save({k: v.detach().clone() for k, v in self.model.state_dict().items()},
-                       os.path.join(dump_params, f"rank{self.env.rank}.pt"))
+            torch.save(
+                {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                os.path.join(dump_params, f"rank{self.env.rank}.pt"),
+            )
             return out
 
         engine.Trainer.run = run
@@ -96,6 +107,7 @@ def install_faults(*, kill_at: int | None = None, signal_at: list | None = None,
                 if inside(path) and is_write(*a, **kw):
                     raise PermissionError(f"rank {os.environ['RANK']} tried to write {path}")
                 return fn(path, *a, **kw)
+
             return wrapper
 
         mode_writes = lambda mode="r", *a, **kw: any(c in mode for c in "wax+")  # noqa: E731
@@ -110,8 +122,12 @@ def record_batches(engine: Any, path: str) -> None:
 
     def train_step(self, micro):
         with open(path, "a") as f:
-            f.write(json.dumps({"step": self.progress["global_step"],
-                                "indices": [i for b in micro for i in b.indices.tolist()]}) + "\n")
+            f.write(
+                json.dumps(
+                    {"step": self.progress["global_step"], "indices": [i for b in micro for i in b.indices.tolist()]}
+                )
+                + "\n"
+            )
         return orig(self, micro)
 
     engine.Trainer.train_step = train_step

@@ -8,6 +8,7 @@ logits: with std 0.05 and scales up to 5.5, timm's own fp32 logits differ from i
 implementations that merely round differently could then agree to 1e-5, while any real bug still
 moves logits by O(1). test_model.py::test_fused_error_is_float_rounding covers the harsh draw.
 """
+
 from __future__ import annotations
 
 from torch import nn

@@ -1,6 +1,7 @@
 """The tiny training run of test_reliability.py and test_ddp.py: its config, `swinv2 train` in this
 process (`train`) or in a fresh one with faults installed (`drive`, see inject.py), and the reads and
 comparisons of what a run leaves in its directory."""
+
 from __future__ import annotations
 
 import json
@@ -45,14 +46,23 @@ def train(cfg: Path, out: Path, *overrides: str, resume: str | None = None) -> i
 
     before = torch.get_num_threads()
     try:
-        return main(["train", "--config", str(cfg), "--out", str(out), *overrides,
-                     *(["--resume", resume] if resume else [])])
+        return main(
+            ["train", "--config", str(cfg), "--out", str(out), *overrides, *(["--resume", resume] if resume else [])]
+        )
     finally:
         torch.set_num_threads(before)
 
 
-def drive(tmp: Path, faults: dict, cfg: Path, out: Path, *overrides: str, nproc: int = 1,
-          timeout: float = 240, own_group: bool = False) -> subprocess.CompletedProcess:
+def drive(
+    tmp: Path,
+    faults: dict,
+    cfg: Path,
+    out: Path,
+    *overrides: str,
+    nproc: int = 1,
+    timeout: float = 240,
+    own_group: bool = False,
+) -> subprocess.CompletedProcess:
     """`swinv2 train` in a fresh process (or `nproc` torchrun processes) with `faults` installed.
 
     With `own_group` it runs in a process group of its own (for signals to the whole group), and its
@@ -60,8 +70,11 @@ def drive(tmp: Path, faults: dict, cfg: Path, out: Path, *overrides: str, nproc:
     process that inherited a pipe (its DataLoader workers) has gone: what a supervisor sees."""
     driver = tmp / "driver.py"
     driver.write_text(DRIVER)
-    launcher = [sys.executable] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    launcher = (
+        [sys.executable]
+        if nproc == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    )
     path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     argv = [*launcher, str(driver), json.dumps(faults), "train", "--config", str(cfg), "--out", str(out), *overrides]

@@ -2,6 +2,7 @@
 
 The policy is process-wide, so every test that applies it does so in a child process.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,8 +34,9 @@ PAGES = (48 << 20) // 4096
 
 
 def _faults_per_round(policy: str, **env: str) -> tuple[bool, list[int]]:
-    res = subprocess.run([sys.executable, "-c", CHILD, policy], capture_output=True, text=True,
-                         env={**os.environ, **env}, check=True)
+    res = subprocess.run(
+        [sys.executable, "-c", CHILD, policy], capture_output=True, text=True, env={**os.environ, **env}, check=True
+    )
     applied, *faults = res.stdout.split()
     return applied == "True", [int(f) for f in faults]
 

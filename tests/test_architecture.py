@@ -7,6 +7,7 @@ imports alike, and `if TYPE_CHECKING:` ones too. A lazy import still runs the ot
 first use, so a lazy circle is still a circle, and a lazy upward import still ties the lower module to
 the higher one.
 """
+
 from __future__ import annotations
 
 import ast
@@ -25,44 +26,44 @@ TOP = {"__init__", "cli", "__main__"}
 # of its own package (a package's __init__ sits above its modules).
 LAYERS: dict[str, list[set[str]]] = {
     "": [
-        {"errors", "hardware", "timing"},       # error types; what this machine is; timing a call
+        {"errors", "hardware", "timing"},  # error types; what this machine is; timing a call
         {"outputs", "preprocess", "units", "allocator"},  # result files; eval preprocessing; multi-file units
-        {"config", "images", "plots"},          # the typed config; reading images; figures
+        {"config", "images", "plots"},  # the typed config; reading images; figures
     ],
     "model": [
-        {"fast_paths"},                         # which switchable fast paths run (the policy)
-        {"kernels"},                            # CPU kernels (fused linear, oneDNN bf16)
-        {"windows"},                            # window partition / shift masks
-        {"attention"},                          # attention kernels and their dispatch
-        {"transformer"},                        # the architecture and the official math
-        {"cpb", "simmim"},                      # CPB maps; SimMIM's network (mask token, decoder, loss)
+        {"fast_paths"},  # which switchable fast paths run (the policy)
+        {"kernels"},  # CPU kernels (fused linear, oneDNN bf16)
+        {"windows"},  # window partition / shift masks
+        {"attention"},  # attention kernels and their dispatch
+        {"transformer"},  # the architecture and the official math
+        {"cpb", "simmim"},  # CPB maps; SimMIM's network (mask token, decoder, loss)
     ],
     "weights": [
-        {"registry", "formats", "messages"},    # variants; one record per weight format; quoting files in messages
+        {"registry", "formats", "messages"},  # variants; one record per weight format; quoting files in messages
         {"convert", "hf_config", "safe_load", "hub"},  # key maps; transformers' configs; weights_only; by name
-        {"training_state", "files"},            # the training-state file; reading / writing weight files
-        {"described"},                          # what a weights file says about itself, checked
-        {"factory"},                            # create_model / load_model / load_weights / convert_file
+        {"training_state", "files"},  # the training-state file; reading / writing weight files
+        {"described"},  # what a weights file says about itself, checked
+        {"factory"},  # create_model / load_model / load_weights / convert_file
     ],
     "serve": [
-        {"decode", "metrics", "batching"},      # untrusted uploads; Prometheus text; dynamic batching
-        {"dynamic_forward", "predict"},         # the size-free export forward; inference over files
-        {"export", "backbone"},                 # ONNX export; detection / segmentation backbone
-        {"runtime"},                            # inference runtimes
-        {"service"},                            # a classifier shared by concurrent callers
-        {"app"},                                # the HTTP endpoints (Starlette)
-        {"server"},                             # `swinv2 serve`: the process, signals, drain
+        {"decode", "metrics", "batching"},  # untrusted uploads; Prometheus text; dynamic batching
+        {"dynamic_forward", "predict"},  # the size-free export forward; inference over files
+        {"export", "backbone"},  # ONNX export; detection / segmentation backbone
+        {"runtime"},  # inference runtimes
+        {"service"},  # a classifier shared by concurrent callers
+        {"app"},  # the HTTP endpoints (Starlette)
+        {"server"},  # `swinv2 serve`: the process, signals, drain
     ],
     "train": [
         {"datasets", "distributed", "faults", "schedule"},  # data; process groups; faults; LR schedule
-        {"evaluate", "rundir"},                 # metrics and `swinv2 eval`; the run directory
-        {"tasks"},                              # classification and SimMIM: what the engine asks of a task
-        {"engine"},                             # training
-        {"recipes"},                            # multi-stage recipes over fit()
+        {"evaluate", "rundir"},  # metrics and `swinv2 eval`; the run directory
+        {"tasks"},  # classification and SimMIM: what the engine asks of a task
+        {"engine"},  # training
+        {"recipes"},  # multi-stage recipes over fit()
     ],
     "tools": [
-        {"flops"},                              # MACs
-        {"bench"},                              # the side-by-side benchmark
+        {"flops"},  # MACs
+        {"bench"},  # the side-by-side benchmark
     ],
     "top": [{"__init__", "cli"}, {"__main__"}],
 }
@@ -92,13 +93,18 @@ def _imports(path: Path, package: list[str]) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.ImportFrom):
             if node.level:
-                base = package[:len(package) - (node.level - 1)] if node.level > 1 else list(package)
+                base = package[: len(package) - (node.level - 1)] if node.level > 1 else list(package)
             elif node.module and node.module.split(".")[0] == "swinv2":
                 base = []
             else:
                 continue
-            mod = base + (node.module.split(".")[1:] if not node.level and node.module else
-                          node.module.split(".") if node.module else [])
+            mod = base + (
+                node.module.split(".")[1:]
+                if not node.level and node.module
+                else node.module.split(".")
+                if node.module
+                else []
+            )
             for alias in node.names:
                 if alias.name == "__version__" and not mod:  # a constant of the package, not its API
                     continue
@@ -148,15 +154,24 @@ def test_imports_run_downward_only():
 def test_serving_and_training_stand_side_by_side():
     """A served model needs nothing of training, and training nothing of serving: both build on the
     model and the weights (serve/ sits below train/ in PACKAGES only to give each a place)."""
-    found = [f"{m} imports {d}" for m, deps in _graph().items() for d in deps
-             if {m.split(".")[0], d.split(".")[0]} == {"serve", "train"}]
+    found = [
+        f"{m} imports {d}"
+        for m, deps in _graph().items()
+        for d in deps
+        if {m.split(".")[0], d.split(".")[0]} == {"serve", "train"}
+    ]
     assert not found, "\n".join(found)
 
 
 def test_the_model_imports_torch_and_itself_only():
     """model/ imports nothing of ours but itself and the ground floor's error types."""
-    found = [f"{m} imports {d}" for m, deps in _graph().items() if m.startswith("model.")
-             for d in deps if not d.startswith("model.") and d != "errors"]
+    found = [
+        f"{m} imports {d}"
+        for m, deps in _graph().items()
+        if m.startswith("model.")
+        for d in deps
+        if not d.startswith("model.") and d != "errors"
+    ]
     assert not found, "\n".join(found)
 
 
@@ -170,7 +185,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(m)
         for d in sorted(graph.get(m, ())):
             if state.get(d) == 1:
-                return path[path.index(d):] + [d]
+                return path[path.index(d) :] + [d]
             if d not in state and (found := visit(d)):
                 return found
         state[m] = 2
@@ -188,20 +203,33 @@ def test_no_import_cycles():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-@pytest.mark.parametrize("graph, expected", [
-    ({"a": {"b"}, "b": {"c"}, "c": {"a"}}, ["a", "b", "c", "a"]),
-    ({"a": {"b"}, "b": set()}, None),
-])
+@pytest.mark.parametrize(
+    "graph, expected",
+    [
+        ({"a": {"b"}, "b": {"c"}, "c": {"a"}}, ["a", "b", "c", "a"]),
+        ({"a": {"b"}, "b": set()}, None),
+    ],
+)
 def test_the_cycle_finder_finds_cycles(graph, expected):
     assert _cycle(graph) == expected
 
 
 def test_lazy_relative_and_absolute_imports_are_read(tmp_path):
     source = tmp_path / "m.py"
-    source.write_text("from ..weights import hub\nimport swinv2.tools.bench\nfrom . import datasets as D\n\ndef f():\n"
-                      "    from ..weights.factory import x\n    from .engine import fit\n"
-                      "    from swinv2.train import engine\n    from swinv2.cli import main\n"
-                      "    from .. import errors, __version__\n    from ..model import SwinTransformerV2\n"
-                      "    import swinv2\n")
-    assert _imports(source, ["train"]) == {"weights.hub", "tools.bench", "train.datasets", "weights.factory",
-                                           "train.engine", "cli", "errors", "model.__init__"}
+    source.write_text(
+        "from ..weights import hub\nimport swinv2.tools.bench\nfrom . import datasets as D\n\ndef f():\n"
+        "    from ..weights.factory import x\n    from .engine import fit\n"
+        "    from swinv2.train import engine\n    from swinv2.cli import main\n"
+        "    from .. import errors, __version__\n    from ..model import SwinTransformerV2\n"
+        "    import swinv2\n"
+    )
+    assert _imports(source, ["train"]) == {
+        "weights.hub",
+        "tools.bench",
+        "train.datasets",
+        "weights.factory",
+        "train.engine",
+        "cli",
+        "errors",
+        "model.__init__",
+    }

@@ -6,6 +6,7 @@ every block an identity); timm's SwinV2 with its own weights format is a second,
 mmpretrain's key names and merging order are checked against a re-implementation of its merging
 (nn.Unfold, as mmcv does it).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -20,12 +21,20 @@ from torch import nn
 
 from randomize import randomize_
 from swinv2 import create_backbone
-from swinv2.serve.backbone import SwinV2Backbone, load_backbone_weights, unfold_to_official_reduction
 from swinv2.model.transformer import PatchMerging, SwinTransformerV2, SwinV2Config
+from swinv2.serve.backbone import SwinV2Backbone, load_backbone_weights, unfold_to_official_reduction
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-TINY = SwinV2Config(img_size=64, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4,
-                    pretrained_window_sizes=(0, 0, 0, 0), num_classes=0, cpb_hidden_dim=32)
+TINY = SwinV2Config(
+    img_size=64,
+    embed_dim=16,
+    depths=(2, 2, 2, 2),
+    num_heads=(1, 2, 4, 8),
+    window_size=4,
+    pretrained_window_sizes=(0, 0, 0, 0),
+    num_classes=0,
+    cpb_hidden_dim=32,
+)
 
 
 def _stage_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
@@ -45,10 +54,13 @@ def test_outputs_are_the_stage_maps_through_their_norms(out_indices, make_micro)
         torch.testing.assert_close(got, _stage_norm(reference[i], getattr(backbone, f"norm{i}")), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("name, channels, strides", [
-    ("swinv2_tiny_window8_256", [96, 192, 384, 768], [4, 8, 16, 32]),
-    ("swinv2_micro_window4_32", [24, 48], [4, 8]),
-])
+@pytest.mark.parametrize(
+    "name, channels, strides",
+    [
+        ("swinv2_tiny_window8_256", [96, 192, 384, 768], [4, 8, 16, 32]),
+        ("swinv2_micro_window4_32", [24, 48], [4, 8]),
+    ],
+)
 def test_channels_strides_and_shapes_of_a_non_square_input(name, channels, strides):
     backbone = create_backbone(name).eval()
     assert backbone.out_channels == channels and backbone.strides == strides
@@ -111,15 +123,21 @@ def _outputs(backbone: SwinV2Backbone, x: torch.Tensor) -> list[torch.Tensor]:
 def test_backbone_prefixed_checkpoint_loads_and_reports_what_it_dropped(tmp_path):
     source = randomize_(create_backbone(TINY))
     detector = {f"backbone.{k}": v for k, v in source.state_dict().items()}
-    detector |= {"neck.lateral_convs.0.conv.weight": torch.ones(8, 16, 1, 1), "rpn_head.rpn_cls.bias": torch.ones(3),
-                 "roi_head.bbox_head.fc_cls.weight": torch.ones(11, 8),
-                 "backbone.layers.0.blocks.0.attn.attn_mask": torch.ones(1)}  # derived: dropped without a word
+    detector |= {
+        "neck.lateral_convs.0.conv.weight": torch.ones(8, 16, 1, 1),
+        "rpn_head.rpn_cls.bias": torch.ones(3),
+        "roi_head.bbox_head.fc_cls.weight": torch.ones(11, 8),
+        "backbone.layers.0.blocks.0.attn.attn_mask": torch.ones(1),
+    }  # derived: dropped without a word
     torch.save({"state_dict": detector, "meta": {"epoch": 12}}, tmp_path / "mmdet.pth")
     target = create_backbone(TINY, weights=tmp_path / "mmdet.pth")
     report = target.load_report
     assert report.ok and len(report.loaded) == len(source.state_dict()) and not report.reinitialised
     assert sorted(d.split(" ")[0] for d in report.dropped) == [
-        "neck.lateral_convs.0.conv.weight", "roi_head.bbox_head.fc_cls.weight", "rpn_head.rpn_cls.bias"]
+        "neck.lateral_convs.0.conv.weight",
+        "roi_head.bbox_head.fc_cls.weight",
+        "rpn_head.rpn_cls.bias",
+    ]
     assert "(the neck, not the backbone)" in " ".join(report.dropped)
     x = torch.randn(1, 3, 40, 56)
     for a, b in zip(_outputs(source, x), _outputs(target, x)):
@@ -129,8 +147,14 @@ def test_backbone_prefixed_checkpoint_loads_and_reports_what_it_dropped(tmp_path
 def _to_mmpretrain(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Native backbone keys -> mmpretrain's SwinTransformerV2 (the test's own inverse mapping)."""
     block = re.compile(r"layers\.(\d+)\.blocks\.(\d+)\.(attn|mlp\.fc1|mlp\.fc2|norm1|norm2|norm3)\.(.+)")
-    names = {"attn": "attn.w_msa", "mlp.fc1": "ffn.layers.0.0", "mlp.fc2": "ffn.layers.1", "norm1": "norm1",
-             "norm2": "norm2", "norm3": "norm3"}
+    names = {
+        "attn": "attn.w_msa",
+        "mlp.fc1": "ffn.layers.0.0",
+        "mlp.fc2": "ffn.layers.1",
+        "norm1": "norm1",
+        "norm2": "norm2",
+        "norm3": "norm3",
+    }
     out = {}
     for key, value in sd.items():
         if key.startswith("patch_embed.proj."):
@@ -204,8 +228,9 @@ def test_timm_classifier_weights_give_timms_stage_maps():
     """timm's own forward_intermediates as the reference: an independent implementation and format."""
     from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2
 
-    timm_model = randomize_(TimmSwinV2(img_size=64, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),
-                                       window_size=4, num_classes=5)).eval()
+    timm_model = randomize_(
+        TimmSwinV2(img_size=64, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4, num_classes=5)
+    ).eval()
     backbone = create_backbone(replace(TINY, cpb_hidden_dim=512), weights=timm_model.state_dict()).eval()
     assert backbone.load_report.src == "timm" and backbone.load_report.ok
     x = torch.randn(2, 3, 64, 64)
@@ -221,8 +246,9 @@ def test_strict_load_refuses_a_checkpoint_that_does_not_fit():
     other = create_backbone(replace(TINY, embed_dim=8))
     with pytest.raises(ValueError, match="mismatched"):
         create_backbone(TINY, weights={f"backbone.{k}": v for k, v in other.state_dict().items()})
-    partial = {f"backbone.{k}": v for k, v in create_backbone(TINY).state_dict().items()
-               if not k.startswith("layers.3.")}
+    partial = {
+        f"backbone.{k}": v for k, v in create_backbone(TINY).state_dict().items() if not k.startswith("layers.3.")
+    }
     backbone = create_backbone(TINY, weights=partial, strict=False)
     assert backbone.load_report.missing and all(k.startswith("layers.3.") for k in backbone.load_report.missing)
 

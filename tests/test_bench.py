@@ -1,5 +1,6 @@
 """bench: the peers run the same weights, the JSON holds the documented fields, the statistics and
 the CPU peak-memory measurement are right."""
+
 from __future__ import annotations
 
 import json
@@ -21,18 +22,60 @@ MICRO = "swinv2_micro_window4_32"
 
 # The fields bench's docstring documents (and the issue asks for: throughput, latency, memory, ratios).
 DOCUMENTED = {
-    "impl", "model", "mode", "device", "dtype", "compiled", "grad_checkpointing", "sequential_attention",
-    "compile_s", "batch_size", "img_size", "warmup",
-    "repeats", "iters", "img_per_s", "img_per_s_min", "img_per_s_max", "spread_pct", "latency_ms_p50",
-    "latency_ms_p90", "peak_mem_bytes", "minor_faults_per_call", "weights_bytes", "gmacs_per_img", "gflop_per_s",
-    "ours_speedup", "ours_speedup_min", "ours_speedup_max", "ours_mem_ratio", "max_abs_diff",
+    "impl",
+    "model",
+    "mode",
+    "device",
+    "dtype",
+    "compiled",
+    "grad_checkpointing",
+    "sequential_attention",
+    "compile_s",
+    "batch_size",
+    "img_size",
+    "warmup",
+    "repeats",
+    "iters",
+    "img_per_s",
+    "img_per_s_min",
+    "img_per_s_max",
+    "spread_pct",
+    "latency_ms_p50",
+    "latency_ms_p90",
+    "peak_mem_bytes",
+    "minor_faults_per_call",
+    "weights_bytes",
+    "gmacs_per_img",
+    "gflop_per_s",
+    "ours_speedup",
+    "ours_speedup_min",
+    "ours_speedup_max",
+    "ours_mem_ratio",
+    "max_abs_diff",
 }
 
 
 def test_cli_compare_timm_prints_ratio_and_writes_documented_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    rc = main(["bench", "--model", MICRO, "--batch-size", "2", "--compare", "timm", "--repeats", "3",
-               "--iters", "1", "--warmup", "1", "--json", str(out)])
+    rc = main(
+        [
+            "bench",
+            "--model",
+            MICRO,
+            "--batch-size",
+            "2",
+            "--compare",
+            "timm",
+            "--repeats",
+            "3",
+            "--iters",
+            "1",
+            "--warmup",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     rows = {w[0]: w for w in map(str.split, text.splitlines()) if len(w) > 1 and w[1] == "infer"}
@@ -78,10 +121,15 @@ def test_peers_compute_the_same_logits(impl):
 
 
 def test_train_mode_times_a_real_optimizer_step():
-    results = bench.run(MICRO, batch_sizes=(2,), train=True, dtypes=("fp32", "bf16"), repeats=1, iters=1,
-                        warmup=1, compare=("timm",))
+    results = bench.run(
+        MICRO, batch_sizes=(2,), train=True, dtypes=("fp32", "bf16"), repeats=1, iters=1, warmup=1, compare=("timm",)
+    )
     assert [(r["impl"], r["dtype"], r["mode"]) for r in results] == [
-        ("ours", "fp32", "train"), ("timm", "fp32", "train"), ("ours", "bf16", "train"), ("timm", "bf16", "train")]
+        ("ours", "fp32", "train"),
+        ("timm", "fp32", "train"),
+        ("ours", "bf16", "train"),
+        ("timm", "bf16", "train"),
+    ]
     for r in results:
         assert r["img_per_s"] > 0 and r["peak_mem_bytes"] > 0
         # x3: the forward+backward convention for a training step
@@ -90,8 +138,9 @@ def test_train_mode_times_a_real_optimizer_step():
     # The step really updates the weights (AdamW), i.e. backward and the optimizer ran.
     model = swinv2.create_model(MICRO).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    step = bench._make_step(model, train=True, x=torch.randn(2, 3, 32, 32), dtype=torch.float32,
-                            device=torch.device("cpu"))
+    step = bench._make_step(
+        model, train=True, x=torch.randn(2, 3, 32, 32), dtype=torch.float32, device=torch.device("cpu")
+    )
     step()
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert "head.weight" in changed and "layers.0.blocks.0.attn.qkv.weight" in changed
@@ -131,8 +180,29 @@ def test_ab_adds_ours_with_the_alternative_switched_on_for_its_calls_only(tmp_pa
     rounds; the same logits. Each A/B row runs under a policy one fast path away from the default, in
     effect during its calls only."""
     out = tmp_path / "ab.json"
-    assert main(["bench", "--model", MICRO, "--batch-size", "2", "--repeats", "2", "--iters", "1", "--warmup", "1",
-                 "--no-memory", "--ab", "grouping", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--model",
+                MICRO,
+                "--batch-size",
+                "2",
+                "--repeats",
+                "2",
+                "--iters",
+                "1",
+                "--warmup",
+                "1",
+                "--no-memory",
+                "--ab",
+                "grouping",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     ours, alternative = json.loads(out.read_text())["results"]
     assert (ours["impl"], alternative["impl"]) == ("ours", "ours/whole-batch")
     assert alternative["max_abs_diff"] == 0.0 and alternative["ours_speedup"] > 0
@@ -162,8 +232,29 @@ def test_help_puts_the_developer_options_last_under_their_own_heading(capsys):
 
 def test_own_process_runs_each_implementation_alone_in_a_fresh_process(tmp_path):
     out = tmp_path / "own.json"
-    assert main(["bench", "--model", MICRO, "--batch-size", "1", "--repeats", "1", "--iters", "1", "--warmup", "1",
-                 "--no-memory", "--own-process", "1", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--model",
+                MICRO,
+                "--batch-size",
+                "1",
+                "--repeats",
+                "1",
+                "--iters",
+                "1",
+                "--warmup",
+                "1",
+                "--no-memory",
+                "--own-process",
+                "1",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     (row,) = json.loads(out.read_text())["results"]
     assert row["impl"] == "ours" and row["processes"] == 1 and row["ours_speedup"] == 1.0 and row["img_per_s"] > 0
 

@@ -1,6 +1,7 @@
 """Weights in and out: load_weights (strict, heads, window transfer, SwinV1), self-describing
 safetensors, every written format read back, Hugging Face folders (with their preprocessing), unsafe
 pickles in every torch format, file modes, training checkpoints read as weights, `swinv2 convert`."""
+
 from __future__ import annotations
 
 import json
@@ -18,14 +19,13 @@ from PIL import Image
 from safetensors import safe_open
 
 import swinv2
-from swinv2 import cli
+from swinv2 import cli, create_model
 from swinv2.errors import CheckpointError, UnsafeCheckpointError
 from swinv2.weights.factory import convert_file, load_model, load_weights
 from swinv2.weights.files import read_state_dict, save_weights, write_weights
+from swinv2.weights.registry import EvalPreprocess, ModelInfo, get_variant
 from swinv2.weights.safe_load import torch_load
 from swinv2.weights.training_state import TRAINING_STATE_FORMAT, load_training_state, save_training_state
-from swinv2 import create_model
-from swinv2.weights.registry import EvalPreprocess, ModelInfo, get_variant
 
 MICRO = "swinv2_micro_window4_32"
 
@@ -83,8 +83,12 @@ def test_strict_failure_lists_keys_and_leaves_model_untouched() -> None:
 
 def test_21841_head_maps_to_exactly_the_official_rows() -> None:
     src_model = micro(num_classes=21841, seed=3)
-    official = {"model": {**src_model.state_dict(),
-                          "layers.0.blocks.0.attn.relative_position_index": torch.zeros(16, 16, dtype=torch.long)}}
+    official = {
+        "model": {
+            **src_model.state_dict(),
+            "layers.0.blocks.0.attn.relative_position_index": torch.zeros(16, 16, dtype=torch.long),
+        }
+    }
     model = create_model(MICRO, num_classes=1000)
     report = load_weights(model, official)
     rows = [int(line) for line in (resources.files("swinv2.weights") / "map22kto1k.txt").read_text().split()]
@@ -109,8 +113,9 @@ def test_other_class_count_reinitialises_head_and_headless_drops_it(caplog: pyte
     assert backbone(torch.randn(1, 3, 32, 32)).shape == (1, 48)  # pooled features
 
 
-@pytest.mark.parametrize("target,window", [("swinv2_base_window12to16_192to256", 16),
-                                           ("swinv2_base_window12to24_192to384", 24)])
+@pytest.mark.parametrize(
+    "target,window", [("swinv2_base_window12to16_192to256", 16), ("swinv2_base_window12to24_192to384", 24)]
+)
 def test_window_and_resolution_transfer(target: str, window: int) -> None:
     # The real base variants' configs (windows, pretrained windows, heads, classes), with depth and
     # width scaled down for speed; the transfer does not depend on either.
@@ -139,16 +144,30 @@ def test_window_and_resolution_transfer(target: str, window: int) -> None:
 
 def _timm_v1():
     timm = pytest.importorskip("timm")
-    return randomise(timm.create_model("swin_tiny_patch4_window7_224", img_size=32, embed_dim=24, depths=(2, 2),
-                                       num_heads=(2, 4), window_size=4, num_classes=5), seed=5)
+    return randomise(
+        timm.create_model(
+            "swin_tiny_patch4_window7_224",
+            img_size=32,
+            embed_dim=24,
+            depths=(2, 2),
+            num_heads=(2, 4),
+            window_size=4,
+            num_classes=5,
+        ),
+        seed=5,
+    )
 
 
 @pytest.mark.parametrize("layout", ["official", "timm"])
 def test_swinv1_initialises_v2(layout: str) -> None:
     v1 = _timm_v1().state_dict()
     if layout == "official":  # official V1 names: merging at the end of stage i, plain `head`
-        v1 = {re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m[1]) - 1}.downsample", k)
-              .replace("head.fc.", "head."): v for k, v in v1.items()}
+        v1 = {
+            re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m[1]) - 1}.downsample", k).replace(
+                "head.fc.", "head."
+            ): v
+            for k, v in v1.items()
+        }
         v1["layers.0.blocks.1.attn_mask"] = torch.zeros(4, 16, 16)
         v1["layers.0.blocks.0.attn.relative_position_index"] = torch.zeros(16, 16, dtype=torch.long)
     model = create_model(MICRO, num_classes=5)
@@ -161,8 +180,12 @@ def test_swinv1_initialises_v2(layout: str) -> None:
     assert torch.equal(sd["layers.1.blocks.0.attn.q_bias"], tv1["layers.1.blocks.0.attn.qkv.bias"][:48])
     assert torch.equal(sd["layers.1.blocks.0.attn.v_bias"], tv1["layers.1.blocks.0.attn.qkv.bias"][96:])
     assert torch.equal(sd["layers.0.downsample.reduction.weight"], tv1["layers.1.downsample.reduction.weight"])
-    for k in ("patch_embed.proj.weight", "layers.1.blocks.1.mlp.fc2.bias", "layers.0.blocks.0.attn.proj.weight",
-              "norm.weight"):
+    for k in (
+        "patch_embed.proj.weight",
+        "layers.1.blocks.1.mlp.fc2.bias",
+        "layers.0.blocks.0.attn.proj.weight",
+        "norm.weight",
+    ):
         assert torch.equal(sd[k], tv1[k]), k
     assert torch.equal(sd["head.weight"], tv1["head.fc.weight"])
     v2_only = [k for k in sd if re.search(r"logit_scale|cpb_mlp|norm[12]\.|downsample\.norm", k)]
@@ -206,8 +229,17 @@ def test_save_weights_metadata_and_load_model(tmp_path: Path) -> None:
         save_weights(model, tmp_path / "x.pth")
 
 
-@pytest.mark.parametrize("fmt,name", [("official", "w.pth"), ("timm", "w.safetensors"), ("timm", "w.pth"),
-                                      ("torchvision", "w.pth"), ("hf", "folder"), ("native", "w.safetensors")])
+@pytest.mark.parametrize(
+    "fmt,name",
+    [
+        ("official", "w.pth"),
+        ("timm", "w.safetensors"),
+        ("timm", "w.pth"),
+        ("torchvision", "w.pth"),
+        ("hf", "folder"),
+        ("native", "w.safetensors"),
+    ],
+)
 def test_native_to_file_to_native_is_bit_identical(tmp_path: Path, fmt: str, name: str) -> None:
     model = micro(num_classes=5, seed=6)
     path = write_weights(model, tmp_path / name, fmt)
@@ -266,9 +298,13 @@ def test_malicious_pickle_refused_everywhere(tmp_path: Path, capsys: pytest.Capt
     target = tmp_path / "pwned"
     evil = tmp_path / "evil.pth"
     torch.save({"model": {"head.weight": torch.zeros(1)}, "x": _Evil(str(target))}, evil)
-    for call in (lambda: load_weights(create_model(MICRO), evil), lambda: read_state_dict(evil),
-                 lambda: load_model(evil, name=MICRO), lambda: create_model(MICRO, weights=evil),
-                 lambda: convert_file(evil, tmp_path / "out.pth", dst_format="timm")):
+    for call in (
+        lambda: load_weights(create_model(MICRO), evil),
+        lambda: read_state_dict(evil),
+        lambda: load_model(evil, name=MICRO),
+        lambda: create_model(MICRO, weights=evil),
+        lambda: convert_file(evil, tmp_path / "out.pth", dst_format="timm"),
+    ):
         with pytest.raises(UnsafeCheckpointError, match="posix.mkdir|os.mkdir"):
             call()
     assert cli.main(["convert", str(evil), str(tmp_path / "out.safetensors"), "--model", MICRO]) == 2
@@ -303,7 +339,7 @@ def test_cli_convert(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "nope.pth" in capsys.readouterr().err
 
 
-# --------------------------------------------------------------------------- Hugging Face folders keep the preprocessing
+# ------------------------------------------------------------------------ Hugging Face folders keep the preprocessing
 
 PREP = EvalPreprocess(32, 1.0, "bilinear", (0.5, 0.25, 0.125), (0.3, 0.2, 0.1))  # not the 32 px default (0.875)
 
@@ -311,8 +347,9 @@ PREP = EvalPreprocess(32, 1.0, "bilinear", (0.5, 0.25, 0.125), (0.3, 0.2, 0.1)) 
 def _described(tmp_path: Path, prep: EvalPreprocess = PREP) -> Path:
     """Our .safetensors with class names, a non-default eval preprocessing and the model name."""
     path = tmp_path / "ours.safetensors"
-    save_weights(micro(num_classes=3, seed=9), path, class_names=["cat", "dog", "eel"], preprocess=prep,
-                 model_name=MICRO)
+    save_weights(
+        micro(num_classes=3, seed=9), path, class_names=["cat", "dog", "eel"], preprocess=prep, model_name=MICRO
+    )
     return path
 
 
@@ -331,8 +368,9 @@ def test_hf_folder_round_trip_keeps_preprocessing_name_and_classes(tmp_path: Pat
 
 
 @pytest.mark.parametrize("crop_pct,interpolation", [(0.875, "bicubic"), (1.0, "bilinear")])
-def test_hf_folder_preprocessing_loads_in_transformers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                       crop_pct: float, interpolation: str) -> None:
+def test_hf_folder_preprocessing_loads_in_transformers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crop_pct: float, interpolation: str
+) -> None:
     from transformers import AutoImageProcessor
 
     from swinv2.images import eval_transform
@@ -367,8 +405,15 @@ def test_written_files_follow_the_umask(tmp_path: Path, umask: int) -> None:
     finally:
         os.umask(previous)
     modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*") if p.is_file()}
-    assert sorted(modes) == ["hf/config.json", "hf/model.safetensors", "hf/preprocessor_config.json", "last.pt",
-                             "timm.safetensors", "w.pth", "w.safetensors"]
+    assert sorted(modes) == [
+        "hf/config.json",
+        "hf/model.safetensors",
+        "hf/preprocessor_config.json",
+        "last.pt",
+        "timm.safetensors",
+        "w.pth",
+        "w.safetensors",
+    ]
     assert modes == dict.fromkeys(modes, 0o666 & ~umask)
 
 
@@ -387,8 +432,12 @@ class _Shell:
 def test_pickle_with_code_is_refused_naming_the_global(tmp_path: Path, zipped: bool, protocol: int) -> None:
     target = tmp_path / "pwned"
     evil = tmp_path / "evil.pth"
-    torch.save({"model": {"head.weight": torch.zeros(1)}, "x": _Shell(f"echo pwned > {target}")}, evil,
-               _use_new_zipfile_serialization=zipped, pickle_protocol=protocol)
+    torch.save(
+        {"model": {"head.weight": torch.zeros(1)}, "x": _Shell(f"echo pwned > {target}")},
+        evil,
+        _use_new_zipfile_serialization=zipped,
+        pickle_protocol=protocol,
+    )
     for call in (lambda: torch_load(evil), lambda: read_state_dict(evil), lambda: load_model(evil, name=MICRO)):
         with pytest.raises(UnsafeCheckpointError) as e:
             call()
@@ -401,8 +450,9 @@ def test_pickle_with_code_is_refused_naming_the_global(tmp_path: Path, zipped: b
 
 def test_unreadable_legacy_pickle_message_drops_torchs_advice(tmp_path: Path) -> None:
     path = tmp_path / "old.pth"  # no code in it, but a pickle opcode torch's weights-only reader lacks
-    torch.save({"model": {"head.weight": torch.zeros(1)}}, path, _use_new_zipfile_serialization=False,
-               pickle_protocol=4)
+    torch.save(
+        {"model": {"head.weight": torch.zeros(1)}}, path, _use_new_zipfile_serialization=False, pickle_protocol=4
+    )
     with pytest.raises(CheckpointError) as e:
         torch_load(path)
     msg = str(e.value)
@@ -413,11 +463,27 @@ def test_unreadable_legacy_pickle_message_drops_torchs_advice(tmp_path: Path) ->
 
 # --------------------------------------------------------------------------- training checkpoints as weights
 
-TINY_RUN = ["model.name=swinv2_micro_window4_32", "model.drop_path_rate=0.0", "data.batch_size=4", "data.workers=0",
-            "data.aug.mixup=0", "data.aug.cutmix=0", "data.aug.auto_augment=null", "data.aug.re_prob=0",
-            "schedule.warmup_epochs=0", "optim.lr=2e-3", "optim.lr_scaling=none", "train.epochs=1",
-            "train.threads=1", "train.progress=false", "train.tensorboard=false", "train.ema=true",
-            "train.ema_decay=0.9", "data.crop_pct=1.0", "data.interpolation=bilinear"]
+TINY_RUN = [
+    "model.name=swinv2_micro_window4_32",
+    "model.drop_path_rate=0.0",
+    "data.batch_size=4",
+    "data.workers=0",
+    "data.aug.mixup=0",
+    "data.aug.cutmix=0",
+    "data.aug.auto_augment=null",
+    "data.aug.re_prob=0",
+    "schedule.warmup_epochs=0",
+    "optim.lr=2e-3",
+    "optim.lr_scaling=none",
+    "train.epochs=1",
+    "train.threads=1",
+    "train.progress=false",
+    "train.tensorboard=false",
+    "train.ema=true",
+    "train.ema_decay=0.9",
+    "data.crop_pct=1.0",
+    "data.interpolation=bilinear",
+]
 
 
 def test_the_training_state_tag_is_written_once() -> None:
@@ -425,19 +491,22 @@ def test_the_training_state_tag_is_written_once() -> None:
     from swinv2.train import engine
 
     package = Path(swinv2.__file__).parent
-    spelled = sorted(p.relative_to(package).as_posix() for p in package.rglob("*.py")
-                     if f'"{TRAINING_STATE_FORMAT}"' in p.read_text())
+    spelled = sorted(
+        p.relative_to(package).as_posix()
+        for p in package.rglob("*.py")
+        if f'"{TRAINING_STATE_FORMAT}"' in p.read_text()
+    )
     assert spelled == ["weights/training_state.py"]
     assert engine.STATE_FORMAT == TRAINING_STATE_FORMAT
 
 
 @pytest.mark.parametrize("best_metric", ["val_top1", "val_ema_top1"])
-def test_training_checkpoint_loads_as_self_describing_weights(tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                              best_metric: str) -> None:
+def test_training_checkpoint_loads_as_self_describing_weights(
+    tmp_path: Path, capsys: pytest.CaptureFixture, best_metric: str
+) -> None:
     from image_folders import make_image_folder
-
-    from swinv2.train import engine
     from swinv2.config import load_config
+    from swinv2.train import engine
 
     root = make_image_folder(tmp_path / "data")
     run = tmp_path / "run"
@@ -449,7 +518,10 @@ def test_training_checkpoint_loads_as_self_describing_weights(tmp_path: Path, ca
     for path in (last, run / "checkpoints" / "best_epoch0001.pt"):
         model = load_model(path)
         assert not model.training and model.config == best.config and model.info.model_name == MICRO
-        assert model.info.class_names == best.info.class_names == ["a", "b"] and model.info.preprocess == best.info.preprocess
+        assert (
+            model.info.class_names == best.info.class_names == ["a", "b"]
+            and model.info.preprocess == best.info.preprocess
+        )
         _assert_same_weights(model, best)  # the weights the best metric measured, as best.safetensors holds
         assert torch.equal(model(x), best(x))
     state = load_training_state(last)
@@ -463,7 +535,11 @@ def test_training_checkpoint_loads_as_self_describing_weights(tmp_path: Path, ca
     convert_file(last, out)
     again = load_model(out)
     _assert_same_weights(again, best)
-    assert again.info.class_names == ["a", "b"] and again.info.preprocess == best.info.preprocess and again.info.model_name == MICRO
+    assert (
+        again.info.class_names == ["a", "b"]
+        and again.info.preprocess == best.info.preprocess
+        and again.info.model_name == MICRO
+    )
     capsys.readouterr()
     assert cli.main(["eval", "--weights", str(last), "--data", str(root / "val")]) == 0
     assert "top-1" in capsys.readouterr().out

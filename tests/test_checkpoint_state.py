@@ -3,6 +3,7 @@
 RELIABILITY rows 3, 4, 5 and 12: each fault is injected for real (truncating the bytes, writing
 garbage, making the write raise ENOSPC, a pickle whose __reduce__ would create a file).
 """
+
 from __future__ import annotations
 
 import errno
@@ -214,8 +215,9 @@ def test_disk_full_inside_torch_writer_still_says_no_space(tmp_path: Path, monke
             self.f.close()
 
     # The atomic writer opens its temp file with `open(tmp, "wb")`; that file fills up.
-    monkeypatch.setattr(O, "open", lambda f, mode="r": FullDisk(open(f, mode)) if mode == "wb" else open(f, mode),
-                        raising=False)
+    monkeypatch.setattr(
+        O, "open", lambda f, mode="r": FullDisk(open(f, mode)) if mode == "wb" else open(f, mode), raising=False
+    )
     path = tmp_path / "last.pt"
     with pytest.raises(CheckpointError) as err:
         save_training_state(path, {"w": torch.zeros(10_000)})

@@ -2,6 +2,7 @@
 missing and encoder-only weights end in one line with exit 2 before any work; --json means one thing in
 eval and predict; Ctrl-C is one line and exit 130 in every command; top-5 is left out where it cannot be
 anything but 100%; under torchrun the config's warnings are said by rank 0 alone."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -39,8 +40,9 @@ def files(tmp_path_factory, make_micro_weights):
     variant's name recorded), and a class folder of the 3 classes."""
     root = tmp_path_factory.mktemp("cli_inputs")
     three = make_micro_weights(root / "three.safetensors", ["ant", "bee", "cat"], seed=1, model_name=MICRO)
-    six = make_micro_weights(root / "six.safetensors", ["ant", "bee", "cat", "dog", "eel", "fox"], seed=2,
-                             model_name=MICRO)
+    six = make_micro_weights(
+        root / "six.safetensors", ["ant", "bee", "cat", "dog", "eel", "fox"], seed=2, model_name=MICRO
+    )
     encoder = make_micro_weights(root / "encoder.safetensors", [], seed=3, model_name=MICRO)
     rng = np.random.default_rng(0)
     data = root / "val"
@@ -82,8 +84,9 @@ OUT_OF_RANGE = [
 ]
 
 
-@pytest.mark.parametrize("argv, option, says", OUT_OF_RANGE,
-                         ids=[" ".join(a[0:1] + a[-2:]) for a, _, _ in OUT_OF_RANGE])
+@pytest.mark.parametrize(
+    "argv, option, says", OUT_OF_RANGE, ids=[" ".join(a[0:1] + a[-2:]) for a, _, _ in OUT_OF_RANGE]
+)
 def test_an_out_of_range_option_is_one_line_at_parse_time(tmp_path, monkeypatch, capsys, argv, option, says):
     import swinv2.weights.factory as C
 
@@ -101,8 +104,23 @@ def test_an_out_of_range_option_is_one_line_at_parse_time(tmp_path, monkeypatch,
 def test_the_ends_of_each_range_are_accepted():
     top = cli.newest_opset()
     parse = cli.build_parser().parse_args
-    args = parse(["eval", "--weights", "W", "--data", "D", "--batch-size", "1", "--workers", "0", "--img-size", "1",
-                  "--crop-pct", "1"])
+    args = parse(
+        [
+            "eval",
+            "--weights",
+            "W",
+            "--data",
+            "D",
+            "--batch-size",
+            "1",
+            "--workers",
+            "0",
+            "--img-size",
+            "1",
+            "--crop-pct",
+            "1",
+        ]
+    )
     assert (args.batch_size, args.workers, args.img_size, args.crop_pct) == (1, 0, 1, 1.0)
     assert parse(["predict", "--weights", "W", "P", "--img-size", "8192", "--topk", "1"]).img_size == 8192
     assert [parse(["export", "--weights", "W", "--opset", str(v)]).opset for v in (14, top)] == [14, top]
@@ -142,8 +160,11 @@ def test_a_device_the_commands_cannot_run_on_is_one_line_before_loading(files, m
     _, three, _, _, data = files
     monkeypatch.setattr(C, "load_model", lambda *a, **kw: pytest.fail("loaded weights for an unusable device"))
     monkeypatch.setattr(bench, "run", lambda *a, **kw: pytest.fail("benchmarked on an unusable device"))
-    for argv in (["eval", "--weights", str(three), "--data", str(data)],
-                 ["predict", "--weights", str(three), str(data)], ["bench", "--model", MICRO]):
+    for argv in (
+        ["eval", "--weights", str(three), "--data", str(data)],
+        ["predict", "--weights", str(three), str(data)],
+        ["bench", "--model", MICRO],
+    ):
         assert main([*argv, "--device", device]) == 2
         line = _one_error_line(capsys.readouterr().err)
         assert line == f"swinv2 {argv[0]}: error: --device={device}: not usable here; use cpu, cuda, cuda:N or auto"
@@ -174,8 +195,10 @@ def test_compare_with_a_peer_whose_package_is_missing_says_what_to_install(monke
     argv = ["bench", "--model", MICRO, "--compare", "timm,hf,torchvision", "--no-memory"]
     assert main(argv + (["--own-process", "1"] if own_process else [])) == 2
     line = _one_error_line(capsys.readouterr().err)
-    assert line == ("swinv2 bench: error: --compare hf needs the transformers package, which is not installed here: "
-                    "pip install transformers")
+    assert line == (
+        "swinv2 bench: error: --compare hf needs the transformers package, which is not installed here: "
+        "pip install transformers"
+    )
     assert time.perf_counter() - start < 10
 
 
@@ -220,8 +243,12 @@ def test_predict_json_before_an_image_keeps_its_old_meaning(files, capsys):
     _, three, _, _, data = files
     first = str(data / "ant" / "000.png")
     cats = [str(data / "cat" / f"{i:03d}.png") for i in range(3)]
-    for argv, read in (([first, str(data / "cat")], [first, *cats]), ([first], [first]),
-                       ([str(data / "cat"), first], [*cats, first]), ([str(data / "cat" / "*.png")], cats)):
+    for argv, read in (
+        ([first, str(data / "cat")], [first, *cats]),
+        ([first], [first]),
+        ([str(data / "cat"), first], [*cats, first]),
+        ([str(data / "cat" / "*.png")], cats),
+    ):
         assert main(["predict", "--weights", str(three), "--json", *argv]) == 0
         assert [r["path"] for r in json.loads(capsys.readouterr().out)["results"]] == read
     with Image.open(first) as im:  # still the image: no JSON written over it
@@ -262,8 +289,11 @@ def test_predict_without_a_path_is_one_line(files, capsys):
 def test_encoder_weights_are_one_line_saying_to_fine_tune(files, tmp_path, capsys, command):
     _, _, _, encoder, data = files
     plot = tmp_path / "grid.png"
-    argv = {"predict": ["predict", str(data)], "predict --plot": ["predict", str(data), "--plot", str(plot)],
-            "eval": ["eval", "--data", str(data)]}[command]
+    argv = {
+        "predict": ["predict", str(data)],
+        "predict --plot": ["predict", str(data), "--plot", str(plot)],
+        "eval": ["eval", "--data", str(data)],
+    }[command]
     assert main([*argv, "--weights", str(encoder)]) == 2
     line = _one_error_line(capsys.readouterr().err)
     assert line.startswith(f"swinv2 {argv[0]}: error: {encoder}: encoder weights without a classifier head")
@@ -277,6 +307,7 @@ def test_the_fine_tune_command_it_gives_resolves_to_a_config(files, make_micro_w
     """The command of the encoder-weights message, run as given (DIR and NAME filled in) with
     --print-config: the recipe exists and its overrides fit the schema."""
     import yaml
+
     from swinv2.weights.factory import load_model
     from swinv2.weights.registry import require_classifier
 
@@ -295,8 +326,8 @@ def test_the_fine_tune_command_it_gives_resolves_to_a_config(files, make_micro_w
 
 
 def test_library_predict_refuses_a_model_without_head(files):
-    from swinv2.weights.factory import load_model
     from swinv2.serve.predict import predict
+    from swinv2.weights.factory import load_model
 
     _, _, _, encoder, data = files
     with pytest.raises(InputError, match="encoder weights without a classifier head"):
@@ -331,9 +362,24 @@ def test_ctrl_c_during_predict_is_one_line_and_exit_130_leaving_no_output(files,
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     marker = tmp_path / "first-batch"
-    argv = [sys.executable, "-c", DRIVER, str(marker), "predict", "--weights", str(three), str(tmp_path / "imgs"),
-            "--batch-size", "2", "--workers", "2", "--json", str(out_dir / "preds.json"),
-            "--plot", str(out_dir / "grid.png")]
+    argv = [
+        sys.executable,
+        "-c",
+        DRIVER,
+        str(marker),
+        "predict",
+        "--weights",
+        str(three),
+        str(tmp_path / "imgs"),
+        "--batch-size",
+        "2",
+        "--workers",
+        "2",
+        "--json",
+        str(out_dir / "preds.json"),
+        "--plot",
+        str(out_dir / "grid.png"),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(tmp_path / "stderr.txt", "w+") as err:
         # A session of its own: the SIGINT goes to the whole group (it and its loader processes), as a
@@ -358,10 +404,20 @@ def test_ctrl_c_during_predict_is_one_line_and_exit_130_leaving_no_output(files,
     assert not list(out_dir.iterdir())  # neither output, nor a temp file of either
 
 
-@pytest.mark.parametrize("argv", [["models"], ["download", "x"], ["convert", "a", "b"],
-                                  ["eval", "--weights", "w", "--data", "d"], ["predict", "--weights", "w", "p"],
-                                  ["export", "--weights", "w"], ["bench", "--model", MICRO],
-                                  ["viz-cpb", "--weights", "w", "--out", "o"], ["train"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["models"],
+        ["download", "x"],
+        ["convert", "a", "b"],
+        ["eval", "--weights", "w", "--data", "d"],
+        ["predict", "--weights", "w", "p"],
+        ["export", "--weights", "w"],
+        ["bench", "--model", MICRO],
+        ["viz-cpb", "--weights", "w", "--out", "o"],
+        ["train"],
+    ],
+)
 def test_every_command_reports_ctrl_c_in_one_line(monkeypatch, capsys, argv):
     def interrupted(args):
         raise KeyboardInterrupt
@@ -389,16 +445,24 @@ def test_eval_leaves_top5_out_for_five_classes_or_fewer(files, tmp_path, capsys)
 
 @pytest.mark.parametrize("classes, shown", [(3, False), (5, False), (6, True)])
 def test_the_epoch_log_line_shows_top5_only_above_five_classes(tmp_path, caplog, classes, shown):
-    from swinv2.train import distributed as D
     from swinv2.config import load_config
+    from swinv2.train import distributed as D
     from swinv2.train.rundir import RunDir
 
     cfg = load_config(None, [f"model.num_classes={classes}"])
     rundir = RunDir(tmp_path / "run", D.DistEnv(0, 1, 0, torch.device("cpu")), cfg)
     try:
         rundir.begin(cfg)
-        row = {"epoch": 1, "train_loss": 1.0, "val_loss": 0.9, "val_top1": 40.0, "val_top5": 100.0, "lr": 1e-3,
-               "img_per_s": 10.0, "epoch_time_s": 1.0}
+        row = {
+            "epoch": 1,
+            "train_loss": 1.0,
+            "val_loss": 0.9,
+            "val_top1": 40.0,
+            "val_top5": 100.0,
+            "lr": 1e-3,
+            "img_per_s": 10.0,
+            "epoch_time_s": 1.0,
+        }
         with caplog.at_level(logging.INFO, logger="swinv2"):
             rundir.log_epoch(row, epochs=3)
     finally:
@@ -434,8 +498,10 @@ def test_curves_and_the_final_line_leave_top5_out_for_five_classes_or_fewer(tmp_
     matplotlib.use("Agg")
     from swinv2 import plots
 
-    rows = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.0, "val_top1": 50.0 + e, "val_top5": 100.0,
-             "lr": 1e-3} for e in (1, 2, 3)]
+    rows = [
+        {"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.0, "val_top1": 50.0 + e, "val_top5": 100.0, "lr": 1e-3}
+        for e in (1, 2, 3)
+    ]
     drawn = {}
     real = plots._save
 

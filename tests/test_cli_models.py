@@ -1,4 +1,5 @@
 """`swinv2 models`: the zoo table a user first meets."""
+
 from __future__ import annotations
 
 import subprocess

@@ -5,6 +5,7 @@ line, until the listing is regenerated on purpose:
 
     python tests/test_cli_surface.py --write
 """
+
 from __future__ import annotations
 
 import argparse
@@ -86,8 +87,10 @@ def test_the_command_line_is_the_listed_one():
     if added or removed:
         lines = [f"the command line differs from {LISTING.name}:"]
         lines += [f"  added:   {ln}" for ln in added] + [f"  removed: {ln}" for ln in removed]
-        lines.append(f"if the change is meant, regenerate the listing ({REGENERATE}) and commit it with the "
-                     "change, and say it in README / docs where the option is described")
+        lines.append(
+            f"if the change is meant, regenerate the listing ({REGENERATE}) and commit it with the "
+            "change, and say it in README / docs where the option is described"
+        )
         raise AssertionError("\n".join(lines))
     assert len(now) == len(set(now)), "an option is listed twice"
 

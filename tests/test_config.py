@@ -1,4 +1,5 @@
 """Config schema: official defaults, YAML + dotted overrides, up-front rejection of bad keys/types/ranges."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,10 +17,28 @@ from pathlib import Path
 import pytest
 import yaml
 
-from swinv2.config import (INHERIT, MAX_RECIPE_BYTES, AugConfig, Config, ConfigError, DataConfig, ModelConfig,
-                           OptimConfig, ScheduleConfig, StageTrainConfig, TrainConfig, _build, _set_dotted,
-                           RESUME_MAY_CHANGE, auto_workers, check_resume_config, config_changes, load_config,
-                           schema_keys, schema_table)
+from swinv2.config import (
+    INHERIT,
+    MAX_RECIPE_BYTES,
+    RESUME_MAY_CHANGE,
+    AugConfig,
+    Config,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    ScheduleConfig,
+    StageTrainConfig,
+    TrainConfig,
+    _build,
+    _set_dotted,
+    auto_workers,
+    check_resume_config,
+    config_changes,
+    load_config,
+    schema_keys,
+    schema_table,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = [REPO / "configs" / f"swinv2_{f}_window{w}_256.yaml" for f in ("tiny", "small", "base") for w in (8, 16)]
@@ -28,8 +47,13 @@ RECIPES = [REPO / "configs" / f"swinv2_{f}_window{w}_256.yaml" for f in ("tiny",
 def test_defaults_are_the_official_recipe():
     # microsoft/Swin-Transformer config.py defaults (TRAIN.*, AUG.*, MODEL.LABEL_SMOOTHING).
     c = Config()
-    assert (c.optim.lr, c.optim.lr_base_batch, c.optim.weight_decay, c.optim.eps, c.optim.betas) == \
-        (5e-4, 512, 0.05, 1e-8, (0.9, 0.999))
+    assert (c.optim.lr, c.optim.lr_base_batch, c.optim.weight_decay, c.optim.eps, c.optim.betas) == (
+        5e-4,
+        512,
+        0.05,
+        1e-8,
+        (0.9, 0.999),
+    )
     assert (c.schedule.warmup_epochs, c.schedule.warmup_lr, c.schedule.min_lr) == (20, 5e-7, 5e-6)
     assert (c.optim.clip_grad, c.train.epochs, c.data.batch_size) == (5.0, 300, 128)
     a = c.data.aug
@@ -41,8 +65,17 @@ def test_defaults_are_the_official_recipe():
 def test_yaml_and_overrides(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("model:\n  name: swinv2_micro_window4_32\noptim:\n  lr: 1e-3\ntrain:\n  epochs: 5\n")
-    cfg = load_config(p, ["train.epochs=2", "data.batch_size=16", "model.freeze=[patch_embed.*]",
-                          "data.aug.scale=[0.5, 1]", "data.val_root=null", "train.amp=bf16"])
+    cfg = load_config(
+        p,
+        [
+            "train.epochs=2",
+            "data.batch_size=16",
+            "model.freeze=[patch_embed.*]",
+            "data.aug.scale=[0.5, 1]",
+            "data.val_root=null",
+            "train.amp=bf16",
+        ],
+    )
     assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)  # "1e-3" is a string to PyYAML
     assert cfg.train.epochs == 2 and cfg.data.batch_size == 16
     assert cfg.model.freeze == ("patch_embed.*",)
@@ -73,30 +106,36 @@ def test_round_trip():
     assert cfg.replace(**{"model.num_classes": 10}).model.num_classes == 10
 
 
-@pytest.mark.parametrize("override, key, hint", [
-    ("optim.lrr=1", "optim.lrr", "optim.lr"),
-    ("lr=1", "lr", "optim.lr"),
-    ("data.aug.mixpu=0.5", "data.aug.mixpu", "data.aug.mixup"),
-    ("trian.epochs=3", "trian", "train"),
-    ("train.epoch=3", "train.epoch", "train.epochs"),
-])
+@pytest.mark.parametrize(
+    "override, key, hint",
+    [
+        ("optim.lrr=1", "optim.lrr", "optim.lr"),
+        ("lr=1", "lr", "optim.lr"),
+        ("data.aug.mixpu=0.5", "data.aug.mixpu", "data.aug.mixup"),
+        ("trian.epochs=3", "trian", "train"),
+        ("train.epoch=3", "train.epoch", "train.epochs"),
+    ],
+)
 def test_unknown_key_names_it_and_the_closest(override, key, hint):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert repr(key) in str(e.value) and repr(hint) in str(e.value)
 
 
-@pytest.mark.parametrize("override, key", [
-    ("train.epochs=abc", "train.epochs"),
-    ("train.epochs=1.5", "train.epochs"),
-    ("train.ema=3", "train.ema"),
-    ("data.batch_size=true", "data.batch_size"),
-    ("train.amp=fp8", "train.amp"),
-    ("data.aug.scale=[0.5]", "data.aug.scale"),
-    ("optim.lr=fast", "optim.lr"),
-    ("model=3", "model"),
-    ("model.freeze=patch_embed", "model.freeze"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.epochs=abc", "train.epochs"),
+        ("train.epochs=1.5", "train.epochs"),
+        ("train.ema=3", "train.ema"),
+        ("data.batch_size=true", "data.batch_size"),
+        ("train.amp=fp8", "train.amp"),
+        ("data.aug.scale=[0.5]", "data.aug.scale"),
+        ("optim.lr=fast", "optim.lr"),
+        ("model=3", "model"),
+        ("model.freeze=patch_embed", "model.freeze"),
+    ],
+)
 def test_wrong_type_names_the_key(override, key):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
@@ -146,8 +185,17 @@ def test_schema_extends_with_lists_of_sections():
 
 def test_schema_keys_cover_the_documented_names():
     keys = set(schema_keys())
-    assert {"model.name", "model.img_size", "model.window_size", "data.root", "data.batch_size", "train.epochs",
-            "train.seed", "train.amp", "optim.lr"} <= keys
+    assert {
+        "model.name",
+        "model.img_size",
+        "model.window_size",
+        "data.root",
+        "data.batch_size",
+        "train.epochs",
+        "train.seed",
+        "train.amp",
+        "optim.lr",
+    } <= keys
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -175,13 +223,21 @@ def test_official_from_scratch_recipes():
 
 def test_cli_print_config_and_bad_key(tmp_path):
     demo = str(REPO / "configs" / "demo_digits.yaml")
-    r = subprocess.run([sys.executable, "-m", "swinv2", "train", "--config", demo, "--print-config", "train.epochs=3"],
-                       capture_output=True, text=True, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-m", "swinv2", "train", "--config", demo, "--print-config", "train.epochs=3"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     assert Config.from_dict(yaml.safe_load(r.stdout)) == load_config(demo, ["train.epochs=3"])
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "swinv2", "train", "--config", demo, "--out", str(out), "optim.lrr=1"],
-                       capture_output=True, text=True, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-m", "swinv2", "train", "--config", demo, "--out", str(out), "optim.lrr=1"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "'optim.lrr'" in lines[0] and "'optim.lr'" in lines[0]
@@ -191,19 +247,22 @@ def test_cli_print_config_and_bad_key(tmp_path):
 # --------------------------------------------------------------------------- ranges
 
 
-@pytest.mark.parametrize("override, reason", [
-    ("data.batch_size=0", "must be in [1, 65536]"),  # was a ZeroDivisionError
-    ("optim.accum_steps=0", "must be in [1, 4096]"),  # was a ZeroDivisionError
-    ("train.epochs=0", "must be in [1, 100000]"),    # "finished" on a fresh directory
-    ("train.epochs=-3", "must be in [1, 100000]"),
-    ("model.drop_path_rate=2", "must be in [0, 1)"),
-    ("data.aug.label_smoothing=1.5", "must be in [0, 1)"),
-    ("model.img_size=0", "must be in [1, 4096]"),
-    ("train.ema_decay=2", "must be in [0, 1)"),      # was accepted
-    ("schedule.warmup_epochs=-1", "must be in [0, 100000]"),  # was accepted
-    ("data.aug.hflip=2", "must be in [0, 1]"),       # was accepted
-    ("optim.lr=-1", "must be >= 0"),                 # was torch's message, without the key
-])
+@pytest.mark.parametrize(
+    "override, reason",
+    [
+        ("data.batch_size=0", "must be in [1, 65536]"),  # was a ZeroDivisionError
+        ("optim.accum_steps=0", "must be in [1, 4096]"),  # was a ZeroDivisionError
+        ("train.epochs=0", "must be in [1, 100000]"),  # "finished" on a fresh directory
+        ("train.epochs=-3", "must be in [1, 100000]"),
+        ("model.drop_path_rate=2", "must be in [0, 1)"),
+        ("data.aug.label_smoothing=1.5", "must be in [0, 1)"),
+        ("model.img_size=0", "must be in [1, 4096]"),
+        ("train.ema_decay=2", "must be in [0, 1)"),  # was accepted
+        ("schedule.warmup_epochs=-1", "must be in [0, 100000]"),  # was accepted
+        ("data.aug.hflip=2", "must be in [0, 1]"),  # was accepted
+        ("optim.lr=-1", "must be >= 0"),  # was torch's message, without the key
+    ],
+)
 def test_out_of_range_names_the_key(override, reason):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
@@ -217,26 +276,29 @@ def test_out_of_range_names_the_key(override, reason):
     assert e.value.key == key
 
 
-@pytest.mark.parametrize("override, reason", [
-    ("data.aug.scale=[0.5, 2]", "each value must be in (0, 1]"),
-    ("data.aug.scale=[1, 0.5]", "must be (min, max) with min <= max"),
-    ("data.aug.cutmix_minmax=[0.8, 0.2]", "must be (min, max) with min <= max"),
-    ("optim.betas=[0.9, 1]", "each value must be in [0, 1)"),
-    ("data.std=[0.2, 0, 0.2]", "each value must be > 0"),
-    ("model.pretrained_window_sizes=[12, -1]", "each value must be in [0, 64]"),
-    ("data.crop_pct=0", "must be in (0, 1]"),
-    ("optim.layer_decay=0", "must be in (0, 1]"),
-    ("optim.clip_grad=-1", "must be >= 0"),
-    ("optim.lr=.nan", "must be a finite number >= 0"),  # NaN is in no range, and named
-    ("data.aug.re_count=0", "must be in [1, 64]"),
-    ("data.workers=-1", "must be in [0, 256]"),
-    ("train.eval_every=0", "must be >= 1"),        # was a ZeroDivisionError at the first epoch end
-    ("train.keep_best=0", "must be >= 1"),
-    ("train.log_every=0", "must be >= 1"),
-    ("train.threads=0", "must be in [1, 1024]"),
-    ("train.seed=-1", "must be in [0, 18446744073709551615]"),
-    ("train.seed=18446744073709551616", "must be in [0, 18446744073709551615]"),  # torch.manual_seed overflows
-])
+@pytest.mark.parametrize(
+    "override, reason",
+    [
+        ("data.aug.scale=[0.5, 2]", "each value must be in (0, 1]"),
+        ("data.aug.scale=[1, 0.5]", "must be (min, max) with min <= max"),
+        ("data.aug.cutmix_minmax=[0.8, 0.2]", "must be (min, max) with min <= max"),
+        ("optim.betas=[0.9, 1]", "each value must be in [0, 1)"),
+        ("data.std=[0.2, 0, 0.2]", "each value must be > 0"),
+        ("model.pretrained_window_sizes=[12, -1]", "each value must be in [0, 64]"),
+        ("data.crop_pct=0", "must be in (0, 1]"),
+        ("optim.layer_decay=0", "must be in (0, 1]"),
+        ("optim.clip_grad=-1", "must be >= 0"),
+        ("optim.lr=.nan", "must be a finite number >= 0"),  # NaN is in no range, and named
+        ("data.aug.re_count=0", "must be in [1, 64]"),
+        ("data.workers=-1", "must be in [0, 256]"),
+        ("train.eval_every=0", "must be >= 1"),  # was a ZeroDivisionError at the first epoch end
+        ("train.keep_best=0", "must be >= 1"),
+        ("train.log_every=0", "must be >= 1"),
+        ("train.threads=0", "must be in [1, 1024]"),
+        ("train.seed=-1", "must be in [0, 18446744073709551615]"),
+        ("train.seed=18446744073709551616", "must be in [0, 18446744073709551615]"),  # torch.manual_seed overflows
+    ],
+)
 def test_other_ranges(override, reason):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
@@ -245,12 +307,30 @@ def test_other_ranges(override, reason):
 
 def test_range_edges_and_null_are_accepted():
     """The ends a range includes, and None where None means off / the default."""
-    cfg = load_config(None, [
-        "data.workers=0", "train.checkpoint_every=0", "optim.clip_grad=0", "schedule.warmup_epochs=0",
-        "data.aug.hflip=1", "data.aug.mixup=0", "model.drop_path_rate=0", "train.ema_decay=0",
-        "model.pretrained_window_sizes=[0, 0, 0, 0]", "data.aug.scale=[1, 1]", "optim.layer_decay=1",
-        "train.seed=18446744073709551615", "train.epochs=1", "data.batch_size=1", "optim.lr=0",
-        "model.img_size=null", "optim.clip_grad=null", "train.threads=null", "data.eval_batch_size=null"])
+    cfg = load_config(
+        None,
+        [
+            "data.workers=0",
+            "train.checkpoint_every=0",
+            "optim.clip_grad=0",
+            "schedule.warmup_epochs=0",
+            "data.aug.hflip=1",
+            "data.aug.mixup=0",
+            "model.drop_path_rate=0",
+            "train.ema_decay=0",
+            "model.pretrained_window_sizes=[0, 0, 0, 0]",
+            "data.aug.scale=[1, 1]",
+            "optim.layer_decay=1",
+            "train.seed=18446744073709551615",
+            "train.epochs=1",
+            "data.batch_size=1",
+            "optim.lr=0",
+            "model.img_size=null",
+            "optim.clip_grad=null",
+            "train.threads=null",
+            "data.eval_batch_size=null",
+        ],
+    )
     assert (cfg.data.workers, cfg.optim.clip_grad, cfg.train.seed) == (0, None, 2**64 - 1)
 
 
@@ -261,9 +341,12 @@ def _numeric(tp: typing.Any) -> bool:
 
 def test_every_numeric_field_declares_a_range():
     sections = (ModelConfig, DataConfig, AugConfig, OptimConfig, ScheduleConfig, TrainConfig)
-    missing = [f"{cls.__name__}.{f.name}" for cls in sections for f, tp in
-               ((f, typing.get_type_hints(cls)[f.name]) for f in dataclasses.fields(cls))
-               if _numeric(tp) and "range" not in f.metadata]
+    missing = [
+        f"{cls.__name__}.{f.name}"
+        for cls in sections
+        for f, tp in ((f, typing.get_type_hints(cls)[f.name]) for f in dataclasses.fields(cls))
+        if _numeric(tp) and "range" not in f.metadata
+    ]
     assert missing == []
     # A stage's sparse sections carry the same ranges, and the defaults are inside them.
     stage = {f.name: f.metadata.get("range") for f in dataclasses.fields(StageTrainConfig)}
@@ -289,9 +372,11 @@ def test_a_fault_names_the_file_or_the_override(tmp_path):
     assert str(e.value) == f"{bad}: data.batch_size=0: must be in [1, 65536]"
     good = tmp_path / "good.yaml"
     good.write_text("data:\n  batch_size: 8\n")
-    for override, reason in [("data.batch_size=0", "must be in [1, 65536]"),
-                             ("data.batch_size=many", "expected int, got 'many' (str)"),
-                             ("data.aug.mixpu=1", "unknown key 'data.aug.mixpu' (did you mean 'data.aug.mixup'?)")]:
+    for override, reason in [
+        ("data.batch_size=0", "must be in [1, 65536]"),
+        ("data.batch_size=many", "expected int, got 'many' (str)"),
+        ("data.aug.mixpu=1", "unknown key 'data.aug.mixpu' (did you mean 'data.aug.mixup'?)"),
+    ]:
         with pytest.raises(ConfigError) as e:
             load_config(good, ["train.epochs=2", override])
         assert str(e.value) == f"override {override}: {reason}"  # not the file, which is fine
@@ -313,8 +398,10 @@ def test_warmup_not_shorter_than_the_run_is_warned(tmp_path, caplog):
     assert caplog.records == []
     # Per stage: the second stage inherits the top-level warm-up of 3 epochs and runs 3.
     recipe = tmp_path / "stages.yaml"
-    recipe.write_text("schedule: {warmup_epochs: 3}\nstages:\n  - train: {epochs: 10}\n  - train: {epochs: 3}\n"
-                      "  - {schedule: {warmup_epochs: 1}, train: {epochs: 3}}\n")
+    recipe.write_text(
+        "schedule: {warmup_epochs: 3}\nstages:\n  - train: {epochs: 10}\n  - train: {epochs: 3}\n"
+        "  - {schedule: {warmup_epochs: 1}, train: {epochs: 3}}\n"
+    )
     load_config(recipe)
     assert [r.getMessage().split(" is not")[0] for r in caplog.records] == ["stages[1].schedule.warmup_epochs=3"]
     assert "stages[1].train.epochs=3" in caplog.records[0].getMessage()
@@ -327,7 +414,8 @@ def test_cli_rejects_an_out_of_range_override_before_any_work(tmp_path, capsys):
     demo = str(REPO / "configs" / "demo_digits.yaml")
     assert main(["train", "--config", demo, "--out", str(out), "data.batch_size=0"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "swinv2 train: error: override data.batch_size=0: must be in [1, 65536]"]
+        "swinv2 train: error: override data.batch_size=0: must be in [1, 65536]"
+    ]
     assert list(tmp_path.iterdir()) == []  # no run directory, nothing else
 
 
@@ -351,8 +439,11 @@ def _refused(capsys, argv: list[str], out: Path) -> str:
 
 def _billion_laughs(tmp_path: Path) -> Path:
     """417 bytes whose aliases expand to 9^9 = 387M strings under model.freeze (2.4 GB and 120 s+ once)."""
-    text = "a0: &a0 [x,x,x,x,x,x,x,x,x]\n" + "".join(
-        f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]\n" for i in range(1, 9)) + "model:\n  freeze: *a8\n"
+    text = (
+        "a0: &a0 [x,x,x,x,x,x,x,x,x]\n"
+        + "".join(f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]\n" for i in range(1, 9))
+        + "model:\n  freeze: *a8\n"
+    )
     p = tmp_path / "laughs.yaml"
     p.write_text(text)
     return p
@@ -362,25 +453,32 @@ def test_aliases_are_refused_before_they_expand(tmp_path, capsys):
     p = _billion_laughs(tmp_path)
     assert p.stat().st_size < 500
     line = _refused(capsys, ["train", "--config", str(p), "--print-config"], tmp_path / "run")
-    assert line == (f"swinv2 train: error: {p}: line 1: anchors and aliases (&name, *name) are not supported in "
-                    f"a recipe; write the value out")
+    assert line == (
+        f"swinv2 train: error: {p}: line 1: anchors and aliases (&name, *name) are not supported in "
+        f"a recipe; write the value out"
+    )
     with pytest.raises(ConfigError, match=r"^override model.freeze=\[&a x, \*a\]: line 1: anchors and aliases"):
         load_config(None, ["model.freeze=[&a x, *a]"])
 
 
-@pytest.mark.parametrize("text, line, key, first", [
-    ("train:\n  epochs: 3\n  epochs: 5\n", 3, "train.epochs", 2),
-    ("train: {epochs: 3}\ndata: {batch_size: 4}\ntrain: {seed: 1}\n", 3, "train", 1),
-    ("data:\n  aug: {mixup: 0.1, cutmix: 0, mixup: 0.2}\n", 2, "data.aug.mixup", 2),
-    ("stages:\n  - train: {epochs: 3}\n  - model: {freeze: []}\n    model: {name: x}\n", 4, "stages[1].model", 3),
-])
+@pytest.mark.parametrize(
+    "text, line, key, first",
+    [
+        ("train:\n  epochs: 3\n  epochs: 5\n", 3, "train.epochs", 2),
+        ("train: {epochs: 3}\ndata: {batch_size: 4}\ntrain: {seed: 1}\n", 3, "train", 1),
+        ("data:\n  aug: {mixup: 0.1, cutmix: 0, mixup: 0.2}\n", 2, "data.aug.mixup", 2),
+        ("stages:\n  - train: {epochs: 3}\n  - model: {freeze: []}\n    model: {name: x}\n", 4, "stages[1].model", 3),
+    ],
+)
 def test_a_duplicate_key_names_the_file_the_key_and_both_lines(tmp_path, text, line, key, first):
     p = tmp_path / "dup.yaml"
     p.write_text(text)
     with pytest.raises(ConfigError) as e:
         load_config(p)
-    assert str(e.value) == (f"{p}: line {line}: duplicate key {key!r} (first at line {first}); YAML would "
-                            f"silently keep the last, so set it once")
+    assert str(e.value) == (
+        f"{p}: line {line}: duplicate key {key!r} (first at line {first}); YAML would "
+        f"silently keep the last, so set it once"
+    )
     assert e.value.key == key
     # Before: the last one won. The same keys, once each, load.
     p.write_text(text.replace("  epochs: 5\n", "").replace(", mixup: 0.2", "").replace("train: {seed: 1}\n", ""))
@@ -389,8 +487,11 @@ def test_a_duplicate_key_names_the_file_the_key_and_both_lines(tmp_path, text, l
 
 
 def test_an_override_value_with_a_duplicate_key_is_refused():
-    with pytest.raises(ConfigError, match=r"^override data.aug=\{mixup: 0.1, mixup: 0.2\}: line 1: duplicate "
-                                          r"key 'mixup' \(first at line 1\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^override data.aug=\{mixup: 0.1, mixup: 0.2\}: line 1: duplicate "
+        r"key 'mixup' \(first at line 1\)",
+    ):
         load_config(None, ["data.aug={mixup: 0.1, mixup: 0.2}"])
 
 
@@ -398,16 +499,21 @@ def test_deep_nesting_is_one_line_not_a_recursion_error(tmp_path, capsys):
     deep = tmp_path / "deep.yaml"  # 200,000 brackets: a RecursionError once; now refused for its size
     deep.write_text("model:\n  freeze: " + "[" * 200_000 + "]" * 200_000 + "\n")
     line = _refused(capsys, ["train", "--config", str(deep), "--print-config"], tmp_path / "run")
-    assert line == (f"swinv2 train: error: {deep}: larger than {MAX_RECIPE_BYTES // 1024} KiB, too large for a "
-                    f"recipe (the shipped ones are a few KB)")
+    assert line == (
+        f"swinv2 train: error: {deep}: larger than {MAX_RECIPE_BYTES // 1024} KiB, too large for a "
+        f"recipe (the shipped ones are a few KB)"
+    )
     for n in (40, 5000):  # within the size: refused for the depth (by this loader at 32, by libyaml at 1000)
         deep.write_text("model:\n  freeze: " + "[" * n + "]" * n + "\n")
         with pytest.raises(ConfigError) as e:
             load_config(deep)
         assert str(e.value).startswith(f"{deep}: not valid YAML: line 2, column ") and "nest" in str(e.value)
     # An override keeps text that is not YAML (a folder named with brackets); a list key then names the type.
-    with pytest.raises(ConfigError, match=r"^override 'model.freeze=\[\[\[.*\]\]\]' \(400013 characters\): "
-                                          r"expected a list of str, got '\[\[\["):
+    with pytest.raises(
+        ConfigError,
+        match=r"^override 'model.freeze=\[\[\[.*\]\]\]' \(400013 characters\): "
+        r"expected a list of str, got '\[\[\[",
+    ):
         load_config(None, ["model.freeze=" + "[" * 200_000 + "]" * 200_000])
     assert load_config(None, ["data.root=[[[" + "[" * 200_000]).data.root.startswith("[[[[")
 
@@ -421,13 +527,16 @@ def test_a_byte_that_is_not_utf8_names_the_file_and_line(tmp_path, capsys):
     assert load_config(p).data.root == "café"
 
 
-@pytest.mark.parametrize("text, fault", [
-    ("train:\n  epochs: 3\x00\n", "line 2: character U+0000 is not allowed in YAML"),
-    ("train:\n\tepochs: 3\n", "line 2, column 1: while scanning for the next token"),
-    ("train: {epochs: 3}\n---\ntrain: {epochs: 4}\n", "line 2, column 1: expected a single document in the stream"),
-    ("data:\n  root: 2024-13-45\n", "line 2, column 9: cannot read '2024-13-45': month must be in 1..12"),
-    ("train:\n  epochs: " + "9" * 5000 + "\n", "line 2, column 11: cannot read '99999"),
-])
+@pytest.mark.parametrize(
+    "text, fault",
+    [
+        ("train:\n  epochs: 3\x00\n", "line 2: character U+0000 is not allowed in YAML"),
+        ("train:\n\tepochs: 3\n", "line 2, column 1: while scanning for the next token"),
+        ("train: {epochs: 3}\n---\ntrain: {epochs: 4}\n", "line 2, column 1: expected a single document in the stream"),
+        ("data:\n  root: 2024-13-45\n", "line 2, column 9: cannot read '2024-13-45': month must be in 1..12"),
+        ("train:\n  epochs: " + "9" * 5000 + "\n", "line 2, column 11: cannot read '99999"),
+    ],
+)
 def test_malformed_yaml_is_one_line_with_its_place(tmp_path, text, fault):
     p = tmp_path / "bad.yaml"
     p.write_text(text)
@@ -439,8 +548,11 @@ def test_malformed_yaml_is_one_line_with_its_place(tmp_path, text, fault):
 
 def _float_fields() -> list[tuple[str, int]]:
     """(dotted key, list length or 0) of every float setting of the schema."""
-    return [(key, int(tp.split()[3]) if tp.startswith("a list of ") and "values (float" in tp else 0)
-            for key, tp, _, _ in schema_table() if "float" in tp]
+    return [
+        (key, int(tp.split()[3]) if tp.startswith("a list of ") and "values (float" in tp else 0)
+        for key, tp, _, _ in schema_table()
+        if "float" in tp
+    ]
 
 
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan], ids=str)
@@ -454,13 +566,16 @@ def test_every_float_setting_refuses_non_finite_values_naming_the_key(bad):
         assert e.value.key == key and "finite number" in e.value.reason, (key, str(e.value))
 
 
-@pytest.mark.parametrize("override, reason", [
-    ("data.std=[inf,inf,inf]", "each value must be a finite number > 0"),  # trained on zeros once
-    ("data.std=[.inf, .inf, .inf]", "each value must be a finite number > 0"),
-    ("schedule.warmup_epochs=inf", "must be a finite number in [0, 100000]"),  # an OverflowError once
-    ("schedule.warmup_epochs=1e400", "must be a finite number in [0, 100000]"),
-    ("data.aug.scale=[.nan, 1]", "each value must be a finite number in (0, 1]"),
-])
+@pytest.mark.parametrize(
+    "override, reason",
+    [
+        ("data.std=[inf,inf,inf]", "each value must be a finite number > 0"),  # trained on zeros once
+        ("data.std=[.inf, .inf, .inf]", "each value must be a finite number > 0"),
+        ("schedule.warmup_epochs=inf", "must be a finite number in [0, 100000]"),  # an OverflowError once
+        ("schedule.warmup_epochs=1e400", "must be a finite number in [0, 100000]"),
+        ("data.aug.scale=[.nan, 1]", "each value must be a finite number in (0, 1]"),
+    ],
+)
 def test_non_finite_settings_name_the_override(override, reason):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
@@ -476,21 +591,26 @@ def test_non_finite_in_a_recipe_names_the_file_and_key(tmp_path):
     p.write_text("optim:\n  lr: " + "1" * 400 + "\n")  # an int beyond any float: an OverflowError once
     with pytest.raises(ConfigError) as e:
         load_config(p)
-    assert str(e.value) == (f"{p}: optim.lr: 1111111111111111111111111111...11111111111111111111111111111 "
-                            f"is too large (a float holds up to 1.8e308)")
+    assert str(e.value) == (
+        f"{p}: optim.lr: 1111111111111111111111111111...11111111111111111111111111111 "
+        f"is too large (a float holds up to 1.8e308)"
+    )
 
 
-@pytest.mark.parametrize("override, reason", [
-    ("model.img_size=1000000000", "must be in [1, 4096]"),  # a MemoryError traceback once
-    ("model.window_size=100000", "must be in [1, 64]"),
-    ("model.pretrained_window_sizes=[12, 12, 12, 1000]", "each value must be in [0, 64]"),
-    ("model.num_classes=1000000000", "must be in [1, 100000]"),
-    ("data.batch_size=100000000", "must be in [1, 65536]"),
-    ("data.workers=100000", "must be in [0, 256]"),
-    ("data.aug.re_count=1000000000", "must be in [1, 64]"),
-    ("train.epochs=" + "9" * 40, "must be in [1, 100000]"),
-    ("simmim.reconstructions=1000000", "must be in [0, 64]"),
-])
+@pytest.mark.parametrize(
+    "override, reason",
+    [
+        ("model.img_size=1000000000", "must be in [1, 4096]"),  # a MemoryError traceback once
+        ("model.window_size=100000", "must be in [1, 64]"),
+        ("model.pretrained_window_sizes=[12, 12, 12, 1000]", "each value must be in [0, 64]"),
+        ("model.num_classes=1000000000", "must be in [1, 100000]"),
+        ("data.batch_size=100000000", "must be in [1, 65536]"),
+        ("data.workers=100000", "must be in [0, 256]"),
+        ("data.aug.re_count=1000000000", "must be in [1, 64]"),
+        ("train.epochs=" + "9" * 40, "must be in [1, 100000]"),
+        ("simmim.reconstructions=1000000", "must be in [0, 64]"),
+    ],
+)
 def test_sizes_have_upper_bounds(override, reason):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
@@ -509,14 +629,24 @@ def test_every_registered_variant_is_inside_the_bounds():
     for name, v in VARIANTS.items():
         c = v.config
         window = list(c.window_size) if isinstance(c.window_size, tuple) else c.window_size
-        load_config(None, [f"model.name={name}", f"model.img_size={c.img_size[0]}", f"model.window_size={window}",
-                           f"model.pretrained_window_sizes={list(c.pretrained_window_sizes)}",
-                           f"model.num_classes={c.num_classes}"])
+        load_config(
+            None,
+            [
+                f"model.name={name}",
+                f"model.img_size={c.img_size[0]}",
+                f"model.window_size={window}",
+                f"model.pretrained_window_sizes={list(c.pretrained_window_sizes)}",
+                f"model.num_classes={c.num_classes}",
+            ],
+        )
 
 
 def test_long_lists_are_refused():
-    with pytest.raises(ConfigError, match=r"^override 'model.freeze=\[a.\*,.*\]' \(4014 characters\): a list of "
-                                          r"1000 entries; at most 256 are accepted$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^override 'model.freeze=\[a.\*,.*\]' \(4014 characters\): a list of "
+        r"1000 entries; at most 256 are accepted$",
+    ):
         load_config(None, ["model.freeze=[" + ",".join(["a.*"] * 1000) + "]"])
     assert len(load_config(None, ["model.freeze=[" + ",".join(["a.*"] * 256) + "]"]).model.freeze) == 256
 
@@ -524,10 +654,20 @@ def test_long_lists_are_refused():
 # --------------------------------------------------------------------------- data.workers: auto
 
 
-@pytest.mark.parametrize("cpus, local, expected", [
-    (1, None, 0), (2, None, 1), (4, None, 3), (16, None, 8), (64, None, 8),
-    (16, "4", 3), (16, "16", 0), (16, "many", 8), (8, "0", 7),
-])
+@pytest.mark.parametrize(
+    "cpus, local, expected",
+    [
+        (1, None, 0),
+        (2, None, 1),
+        (4, None, 3),
+        (16, None, 8),
+        (64, None, 8),
+        (16, "4", 3),
+        (16, "16", 0),
+        (16, "many", 8),
+        (8, "0", 7),
+    ],
+)
 def test_auto_workers_rule(monkeypatch, cpus, local, expected):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
     if local is None:
@@ -594,7 +734,8 @@ def test_a_resume_may_change_where_the_data_lives_and_how_the_run_is_logged(capl
     d = Config()
     assert [r.getMessage() for r in caplog.records] == [
         f"resuming {source} with a changed config: data.root {d.data.root!r} -> '/elsewhere', "
-        f"train.log_every {d.train.log_every} -> 7"]
+        f"train.log_every {d.train.log_every} -> 7"
+    ]
 
 
 def test_a_resume_that_changes_what_is_computed_needs_the_flag(caplog):
@@ -604,8 +745,10 @@ def test_a_resume_that_changes_what_is_computed_needs_the_flag(caplog):
     listed = f"optim.lr {d.optim.lr!r} -> 0.001, train.log_every {d.train.log_every} -> 7"
     with pytest.raises(ConfigError) as e:
         check_resume_config(saved, cfg, Path("last.pt"), allowed=False)
-    assert str(e.value) == (f"last.pt: resuming with a config that changes the run ({listed}); train with "
-                            f"--allow-config-change to resume with it anyway, or into another --out")
+    assert str(e.value) == (
+        f"last.pt: resuming with a config that changes the run ({listed}); train with "
+        f"--allow-config-change to resume with it anyway, or into another --out"
+    )
     with caplog.at_level(logging.WARNING, logger="swinv2.config"):
         check_resume_config(saved, cfg, Path("last.pt"), allowed=True)
     assert [r.getMessage() for r in caplog.records] == [f"resuming last.pt with a changed config: {listed}"]

@@ -1,6 +1,7 @@
 """Seeded fuzzing of the recipe loader: mutated copies of the shipped recipes, and hostile overrides, each
 either load as they mean or fail with one ConfigError line; none raises anything else, none takes more
 than a few seconds, and together they stay within memory (a few hundred bytes of YAML once took 2.4 GB)."""
+
 from __future__ import annotations
 
 import random
@@ -18,12 +19,56 @@ SEED = 35  # the issue's number: change it to explore, keep it fixed to replay
 
 # Values a hostile or careless recipe puts where a setting goes.
 HOSTILE = [
-    "1" + "0" * 400, "-" + "9" * 400, "9" * 5000, "1e400", "-1e400", "1.0e+400", ".inf", "-.inf", ".nan", "inf", "nan",
-    "18446744073709551616", "-1", "0", "-0.0", "1e-400", "2147483648", "1000000000", "abc", "''", '""', "auto", "null",
-    "~", "[]", "{}", "[1, 2, 3]", "[.inf, .inf, .inf]", "[.nan, 1]", "{a: 1}", "yes", "2024-13-45", "2024-01-01",
-    "1:30", "0x7fffffffffffffff", "0o777", "!!binary aGVsbG8=", "!!set {a, b}", "!!python/object:os.system",
-    "!!float abc", "&a x", "*a", "[&a x, *a]", "'\udcff'", "\"\\x00\"", "|\n  text", "[" * 50, "{a: " * 40,
-    "[" * 3000 + "]" * 3000, "x" * 20000,
+    "1" + "0" * 400,
+    "-" + "9" * 400,
+    "9" * 5000,
+    "1e400",
+    "-1e400",
+    "1.0e+400",
+    ".inf",
+    "-.inf",
+    ".nan",
+    "inf",
+    "nan",
+    "18446744073709551616",
+    "-1",
+    "0",
+    "-0.0",
+    "1e-400",
+    "2147483648",
+    "1000000000",
+    "abc",
+    "''",
+    '""',
+    "auto",
+    "null",
+    "~",
+    "[]",
+    "{}",
+    "[1, 2, 3]",
+    "[.inf, .inf, .inf]",
+    "[.nan, 1]",
+    "{a: 1}",
+    "yes",
+    "2024-13-45",
+    "2024-01-01",
+    "1:30",
+    "0x7fffffffffffffff",
+    "0o777",
+    "!!binary aGVsbG8=",
+    "!!set {a, b}",
+    "!!python/object:os.system",
+    "!!float abc",
+    "&a x",
+    "*a",
+    "[&a x, *a]",
+    "'\udcff'",
+    '"\\x00"',
+    "|\n  text",
+    "[" * 50,
+    "{a: " * 40,
+    "[" * 3000 + "]" * 3000,
+    "x" * 20000,
 ]
 
 
@@ -57,8 +102,9 @@ def _mutate(text: str, rng: random.Random) -> bytes:
     data = bytearray("\n".join(lines).encode("utf-8", "surrogateescape"))  # '\udcff' is the byte 0xff
     if rng.random() < 0.3 and data:  # raw bytes: invalid UTF-8, NUL, tabs, YAML punctuation
         for _ in range(rng.randint(1, 4)):
-            data[rng.randrange(len(data))] = rng.choice([0x00, 0x09, 0x3A, 0x5B, 0x7B, 0x26, 0x2A, 0x21,
-                                                         0x80, 0xC3, 0xE9, 0xFF, rng.randrange(256)])
+            data[rng.randrange(len(data))] = rng.choice(
+                [0x00, 0x09, 0x3A, 0x5B, 0x7B, 0x26, 0x2A, 0x21, 0x80, 0xC3, 0xE9, 0xFF, rng.randrange(256)]
+            )
     return bytes(data)
 
 
@@ -89,7 +135,7 @@ def test_mutated_recipes_load_correctly_or_fail_in_one_line(tmp_path):
         data = _mutate(rng.choice(recipes), rng)
         p = tmp_path / f"m{n}.yaml"
         p.write_bytes(data)
-        outcome = _check(lambda: load_config(p), names=f"{p}: ")
+        outcome = _check(lambda p=p: load_config(p), names=f"{p}: ")
         outcomes[outcome] += 1
         if outcome == "ok":
             # A correct load: what PyYAML itself reads from the file (safe now: no aliases, no duplicate
@@ -111,7 +157,7 @@ def test_hostile_overrides_load_correctly_or_fail_in_one_line():
         key, value = rng.choice(keys), rng.choice(HOSTILE)
         override = f"{key}={value}"
         path = demo if key.startswith("stages") else None
-        outcomes[_check(lambda: load_config(path, [override]), names="override ")] += 1
+        outcomes[_check(lambda path=path, override=override: load_config(path, [override]), names="override ")] += 1
     assert time.perf_counter() - t0 < 20
     assert outcomes["ok"] >= 10 and outcomes["refused"] >= 100, outcomes
 

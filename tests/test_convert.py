@@ -3,6 +3,7 @@
 References are the state dicts of models built by timm, transformers and torchvision themselves
 (tiny widths, 3 stages, window 4, 32 px, so each build takes milliseconds).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -10,12 +11,27 @@ import torch
 
 from swinv2.model.transformer import DERIVED_KEYS as MODEL_DERIVED_KEYS
 from swinv2.model.transformer import SwinTransformerV2, SwinV2Config
-from swinv2.weights.convert import (DERIVED_KEYS, Template, convert, convert_state_dict, detect_format, from_native,
-                                    tv_derived_buffers, unwrap)
+from swinv2.weights.convert import (
+    DERIVED_KEYS,
+    Template,
+    convert,
+    convert_state_dict,
+    detect_format,
+    from_native,
+    tv_derived_buffers,
+    unwrap,
+)
 
 EMBED, DEPTHS, HEADS, WINDOW, IMG = 24, (2, 2, 2), (2, 4, 8), 4, 32
-CFG = SwinV2Config(img_size=IMG, embed_dim=EMBED, depths=DEPTHS, num_heads=HEADS, window_size=WINDOW,
-                   pretrained_window_sizes=(0, 0, 0), num_classes=7)
+CFG = SwinV2Config(
+    img_size=IMG,
+    embed_dim=EMBED,
+    depths=DEPTHS,
+    num_heads=HEADS,
+    window_size=WINDOW,
+    pretrained_window_sizes=(0, 0, 0),
+    num_classes=7,
+)
 
 
 def _randomised_sd(seed: int = 0, cfg: SwinV2Config = CFG) -> dict[str, torch.Tensor]:
@@ -26,23 +42,43 @@ def _randomised_sd(seed: int = 0, cfg: SwinV2Config = CFG) -> dict[str, torch.Te
 
 def _timm():
     timm = pytest.importorskip("timm")
-    return timm.create_model("swinv2_tiny_window8_256", img_size=IMG, embed_dim=EMBED, depths=DEPTHS,
-                             num_heads=HEADS, window_size=WINDOW, num_classes=7)
+    return timm.create_model(
+        "swinv2_tiny_window8_256",
+        img_size=IMG,
+        embed_dim=EMBED,
+        depths=DEPTHS,
+        num_heads=HEADS,
+        window_size=WINDOW,
+        num_classes=7,
+    )
 
 
 def _hf(num_labels: int = 7, cls: str = "Swinv2ForImageClassification"):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.Swinv2Config(image_size=IMG, embed_dim=EMBED, depths=list(DEPTHS), num_heads=list(HEADS),
-                                    window_size=WINDOW, num_labels=num_labels)
+    cfg = transformers.Swinv2Config(
+        image_size=IMG,
+        embed_dim=EMBED,
+        depths=list(DEPTHS),
+        num_heads=list(HEADS),
+        window_size=WINDOW,
+        num_labels=num_labels,
+    )
     return getattr(transformers, cls)(cfg)
 
 
 def _tv():
     from torchvision.models import swin_transformer as tv
 
-    return tv.SwinTransformer(patch_size=[4, 4], embed_dim=EMBED, depths=list(DEPTHS), num_heads=list(HEADS),
-                              window_size=[WINDOW, WINDOW], num_classes=7, block=tv.SwinTransformerBlockV2,
-                              downsample_layer=tv.PatchMergingV2)
+    return tv.SwinTransformer(
+        patch_size=[4, 4],
+        embed_dim=EMBED,
+        depths=list(DEPTHS),
+        num_heads=list(HEADS),
+        window_size=[WINDOW, WINDOW],
+        num_classes=7,
+        block=tv.SwinTransformerBlockV2,
+        downsample_layer=tv.PatchMergingV2,
+    )
 
 
 LIBS = {"timm": _timm, "hf": _hf, "torchvision": _tv}
@@ -90,8 +126,10 @@ def test_round_trip_foreign_to_native_to_foreign_is_bit_identical(fmt: str) -> N
 def test_torchvision_round_trip_zeroes_only_the_ignored_k_bias() -> None:
     tv = _tv()
     g = torch.Generator().manual_seed(3)
-    theirs = {k: (torch.randn(v.shape, generator=g) if v.is_floating_point() and "relative_coords" not in k else v)
-              for k, v in tv.state_dict().items()}
+    theirs = {
+        k: (torch.randn(v.shape, generator=g) if v.is_floating_point() and "relative_coords" not in k else v)
+        for k, v in tv.state_dict().items()
+    }
     conv = convert(theirs)
     assert conv.src == "torchvision"
     assert "layers.0.blocks.0.attn.qkv.bias[C:2C]" in conv.dropped  # its random k part, reported
@@ -99,8 +137,8 @@ def test_torchvision_round_trip_zeroes_only_the_ignored_k_bias() -> None:
     for k, v in theirs.items():
         if k.endswith("attn.qkv.bias"):
             c = v.numel() // 3
-            assert torch.equal(back[k][:c], v[:c]) and torch.equal(back[k][2 * c:], v[2 * c:])
-            assert not back[k][c:2 * c].any()
+            assert torch.equal(back[k][:c], v[:c]) and torch.equal(back[k][2 * c :], v[2 * c :])
+            assert not back[k][c : 2 * c].any()
         else:
             assert torch.equal(back[k], v), k
 
@@ -122,8 +160,11 @@ def test_unwrapping_and_derived_buffers() -> None:
     official["layers.0.blocks.0.attn.relative_coords_table"] = torch.zeros(1, 7, 7, 2)
     official["layers.0.blocks.0.attn.relative_position_index"] = torch.zeros(16, 16, dtype=torch.long)
     official["layers.0.blocks.1.attn_mask"] = torch.zeros(4, 16, 16)
-    for wrapped in ({"model": official, "epoch": 3}, {"state_dict": official},
-                    {"model": {"module." + k: v for k, v in official.items()}}):
+    for wrapped in (
+        {"model": official, "epoch": 3},
+        {"state_dict": official},
+        {"model": {"module." + k: v for k, v in official.items()}},
+    ):
         conv = convert(wrapped)
         assert conv.src == "native"
         _assert_equal_dicts(conv.state_dict, sd)
@@ -166,7 +207,7 @@ def test_template_index_arithmetic() -> None:
 
 def test_tv_derived_buffers_formula_window_8() -> None:
     table, index = tv_derived_buffers(8)
-    assert table.shape == (1, 15, 15, 2) and index.shape == (8 ** 4,)
+    assert table.shape == (1, 15, 15, 2) and index.shape == (8**4,)
     # corner offset -(w-1) normalises to -8 -> sign * log2(9) / 3
     assert table[0, 0, 0, 0].item() == pytest.approx(-torch.log2(torch.tensor(9.0)).item() / 3)
     assert index.max().item() == 15 * 15 - 1 and index[0].item() == 7 * 15 + 7

@@ -6,6 +6,7 @@ widths and heads at its native 256 px / window 8, with depths shrunk to (2, 2, 2
 to keep the test fast; every stage still has a regular and a shifted block.
 Reference: the other library's forward on the other library's parameters.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,13 +15,20 @@ import pytest
 import torch
 from torch import nn
 
-from swinv2.weights.convert import convert_state_dict
 from swinv2.model.transformer import SwinTransformerV2, SwinV2Config
+from swinv2.weights.convert import convert_state_dict
 
 TOL = 1e-5
 DEPTHS = (2, 2, 2, 2)
-CFG = SwinV2Config(img_size=256, embed_dim=96, depths=DEPTHS, num_heads=(3, 6, 12, 24), window_size=8,
-                   num_classes=10, drop_path_rate=0.0)
+CFG = SwinV2Config(
+    img_size=256,
+    embed_dim=96,
+    depths=DEPTHS,
+    num_heads=(3, 6, 12, 24),
+    window_size=8,
+    num_classes=10,
+    drop_path_rate=0.0,
+)
 
 
 def randomise(model: nn.Module, seed: int) -> nn.Module:
@@ -55,8 +63,9 @@ def images() -> dict[str, torch.Tensor]:
     return {"256": torch.randn(1, 3, 256, 256, generator=g), "250x330": torch.randn(1, 3, 250, 330, generator=g)}
 
 
-def _both_directions(theirs: nn.Module, fmt: str, forward, x: torch.Tensor, *, config=None,
-                     x_theirs_to_ours: torch.Tensor | None = None) -> None:
+def _both_directions(
+    theirs: nn.Module, fmt: str, forward, x: torch.Tensor, *, config=None, x_theirs_to_ours: torch.Tensor | None = None
+) -> None:
     """Their random weights -> ours (on `x_theirs_to_ours`, default `x`), then our random weights -> theirs."""
     randomise(theirs, seed=1)
     model = ours()
@@ -84,16 +93,31 @@ def test_torchvision_parity(images) -> None:
 
     # swin_v2_t's own arguments, depths shrunk; torchvision's window stays 8 at every stage, which
     # coincides with the official rule at 256 px (the last 8x8 stage is one unshifted window).
-    theirs = tv.SwinTransformer(patch_size=[4, 4], embed_dim=96, depths=list(DEPTHS), num_heads=[3, 6, 12, 24],
-                                window_size=[8, 8], stochastic_depth_prob=0.0, num_classes=10,
-                                block=tv.SwinTransformerBlockV2, downsample_layer=tv.PatchMergingV2)
+    theirs = tv.SwinTransformer(
+        patch_size=[4, 4],
+        embed_dim=96,
+        depths=list(DEPTHS),
+        num_heads=[3, 6, 12, 24],
+        window_size=[8, 8],
+        stochastic_depth_prob=0.0,
+        num_classes=10,
+        block=tv.SwinTransformerBlockV2,
+        downsample_layer=tv.PatchMergingV2,
+    )
     _both_directions(theirs, "torchvision", lambda m, x: m(x), images["256"], config=CFG)
 
 
 def test_hf_parity_including_non_divisible_input(images) -> None:
     transformers = pytest.importorskip("transformers")
-    hf_cfg = transformers.Swinv2Config(image_size=256, embed_dim=96, depths=list(DEPTHS), num_heads=[3, 6, 12, 24],
-                                       window_size=8, num_labels=10, drop_path_rate=0.0)
+    hf_cfg = transformers.Swinv2Config(
+        image_size=256,
+        embed_dim=96,
+        depths=list(DEPTHS),
+        num_heads=[3, 6, 12, 24],
+        window_size=8,
+        num_labels=10,
+        drop_path_rate=0.0,
+    )
     theirs = transformers.Swinv2ForImageClassification(hf_cfg)
     forward = lambda m, x: m(pixel_values=x).logits  # noqa: E731
     # HF -> ours on 250x330: both pad to the patch, then to the window, THEN shift; HF fixed its
@@ -104,11 +128,26 @@ def test_hf_parity_including_non_divisible_input(images) -> None:
 def test_hf_parity_with_pretrained_window(images) -> None:
     """Window 16 from a window-8 pre-training (CPB coords normalised by 8): ours -> HF -> same logits."""
     transformers = pytest.importorskip("transformers")
-    cfg = SwinV2Config(img_size=128, embed_dim=96, depths=DEPTHS, num_heads=(3, 6, 12, 24), window_size=16,
-                       pretrained_window_sizes=(8, 8, 8, 4), num_classes=10, drop_path_rate=0.0)
-    hf_cfg = transformers.Swinv2Config(image_size=128, embed_dim=96, depths=list(DEPTHS), num_heads=[3, 6, 12, 24],
-                                       window_size=16, pretrained_window_sizes=[8, 8, 8, 4], num_labels=10,
-                                       drop_path_rate=0.0)
+    cfg = SwinV2Config(
+        img_size=128,
+        embed_dim=96,
+        depths=DEPTHS,
+        num_heads=(3, 6, 12, 24),
+        window_size=16,
+        pretrained_window_sizes=(8, 8, 8, 4),
+        num_classes=10,
+        drop_path_rate=0.0,
+    )
+    hf_cfg = transformers.Swinv2Config(
+        image_size=128,
+        embed_dim=96,
+        depths=list(DEPTHS),
+        num_heads=[3, 6, 12, 24],
+        window_size=16,
+        pretrained_window_sizes=[8, 8, 8, 4],
+        num_labels=10,
+        drop_path_rate=0.0,
+    )
     theirs = transformers.Swinv2ForImageClassification(hf_cfg).eval()
     model = randomise(SwinTransformerV2(cfg), seed=3)
     theirs.load_state_dict(convert_state_dict(model.state_dict(), dst="hf"), strict=True)

@@ -1,6 +1,7 @@
 """One continuous-position-bias formula: the model, the CPB maps (`cpb_tables`) and the size-free export
 forward all compose the same steps (`attention.log_spaced_coords`, `windows.relative_index`,
 `attention.cpb_bias`), so given the window as ints or as tensors (traced shapes) they give the same bits."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,8 +17,16 @@ from swinv2.serve import dynamic_forward
 
 # (window, pre-training window): square, rectangular, pre-trained square / rectangular, windows of one
 # token per axis (their single offset 0 must stay 0, not 0/0).
-CASES = [((4, 4), (0, 0)), ((3, 5), (0, 0)), ((8, 8), (3, 3)), ((3, 5), (6, 3)), ((4, 4), (6, 3)),
-         ((1, 1), (0, 0)), ((1, 3), (0, 0)), ((1, 2), (0, 0))]
+CASES = [
+    ((4, 4), (0, 0)),
+    ((3, 5), (0, 0)),
+    ((8, 8), (3, 3)),
+    ((3, 5), (6, 3)),
+    ((4, 4), (6, 3)),
+    ((1, 1), (0, 0)),
+    ((1, 3), (0, 0)),
+    ((1, 2), (0, 0)),
+]
 
 
 def _tensors(window: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,5 +1,6 @@
 """Images of every mode, class folders, the eval/train transforms against timm, Mixup/CutMix, the
 resumable sharded sampler, bad-file handling and the digits demo folder."""
+
 from __future__ import annotations
 
 import io
@@ -10,13 +11,20 @@ import pytest
 import torch
 from PIL import Image
 
+from image_folders import make_image_folder
 from swinv2 import images
 from swinv2.images import BadImageError, eval_transform, load_image
 from swinv2.train import datasets as data
-from swinv2.train.datasets import (ImageFolderDataset, SeededSamples, ShardedSampler, build_mixup, check_dataset, collate,
-                                   scan_class_folders, train_transform)
-from image_folders import make_image_folder
-
+from swinv2.train.datasets import (
+    ImageFolderDataset,
+    SeededSamples,
+    ShardedSampler,
+    build_mixup,
+    check_dataset,
+    collate,
+    scan_class_folders,
+    train_transform,
+)
 
 # --------------------------------------------------------------------------- load_image
 
@@ -58,9 +66,9 @@ def test_16_bit_grey_is_scaled_not_clipped(tmp_path):
 
 def test_rgba_composited_on_white(tmp_path):
     arr = np.zeros((2, 2, 4), np.uint8)
-    arr[0, 0] = (10, 20, 30, 255)    # opaque: kept
-    arr[0, 1] = (200, 0, 0, 0)       # transparent: background, whatever the stored colour
-    arr[1, 0] = (0, 0, 0, 128)       # half: blended with white
+    arr[0, 0] = (10, 20, 30, 255)  # opaque: kept
+    arr[0, 1] = (200, 0, 0, 0)  # transparent: background, whatever the stored colour
+    arr[1, 0] = (0, 0, 0, 128)  # half: blended with white
     path = _save(Image.fromarray(arr, "RGBA"), tmp_path / "a.png")
     got = np.asarray(load_image(path)).astype(int)
     assert images.ALPHA_BACKGROUND == (255, 255, 255)
@@ -93,11 +101,14 @@ def test_exif_orientation_applied(tmp_path):
     assert out[0, -1].tolist() == [255, 255, 255]  # stored top-left ends top-right after 90 CW
 
 
-@pytest.mark.parametrize("content, reason", [
-    (b"", "empty file"),
-    (b"this is not an image at all", "not an image"),
-    ("truncated", "cannot decode"),
-])
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (b"", "empty file"),
+        (b"this is not an image at all", "not an image"),
+        ("truncated", "cannot decode"),
+    ],
+)
 def test_bad_files_raise_naming_the_path(tmp_path, content, reason):
     path = tmp_path / "bad.jpg"
     if content == "truncated":
@@ -209,8 +220,12 @@ def test_resize_crop_then_batch_normalize_is_timms_eval_transform_bit_for_bit():
     imgs = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((70, 90), (61, 40), (20, 25))]
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
     for size, crop in ((32, 0.875), (48, 1.0)):
-        ref = torch.stack([create_transform(size, is_training=False, crop_pct=crop, interpolation="bicubic",
-                                            mean=mean, std=std)(i) for i in imgs])
+        ref = torch.stack(
+            [
+                create_transform(size, is_training=False, crop_pct=crop, interpolation="bicubic", mean=mean, std=std)(i)
+                for i in imgs
+            ]
+        )
         resize_crop = images.eval_resize_crop(size, crop)
         raw = torch.stack([resize_crop(i) for i in imgs])
         assert raw.dtype == torch.uint8
@@ -267,8 +282,10 @@ def _corner_image(width: int, height: int) -> tuple[Image.Image, list[tuple[int,
     bottom-left, bottom-right), and those colours."""
     colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
     arr = np.full((height, width, 3), 128, dtype=np.uint8)
-    for (rows, cols), c in zip([(np.s_[:30], np.s_[:40]), (np.s_[:30], np.s_[-40:]),
-                                (np.s_[-30:], np.s_[:40]), (np.s_[-30:], np.s_[-40:])], colours):
+    for (rows, cols), c in zip(
+        [(np.s_[:30], np.s_[:40]), (np.s_[:30], np.s_[-40:]), (np.s_[-30:], np.s_[:40]), (np.s_[-30:], np.s_[-40:])],
+        colours,
+    ):
         arr[rows, cols] = c
     return Image.fromarray(arr), colours
 
@@ -280,8 +297,17 @@ def test_a_larger_image_is_resized_whole_not_cut_into_a_32px_patch():
     pixel's bicubic support (2 px, widened by the 8x / 4.4x downscale: under 17 x 9 source pixels) lies
     inside its 40x30 block, so it is that colour up to one uint8 step of PIL's fixed-point weights."""
     img, colours = _corner_image(255, 141)
-    tf = train_transform(32, scale=(1, 1), ratio=(255 / 141, 255 / 141), hflip=0, color_jitter=0,
-                         auto_augment=None, re_prob=0, mean=(0, 0, 0), std=(1, 1, 1))
+    tf = train_transform(
+        32,
+        scale=(1, 1),
+        ratio=(255 / 141, 255 / 141),
+        hflip=0,
+        color_jitter=0,
+        auto_augment=None,
+        re_prob=0,
+        mean=(0, 0, 0),
+        std=(1, 1, 1),
+    )
     out = tf(img)
     assert out.shape == (3, 32, 32)
     for (r, c), colour in zip([(0, 0), (0, -1), (-1, 0), (-1, -1)], colours):
@@ -377,11 +403,14 @@ def test_global_batches_do_not_depend_on_the_number_of_ranks():
     one = list(ShardedSampler(40, batch_size=8, seed=1))
     ranks = [list(ShardedSampler(40, batch_size=4, num_replicas=2, rank=r, seed=1)) for r in range(2)]
     for step in range(5):
-        assert sorted(one[8 * step: 8 * step + 8]) == sorted(ranks[0][4 * step: 4 * step + 4] +
-                                                             ranks[1][4 * step: 4 * step + 4])
+        assert sorted(one[8 * step : 8 * step + 8]) == sorted(
+            ranks[0][4 * step : 4 * step + 4] + ranks[1][4 * step : 4 * step + 4]
+        )
     # evaluation sharding: every sample on exactly one rank, nothing padded
-    parts = [[i for i, _ in ShardedSampler(11, batch_size=2, num_replicas=3, rank=r, shuffle=False, drop_last=False)]
-             for r in range(3)]
+    parts = [
+        [i for i, _ in ShardedSampler(11, batch_size=2, num_replicas=3, rank=r, shuffle=False, drop_last=False)]
+        for r in range(3)
+    ]
     assert sorted(sum(parts, [])) == list(range(11))
 
 

@@ -2,6 +2,7 @@
 `ln -s . loop` once multiplied a class about 40x), the links not followed are named; a folder that
 cannot be read is an error naming it, never an empty class. For training/eval/--check-data
 (`ImageFolderDataset`, `ImageFilesDataset`) and predict (`expand_paths`)."""
+
 from __future__ import annotations
 
 import logging
@@ -14,12 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from swinv2.train import datasets as data
+from image_folders import make_image_folder
 from swinv2.cli import main
-from swinv2.train.datasets import ImageFilesDataset, ImageFolderDataset, check_dataset
 from swinv2.errors import DataError
 from swinv2.serve.predict import expand_paths
-from image_folders import make_image_folder
+from swinv2.train import datasets as data
+from swinv2.train.datasets import ImageFilesDataset, ImageFolderDataset, check_dataset
 
 
 def _images(folder: Path, n: int, seed: int = 0) -> Path:
@@ -42,9 +43,14 @@ def _without_root_file_access() -> None:
 
 
 def _run_unprivileged(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "swinv2", *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          preexec_fn=_without_root_file_access if os.geteuid() == 0 else None)
+    return subprocess.run(
+        [sys.executable, "-m", "swinv2", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        preexec_fn=_without_root_file_access if os.geteuid() == 0 else None,
+    )
 
 
 # --------------------------------------------------------------------------- symlinked folders
@@ -62,8 +68,10 @@ def test_a_symlink_loop_is_read_once_and_named(tmp_path, capsys):
     assert len({os.path.realpath(p) for p, _ in ds.samples}) == len(ds.samples) == 9
     assert ds.skipped_links == [str(train / "a" / "loop"), str(train / "b" / "up")]
     lines = [w for w in data.folder_warnings(ds, training=True) if "not followed" in w]
-    assert lines == [f"{train}: 2 linked folders not followed, each leads to a folder already read (a symlink loop, "
-                     f"or a second link to the same images): {train / 'a' / 'loop'}, {train / 'b' / 'up'}"]
+    assert lines == [
+        f"{train}: 2 linked folders not followed, each leads to a folder already read (a symlink loop, "
+        f"or a second link to the same images): {train / 'a' / 'loop'}, {train / 'b' / 'up'}"
+    ]
     pretrain = ImageFilesDataset(train)  # pretraining reads every image under the folder
     assert len(pretrain.samples) == 9 and pretrain.skipped_links == ds.skipped_links
 
@@ -102,13 +110,15 @@ def test_predict_reads_each_folder_and_file_once(tmp_path, caplog):
     os.symlink(".", imgs / "sub" / "loop")
     caplog.set_level(logging.WARNING, logger="swinv2")
     files, errors = expand_paths([imgs])
-    assert errors == [] and files == [str(imgs / f"{i:02d}.png") for i in range(3)] + \
-        [str(imgs / "sub" / f"{i:02d}.png") for i in range(2)]
+    assert errors == [] and files == [str(imgs / f"{i:02d}.png") for i in range(3)] + [
+        str(imgs / "sub" / f"{i:02d}.png") for i in range(2)
+    ]
     warned = [r.getMessage() for r in caplog.records if "not followed" in r.getMessage()]
     assert len(warned) == 1 and warned[0].endswith(str(imgs / "sub" / "loop"))
     files, errors = expand_paths([str(imgs / "**" / "*.png")])
-    assert errors == [] and sorted(files) == sorted(str(imgs / f) for f in ("00.png", "01.png", "02.png",
-                                                                           "sub/00.png", "sub/01.png"))
+    assert errors == [] and sorted(files) == sorted(
+        str(imgs / f) for f in ("00.png", "01.png", "02.png", "sub/00.png", "sub/01.png")
+    )
 
 
 # --------------------------------------------------------------------------- unreadable folders
@@ -130,8 +140,11 @@ def test_an_unreadable_class_folder_is_an_error_naming_it_not_an_empty_class(ima
     for folder in sorted(denied):  # the class folder itself, and a folder inside it
         current["path"] = folder
         expected = f"{folder}: cannot read this folder (Permission denied); its images would be left out"
-        for read in (lambda: ImageFolderDataset(root / "train"), lambda: ImageFilesDataset(root / "train"),
-                     lambda: expand_paths([root / "train"])):
+        for read in (
+            lambda: ImageFolderDataset(root / "train"),
+            lambda: ImageFilesDataset(root / "train"),
+            lambda: expand_paths([root / "train"]),
+        ):
             with pytest.raises(DataError) as e:
                 read()
             assert str(e.value).startswith(expected)
@@ -151,7 +164,8 @@ def test_an_unreadable_class_folder_stops_check_data_in_one_line(image_folder):
     assert r.stdout == "" and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [
         f"swinv2 train: error: {locked}: cannot read this folder (Permission denied); its images would be left "
-        f"out: make it readable or move it out of the data folder"]
+        f"out: make it readable or move it out of the data folder"
+    ]
 
 
 def test_an_unreadable_folder_stops_predict_in_one_line(tmp_path, micro_weights):
@@ -167,4 +181,5 @@ def test_an_unreadable_folder_stops_predict_in_one_line(tmp_path, micro_weights)
     assert r.stdout == "" and "Traceback" not in r.stderr
     assert [ln for ln in r.stderr.splitlines() if "error" in ln] == [
         f"swinv2 predict: error: {locked}: cannot read this folder (Permission denied); its images would be left "
-        f"out: make it readable or move it out of the data folder"]
+        f"out: make it readable or move it out of the data folder"
+    ]

@@ -1,6 +1,7 @@
 """Data-parallel training under torchrun (gloo, CPU), docs/reliability.md row 15: two processes match one
 process at the same global batch, hold identical parameters, only rank 0 writes, and a run killed
 mid-way resumes bit-identically when torchrun starts it again."""
+
 from __future__ import annotations
 
 import json
@@ -54,8 +55,9 @@ def test_two_processes_match_one_and_only_rank0_writes(two_procs, tmp_path):
     assert [r["val_n"] for r in m2] == [8, 8, 8]  # the val set split over the ranks, counted once
     assert [r["val_top1"] for r in m1] == [r["val_top1"] for r in m2]
     # rank 1 could not have written (it would have crashed); the files are those of one process
-    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == \
-        sorted(p.relative_to(single).as_posix() for p in single.rglob("*"))
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == sorted(
+        p.relative_to(single).as_posix() for p in single.rglob("*")
+    )
     assert state2["world_size"] == 2
     assert two_procs["log"].count("INFO training swinv2_micro") == 1  # rank 1 logs warnings only
 

@@ -1,5 +1,6 @@
 """Training: the LR schedule against timm, the no-decay set, overfitting, accumulation, freezing,
 EMA, init weights, and `swinv2 train` on the demo config writing (and resuming) a run directory."""
+
 from __future__ import annotations
 
 import json
@@ -12,20 +13,34 @@ from pathlib import Path
 import pytest
 import torch
 
+from image_folders import make_image_folder
+from swinv2 import create_model
+from swinv2.config import load_config
 from swinv2.train import distributed as D
 from swinv2.train import engine
-from swinv2.config import load_config
-from swinv2 import create_model
 from swinv2.train.schedule import WarmupCosineLR, build_optimizer, param_groups, scaled_lrs
-from image_folders import make_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 # A plain, deterministic tiny setup: no augmentation randomness beyond the crop, no stochastic depth.
-PLAIN = ["model.name=swinv2_micro_window4_32", "model.drop_path_rate=0.0", "data.batch_size=4", "data.workers=0",
-         "data.aug.mixup=0", "data.aug.cutmix=0", "data.aug.auto_augment=null", "data.aug.re_prob=0",
-         "data.aug.label_smoothing=0", "data.aug.hflip=0", "schedule.warmup_epochs=0", "optim.lr=2e-3",
-         "optim.lr_scaling=none", "train.progress=false", "train.tensorboard=false", "train.epochs=2",
-         "train.threads=1"]
+PLAIN = [
+    "model.name=swinv2_micro_window4_32",
+    "model.drop_path_rate=0.0",
+    "data.batch_size=4",
+    "data.workers=0",
+    "data.aug.mixup=0",
+    "data.aug.cutmix=0",
+    "data.aug.auto_augment=null",
+    "data.aug.re_prob=0",
+    "data.aug.label_smoothing=0",
+    "data.aug.hflip=0",
+    "schedule.warmup_epochs=0",
+    "optim.lr=2e-3",
+    "optim.lr_scaling=none",
+    "train.progress=false",
+    "train.tensorboard=false",
+    "train.epochs=2",
+    "train.threads=1",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -58,8 +73,16 @@ def test_schedule_matches_timm_cosine_with_warmup_prefix():
     ours = WarmupCosineLR(_sgd(), lr=1e-3, warmup_lr=1e-6, min_lr=1e-5, warmup_steps=W, total_steps=T)
     ref_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
     # How the official code builds it (lr_scheduler.py): per step, warm-up prefix, one cycle.
-    ref = CosineLRScheduler(ref_opt, t_initial=T - W, lr_min=1e-5, warmup_lr_init=1e-6, warmup_t=W, cycle_limit=1,
-                            t_in_epochs=False, warmup_prefix=True)
+    ref = CosineLRScheduler(
+        ref_opt,
+        t_initial=T - W,
+        lr_min=1e-5,
+        warmup_lr_init=1e-6,
+        warmup_t=W,
+        cycle_limit=1,
+        t_in_epochs=False,
+        warmup_prefix=True,
+    )
     for step in range(T + 5):
         ref.step_update(step)
         assert ours.lr_at(step) == pytest.approx(ref_opt.param_groups[0]["lr"], rel=1e-12, abs=1e-15), step
@@ -67,19 +90,28 @@ def test_schedule_matches_timm_cosine_with_warmup_prefix():
 
 def test_schedule_closed_form_with_cooldown():
     opt = _sgd()
-    s = WarmupCosineLR(opt, lr=1.0, warmup_lr=0.1, min_lr=0.01, warmup_steps=10, total_steps=110, cooldown_steps=20,
-                       cooldown_lr=0.001)
+    s = WarmupCosineLR(
+        opt, lr=1.0, warmup_lr=0.1, min_lr=0.01, warmup_steps=10, total_steps=110, cooldown_steps=20, cooldown_lr=0.001
+    )
     assert opt.param_groups[0]["lr"] == 0.1  # set at construction: the LR of step 0
     assert s.lr_at(5) == pytest.approx(0.1 + 0.9 * 5 / 10)
     assert s.lr_at(10) == pytest.approx(1.0)
-    assert s.lr_at(50) == pytest.approx(0.01 + 0.99 * 0.5)        # half-way through the cosine (10..90)
+    assert s.lr_at(50) == pytest.approx(0.01 + 0.99 * 0.5)  # half-way through the cosine (10..90)
     assert s.lr_at(30) == pytest.approx(0.01 + 0.99 * (1 + math.cos(math.pi / 4)) / 2)
-    assert s.lr_at(90) == s.lr_at(109) == 0.001                   # cool-down
+    assert s.lr_at(90) == s.lr_at(109) == 0.001  # cool-down
     for _ in range(40):
         s.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(s.lr_at(40))
-    s2 = WarmupCosineLR(_sgd(), lr=1.0, warmup_lr=0.1, min_lr=0.01, warmup_steps=10, total_steps=110,
-                        cooldown_steps=20, cooldown_lr=0.001)
+    s2 = WarmupCosineLR(
+        _sgd(),
+        lr=1.0,
+        warmup_lr=0.1,
+        min_lr=0.01,
+        warmup_steps=10,
+        total_steps=110,
+        cooldown_steps=20,
+        cooldown_lr=0.001,
+    )
     s2.load_state_dict(s.state_dict())
     assert s2.step_count == 40 and s2.get_last_lr() == s.get_last_lr()
     short = WarmupCosineLR(_sgd(), lr=1.0, warmup_lr=0.0, min_lr=0.0, warmup_steps=30, total_steps=10)
@@ -87,16 +119,17 @@ def test_schedule_closed_form_with_cooldown():
 
 
 def test_linear_lr_scaling():
-    assert scaled_lrs(5e-4, 5e-7, 5e-6, total_batch=1024, base_batch=512, scaling="linear") == \
-        pytest.approx((1e-3, 1e-6, 1e-5))
+    assert scaled_lrs(5e-4, 5e-7, 5e-6, total_batch=1024, base_batch=512, scaling="linear") == pytest.approx(
+        (1e-3, 1e-6, 1e-5)
+    )
     assert scaled_lrs(5e-4, 5e-7, 5e-6, total_batch=1024, base_batch=512, scaling="none") == (5e-4, 5e-7, 5e-6)
 
 
 def test_schedule_build_gives_the_optimizer_and_its_schedule_from_the_config():
     """One call: the LRs scaled to the total batch (peak, warm-up, minimum and cool-down alike), warm-up
     and cool-down epochs as steps, the optimizer's groups and hyper-parameters from `optim`."""
-    from swinv2.train import schedule
     from swinv2.config import OptimConfig, ScheduleConfig
+    from swinv2.train import schedule
 
     model = create_model("swinv2_micro_window4_32", num_classes=5)
     optim = OptimConfig(lr=5e-4, lr_base_batch=512, weight_decay=0.01, betas=(0.8, 0.9), eps=1e-6)
@@ -118,8 +151,14 @@ def test_optimizer_is_fused_adamw_and_steps_like_the_for_loop_one():
     ref_params = {n: torch.nn.Parameter(p.clone()) for n, p in start.items()}
     opt = build_optimizer(model, lr=1e-2, weight_decay=0.05)
     assert [g["fused"] for g in opt.param_groups] == [True, True]
-    ref = torch.optim.AdamW([{"params": [ref_params[n] for n in g["param_names"]], "weight_decay": g["weight_decay"]}
-                             for g in opt.param_groups], lr=1e-2, foreach=False)
+    ref = torch.optim.AdamW(
+        [
+            {"params": [ref_params[n] for n in g["param_names"]], "weight_decay": g["weight_decay"]}
+            for g in opt.param_groups
+        ],
+        lr=1e-2,
+        foreach=False,
+    )
     g = torch.Generator().manual_seed(0)
     for _ in range(3):
         for n, p in model.named_parameters():
@@ -138,16 +177,26 @@ def test_no_weight_decay_set_is_the_official_one():
     opt = build_optimizer(model, lr=1e-3, weight_decay=0.05)
     names = {g["weight_decay"]: set(g["param_names"]) for g in opt.param_groups}
     assert len(opt.param_groups) == len(param_groups(model, 0.05)) == 2
-    no_decay = re.compile(r"(norm\d?\.(weight|bias)|\.norm\.(weight|bias)|^norm\.(weight|bias)|q_bias|v_bias|"
-                          r"logit_scale|cpb_mlp\.\d\.(weight|bias)|\.bias)$")
+    no_decay = re.compile(
+        r"(norm\d?\.(weight|bias)|\.norm\.(weight|bias)|^norm\.(weight|bias)|q_bias|v_bias|"
+        r"logit_scale|cpb_mlp\.\d\.(weight|bias)|\.bias)$"
+    )
     all_names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert names[0.0] == {n for n in all_names if no_decay.search(n)}
     assert names[0.05] == all_names - names[0.0]
     # the 2-D and 3-D exceptions by keyword, and the weights that do decay
-    assert {"layers.0.blocks.0.attn.logit_scale", "layers.0.blocks.0.attn.cpb_mlp.0.weight",
-            "layers.0.blocks.0.attn.cpb_mlp.2.weight"} <= names[0.0]
-    assert {"layers.0.blocks.0.attn.qkv.weight", "layers.0.blocks.0.attn.proj.weight", "head.weight",
-            "layers.0.blocks.1.mlp.fc1.weight", "layers.0.downsample.reduction.weight"} <= names[0.05]
+    assert {
+        "layers.0.blocks.0.attn.logit_scale",
+        "layers.0.blocks.0.attn.cpb_mlp.0.weight",
+        "layers.0.blocks.0.attn.cpb_mlp.2.weight",
+    } <= names[0.0]
+    assert {
+        "layers.0.blocks.0.attn.qkv.weight",
+        "layers.0.blocks.0.attn.proj.weight",
+        "head.weight",
+        "layers.0.blocks.1.mlp.fc1.weight",
+        "layers.0.downsample.reduction.weight",
+    } <= names[0.05]
     assert "patch_embed.proj.weight" not in names[0.0] | names[0.05]  # frozen: not optimised
 
 
@@ -181,8 +230,9 @@ def test_accumulation_equals_the_large_batch(tmp_path):
 def test_grad_checkpointing_sequential_attention_and_bf16_steps(tmp_path):
     root = make_image_folder(tmp_path / "data")
     plain = make_trainer(tmp_path / "p", data_root=root)
-    ckpt = make_trainer(tmp_path / "c", "train.grad_checkpointing=true", "train.sequential_attention=true",
-                        data_root=root)
+    ckpt = make_trainer(
+        tmp_path / "c", "train.grad_checkpointing=true", "train.sequential_attention=true", data_root=root
+    )
     assert all(layer.grad_checkpointing for layer in ckpt.model.layers)
     assert all(blk.attn.sequential for layer in ckpt.model.layers for blk in layer.blocks)
     assert not any(blk.attn.sequential for layer in plain.model.layers for blk in layer.blocks)
@@ -267,9 +317,29 @@ def test_the_training_state_is_its_table_and_a_resume_checks_before_it_loads(tmp
     tr.train_step([next(iter(tr.train_loader))])
     state = tr.state_dict()
     # The file's keys, in this order: what `weights.training_state` and older runs read.
-    assert list(state) == [p.key for p in engine.STATE] == [
-        "format", "version", "model", "ema", "optimizer", "scheduler", "scaler", "progress", "sampler", "history",
-        "best", "classes", "preprocess", "model_name", "model_config", "config", "world_size"]
+    assert (
+        list(state)
+        == [p.key for p in engine.STATE]
+        == [
+            "format",
+            "version",
+            "model",
+            "ema",
+            "optimizer",
+            "scheduler",
+            "scaler",
+            "progress",
+            "sampler",
+            "history",
+            "best",
+            "classes",
+            "preprocess",
+            "model_name",
+            "model_config",
+            "config",
+            "world_size",
+        ]
+    )
     assert [p.key for p in engine.STATE if p.finite] == ["model", "ema", "optimizer", "scaler"]
 
     other = make_trainer(tmp_path / "b", "train.ema=true", data_root=root)
@@ -285,8 +355,23 @@ def test_the_training_state_is_its_table_and_a_resume_checks_before_it_loads(tmp
 
 
 def _train(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "swinv2", "train", "--config", str(REPO / "configs" / "demo_digits.yaml"),
-                           "train.epochs=1", "--out", str(out), *extra], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "swinv2",
+            "train",
+            "--config",
+            str(REPO / "configs" / "demo_digits.yaml"),
+            "train.epochs=1",
+            "--out",
+            str(out),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_demo_config_one_epoch_writes_the_run_directory_then_resumes(tmp_path):
@@ -302,7 +387,9 @@ def test_demo_config_one_epoch_writes_the_run_directory_then_resumes(tmp_path):
     assert load_config(out / "config.yaml").model.num_classes == 10
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1
-    assert {"epoch", "train_loss", "val_loss", "val_top1", "val_top5", "lr", "img_per_s", "epoch_time_s"} <= set(rows[0])
+    assert {"epoch", "train_loss", "val_loss", "val_top1", "val_top5", "lr", "img_per_s", "epoch_time_s"} <= set(
+        rows[0]
+    )
     assert 0 <= rows[0]["val_top1"] <= rows[0]["val_top5"] <= 100
     model = load_model(out / "best.safetensors")
     assert model.info.class_names == [str(i) for i in range(10)] and model.info.preprocess.crop_pct == 1.0

@@ -1,4 +1,5 @@
 """The command line reports faults in the user's input as one line and keeps a bug's traceback."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,12 +12,20 @@ from swinv2.weights.registry import get_variant
 def _failing_models(exc: BaseException):
     def run(args):
         raise exc
+
     return run
 
 
-@pytest.mark.parametrize("exc", [InputError("--precision int8 needs --calib"), ConfigError("train.epochs: must be >= 1"),
-                                 CheckpointError("w.pt: truncated"), UnknownNameError("unknown model 'x'"),
-                                 FileNotFoundError(2, "No such file or directory")])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        InputError("--precision int8 needs --calib"),
+        ConfigError("train.epochs: must be >= 1"),
+        CheckpointError("w.pt: truncated"),
+        UnknownNameError("unknown model 'x'"),
+        FileNotFoundError(2, "No such file or directory"),
+    ],
+)
 def test_a_fault_in_the_input_is_one_line_and_exit_2(exc, monkeypatch, capsys):
     monkeypatch.setattr(cli, "_run_models", _failing_models(exc))
     assert cli.main(["models"]) == 2

@@ -1,5 +1,6 @@
 """swinv2 eval: top-1 / top-5 / loss / per-class accuracy reproduced independently from the model's
 logits; class-map mismatches fail naming both sides; official .pth files work with --model."""
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from swinv2.weights.factory import load_model
-from swinv2.cli import main
 from machine import cpu_paths
+from swinv2.cli import main
+from swinv2.weights.factory import load_model
 
 timm_data = pytest.importorskip("timm.data")
 
@@ -23,7 +24,7 @@ CLASSES = ["ant", "bee", "cat", "dog", "eel", "fox"]
 def _write_images(folder, n, rng, size=(40, 44)):
     """Smooth colour gradients (each image its own): varied enough that the model's argmax varies."""
     folder.mkdir(parents=True, exist_ok=True)
-    yy, xx = np.mgrid[0:size[0], 0:size[1]] / max(size)
+    yy, xx = np.mgrid[0 : size[0], 0 : size[1]] / max(size)
     for i in range(n):
         a, b, c = rng.uniform(0, 255, (3, 3))
         img = a + b * yy[..., None] - c * xx[..., None] + rng.normal(0, 8, (*size, 3))
@@ -48,9 +49,13 @@ def _reference(model, data, classes, *, varied=True):
     pred = top5[:, 0]
     per_class = {classes[c]: 100.0 * int((pred[y == c] == c).sum()) / int((y == c).sum()) for c in y.unique().tolist()}
     assert not varied or len(pred.unique()) > 1, "degenerate test data: the model predicts one class for every image"
-    return {"top1": 100.0 * int((pred == y).sum()) / len(y),
-            "top5": 100.0 * int((top5 == y[:, None]).any(1).sum()) / len(y),
-            "loss": float(F.cross_entropy(logits, y)), "n": len(y), "per_class": per_class}
+    return {
+        "top1": 100.0 * int((pred == y).sum()) / len(y),
+        "top5": 100.0 * int((top5 == y[:, None]).any(1).sum()) / len(y),
+        "loss": float(F.cross_entropy(logits, y)),
+        "n": len(y),
+        "per_class": per_class,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +73,24 @@ def named(tmp_path_factory, make_micro_weights):
 def test_eval_reproduces_independent_metrics(named, tmp_path, capsys):
     root, weights, data = named
     out, plots = tmp_path / "eval.json", tmp_path / "plots"
-    assert main(["eval", "--weights", str(weights), "--data", str(data), "--batch-size", "7", "--json", str(out),
-                 "--plots", str(plots)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--weights",
+                str(weights),
+                "--data",
+                str(data),
+                "--batch-size",
+                "7",
+                "--json",
+                str(out),
+                "--plots",
+                str(plots),
+            ]
+        )
+        == 0
+    )
     text, err = capsys.readouterr()
     assert "broken.png" in err and "top-1" in text
     report = json.loads(out.read_text())
@@ -110,8 +131,10 @@ def test_amp_fp16_on_the_cpu_fails_in_one_line(named, tmp_path, capsys):
     out = tmp_path / "eval.json"
     assert main(["eval", "--weights", str(weights), "--data", str(data), "--amp", "fp16", "--json", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["swinv2 eval: error: --amp fp16 needs a CUDA device, not cpu (CPU fp16 autocast is a slow "
-                   "reference path); use --amp bf16 or none"]
+    assert err == [
+        "swinv2 eval: error: --amp fp16 needs a CUDA device, not cpu (CPU fp16 autocast is a slow "
+        "reference path); use --amp bf16 or none"
+    ]
     assert not out.exists()
 
 
@@ -140,8 +163,22 @@ def test_official_pth_with_model_name(tmp_path, capsys, make_micro):
     for c in (classes[0], classes[7], classes[999]):
         _write_images(data / c, 2, rng)
     out = tmp_path / "eval.json"
-    assert main(["eval", "--weights", str(pth), "--model", "swinv2_micro_window4_32", "--data", str(data),
-                 "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--weights",
+                str(pth),
+                "--model",
+                "swinv2_micro_window4_32",
+                "--data",
+                str(data),
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     ref = _reference(model, data, classes, varied=False)  # 1000 classes, 6 images: top-1 is ~0 anyway
     assert report["n"] == 6 and report["top1"] == pytest.approx(ref["top1"])
@@ -171,8 +208,7 @@ def test_json_on_stdout_is_pure_json_and_the_report_goes_to_stderr(named, capsys
     assert "top-1" in err and "wrote" not in out + err
 
 
-@pytest.mark.parametrize("device, says", [("gpu", "--device=gpu: not a device"),
-                                          ("cuda:7", "--device=cuda:7 but")])
+@pytest.mark.parametrize("device, says", [("gpu", "--device=gpu: not a device"), ("cuda:7", "--device=cuda:7 but")])
 def test_a_device_this_machine_lacks_is_one_line(named, capsys, device, says):
     _, weights, data = named
     if device == "cuda:7" and torch.cuda.device_count() > 7:
@@ -260,10 +296,12 @@ def test_an_output_that_is_an_input_is_refused_before_evaluating(named, tmp_path
     alias.symlink_to(w)
     monkeypatch.setattr(P, "evaluate_folder", lambda *a, **kw: pytest.fail("evaluated before checking outputs"))
     before = _snapshot(tmp_path)
-    for flag, out, says in (("--json", w, "is also an input of this command (--weights)"),
-                            ("--json", alias, f"is also an input of this command (--weights {w})"),
-                            ("--json", copy / "bee" / "1.png", f"is an image this command reads from --data {copy}"),
-                            ("--plots", copy / "ant", f"is an image this command reads from --data {copy}")):
+    for flag, out, says in (
+        ("--json", w, "is also an input of this command (--weights)"),
+        ("--json", alias, f"is also an input of this command (--weights {w})"),
+        ("--json", copy / "bee" / "1.png", f"is an image this command reads from --data {copy}"),
+        ("--plots", copy / "ant", f"is an image this command reads from --data {copy}"),
+    ):
         assert main(["eval", "--weights", str(w), "--data", str(copy), flag, str(out)]) == 2
         out_text, err = capsys.readouterr()
         err = err.strip().splitlines()
@@ -272,8 +310,9 @@ def test_an_output_that_is_an_input_is_refused_before_evaluating(named, tmp_path
     assert _snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("flag, at", [("--json", "r.json"), ("--plots", "plots/per_class_accuracy.png"),
-                                      ("--plots", "plots")])
+@pytest.mark.parametrize(
+    "flag, at", [("--json", "r.json"), ("--plots", "plots/per_class_accuracy.png"), ("--plots", "plots")]
+)
 def test_eval_outputs_refuse_a_file_of_another_kind(named, tmp_path, monkeypatch, capsys, flag, at):
     import swinv2.train.evaluate as P
 

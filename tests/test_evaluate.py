@@ -1,4 +1,5 @@
 """evaluate(): loss / top-1 / top-5 / confusion checked against scikit-learn's metrics."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -60,8 +61,12 @@ def test_batches_with_dropped_files_and_empty_batches():
     x[:, 0, 0, 0] = torch.arange(3).float()
     batches = [
         Batch(x[:2], torch.tensor([0, 0]), torch.tensor([0, 1]), [("bad.jpg", "cannot decode")]),
-        Batch(torch.empty(0), torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64),
-              [("a.png", "empty file"), ("b.png", "empty file")]),
+        Batch(
+            torch.empty(0),
+            torch.empty(0, dtype=torch.int64),
+            torch.empty(0, dtype=torch.int64),
+            [("a.png", "empty file"), ("b.png", "empty file")],
+        ),
         Batch(x[2:], torch.tensor([0]), torch.tensor([2]), []),
     ]
     out = evaluate(model, batches)

@@ -1,5 +1,6 @@
 """ONNX export: ONNX Runtime reproduces PyTorch (tiny model and the real SwinV2-T/w8 architecture) at
 batch 1 and 3 from one file, the batch axis is dynamic, a failed export leaves nothing behind."""
+
 from __future__ import annotations
 
 import json
@@ -9,10 +10,10 @@ import pytest
 import torch
 
 import swinv2
-from swinv2.weights.factory import load_model
+from randomize import randomize_
 from swinv2.cli import main
 from swinv2.serve.export import export_onnx
-from randomize import randomize_
+from swinv2.weights.factory import load_model
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

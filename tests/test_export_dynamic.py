@@ -3,6 +3,7 @@ ONE exported file reproduces the PyTorch model in ONNX Runtime (and OpenVINO, wh
 sizes that exercise window padding, a stage whose map is not larger than the window (window =
 min(H, W), no shift), non-square maps and a pretrained-window CPB, at two batch sizes; the sidecar,
 the report and the runtime's size check know the graph takes any size."""
+
 from __future__ import annotations
 
 import json
@@ -12,12 +13,12 @@ import pytest
 import torch
 
 import swinv2
-from swinv2.serve import runtime as R
-from swinv2.weights.files import save_weights
-from swinv2.cli import main
-from swinv2.serve.export import export_onnx
-from swinv2.serve.dynamic_forward import DynamicSizeForward
 from randomize import randomize_
+from swinv2.cli import main
+from swinv2.serve import runtime as R
+from swinv2.serve.dynamic_forward import DynamicSizeForward
+from swinv2.serve.export import export_onnx
+from swinv2.weights.files import save_weights
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -34,8 +35,16 @@ BATCHES = (1, 3)
 def _tiny_model() -> swinv2.SwinTransformerV2:
     torch.manual_seed(0)
     # Stage 1 has a pretrained window (3): its CPB coordinates are normalised by it, not by the window.
-    cfg = swinv2.SwinV2Config(img_size=32, embed_dim=16, depths=(2, 2, 2), num_heads=(2, 2, 4), window_size=4,
-                              pretrained_window_sizes=(0, 3, 0), num_classes=5, drop_path_rate=0.0)
+    cfg = swinv2.SwinV2Config(
+        img_size=32,
+        embed_dim=16,
+        depths=(2, 2, 2),
+        num_heads=(2, 2, 4),
+        window_size=4,
+        pretrained_window_sizes=(0, 3, 0),
+        num_classes=5,
+        drop_path_rate=0.0,
+    )
     return randomize_(swinv2.SwinTransformerV2(cfg), std=0.02).eval()
 
 
@@ -115,8 +124,9 @@ def test_the_runtime_accepts_any_size_for_a_dynamic_graph_only(exported, tmp_pat
     assert np.abs(dynamic(x).numpy() - _expected(model, x)).max() <= ATOL
     fixed_path = tmp_path / "fixed.onnx"
     export_onnx(model, fixed_path, check=False)
-    fixed = R.Runtime("onnxruntime", "fp32", 32, 5, R._numpy_infer(R._onnxruntime_fn(fixed_path, 1)),
-                      path=str(fixed_path))
+    fixed = R.Runtime(
+        "onnxruntime", "fp32", 32, 5, R._numpy_infer(R._onnxruntime_fn(fixed_path, 1)), path=str(fixed_path)
+    )
     with pytest.raises(ValueError, match="fixed at 32x32 px"):
         fixed(x)
 

@@ -1,6 +1,7 @@
 """The fast-path policy (`swinv2.model.fast_paths`): the default is the shipped model, a policy holds for
 its block only, and each field really switches its path (the kernel it names runs or not) while the
 logits stay the same computation. No module of the package patches another's names to switch a path."""
+
 from __future__ import annotations
 
 import ast
@@ -61,8 +62,11 @@ def test_grouped_inference_off_runs_the_whole_batch_through_each_block(monkeypat
     monkeypatch.setattr(attention, "INFERENCE_CHUNK_BYTES", 1)  # groups of one image while the path is on
     sizes: list[int] = []
     block_forward = SwinTransformerBlock._forward
-    monkeypatch.setattr(SwinTransformerBlock, "_forward",
-                        lambda self, x, out=None: sizes.append(x.shape[0]) or block_forward(self, x, out))
+    monkeypatch.setattr(
+        SwinTransformerBlock,
+        "_forward",
+        lambda self, x, out=None: sizes.append(x.shape[0]) or block_forward(self, x, out),
+    )
     model, x = _micro().eval(), _images(3)
     with torch.no_grad():
         grouped = model(x)
@@ -125,6 +129,11 @@ def test_no_module_patches_names_with_unittest_mock():
     """Fast paths are switched through the policy, not by patching module attributes."""
     for path in SRC.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             assert not any(n.split(".")[0] == "unittest" for n in names), path

@@ -1,5 +1,6 @@
 """benchmarks/floor.py: it records the kernels a step runs (backward included, the CPB MLP skipped at
 inference), and its replays do the work of the kernels they stand for."""
+
 from __future__ import annotations
 
 import sys
@@ -34,9 +35,13 @@ def test_record_counts_the_floor_kernels_of_forward_and_backward_and_nothing_els
         (F.layer_norm(h, (16,)) + 1).sum().backward()
 
     assert _ops(floor.record(step)) == {
-        aten.addmm.default: 1, aten.gelu.default: 1, aten._softmax.default: 1,
-        aten.native_layer_norm.default: 1, aten.native_layer_norm_backward.default: 1,
-        aten.gelu_backward.default: 1, aten.mm.default: 2,  # the input's and the weight's gradients
+        aten.addmm.default: 1,
+        aten.gelu.default: 1,
+        aten._softmax.default: 1,
+        aten.native_layer_norm.default: 1,
+        aten.native_layer_norm_backward.default: 1,
+        aten.gelu_backward.default: 1,
+        aten.mm.default: 2,  # the input's and the weight's gradients
     }
     # A skipped module's forward kernels are left out; its backward is not a forward and stays.
     skipped = _ops(floor.record(step, skip=[linear]))
@@ -56,7 +61,7 @@ def test_replays_do_the_recorded_kernels_work():
     assert len(candidates) == (3 if fused.onednn_linear_runs(torch.bfloat16) else 2)
     for fn in candidates:
         y = fn()
-        assert y.dtype == torch.bfloat16 and ((y.double() - exact).abs() <= 2 ** -8 * exact.abs() + 1e-6).all()
+        assert y.dtype == torch.bfloat16 and ((y.double() - exact).abs() <= 2**-8 * exact.abs() + 1e-6).all()
     x = torch.randn(4, 6, generator=g)
     (exp,) = floor._replay(aten._softmax.default, (x, -1, False), {})
     torch.testing.assert_close(exp(), torch.exp(x))
@@ -69,8 +74,7 @@ def test_replays_do_the_recorded_kernels_work():
 
 def test_reference_calls_skip_the_cpb_mlp_only_at_inference():
     def cpb_first_layer(calls):  # the CPB MLP's first linear: (relative coordinates, 2) @ (2, 512)
-        return sum(n for (func, args, _), n in calls.items()
-                   if func is aten.addmm.default and args[1].shape[-1] == 2)
+        return sum(n for (func, args, _), n in calls.items() if func is aten.addmm.default and args[1].shape[-1] == 2)
 
     infer, _ = floor.reference_calls(MICRO, batch_size=2, train=False)
     train, _ = floor.reference_calls(MICRO, batch_size=2, train=True)
@@ -93,8 +97,11 @@ def test_kernel_floor_of_a_training_step_exceeds_the_forward():
 
 def test_gaps_turn_the_targets_into_allowed_seconds(monkeypatch):
     monkeypatch.setattr(floor, "kernel_floor", lambda *a, train=False, **k: floor.Floor({"matmuls": 1.0 + train}))
-    eager = {"ours": dict(batch_size=8, img_per_s=10.0, gmacs_per_img=5.0),
-             "timm": dict(img_per_s=4.0), "hf": dict(img_per_s=8.0)}
+    eager = {
+        "ours": dict(batch_size=8, img_per_s=10.0, gmacs_per_img=5.0),
+        "timm": dict(img_per_s=4.0),
+        "hf": dict(img_per_s=8.0),
+    }
     train = {"ours": dict(img_per_s=3.0), "timm": dict(img_per_s=2.0)}
     e, c, t = floor.gaps(eager, train, ("timm", "hf"), peak_gflop_s=100.0)
     assert floor.gaps(eager, train, ("timm", "hf"), 100.0, compiled={"ours": dict(img_per_s=16.0)})[1].ours_s == 0.5
@@ -103,8 +110,11 @@ def test_gaps_turn_the_targets_into_allowed_seconds(monkeypatch):
     assert c.allowed_s == pytest.approx(2 * 5e9 * 8 / (0.85 * 100e9)) and c.ours_s is None
     assert t.allowed_s == pytest.approx(8 / (1.25 * 2.0)) and t.ratio == pytest.approx(2.0 / t.allowed_s)
     # bf16: 1.3 x timm in bf16, against the floor of timm's bf16 kernels
-    monkeypatch.setattr(floor, "kernel_floor", lambda *a, dtype=torch.float32, **k: floor.Floor(
-        {"matmuls": 0.5 if dtype == torch.bfloat16 else 1.0}))
+    monkeypatch.setattr(
+        floor,
+        "kernel_floor",
+        lambda *a, dtype=torch.float32, **k: floor.Floor({"matmuls": 0.5 if dtype == torch.bfloat16 else 1.0}),
+    )
     bf16 = {"ours": dict(img_per_s=20.0), "timm": dict(img_per_s=16.0)}
     *_, b = floor.gaps(eager, train, ("timm", "hf"), 100.0, eager_bf16=bf16)
     assert b.allowed_s == pytest.approx(8 / (1.3 * 16.0)) and b.ours_s == pytest.approx(0.4)

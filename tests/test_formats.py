@@ -5,6 +5,7 @@ Writable formats are written by our own writer; the read-only ones (SwinV1, SimM
 the mmdet / mmseg models on its backbone) are built here from our weights by their libraries' key
 rules, written out independently of the converter, so a mistake in its key table cannot cancel out.
 """
+
 from __future__ import annotations
 
 import re
@@ -102,7 +103,7 @@ def _v1_checkpoint(sd: dict[str, torch.Tensor]) -> dict:
         if re.search(r"attn\.(logit_scale|cpb_mlp\.)", k):
             continue
         if k.endswith("attn.q_bias"):
-            p = k[:-len("q_bias")]
+            p = k[: -len("q_bias")]
             v_bias = sd[p + "v_bias"]
             out[p + "qkv.bias"] = torch.cat((v, torch.randn(v.shape, generator=g), v_bias))
             out[p + "relative_position_bias_table"] = torch.randn(49, 2, generator=g)
@@ -122,13 +123,22 @@ def _simmim_checkpoint(sd: dict[str, torch.Tensor]) -> dict:
     encoder.load_state_dict({k: v for k, v in sd.items() if not k.startswith("head.")})
     state = SimMIM(encoder).state_dict()
     assert {"mask_token", "decoder.0.weight"} <= set(state)
-    return {"model": {("encoder." + k if k == "mask_token" else k).replace(".cpb_mlp.", ".rpe_mlp."): v
-                      for k, v in state.items()}}
+    return {
+        "model": {
+            ("encoder." + k if k == "mask_token" else k).replace(".cpb_mlp.", ".rpe_mlp."): v for k, v in state.items()
+        }
+    }
 
 
 _MM_BLOCK = re.compile(r"layers\.(\d+)\.blocks\.(\d+)\.(attn|mlp\.fc1|mlp\.fc2|norm1|norm2|norm3)\.(.+)")
-_MM_PART = {"attn": "attn.w_msa", "mlp.fc1": "ffn.layers.0.0", "mlp.fc2": "ffn.layers.1", "norm1": "norm1",
-            "norm2": "norm2", "norm3": "norm3"}
+_MM_PART = {
+    "attn": "attn.w_msa",
+    "mlp.fc1": "ffn.layers.0.0",
+    "mlp.fc2": "ffn.layers.1",
+    "norm1": "norm1",
+    "norm2": "norm2",
+    "norm3": "norm3",
+}
 
 
 def _mmpretrain_backbone(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -147,7 +157,7 @@ def _mmpretrain_backbone(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
         elif m := _MM_BLOCK.fullmatch(key):
             key = f"stages.{m[1]}.blocks.{m[2]}.{_MM_PART[m[3]]}.{m[4]}"
         elif key.startswith("norm."):
-            key = f"norm{last}." + key[len("norm."):]
+            key = f"norm{last}." + key[len("norm.") :]
         elif key.startswith("head."):
             continue
         out[key] = value
@@ -158,7 +168,7 @@ def _mmpretrain_classifier(sd: dict[str, torch.Tensor]) -> dict:
     """An mmpretrain ImageClassifier checkpoint: `backbone.*`, LinearClsHead `head.fc.*`, a derived buffer."""
     out = {f"backbone.{k}": v for k, v in _mmpretrain_backbone(sd).items()}
     out["backbone.stages.0.blocks.0.attn.w_msa.relative_position_index"] = torch.zeros(16, 16, dtype=torch.int64)
-    out |= {f"head.fc.{k[len('head.'):]}": v for k, v in sd.items() if k.startswith("head.")}
+    out |= {f"head.fc.{k[len('head.') :]}": v for k, v in sd.items() if k.startswith("head.")}
     return {"meta": {"mmengine_version": "0.10.0"}, "state_dict": out}
 
 
@@ -175,8 +185,11 @@ def _mmdet_detector(sd: dict[str, torch.Tensor]) -> dict:
 
 READ_ONLY_BUILDERS = {"swinv1": _v1_checkpoint, "simmim": _simmim_checkpoint, "mmpretrain": _mmpretrain_classifier}
 # Native tensors each read-only format cannot carry: they keep a fresh model's values.
-NOT_CARRIED = {"swinv1": re.compile(r"attn\.(logit_scale|cpb_mlp\.)|blocks\.\d+\.norm[12]\.|downsample\.norm\."),
-               "simmim": re.compile(r"^head\."), "mmpretrain": re.compile(r"^$")}
+NOT_CARRIED = {
+    "swinv1": re.compile(r"attn\.(logit_scale|cpb_mlp\.)|blocks\.\d+\.norm[12]\.|downsample\.norm\."),
+    "simmim": re.compile(r"^head\."),
+    "mmpretrain": re.compile(r"^$"),
+}
 
 
 def test_every_read_only_format_has_a_builder_here():
@@ -245,8 +258,12 @@ def test_an_mmdet_detector_gives_its_backbone_and_names_what_it_dropped(model, t
     assert cli.main(["convert", str(src), str(out), "--dst", "official"]) == 0  # detected
     said = capsys.readouterr().out
     assert "format: mmpretrain -> official" in said
-    for part in ("neck.lateral_convs.0.conv.weight", "rpn_head.rpn_cls.bias", "roi_head.bbox_head.fc_cls.weight",
-                 "backbone.norm0.weight"):
+    for part in (
+        "neck.lateral_convs.0.conv.weight",
+        "rpn_head.rpn_cls.bias",
+        "roi_head.bbox_head.fc_cls.weight",
+        "backbone.norm0.weight",
+    ):
         assert part in said, part
     written = torch.load(out, weights_only=True)["model"]
     encoder = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}

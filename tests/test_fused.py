@@ -1,5 +1,6 @@
 """The memory-lean autograd functions: forward identical to the plain ops, gradients checked
 numerically (float64) and against autograd of the plain formula at the clamped (zero-vector) point."""
+
 from __future__ import annotations
 
 import pytest
@@ -88,7 +89,7 @@ def test_autocast_training_matches_the_plain_path():
     exact = grads(plain, amp=False)
     for ours, ref, truth in zip(grads(gelu_linear, True), grads(plain, True), exact):
         assert ours.dtype == ref.dtype == torch.float32
-        err = lambda g: ((g - truth).norm() / truth.norm()).item()  # noqa: E731
+        err = lambda g, truth=truth: ((g - truth).norm() / truth.norm()).item()  # noqa: E731
         assert err(ours) <= 2 * err(ref) + 1e-3
 
 
@@ -97,8 +98,11 @@ def test_linear_gelu_is_the_plain_ops():
     (differentiable) it is F.gelu(F.linear), bit for bit."""
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(40, 24, generator=g) * 0.2, torch.randn(40, generator=g)
-    for x in (torch.randn(6, 24, generator=g), torch.randn(2, 5, 7, 24, generator=g),
-              torch.randn(2, 24, 5, 7, generator=g).permute(0, 2, 3, 1)):  # non-contiguous, channels-last
+    for x in (
+        torch.randn(6, 24, generator=g),
+        torch.randn(2, 5, 7, 24, generator=g),
+        torch.randn(2, 24, 5, 7, generator=g).permute(0, 2, 3, 1),
+    ):  # non-contiguous, channels-last
         for bias in (b, None):
             ref = F.gelu(F.linear(x, w, bias))
             with torch.inference_mode():
@@ -225,7 +229,7 @@ def test_sequential_attention_is_the_written_out_formula(max_rows):
     bias.requires_grad_()
 
     def written_out(q, k, v, bias):
-        per_window = torch.cat([bias[c:c + 1].expand(n, -1, -1, -1) for c, n in enumerate(counts)])
+        per_window = torch.cat([bias[c : c + 1].expand(n, -1, -1, -1) for c, n in enumerate(counts)])
         s = (q @ k.transpose(-2, -1)).view(-1, images, heads, N, N) + per_window[:, None]
         return softmax_flushed(s).view(rows, heads, N, N) @ v
 
@@ -254,7 +258,7 @@ def test_sequential_attention_bf16_bias_gradient_is_as_accurate_as_the_written_o
     w = torch.randn(rows, heads, N, d, dtype=torch.float64, generator=g)
 
     def written_out(q, k, v, bias):
-        per_window = torch.cat([bias[c:c + 1].expand(n, -1, -1, -1) for c, n in enumerate(counts)])
+        per_window = torch.cat([bias[c : c + 1].expand(n, -1, -1, -1) for c, n in enumerate(counts)])
         s = (q @ k.transpose(-2, -1)).view(-1, images, heads, N, N) + per_window[:, None]
         return softmax_flushed(s).view(rows, heads, N, N) @ v
 
@@ -288,7 +292,7 @@ def test_half_precision_inference_attention_keeps_fp32_logits(dtype, max_rows, m
 
     q, k, v = qkv.double().view(rows, N, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
     s = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1) * scale.double()
-    per_window = torch.cat([bias[c:c + 1].expand(n, -1, -1, -1) for c, n in enumerate(counts)]).double()
+    per_window = torch.cat([bias[c : c + 1].expand(n, -1, -1, -1) for c, n in enumerate(counts)]).double()
     s = s.view(-1, images, heads, N, N) + per_window[:, None]
     ref = s.softmax(-1).view(rows, heads, N, N) @ v
 
@@ -327,8 +331,10 @@ def test_bf16_inference_linear_is_f_linear_with_the_bias_in_the_epilogue(monkeyp
     exact = F.linear(x.double(), w.double(), b.double())
     if not fused.onednn_linear_runs(torch.bfloat16):
         with torch.no_grad():
-            assert torch.equal(fused.linear(x.bfloat16(), w.bfloat16(), b.bfloat16()),
-                               F.linear(x.bfloat16(), w.bfloat16(), b.bfloat16()))
+            assert torch.equal(
+                fused.linear(x.bfloat16(), w.bfloat16(), b.bfloat16()),
+                F.linear(x.bfloat16(), w.bfloat16(), b.bfloat16()),
+            )
         return
     with torch.no_grad():
         low = fused.linear(x.bfloat16(), w.bfloat16(), b.bfloat16())
@@ -341,7 +347,7 @@ def test_bf16_inference_linear_is_f_linear_with_the_bias_in_the_epilogue(monkeyp
     for y in (low, auto):
         assert y.dtype == torch.bfloat16 and y.shape == (3, 7, 40)
         # bf16 inputs: each product's operands rounded (relative 2^-8 each), the sum rounded once more
-        bound = 2 ** -8 * (3 * (x.abs() @ w.abs().T + b.abs()).double() + exact.abs())
+        bound = 2**-8 * (3 * (x.abs() @ w.abs().T + b.abs()).double() + exact.abs())
         assert ((y.double() - exact).abs() <= bound).all()
     assert torch.equal(fused.linear(x.requires_grad_(), w, b), F.linear(x, w, b)) and len(calls) == 2
 

@@ -1,13 +1,14 @@
 """The hardware probes: the bf16 slowdown probe against the CPU features PyTorch reports, and the warning
 it drives (train.amp=bf16, --amp bf16, --dtype bf16)."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from swinv2 import hardware
 from machine import cpu_paths
+from swinv2 import hardware
 
 
 def test_bf16_probe_agrees_with_the_cpu_features_pytorch_reports():
@@ -38,5 +39,6 @@ def test_bf16_requests_warn_only_where_bf16_is_emulated(monkeypatch, caplog, slo
 def test_bf16_probe_is_not_run_on_an_accelerator(monkeypatch):
     def probe(device, n=256):
         raise AssertionError("probed")
+
     monkeypatch.setattr(hardware, "bf16_matmul_slowdown", probe)
     hardware.warn_if_bf16_emulated("cuda", "--dtype bf16")  # a GPU's bf16 is native: no probe, no warning

@@ -8,6 +8,7 @@ and its file listing (`POST /api/models/{repo}/paths-info/{revision}`, what `HfA
 reads), and huggingface_hub's endpoint, cache folder and offline flag are pointed at it / at tmp_path
 for each test.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,17 +31,17 @@ import numpy as np
 import pytest
 import torch
 from huggingface_hub import constants
-from randomize import randomize_
 from safetensors.torch import save as safetensors_bytes
 
 import swinv2
+from randomize import randomize_
 from swinv2 import cli
-from swinv2.weights import hub
-from swinv2.weights.factory import create_model, load_model, load_weights
 from swinv2.config import load_config
 from swinv2.errors import ConfigError
-from swinv2.weights.convert import convert_state_dict
 from swinv2.train.engine import build_model
+from swinv2.weights import hub
+from swinv2.weights.convert import convert_state_dict
+from swinv2.weights.factory import create_model, load_model, load_weights
 from swinv2.weights.registry import get_variant, list_models
 
 TOL = 1e-5
@@ -58,8 +59,9 @@ def git_blob_id(data: bytes) -> str:
 
 def lfs_pointer(data: bytes) -> bytes:
     """The pointer file git keeps in place of an LFS file."""
-    return (f"version https://git-lfs.github.com/spec/v1\noid sha256:{hashlib.sha256(data).hexdigest()}\n"
-            f"size {len(data)}\n").encode()
+    return (
+        f"version https://git-lfs.github.com/spec/v1\noid sha256:{hashlib.sha256(data).hexdigest()}\nsize {len(data)}\n"
+    ).encode()
 
 
 class FakeHub:
@@ -104,8 +106,14 @@ class FakeHub:
                     entry = {"type": "file", "path": path, "size": len(data), "oid": git_blob_id(data)}
                     if path.endswith((".safetensors", ".bin")):
                         pointer = lfs_pointer(data)
-                        entry |= {"oid": git_blob_id(pointer), "lfs": {"oid": hashlib.sha256(data).hexdigest(),
-                                                                      "size": len(data), "pointerSize": len(pointer)}}
+                        entry |= {
+                            "oid": git_blob_id(pointer),
+                            "lfs": {
+                                "oid": hashlib.sha256(data).hexdigest(),
+                                "size": len(data),
+                                "pointerSize": len(pointer),
+                            },
+                        }
                     entries.append(entry)
                 raw = json.dumps(entries).encode()
                 self.send_response(200)
@@ -242,8 +250,16 @@ def _close(out: torch.Tensor, ref: torch.Tensor) -> None:
 @pytest.fixture
 def micro_record(monkeypatch):
     def make(tag: str, files: tuple[hub.HubFile, ...], num_classes: int = 10) -> hub.WeightsRecord:
-        rec = hub.WeightsRecord(variant=MICRO, tag=tag, arch=MICRO, classes="test", num_classes=num_classes,
-                                top1=None, files=files, official_url="https://example.invalid/micro.pth")
+        rec = hub.WeightsRecord(
+            variant=MICRO,
+            tag=tag,
+            arch=MICRO,
+            classes="test",
+            num_classes=num_classes,
+            top1=None,
+            files=files,
+            official_url="https://example.invalid/micro.pth",
+        )
         monkeypatch.setitem(hub.RECORDS, MICRO, hub.RECORDS.get(MICRO, ()) + (rec,))
         return rec
 
@@ -267,8 +283,10 @@ def test_every_official_variant_has_a_record_read_from_timm():
         timm_key = f"{rec.arch}.{rec.tag}"
         cfg = get_pretrained_cfg(timm_key)
         assert cfg is not None, timm_key
-        assert [str(f) for f in rec.files[:2]] == [f"timm/{timm_key}/model.safetensors",
-                                                   f"timm/{timm_key}/pytorch_model.bin"]
+        assert [str(f) for f in rec.files[:2]] == [
+            f"timm/{timm_key}/model.safetensors",
+            f"timm/{timm_key}/pytorch_model.bin",
+        ]
         assert rec.official_url == cfg.url
         assert cfg.num_classes == rec.num_classes == get_variant(rec.arch).config.num_classes
         alias = get_variant(rec.arch).aliases[0]
@@ -328,8 +346,9 @@ def test_torch_file_when_the_repo_has_no_safetensors(fake_hub, micro_record):
     sd = convert_state_dict(model.state_dict(), dst="timm")
     repo = "timm/micro.test"
     fake_hub.add(repo, "pytorch_model.bin", _pt(sd))
-    rec = micro_record("bin", (hub.HubFile(repo, "model.safetensors", "timm"),
-                               hub.HubFile(repo, "pytorch_model.bin", "timm")))
+    rec = micro_record(
+        "bin", (hub.HubFile(repo, "model.safetensors", "timm"), hub.HubFile(repo, "pytorch_model.bin", "timm"))
+    )
     path = hub.fetch(rec)
     assert path.name == "pytorch_model.bin"
     x = torch.randn(2, 3, 32, 32)
@@ -339,8 +358,15 @@ def test_torch_file_when_the_repo_has_no_safetensors(fake_hub, micro_record):
 def test_microsoft_transformers_repo_when_timm_has_none(fake_hub):
     """The transformers weights (the microsoft/ repo) give transformers' own logits."""
     transformers = pytest.importorskip("transformers")
-    hf_cfg = transformers.Swinv2Config(image_size=256, embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
-                                       window_size=8, num_labels=1000, drop_path_rate=0.0)
+    hf_cfg = transformers.Swinv2Config(
+        image_size=256,
+        embed_dim=96,
+        depths=[2, 2, 6, 2],
+        num_heads=[3, 6, 12, 24],
+        window_size=8,
+        num_labels=1000,
+        drop_path_rate=0.0,
+    )
     ref = randomize_(transformers.Swinv2ForImageClassification(hf_cfg), seed=3).eval()
     ms = "microsoft/swinv2-tiny-patch4-window8-256"
     fake_hub.add(ms, "config.json", json.dumps(hf_cfg.to_dict()).encode())
@@ -423,8 +449,23 @@ def test_cli_eval_predict_download_models_by_name(fake_hub, tmp_path, capsys, ti
         (data / f"c{i:04d}").mkdir(parents=True)
         pixels = (torch.rand(8, 8, 3, generator=g) * 255).to(torch.uint8).numpy()
         Image.fromarray(pixels).save(data / f"c{i:04d}" / "x.png")
-    rc = cli.main(["eval", "--weights", spec, "--data", str(data), "--img-size", "32", "--crop-pct", "1",
-                   "--batch-size", "250", "--json", str(tmp_path / "eval.json")])
+    rc = cli.main(
+        [
+            "eval",
+            "--weights",
+            spec,
+            "--data",
+            str(data),
+            "--img-size",
+            "32",
+            "--crop-pct",
+            "1",
+            "--batch-size",
+            "250",
+            "--json",
+            str(tmp_path / "eval.json"),
+        ]
+    )
     assert rc == 0
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["weights"] == spec and report["n"] == 1000
@@ -477,6 +518,7 @@ def test_hub_unreachable_is_one_line_too(tmp_path, monkeypatch, capsys):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     _point_hub_at(monkeypatch, f"http://127.0.0.1:{port}", tmp_path / "hub")
+
     def no_backoff(seconds):
         raise AssertionError("no network must fail at once, not after huggingface_hub's back-off")
 
@@ -558,8 +600,9 @@ def test_a_download_nothing_published_names_is_used_with_a_warning(fake_hub, mic
     assert f"{repo}/model.safetensors: downloaded but not verified" in warning
 
 
-def test_a_corrupted_file_in_the_cache_is_refused_before_its_first_use(fake_hub, micro_record, monkeypatch,
-                                                                      capsys, tmp_path):
+def test_a_corrupted_file_in_the_cache_is_refused_before_its_first_use(
+    fake_hub, micro_record, monkeypatch, capsys, tmp_path
+):
     """A cached blob whose bytes changed on disk (size and mtime kept, as bit rot does), in a new
     process: `predict`, and `train` before it builds anything, refuse it in one line and remove it;
     the next run downloads it afresh. Within a process a file is hashed once while its size and mtime
@@ -579,8 +622,10 @@ def test_a_corrupted_file_in_the_cache_is_refused_before_its_first_use(fake_hub,
     image = tmp_path / "x.png"
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
     out = tmp_path / "run"
-    for argv in (["predict", "--weights", rec.spec, str(image)],
-                 ["train", "--out", str(out), f"model.name={MICRO}", "model.pretrained=rot", f"data.root={tmp_path}"]):
+    for argv in (
+        ["predict", "--weights", rec.spec, str(image)],
+        ["train", "--out", str(out), f"model.name={MICRO}", "model.pretrained=rot", f"data.root={tmp_path}"],
+    ):
         st = blob.stat()
         raw = bytearray(blob.read_bytes())
         raw[len(raw) // 2] ^= 0x01
@@ -622,8 +667,7 @@ def test_a_cut_download_resumes_with_a_range_request(fake_hub, micro_record, mon
     assert r2.startswith("bytes=") and 0 < int(r2[6:].rstrip("-")) <= cut  # resumed, not restarted
 
 
-def test_a_download_that_gives_up_keeps_nothing_and_the_next_call_succeeds(fake_hub, micro_record, monkeypatch,
-                                                                           capsys):
+def test_a_download_that_gives_up_keeps_nothing_and_the_next_call_succeeds(fake_hub, micro_record, monkeypatch, capsys):
     repo = "timm/micro.dead"
     data = _st(convert_state_dict(_micro_weights().state_dict(), dst="timm"))
     fake_hub.add(repo, "model.safetensors", data)
@@ -642,8 +686,13 @@ def test_cli_with_the_real_environment_variables(tmp_path):
     """HF_HOME / HF_HUB_OFFLINE as a user sets them (read by huggingface_hub at import): one line, exit 2."""
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     env.pop("HF_HUB_CACHE", None)
-    res = subprocess.run([sys.executable, "-m", "swinv2", "export", "--weights", f"{TINY}.ms_in1k", "--onnx",
-                          str(tmp_path / "m.onnx")], capture_output=True, text=True, env=env, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "swinv2", "export", "--weights", f"{TINY}.ms_in1k", "--onnx", str(tmp_path / "m.onnx")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert res.returncode == 2 and res.stdout == ""
     assert res.stderr.count("\n") == 1 and str(tmp_path / "hf" / "hub") in res.stderr
     assert not (tmp_path / "m.onnx").exists()
@@ -685,16 +734,22 @@ def test_train_without_the_hub_says_it_in_config_keys_before_any_work(tmp_path, 
         _point_hub_at(monkeypatch, f"http://127.0.0.1:{port}", tmp_path / "hf" / "hub")
     out = tmp_path / "run"
     start = time.monotonic()
-    err = _one_line_error(capsys, ["train", "--config", str(FINETUNE), "--out", str(out), f"model.name={TINY}",
-                                   f"data.root={tmp_path / 'data'}"])
+    err = _one_line_error(
+        capsys,
+        ["train", "--config", str(FINETUNE), "--out", str(out), f"model.name={TINY}", f"data.root={tmp_path / 'data'}"],
+    )
     assert time.monotonic() - start < 10 and not out.exists()
     assert f"{TINY}.ms_in1k" in err and ("HF_HUB_OFFLINE is set" if hub_state == "offline" else "cannot reach") in err
-    assert (f"fetch {hub.OFFICIAL_RELEASE}swinv2_tiny_patch4_window8_256.pth yourself and train from it with "
-            f"model.pretrained=false model.weights=FILE.pth (model.pretrained was set by {FINETUNE})") in err
+    assert (
+        f"fetch {hub.OFFICIAL_RELEASE}swinv2_tiny_patch4_window8_256.pth yourself and train from it with "
+        f"model.pretrained=false model.weights=FILE.pth (model.pretrained was set by {FINETUNE})"
+    ) in err
     assert "--weights" not in err and "--model" not in err
 
-    err = _one_line_error(capsys, ["train", "--out", str(out), f"model.name={TINY}", "model.pretrained=true",
-                                   f"data.root={tmp_path / 'data'}"])
+    err = _one_line_error(
+        capsys,
+        ["train", "--out", str(out), f"model.name={TINY}", "model.pretrained=true", f"data.root={tmp_path / 'data'}"],
+    )
     assert "(model.pretrained was set by override model.pretrained=true)" in err and not out.exists()
 
 
@@ -704,18 +759,35 @@ def test_weights_and_pretrained_together_name_both_keys_and_where_each_was_set(t
     the same for a multi-stage recipe's first stage."""
     out = tmp_path / "run"
     start = time.monotonic()
-    err = _one_line_error(capsys, ["train", "--config", str(FINETUNE), "--out", str(out), f"model.name={MICRO}",
-                                   "model.weights=w.pt", f"data.root={tmp_path}"])
+    err = _one_line_error(
+        capsys,
+        [
+            "train",
+            "--config",
+            str(FINETUNE),
+            "--out",
+            str(out),
+            f"model.name={MICRO}",
+            "model.weights=w.pt",
+            f"data.root={tmp_path}",
+        ],
+    )
     assert time.monotonic() - start < 10 and not out.exists()
-    assert (f"model.weights='w.pt' (set by override model.weights=w.pt) and model.pretrained=true (set by "
-            f"{FINETUNE}): two start points; keep one: model.pretrained=false") in err
+    assert (
+        f"model.weights='w.pt' (set by override model.weights=w.pt) and model.pretrained=true (set by "
+        f"{FINETUNE}): two start points; keep one: model.pretrained=false"
+    ) in err
     cfg = load_config(FINETUNE, ["model.weights=w.pt", "model.pretrained=false"])  # what the message advises
     assert (cfg.model.weights, cfg.model.pretrained) == ("w.pt", False)
 
     recipe = tmp_path / "stages.yaml"
-    recipe.write_text(f"model: {{name: {MICRO}, pretrained: true}}\n"
-                      "stages:\n  - {name: a, model: {freeze: [], weights: w.pt}}\n  - {name: b, model: {freeze: []}}\n")
-    with pytest.raises(ConfigError, match=re.escape(
-            f"stages.0.model.weights='w.pt' (set by {recipe}) and model.pretrained=true (set by {recipe})")):
+    recipe.write_text(
+        f"model: {{name: {MICRO}, pretrained: true}}\n"
+        "stages:\n  - {name: a, model: {freeze: [], weights: w.pt}}\n  - {name: b, model: {freeze: []}}\n"
+    )
+    with pytest.raises(
+        ConfigError,
+        match=re.escape(f"stages.0.model.weights='w.pt' (set by {recipe}) and model.pretrained=true (set by {recipe})"),
+    ):
         load_config(recipe)
     assert load_config(recipe, ["stages.0.model.pretrained=false"]).stages[0].model.pretrained is False

@@ -1,4 +1,5 @@
 """The model: numerics against timm (a real reference), any input size, features, checkpointing, dtypes."""
+
 from __future__ import annotations
 
 import math
@@ -8,17 +9,21 @@ import torch
 import torch.nn.functional as F
 
 import swinv2
+from machine import cpu_paths
+from randomize import randomize_
 from swinv2.model.transformer import DERIVED_KEYS, WindowAttention
 from swinv2.model.windows import class_masks, shift_mask, window_order
-from randomize import randomize_
-from machine import cpu_paths
 from tolerance import assert_as_accurate
 
 timm = pytest.importorskip("timm")
 from timm.models.swin_transformer_v2 import checkpoint_filter_fn  # noqa: E402
 
-FAST_PARITY = ["swinv2_tiny_window8_256", "swinv2_tiny_window16_256", "swinv2_small_window8_256",
-               "swinv2_small_window16_256"]
+FAST_PARITY = [
+    "swinv2_tiny_window8_256",
+    "swinv2_tiny_window16_256",
+    "swinv2_small_window8_256",
+    "swinv2_small_window16_256",
+]
 
 
 def micro(**kw) -> swinv2.SwinTransformerV2:
@@ -117,6 +122,7 @@ def test_pad_then_shift_mask_matches_the_official_slices():
     assert torch.equal(shift_mask(Hp, Wp, w, s, torch.device("cpu")), ref)
     assert shift_mask(Hp, Wp, w, s, torch.device("cpu")) is shift_mask(Hp, Wp, w, s, torch.device("cpu"))
 
+
 @pytest.mark.parametrize("H, W, w, s", [(12, 16, 4, 2), (16, 16, 4, 2), (19, 23, 4, 2), (9, 30, 8, 4), (24, 24, 6, 3)])
 def test_windows_are_grouped_by_their_shift_mask(H, W, w, s):
     """`window_order` puts the windows in runs of `counts` by mask class; every window of run c carries
@@ -135,7 +141,7 @@ def test_windows_are_grouped_by_their_shift_mask(H, W, w, s):
     windows = gather.view(nW, N)
     start = 0
     for c, n in enumerate(counts):
-        for row in windows[start:start + n]:
+        for row in windows[start : start + n]:
             assert torch.equal(official[where[tuple(row.tolist())]], masks[c])
         start += n
     assert sorted(where[tuple(r.tolist())] for r in windows) == list(range(nW))  # each window once
@@ -153,8 +159,11 @@ def test_attention_bias_does_not_grow_with_the_image(monkeypatch):
     model = randomize_(micro(), seed=13).eval()
     sdpa = F.scaled_dot_product_attention
     bias_shapes = []
-    monkeypatch.setattr(F, "scaled_dot_product_attention",
-                        lambda *a, attn_mask, **k: bias_shapes.append(attn_mask.shape) or sdpa(*a, attn_mask=attn_mask, **k))
+    monkeypatch.setattr(
+        F,
+        "scaled_dot_product_attention",
+        lambda *a, attn_mask, **k: bias_shapes.append(attn_mask.shape) or sdpa(*a, attn_mask=attn_mask, **k),
+    )
     with torch.no_grad():
         for size in (32, 160):
             ref = TimmSwinV2(img_size=size, embed_dim=24, depths=(2, 2), num_heads=(2, 4), window_size=4).eval()
@@ -176,8 +185,9 @@ def test_attention_bias_does_not_grow_with_the_image(monkeypatch):
 def test_training_gradients_match_timm():
     """The CPU training path (attention written out, each window biased by its mask class, the
     memory-lean autograd functions) gives timm's gradients for every parameter."""
-    ours = randomize_(swinv2.create_model("swinv2_tiny_window8_256", depths=(2, 2, 2, 2), drop_path_rate=0.0),
-                      seed=5).train()
+    ours = randomize_(
+        swinv2.create_model("swinv2_tiny_window8_256", depths=(2, 2, 2, 2), drop_path_rate=0.0), seed=5
+    ).train()
     ref = timm.create_model("swinv2_tiny_window8_256", depths=(2, 2, 2, 2), drop_path_rate=0.0).train()
     ref.load_state_dict(checkpoint_filter_fn(ours.state_dict(), ref), strict=True)
     x = torch.randn(2, 3, 256, 256)
@@ -188,7 +198,6 @@ def test_training_gradients_match_timm():
         scale = p.grad.abs().max().item()
         assert scale > 0, name
         assert (grads[name] - p.grad).abs().max().item() <= 1e-4 * scale, name
-
 
 
 def test_state_dict_has_no_derived_buffers_and_official_extras_load():
@@ -357,8 +366,9 @@ def test_cpb_table_extrapolates_with_pretrained_window():
 def test_fused_error_is_float_rounding():
     """Under a harsh draw (fp32 ill-conditioned) our fused path is no further from the fp64 truth than
     timm's own fp32 forward is: the SDPA path differs from the official formula by rounding only."""
-    ours = randomize_(swinv2.create_model("swinv2_tiny_window8_256", depths=(2, 2, 2, 2)), std=0.05,
-                      scale_max=5.5).eval()
+    ours = randomize_(
+        swinv2.create_model("swinv2_tiny_window8_256", depths=(2, 2, 2, 2)), std=0.05, scale_max=5.5
+    ).eval()
     ref = timm.create_model("swinv2_tiny_window8_256", depths=(2, 2, 2, 2)).eval()
     ref.load_state_dict(checkpoint_filter_fn(ours.state_dict(), ref), strict=True)
     x = torch.randn(1, 3, 256, 256)
@@ -383,8 +393,11 @@ def test_chunked_cpu_inference_matches_timm_and_the_whole_batch(monkeypatch):
     x = torch.randn(3, 3, 256, 256)
     group_sizes = []
     block_forward = M.SwinTransformerBlock._forward
-    monkeypatch.setattr(M.SwinTransformerBlock, "_forward",
-                        lambda self, x, out=None: group_sizes.append(x.shape[0]) or block_forward(self, x, out))
+    monkeypatch.setattr(
+        M.SwinTransformerBlock,
+        "_forward",
+        lambda self, x, out=None: group_sizes.append(x.shape[0]) or block_forward(self, x, out),
+    )
     with torch.no_grad():
         expected = ref(x)
         monkeypatch.setattr(A, "INFERENCE_CHUNK_BYTES", 1)

@@ -1,11 +1,12 @@
 """Edges of the public model API: a negative class count, and a single image where a batch is expected."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from swinv2.model.transformer import SwinTransformerV2, SwinV2Config
 from swinv2 import create_model
+from swinv2.model.transformer import SwinTransformerV2, SwinV2Config
 
 MICRO = "swinv2_micro_window4_32"
 
@@ -30,8 +31,17 @@ def test_zero_classes_is_a_feature_extractor() -> None:
 
 @pytest.mark.parametrize("shape", [(3, 32, 32), (1, 1, 3, 32, 32), (2, 4, 32, 32)])
 def test_input_that_is_not_a_batch_of_images_fails_in_one_line(shape: tuple[int, ...]) -> None:
-    model = SwinTransformerV2(SwinV2Config(img_size=32, embed_dim=24, depths=(2, 2), num_heads=(2, 4), window_size=4,
-                                           pretrained_window_sizes=(0, 0), num_classes=5)).eval()
+    model = SwinTransformerV2(
+        SwinV2Config(
+            img_size=32,
+            embed_dim=24,
+            depths=(2, 2),
+            num_heads=(2, 4),
+            window_size=4,
+            pretrained_window_sizes=(0, 0),
+            num_classes=5,
+        )
+    ).eval()
     x = torch.randn(shape)
     for call in (model, model.forward_features, model.forward_intermediates):
         with pytest.raises(ValueError) as e:

@@ -1,5 +1,6 @@
 """Result files: regular files replaced atomically, symlinks written through, stdout, pipes, FIFOs
 and devices streamed and never replaced; output folders checked before the work."""
+
 from __future__ import annotations
 
 import json
@@ -72,9 +73,12 @@ def test_a_process_substitution_pipe_is_streamed():
     """`--json >(jq .)` hands over /dev/fd/N, a pipe: written in place, no `/dev/fd/N.tmp`."""
     r, w = os.pipe()
     try:
-        proc = subprocess.run([sys.executable, "-c", f"from swinv2.outputs import write_output; "
-                               f"write_output('/dev/fd/{w}', 'piped')"], pass_fds=(w,), timeout=60,
-                              capture_output=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", f"from swinv2.outputs import write_output; write_output('/dev/fd/{w}', 'piped')"],
+            pass_fds=(w,),
+            timeout=60,
+            capture_output=True,
+        )
         os.close(w)
         assert proc.returncode == 0, proc.stderr
         assert os.read(r, 100) == b"piped"
@@ -106,8 +110,8 @@ def test_check_output_creates_missing_folders_and_refuses_what_cannot_be_written
 
 
 def test_bench_refuses_an_unwritable_json_path_before_measuring(tmp_path, monkeypatch, capsys):
-    from swinv2.tools import bench
     from swinv2.cli import main
+    from swinv2.tools import bench
 
     monkeypatch.setattr(bench, "run", lambda *a, **kw: pytest.fail("measured before checking --json"))
     blocker = tmp_path / "file"
@@ -126,8 +130,9 @@ def test_json_records_are_whole_json(tmp_path):
 
 # --------------------------------------------------------------------------- the user's own files
 
-needs_root = pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
-                                reason="creating a file owned by another uid needs root")
+needs_root = pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0, reason="creating a file owned by another uid needs root"
+)
 OTHER_UID, OTHER_GID = 12345, 12346
 
 
@@ -212,8 +217,9 @@ def test_a_file_whose_owner_cannot_be_kept_is_refused_and_left_as_it_was():
         theirs.write_bytes(b'{"theirs": 1}')
         os.chown(theirs, OTHER_UID + 1, OTHER_GID)
         os.chmod(theirs, 0o666)
-        checked, written = _as_another_user([lambda: check_output(theirs, "--json", kind="json"),
-                                             lambda: write_output(theirs, "{}")])
+        checked, written = _as_another_user(
+            [lambda: check_output(theirs, "--json", kind="json"), lambda: write_output(theirs, "{}")]
+        )
         assert checked.startswith(f"OutputRefusedError: --json {theirs}: belongs to uid {OTHER_UID + 1}"), checked
         assert written.startswith(f"CheckpointError: cannot replace {theirs}: it belongs to uid {OTHER_UID + 1}")
         assert "unchanged" in written
@@ -234,8 +240,22 @@ def _files_of_each_kind(folder: Path) -> dict[str, Path]:
     from safetensors.torch import save_file
 
     folder.mkdir()
-    files = {name: folder / name for name in ("jpeg", "png_photo", "png_figure", "json", "safetensors", "torch_zip",
-                                               "torch_legacy", "onnx", "zip", "text", "gif")}
+    files = {
+        name: folder / name
+        for name in (
+            "jpeg",
+            "png_photo",
+            "png_figure",
+            "json",
+            "safetensors",
+            "torch_zip",
+            "torch_legacy",
+            "onnx",
+            "zip",
+            "text",
+            "gif",
+        )
+    }
     Image.new("RGB", (16, 16), (200, 30, 30)).save(files["jpeg"], format="JPEG")
     Image.new("RGB", (16, 16), (30, 200, 30)).save(files["png_photo"], format="PNG")
     Image.new("RGB", (16, 16), (30, 30, 200)).save(files["gif"], format="GIF")
@@ -257,8 +277,13 @@ def _files_of_each_kind(folder: Path) -> dict[str, Path]:
 
 
 # kind -> the files of `_files_of_each_kind` it may replace; every other one is refused
-REPLACEABLE = {"png": {"png_figure"}, "json": {"json"}, "safetensors": {"safetensors"},
-               "torch": {"torch_zip", "torch_legacy"}, "onnx": {"onnx"}}
+REPLACEABLE = {
+    "png": {"png_figure"},
+    "json": {"json"},
+    "safetensors": {"safetensors"},
+    "torch": {"torch_zip", "torch_legacy"},
+    "onnx": {"onnx"},
+}
 
 
 @pytest.mark.parametrize("kind", sorted(REPLACEABLE))
@@ -289,9 +314,12 @@ def test_the_refusal_names_what_the_file_is():
 
     with tempfile.TemporaryDirectory() as d:
         files = _files_of_each_kind(Path(d) / "f")
-        with pytest.raises(OutputRefusedError, match=r"is an existing JPEG image, not a PNG figure this command "
-                                                     r"writes; refusing to replace it \(did a shell glob put an "
-                                                     r"input here\?\)$"):
+        with pytest.raises(
+            OutputRefusedError,
+            match=r"is an existing JPEG image, not a PNG figure this command "
+            r"writes; refusing to replace it \(did a shell glob put an "
+            r"input here\?\)$",
+        ):
             check_output(files["jpeg"], "--plot", kind="png")
         with pytest.raises(OutputRefusedError, match="is an existing PNG image, not a PNG figure"):
             check_output(files["png_photo"], "--plot", kind="png")  # `--plot photos/*.png`: a photo, not a plot
@@ -326,7 +354,10 @@ def test_an_image_inside_an_input_folder_is_refused_at_the_depth_read(tmp_path):
     for depth, refused in ((2, {"ant/grid.png"}), (1, {"ant/grid.png", "top.png"})):
         for rel in ("ant/grid.png", "top.png", ".hidden/grid.png", "ant/report.json"):
             kind = "png" if rel.endswith(".png") else "json"
-            call = lambda: check_output(data / rel, "--plot", kind=kind, image_folders=[("--data", str(data), depth)])
+
+            def call(rel: str = rel, kind: str = kind, depth: int = depth) -> object:
+                return check_output(data / rel, "--plot", kind=kind, image_folders=[("--data", str(data), depth)])
+
             if rel in refused:
                 with pytest.raises(OutputRefusedError, match=f"is an image this command reads from --data {data}"):
                     call()
@@ -340,8 +371,11 @@ def test_a_folder_output_must_be_empty_or_a_model_folder(tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()
     (photos / "cat.jpg").write_bytes(_files_of_each_kind(tmp_path / "f")["jpeg"].read_bytes())
-    with pytest.raises(OutputRefusedError, match="is an existing folder with no config.json or model files in it "
-                                                 r"\(1 entries: cat.jpg\), not a Hugging Face model folder"):
+    with pytest.raises(
+        OutputRefusedError,
+        match="is an existing folder with no config.json or model files in it "
+        r"\(1 entries: cat.jpg\), not a Hugging Face model folder",
+    ):
         check_output(photos, "DST", kind="hf")
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -412,8 +446,10 @@ def test_every_output_option_refuses_a_photo_and_writes_nothing(tiny, tmp_path, 
     photo.parent.mkdir(parents=True, exist_ok=True)
     photo.write_bytes(jpeg)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    args = [a.replace("OUT", str(tmp_path)) if a.startswith("OUT") else {"W": str(weights), "DATA": str(data)}.get(a, a)
-            for a in argv]
+    args = [
+        a.replace("OUT", str(tmp_path)) if a.startswith("OUT") else {"W": str(weights), "DATA": str(data)}.get(a, a)
+        for a in argv
+    ]
     assert main(args) == 2
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()

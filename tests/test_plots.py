@@ -1,5 +1,6 @@
 """The figures of eval / predict / viz-cpb are valid PNGs; the CPB tables drawn are timm's (a real
 reference), at the native window and at any other window."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,7 +14,8 @@ from swinv2.cli import main
 from swinv2.model.cpb import cpb_tables
 
 timm = pytest.importorskip("timm")
-from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2, checkpoint_filter_fn  # noqa: E402
+from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2  # noqa: E402
+from timm.models.swin_transformer_v2 import checkpoint_filter_fn  # noqa: E402
 
 
 def _valid_png(path, min_side=150):
@@ -52,9 +54,15 @@ def test_bad_figure_inputs_raise_and_write_nothing(tmp_path):
 def _timm_tables(ours: swinv2.SwinTransformerV2, window: int) -> list[torch.Tensor]:
     """16 * sigmoid(cpb_mlp(relative_coords_table)) of every block of a timm model with our weights."""
     c = ours.config
-    ref = TimmSwinV2(img_size=c.img_size, embed_dim=c.embed_dim, depths=c.depths, num_heads=c.num_heads,
-                     window_size=window, num_classes=c.num_classes,
-                     pretrained_window_sizes=c.pretrained_window_sizes).eval()
+    ref = TimmSwinV2(
+        img_size=c.img_size,
+        embed_dim=c.embed_dim,
+        depths=c.depths,
+        num_heads=c.num_heads,
+        window_size=window,
+        num_classes=c.num_classes,
+        pretrained_window_sizes=c.pretrained_window_sizes,
+    ).eval()
     ref.load_state_dict(checkpoint_filter_fn(ours.state_dict(), ref))
     out = []
     with torch.no_grad():
@@ -126,8 +134,15 @@ def _drawn_figure(monkeypatch):
     def keep(fig, path):
         fig.canvas.draw()
         seen["suptitle"] = fig.get_suptitle()
-        seen["axes"] = [{"title": ax.get_title(), "color": ax.title.get_color(),
-                         "texts": [t.get_text() for t in ax.texts], "lines": len(ax.lines)} for ax in fig.axes]
+        seen["axes"] = [
+            {
+                "title": ax.get_title(),
+                "color": ax.title.get_color(),
+                "texts": [t.get_text() for t in ax.texts],
+                "lines": len(ax.lines),
+            }
+            for ax in fig.axes
+        ]
         return real(fig, path)
 
     monkeypatch.setattr(plots, "_save", keep)
@@ -140,8 +155,17 @@ def test_prediction_grid_marks_right_and_wrong_and_carries_a_title(tmp_path, mon
     seen = _drawn_figure(monkeypatch)
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(3)]
-    _valid_png(plots.plot_prediction_grid(images, ["cat 90%"] * 3, tmp_path / "g.png", titles=["a/1", "b/1", "c/1"],
-                                          correct=[True, False, None], title="the first 3 of 9 images"), 100)
+    _valid_png(
+        plots.plot_prediction_grid(
+            images,
+            ["cat 90%"] * 3,
+            tmp_path / "g.png",
+            titles=["a/1", "b/1", "c/1"],
+            correct=[True, False, None],
+            title="the first 3 of 9 images",
+        ),
+        100,
+    )
     assert seen["suptitle"] == "the first 3 of 9 images"
     titles = [(a["title"], a["color"]) for a in seen["axes"][:3]]
     assert [t for t, _ in titles] == ["✓ a/1", "✗ b/1", "c/1"]

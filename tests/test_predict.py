@@ -1,5 +1,6 @@
 """predict: files, folders and globs; a corrupt file is reported and skipped, a grayscale PNG works;
 the top-k agree with timm's eval transform + the model's own logits; --json has the documented fields."""
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from swinv2.weights.factory import load_model
 from swinv2.cli import main
 from swinv2.serve.predict import class_names_for, expand_paths, one_ahead, predict
+from swinv2.weights.factory import load_model
 
 timm_data = pytest.importorskip("timm.data")
 
@@ -39,8 +40,14 @@ def _reference_top(weights, path, k, amp_dtype=None):
     """timm's eval transform (same crop_pct / interpolation) + the model's logits (under autocast in
     `amp_dtype`, if given), softmax in fp32, top-k."""
     model = load_model(weights)
-    tf = timm_data.create_transform(input_size=32, crop_pct=0.875, interpolation="bicubic", is_training=False,
-                                    mean=timm_data.IMAGENET_DEFAULT_MEAN, std=timm_data.IMAGENET_DEFAULT_STD)
+    tf = timm_data.create_transform(
+        input_size=32,
+        crop_pct=0.875,
+        interpolation="bicubic",
+        is_training=False,
+        mean=timm_data.IMAGENET_DEFAULT_MEAN,
+        std=timm_data.IMAGENET_DEFAULT_STD,
+    )
     x = tf(Image.open(path).convert("RGB"))[None]
     with torch.no_grad(), torch.autocast("cpu", dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
         logits = model(x)
@@ -53,8 +60,14 @@ def test_folder_with_corrupt_and_grayscale_files(setup):
     root, weights, imgs = setup
     preds = predict(load_model(weights), [imgs], topk=3, batch_size=4)  # 6 readable files: 2 batches
     paths = [r["path"] for r in preds.results]
-    assert sorted(p.split("/")[-1] for p in paths) == ["gray.png", "rgb0.png", "rgb1.png", "rgb2.png", "rgb3.png",
-                                                       "rgb4.png"]
+    assert sorted(p.split("/")[-1] for p in paths) == [
+        "gray.png",
+        "rgb0.png",
+        "rgb1.png",
+        "rgb2.png",
+        "rgb3.png",
+        "rgb4.png",
+    ]
     assert [e["path"] for e in preds.errors] == [str(imgs / "sub" / "corrupt.jpg")]
     assert preds.errors[0]["error"]
     for r in preds.results:
@@ -66,8 +79,17 @@ def test_folder_with_corrupt_and_grayscale_files(setup):
 
 def test_cli_json_fields_and_exit_codes(setup, capsys):
     root, weights, imgs = setup
-    args = ["predict", "--weights", str(weights), "--topk", "2", "--json", str(imgs / "rgb0.png"),
-            str(imgs / "sub" / "*.*"), str(root / "missing.png")]
+    args = [
+        "predict",
+        "--weights",
+        str(weights),
+        "--topk",
+        "2",
+        "--json",
+        str(imgs / "rgb0.png"),
+        str(imgs / "sub" / "*.*"),
+        str(root / "missing.png"),
+    ]
     assert main(args) == 0  # unreadable files do not fail the run ...
     out, err = capsys.readouterr()
     record = json.loads(out)
@@ -111,8 +133,9 @@ def test_plain_output_and_plot(setup, capsys, tmp_path):
 
 def test_expand_paths(setup):
     root, weights, imgs = setup
-    files, errors = expand_paths([imgs / "sub", str(imgs / "rgb[01].png"), imgs / "rgb0.png", root / "nope",
-                                  str(root / "*.gif")])
+    files, errors = expand_paths(
+        [imgs / "sub", str(imgs / "rgb[01].png"), imgs / "rgb0.png", root / "nope", str(root / "*.gif")]
+    )
     assert [f.split("/")[-1] for f in files] == ["corrupt.jpg", "gray.png", "rgb0.png", "rgb1.png"]  # no duplicate
     assert [e["error"] for e in errors] == ["file not found", "no file matches this pattern"]
 
@@ -132,8 +155,9 @@ def test_nothing_classified_exits_2_naming_the_paths(setup, capsys):
     assert main(["predict", "--weights", str(weights), str(typo), no_match]) == 2
     out, err = capsys.readouterr()
     assert out == ""
-    assert err.strip().splitlines() == [f"swinv2 predict: error: no image classified: {typo}: file not found; "
-                                        f"{no_match}: no file matches this pattern"]
+    assert err.strip().splitlines() == [
+        f"swinv2 predict: error: no image classified: {typo}: file not found; {no_match}: no file matches this pattern"
+    ]
     # only unreadable files: nothing classified either; --fail-on-error keeps meaning "any unreadable file" (1)
     assert main(["predict", "--weights", str(weights), str(imgs / "sub" / "corrupt.jpg")]) == 2
     assert "corrupt.jpg" in capsys.readouterr().err
@@ -204,8 +228,9 @@ def test_eval_reads_an_empty_class_folder_as_training_does_and_warns(setup, tmp_
     expected = folder_warnings(ImageFolderDataset(data, class_names=CLASSES), training=False)
     assert report["warnings"] == expected and report["empty_classes"] == ["bee"]
     assert any(f"{data}: empty class folders: bee" in w for w in expected)
-    assert any(f"{data}: empty class folders: bee" in r.getMessage() for r in caplog.records
-               if r.levelname == "WARNING")
+    assert any(
+        f"{data}: empty class folders: bee" in r.getMessage() for r in caplog.records if r.levelname == "WARNING"
+    )
     assert report["classes"] == CLASSES and [r["class"] for r in report["per_class"]] == ["ant", "cat"]
     assert np.array(report["confusion"])[CLASSES.index("bee")].sum() == 0
 
@@ -252,14 +277,13 @@ def test_one_ahead_makes_the_next_item_in_the_background_while_the_caller_works(
     assert got == [0, 1]
 
     started.clear()
-    for i, _ in one_ahead(items(1000)):
+    for _ in one_ahead(items(1000)):
         break
     assert len(started) <= 3
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
-def test_a_shell_glob_that_puts_a_photo_on_plot_is_refused_before_any_work(setup, tmp_path, monkeypatch, capsys,
-                                                                         fmt):
+def test_a_shell_glob_that_puts_a_photo_on_plot_is_refused_before_any_work(setup, tmp_path, monkeypatch, capsys, fmt):
     """`swinv2 predict --weights W --topk 3 --plot photos/*.jpg`: the shell makes the first photo the
     value of --plot. Refused in one line (exit 2) before anything is classified; the photo is
     byte-identical and nothing is written. With `photos/*.png` the photo is a PNG too, but not a
@@ -281,9 +305,11 @@ def test_a_shell_glob_that_puts_a_photo_on_plot_is_refused_before_any_work(setup
     out, err = capsys.readouterr()
     assert out == ""
     described = "JPEG image, not a PNG figure" if fmt == "JPEG" else "PNG image, not a PNG figure"
-    assert err.strip().splitlines() == [f"swinv2 predict: error: --plot {first}: is an existing {described} this "
-                                        f"command writes; refusing to replace it (did a shell glob put an input "
-                                        f"here?)"]
+    assert err.strip().splitlines() == [
+        f"swinv2 predict: error: --plot {first}: is an existing {described} this "
+        f"command writes; refusing to replace it (did a shell glob put an input "
+        f"here?)"
+    ]
     assert {p.name: p.read_bytes() for p in photos.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
 

@@ -1,5 +1,6 @@
 """benchmarks/predict_folder.py: the JPEG folder it builds, and that it reads the line `swinv2 predict`
 prints (so a change to that line cannot silently break the benchmark)."""
+
 from __future__ import annotations
 
 import sys

@@ -1,4 +1,5 @@
 """Registry and MAC counter against the official reference numbers (paper table, official code)."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,8 +13,12 @@ timm = pytest.importorskip("timm")
 
 @pytest.mark.parametrize("family", sorted(OFFICIAL_PARAMS))
 def test_parameter_counts_equal_the_official_ones(family):
-    name = {"tiny": "swinv2_tiny_window8_256", "small": "swinv2_small_window8_256",
-            "base": "swinv2_base_window8_256", "large": "swinv2_large_window12to16_192to256"}[family]
+    name = {
+        "tiny": "swinv2_tiny_window8_256",
+        "small": "swinv2_small_window8_256",
+        "base": "swinv2_base_window8_256",
+        "large": "swinv2_large_window12to16_192to256",
+    }[family]
     assert count_params(model_config(name)) == OFFICIAL_PARAMS[family]
 
 

@@ -10,6 +10,7 @@ Faults are injected by `install_faults` (inject.py), which a driver script (`pyt
 ARGS`, runs.drive) installs in a real `swinv2 train` process; the uninterrupted reference and most resumes run in
 this process through `swinv2.cli.main`.
 """
+
 from __future__ import annotations
 
 import errno
@@ -61,8 +62,15 @@ def reference(tmp_path_factory) -> dict:
         assert train(cfg, tmp / "run") == 0
     finally:
         engine.Trainer.train_step = orig
-    return {"tmp": tmp, "cfg": cfg, "data": tmp / "data", "out": tmp / "run", "state": load_state(tmp / "run"),
-            "steps": steps_log(tmp / "run"), "batches": read_records(tmp / "batches.jsonl")}
+    return {
+        "tmp": tmp,
+        "cfg": cfg,
+        "data": tmp / "data",
+        "out": tmp / "run",
+        "state": load_state(tmp / "run"),
+        "steps": steps_log(tmp / "run"),
+        "batches": read_records(tmp / "batches.jsonl"),
+    }
 
 
 def resume_recording(cfg: Path, out: Path, record: Path, monkeypatch, *overrides: str) -> int:
@@ -98,10 +106,10 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(reference, tmp_pa
     resumed_from = records[len(killed)]["step"]
     saves = {3, 4, 6, 8, 9}  # checkpoint_every=3 and every epoch end (4 steps per epoch)
     assert resumed_from == max({0} | {s for s in saves if s <= kill_at})  # the last save before the kill
-    committed = [b for b in killed if b["step"] < resumed_from] + records[len(killed):]
+    committed = [b for b in killed if b["step"] < resumed_from] + records[len(killed) :]
     assert committed == reference["batches"] and [b["step"] for b in committed] == list(range(STEPS))
     for epoch in range(3):
-        seen = [i for b in committed[4 * epoch: 4 * epoch + 4] for i in b["indices"]]
+        seen = [i for b in committed[4 * epoch : 4 * epoch + 4] for i in b["indices"]]
         assert sorted(seen) == list(range(16))
     assert all(b in reference["batches"] for b in killed)  # the re-done steps drew the same samples
 
@@ -192,9 +200,9 @@ def test_sigterm_sigint_checkpoint_at_the_step_boundary(reference, tmp_path, sig
 
 
 def _trainer(tmp: Path, *overrides: str):
+    from swinv2.config import load_config
     from swinv2.train import distributed as D
     from swinv2.train import engine
-    from swinv2.config import load_config
 
     cfg = load_config(tiny_config(tmp), [*overrides])
     torch.set_num_threads(1)
@@ -204,14 +212,17 @@ def _trainer(tmp: Path, *overrides: str):
 
 
 def _snapshot(tr) -> dict:
-    return {"model": {k: v.clone() for k, v in tr.model.state_dict().items()},
-            "ema": {k: v.clone() for k, v in tr.ema.module.state_dict().items()},
-            "opt": {p: {k: v.clone() for k, v in s.items()} for p, s in tr.optimizer.state_dict()["state"].items()}}
+    return {
+        "model": {k: v.clone() for k, v in tr.model.state_dict().items()},
+        "ema": {k: v.clone() for k, v in tr.ema.module.state_dict().items()},
+        "opt": {p: {k: v.clone() for k, v in s.items()} for p, s in tr.optimizer.state_dict()["state"].items()},
+    }
 
 
 def _equal(a: dict, b: dict) -> bool:
-    return all(torch.equal(x, y) for part in ("model", "ema") for x, y in zip(a[part].values(), b[part].values())) and \
-        all(torch.equal(v, b["opt"][p][k]) for p, s in a["opt"].items() for k, v in s.items())
+    return all(
+        torch.equal(x, y) for part in ("model", "ema") for x, y in zip(a[part].values(), b[part].values())
+    ) and all(torch.equal(v, b["opt"][p][k]) for p, s in a["opt"].items() for k, v in s.items())
 
 
 def test_non_finite_steps_are_skipped_counted_and_abort(tmp_path, caplog):
@@ -285,13 +296,13 @@ def test_fp16_scaler_and_scheduler_survive_a_kill(tmp_path):
 def _break_images(train_dir: Path) -> list[str]:
     files = sorted(train_dir.rglob("*.png"))
     bad = [files[1], files[6], files[12]]
-    bad[0].write_bytes(b"")                                   # zero bytes
-    bad[1].write_bytes(b"GIF89a but not really an image")     # garbage
+    bad[0].write_bytes(b"")  # zero bytes
+    bad[1].write_bytes(b"GIF89a but not really an image")  # garbage
     jpeg = bad[2].with_suffix(".jpg")
     from PIL import Image
 
     Image.open(bad[2]).convert("RGB").save(jpeg, "JPEG")
-    jpeg.write_bytes(jpeg.read_bytes()[:300])                 # truncated JPEG
+    jpeg.write_bytes(jpeg.read_bytes()[:300])  # truncated JPEG
     bad[2].unlink()
     return sorted(map(str, bad[:2] + [jpeg]))
 
@@ -329,8 +340,12 @@ def test_micro_batch_of_only_unreadable_files(tmp_path):
 
     tr, it = _trainer(tmp_path, "optim.accum_steps=2", "data.aug.mixup=0", "data.aug.cutmix=0")
     good = next(it)
-    empty = Batch(torch.empty(0), torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64),
-                  [("x.png", "empty file")] * 4)
+    empty = Batch(
+        torch.empty(0),
+        torch.empty(0, dtype=torch.int64),
+        torch.empty(0, dtype=torch.int64),
+        [("x.png", "empty file")] * 4,
+    )
     out = tr.train_step([good, empty])  # takes part with zero weight: the loss is the good batch's
     assert not out["skipped"] and out["n"] == 4 and math.isfinite(out["loss"])
     before = _snapshot(tr)
@@ -354,7 +369,7 @@ def test_every_image_mode_trains(tmp_path):
         rgb.convert("P").save(d / "p.png")
         rgb.convert("RGBA").save(d / "rgba.png")
         rgb.convert("CMYK").save(d / "cmyk.jpg")
-        Image.fromarray((np.asarray(rgb.convert("L")).astype(np.uint16) * 257)).save(d / "grey16.png")
+        Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 257).save(d / "grey16.png")
         exif = Image.Exif()
         exif[0x0112] = 8
         rgb.save(d / "exif.jpg", exif=exif.tobytes())
@@ -373,11 +388,11 @@ def test_class_folder_hygiene_is_reported_and_stored(tmp_path, caplog):
     from swinv2.weights.factory import load_model
 
     root = make_image_folder(tmp_path / "data", classes=("ant", "bee", "cow"))
-    (root / "train" / "dog").mkdir()                      # empty class: kept, so labels never shift
-    (root / "train" / ".cache").mkdir()                   # hidden: never a class
+    (root / "train" / "dog").mkdir()  # empty class: kept, so labels never shift
+    (root / "train" / ".cache").mkdir()  # hidden: never a class
     (root / "train" / ".cache" / "x.png").write_bytes((root / "train" / "ant" / "00.png").read_bytes())
     (root / "train" / "labels.csv").write_text("stray")
-    shutil.rmtree(root / "val" / "cow")                   # a class missing from val
+    shutil.rmtree(root / "val" / "cow")  # a class missing from val
     out = tmp_path / "run"
     assert train(tiny_config(tmp_path, root), out, "train.epochs=1") == 0
     text = "\n".join(caplog.messages)
@@ -455,13 +470,16 @@ def test_same_seed_same_bits_other_seed_differs(reference, tmp_path):
 # --------------------------------------------------------------------------- row 16: bad command lines
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--config", "{tmp}/missing.yaml"], "missing.yaml"),
-    (["model.name=swinv2_tiny_windw8_256"], "did you mean 'swinv2_tiny_window8_256'"),
-    (["optim.lrr=1"], "did you mean 'optim.lr'"),
-    (["data.root={tmp}/nowhere"], "nowhere"),
-    (["data.batch_size=many"], "data.batch_size"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--config", "{tmp}/missing.yaml"], "missing.yaml"),
+        (["model.name=swinv2_tiny_windw8_256"], "did you mean 'swinv2_tiny_window8_256'"),
+        (["optim.lrr=1"], "did you mean 'optim.lr'"),
+        (["data.root={tmp}/nowhere"], "nowhere"),
+        (["data.batch_size=many"], "data.batch_size"),
+    ],
+)
 def test_bad_command_lines_fail_in_one_line(reference, tmp_path, capsys, args, needle):
     from swinv2.cli import main
 
@@ -513,11 +531,20 @@ def test_a_second_training_in_the_same_run_directory_is_refused(reference, tmp_p
         assert len(err) == 1 and f"run directory {out} is in use by process {os.getpid()}" in err[0], err
     finally:
         held.close()
-    assert {k: v for k, v in _snapshot_files(out).items() if k != ".lock"} == \
-        {k: v for k, v in before.items() if k != ".lock"}
-    dead = subprocess.run([sys.executable, "-c", "import os, signal, sys; from pathlib import Path; "
-                           "from swinv2.train.rundir import _lock; f = _lock(Path(sys.argv[1])); "
-                           "os.kill(os.getpid(), signal.SIGKILL)", str(out)], timeout=120)
+    assert {k: v for k, v in _snapshot_files(out).items() if k != ".lock"} == {
+        k: v for k, v in before.items() if k != ".lock"
+    }
+    dead = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os, signal, sys; from pathlib import Path; "
+            "from swinv2.train.rundir import _lock; f = _lock(Path(sys.argv[1])); "
+            "os.kill(os.getpid(), signal.SIGKILL)",
+            str(out),
+        ],
+        timeout=120,
+    )
     assert dead.returncode == -signal.SIGKILL
     assert "process" in (out / ".lock").read_text()  # the dead holder's name is still in the file ...
     assert train(reference["cfg"], out) == 0  # ... but its lock went with it
@@ -526,8 +553,8 @@ def test_a_second_training_in_the_same_run_directory_is_refused(reference, tmp_p
 def test_a_failed_best_weights_save_is_made_good_by_the_next_start(reference, tmp_path, monkeypatch, capsys):
     """Disk full at the first save of best.safetensors: the run stops with the clear line; space freed,
     the same command writes best.safetensors (the best-k leader's weights) and the summary lists it."""
-    from swinv2.train import rundir
     from swinv2.errors import CheckpointError
+    from swinv2.train import rundir
     from swinv2.weights.factory import load_model
 
     out = tmp_path / "run"
@@ -558,8 +585,9 @@ def test_a_refused_resume_changes_nothing_in_the_run_directory(reference, tmp_pa
     capsys.readouterr()
     assert train(reference["cfg"], out, "model.name=swinv2_tiny_window8_256", "model.drop_path_rate=0") == 2
     assert "swinv2_tiny_window8_256" not in (out / "config.yaml").read_text()
-    assert {k: v for k, v in _snapshot_files(out).items() if k != ".lock"} == \
-        {k: v for k, v in before.items() if k != ".lock"}
+    assert {k: v for k, v in _snapshot_files(out).items() if k != ".lock"} == {
+        k: v for k, v in before.items() if k != ".lock"
+    }
 
 
 def test_a_resume_that_changes_the_run_shows_the_change_and_needs_the_flag(reference, tmp_path, capsys, caplog):
@@ -580,8 +608,11 @@ def test_a_resume_that_changes_the_run_shows_the_change_and_needs_the_flag(refer
 
 
 def _files_and_modes(root: Path) -> dict[str, tuple[bytes, int]]:
-    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mode) for p in sorted(root.rglob("*"))
-            if p.is_file() and not p.is_symlink() and p.name != ".lock"}
+    return {
+        str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mode)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_symlink() and p.name != ".lock"
+    }
 
 
 def _one_error_line(capsys) -> str:
@@ -592,8 +623,9 @@ def _one_error_line(capsys) -> str:
 
 @pytest.mark.parametrize("name", [".lock", "steps.jsonl", "config.yaml", "metrics.jsonl", "checkpoints/last.pt"])
 @pytest.mark.parametrize("fresh", [True, False], ids=["fresh out", "finished run"])
-def test_a_planted_symlink_in_the_run_folder_is_refused_and_its_target_untouched(reference, tmp_path, capsys,
-                                                                                  name, fresh):
+def test_a_planted_symlink_in_the_run_folder_is_refused_and_its_target_untouched(
+    reference, tmp_path, capsys, name, fresh
+):
     """A link where the run writes (planted, or kept by `cp -a`) would truncate or replace what it points
     to, any file on the machine for root: the start is refused naming the link; the target keeps its
     bytes and mode, and the run's own files are as they were."""
@@ -672,9 +704,14 @@ def test_an_unreadable_checkpoint_stops_the_run_touching_nothing(reference, tmp_
         p.chmod(0)
     before = _files_and_modes(out)  # the test (root or owner) reads them to compare
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "swinv2", "train", "--config", str(reference["cfg"]), "--out", str(out)],
-                       capture_output=True, text=True, timeout=240, env=env,
-                       preexec_fn=_without_root_file_access if os.geteuid() == 0 else None)
+    r = subprocess.run(
+        [sys.executable, "-m", "swinv2", "train", "--config", str(reference["cfg"]), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        preexec_fn=_without_root_file_access if os.geteuid() == 0 else None,
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     err = [ln for ln in r.stderr.splitlines() if "error" in ln]
     assert len(err) == 1 and any(f"{p}: cannot be read: Permission denied" in err[0] for p in hidden), r.stderr[-2000:]
@@ -684,8 +721,8 @@ def test_an_unreadable_checkpoint_stops_the_run_touching_nothing(reference, tmp_
 
 
 def test_an_unreadable_checkpoint_folder_is_not_taken_for_an_empty_one(reference, tmp_path, monkeypatch):
-    from swinv2.weights.training_state import find_resumable
     from swinv2.errors import UnreadableFileError
+    from swinv2.weights.training_state import find_resumable
 
     ckpts = tmp_path / "checkpoints"
     shutil.copytree(reference["out"] / "checkpoints", ckpts)
@@ -721,13 +758,13 @@ def test_resuming_another_run_into_a_finished_run_is_refused(reference, tmp_path
     assert epochs == [1, 2, 3]
 
 
-def test_a_rerun_at_once_after_sigkill_of_the_trainer_resumes_while_its_workers_live(reference, tmp_path,
-                                                                                      monkeypatch):
+def test_a_rerun_at_once_after_sigkill_of_the_trainer_resumes_while_its_workers_live(reference, tmp_path, monkeypatch):
     """A supervisor restarts a SIGKILLed trainer at once: its DataLoader workers are still alive then
     (they leave within seconds), and must not hold the run's lock; the restart resumes bit-exactly."""
     out, children = tmp_path / "run", tmp_path / "children.txt"
-    r = drive(tmp_path, {"kill_at": 7, "children": str(children)}, reference["cfg"], out, "data.workers=2",
-              own_group=True)
+    r = drive(
+        tmp_path, {"kill_at": 7, "children": str(children)}, reference["cfg"], out, "data.workers=2", own_group=True
+    )
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     pids = [int(p) for p in children.read_text().split()]
     assert len(pids) >= 2 and any(_alive(p) for p in pids), "the workers should outlive the trainer a while"
@@ -751,10 +788,12 @@ def test_a_forked_child_never_holds_the_run_lock(tmp_path):
 
     out = tmp_path / "run"
     out.mkdir()
-    code = ("import os, signal, sys, time; from pathlib import Path; from swinv2.train.rundir import _lock; "
-            "f = _lock(Path(sys.argv[1])); pid = os.fork()\n"
-            "if pid == 0:\n    os.close(1); time.sleep(60); os._exit(0)\n"
-            "print(pid, flush=True); os.kill(os.getpid(), signal.SIGKILL)")
+    code = (
+        "import os, signal, sys, time; from pathlib import Path; from swinv2.train.rundir import _lock; "
+        "f = _lock(Path(sys.argv[1])); pid = os.fork()\n"
+        "if pid == 0:\n    os.close(1); time.sleep(60); os._exit(0)\n"
+        "print(pid, flush=True); os.kill(os.getpid(), signal.SIGKILL)"
+    )
     r = subprocess.run([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True, timeout=60)
     assert r.returncode == -signal.SIGKILL
     child = int(r.stdout.split()[0])
@@ -769,8 +808,9 @@ def test_sigterm_to_the_whole_process_group_saves_at_the_step_boundary(reference
     """systemd, Slurm and `timeout` signal the whole group, DataLoader workers included: the workers
     live on until the trainer has saved at the step boundary; exit 143; the resume is bit-exact."""
     out = tmp_path / "run"
-    r = drive(tmp_path, {"signal_group_at": [5, int(signal.SIGTERM)]}, reference["cfg"], out, "data.workers=2",
-              own_group=True)
+    r = drive(
+        tmp_path, {"signal_group_at": [5, int(signal.SIGTERM)]}, reference["cfg"], out, "data.workers=2", own_group=True
+    )
     assert r.returncode == 143, r.stderr[-3000:]
     assert "Traceback" not in r.stderr and "DataLoader worker" not in r.stderr, r.stderr[-3000:]
     assert "SIGTERM" in r.stderr and "run the same command again" in r.stderr
@@ -799,8 +839,9 @@ def test_a_lock_held_in_the_name_of_a_dead_trainer_says_it_has_ended(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["out is a file", "resume missing", "resume of another model", "run locked"])
-def test_a_refused_start_fails_before_any_work_and_leaves_nothing_behind(reference, tmp_path, capsys, monkeypatch,
-                                                                          case):
+def test_a_refused_start_fails_before_any_work_and_leaves_nothing_behind(
+    reference, tmp_path, capsys, monkeypatch, case
+):
     """Paths, the lock and the resume source are checked before the data is scanned and the model built;
     a start refused at any point leaves no `.lock` or empty `checkpoints/` in a folder it created."""
     from swinv2.train import engine
@@ -815,8 +856,12 @@ def test_a_refused_start_fails_before_any_work_and_leaves_nothing_behind(referen
     elif case == "resume missing":
         extra = ["--resume", str(tmp_path / "nothere.pt")]
     elif case == "resume of another model":
-        extra = ["--resume", str(reference["out"] / "checkpoints" / "last.pt"), "model.name=swinv2_tiny_window8_256",
-                 "model.drop_path_rate=0"]
+        extra = [
+            "--resume",
+            str(reference["out"] / "checkpoints" / "last.pt"),
+            "model.name=swinv2_tiny_window8_256",
+            "model.drop_path_rate=0",
+        ]
     else:
         out.mkdir()
         held = _lock(out)
@@ -834,8 +879,11 @@ def test_a_refused_start_fails_before_any_work_and_leaves_nothing_behind(referen
         assert not out.exists()
     else:
         assert not built, f"the data was scanned before refusing: {line}"
-        assert {"out is a file": "is a file, not a run directory", "resume missing": "nothere.pt: no such checkpoint",
-                "run locked": "is in use by process"}[case] in line, line
+        assert {
+            "out is a file": "is a file, not a run directory",
+            "resume missing": "nothere.pt: no such checkpoint",
+            "run locked": "is in use by process",
+        }[case] in line, line
     if case == "out is a file":
         assert out.read_text() == "mine\n"
     elif case == "run locked":

@@ -1,4 +1,5 @@
 """The run directory's log as a user keeps it: `swinv2 train ... 2> train.log` (stderr not a terminal)."""
+
 from __future__ import annotations
 
 import subprocess
@@ -14,11 +15,28 @@ def test_a_log_file_gets_progress_lines_not_carriage_returns(tmp_path):
     (root / "train" / "c").mkdir()  # an empty class folder
     log = tmp_path / "train.log"
     with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, "-m", "swinv2", "train", "--out", str(tmp_path / "run"),
-                               "model.name=swinv2_micro_window4_32", f"data.root={root}", "data.batch_size=4",
-                               "data.workers=0", "data.aug.mixup=0", "train.epochs=2", "train.log_every=2",
-                               "train.tensorboard=false", "train.threads=1"],
-                              stdout=subprocess.DEVNULL, stderr=f, timeout=300)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "swinv2",
+                "train",
+                "--out",
+                str(tmp_path / "run"),
+                "model.name=swinv2_micro_window4_32",
+                f"data.root={root}",
+                "data.batch_size=4",
+                "data.workers=0",
+                "data.aug.mixup=0",
+                "train.epochs=2",
+                "train.log_every=2",
+                "train.tensorboard=false",
+                "train.threads=1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=f,
+            timeout=300,
+        )
     text = log.read_bytes().decode()  # not read_text(): universal newlines would turn each '\r' into '\n'
     assert proc.returncode == 0, text
     assert "\r" not in text

@@ -4,6 +4,7 @@ each give one clear line.
 
 OpenVINO and NNCF are an optional extra (`pip install 'swinv2[openvino]'`); the tests that need them
 skip where they are not installed (`.[dev]` installs onnxruntime only)."""
+
 from __future__ import annotations
 
 import json
@@ -17,14 +18,16 @@ import torch
 from PIL import Image
 
 import swinv2
+from swinv2.cli import main
 from swinv2.serve import runtime as R
 from swinv2.weights.files import save_weights
-from swinv2.cli import main
 from swinv2.weights.registry import EvalPreprocess, ModelInfo
 
 MICRO = "swinv2_micro_window4_32"
-ONNX_RUNTIMES = [pytest.param(r, marks=pytest.mark.skipif(not R.installed(r), reason=f"{r} not installed"))
-                 for r in ("onnxruntime", "openvino")]
+ONNX_RUNTIMES = [
+    pytest.param(r, marks=pytest.mark.skipif(not R.installed(r), reason=f"{r} not installed"))
+    for r in ("onnxruntime", "openvino")
+]
 
 
 @pytest.mark.parametrize("name", ONNX_RUNTIMES)
@@ -73,11 +76,14 @@ def test_a_missing_package_names_the_extra(tmp_path, monkeypatch, capsys, make_m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]  # nothing exported
 
 
-@pytest.mark.parametrize("runtime, precision, says", [
-    ("onnxruntime", "bf16", "no bf16 kernels"),
-    ("torch", "int8", "not supported by --runtime torch"),
-    ("onnxruntime", "fp16", "unknown precision"),
-])
+@pytest.mark.parametrize(
+    "runtime, precision, says",
+    [
+        ("onnxruntime", "bf16", "no bf16 kernels"),
+        ("torch", "int8", "not supported by --runtime torch"),
+        ("onnxruntime", "fp16", "unknown precision"),
+    ],
+)
 def test_an_unsupported_precision_is_one_line(tmp_path, runtime, precision, says, make_micro):
     if runtime != "torch":
         pytest.importorskip(runtime)
@@ -90,8 +96,10 @@ def test_bf16_is_refused_where_the_cpu_would_emulate_it(tmp_path, monkeypatch, c
     monkeypatch.setattr(R, "native_bf16", lambda runtime: False)
     weights = tmp_path / "w.safetensors"
     save_weights(make_micro(10).eval(), weights)
-    assert main(["eval", "--weights", str(weights), "--data", str(tmp_path), "--runtime", "torch",
-                 "--precision", "bf16"]) == 2
+    assert (
+        main(["eval", "--weights", str(weights), "--data", str(tmp_path), "--runtime", "torch", "--precision", "bf16"])
+        == 2
+    )
     assert "no native bf16 (AVX-512 BF16 or AMX)" in _one_line(capsys.readouterr().err)
 
 
@@ -140,8 +148,15 @@ def test_a_tampered_export_cache_entry_is_made_again_never_run(tmp_path, caplog,
     changed, another model's graph with its own id or with none, another cache's whole entry. Each
     time: one warning naming the graph, the graph made again, and what runs is the weights' model."""
     pytest.importorskip("onnxruntime")
-    from swinv2.serve.export import UNIT_KEY, _field, _MODEL_METADATA_PROPS, add_graph_metadata, export_onnx, \
-        graph_metadata, read_sidecar
+    from swinv2.serve.export import (
+        _MODEL_METADATA_PROPS,
+        UNIT_KEY,
+        _field,
+        add_graph_metadata,
+        export_onnx,
+        graph_metadata,
+        read_sidecar,
+    )
 
     a, b = make_micro(10, seed=0).eval(), make_micro(10, seed=1).eval()
     weights = tmp_path / "W.safetensors"
@@ -187,11 +202,13 @@ def test_a_tampered_export_cache_entry_is_made_again_never_run(tmp_path, caplog,
             Path(str(g) + suffix).write_bytes(Path(str(b_entry) + suffix).read_bytes())
 
     R.load_runtime(swinv2.load_model(weights), "onnxruntime", "fp32", weights=weights)
-    for tamper, says in ((b_with_the_entrys_id, "is not the file its key was written with"),
-                         (one_byte_of_the_head_bias, "is not the file its key was written with"),
-                         (b_with_its_own_id, "come from different exports"),
-                         (b_with_no_id, "is not the file its key was written with"),
-                         (another_caches_whole_entry, "the weights changed")):
+    for tamper, says in (
+        (b_with_the_entrys_id, "is not the file its key was written with"),
+        (one_byte_of_the_head_bias, "is not the file its key was written with"),
+        (b_with_its_own_id, "come from different exports"),
+        (b_with_no_id, "is not the file its key was written with"),
+        (another_caches_whole_entry, "the weights changed"),
+    ):
         tamper(graph)
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="swinv2.serve.runtime"):
@@ -213,11 +230,17 @@ def test_the_export_cache_key_names_the_exporter_and_binds_the_files_hashes(tmp_
     (graph,) = tmp_path.rglob("32px-fp32.onnx")
     key_path = graph.with_name(graph.name + ".key.json")
     key = json.loads(key_path.read_text())
-    assert key["exporter"] == {"torch": torch_.__version__, "swinv2": swinv2.__version__,
-                               "format": R.EXPORT_FORMAT, "opset": 17}
+    assert key["exporter"] == {
+        "torch": torch_.__version__,
+        "swinv2": swinv2.__version__,
+        "format": R.EXPORT_FORMAT,
+        "opset": 17,
+    }
     assert set(key["bound"]["sha256"]) == {"32px-fp32.onnx", "32px-fp32.onnx.json"}
-    for edit, says in ((lambda k: k["exporter"].update(torch="2.0.0"), "other settings (exporter)"),
-                       (lambda k: k["bound"].pop("sha256"), "binds no file hashes")):
+    for edit, says in (
+        (lambda k: k["exporter"].update(torch="2.0.0"), "other settings (exporter)"),
+        (lambda k: k["bound"].pop("sha256"), "binds no file hashes"),
+    ):
         old = json.loads(key_path.read_text())
         edit(old)
         key_path.write_text(json.dumps(old))
@@ -291,8 +314,22 @@ def trained(tmp_path_factory, make_micro):
 
 def _eval(weights, root, tmp_path, *args) -> dict:
     out = tmp_path / "eval.json"
-    assert main(["eval", "--weights", str(weights), "--data", str(root / "val"), "--compare-fp32", "--json",
-                 str(out), *args]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--weights",
+                str(weights),
+                "--data",
+                str(root / "val"),
+                "--compare-fp32",
+                "--json",
+                str(out),
+                *args,
+            ]
+        )
+        == 0
+    )
     return json.loads(out.read_text())
 
 
@@ -300,8 +337,19 @@ def test_int8_keeps_the_top1_of_a_trained_model(trained, tmp_path, capsys):
     pytest.importorskip("openvino")
     pytest.importorskip("nncf")
     weights, root = trained
-    report = _eval(weights, root, tmp_path, "--runtime", "openvino", "--precision", "int8", "--calib",
-                   str(root / "train"), "--cache-dir", str(tmp_path / "cache"))
+    report = _eval(
+        weights,
+        root,
+        tmp_path,
+        "--runtime",
+        "openvino",
+        "--precision",
+        "int8",
+        "--calib",
+        str(root / "train"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    )
     ref = report["fp32"]
     assert ref["top1"] >= 90  # the model did learn the tints
     # 90 val images: one image is 1.1 points. int8 may move images near the decision boundary only.
@@ -309,8 +357,9 @@ def test_int8_keeps_the_top1_of_a_trained_model(trained, tmp_path, capsys):
     assert report["runtime"] == "openvino" and report["precision"] == "int8"
     assert "top-1 agreement" in capsys.readouterr().out
     # The quantised graph is cached: a second run needs no --calib.
-    report = _eval(weights, root, tmp_path, "--runtime", "openvino", "--precision", "int8",
-                   "--cache-dir", str(tmp_path / "cache"))
+    report = _eval(
+        weights, root, tmp_path, "--runtime", "openvino", "--precision", "int8", "--cache-dir", str(tmp_path / "cache")
+    )
     assert report["fp32"]["top1_agreement"] == ref["top1_agreement"]
     # The first and the last layer stay fp32: no quantiser feeds the patch embedding or the head, while
     # the blocks' linears are quantised.
@@ -329,8 +378,24 @@ def test_int8_keeps_the_top1_of_a_trained_model(trained, tmp_path, capsys):
 def test_int8_without_calibration_images_is_one_line(trained, tmp_path, capsys):
     pytest.importorskip("openvino")
     weights, root = trained
-    assert main(["eval", "--weights", str(weights), "--data", str(root / "val"), "--runtime", "openvino",
-                 "--precision", "int8", "--cache-dir", str(tmp_path / "cache")]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--weights",
+                str(weights),
+                "--data",
+                str(root / "val"),
+                "--runtime",
+                "openvino",
+                "--precision",
+                "int8",
+                "--cache-dir",
+                str(tmp_path / "cache"),
+            ]
+        )
+        == 2
+    )
     assert "--calib DIR" in _one_line(capsys.readouterr().err)
 
 
@@ -341,8 +406,9 @@ def test_bf16_keeps_the_top1_of_a_trained_model(trained, tmp_path, name):
     if not R.native_bf16(name):
         pytest.skip("this CPU has no native bf16")
     weights, root = trained
-    report = _eval(weights, root, tmp_path, "--runtime", name, "--precision", "bf16", "--cache-dir",
-                   str(tmp_path / "cache"))
+    report = _eval(
+        weights, root, tmp_path, "--runtime", name, "--precision", "bf16", "--cache-dir", str(tmp_path / "cache")
+    )
     # bf16 keeps 8 bits of mantissa: logits move by ~1e-2, so only near-ties may flip.
     assert report["fp32"]["top1_agreement"] >= 97 and abs(report["fp32"]["top1_delta"]) <= 2.3
     assert report["fp32"]["max_abs_logit_diff"] < 0.5
@@ -377,9 +443,17 @@ def test_bench_times_the_runtimes_as_rows_of_the_same_table(tmp_path, caplog):
     if not names:
         pytest.skip("no ONNX runtime installed")
     with caplog.at_level(logging.WARNING, logger="swinv2.tools.bench"):
-        results = bench.run(MICRO, batch_sizes=(2,), compare=["timm", *names], precisions=("fp32", "bf16"),
-                            repeats=2, iters=1, warmup=1, measure_memory=False,
-                            runtime_cache=tmp_path)
+        results = bench.run(
+            MICRO,
+            batch_sizes=(2,),
+            compare=["timm", *names],
+            precisions=("fp32", "bf16"),
+            repeats=2,
+            iters=1,
+            warmup=1,
+            measure_memory=False,
+            runtime_cache=tmp_path,
+        )
     rows = {r["impl"]: r for r in results}
     if "onnxruntime" in names:  # no bf16 kernels there: a warning, no row
         assert "onnxruntime/bf16" not in rows and "onnxruntime/bf16 skipped" in caplog.text
@@ -400,8 +474,26 @@ def test_predict_through_a_runtime_with_loader_workers_matches_pytorch(trained, 
     paths = [str(root / "val" / "red"), str(root / "val" / "blue"), str(tmp_path / "bad.png")]
     assert main(["predict", "--weights", str(weights), "--json", "--batch-size", "7", *paths]) == 0
     expected = json.loads(capsys.readouterr().out)
-    assert main(["predict", "--weights", str(weights), "--json", "--batch-size", "7", "--workers", "2",
-                 "--runtime", name, "--cache-dir", str(tmp_path / "cache"), *paths]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--weights",
+                str(weights),
+                "--json",
+                "--batch-size",
+                "7",
+                "--workers",
+                "2",
+                "--runtime",
+                name,
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                *paths,
+            ]
+        )
+        == 0
+    )
     out, err = capsys.readouterr()
     got = json.loads(out)
     assert [r["path"] for r in got["results"]] == [r["path"] for r in expected["results"]] and len(got["results"]) == 60
@@ -455,8 +547,9 @@ def test_openvino_freed_on_another_thread_then_fork_survives():
     import subprocess
 
     pytest.importorskip("openvino")
-    done = subprocess.run([sys.executable, "-c", _FREED_ELSEWHERE_THEN_FORK], capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", _FREED_ELSEWHERE_THEN_FORK], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-500:]}"
     assert done.stdout.strip().endswith("child ok")
 
@@ -473,6 +566,7 @@ def test_auto_times_each_runtime_in_blocks_of_its_own():
             order.append(name)
             time.sleep(seconds)
             return torch.zeros(x.shape[0], 10)
+
         return infer
 
     runtimes = {"a": fake("a", 0.001), "b": fake("b", 0.05)}

@@ -1,6 +1,7 @@
 """SimMIM pretraining: the mask generator, the masked-pixel loss, the decoder, the encoder's weights in a
 classifier, the official checkpoint layout, the config checks, a pretraining run on a folder without
 class folders that resumes bit-identically after a SIGKILL, and the two-stage digits-style recipe."""
+
 from __future__ import annotations
 
 import json
@@ -14,15 +15,22 @@ import pytest
 import torch
 from PIL import Image
 
-from swinv2 import create_model
-from swinv2.weights.factory import load_weights
-from swinv2.config import load_config
-from swinv2.weights.convert import detect_format
-from swinv2.errors import ConfigError, DataError
-from swinv2.model.simmim import (MaskGenerator, SimMIM, check_geometry, encoder_stride, masked_l1, norm_targets,
-                           reconstruction_images)
 from image_folders import make_image_folder
 from runs import assert_same_state, drive, load_state, steps_log, train
+from swinv2 import create_model
+from swinv2.config import load_config
+from swinv2.errors import ConfigError, DataError
+from swinv2.model.simmim import (
+    MaskGenerator,
+    SimMIM,
+    check_geometry,
+    encoder_stride,
+    masked_l1,
+    norm_targets,
+    reconstruction_images,
+)
+from swinv2.weights.convert import detect_format
+from swinv2.weights.factory import load_weights
 
 MICRO = "swinv2_micro_window4_32"
 
@@ -43,11 +51,14 @@ def simmim_model(**kw) -> SimMIM:
 # --------------------------------------------------------------------------- masks
 
 
-@pytest.mark.parametrize("size, mask_patch, patch, grid, count", [
-    (192, 32, 4, (6, 6), 22),      # SimMIM's: ceil(36 x 0.6) = 22 of 36 squares
-    (32, 8, 4, (4, 4), 10),        # the digits recipe
-    ((64, 96), 16, 4, (4, 6), 15),  # non-square: ceil(24 x 0.6)
-])
+@pytest.mark.parametrize(
+    "size, mask_patch, patch, grid, count",
+    [
+        (192, 32, 4, (6, 6), 22),  # SimMIM's: ceil(36 x 0.6) = 22 of 36 squares
+        (32, 8, 4, (4, 4), 10),  # the digits recipe
+        ((64, 96), 16, 4, (4, 6), 15),  # non-square: ceil(24 x 0.6)
+    ],
+)
 def test_mask_generator_count_and_alignment(size, mask_patch, patch, grid, count):
     gen = MaskGenerator(size, mask_patch, patch, 0.6)
     assert (gen.grid, gen.count) == (grid, count)
@@ -58,7 +69,7 @@ def test_mask_generator_count_and_alignment(size, mask_patch, patch, grid, count
     # Every mask square is wholly masked or wholly visible, and exactly `count` squares are masked.
     assert torch.equal(squares.all(dim=(2, 4)), squares.any(dim=(2, 4)))
     assert squares.all(dim=(2, 4)).sum(dim=(1, 2)).tolist() == [count] * 20
-    assert torch.equal(gen([7, 3]), gen([7, 3]))            # a mask is a function of its seed alone
+    assert torch.equal(gen([7, 3]), gen([7, 3]))  # a mask is a function of its seed alone
     assert torch.equal(gen([3])[0], gen([7, 3])[1])
     assert len({tuple(m.flatten().tolist()) for m in masks}) > 15  # and seeds give different masks
 
@@ -80,9 +91,9 @@ def test_mask_geometry_is_checked_naming_the_key():
 
 def test_masked_l1_is_the_mean_error_over_masked_pixels_only():
     target = torch.zeros(1, 3, 2, 2)
-    target[0, :, 0, 0] = torch.tensor([1.0, 2.0, 3.0])   # masked
+    target[0, :, 0, 0] = torch.tensor([1.0, 2.0, 3.0])  # masked
     target[0, :, 1, 1] = torch.tensor([-4.0, 0.0, 4.0])  # masked
-    target[0, :, 0, 1] = 100.0                           # visible: its error must not count
+    target[0, :, 0, 1] = 100.0  # visible: its error must not count
     mask = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
     # |errors| on masked pixels: 1 + 2 + 3 + 4 + 0 + 4 = 14 over 2 pixels x 3 channels.
     expected = 14 / (2 + 1e-5) / 3
@@ -123,7 +134,7 @@ def test_norm_targets_normalise_by_the_local_window():
     window = x[0, :, 2:7, 2:7].reshape(3, -1)  # the full 5x5 window around pixel (4, 4)
     expected = (x[0, :, 4, 4] - window.mean(1)) / (window.var(1, unbiased=True) + 1e-6).sqrt()
     assert torch.allclose(y[0, :, 4, 4], expected, atol=1e-5)
-    corner = x[0, :, :3, :3].reshape(3, -1)    # at the border only the pixels inside count
+    corner = x[0, :, :3, :3].reshape(3, -1)  # at the border only the pixels inside count
     expected = (x[0, :, 0, 0] - corner.mean(1)) / (corner.var(1, unbiased=True) + 1e-6).sqrt()
     assert torch.allclose(y[0, :, 0, 0], expected, atol=1e-5)
 
@@ -175,8 +186,11 @@ def test_official_simmim_checkpoint_maps_and_reports_the_dropped_decoder(tmp_pat
     model = create_model(MICRO, num_classes=10, img_size=64, window_size=8, pretrained_window_sizes=(4, 4))
     report = load_weights(model, path, strict=True)
     assert report.src == "simmim" and report.ok
-    assert sorted(d.split(" ")[0] for d in report.dropped) == ["decoder.0.bias", "decoder.0.weight",
-                                                               "encoder.mask_token"]
+    assert sorted(d.split(" ")[0] for d in report.dropped) == [
+        "decoder.0.bias",
+        "decoder.0.weight",
+        "encoder.mask_token",
+    ]
     assert "SimMIM decoder" in str(report) and report.reinitialised == ["head.weight", "head.bias"]
     for k, v in encoder.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
@@ -307,8 +321,11 @@ def test_two_stage_recipe_hands_the_encoder_to_the_classifier(tmp_path):
     from swinv2.train.recipes import fit_recipe
 
     root = make_image_folder(tmp_path / "data")  # class folders: stage 1 ignores them
-    text = TINY.format(root=root).replace("epochs: 3, ema: true", "epochs: 1, ema: false").replace(
-        "train: {task: simmim, best_metric: val_loss,", "train: {")
+    text = (
+        TINY.format(root=root)
+        .replace("epochs: 3, ema: true", "epochs: 1, ema: false")
+        .replace("train: {task: simmim, best_metric: val_loss,", "train: {")
+    )
     text += """stages:
   - name: pretrain
     model: {freeze: []}

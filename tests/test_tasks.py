@@ -1,5 +1,6 @@
 """The training tasks (`swinv2.train.tasks`): one interface, classification and SimMIM pretraining behind it;
 the engine asks its task and never tests which one it has."""
+
 from __future__ import annotations
 
 import re
@@ -9,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from image_folders import make_image_folder
 from swinv2 import create_model
 from swinv2.config import Config, ConfigError, TrainConfig, load_config
 from swinv2.model.simmim import SimMIM
 from swinv2.train import distributed as D
 from swinv2.train.tasks import TASKS, Classification, SimMIMPretraining, task_for
-from image_folders import make_image_folder
 
 MICRO = "swinv2_micro_window4_32"
 ENGINE = Path(__file__).resolve().parents[1] / "src" / "swinv2" / "train" / "engine.py"
@@ -140,24 +141,33 @@ def test_simmim_trains_its_wrapper_with_seeded_masks_and_keeps_the_encoder():
 
 
 def test_each_task_validates_on_its_own_metric(tmp_path):
-    from swinv2.train.datasets import SeededSamples, ShardedSampler, make_loader
     from swinv2.images import eval_pipeline
     from swinv2.preprocess import EvalPreprocess
+    from swinv2.train.datasets import SeededSamples, ShardedSampler, make_loader
 
     root = make_image_folder(tmp_path / "data")
     pre = EvalPreprocess(32, 1.0, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
     def loader(ds):
-        return make_loader(SeededSamples(ds, eval_pipeline(pre)), ShardedSampler(len(ds), shuffle=False,
-                           drop_last=False), batch_size=4, workers=0, pin_memory=False, persistent_workers=False)
+        return make_loader(
+            SeededSamples(ds, eval_pipeline(pre)),
+            ShardedSampler(len(ds), shuffle=False, drop_last=False),
+            batch_size=4,
+            workers=0,
+            pin_memory=False,
+            persistent_workers=False,
+        )
 
     classify = task_for(cfg_of())
     model = bound(classify, 2)
     _, val = classify.datasets(root / "train", root / "val")
     m = classify.validate(model, loader(val), "val")
     assert set(m) == {"val_loss", "val_top1", "val_top5", "val_n"} and m["val_n"] == 8
-    simmim = task_for(cfg_of("train.task=simmim", "train.best_metric=val_loss", "simmim.mask_patch_size=8",
-                             "simmim.reconstructions=2"))
+    simmim = task_for(
+        cfg_of(
+            "train.task=simmim", "train.best_metric=val_loss", "simmim.mask_patch_size=8", "simmim.reconstructions=2"
+        )
+    )
     model = bound(simmim)
     _, val = simmim.datasets(root / "train", root / "val")
     m = simmim.validate(model, loader(val), "val_ema")

@@ -7,6 +7,7 @@ Face cache, each killed for real: a fresh `swinv2` process (driver below) SIGKIL
 back afterwards is exactly the old unit, exactly the new one, or a one-line CheckpointError that says
 it looks like an interrupted write; the temp files a kill leaves are removed by the next write.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,8 +27,8 @@ import torch
 import swinv2
 from randomize import randomize_
 from swinv2 import cli
-from swinv2.weights import hub
 from swinv2.errors import CheckpointError
+from swinv2.weights import hub
 from swinv2.weights.factory import load_model
 from swinv2.weights.files import UNIT_KEY, save_weights, write_weights
 from swinv2.weights.registry import EvalPreprocess
@@ -59,8 +60,9 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-def drive(tmp: Path, argv: list[str], *, kill_at: int | None = None, hub_setup: str | None = None,
-          timeout: float = 240) -> tuple[subprocess.CompletedProcess, list[str]]:
+def drive(
+    tmp: Path, argv: list[str], *, kill_at: int | None = None, hub_setup: str | None = None, timeout: float = 240
+) -> tuple[subprocess.CompletedProcess, list[str]]:
     """`swinv2 ARGV` in a fresh process, killed at its `kill_at`-th os.replace; (result, names replaced
     onto, in order, the last one being where it was killed)."""
     driver, log = tmp / "driver.py", tmp / f"replaces-{time.monotonic_ns()}.log"
@@ -68,8 +70,9 @@ def drive(tmp: Path, argv: list[str], *, kill_at: int | None = None, hub_setup: 
     spec = {"log": str(log), "kill_at": kill_at, **({"hub": hub_setup} if hub_setup else {})}
     path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    res = subprocess.run([sys.executable, str(driver), json.dumps(spec), *argv], capture_output=True, text=True,
-                         timeout=timeout, env=env)
+    res = subprocess.run(
+        [sys.executable, str(driver), json.dumps(spec), *argv], capture_output=True, text=True, timeout=timeout, env=env
+    )
     names = log.read_text().split() if log.exists() else []
     if kill_at is None:
         assert res.returncode == 0, res.stderr
@@ -137,7 +140,7 @@ def _write_a(folder: Path, a: torch.nn.Module) -> None:
 
 
 def _read_back(folder: Path, a, b) -> str:
-    """"A", "B" or "refused": what `load_model(folder)` gives, asserting it is never a mix."""
+    """ "A", "B" or "refused": what `load_model(folder)` gives, asserting it is never a mix."""
     try:
         got = load_model(folder)
     except CheckpointError as e:
@@ -287,7 +290,7 @@ def test_two_writers_of_one_folder_take_turns(tmp_path, two_models, monkeypatch)
 
 
 def _onnx_read_back(graph: Path, a, b) -> str:
-    """"A", "B" or "refused" for an exported graph read with its sidecar (`export.read_sidecar`)."""
+    """ "A", "B" or "refused" for an exported graph read with its sidecar (`export.read_sidecar`)."""
     import onnxruntime as ort
 
     from swinv2.serve.export import read_sidecar
@@ -311,7 +314,8 @@ def _onnx_read_back(graph: Path, a, b) -> str:
 
 def test_onnx_graph_and_sidecar_killed_between_them(tmp_path, two_models):
     pytest.importorskip("onnxruntime")
-    from swinv2.serve.export import UNIT_KEY as GRAPH_KEY, export_onnx, graph_metadata
+    from swinv2.serve.export import UNIT_KEY as GRAPH_KEY
+    from swinv2.serve.export import export_onnx, graph_metadata
 
     a, b, b_file = two_models
     a_file = tmp_path / "a.safetensors"
@@ -343,9 +347,9 @@ def test_onnx_graph_and_sidecar_killed_between_them(tmp_path, two_models):
 
 def test_graph_metadata_reads_what_onnx_reads():
     onnx = pytest.importorskip("onnx")
-    from swinv2.serve.export import add_graph_metadata, graph_metadata
-
     import tempfile
+
+    from swinv2.serve.export import add_graph_metadata, graph_metadata
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "g.onnx"
@@ -456,34 +460,51 @@ file_download.http_get = http_get
 
 def test_a_download_killed_leaves_a_partial_removed_once_no_download_holds_it(tmp_path, monkeypatch):
     from filelock import FileLock
-    from huggingface_hub import constants
     from safetensors.torch import save as safetensors_bytes
-    from test_hub import FakeHub, _point_hub_at
 
     from swinv2.weights.convert import convert_state_dict
+    from test_hub import FakeHub, _point_hub_at
 
     server = FakeHub()
     try:
         cache = tmp_path / "hf" / "hub"
         _point_hub_at(monkeypatch, server.url, cache)
         repo = "timm/micro.torn"
-        data = safetensors_bytes({k: v.contiguous() for k, v in
-                                  convert_state_dict(micro(seed=4, num_classes=10).state_dict(), dst="timm").items()},
-                                 metadata={"format": "pt"})
+        data = safetensors_bytes(
+            {
+                k: v.contiguous()
+                for k, v in convert_state_dict(micro(seed=4, num_classes=10).state_dict(), dst="timm").items()
+            },
+            metadata={"format": "pt"},
+        )
         server.add(repo, "model.safetensors", data)
-        rec = hub.WeightsRecord(variant=MICRO, tag="torn", arch=MICRO, classes="test", num_classes=10, top1=None,
-                                files=(hub.HubFile(repo, "model.safetensors", "timm"),),
-                                official_url="https://example.invalid/micro.pth")
+        rec = hub.WeightsRecord(
+            variant=MICRO,
+            tag="torn",
+            arch=MICRO,
+            classes="test",
+            num_classes=10,
+            top1=None,
+            files=(hub.HubFile(repo, "model.safetensors", "timm"),),
+            official_url="https://example.invalid/micro.pth",
+        )
         monkeypatch.setitem(hub.RECORDS, MICRO, (rec,))
         driver, log = tmp_path / "driver.py", tmp_path / "replaces.log"
         driver.write_text(DRIVER)
-        spec = {"log": str(log), "hub": HUB_SETUP,
-                "hub_spec": {"url": server.url, "cache": str(cache), "repo": repo}}
-        env = {**os.environ, "HF_HOME": str(tmp_path / "hf"),
-               "PYTHONPATH": os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)}
+        spec = {"log": str(log), "hub": HUB_SETUP, "hub_spec": {"url": server.url, "cache": str(cache), "repo": repo}}
+        env = {
+            **os.environ,
+            "HF_HOME": str(tmp_path / "hf"),
+            "PYTHONPATH": os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p),
+        }
         env.pop("HF_HUB_CACHE", None)
-        res = subprocess.run([sys.executable, str(driver), json.dumps(spec), "download", f"{MICRO}.torn"],
-                             capture_output=True, text=True, timeout=240, env=env)
+        res = subprocess.run(
+            [sys.executable, str(driver), json.dumps(spec), "download", f"{MICRO}.torn"],
+            capture_output=True,
+            text=True,
+            timeout=240,
+            env=env,
+        )
         assert res.returncode == -signal.SIGKILL, res.stderr
         blobs = cache / "models--timm--micro.torn" / "blobs"
         (partial,) = blobs.glob("*.incomplete")

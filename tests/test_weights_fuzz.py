@@ -4,6 +4,7 @@ metadata in it: the config, class names, preprocessing, model name) and of a Hug
 config.json. Each must give a correct load (the model holds exactly the tensors the file holds, and
 what the file says about itself) or one line of our error types naming the file, in under a few
 seconds; never another exception, a MemoryError or a hang."""
+
 from __future__ import annotations
 
 import copy
@@ -19,10 +20,10 @@ from safetensors import safe_open
 
 import swinv2
 from randomize import randomize_
-from swinv2.weights.factory import load_model
-from swinv2.weights.files import save_weights, write_weights
 from swinv2.errors import CheckpointError, InputError
 from swinv2.model.transformer import SwinV2Config
+from swinv2.weights.factory import load_model
+from swinv2.weights.files import save_weights, write_weights
 
 MICRO = "swinv2_micro_window4_32"
 SEED = 35
@@ -32,9 +33,37 @@ PER_CASE_S = 3.0
 ALLOWED = (CheckpointError, InputError, FileNotFoundError)
 
 # Values a mutation puts where a number, a list or a string was: wrong types, huge, negative, non-finite.
-POOL = [0, 1, -1, 3, 7, 2**31, 2**63, 10**30, -(10**9), 0.5, 1e308, float("nan"), float("inf"), "24", "", "abc",
-        True, False, None, [], [2], [2, 2, 2, 2, 2, 2, 2, 2, 2], [0, 0], [[4, 4], [4, 4]], {}, {"a": 1}, [1.5, 2],
-        "swinv2_tiny_window8_256", [10**12, 2]]
+POOL = [
+    0,
+    1,
+    -1,
+    3,
+    7,
+    2**31,
+    2**63,
+    10**30,
+    -(10**9),
+    0.5,
+    1e308,
+    float("nan"),
+    float("inf"),
+    "24",
+    "",
+    "abc",
+    True,
+    False,
+    None,
+    [],
+    [2],
+    [2, 2, 2, 2, 2, 2, 2, 2, 2],
+    [0, 0],
+    [[4, 4], [4, 4]],
+    {},
+    {"a": 1},
+    [1.5, 2],
+    "swinv2_tiny_window8_256",
+    [10**12, 2],
+]
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +75,13 @@ def originals(tmp_path_factory):
     raw = path.read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
     folder = write_weights(model, root / "hf", "hf")
-    return {"header": json.loads(raw[8:8 + n]), "data": raw[8 + n:], "model": model,
-            "hf_config": json.loads((folder / "config.json").read_text()), "hf_folder": folder}
+    return {
+        "header": json.loads(raw[8 : 8 + n]),
+        "data": raw[8 + n :],
+        "model": model,
+        "hf_config": json.loads((folder / "config.json").read_text()),
+        "hf_folder": folder,
+    }
 
 
 def _mutate_value(rng: random.Random, value):
@@ -73,8 +107,7 @@ def _mutate_object(rng: random.Random, obj: dict, extra_keys=("sharpness", "laye
 
 def _mutate_metadata(rng: random.Random, meta: dict) -> None:
     """One change to our metadata: inside one of its JSON entries, or the entry as a whole."""
-    key = rng.choice(["swinv2.config", "swinv2.config", "swinv2.class_names", "swinv2.preprocess",
-                      "swinv2.model_name"])
+    key = rng.choice(["swinv2.config", "swinv2.config", "swinv2.class_names", "swinv2.preprocess", "swinv2.model_name"])
     roll = rng.random()
     try:  # an entry an earlier mutation removed, made a number or left not JSON is replaced as a whole
         value = json.loads(meta[key])
@@ -124,8 +157,9 @@ def _mutate_header(rng: random.Random, header: dict) -> None:
             entry["shape"] = _mutate_value(rng, shape)
     elif part == "data_offsets":
         a, b = entry["data_offsets"]
-        entry["data_offsets"] = rng.choice([[b, a], [a + 4, b + 4], [a, b - 4], [a, 2**62], [-4, b], [a], "x",
-                                            [a, b, b]])
+        entry["data_offsets"] = rng.choice(
+            [[b, a], [a + 4, b + 4], [a, b - 4], [a, 2**62], [-4, b], [a], "x", [a, b, b]]
+        )
     elif part == "remove":
         del header[name]
     else:
@@ -141,7 +175,7 @@ def _safetensors_case(rng: random.Random, originals: dict) -> bytes:
     roll = rng.random()
     if roll < 0.08:  # bytes of the header replaced: broken JSON or UTF-8
         at = rng.randrange(len(text))
-        text = text[:at] + bytes([rng.choice([0xFF, 0xC3, 0x00, 0x22, 0x7B])]) + text[at + 1:]
+        text = text[:at] + bytes([rng.choice([0xFF, 0xC3, 0x00, 0x22, 0x7B])]) + text[at + 1 :]
     elif roll < 0.12:
         data = data[: rng.randrange(len(data))]
     length = len(text)
@@ -190,11 +224,30 @@ def _hf_case(rng: random.Random, config: dict) -> bytes:
     for _ in range(rng.choice([1, 1, 2])):
         roll = rng.random()
         if roll < 0.55:
-            _mutate_object(rng, config, ("layer_norm_eps", "hidden_size", "num_layers", "num_labels", "fancy",
-                                         "use_absolute_embeddings", "hidden_act"))
+            _mutate_object(
+                rng,
+                config,
+                (
+                    "layer_norm_eps",
+                    "hidden_size",
+                    "num_layers",
+                    "num_labels",
+                    "fancy",
+                    "use_absolute_embeddings",
+                    "hidden_act",
+                ),
+            )
         elif roll < 0.75:
-            config["id2label"] = rng.choice([["a", "b", "c", "d"], {"0": "a", "2": "b"}, {str(i): i for i in range(4)},
-                                             {str(i): "x" for i in range(6)}, "abc", {}])
+            config["id2label"] = rng.choice(
+                [
+                    ["a", "b", "c", "d"],
+                    {"0": "a", "2": "b"},
+                    {str(i): i for i in range(4)},
+                    {str(i): "x" for i in range(6)},
+                    "abc",
+                    {},
+                ]
+            )
         elif isinstance(config.get("swinv2"), dict):
             _mutate_object(rng, config["swinv2"], ("unit_id", "preprocess", "model_name"))
     text = json.dumps(config).encode()

@@ -5,6 +5,7 @@ own metadata, non-finite weights or preprocessing, an HF shard index pointing ou
 cannot honour, architecture numbers that would allocate gigabytes, malformed metadata and training
 states. Each is exit 2 and one line naming the file and key, no traceback, nothing written, and
 refused before a model is built; every report names the model that ran."""
+
 from __future__ import annotations
 
 import json
@@ -26,14 +27,14 @@ from safetensors.torch import save_file
 import swinv2
 from image_folders import make_image_folder
 from randomize import randomize_
+from swinv2.cli import main
+from swinv2.errors import CheckpointError
+from swinv2.preprocess import EvalPreprocess
 from swinv2.weights import factory
+from swinv2.weights.convert import convert_state_dict
 from swinv2.weights.factory import load_model
 from swinv2.weights.files import save_weights, write_weights
 from swinv2.weights.training_state import TRAINING_STATE_FORMAT, find_resumable, save_training_state
-from swinv2.cli import main
-from swinv2.weights.convert import convert_state_dict
-from swinv2.errors import CheckpointError
-from swinv2.preprocess import EvalPreprocess
 
 MICRO = "swinv2_micro_window4_32"
 TINY = "swinv2_tiny_window8_256"
@@ -88,8 +89,12 @@ def _refused(capsys, argv: list[str], *needles: str) -> str:
 def _eval_refused(capsys, weights: Path, data: Path, tmp_path: Path, *needles: str, extra=()) -> str:
     """`swinv2 eval` of `weights` is refused (see `_refused`), naming the file, and writes nothing."""
     out = tmp_path / "report.json"
-    err = _refused(capsys, ["eval", "--weights", str(weights), "--data", str(data), "--json", str(out), *extra],
-                   str(weights), *needles)
+    err = _refused(
+        capsys,
+        ["eval", "--weights", str(weights), "--data", str(data), "--json", str(out), *extra],
+        str(weights),
+        *needles,
+    )
     assert not out.exists()
     return err
 
@@ -97,6 +102,7 @@ def _eval_refused(capsys, weights: Path, data: Path, tmp_path: Path, *needles: s
 @pytest.fixture
 def nothing_built(monkeypatch):
     """Fail the test if a model is built: the refusals come before anything is allocated."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("a model was built from a file that should have been refused first")
 
@@ -109,12 +115,18 @@ def nothing_built(monkeypatch):
 def test_head_that_disagrees_with_its_own_metadata_is_refused(files, tmp_path, capsys, nothing_built):
     """Metadata: 10 classes and 10 names; head cut to 5 rows (it was a warning, a fresh random head and
     "top-1 10.56%"). No head at all is refused the same way."""
-    cut = _variant_of(files.good, tmp_path / "cut.safetensors",
-                      tensors=lambda sd: {**sd, "head.weight": sd["head.weight"][:5], "head.bias": sd["head.bias"][:5]})
+    cut = _variant_of(
+        files.good,
+        tmp_path / "cut.safetensors",
+        tensors=lambda sd: {**sd, "head.weight": sd["head.weight"][:5], "head.bias": sd["head.bias"][:5]},
+    )
     _eval_refused(capsys, cut, files.data, tmp_path, "10 classes (num_classes)", "head.weight (5, 48)")
     _refused(capsys, ["predict", "--weights", str(cut), str(files.data)], str(cut), "head.weight")
-    headless = _variant_of(files.good, tmp_path / "headless.safetensors",
-                           tensors=lambda sd: {k: v for k, v in sd.items() if not k.startswith("head.")})
+    headless = _variant_of(
+        files.good,
+        tmp_path / "headless.safetensors",
+        tensors=lambda sd: {k: v for k, v in sd.items() if not k.startswith("head.")},
+    )
     _eval_refused(capsys, headless, files.data, tmp_path, "10 classes", "no head.weight")
     with pytest.raises(CheckpointError, match="head.weight"):
         load_model(cut)
@@ -146,14 +158,21 @@ def test_non_finite_weights_are_refused_naming_the_tensors(files, tmp_path, caps
             sd[k].view(-1)[0] = value
         return sd
 
-    nan_keys = ["norm.weight", "patch_embed.proj.weight", "layers.0.blocks.0.attn.q_bias",
-                "layers.0.blocks.1.mlp.fc2.bias", "layers.1.blocks.0.norm1.weight",
-                "layers.1.blocks.1.attn.logit_scale", "head.weight"]
+    nan_keys = [
+        "norm.weight",
+        "patch_embed.proj.weight",
+        "layers.0.blocks.0.attn.q_bias",
+        "layers.0.blocks.1.mlp.fc2.bias",
+        "layers.1.blocks.0.norm1.weight",
+        "layers.1.blocks.1.attn.logit_scale",
+        "head.weight",
+    ]
     nan = _variant_of(files.good, tmp_path / "nan.safetensors", tensors=lambda sd: poison(sd, nan_keys, float("nan")))
     err = _eval_refused(capsys, nan, files.data, tmp_path, "non-finite", "in 7 tensors", "(2 more)")
     assert sum(k in err for k in nan_keys) == 5
-    inf = _variant_of(files.good, tmp_path / "inf.safetensors",
-                      tensors=lambda sd: poison(sd, ["head.bias"], float("inf")))
+    inf = _variant_of(
+        files.good, tmp_path / "inf.safetensors", tensors=lambda sd: poison(sd, ["head.bias"], float("inf"))
+    )
     _refused(capsys, ["predict", "--weights", str(inf), str(files.data)], str(inf), "in 1 tensor: head.bias")
     # Every format and every entry point: an official .pth, a Hugging Face folder, create_model's weights.
     sd = poison(dict(files.model.state_dict()), ["norm.bias"], float("-inf"))
@@ -163,25 +182,31 @@ def test_non_finite_weights_are_refused_naming_the_tensors(files, tmp_path, caps
     write_weights(files.model, folder, "hf")
     hf_sd, hf_meta = _contents(folder / "model.safetensors")
     save_file(poison(hf_sd, ["swinv2.layernorm.bias"], float("nan")), folder / "model.safetensors", metadata=hf_meta)
-    for call in (lambda: load_model(official, name=MICRO), lambda: load_model(folder),
-                 lambda: swinv2.load_weights(files.model, official)):
+    for call in (
+        lambda: load_model(official, name=MICRO),
+        lambda: load_model(folder),
+        lambda: swinv2.load_weights(files.model, official),
+    ):
         with pytest.raises(CheckpointError, match="non-finite weights"):
             call()
 
 
-@pytest.mark.parametrize("change,key", [
-    ({"std": [0, 0, 0]}, "std"),  # was "nan%"
-    ({"std": [float("inf")] * 3}, "std"),
-    ({"mean": [0.5, float("nan"), 0.5]}, "mean"),
-    ({"mean": [0.5, 0.5]}, "mean"),
-    ({"img_size": -32}, "img_size"),
-    ({"img_size": 10 ** 9}, "img_size"),
-    ({"img_size": "32"}, "img_size"),
-    ({"crop_pct": 0}, "crop_pct"),
-    ({"crop_pct": 1.5}, "crop_pct"),
-    ({"interpolation": "fancy"}, "interpolation"),
-    ({"sharpen": True}, "unknown keys 'sharpen'"),
-])
+@pytest.mark.parametrize(
+    "change,key",
+    [
+        ({"std": [0, 0, 0]}, "std"),  # was "nan%"
+        ({"std": [float("inf")] * 3}, "std"),
+        ({"mean": [0.5, float("nan"), 0.5]}, "mean"),
+        ({"mean": [0.5, 0.5]}, "mean"),
+        ({"img_size": -32}, "img_size"),
+        ({"img_size": 10**9}, "img_size"),
+        ({"img_size": "32"}, "img_size"),
+        ({"crop_pct": 0}, "crop_pct"),
+        ({"crop_pct": 1.5}, "crop_pct"),
+        ({"interpolation": "fancy"}, "interpolation"),
+        ({"sharpen": True}, "unknown keys 'sharpen'"),
+    ],
+)
 def test_preprocessing_in_the_metadata_is_checked(files, tmp_path, capsys, nothing_built, change, key):
     bad = _variant_of(files.good, tmp_path / "bad.safetensors", swinv2_preprocess=change)
     _eval_refused(capsys, bad, files.data, tmp_path, "metadata swinv2.preprocess", key)
@@ -196,7 +221,7 @@ def _sharded(files, folder: Path) -> Path:
     sd, _ = _contents(folder / "model.safetensors")
     keys = sorted(sd)
     weight_map = {}
-    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2 :])):
         name = f"model-0000{i + 1}-of-00002.safetensors"
         save_file({k: sd[k] for k in part}, folder / name, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(part, name))
@@ -205,8 +230,19 @@ def _sharded(files, folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("entry", ["ABS", "../outside.safetensors", "../../../../etc/hostname", "../secret.bin",
-                                   "sub/model.safetensors", "..", "", 7])
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "ABS",
+        "../outside.safetensors",
+        "../../../../etc/hostname",
+        "../secret.bin",
+        "sub/model.safetensors",
+        "..",
+        "",
+        7,
+    ],
+)
 def test_shard_index_cannot_point_outside_its_folder(files, tmp_path, capsys, nothing_built, entry):
     folder = _sharded(files, tmp_path / "hf")
     index = folder / "model.safetensors.index.json"
@@ -217,8 +253,9 @@ def test_shard_index_cannot_point_outside_its_folder(files, tmp_path, capsys, no
     record = json.loads(index.read_text())
     record["weight_map"]["norm.weight"] = entry
     index.write_text(json.dumps(record))
-    err = _eval_refused(capsys, folder, files.data, tmp_path, str(index), "'norm.weight'", repr(entry),
-                        "not a plain file name")
+    err = _eval_refused(
+        capsys, folder, files.data, tmp_path, str(index), "'norm.weight'", repr(entry), "not a plain file name"
+    )
     assert "load key" not in err and "Zsecret" not in err
 
 
@@ -237,18 +274,28 @@ def test_a_sharded_folder_loads_and_a_broken_index_is_one_line(files, tmp_path, 
 
 
 def test_model_option_that_disagrees_with_the_weights_is_refused(files, tmp_path, capsys, nothing_built):
-    _eval_refused(capsys, files.good, files.data, tmp_path, f"the weights say they are {MICRO}",
-                  f"--model says {TINY}", extra=["--model", TINY])
+    _eval_refused(
+        capsys,
+        files.good,
+        files.data,
+        tmp_path,
+        f"the weights say they are {MICRO}",
+        f"--model says {TINY}",
+        extra=["--model", TINY],
+    )
     unnamed = _variant_of(files.good, tmp_path / "unnamed.safetensors", swinv2_model_name=None)
-    _eval_refused(capsys, unnamed, files.data, tmp_path, "embed_dim=24", f"--model {TINY} has 96",
-                  extra=["--model", TINY])
+    _eval_refused(
+        capsys, unnamed, files.data, tmp_path, "embed_dim=24", f"--model {TINY} has 96", extra=["--model", TINY]
+    )
     _refused(capsys, ["predict", "--weights", str(files.good), "--model", TINY, str(files.data)], TINY)
 
 
 def test_every_report_names_the_model_that_ran(files, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    assert main(["eval", "--weights", str(files.good), "--data", str(files.data), "--model", MICRO,
-                 "--json", str(out)]) == 0
+    assert (
+        main(["eval", "--weights", str(files.good), "--data", str(files.data), "--model", MICRO, "--json", str(out)])
+        == 0
+    )
     assert f"model: {MICRO} (10 classes), weights {files.good}" in capsys.readouterr().out
     report = json.loads(out.read_text())
     assert report["model"] == MICRO and report["model_config"] == files.model.config.to_dict()
@@ -257,7 +304,8 @@ def test_every_report_names_the_model_that_ran(files, tmp_path, capsys):
     out_text, err = capsys.readouterr()  # stdout: one line per image; the report for people on stderr
     assert len(out_text.splitlines()) == 2 and err.splitlines()[0] == (
         f"model: unnamed SwinV2 (embed_dim 24, depths [2, 2], num_heads [2, 4], window 4) (10 classes), "
-        f"weights {unnamed}")
+        f"weights {unnamed}"
+    )
     assert main(["predict", "--weights", str(files.good), "--json", "-", str(files.data / "c0")]) == 0
     out_text, err = capsys.readouterr()
     assert len(json.loads(out_text)["results"]) == 2 and f"model: {MICRO}" in err  # stdout stays pure JSON
@@ -266,49 +314,59 @@ def test_every_report_names_the_model_that_ran(files, tmp_path, capsys):
 # --------------------------------------------------------------------------- items 11, 13: class names, metadata
 
 
-@pytest.mark.parametrize("names,needle", [
-    ([f"n{i}" for i in range(12)], "12 class names for a 10-class model"),
-    (["a", "b", "c", "d", "e"], "5 class names for a 10-class model"),
-    (json.dumps("abc"), "'abc' is not a list of class names"),
-    (list(range(10)), "is not a list of class names"),
-])
+@pytest.mark.parametrize(
+    "names,needle",
+    [
+        ([f"n{i}" for i in range(12)], "12 class names for a 10-class model"),
+        (["a", "b", "c", "d", "e"], "5 class names for a 10-class model"),
+        (json.dumps("abc"), "'abc' is not a list of class names"),
+        (list(range(10)), "is not a list of class names"),
+    ],
+)
 def test_class_names_must_be_one_string_per_class(files, tmp_path, capsys, nothing_built, names, needle):
     bad = _variant_of(files.good, tmp_path / "bad.safetensors", swinv2_class_names=names)
     _eval_refused(capsys, bad, files.data, tmp_path, "metadata swinv2.class_names", needle)
     _refused(capsys, ["predict", "--weights", str(bad), str(files.data)], "swinv2.class_names")
 
 
-@pytest.mark.parametrize("config,needle", [
-    ("{not json", "not valid JSON"),
-    ([24, 2], "a JSON list, not an object"),
-    ({"sharpness": 3}, "unknown keys 'sharpness'"),
-    ({"embed_dim": "24"}, "embed_dim: '24' is not an integer"),
-    ({"depths": "22"}, "depths: '22' is not a list"),
-    ({"num_classes": -3}, "num_classes: -3 is out of range"),
-    ({"mlp_ratio": float("nan")}, "mlp_ratio: nan is not a finite number"),
-    ({"img_size": 10 ** 9}, "img_size"),
-    ({"window_size": 0}, "window_size: 0 is out of range"),
-    ({"pretrained_window_sizes": [-1, 0]}, "pretrained_window_sizes: [-1, 0] is out of range"),
-    ({"drop_path_rate": 5}, "drop_path_rate: 5 is out of range"),
-    ({"num_heads": [0, 4]}, "not a valid architecture"),
-    ({"num_heads": [5, 4]}, "not divisible by 5 heads"),
-    ({"depths": [2] * 9, "num_heads": [2] * 9}, "depths"),
-])
+@pytest.mark.parametrize(
+    "config,needle",
+    [
+        ("{not json", "not valid JSON"),
+        ([24, 2], "a JSON list, not an object"),
+        ({"sharpness": 3}, "unknown keys 'sharpness'"),
+        ({"embed_dim": "24"}, "embed_dim: '24' is not an integer"),
+        ({"depths": "22"}, "depths: '22' is not a list"),
+        ({"num_classes": -3}, "num_classes: -3 is out of range"),
+        ({"mlp_ratio": float("nan")}, "mlp_ratio: nan is not a finite number"),
+        ({"img_size": 10**9}, "img_size"),
+        ({"window_size": 0}, "window_size: 0 is out of range"),
+        ({"pretrained_window_sizes": [-1, 0]}, "pretrained_window_sizes: [-1, 0] is out of range"),
+        ({"drop_path_rate": 5}, "drop_path_rate: 5 is out of range"),
+        ({"num_heads": [0, 4]}, "not a valid architecture"),
+        ({"num_heads": [5, 4]}, "not divisible by 5 heads"),
+        ({"depths": [2] * 9, "num_heads": [2] * 9}, "depths"),
+    ],
+)
 def test_malformed_config_metadata_is_one_line(files, tmp_path, capsys, nothing_built, config, needle):
     bad = _variant_of(files.good, tmp_path / "bad.safetensors", swinv2_config=config)
     _eval_refused(capsys, bad, files.data, tmp_path, "metadata swinv2.config", needle)
 
 
-@pytest.mark.parametrize("change,needle", [
-    ({"embed_dim": 4096}, "embed_dim 4096, but the weights have 24 (patch_embed.proj.weight (24, 3, 4, 4))"),
-    ({"depths": [2, 200]}, "depths [2, 200], but the weights have [2, 2]"),
-    ({"num_heads": [24, 48], "embed_dim": 24}, "num_heads [24, 48], but the weights have [2, 4]"),
-    ({"mlp_ratio": 64.0}, "mlp_ratio 64.0 (MLP widths [1536, 3072]), but the weights have [96, 192]"),
-    ({"cpb_hidden_dim": 8192}, "cpb_hidden_dim 8192, but the weights have 512"),
-    ({"in_chans": 64}, "in_chans 64, but the weights have 3"),
-])
-def test_architecture_is_checked_against_the_tensors_before_building(files, tmp_path, capsys, nothing_built,
-                                                                      change, needle):
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        ({"embed_dim": 4096}, "embed_dim 4096, but the weights have 24 (patch_embed.proj.weight (24, 3, 4, 4))"),
+        ({"depths": [2, 200]}, "depths [2, 200], but the weights have [2, 2]"),
+        ({"num_heads": [24, 48], "embed_dim": 24}, "num_heads [24, 48], but the weights have [2, 4]"),
+        ({"mlp_ratio": 64.0}, "mlp_ratio 64.0 (MLP widths [1536, 3072]), but the weights have [96, 192]"),
+        ({"cpb_hidden_dim": 8192}, "cpb_hidden_dim 8192, but the weights have 512"),
+        ({"in_chans": 64}, "in_chans 64, but the weights have 3"),
+    ],
+)
+def test_architecture_is_checked_against_the_tensors_before_building(
+    files, tmp_path, capsys, nothing_built, change, needle
+):
     """In range, but not the model these tensors are: refused before anything is built from the numbers."""
     bad = _variant_of(files.good, tmp_path / "bad.safetensors", swinv2_config=change)
     _eval_refused(capsys, bad, files.data, tmp_path, "metadata swinv2.config says", needle)
@@ -332,27 +390,33 @@ def _edit_config(folder: Path, change) -> Path:
     return config
 
 
-@pytest.mark.parametrize("change,needle", [
-    ({"layer_norm_eps": 0.5}, "layer_norm_eps: 0.5; this model's LayerNorms use 1e-05"),
-    ({"id2label": {str(i): f"n{i}" for i in range(12)}}, "says 12 classes (id2label), but the weights have 10"),
-    ({"id2label": [f"n{i}" for i in range(10)]}, "id2label: a JSON list, not an object"),
-    ({"id2label": {str(i + 1): f"n{i}" for i in range(10)}}, "id2label: its keys must be the class indices 0 .. 9"),
-    ({"id2label": {str(i): i for i in range(10)}}, "id2label: the label of class 0 is 0, not a string"),
-    ({"num_labels": 7}, "num_labels: 7, but id2label names 10 classes"),
-    ({"depths": "2,2"}, "depths: '2,2' is not a list"),
-    ({"embed_dim": "24"}, "embed_dim: '24' is not an integer"),
-    ({"embed_dim": 40000}, "embed_dim: 40000 is out of range"),
-    ({"hidden_act": "relu"}, "hidden_act: 'relu'"),
-    ({"hidden_size": 96}, "hidden_size: 96, but embed_dim 24 and depths [2, 2] make it 48"),
-    ({"use_absolute_embeddings": True}, "use_absolute_embeddings"),
-    ({"model_type": "vit"}, "model_type: 'vit', not 'swinv2'"),
-    (lambda hf: json.dumps({**hf, "swinv2": {**hf["swinv2"], "preprocess": {**hf["swinv2"]["preprocess"],
-                                                                             "std": [0, 1, 1]}}}),
-     "swinv2.preprocess: std"),
-    (lambda hf: "{not json", "not valid JSON"),
-    (lambda hf: json.dumps([hf]), "holds a JSON list, not an object"),
-    (lambda hf: b"\xff\xfe" + json.dumps(hf).encode(), "not valid JSON"),  # not UTF-8
-])
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        ({"layer_norm_eps": 0.5}, "layer_norm_eps: 0.5; this model's LayerNorms use 1e-05"),
+        ({"id2label": {str(i): f"n{i}" for i in range(12)}}, "says 12 classes (id2label), but the weights have 10"),
+        ({"id2label": [f"n{i}" for i in range(10)]}, "id2label: a JSON list, not an object"),
+        ({"id2label": {str(i + 1): f"n{i}" for i in range(10)}}, "id2label: its keys must be the class indices 0 .. 9"),
+        ({"id2label": {str(i): i for i in range(10)}}, "id2label: the label of class 0 is 0, not a string"),
+        ({"num_labels": 7}, "num_labels: 7, but id2label names 10 classes"),
+        ({"depths": "2,2"}, "depths: '2,2' is not a list"),
+        ({"embed_dim": "24"}, "embed_dim: '24' is not an integer"),
+        ({"embed_dim": 40000}, "embed_dim: 40000 is out of range"),
+        ({"hidden_act": "relu"}, "hidden_act: 'relu'"),
+        ({"hidden_size": 96}, "hidden_size: 96, but embed_dim 24 and depths [2, 2] make it 48"),
+        ({"use_absolute_embeddings": True}, "use_absolute_embeddings"),
+        ({"model_type": "vit"}, "model_type: 'vit', not 'swinv2'"),
+        (
+            lambda hf: json.dumps(
+                {**hf, "swinv2": {**hf["swinv2"], "preprocess": {**hf["swinv2"]["preprocess"], "std": [0, 1, 1]}}}
+            ),
+            "swinv2.preprocess: std",
+        ),
+        (lambda hf: "{not json", "not valid JSON"),
+        (lambda hf: json.dumps([hf]), "holds a JSON list, not an object"),
+        (lambda hf: b"\xff\xfe" + json.dumps(hf).encode(), "not valid JSON"),  # not UTF-8
+    ],
+)
 def test_malformed_hf_config_is_one_line(files, hf_folder, tmp_path, capsys, nothing_built, change, needle):
     config = _edit_config(hf_folder, change)
     _eval_refused(capsys, hf_folder, files.data, tmp_path, str(config), needle)
@@ -373,11 +437,25 @@ def test_hf_config_keys_the_model_does_not_use_are_named(files, hf_folder, caplo
 def _state(net: torch.nn.Module, **changes) -> dict:
     """A training state as `engine.fit` writes it (all the keys, the weights of `net`); a change to
     KeyError removes that key."""
-    state = {"format": TRAINING_STATE_FORMAT, "version": 1, "model": net.state_dict(), "ema": None,
-             "optimizer": {}, "scheduler": {}, "scaler": None, "progress": {"global_step": 3, "epoch": 1},
-             "sampler": {}, "history": [], "best": [], "classes": list(CLASSES),
-             "preprocess": asdict(EvalPreprocess(32, 0.875)), "model_name": MICRO,
-             "model_config": net.config.to_dict(), "config": {}, "world_size": 1}
+    state = {
+        "format": TRAINING_STATE_FORMAT,
+        "version": 1,
+        "model": net.state_dict(),
+        "ema": None,
+        "optimizer": {},
+        "scheduler": {},
+        "scaler": None,
+        "progress": {"global_step": 3, "epoch": 1},
+        "sampler": {},
+        "history": [],
+        "best": [],
+        "classes": list(CLASSES),
+        "preprocess": asdict(EvalPreprocess(32, 0.875)),
+        "model_name": MICRO,
+        "model_config": net.config.to_dict(),
+        "config": {},
+        "world_size": 1,
+    }
     state.update(changes)
     return {k: v for k, v in state.items() if v is not KeyError}
 
@@ -400,13 +478,29 @@ def test_hostile_architecture_numbers_are_refused_in_bounded_time_and_memory(fil
     2 GB peak resident memory (the whole process, torch included)."""
     weights = _hostile(files, tmp_path, kind)
     out, err = tmp_path / "stdout", tmp_path / "stderr"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(swinv2.__file__).parents[1]),
-                                                        os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(swinv2.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
     start = time.monotonic()
     with open(out, "wb") as o, open(err, "wb") as e:
-        proc = subprocess.Popen([sys.executable, "-m", "swinv2", "eval", "--weights", str(weights), "--data",
-                                 str(files.data), "--json", str(tmp_path / "report.json")], stdout=o, stderr=e,
-                                env=env)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "swinv2",
+                "eval",
+                "--weights",
+                str(weights),
+                "--data",
+                str(files.data),
+                "--json",
+                str(tmp_path / "report.json"),
+            ],
+            stdout=o,
+            stderr=e,
+            env=env,
+        )
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     elapsed = time.monotonic() - start
@@ -421,14 +515,17 @@ def test_hostile_architecture_numbers_are_refused_in_bounded_time_and_memory(fil
 # --------------------------------------------------------------------------- item 13: training states
 
 
-@pytest.mark.parametrize("change,needle", [
-    ({"classes": KeyError}, "training state without 'classes'"),
-    ({"model": KeyError}, "training state without 'model'"),
-    ({"classes": "abc"}, "'classes' holds a str, not a list"),
-    ({"classes": [1, 2]}, "'classes' holds [1, 2], not class names"),
-    ({"preprocess": {"img_size": 0, "crop_pct": 1.0}}, "preprocess: img_size: 0"),
-    ({"model_config": {"embed_dim": 25}}, "model_config: not a valid architecture"),
-])
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        ({"classes": KeyError}, "training state without 'classes'"),
+        ({"model": KeyError}, "training state without 'model'"),
+        ({"classes": "abc"}, "'classes' holds a str, not a list"),
+        ({"classes": [1, 2]}, "'classes' holds [1, 2], not class names"),
+        ({"preprocess": {"img_size": 0, "crop_pct": 1.0}}, "preprocess: img_size: 0"),
+        ({"model_config": {"embed_dim": 25}}, "model_config: not a valid architecture"),
+    ],
+)
 def test_malformed_training_state_is_one_line(files, tmp_path, capsys, nothing_built, change, needle):
     path = tmp_path / "last.pt"
     save_training_state(path, _state(files.model, **change))
@@ -456,9 +553,18 @@ def test_a_cut_down_last_pt_is_skipped_like_a_torn_one(files, tmp_path, caplog):
     assert find_resumable(ckpts) is None  # the next start begins afresh instead of failing every time
 
 
-TINY_RUN = ["model.name=swinv2_micro_window4_32", "data.batch_size=4", "data.workers=0", "data.aug.mixup=0",
-            "data.aug.cutmix=0", "data.aug.auto_augment=null", "train.epochs=1", "train.threads=1",
-            "train.progress=false", "train.tensorboard=false"]
+TINY_RUN = [
+    "model.name=swinv2_micro_window4_32",
+    "data.batch_size=4",
+    "data.workers=0",
+    "data.aug.mixup=0",
+    "data.aug.cutmix=0",
+    "data.aug.auto_augment=null",
+    "train.epochs=1",
+    "train.threads=1",
+    "train.progress=false",
+    "train.tensorboard=false",
+]
 
 
 def test_explicit_resume_of_a_cut_down_state_is_one_line(files, tmp_path, capsys):
@@ -466,8 +572,12 @@ def test_explicit_resume_of_a_cut_down_state_is_one_line(files, tmp_path, capsys
     bad = tmp_path / "bad.pt"
     save_training_state(bad, _state(files.model, model=KeyError))
     out = tmp_path / "run"
-    _refused(capsys, ["train", "--out", str(out), "--resume", str(bad), f"data.root={root}", *TINY_RUN],
-             str(bad), "training state without 'model'")
+    _refused(
+        capsys,
+        ["train", "--out", str(out), "--resume", str(bad), f"data.root={root}", *TINY_RUN],
+        str(bad),
+        "training state without 'model'",
+    )
     assert not out.exists() or not any(out.rglob("*")), sorted(out.rglob("*"))
 
 
@@ -479,5 +589,6 @@ def test_the_detected_format_is_logged_once_per_load(files, tmp_path, caplog):
     save_file(convert_state_dict(files.model.state_dict(), dst="timm"), timm)
     with caplog.at_level(logging.INFO):
         load_model(timm, name=MICRO)
-    assert [r.getMessage() for r in caplog.records if "format detected" in r.getMessage()] == \
-        ["weights format detected: timm"]
+    assert [r.getMessage() for r in caplog.records if "format detected" in r.getMessage()] == [
+        "weights format detected: timm"
+    ]

@@ -14,6 +14,7 @@ References:
     closed formula (checked on the official tiny...large counts) and against timm's SwinTransformerV2
     of the same widths plus the extra norms it lacks.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,17 +25,17 @@ import torch
 import torch.nn.functional as F
 
 from randomize import randomize_
-from swinv2.weights.factory import load_model
-from swinv2.weights.files import save_weights
-from swinv2.weights.convert import convert_state_dict, from_native, tv_derived_buffers
-from swinv2.weights.hf_config import hf_config_from_kwargs
-from swinv2.model.cpb import cpb_tables
 from swinv2.errors import InputError
+from swinv2.model.cpb import cpb_tables
+from swinv2.model.transformer import SwinTransformerV2, SwinV2Config
+from swinv2.model.windows import class_masks, effective_window, nonempty_classes, shift_mask, window_order
 from swinv2.serve.dynamic_forward import DynamicSizeForward
 from swinv2.tools.flops import count_flops
-from swinv2.model.transformer import SwinTransformerV2, SwinV2Config
+from swinv2.weights.convert import convert_state_dict, from_native, tv_derived_buffers
+from swinv2.weights.factory import load_model
+from swinv2.weights.files import save_weights
+from swinv2.weights.hf_config import hf_config_from_kwargs
 from swinv2.weights.registry import OFFICIAL_PARAMS, count_params, get_variant, list_models, model_config
-from swinv2.model.windows import class_masks, effective_window, nonempty_classes, shift_mask, window_order
 
 timm = pytest.importorskip("timm")
 from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2  # noqa: E402
@@ -71,9 +72,15 @@ def _images(size: tuple[int, int], batch: int = 2) -> torch.Tensor:
 
 
 def _timm(cfg: SwinV2Config) -> torch.nn.Module:
-    return TimmSwinV2(img_size=cfg.img_size, embed_dim=cfg.embed_dim, depths=cfg.depths, num_heads=cfg.num_heads,
-                      window_size=cfg.stage_window_sizes, pretrained_window_sizes=cfg.pretrained_window_sizes,
-                      num_classes=cfg.num_classes).eval()
+    return TimmSwinV2(
+        img_size=cfg.img_size,
+        embed_dim=cfg.embed_dim,
+        depths=cfg.depths,
+        num_heads=cfg.num_heads,
+        window_size=cfg.stage_window_sizes,
+        pretrained_window_sizes=cfg.pretrained_window_sizes,
+        num_classes=cfg.num_classes,
+    ).eval()
 
 
 # --------------------------------------------------------------------------- the independent reference
@@ -104,8 +111,14 @@ def _official_bias(attn, window) -> torch.Tensor:
     """(nH, N, N) CPB as timm's `_make_pair_wise_relative_positions` + `forward` build it."""
     wh, ww = window
     ph, pw = attn.pretrained_window_size
-    table = torch.stack(torch.meshgrid(torch.arange(-(wh - 1), wh, dtype=torch.float32),
-                                       torch.arange(-(ww - 1), ww, dtype=torch.float32), indexing="ij"), -1)
+    table = torch.stack(
+        torch.meshgrid(
+            torch.arange(-(wh - 1), wh, dtype=torch.float32),
+            torch.arange(-(ww - 1), ww, dtype=torch.float32),
+            indexing="ij",
+        ),
+        -1,
+    )
     table[..., 0] /= max((ph if ph > 0 else wh) - 1, 1)
     table[..., 1] /= max((pw if ph > 0 else ww) - 1, 1)
     table = torch.sign(table * 8) * torch.log2((table * 8).abs() + 1.0) / math.log2(8)
@@ -201,10 +214,24 @@ def test_int_window_equals_its_per_stage_and_pair_spellings_bit_for_bit():
             logits.append(_model(c, seed=3)(x))
     assert all(torch.equal(logits[0], y) for y in logits[1:])
     # metadata written before windows could be per stage still reads, and is written back unchanged
-    old = {"img_size": [64, 64], "patch_size": 4, "in_chans": 3, "num_classes": 5, "embed_dim": 16,
-           "depths": [2, 2, 2, 2], "num_heads": [1, 2, 2, 4], "window_size": 8, "pretrained_window_sizes": [0, 0, 0, 0],
-           "mlp_ratio": 4.0, "qkv_bias": True, "drop_rate": 0.0, "attn_drop_rate": 0.0, "drop_path_rate": 0.0,
-           "patch_norm": True, "cpb_hidden_dim": 512}
+    old = {
+        "img_size": [64, 64],
+        "patch_size": 4,
+        "in_chans": 3,
+        "num_classes": 5,
+        "embed_dim": 16,
+        "depths": [2, 2, 2, 2],
+        "num_heads": [1, 2, 2, 4],
+        "window_size": 8,
+        "pretrained_window_sizes": [0, 0, 0, 0],
+        "mlp_ratio": 4.0,
+        "qkv_bias": True,
+        "drop_rate": 0.0,
+        "attn_drop_rate": 0.0,
+        "drop_path_rate": 0.0,
+        "patch_norm": True,
+        "cpb_hidden_dim": 512,
+    }
     assert SwinV2Config.from_dict(old) == configs[0] and configs[0].to_dict() == old
 
 
@@ -215,10 +242,16 @@ def test_window_rule_square_is_official_rectangle_is_per_axis():
     assert effective_window(7, 9, (7, 9), (3, 4)) == ((7, 9), (0, 0))
 
 
-@pytest.mark.parametrize("H, W, window, shift", [
-    (14, 18, (7, 9), (3, 4)), (16, 27, (7, 9), (3, 4)), (12, 10, (4, 3), (2, 1)),
-    (7, 22, (7, 9), (0, 4)), (20, 3, (8, 3), (4, 0)),  # shifted along one axis only: one row / column
-])
+@pytest.mark.parametrize(
+    "H, W, window, shift",
+    [
+        (14, 18, (7, 9), (3, 4)),
+        (16, 27, (7, 9), (3, 4)),
+        (12, 10, (4, 3), (2, 1)),
+        (7, 22, (7, 9), (0, 4)),
+        (20, 3, (8, 3), (4, 0)),  # shifted along one axis only: one row / column
+    ],
+)
 def test_four_mask_classes_are_exact_for_rectangular_windows(H, W, window, shift):
     """Every window of class run c carries, in the official raster-order slice mask, exactly the class
     mask the layout gives it; empty classes (one-axis shifts) are dropped with their masks."""
@@ -237,7 +270,7 @@ def test_four_mask_classes_are_exact_for_rectangular_windows(H, W, window, shift
     rows = gather.view(nW, N)
     start = 0
     for m, n in zip(masks, kept):
-        for row in rows[start:start + n]:
+        for row in rows[start : start + n]:
             assert torch.equal(official[where[tuple(row.tolist())]], m)
         start += n
     assert start == nW and torch.equal(masks, class_masks(window, shift, CPU)[classes])
@@ -302,8 +335,10 @@ def test_converters_hold_per_stage_windows_where_the_format_can_and_refuse_in_on
     loaded = load_model(tmp_path / "m.safetensors")
     assert loaded.config == cfg and loaded.config.window_size == ((8, 4), (4, 8), (4, 4), (2, 3))
     # torchvision has one window for all stages (a rectangle is fine), transformers one square window
-    for dst, call in (("torchvision", lambda: from_native(sd, "torchvision", config=cfg)),
-                      ("hf", lambda: hf_config_from_kwargs(cfg.to_dict()))):
+    for dst, call in (
+        ("torchvision", lambda: from_native(sd, "torchvision", config=cfg)),
+        ("hf", lambda: hf_config_from_kwargs(cfg.to_dict())),
+    ):
         with pytest.raises(InputError) as err:
             call()
         assert "\n" not in str(err.value) and "window" in str(err.value), dst
@@ -321,9 +356,17 @@ def test_torchvision_takes_a_uniform_rectangular_window():
 
     cfg = _config("rect")
     model = _model(cfg)
-    theirs = tvm.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4],
-                                 window_size=[7, 9], stochastic_depth_prob=0.0, num_classes=5,
-                                 block=tvm.SwinTransformerBlockV2, downsample_layer=tvm.PatchMergingV2).eval()
+    theirs = tvm.SwinTransformer(
+        patch_size=[4, 4],
+        embed_dim=16,
+        depths=[2, 2, 2, 2],
+        num_heads=[1, 2, 2, 4],
+        window_size=[7, 9],
+        stochastic_depth_prob=0.0,
+        num_classes=5,
+        block=tvm.SwinTransformerBlockV2,
+        downsample_layer=tvm.PatchMergingV2,
+    ).eval()
     theirs.load_state_dict(convert_state_dict(model.state_dict(), dst="torchvision", config=cfg), strict=True)
     x = _images((224, 288), batch=1)
     with torch.no_grad():
@@ -351,15 +394,22 @@ def _formula_params(cfg: SwinV2Config) -> int:
 
 
 def test_the_param_formula_reproduces_the_official_counts():
-    for family, name in (("tiny", "swinv2_tiny_window8_256"), ("small", "swinv2_small_window8_256"),
-                         ("base", "swinv2_base_window8_256"), ("large", "swinv2_large_window12to16_192to256")):
+    for family, name in (
+        ("tiny", "swinv2_tiny_window8_256"),
+        ("small", "swinv2_small_window8_256"),
+        ("base", "swinv2_base_window8_256"),
+        ("large", "swinv2_large_window12to16_192to256"),
+    ):
         assert _formula_params(model_config(name)) == OFFICIAL_PARAMS[family]
 
 
-@pytest.mark.parametrize("name, arch, n_extra, paper", [
-    ("swinv2_huge_window12to14_192to224", (352, (2, 2, 18, 2), (8, 16, 32, 64)), 3, 658e6),
-    ("swinv2_giant_window12to14_192to224", (512, (2, 2, 42, 4), (16, 32, 64, 128)), 7, 3.0e9),
-])
+@pytest.mark.parametrize(
+    "name, arch, n_extra, paper",
+    [
+        ("swinv2_huge_window12to14_192to224", (352, (2, 2, 18, 2), (8, 16, 32, 64)), 3, 658e6),
+        ("swinv2_giant_window12to14_192to224", (512, (2, 2, 42, 4), (16, 32, 64, 128)), 7, 3.0e9),
+    ],
+)
 def test_huge_and_giant_configs_and_parameter_counts(name, arch, n_extra, paper):
     v = get_variant(name)
     cfg = v.config
@@ -380,9 +430,17 @@ def test_extra_norm_every_two_blocks_in_a_tiny_model():
     """mmpretrain `SwinBlockV2Sequence`: block j (from 0) of every stage gets an extra norm when
     (j + 1) % n == 0, the last stage's last block included, and the model's final norm follows it
     (timm's swin_transformer_v2_cr instead makes that last norm3 the final norm)."""
-    cfg = SwinV2Config(img_size=64, window_size=4, depths=(2, 4, 2), num_heads=(1, 2, 4), embed_dim=16,
-                       pretrained_window_sizes=(0, 0, 0), num_classes=5, drop_path_rate=0.0,
-                       extra_norm_every_n_blocks=2)
+    cfg = SwinV2Config(
+        img_size=64,
+        window_size=4,
+        depths=(2, 4, 2),
+        num_heads=(1, 2, 4),
+        embed_dim=16,
+        pretrained_window_sizes=(0, 0, 0),
+        num_classes=5,
+        drop_path_rate=0.0,
+        extra_norm_every_n_blocks=2,
+    )
     model = _model(cfg, seed=4)
     where = [(i, j) for i, layer in enumerate(model.layers) for j, b in enumerate(layer.blocks) if b.norm3 is not None]
     assert where == [(0, 1), (1, 1), (1, 3), (2, 1)]
@@ -409,8 +467,16 @@ def test_dynamic_onnx_graph_runs_rectangular_per_stage_windows(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     from swinv2.serve.export import export_onnx
 
-    cfg = SwinV2Config(img_size=32, embed_dim=16, depths=(2, 2), num_heads=(2, 2), window_size=((4, 3), (2, 2)),
-                       pretrained_window_sizes=((3, 2), 0), num_classes=5, drop_path_rate=0.0)
+    cfg = SwinV2Config(
+        img_size=32,
+        embed_dim=16,
+        depths=(2, 2),
+        num_heads=(2, 2),
+        window_size=((4, 3), (2, 2)),
+        pretrained_window_sizes=((3, 2), 0),
+        num_classes=5,
+        drop_path_rate=0.0,
+    )
     model = _model(cfg, seed=6)
     export_onnx(model, tmp_path / "m.onnx", img_size=32, dynamic_size=True, check=False)
     ort_run = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])

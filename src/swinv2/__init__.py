@@ -3,6 +3,7 @@
 The public names load on first use (PEP 562), so that `swinv2 --help` and other commands that never
 touch a model do not pay for importing torch.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -11,25 +12,30 @@ from typing import TYPE_CHECKING, Any
 # public name -> the module that defines it
 _EXPORTS = {
     "create_backbone": "serve.backbone",
-    "LoadReport": "weights.factory", "create_model": "weights.factory", "load_model": "weights.factory",
-    "load_weights": "weights.factory", "save_weights": "weights.files",
+    "LoadReport": "weights.factory",
+    "create_model": "weights.factory",
+    "load_model": "weights.factory",
+    "load_weights": "weights.factory",
+    "save_weights": "weights.files",
     "convert_state_dict": "weights.convert",
     "count_flops": "tools.flops",
-    "SwinTransformerV2": "model.transformer", "SwinV2Config": "model.transformer",
-    "get_variant": "weights.registry", "list_models": "weights.registry",
+    "SwinTransformerV2": "model.transformer",
+    "SwinV2Config": "model.transformer",
+    "get_variant": "weights.registry",
+    "list_models": "weights.registry",
     "retain_freed_cpu_memory": "allocator",
 }
 __all__ = [*_EXPORTS, "hub"]
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .weights import hub
     from .allocator import retain_freed_cpu_memory
+    from .model.transformer import SwinTransformerV2, SwinV2Config
+    from .tools.flops import count_flops
+    from .weights import hub
+    from .weights.convert import convert_state_dict
     from .weights.factory import LoadReport, create_model, load_model, load_weights
     from .weights.files import save_weights
-    from .weights.convert import convert_state_dict
-    from .tools.flops import count_flops
-    from .model.transformer import SwinTransformerV2, SwinV2Config
     from .weights.registry import get_variant, list_models
 
 

@@ -7,8 +7,9 @@ after step, so under these defaults each step faults its memory in again: the ke
 page on first touch, about 1.7 us each here. Measured on a 2-core x86 VM (SwinV2-T, 256 px, batch 8,
 fp32, each run in its own process, `swinv2 bench --train --own-process N [--default-malloc]`): 110k-260k
 minor page faults per step (0.4-1 GB of fresh pages) under the defaults, and 0-3k with this policy;
-3-17 % less time per step across runs (more when the machine is busy). Which process history happens to leave a large heap behind decides how much
-of this a given process pays, so the defaults also make timings depend on what ran before.
+3-17 % less time per step across runs (more when the machine is busy). Which process history happens to leave a
+large heap behind decides how much of this a given process pays, so the defaults also make timings depend on what
+ran before.
 
 What. `retain_freed_cpu_memory()` raises the mmap threshold and the trim threshold to `limit` bytes
 (1 GiB by default) with `mallopt`: blocks up to that size come from the heap and go back to it, so the
@@ -21,6 +22,7 @@ and returns False where the C library is not glibc, where the user chose malloc 
 (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`, `GLIBC_TUNABLES=glibc.malloc...`), or where
 `SWINV2_RETAIN_FREED_MEMORY=0` opts out. Standard library only; no torch.
 """
+
 from __future__ import annotations
 
 import ctypes

@@ -13,6 +13,7 @@ Defaults are the official SwinV2 ImageNet-1k from-scratch recipe (microsoft/Swin
 20 warmup epochs from 5e-7, cosine to 5e-6, clip 5.0, RandAugment rand-m9-mstd0.5-inc1, random
 erasing 0.25 (pixel), mixup 0.8 / cutmix 1.0 / switch 0.5 per batch, label smoothing 0.1.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,16 +26,15 @@ import re
 import reprlib
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Sequence, Union, cast
+from typing import TYPE_CHECKING, Any, Literal, Union, cast
 
 import yaml
 
 from .errors import ConfigError
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
-
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +132,8 @@ MAX_LIST = 256
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "swinv2_tiny_window8_256"
-    num_classes: int | None = valid(None, f"[1, {MAX_CLASSES}]")   # None: the number of class folders
-    img_size: int | None = valid(None, f"[1, {MAX_IMG_SIZE}]")     # None: the variant's
+    num_classes: int | None = valid(None, f"[1, {MAX_CLASSES}]")  # None: the number of class folders
+    img_size: int | None = valid(None, f"[1, {MAX_IMG_SIZE}]")  # None: the variant's
     # None: the variant's. An int, an [h, w] window, or one int / [h, w] per stage (two ints are one
     # [h, w] window, as in timm; a two-stage model's per-stage windows are written as pairs).
     window_size: int | tuple[int | tuple[int, int], ...] | None = valid(None, f"[1, {MAX_WINDOW}]")
@@ -141,10 +141,10 @@ class ModelConfig:
     pretrained_window_sizes: tuple[int | tuple[int, int], ...] | None = valid(None, f"[0, {MAX_WINDOW}]")
     # None: the variant's (0.2 T, 0.3 S, 0.5 B). 1 is out: the last block's DropPath would divide by keep = 0.
     drop_path_rate: float | None = valid(None, "[0, 1)")
-    weights: str | None = None                  # initialise from a checkpoint (any supported format)
-    pretrained: bool | str | None = None        # published weights: true (default tag), a tag or NAME.TAG (hub.py)
-    weights_strict: bool = True                 # False: skip missing / mis-shaped keys (e.g. a new head)
-    freeze: tuple[str, ...] = ()                # fnmatch patterns of parameter names, e.g. "patch_embed.*"
+    weights: str | None = None  # initialise from a checkpoint (any supported format)
+    pretrained: bool | str | None = None  # published weights: true (default tag), a tag or NAME.TAG (hub.py)
+    weights_strict: bool = True  # False: skip missing / mis-shaped keys (e.g. a new head)
+    freeze: tuple[str, ...] = ()  # fnmatch patterns of parameter names, e.g. "patch_embed.*"
 
 
 @dataclass(frozen=True)
@@ -154,27 +154,27 @@ class AugConfig:
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"
     interpolation: str = "bicubic"
     scale: tuple[float, float] = valid((0.08, 1.0), "(0, 1]", ordered=True)  # RandomResizedCrop area range
-    ratio: tuple[float, float] = valid((0.75, 4 / 3), "> 0", ordered=True)   # its aspect ratios (log-uniform)
-    hflip: float = valid(0.5, "[0, 1]")                 # probability
+    ratio: tuple[float, float] = valid((0.75, 4 / 3), "> 0", ordered=True)  # its aspect ratios (log-uniform)
+    hflip: float = valid(0.5, "[0, 1]")  # probability
     color_jitter: float = valid(0.4, ">= 0")
-    re_prob: float = valid(0.25, "[0, 1]")              # random erasing
+    re_prob: float = valid(0.25, "[0, 1]")  # random erasing
     re_mode: Literal["const", "rand", "pixel"] = "pixel"
-    re_count: int = valid(1, "[1, 64]")                 # timm erases 1..re_count boxes (re_prob=0: off)
-    mixup: float = valid(0.8, ">= 0")                   # mixup alpha (0 = off)
-    cutmix: float = valid(1.0, ">= 0")                  # cutmix alpha (0 = off)
+    re_count: int = valid(1, "[1, 64]")  # timm erases 1..re_count boxes (re_prob=0: off)
+    mixup: float = valid(0.8, ">= 0")  # mixup alpha (0 = off)
+    cutmix: float = valid(1.0, ">= 0")  # cutmix alpha (0 = off)
     cutmix_minmax: tuple[float, float] | None = valid(None, "[0, 1]", ordered=True)  # box side / image side
     mixup_prob: float = valid(1.0, "[0, 1]")
     switch_prob: float = valid(0.5, "[0, 1]")
     mixup_mode: Literal["batch", "pair", "elem"] = "batch"
-    label_smoothing: float = valid(0.1, "[0, 1)")       # timm's LabelSmoothingCrossEntropy asserts < 1
+    label_smoothing: float = valid(0.1, "[0, 1)")  # timm's LabelSmoothingCrossEntropy asserts < 1
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    root: str = ""                              # holds train_dir/ and val_dir/ of class folders
+    root: str = ""  # holds train_dir/ and val_dir/ of class folders
     train_dir: str = "train"
     val_dir: str = "val"
-    val_root: str | None = None                 # a separate val folder of classes (overrides root/val_dir)
+    val_root: str | None = None  # a separate val folder of classes (overrides root/val_dir)
     source: Literal["folder", "digits"] = "folder"  # "digits": build root from scikit-learn's digits first
     batch_size: int = valid(128, f"[1, {MAX_BATCH}]")  # per process (official: 128 per GPU)
     eval_batch_size: int | None = valid(None, f"[1, {MAX_BATCH}]")  # None: 2 x batch_size
@@ -186,8 +186,8 @@ class DataConfig:
     crop_pct: float | None = valid(None, "(0, 1]")  # eval resize = img_size / crop_pct; None: the variant's
     interpolation: str = "bicubic"
     mean: tuple[float, float, float] = valid(IMAGENET_MEAN, "[0, 1]")  # of pixel values scaled to [0, 1]
-    std: tuple[float, float, float] = valid(IMAGENET_STD, "> 0")       # a divisor
-    strict: bool = False                        # decode every image first and fail listing bad ones
+    std: tuple[float, float, float] = valid(IMAGENET_STD, "> 0")  # a divisor
+    strict: bool = False  # decode every image first and fail listing bad ones
     aug: AugConfig = field(default_factory=AugConfig)
 
     def __post_init__(self) -> None:
@@ -215,7 +215,7 @@ def auto_workers() -> int:
 @dataclass(frozen=True)
 class OptimConfig:
     name: Literal["adamw"] = "adamw"
-    lr: float = valid(5e-4, ">= 0")             # at lr_base_batch images per step
+    lr: float = valid(5e-4, ">= 0")  # at lr_base_batch images per step
     lr_base_batch: int = valid(512, "[1, 1048576]")
     lr_scaling: Literal["linear", "none"] = "linear"  # linear: lr, warmup_lr, min_lr x total batch / base
     betas: tuple[float, float] = valid((0.9, 0.999), "[0, 1)")  # torch's AdamW's range
@@ -224,7 +224,7 @@ class OptimConfig:
     # Global L2 norm; None or 0: no clipping (the engine, like the official code, clips only when it is
     # truthy). A negative norm would flip the gradients' sign.
     clip_grad: float | None = valid(5.0, ">= 0")
-    accum_steps: int = valid(1, "[1, 4096]")    # micro-batches per optimizer step
+    accum_steps: int = valid(1, "[1, 4096]")  # micro-batches per optimizer step
     # Layer-wise LR decay (SimMIM fine-tuning): lr x layer_decay^(L+1 - layer id), see
     # schedule.swin_layer_id; None: off (1 is the same, 0 would leave only the head training).
     layer_decay: float | None = valid(None, "(0, 1]")
@@ -245,24 +245,24 @@ class TrainConfig:
     epochs: int = valid(300, f"[1, {MAX_EPOCHS}]")
     seed: int = valid(0, "[0, 18446744073709551615]")  # torch.manual_seed's range: up to 2**64 - 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: Literal["none", "bf16", "fp16"] = "none"   # fp16 adds a dynamic loss scaler
+    amp: Literal["none", "bf16", "fp16"] = "none"  # fp16 adds a dynamic loss scaler
     ema: bool = False
     ema_decay: float = valid(0.9998, "[0, 1)")  # 1 would hold the EMA at the initial weights
-    ema_warmup: bool = False                    # timm's decay warmup 1 - (1 + step)^-2/3
+    ema_warmup: bool = False  # timm's decay warmup 1 - (1 + step)^-2/3
     grad_checkpointing: bool = False
-    sequential_attention: bool = False          # CPU: attention probabilities recomputed in the backward
+    sequential_attention: bool = False  # CPU: attention probabilities recomputed in the backward
     compile: bool = False
-    parallel: Literal["ddp", "fsdp"] = "ddp"    # used under torchrun
-    eval_every: int = valid(1, ">= 1")          # epochs (the last epoch is always evaluated)
-    checkpoint_every: int = valid(0, ">= 0")    # optimizer steps between mid-epoch saves; 0: epoch ends only
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # used under torchrun
+    eval_every: int = valid(1, ">= 1")  # epochs (the last epoch is always evaluated)
+    checkpoint_every: int = valid(0, ">= 0")  # optimizer steps between mid-epoch saves; 0: epoch ends only
     # Best-k training states kept by best_metric; 0 is out: with a val set the best is the run's weights file.
     keep_best: int = valid(1, ">= 1")
     # Accuracies rank highest first, losses lowest first; task simmim has losses only (no labels).
     best_metric: Literal["val_top1", "val_ema_top1", "val_loss", "val_ema_loss"] = "val_top1"
-    max_bad_steps: int = valid(10, ">= 1")      # abort after this many non-finite steps in a row
-    log_every: int = valid(50, ">= 1")          # optimizer steps between log lines / TensorBoard points
+    max_bad_steps: int = valid(10, ">= 1")  # abort after this many non-finite steps in a row
+    log_every: int = valid(50, ">= 1")  # optimizer steps between log lines / TensorBoard points
     tensorboard: bool = True
-    progress: bool = True                       # tqdm bars (rank 0)
+    progress: bool = True  # tqdm bars (rank 0)
     threads: int | None = valid(None, "[1, 1024]")  # torch.set_num_threads; None: torch's default
     # classify: labels from class folders, cross-entropy. simmim: masked-image pretraining without labels
     # (the `simmim` section; images at any depth under the train / val folders, class folders ignored).
@@ -303,9 +303,18 @@ INHERIT: Any = _Inherit()  # a stage key the stage does not set (None can be a r
 def _stage_section(cls: type) -> type:
     """`cls` with every field defaulting to INHERIT: a stage's sparse override of that section."""
     hints = typing.get_type_hints(cls)
-    return dataclasses.make_dataclass(f"Stage{cls.__name__}", [
-        (f.name, _stage_section(hints[f.name]) if dataclasses.is_dataclass(hints[f.name]) else hints[f.name],
-         field(default=INHERIT, metadata=f.metadata)) for f in fields(cls)], frozen=True)
+    return dataclasses.make_dataclass(
+        f"Stage{cls.__name__}",
+        [
+            (
+                f.name,
+                _stage_section(hints[f.name]) if dataclasses.is_dataclass(hints[f.name]) else hints[f.name],
+                field(default=INHERIT, metadata=f.metadata),
+            )
+            for f in fields(cls)
+        ],
+        frozen=True,
+    )
 
 
 if TYPE_CHECKING:  # built at run time, so opaque to mypy; each field holds its section's value or INHERIT
@@ -319,7 +328,8 @@ if TYPE_CHECKING:  # built at run time, so opaque to mypy; each field holds its 
     StageSimMIMConfig: TypeAlias = Any
 else:
     StageModelConfig, StageDataConfig, StageOptimConfig, StageScheduleConfig, StageTrainConfig, StageSimMIMConfig = map(
-        _stage_section, (ModelConfig, DataConfig, OptimConfig, ScheduleConfig, TrainConfig, SimMIMConfig))
+        _stage_section, (ModelConfig, DataConfig, OptimConfig, ScheduleConfig, TrainConfig, SimMIMConfig)
+    )
 
 
 @dataclass(frozen=True)
@@ -345,7 +355,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     simmim: SimMIMConfig = field(default_factory=SimMIMConfig)  # used by train.task: simmim
-    stages: tuple[StageConfig, ...] = ()         # a multi-stage recipe: `swinv2 train` runs recipes.fit_recipe
+    stages: tuple[StageConfig, ...] = ()  # a multi-stage recipe: `swinv2 train` runs recipes.fit_recipe
 
     def __post_init__(self) -> None:
         # Here rather than in the parser, so that a Config built in code is held to the ranges too.
@@ -358,10 +368,10 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Config":
+    def from_dict(cls, d: dict[str, Any]) -> Config:
         return _build(cls, d, "")
 
-    def replace(self, **dotted: Any) -> "Config":
+    def replace(self, **dotted: Any) -> Config:
         """A copy with dotted keys replaced, validated: `cfg.replace(**{"train.epochs": 2})`."""
         d = self.to_dict()
         for key, value in dotted.items():
@@ -405,8 +415,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         if not sep or not key:
             raise ConfigError(f"override {_shown(item)} is not of the form key=value (e.g. train.epochs=2)")
         # As given where it is short and printable; else quoted on one line and cut short.
-        shown = item if len(item) <= 200 and item.isprintable() else \
-            _shown(item) + (f" ({len(item)} characters)" if len(item) > 200 else "")
+        shown = (
+            item
+            if len(item) <= 200 and item.isprintable()
+            else _shown(item) + (f" ({len(item)} characters)" if len(item) > 200 else "")
+        )
         try:
             value = parse_yaml(raw) if raw.strip() else None
         except yaml.YAMLError:
@@ -458,10 +471,15 @@ def _check_start_point(cfg: Config, path: str | Path | None, overrides: Sequence
     w_from, p_from = (key_origin(k, path, overrides) for k in (w_key, p_key))
     shown = json.dumps(pretrained) if isinstance(pretrained, bool) else pretrained
     prefix = "stages.0." if cfg.stages else ""
-    reason = (f"two start points; keep one: {prefix}model.pretrained=false to start from the file, or "
-              f"{prefix}model.weights=null for the published weights")
-    raise ConfigError(f"{w_key}={_shown(weights)} (set by {w_from}) and {p_key}={shown} (set by {p_from}): "
-                      f"{reason}", key=w_key, reason=reason)
+    reason = (
+        f"two start points; keep one: {prefix}model.pretrained=false to start from the file, or "
+        f"{prefix}model.weights=null for the published weights"
+    )
+    raise ConfigError(
+        f"{w_key}={_shown(weights)} (set by {w_from}) and {p_key}={shown} (set by {p_from}): {reason}",
+        key=w_key,
+        reason=reason,
+    )
 
 
 # A recipe is a few KB (the longest shipped one is 4 KB): 64 KiB leaves room for any real one and
@@ -480,14 +498,16 @@ def _read_recipe(p: Path) -> str:
     with open(p, "rb") as f:
         data = f.read(MAX_RECIPE_BYTES + 1)
     if len(data) > MAX_RECIPE_BYTES:
-        raise ConfigError(f"larger than {MAX_RECIPE_BYTES // 1024} KiB, too large for a recipe "
-                          f"(the shipped ones are a few KB)")
+        raise ConfigError(
+            f"larger than {MAX_RECIPE_BYTES // 1024} KiB, too large for a recipe (the shipped ones are a few KB)"
+        )
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
-        raise ConfigError(f"line {line}: byte 0x{data[e.start]:02x} is not UTF-8 text; save the file as UTF-8") \
-            from None
+        raise ConfigError(
+            f"line {line}: byte 0x{data[e.start]:02x} is not UTF-8 text; save the file as UTF-8"
+        ) from None
 
 
 class _RecipeLoader(_YAML_BASE):  # type: ignore[misc, valid-type]
@@ -499,8 +519,9 @@ class _RecipeLoader(_YAML_BASE):  # type: ignore[misc, valid-type]
             return yaml.constructor.SafeConstructor.construct_object(self, node, deep=deep)
         except (ValueError, OverflowError) as e:
             problem = "an integer of more than 4300 digits" if "integer string conversion" in str(e) else str(e)
-            raise yaml.constructor.ConstructorError(None, None, f"cannot read {_shown(node.value)}: {problem}",
-                                                    node.start_mark) from None
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {_shown(node.value)}: {problem}", node.start_mark
+            ) from None
 
 
 def parse_yaml(text: str) -> Any:
@@ -549,13 +570,19 @@ def _check_events(text: str) -> None:
             event = loader.get_event()
             line = event.start_mark.line + 1
             if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-                raise ConfigError(f"line {line}: anchors and aliases (&name, *name) are not supported in a "
-                                  f"recipe; write the value out")
+                raise ConfigError(
+                    f"line {line}: anchors and aliases (&name, *name) are not supported in a "
+                    f"recipe; write the value out"
+                )
             if isinstance(event, yaml.CollectionStartEvent):
                 depth += 1
                 if depth > MAX_YAML_DEPTH:  # as libyaml's own limit (1000) would: a YAML error
-                    raise yaml.parser.ParserError(None, None, f"nested more than {MAX_YAML_DEPTH} deep (a recipe's "
-                                                  f"sections and lists nest a few levels)", event.start_mark)
+                    raise yaml.parser.ParserError(
+                        None,
+                        None,
+                        f"nested more than {MAX_YAML_DEPTH} deep (a recipe's sections and lists nest a few levels)",
+                        event.start_mark,
+                    )
             elif isinstance(event, yaml.CollectionEndEvent):
                 depth -= 1
     finally:
@@ -572,8 +599,11 @@ def _check_duplicate_keys(node: yaml.Node, where: str) -> None:
             if name is not None:
                 line = key.start_mark.line + 1
                 if name in first:
-                    raise ConfigError(f"line {line}: duplicate key {_shown(dotted)} (first at line {first[name]}); "
-                                      f"YAML would silently keep the last, so set it once", key=dotted)
+                    raise ConfigError(
+                        f"line {line}: duplicate key {_shown(dotted)} (first at line {first[name]}); "
+                        f"YAML would silently keep the last, so set it once",
+                        key=dotted,
+                    )
                 first[name] = line
             _check_duplicate_keys(value, dotted)
     elif isinstance(node, yaml.SequenceNode):
@@ -598,14 +628,26 @@ def _warn_long_warmup(cfg: Config) -> None:
     climbs towards optim.lr (schedule.WarmupCosineLR stays in warm-up) and never decays. Legal, e.g. in
     a smoke test, but in a short fine-tune that inherits a long recipe's warm-up it is a mistake."""
     if cfg.stages:
-        runs = [(f"stages[{i}].", _inherited(s.schedule.warmup_epochs, cfg.schedule.warmup_epochs),
-                 _inherited(s.train.epochs, cfg.train.epochs)) for i, s in enumerate(cfg.stages)]
+        runs = [
+            (
+                f"stages[{i}].",
+                _inherited(s.schedule.warmup_epochs, cfg.schedule.warmup_epochs),
+                _inherited(s.train.epochs, cfg.train.epochs),
+            )
+            for i, s in enumerate(cfg.stages)
+        ]
     else:
         runs = [("", cfg.schedule.warmup_epochs, cfg.train.epochs)]
     for where, warmup, epochs in runs:
         if warmup >= epochs:
-            log.warning("%sschedule.warmup_epochs=%g is not shorter than %strain.epochs=%d: the whole run is "
-                        "warm-up, the LR never reaches optim.lr's peak nor decays", where, warmup, where, epochs)
+            log.warning(
+                "%sschedule.warmup_epochs=%g is not shorter than %strain.epochs=%d: the whole run is "
+                "warm-up, the LR never reaches optim.lr's peak nor decays",
+                where,
+                warmup,
+                where,
+                epochs,
+            )
 
 
 def _inherited(stage_value: Any, top_value: Any) -> Any:
@@ -635,8 +677,14 @@ def schema_table(cls: type = Config, prefix: str = "") -> list[tuple[str, str, s
             rows += schema_table(cast(type, tp), key + ".")
             continue
         if f.name == "stages":
-            rows.append((key, "a list of stages", "[]", "each: name, init_from and any keys above "
-                         "(stages.N.KEY; see docs/training.md)"))
+            rows.append(
+                (
+                    key,
+                    "a list of stages",
+                    "[]",
+                    "each: name, init_from and any keys above (stages.N.KEY; see docs/training.md)",
+                )
+            )
             continue
         default = cast("Callable[[], Any]", f.default_factory)() if f.default is dataclasses.MISSING else f.default
         rng = f.metadata.get("range")
@@ -648,8 +696,7 @@ def schema_text() -> str:
     """schema_table() as aligned columns under a header."""
     rows = [("KEY", "TYPE", "DEFAULT", "VALID")] + schema_table()
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    return "".join(f"{k:<{widths[0]}}  {t:<{widths[1]}}  {d:<{widths[2]}}  {v}".rstrip() + "\n"
-                   for k, t, d, v in rows)
+    return "".join(f"{k:<{widths[0]}}  {t:<{widths[1]}}  {d:<{widths[2]}}  {v}".rstrip() + "\n" for k, t, d, v in rows)
 
 
 def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
@@ -678,8 +725,9 @@ def _suggest(key: str, valid: Sequence[str]) -> str:
     close = difflib.get_close_matches(key, list(valid) + all_keys, n=1, cutoff=0.6)
     if not close:
         last = key.rsplit(".", 1)[-1]
-        close = [k for k in all_keys if k.rsplit(".", 1)[-1] == last][:1] or \
-            [k for k in all_keys if difflib.get_close_matches(last, [k.rsplit(".", 1)[-1]], cutoff=0.75)][:1]
+        close = [k for k in all_keys if k.rsplit(".", 1)[-1] == last][:1] or [
+            k for k in all_keys if difflib.get_close_matches(last, [k.rsplit(".", 1)[-1]], cutoff=0.75)
+        ][:1]
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
@@ -814,23 +862,45 @@ def check_task(cfg: Config) -> None:
     if t.task == "simmim":
         if t.best_metric not in ("val_loss", "val_ema_loss"):
             reason = "pretraining has no labels, so no accuracy: use val_loss (or val_ema_loss)"
-            raise ConfigError(f"train.best_metric={t.best_metric} with train.task=simmim: {reason}",
-                              key="train.best_metric", reason=reason)
+            raise ConfigError(
+                f"train.best_metric={t.best_metric} with train.task=simmim: {reason}",
+                key="train.best_metric",
+                reason=reason,
+            )
         if cfg.optim.layer_decay is not None:
             reason = "layer-wise LR decay is SimMIM's fine-tuning rule; pretraining trains every layer at one LR"
-            raise ConfigError(f"optim.layer_decay={cfg.optim.layer_decay} with train.task=simmim: {reason}",
-                              key="optim.layer_decay", reason=reason)
+            raise ConfigError(
+                f"optim.layer_decay={cfg.optim.layer_decay} with train.task=simmim: {reason}",
+                key="optim.layer_decay",
+                reason=reason,
+            )
     if s.norm_target_patch_size is not None and s.norm_target_patch_size % 2 == 0:
         reason = "must be odd (a window centred on each pixel)"
-        raise ConfigError(f"simmim.norm_target_patch_size={s.norm_target_patch_size}: {reason}",
-                          key="simmim.norm_target_patch_size", reason=reason)
+        raise ConfigError(
+            f"simmim.norm_target_patch_size={s.norm_target_patch_size}: {reason}",
+            key="simmim.norm_target_patch_size",
+            reason=reason,
+        )
 
 
 # Keys a resume may change without `allow_config_change`: where the data lives and how the run is
 # driven and logged, not what it computes. (train.epochs extends or shortens the run.)
-RESUME_MAY_CHANGE = ("data.root", "data.val_root", "data.workers", "data.persistent_workers", "data.pin_memory",
-                     "data.eval_batch_size", "train.epochs", "train.progress", "train.tensorboard", "train.log_every",
-                     "train.threads", "train.checkpoint_every", "train.eval_every", "train.device")
+RESUME_MAY_CHANGE = (
+    "data.root",
+    "data.val_root",
+    "data.workers",
+    "data.persistent_workers",
+    "data.pin_memory",
+    "data.eval_batch_size",
+    "train.epochs",
+    "train.progress",
+    "train.tensorboard",
+    "train.log_every",
+    "train.threads",
+    "train.checkpoint_every",
+    "train.eval_every",
+    "train.device",
+)
 
 
 def config_changes(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
@@ -857,8 +927,10 @@ def check_resume_config(saved: dict[str, Any] | None, cfg: Config, source: Path,
     listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
     altering = [k for k in changes if k not in RESUME_MAY_CHANGE]
     if altering and not allowed:
-        raise ConfigError(f"{source}: resuming with a config that changes the run ({listed}); train with "
-                          f"--allow-config-change to resume with it anyway, or into another --out")
+        raise ConfigError(
+            f"{source}: resuming with a config that changes the run ({listed}); train with "
+            f"--allow-config-change to resume with it anyway, or into another --out"
+        )
     log.warning("resuming %s with a changed config: %s", source, listed)
 
 

@@ -4,6 +4,7 @@ The command line prints these, and OSErrors (a missing or unwritable file), as o
 2; any other exception is a bug and keeps its traceback. Each type also derives from the builtin error
 its callers have always caught (ValueError, KeyError, OSError), so `except ValueError` still works.
 """
+
 from __future__ import annotations
 
 

@@ -5,6 +5,7 @@ Used by training (`engine`, to warn before a bf16 run that would be slower than 
 `runtime` for the same warning, and by `bench` for its "share of the matmul peak" figures. Imports
 torch only.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,7 +26,7 @@ def cpu_name() -> str:
 
     try:
         with open("/proc/cpuinfo") as f:
-            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")))
+            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
 
@@ -40,8 +41,7 @@ def _timed_mm(a: torch.Tensor, b: torch.Tensor) -> float:
     return time.perf_counter() - t0
 
 
-def matmul_peak(device: str | torch.device = "cpu", dtype: str = "fp32", *, n: int = 2048,
-                repeats: int = 5) -> float:
+def matmul_peak(device: str | torch.device = "cpu", dtype: str = "fp32", *, n: int = 2048, repeats: int = 5) -> float:
     """Measured GFLOP/s of an n x n x n matrix multiply: the machine's practical compute limit."""
     dev = torch.device(device)
     a = torch.randn(n, n, device=dev).to(DTYPES[dtype])
@@ -69,5 +69,9 @@ def warn_if_bf16_emulated(device: str | torch.device, what: str) -> None:
         return
     slowdown = bf16_matmul_slowdown(dev)
     if slowdown > BF16_EMULATED_SLOWDOWN:
-        log.warning("%s: this CPU has no native bf16 matmul (AVX-512 BF16 or AMX); PyTorch emulates it, "
-                    "%.0fx slower than an fp32 matmul here, so fp32 will be faster", what, slowdown)
+        log.warning(
+            "%s: this CPU has no native bf16 matmul (AVX-512 BF16 or AMX); PyTorch emulates it, "
+            "%.0fx slower than an fp32 matmul here, so fp32 will be faster",
+            what,
+            slowdown,
+        )

@@ -3,6 +3,7 @@ the file), walking folders of them (`walk_folder`: each real folder once, whatev
 an unreadable folder an error) and the official eval pipeline (`eval_pipeline`: resize the shorter
 side to img_size / crop_pct, centre-crop, normalise). Used by prediction, evaluation, the runtimes and
 the training data alike, so it sits on the ground floor."""
+
 from __future__ import annotations
 
 import os
@@ -87,18 +88,30 @@ def _eval_resize_crop_steps(img_size: int, crop_pct: float, interpolation: str) 
     from torchvision import transforms
     from torchvision.transforms import InterpolationMode
 
-    return [transforms.Resize(resize_size(img_size, crop_pct), interpolation=InterpolationMode(interpolation)),
-            transforms.CenterCrop(img_size)]
+    return [
+        transforms.Resize(resize_size(img_size, crop_pct), interpolation=InterpolationMode(interpolation)),
+        transforms.CenterCrop(img_size),
+    ]
 
 
-def eval_transform(img_size: int, crop_pct: float, interpolation: str = "bicubic",
-                   mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Callable:
+def eval_transform(
+    img_size: int,
+    crop_pct: float,
+    interpolation: str = "bicubic",
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> Callable:
     """PIL image -> (3, img_size, img_size) normalised float tensor, the official / timm eval way:
     resize the shorter side to floor(img_size / crop_pct), centre-crop img_size."""
     from torchvision import transforms
 
-    return transforms.Compose([*_eval_resize_crop_steps(img_size, crop_pct, interpolation),
-                               transforms.ToTensor(), transforms.Normalize(mean, std)])
+    return transforms.Compose(
+        [
+            *_eval_resize_crop_steps(img_size, crop_pct, interpolation),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ]
+    )
 
 
 def eval_resize_crop(img_size: int, crop_pct: float, interpolation: str = "bicubic") -> Callable:
@@ -106,12 +119,12 @@ def eval_resize_crop(img_size: int, crop_pct: float, interpolation: str = "bicub
     before scaling; `normalize_images` finishes a batch of them with the same values."""
     from torchvision import transforms
 
-    return transforms.Compose([*_eval_resize_crop_steps(img_size, crop_pct, interpolation),
-                               transforms.PILToTensor()])
+    return transforms.Compose([*_eval_resize_crop_steps(img_size, crop_pct, interpolation), transforms.PILToTensor()])
 
 
-def normalize_images(x: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
-                     std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+def normalize_images(
+    x: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> torch.Tensor:
     """(B, 3, H, W) uint8 -> float32: / 255, - mean, / std, the ops of ToTensor and Normalize in their
     order (so the same values, bit for bit), once over the batch instead of image by image."""
     mean_t = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1)
@@ -123,10 +136,11 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".") or name.startswith("__")  # .git, .ipynb_checkpoints, __MACOSX
 
 
-
 def _unreadable_folder(e: OSError) -> DataError:
-    return DataError(f"{e.filename}: cannot read this folder ({e.strerror}); its images would be left out: make it "
-                     f"readable or move it out of the data folder")
+    return DataError(
+        f"{e.filename}: cannot read this folder ({e.strerror}); its images would be left out: make it "
+        f"readable or move it out of the data folder"
+    )
 
 
 def folder_key(path: str | os.PathLike) -> tuple[int, int]:
@@ -138,8 +152,13 @@ def folder_key(path: str | os.PathLike) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def walk_folder(top: str | os.PathLike[str], *, seen: set[tuple[int, int]], skipped: list[str],
-                hidden: Callable[[str], bool] = is_hidden) -> Iterator[tuple[str, list[str]]]:
+def walk_folder(
+    top: str | os.PathLike[str],
+    *,
+    seen: set[tuple[int, int]],
+    skipped: list[str],
+    hidden: Callable[[str], bool] = is_hidden,
+) -> Iterator[tuple[str, list[str]]]:
     """(folder, its sorted file names) for `top` and every folder under it, in sorted order, hidden
     entries left out. Symlinked folders are followed (datasets are often linked in), but each real
     folder (device, inode) is read once: a folder already in `seen` or reached before, such as a loop
@@ -148,6 +167,7 @@ def walk_folder(top: str | os.PathLike[str], *, seen: set[tuple[int, int]], skip
 
     Raises DataError naming a folder that cannot be read (os.walk would skip it in silence, and its
     images, or a whole class, would be missing from the data without a word)."""
+
     def fail(e: OSError) -> None:
         raise _unreadable_folder(e)
 

@@ -15,6 +15,7 @@ written so that nothing is half-written and nothing but a regular file is ever r
   an existing non-empty file of another kind than the command writes there (a JPEG where a PNG figure
   goes: what a shell glob such as `--plot photos/*.jpg` does) is refused in one line, naming the option.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,9 +25,9 @@ import shutil
 import stat
 import sys
 import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from collections.abc import Iterable, Iterator, Mapping
-from typing import IO, Any, Callable
+from typing import IO, Any
 
 from .errors import CheckpointError, SwinV2Error
 
@@ -63,9 +64,15 @@ def _streamed(path: PathLike) -> bool:
         return False
 
 
-def check_output(path: PathLike, what: str = "output", *, kind: str | None = None,
-                 inputs: Iterable[tuple[str, PathLike | None]] = (),
-                 image_folders: Iterable[tuple[str, PathLike | None, int]] = (), create: bool = True) -> None:
+def check_output(
+    path: PathLike,
+    what: str = "output",
+    *,
+    kind: str | None = None,
+    inputs: Iterable[tuple[str, PathLike | None]] = (),
+    image_folders: Iterable[tuple[str, PathLike | None, int]] = (),
+    create: bool = True,
+) -> None:
     """Before any work: make sure `path` can be written, creating its missing folders (unless not
     `create`: then a missing folder is left for the writer to report), and that it is none of the
     user's own files.
@@ -99,8 +106,10 @@ def check_output(path: PathLike, what: str = "output", *, kind: str | None = Non
     if st is not None and kind is not None:
         found = _refused_content(real, st, kind)
         if found:
-            raise OutputRefusedError(f"{what} {path}: is an existing {found}, not {KINDS[kind]} this command "
-                                     f"writes; refusing to replace it (did a shell glob put an input here?)")
+            raise OutputRefusedError(
+                f"{what} {path}: is an existing {found}, not {KINDS[kind]} this command "
+                f"writes; refusing to replace it (did a shell glob put an input here?)"
+            )
     if st is not None and stat.S_ISREG(st.st_mode):
         _refuse_unkeepable_owner(path, what, st)
     if folder_output and st is not None and stat.S_ISDIR(st.st_mode):
@@ -119,16 +128,23 @@ def check_output(path: PathLike, what: str = "output", *, kind: str | None = Non
         raise PermissionError(f"{what} {path}: folder {real.parent} is not writable")
 
 
-def check_output_folder(path: PathLike, what: str, files: Mapping[str, str], *,
-                        inputs: Iterable[tuple[str, PathLike | None]] = (),
-                        image_folders: Iterable[tuple[str, PathLike | None, int]] = ()) -> None:
+def check_output_folder(
+    path: PathLike,
+    what: str,
+    files: Mapping[str, str],
+    *,
+    inputs: Iterable[tuple[str, PathLike | None]] = (),
+    image_folders: Iterable[tuple[str, PathLike | None, int]] = (),
+) -> None:
     """Before any work: a folder the command writes `files` (name -> kind, see `check_output`) into
     (eval --plots, viz-cpb --out) is a folder or not there yet, and each file passes `check_output`."""
     real = os.path.realpath(path)
     if os.path.lexists(path) and not os.path.isdir(real):
         found = describe_file(real) if os.path.isfile(real) else "special file"
-        raise OutputRefusedError(f"{what} {path}: is an existing {found}, not a folder this command writes into; "
-                                 f"refusing to replace it (did a shell glob put an input here?)")
+        raise OutputRefusedError(
+            f"{what} {path}: is an existing {found}, not a folder this command writes into; "
+            f"refusing to replace it (did a shell glob put an input here?)"
+        )
     inputs, image_folders = list(inputs), list(image_folders)
     for name, kind in files.items():
         check_output(Path(path) / name, what, kind=kind, inputs=inputs, image_folders=image_folders)
@@ -289,8 +305,10 @@ def _refuse_unkeepable_owner(path: PathLike, what: str, st: os.stat_result) -> N
         return
     if st.st_uid == os.geteuid() and (st.st_gid == os.getegid() or st.st_gid in os.getgroups()):
         return
-    raise OutputRefusedError(f"{what} {path}: belongs to uid {st.st_uid} gid {st.st_gid}; a replacement "
-                             f"written by uid {os.geteuid()} could not keep that owner, so it is left as it is")
+    raise OutputRefusedError(
+        f"{what} {path}: belongs to uid {st.st_uid} gid {st.st_gid}; a replacement "
+        f"written by uid {os.geteuid()} could not keep that owner, so it is left as it is"
+    )
 
 
 def _same_file(a: PathLike, b: PathLike) -> bool:
@@ -303,22 +321,27 @@ def _same_file(a: PathLike, b: PathLike) -> bool:
 
 def _inside(path: PathLike, folder: PathLike) -> str | None:
     """`path` below `folder` as a relative path (by the names as given, or after symlinks), else None."""
-    for p, d in ((os.path.abspath(path), os.path.abspath(folder)),
-                 (os.path.realpath(path), os.path.realpath(folder))):
+    for p, d in ((os.path.abspath(path), os.path.abspath(folder)), (os.path.realpath(path), os.path.realpath(folder))):
         rel = os.path.relpath(p, d)
         if rel != "." and not rel.startswith(".." + os.sep) and rel != ".." and not os.path.isabs(rel):
             return rel
     return None
 
 
-def _refuse_inputs(path: PathLike, what: str, inputs: Iterable[tuple[str, PathLike | None]],
-                   image_folders: Iterable[tuple[str, PathLike | None, int]]) -> None:
+def _refuse_inputs(
+    path: PathLike,
+    what: str,
+    inputs: Iterable[tuple[str, PathLike | None]],
+    image_folders: Iterable[tuple[str, PathLike | None, int]],
+) -> None:
     """The inputs check of `check_output`."""
     for option, given in inputs:
         if given is not None and _same_file(path, given):
             label = f"{option} {given}" if os.fspath(given) != os.fspath(path) else option
-            raise OutputRefusedError(f"{what} {path}: is also an input of this command ({label}); refusing to "
-                                     f"replace it (did a shell glob put an input here?)")
+            raise OutputRefusedError(
+                f"{what} {path}: is also an input of this command ({label}); refusing to "
+                f"replace it (did a shell glob put an input here?)"
+            )
     folders = [(option, folder, depth) for option, folder, depth in image_folders if folder is not None]
     if not folders or not os.path.isfile(path):
         return
@@ -327,10 +350,15 @@ def _refuse_inputs(path: PathLike, what: str, inputs: Iterable[tuple[str, PathLi
         if rel is None:
             continue
         parts = rel.split(os.sep)
-        if len(parts) >= depth and not any(p.startswith(".") for p in parts) and \
-                parts[-1].lower().endswith(IMG_EXTENSIONS):
-            raise OutputRefusedError(f"{what} {path}: is an image this command reads from {option} {folder}; "
-                                     f"refusing to replace it (did a shell glob put an input here?)")
+        if (
+            len(parts) >= depth
+            and not any(p.startswith(".") for p in parts)
+            and parts[-1].lower().endswith(IMG_EXTENSIONS)
+        ):
+            raise OutputRefusedError(
+                f"{what} {path}: is an image this command reads from {option} {folder}; "
+                f"refusing to replace it (did a shell glob put an input here?)"
+            )
 
 
 def write_output(path: PathLike, data: str | bytes) -> None:
@@ -349,6 +377,7 @@ def write_output(path: PathLike, data: str | bytes) -> None:
 
 
 # --------------------------------------------------------------------------- the atomic writer
+
 
 def _fsync_dir(directory: Path) -> None:
     """Make the rename itself durable (POSIX); platforms without directory fds skip it."""
@@ -402,9 +431,11 @@ def _keep_owner_and_mode(tmp: Path, target: Path, path: PathLike) -> None:
         try:
             os.chown(tmp, st.st_uid, st.st_gid)
         except OSError as e:
-            raise CheckpointError(f"cannot replace {path}: it belongs to uid {st.st_uid} gid {st.st_gid}, which "
-                                  f"its replacement cannot keep ({e.strerror or e}); the previous one is "
-                                  f"unchanged") from None
+            raise CheckpointError(
+                f"cannot replace {path}: it belongs to uid {st.st_uid} gid {st.st_gid}, which "
+                f"its replacement cannot keep ({e.strerror or e}); the previous one is "
+                f"unchanged"
+            ) from None
     os.chmod(tmp, stat.S_IMODE(st.st_mode))
 
 
@@ -451,8 +482,9 @@ def atomic_write(path: PathLike, write: Callable[[IO[bytes]], Any]) -> None:
     except CheckpointError:
         raise
     except Exception as e:  # KeyboardInterrupt / SystemExit: cleaned up, passed on as they are
-        raise CheckpointError(f"could not save {path}: {_write_cause(e)}; the previous file (if any) is "
-                              f"unchanged") from e
+        raise CheckpointError(
+            f"could not save {path}: {_write_cause(e)}; the previous file (if any) is unchanged"
+        ) from e
 
 
 def _write_cause(e: BaseException) -> str:

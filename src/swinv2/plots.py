@@ -1,6 +1,7 @@
 """Every matplotlib figure of the project: training curves, confusion matrix, per-class accuracy,
-prediction grids, continuous-position-bias maps and SimMIM reconstructions. Figures are written as PNG files with the Agg
-backend (no display needed)."""
+prediction grids, continuous-position-bias maps and SimMIM reconstructions. Figures are written as PNG files with
+the Agg backend (no display needed)."""
+
 from __future__ import annotations
 
 import io
@@ -13,7 +14,6 @@ import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-
 
 # --------------------------------------------------------------------------- evaluation, predictions, CPB
 
@@ -32,8 +32,13 @@ def _save(fig: plt.Figure, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def plot_confusion_matrix(confusion: Sequence[Sequence[float]] | np.ndarray, class_names: Sequence[str],
-                          path: str | os.PathLike, *, title: str = "Confusion matrix") -> Path:
+def plot_confusion_matrix(
+    confusion: Sequence[Sequence[float]] | np.ndarray,
+    class_names: Sequence[str],
+    path: str | os.PathLike,
+    *,
+    title: str = "Confusion matrix",
+) -> Path:
     """(C, C) counts, rows = true class, columns = predicted, shown row-normalised (recall per row).
 
     Cells carry their count when C <= 20; class names label the axes when C <= 50.
@@ -49,15 +54,23 @@ def plot_confusion_matrix(confusion: Sequence[Sequence[float]] | np.ndarray, cla
     im = ax.imshow(frac, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     if C <= 50:
-        ax.set_xticks(range(C), labels=class_names, rotation=60, ha="right", rotation_mode="anchor",
-                      fontsize=8 if C > 15 else 10)
+        ax.set_xticks(
+            range(C), labels=class_names, rotation=60, ha="right", rotation_mode="anchor", fontsize=8 if C > 15 else 10
+        )
         ax.set_yticks(range(C), labels=class_names, fontsize=8 if C > 15 else 10)
     if C <= 20:
         for i in range(C):
             for j in range(C):
                 if cm[i, j]:
-                    ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=8 if C > 10 else 10,
-                            color="white" if frac[i, j] > 0.5 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        f"{int(cm[i, j])}",
+                        ha="center",
+                        va="center",
+                        fontsize=8 if C > 10 else 10,
+                        color="white" if frac[i, j] > 0.5 else "black",
+                    )
     acc = 100 * np.trace(cm) / max(cm.sum(), 1)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
@@ -65,8 +78,14 @@ def plot_confusion_matrix(confusion: Sequence[Sequence[float]] | np.ndarray, cla
     return _save(fig, path)
 
 
-def plot_per_class_accuracy(accuracy: Sequence[float], class_names: Sequence[str], path: str | os.PathLike, *,
-                            counts: Sequence[int] | None = None, max_classes: int = 40) -> Path:
+def plot_per_class_accuracy(
+    accuracy: Sequence[float],
+    class_names: Sequence[str],
+    path: str | os.PathLike,
+    *,
+    counts: Sequence[int] | None = None,
+    max_classes: int = 40,
+) -> Path:
     """Horizontal bars of top-1 accuracy (percent) per class, worst first.
 
     With more than `max_classes` classes only the `max_classes` worst are drawn (the title says so).
@@ -94,22 +113,31 @@ def plot_per_class_accuracy(accuracy: Sequence[float], class_names: Sequence[str
     return _save(fig, path)
 
 
-def plot_prediction_grid(images: Sequence[np.ndarray], captions: Sequence[str], path: str | os.PathLike, *,
-                         titles: Sequence[str] | None = None, correct: Sequence[bool | None] | None = None,
-                         title: str | None = None, cols: int = 4) -> Path:
+def plot_prediction_grid(
+    images: Sequence[np.ndarray],
+    captions: Sequence[str],
+    path: str | os.PathLike,
+    *,
+    titles: Sequence[str] | None = None,
+    correct: Sequence[bool | None] | None = None,
+    title: str | None = None,
+    cols: int = 4,
+) -> Path:
     """Images (H, W, 3 uint8) in a grid, each above its caption (e.g. one "label  prob" line per top-k).
 
     `titles` go above the images; `correct[k]` True / False marks image k's title with a green ✓ / red ✗
     (None: no known truth, no mark). `title` heads the whole figure.
     """
     if len(images) != len(captions) or not images:
-        raise ValueError(f"need one caption per image and at least one image; got {len(images)} images, "
-                         f"{len(captions)} captions")
+        raise ValueError(
+            f"need one caption per image and at least one image; got {len(images)} images, {len(captions)} captions"
+        )
     cols = min(cols, len(images))
     rows = -(-len(images) // cols)
     lines = max(c.count("\n") + 1 for c in captions)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, rows * (3.0 + 0.2 * lines)), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3.2 * cols, rows * (3.0 + 0.2 * lines)), squeeze=False, layout="constrained"
+    )
     for k, ax in enumerate(axes.flat):
         if k >= len(images):
             ax.axis("off")
@@ -131,9 +159,15 @@ def plot_prediction_grid(images: Sequence[np.ndarray], captions: Sequence[str], 
     return _save(fig, path)
 
 
-def plot_cpb_maps(biases: Sequence[np.ndarray], path: str | os.PathLike, *, stage: int,
-                  window: int | tuple[int, int], pretrained_window: int | tuple[int, int] = 0,
-                  max_cols: int = 12) -> Path:
+def plot_cpb_maps(
+    biases: Sequence[np.ndarray],
+    path: str | os.PathLike,
+    *,
+    stage: int,
+    window: int | tuple[int, int],
+    pretrained_window: int | tuple[int, int] = 0,
+    max_cols: int = 12,
+) -> Path:
     """One stage's position bias: a heat map per block and head over the (2h-1) x (2w-1) offsets.
 
     `biases[j]` is block j's (heads, 2h-1, 2w-1) table of 16 * sigmoid(cpb_mlp(offset)) for a window
@@ -148,8 +182,9 @@ def plot_cpb_maps(biases: Sequence[np.ndarray], path: str | os.PathLike, *, stag
     rows = len(biases) * wraps
     vmin = min(float(b.min()) for b in biases)
     vmax = max(float(b.max()) for b in biases)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.45 * cols + 1.2, 1.5 * rows + 0.9), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(1.45 * cols + 1.2, 1.5 * rows + 0.9), squeeze=False, layout="constrained"
+    )
     extent = (-(ww - 1) - 0.5, ww - 0.5, wh - 0.5, -(wh - 1) - 0.5)
     im = None
     for j, b in enumerate(biases):
@@ -164,8 +199,11 @@ def plot_cpb_maps(biases: Sequence[np.ndarray], path: str | os.PathLike, *, stag
             ax.set_yticks([-(wh - 1), 0, wh - 1])
             ax.tick_params(labelsize=6, length=2)
     pre = f", pre-trained window {pretrained_window}" if pretrained_window else ""
-    fig.suptitle(f"Stage {stage}: continuous position bias 16·sigmoid(cpb_mlp), window {window}{pre}\n"
-                 f"(relative offset dy down, dx right; range {vmin:.2f} to {vmax:.2f})", fontsize=10)
+    fig.suptitle(
+        f"Stage {stage}: continuous position bias 16·sigmoid(cpb_mlp), window {window}{pre}\n"
+        f"(relative offset dy down, dx right; range {vmin:.2f} to {vmax:.2f})",
+        fontsize=10,
+    )
     assert im is not None  # heads >= 1 (0 would have divided by zero above): block 0 head 0 drew a map
     fig.colorbar(im, ax=axes, shrink=min(0.9, 0.3 + 0.25 * rows), aspect=30)
     return _save(fig, path)
@@ -178,8 +216,9 @@ def plot_reconstructions(rows: dict[str, np.ndarray], path: str | os.PathLike, *
     n = len(rows[names[0]])
     if not n or any(len(rows[k]) != n for k in names):
         raise ValueError(f"every row needs the same number (> 0) of images, got {[len(rows[k]) for k in names]}")
-    fig, axes = plt.subplots(len(names), n, figsize=(1.4 * n + 1.2, 1.5 * len(names) + 0.5), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        len(names), n, figsize=(1.4 * n + 1.2, 1.5 * len(names) + 0.5), squeeze=False, layout="constrained"
+    )
     for r, name in enumerate(names):
         for c in range(n):
             ax = axes[r, c]
@@ -195,8 +234,9 @@ def plot_reconstructions(rows: dict[str, np.ndarray], path: str | os.PathLike, *
 # --------------------------------------------------------------------------- training
 
 
-def plot_training_curves(metrics: Sequence[dict], out_png: str | os.PathLike, *,
-                         num_classes: int | None = None) -> Path:
+def plot_training_curves(
+    metrics: Sequence[dict], out_png: str | os.PathLike, *, num_classes: int | None = None
+) -> Path:
     """Loss, accuracy and learning-rate curves from the rows of a run's metrics.jsonl.
 
     Uses the keys present: train_loss / val_loss / val_ema_loss, val_top1 / val_top5 / val_ema_top1
@@ -228,8 +268,11 @@ def plot_training_curves(metrics: Sequence[dict], out_png: str | os.PathLike, *,
         axes[1].set_title(f"best val top-1 {max(best):.2f}%")
     elif not axes[1].lines:  # say why the panel is empty rather than draw blank axes
         pretraining = any(m.get("val_loss") is not None for m in metrics)  # a loss but no accuracy: no labels
-        why = ("no accuracy: pretraining without labels\n(its validation is the loss, left)" if pretraining else
-               "no validation data\n(no val folder, or not evaluated yet)")
+        why = (
+            "no accuracy: pretraining without labels\n(its validation is the loss, left)"
+            if pretraining
+            else "no validation data\n(no val folder, or not evaluated yet)"
+        )
         axes[1].text(0.5, 0.5, why, ha="center", va="center", transform=axes[1].transAxes, color="0.4")
         axes[1].set_yticks([])
     axes[2].ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))

@@ -1,5 +1,6 @@
 """How images are normalised and cropped for evaluation: the ImageNet mean/std and the official crop
 rule, in one place for the data pipeline, the weights' metadata, the converters and the runtimes."""
+
 from __future__ import annotations
 
 import math

@@ -1,5 +1,6 @@
 """Timing a call: the median of timed calls after warm-up ones, the device synchronised around each.
 Benchmarks and the runtimes' own choice of the fastest setting measure the same way."""
+
 from __future__ import annotations
 
 import statistics

@@ -12,6 +12,7 @@ is added; a killed holder holds nothing), so two processes never interleave thei
 it is held, a temp file of ours in the folder (`.NAME.XXXXXXXX.tmp`, the names `atomic_file` draws)
 can only be the leftover of a killed write: `remove_stale_temps` removes those of the unit's names.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,8 +49,9 @@ def new_unit_id() -> str:
 
 def torn(where: os.PathLike | str, detail: str) -> CheckpointError:
     """The one-line error for a unit whose files come from different writes."""
-    return CheckpointError(f"{where}: {detail}; it looks like an interrupted write (a process killed between its "
-                           f"files): write it again")
+    return CheckpointError(
+        f"{where}: {detail}; it looks like an interrupted write (a process killed between its files): write it again"
+    )
 
 
 @contextlib.contextmanager
@@ -114,8 +116,9 @@ def unit_lock(folder: os.PathLike | str) -> Iterator[bool]:
         os.close(fd)  # releases the flock
 
 
-def remove_stale_temps(folder: os.PathLike[str] | str, names: Iterable[str] | None = None, *,
-                       dirs: Iterable[str] = ()) -> list[Path]:
+def remove_stale_temps(
+    folder: os.PathLike[str] | str, names: Iterable[str] | None = None, *, dirs: Iterable[str] = ()
+) -> list[Path]:
     """Remove the temp files `atomic_file` left in `folder` for the final names `names` (None: any
     name), and temp folders whose name starts with one of `dirs`; returns what was removed.
 

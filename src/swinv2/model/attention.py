@@ -11,6 +11,7 @@ input), `cpb_bias` (16 * sigmoid of its output, per offset or gathered per token
 `windows.relative_index`), and its cache in CPU inference. Why each is built this way, with the
 measurements: docs/performance.md.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,8 +46,9 @@ BiasCache = dict[tuple[int | Pair, torch.dtype | None], tuple[list[Tensor], Tens
 SizePair = tuple[int | Tensor, int | Tensor]
 
 
-def log_spaced_coords(window: SizePair, pretrained_window: Pair, *, square: bool | None = None,
-                      device: torch.device | None = None) -> Tensor:
+def log_spaced_coords(
+    window: SizePair, pretrained_window: Pair, *, square: bool | None = None, device: torch.device | None = None
+) -> Tensor:
     """((2h-1)(2w-1), 2) fp32 input of the CPB MLP (paper §3.3, official formula): the offsets (dy, dx)
     of the h x w window's token pairs, dy major, normalised per axis by the pre-training window (else the
     window) - 1, to [-8, 8], then sign*log2(1+|x|)/log2(8).
@@ -71,8 +73,9 @@ def log_spaced_coords(window: SizePair, pretrained_window: Pair, *, square: bool
     elif square is None:
         raise ValueError("log_spaced_coords: a window of tensors needs square=")
     if not square:  # torch.full, not torch.tensor: the size-free export refuses a tensor made a trace constant
-        dh = torch.stack([v if isinstance(v, Tensor) else torch.full((), v, dtype=torch.float32, device=device)
-                          for v in (dh, dw)])
+        dh = torch.stack(
+            [v if isinstance(v, Tensor) else torch.full((), v, dtype=torch.float32, device=device) for v in (dh, dw)]
+        )
     table = table / dh * 8  # to [-8, 8]
     return torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
 
@@ -98,11 +101,11 @@ def cpb_bias(cpb_mlp: nn.Module, coords: Tensor, index: Tensor | None = None) ->
 def _same_values(a: list[Tensor], b: list[Tensor]) -> bool:
     """Same dtypes, devices, shapes and values, element for element."""
     return len(a) == len(b) and all(
-        x.dtype == y.dtype and x.device == y.device and x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
+        x.dtype == y.dtype and x.device == y.device and x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b)
+    )
 
 
-def cached_position_bias(cache: BiasCache, cpb_mlp: nn.Module, window: Pair,
-                         compute: Callable[[], Tensor]) -> Tensor:
+def cached_position_bias(cache: BiasCache, cpb_mlp: nn.Module, window: Pair, compute: Callable[[], Tensor]) -> Tensor:
     """`compute()`, the (1, nH, N, N) position bias of `window`, reused from `cache` in CPU inference
     while the parameters of `cpb_mlp` keep the values it was computed from.
 
@@ -126,8 +129,17 @@ def cached_position_bias(cache: BiasCache, cpb_mlp: nn.Module, window: Pair,
     return bias
 
 
-def fused_attention(qkv: Tensor, logit_scale: Tensor, bias: Tensor, counts: tuple[int, ...], *, heads: int,
-                    attn_drop: float, training: bool, sequential: bool) -> Tensor:
+def fused_attention(
+    qkv: Tensor,
+    logit_scale: Tensor,
+    bias: Tensor,
+    counts: tuple[int, ...],
+    *,
+    heads: int,
+    attn_drop: float,
+    training: bool,
+    sequential: bool,
+) -> Tensor:
     """Scaled cosine window attention from the (rows, N, 3C) projection -> (rows, nH, N, d).
 
     Rows are window-major, in runs of `counts[c] * images` rows under the class bias `bias[c]`
@@ -138,8 +150,14 @@ def fused_attention(qkv: Tensor, logit_scale: Tensor, bias: Tensor, counts: tupl
     on small windows.
     """
     rows, N, _ = qkv.shape
-    if (qkv.dtype in FP32_LOGIT_DTYPES and qkv.device.type == "cpu" and not torch.is_grad_enabled()
-            and not (attn_drop and training) and not traced() and fast_paths().fp32_logits):
+    if (
+        qkv.dtype in FP32_LOGIT_DTYPES
+        and qkv.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and not (attn_drop and training)
+        and not traced()
+        and fast_paths().fp32_logits
+    ):
         piece = max(1, FP32_LOGIT_PIECE_BYTES // (heads * N * N * 4))
         return attention_fp32_logits(qkv, heads, logit_scale, bias, counts, piece)
     images = rows // sum(counts)
@@ -158,9 +176,12 @@ def fused_attention(qkv: Tensor, logit_scale: Tensor, bias: Tensor, counts: tupl
             attn = F.dropout(attn, attn_drop, training)
         return attn @ v
     # One SDPA call per mask class, its (nH, N, N) bias broadcast over the class's windows.
-    outs = [F.scaled_dot_product_attention(q[run], k[run], v[run], attn_mask=bias[c:c + 1], scale=1.0,
-                                           dropout_p=attn_drop if training else 0.0)
-            for c, run in mask_runs(counts, images)]
+    outs = [
+        F.scaled_dot_product_attention(
+            q[run], k[run], v[run], attn_mask=bias[c : c + 1], scale=1.0, dropout_p=attn_drop if training else 0.0
+        )
+        for c, run in mask_runs(counts, images)
+    ]
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
@@ -176,5 +197,5 @@ def forward_in_chunks(forward: Callable[..., Tensor], x: Tensor, width: int) -> 
         return forward(x)
     out = torch.empty_like(x)
     for start in range(0, B, n):
-        forward(x[start:start + n], out=out[start:start + n])
+        forward(x[start : start + n], out=out[start : start + n])
     return out

@@ -5,6 +5,7 @@ Each attention layer's CPB MLP maps a relative offset (dy, dx), log-spaced, to o
 of any size (square w or rectangular h x w), this shows what the model learned about distance, and at
 windows larger than the training window, how the log-spaced coordinates extrapolate.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

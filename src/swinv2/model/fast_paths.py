@@ -11,6 +11,7 @@ from a module variable at each call (no cost worth measuring, and no per-thread 
 step). The switches concern eager execution: traced, compiled and exported graphs take the plain ops
 whatever the policy, except `flushed_softmax`, which a compiled CPU training step reads when traced.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -6,6 +6,7 @@ op's docstring says which). Traced, compiled or exported, they are the plain ops
 the switchable ones run is `fast_paths.FastPaths`; the measurements behind each choice are in
 docs/performance.md ("Kernel notes").
 """
+
 from __future__ import annotations
 
 import functools
@@ -87,8 +88,9 @@ class _CosineQKV(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_q: Tensor, grad_k: Tensor, grad_v: Tensor) -> tuple[Tensor | None, None, None,
-                                                                                        Tensor | None]:
+    def backward(
+        ctx: Any, grad_q: Tensor, grad_k: Tensor, grad_v: Tensor
+    ) -> tuple[Tensor | None, None, None, Tensor | None]:
         y_q, y_k, norm_q, norm_k, scale = ctx.saved_tensors
         grad_qkv = grad_scale = None
         into_q = into_k = into_v = None  # q, k, v's slots in grad_qkv, when its gradient is wanted
@@ -261,8 +263,9 @@ class _SequentialAttention(torch.autograd.Function):
     self-attention, §3.5)."""
 
     @staticmethod
-    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, counts: tuple[int, ...], images: int,
-                max_rows: int) -> Tensor:
+    def forward(
+        ctx: Any, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, counts: tuple[int, ...], images: int, max_rows: int
+    ) -> Tensor:
         with torch.autocast(q.device.type, enabled=False):  # the backward recomputes in this dtype
             q, k, v, bias = q.to(v.dtype), k.to(v.dtype), v, bias.to(v.dtype)
             pieces = mask_runs(counts, images, max_rows)
@@ -292,8 +295,9 @@ class _SequentialAttention(torch.autograd.Function):
         return dq, dk, dv, None if dbias is None else dbias.to(bias.dtype), None, None, None
 
 
-def sequential_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, counts: tuple[int, ...], images: int,
-                         max_rows: int) -> Tensor:
+def sequential_attention(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, counts: tuple[int, ...], images: int, max_rows: int
+) -> Tensor:
     """softmax(q k^T + bias[c]) v over window-major rows, in pieces of at most `max_rows` rows.
 
     q, k, v: (rows, nH, N, d) (q already scaled: no further scale); rows = sum(counts) * images, run c
@@ -306,8 +310,9 @@ def sequential_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, counts: 
     return _attend_pieces(q, k, v, bias, mask_runs(counts, images, max_rows))
 
 
-def attention_fp32_logits(qkv: Tensor, heads: int, scale: Tensor, bias: Tensor, counts: tuple[int, ...],
-                          max_rows: int) -> Tensor:
+def attention_fp32_logits(
+    qkv: Tensor, heads: int, scale: Tensor, bias: Tensor, counts: tuple[int, ...], max_rows: int
+) -> Tensor:
     """Scaled cosine window attention for bf16 / fp16 inference: q and k normalised, scaled and
     multiplied in fp32 from the half-precision (rows, N, 3C) projection; logits, bias and softmax in
     fp32 (subnormals flushed); the probabilities back in the projection's dtype for the product with
@@ -340,7 +345,7 @@ def gelu_linear(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return _GeluLinear.apply(h, weight, bias)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def onednn_linear_runs(dtype: torch.dtype) -> bool:
     """Whether oneDNN's linear runs in `dtype` on this CPU: a PyTorch built with oneDNN, and for bf16 a
     CPU it has bf16 kernels for (AVX-512 BW/VL/DQ, AVX-NE-CONVERT or AMX); on an AVX2-only CPU it

@@ -20,11 +20,11 @@ What the official code does (microsoft/SimMIM and microsoft/Swin-Transformer `mo
   (``encoder.*``, ``encoder.mask_token``, ``decoder.*``) go through `convert` (format ``simmim``),
   which keeps the encoder and reports the rest as dropped.
 """
+
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from typing import Callable
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -53,20 +53,25 @@ def check_geometry(img_size: int, patch_size: int, stride: int, mask_patch_size:
         reason = f"must divide the image size {img_size}"
         raise ConfigError(f"{key}={mask_patch_size}: {reason}", key=key, reason=reason)
     if img_size % stride:
-        reason = (f"SimMIM's decoder upsamples the last stage by the encoder stride {stride}: the image size "
-                  f"must be a multiple of it")
+        reason = (
+            f"SimMIM's decoder upsamples the last stage by the encoder stride {stride}: the image size "
+            f"must be a multiple of it"
+        )
         raise ConfigError(f"model.img_size={img_size}: {reason}", key="model.img_size", reason=reason)
 
 
 class MaskGenerator:
     """Masks of `mask_patch_size` squares at `mask_ratio` for `input_size` images, at patch resolution."""
 
-    def __init__(self, input_size: int | tuple[int, int], mask_patch_size: int, model_patch_size: int,
-                 mask_ratio: float) -> None:
+    def __init__(
+        self, input_size: int | tuple[int, int], mask_patch_size: int, model_patch_size: int, mask_ratio: float
+    ) -> None:
         h, w = pair(input_size)
         if h % mask_patch_size or w % mask_patch_size or mask_patch_size % model_patch_size:
-            raise InputError(f"mask squares of {mask_patch_size} px must tile {h}x{w} images and be a multiple "
-                             f"of the patch size {model_patch_size}")
+            raise InputError(
+                f"mask squares of {mask_patch_size} px must tile {h}x{w} images and be a multiple "
+                f"of the patch size {model_patch_size}"
+            )
         if not 0 < mask_ratio < 1:
             raise InputError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         self.grid = (h // mask_patch_size, w // mask_patch_size)
@@ -125,8 +130,9 @@ class SimMIM(nn.Module):
         # (1, 1, C) as the official `encoder.mask_token`; it broadcasts over the (B, h, w, C) tokens.
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
         nn.init.trunc_normal_(self.mask_token, mean=0.0, std=0.02)
-        self.decoder = nn.Sequential(nn.Conv2d(encoder.num_features, self.stride ** 2 * cfg.in_chans, kernel_size=1),
-                                     nn.PixelShuffle(self.stride))
+        self.decoder = nn.Sequential(
+            nn.Conv2d(encoder.num_features, self.stride**2 * cfg.in_chans, kernel_size=1), nn.PixelShuffle(self.stride)
+        )
 
     @property
     def config(self) -> SwinV2Config:
@@ -141,8 +147,9 @@ class SimMIM(nn.Module):
         """(B, C, H, W) images, (B, H/p, W/p) mask -> (B, num_features, H/stride, W/stride) features."""
         B, _, H, W = images.shape
         if H % self.stride or W % self.stride:
-            raise InputError(f"SimMIM needs image sides that are multiples of the encoder stride {self.stride}, "
-                             f"got {H}x{W}")
+            raise InputError(
+                f"SimMIM needs image sides that are multiples of the encoder stride {self.stride}, got {H}x{W}"
+            )
         enc = self.encoder
         x = enc.patch_embed(images)  # (B, h, w, C), after the patch norm, as the official code masks
         if mask.shape != x.shape[:3]:
@@ -180,12 +187,18 @@ def encoder_of(model: nn.Module) -> nn.Module:
 
 def encoder_weights(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """A SimMIM state dict's encoder tensors under the classifier's names (no mask token, no decoder)."""
-    return {k[len("encoder."):]: v for k, v in state_dict.items() if k.startswith("encoder.")}
+    return {k[len("encoder.") :]: v for k, v in state_dict.items() if k.startswith("encoder.")}
 
 
 @torch.no_grad()
-def reconstruction_loss(model: SimMIM, batches: Iterable, masks: Callable[[Tensor], Tensor], *,
-                        device: torch.device, amp_dtype: torch.dtype | None = None) -> Tensor:
+def reconstruction_loss(
+    model: SimMIM,
+    batches: Iterable,
+    masks: Callable[[Tensor], Tensor],
+    *,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> Tensor:
     """(sum over images of the masked-pixel L1 loss, images) of `model` (eval mode, restored) on
     `batches` (`datasets.Batch`), as a float64 tensor to all-reduce; `masks(indices)` gives the masks of
     a batch's images. Every image has the same number of masked pixels, so a batch's loss is the mean
@@ -216,8 +229,9 @@ def _to_uint8(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> np
 
 
 @torch.no_grad()
-def reconstruction_images(model: SimMIM, images: Tensor, mask: Tensor, mean: Sequence[float],
-                          std: Sequence[float]) -> dict[str, np.ndarray]:
+def reconstruction_images(
+    model: SimMIM, images: Tensor, mask: Tensor, mean: Sequence[float], std: Sequence[float]
+) -> dict[str, np.ndarray]:
     """Pictures of what the model sees and predicts, each (B, H, W, 3) uint8: "masked" (masked pixels
     grey), "reconstruction" (the prediction in the masked squares, the input elsewhere: the loss
     trains only the former) and "original". A locally normalised prediction is mapped back with the
@@ -236,5 +250,8 @@ def reconstruction_images(model: SimMIM, images: Tensor, mask: Tensor, mean: Seq
     grey = torch.tensor([0.5 - m for m in mean]).view(1, -1, 1, 1) / torch.tensor(std).view(1, -1, 1, 1)
     masked = images * (1 - pixels) + grey.to(images.device) * pixels
     pasted = images * (1 - pixels) + prediction * pixels
-    return {"masked": _to_uint8(masked, mean, std), "reconstruction": _to_uint8(pasted, mean, std),
-            "original": _to_uint8(images, mean, std)}
+    return {
+        "masked": _to_uint8(masked, mean, std),
+        "reconstruction": _to_uint8(pasted, mean, std),
+        "original": _to_uint8(images, mean, std),
+    }

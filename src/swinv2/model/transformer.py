@@ -14,6 +14,7 @@ The speed machinery sits behind one seam each (torch only, see docs/performance.
 in `windows.py`, the attention kernels, bias cache and inference grouping in `attention.py`, fused
 autograd ops in `kernels.py`. `set_fused_attention(False)` runs the official formula written out here.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,19 @@ from torch import Tensor, nn
 
 from .attention import BiasCache, cached_position_bias, cpb_bias, cpb_input, forward_in_chunks, fused_attention
 from .kernels import gelu_linear, linear, linear_gelu
-from .windows import Pair, cached, compact_windows, effective_window, from_windows, pair, pretrained_windows
-from .windows import relative_position_index, stage_window_sizes, to_windows, window_bias
+from .windows import (
+    Pair,
+    cached,
+    compact_windows,
+    effective_window,
+    from_windows,
+    pair,
+    pretrained_windows,
+    relative_position_index,
+    stage_window_sizes,
+    to_windows,
+    window_bias,
+)
 
 # Names of the derived tensors the official code stores as buffers; never ours, tolerated on load.
 DERIVED_KEYS = ("relative_coords_table", "relative_position_index", "attn_mask")
@@ -103,7 +115,7 @@ class SwinV2Config:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SwinV2Config":
+    def from_dict(cls, d: dict[str, Any]) -> SwinV2Config:
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"unknown SwinV2Config keys: {', '.join(unknown)}")
@@ -158,14 +170,24 @@ class WindowAttention(nn.Module):
     fused: bool = True  # fast kernels (attention.py); False runs the plain official formula
     sequential: bool = False  # CPU training: probabilities recomputed in the backward (set_sequential_attention)
 
-    def __init__(self, dim: int, num_heads: int, *, pretrained_window_size: int | Pair = 0, qkv_bias: bool = True,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0, cpb_hidden_dim: int = 512) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        pretrained_window_size: int | Pair = 0,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        cpb_hidden_dim: int = 512,
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.pretrained_window_size = pair(pretrained_window_size)
         self.logit_scale = nn.Parameter(torch.log(10 * torch.ones(num_heads, 1, 1)))
-        self.cpb_mlp = nn.Sequential(nn.Linear(2, cpb_hidden_dim), nn.ReLU(inplace=True),
-                                     nn.Linear(cpb_hidden_dim, num_heads, bias=False))
+        self.cpb_mlp = nn.Sequential(
+            nn.Linear(2, cpb_hidden_dim), nn.ReLU(inplace=True), nn.Linear(cpb_hidden_dim, num_heads, bias=False)
+        )
         self.qkv = nn.Linear(dim, dim * 3, bias=False)
         # The k bias is fixed at zero (official): only q and v carry learnable biases.
         self.q_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
@@ -188,8 +210,9 @@ class WindowAttention(nn.Module):
         bias = cached_position_bias(self._bias_cache, self.cpb_mlp, window, lambda: self.position_bias(window)[None])
         return bias if masks is None else bias + masks.to(bias.dtype)[:, None]
 
-    def forward(self, x: Tensor, window: Pair, masks: Tensor | None = None,
-                counts: tuple[int, ...] | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, window: Pair, masks: Tensor | None = None, counts: tuple[int, ...] | None = None
+    ) -> Tensor:
         """x: (nW*B, N, C), the windows of B images, window-major (row w*B + b is window w of image b).
 
         Runs of `counts[c]` windows (per image) share the shift mask `masks[c]` (`masks`: (len(counts),
@@ -213,8 +236,16 @@ class WindowAttention(nn.Module):
             attn = F.dropout(attn.softmax(dim=-1), self.attn_drop, self.training)
             out = attn.view(rows, nH, N, N) @ v
         else:
-            out = fused_attention(qkv, logit_scale, bias, counts, heads=nH, attn_drop=self.attn_drop,
-                                  training=self.training, sequential=self.sequential)
+            out = fused_attention(
+                qkv,
+                logit_scale,
+                bias,
+                counts,
+                heads=nH,
+                attn_drop=self.attn_drop,
+                training=self.training,
+                sequential=self.sequential,
+            )
         out = out.transpose(1, 2).reshape(rows, N, C)  # (nW*B, nH, N, d) -> (nW*B, N, C)
         return self.proj_drop(linear(out, self.proj.weight, self.proj.bias))
 
@@ -223,14 +254,34 @@ class SwinTransformerBlock(nn.Module):
     """(Shifted-)window attention and MLP, each followed by its res-post-norm (paper §3.2); with
     `extra_norm`, a LayerNorm of the block's output (`norm3`, SwinV2-H/G, paper §3.6)."""
 
-    def __init__(self, dim: int, num_heads: int, *, window_size: Pair, shift_size: Pair, pretrained_window_size: Pair,
-                 mlp_ratio: float, qkv_bias: bool, drop: float, attn_drop: float, drop_path: float,
-                 cpb_hidden_dim: int, extra_norm: bool = False) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        window_size: Pair,
+        shift_size: Pair,
+        pretrained_window_size: Pair,
+        mlp_ratio: float,
+        qkv_bias: bool,
+        drop: float,
+        attn_drop: float,
+        drop_path: float,
+        cpb_hidden_dim: int,
+        extra_norm: bool = False,
+    ) -> None:
         super().__init__()
         self.window_size = pair(window_size)
         self.shift_size = pair(shift_size)
-        self.attn = WindowAttention(dim, num_heads, pretrained_window_size=pretrained_window_size, qkv_bias=qkv_bias,
-                                    attn_drop=attn_drop, proj_drop=drop, cpb_hidden_dim=cpb_hidden_dim)
+        self.attn = WindowAttention(
+            dim,
+            num_heads,
+            pretrained_window_size=pretrained_window_size,
+            qkv_bias=qkv_bias,
+            attn_drop=attn_drop,
+            proj_drop=drop,
+            cpb_hidden_dim=cpb_hidden_dim,
+        )
         self.norm1 = nn.LayerNorm(dim)
         self.drop_path = DropPath(drop_path)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
@@ -289,8 +340,10 @@ class PatchEmbed(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, ceil(H/p), ceil(W/p), C); sizes not divisible by p are padded."""
         if x.ndim != 4 or x.shape[1] != self.proj.in_channels:
-            raise ValueError(f"expected a (B, {self.proj.in_channels}, H, W) batch of images, got shape "
-                             f"{tuple(x.shape)}" + ("; one image: x.unsqueeze(0)" if x.ndim == 3 else ""))
+            raise ValueError(
+                f"expected a (B, {self.proj.in_channels}, H, W) batch of images, got shape "
+                f"{tuple(x.shape)}" + ("; one image: x.unsqueeze(0)" if x.ndim == 3 else "")
+            )
         p = self.patch_size
         pad_h, pad_w = -x.shape[2] % p, -x.shape[3] % p
         if pad_h or pad_w:
@@ -303,8 +356,18 @@ class PatchEmbed(nn.Module):
 class BasicLayer(nn.Module):
     """One stage: `depth` blocks alternating regular / shifted windows, then optional merging."""
 
-    def __init__(self, dim: int, depth: int, num_heads: int, *, window_size: Pair, pretrained_window_size: Pair,
-                 drop_path: list[float], downsample: bool, cfg: SwinV2Config) -> None:
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        *,
+        window_size: Pair,
+        pretrained_window_size: Pair,
+        drop_path: list[float],
+        downsample: bool,
+        cfg: SwinV2Config,
+    ) -> None:
         super().__init__()
         self.grad_checkpointing = False
         shift = (window_size[0] // 2, window_size[1] // 2)
@@ -313,11 +376,21 @@ class BasicLayer(nn.Module):
         every = cfg.extra_norm_every_n_blocks
         self.blocks = nn.ModuleList(
             SwinTransformerBlock(
-                dim, num_heads, window_size=window_size, shift_size=(0, 0) if i % 2 == 0 else shift,
-                pretrained_window_size=pretrained_window_size, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
-                drop=cfg.drop_rate, attn_drop=cfg.attn_drop_rate, drop_path=drop_path[i],
-                cpb_hidden_dim=cfg.cpb_hidden_dim, extra_norm=every > 0 and (i + 1) % every == 0)
-            for i in range(depth))
+                dim,
+                num_heads,
+                window_size=window_size,
+                shift_size=(0, 0) if i % 2 == 0 else shift,
+                pretrained_window_size=pretrained_window_size,
+                mlp_ratio=cfg.mlp_ratio,
+                qkv_bias=cfg.qkv_bias,
+                drop=cfg.drop_rate,
+                attn_drop=cfg.attn_drop_rate,
+                drop_path=drop_path[i],
+                cpb_hidden_dim=cfg.cpb_hidden_dim,
+                extra_norm=every > 0 and (i + 1) % every == 0,
+            )
+            for i in range(depth)
+        )
         self.downsample = PatchMerging(dim) if downsample else None
 
     def forward_blocks(self, x: Tensor) -> Tensor:
@@ -357,11 +430,18 @@ class SwinTransformerV2(nn.Module):
         self.pos_drop = nn.Dropout(cfg.drop_rate)
         dpr = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths), device="cpu").tolist()  # linear rule
         self.layers = nn.ModuleList(
-            BasicLayer(cfg.embed_dim * 2**i, depth, cfg.num_heads[i], window_size=cfg.stage_window_sizes[i],
-                       pretrained_window_size=pair(cfg.pretrained_window_sizes[i]),
-                       drop_path=dpr[sum(cfg.depths[:i]): sum(cfg.depths[: i + 1])],
-                       downsample=i < len(cfg.depths) - 1, cfg=cfg)
-            for i, depth in enumerate(cfg.depths))
+            BasicLayer(
+                cfg.embed_dim * 2**i,
+                depth,
+                cfg.num_heads[i],
+                window_size=cfg.stage_window_sizes[i],
+                pretrained_window_size=pair(cfg.pretrained_window_sizes[i]),
+                drop_path=dpr[sum(cfg.depths[:i]) : sum(cfg.depths[: i + 1])],
+                downsample=i < len(cfg.depths) - 1,
+                cfg=cfg,
+            )
+            for i, depth in enumerate(cfg.depths)
+        )
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)

@@ -11,12 +11,13 @@ docs/performance.md for why.
 Windows and shifts are (height, width) pairs throughout (`pair` turns an int w into (w, w)): a window
 may be rectangular (e.g. 7 x 9 for 224 x 288 inputs) and differ per stage (`stage_window_sizes`).
 """
+
 from __future__ import annotations
 
 import contextlib
-from functools import lru_cache
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Union
+from functools import lru_cache
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ MASK_VALUE = -100.0
 
 Pair = tuple[int, int]  # (height, width) of a window, a shift or a map
 # A window as configs spell it: one int (a square), one (h, w) pair, or one entry (int or pair) per stage.
-WindowSpec = Union[int, Sequence[Any]]
+WindowSpec = int | Sequence[Any]
 
 
 def pair(v: int | Sequence[int]) -> Pair:
@@ -71,8 +72,10 @@ def pretrained_windows(spec: Sequence[Any], num_stages: int) -> tuple[int | Pair
     """Per-stage pre-training windows (each 0 for none, an int or an (h, w)), squares as ints."""
     out = tuple(pair(v) for v in spec)
     if len(out) != num_stages or any(min(p) < 0 or min(p) == 0 < max(p) for p in out):
-        raise ValueError(f"pretrained_window_sizes needs one entry per stage ({num_stages}), each 0 (none), a "
-                         f"positive int or a positive (h, w); got {tuple(spec)!r}")
+        raise ValueError(
+            f"pretrained_window_sizes needs one entry per stage ({num_stages}), each 0 (none), a "
+            f"positive int or a positive (h, w); got {tuple(spec)!r}"
+        )
     return tuple(compact(p) for p in out)
 
 
@@ -108,8 +111,9 @@ def effective_window(H: int, W: int, window: int | Pair, shift: int | Pair) -> t
     return (min(H, wh), min(W, ww)), (0 if H <= wh else sh, 0 if W <= ww else sw)
 
 
-def stage_windows(img_size: tuple[int, int], patch_size: int, window: WindowSpec,
-                  num_stages: int) -> tuple[int | Pair, ...]:
+def stage_windows(
+    img_size: tuple[int, int], patch_size: int, window: WindowSpec, num_stages: int
+) -> tuple[int | Pair, ...]:
     """The window each stage really uses at `img_size` (`effective_window`), an int where square. Maps
     are ceil(size / patch) after the patch embedding, then halved (rounded up: odd maps are padded) by
     each patch merging. `window`: a config's `window_size` (int, (h, w) or per stage)."""
@@ -158,8 +162,9 @@ def mask_class(row: int, col: int, rows: int, cols: int) -> int:
 
 
 @lru_cache(maxsize=64)
-def window_order(H: int, W: int, window: int | Pair, shift: int | Pair,
-                 device: torch.device) -> tuple[Tensor, Tensor, Tensor, tuple[int, ...]]:
+def window_order(
+    H: int, W: int, window: int | Pair, shift: int | Pair, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor, tuple[int, ...]]:
     """Token orders that fuse (roll by -shift, window partition) and (reverse, roll back, crop).
 
     `gather` (Hp*Wp,): flat position in the padded Hp x Wp map of each token in window order, so
@@ -194,8 +199,9 @@ def window_order(H: int, W: int, window: int | Pair, shift: int | Pair,
 
 
 @lru_cache(maxsize=128)
-def batched_window_order(H: int, W: int, window: Pair, shift: Pair, batch: int,
-                         device: torch.device) -> tuple[Tensor, Tensor, Tensor, tuple[int, ...]]:
+def batched_window_order(
+    H: int, W: int, window: Pair, shift: Pair, batch: int, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor, tuple[int, ...]]:
     """`window_order` over a batch, window-major: row (w*batch + b)*N + n of the windows is token n of
     window w of image b, so the images' windows of one mask class are consecutive rows. Indices into
     the (batch*Hp*Wp) rows of the batch (gather) and into the windows' rows (inverse, scatter), and
@@ -221,6 +227,7 @@ def shift_mask(Hp: int, Wp: int, window: int | Pair, shift: int | Pair, device: 
     """
     (wh, ww), (sh, sw) = pair(window), pair(shift)
     with plain_tensors(), torch.no_grad():
+
         def region(n: int, w: int, s: int) -> Tensor:  # slices (0,-w), (-w,-s), (-s,None); s = 0: one region
             idx = torch.arange(n, device=device)
             return (idx >= n - w).long() + (idx >= n - s).long()
@@ -245,8 +252,9 @@ def used_class_masks(window: Pair, shift: Pair, classes: tuple[int, ...], device
     return cached(class_masks, window, shift, device)[list(classes)]
 
 
-def nonempty_classes(window: Pair, shift: Pair, counts: tuple[int, ...],
-                     device: torch.device) -> tuple[Tensor, tuple[int, ...]]:
+def nonempty_classes(
+    window: Pair, shift: Pair, counts: tuple[int, ...], device: torch.device
+) -> tuple[Tensor, tuple[int, ...]]:
     """The class masks and window counts of the classes that have windows (all four, except for a
     window shifted along one axis only: `window_order`)."""
     if all(counts):
@@ -259,7 +267,7 @@ def window_bias(bias: Tensor, counts: tuple[int, ...]) -> Tensor:
     """(nW, 1, nH, N, N): the (len(counts), nH, N, N) class biases, one per window, to broadcast
     over the images of window-major logits viewed as (nW, B, nH, N, N)."""
     if len(counts) > 1:
-        bias = torch.cat([bias[c:c + 1].expand(n, -1, -1, -1) for c, n in enumerate(counts)])
+        bias = torch.cat([bias[c : c + 1].expand(n, -1, -1, -1) for c, n in enumerate(counts)])
     return bias[:, None]
 
 

@@ -13,6 +13,7 @@ FeaturePyramidNetwork, what `torchvision.models.detection` expects: an OrderedDi
 `out_channels`) and `SwinV2Segmenter`, a semantic-segmentation model with a Semantic-FPN decoder
 (Kirillov et al., *Panoptic Feature Pyramid Networks*, 2019) in its light form.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,11 +26,11 @@ from typing import Any, cast
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import InputError
+from ..model.transformer import DERIVED_KEYS, BasicLayer, SwinTransformerV2, SwinV2Config
 from ..weights import convert, hub
 from ..weights.factory import LoadReport
 from ..weights.files import read_state_dict
-from ..errors import InputError
-from ..model.transformer import DERIVED_KEYS, BasicLayer, SwinTransformerV2, SwinV2Config
 from ..weights.registry import config_with, model_config
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,13 @@ class SwinV2Backbone(nn.Module):
     only (LayerNorm has no running statistics), and is here for parity with mmdet / mmseg configs.
     """
 
-    def __init__(self, model: SwinTransformerV2, out_indices: Sequence[int] | None = None,
-                 frozen_stages: int = -1, norm_eval: bool = False) -> None:
+    def __init__(
+        self,
+        model: SwinTransformerV2,
+        out_indices: Sequence[int] | None = None,
+        frozen_stages: int = -1,
+        norm_eval: bool = False,
+    ) -> None:
         super().__init__()
         cfg = model.config
         self.config = cfg
@@ -77,8 +83,10 @@ class SwinV2Backbone(nn.Module):
         for i, channels in zip(self.out_indices, self.out_channels):
             self.add_module(f"norm{i}", nn.LayerNorm(channels))
         # timm's `features_only` description: one dict per returned map.
-        self.feature_info = [dict(num_chs=c, reduction=s, module=f"norm{i}", stage=i)
-                             for i, c, s in zip(self.out_indices, self.out_channels, self.strides)]
+        self.feature_info = [
+            dict(num_chs=c, reduction=s, module=f"norm{i}", stage=i)
+            for i, c, s in zip(self.out_indices, self.out_channels, self.strides)
+        ]
         self.load_report: LoadReport | None = None  # set by create_backbone when it loads weights
         for module in self.frozen_modules():
             module.requires_grad_(False)
@@ -100,7 +108,7 @@ class SwinV2Backbone(nn.Module):
                 modules.append(getattr(self, f"norm{i}"))
         return modules
 
-    def train(self, mode: bool = True) -> "SwinV2Backbone":
+    def train(self, mode: bool = True) -> SwinV2Backbone:
         """nn.Module.train, then frozen stages (and with `norm_eval` every norm) back to eval."""
         super().train(mode)
         for module in self.frozen_modules():
@@ -143,10 +151,16 @@ def _check_indices(out_indices: Sequence[int] | None, stages: int) -> tuple[int,
     return indices
 
 
-def create_backbone(name_or_config: str | SwinV2Config, out_indices: Sequence[int] | None = None,
-                    frozen_stages: int = -1, norm_eval: bool = False, pretrained: bool | str = False,
-                    weights: str | os.PathLike | Mapping[str, Any] | None = None, strict: bool = True,
-                    **model_overrides: Any) -> SwinV2Backbone:
+def create_backbone(
+    name_or_config: str | SwinV2Config,
+    out_indices: Sequence[int] | None = None,
+    frozen_stages: int = -1,
+    norm_eval: bool = False,
+    pretrained: bool | str = False,
+    weights: str | os.PathLike | Mapping[str, Any] | None = None,
+    strict: bool = True,
+    **model_overrides: Any,
+) -> SwinV2Backbone:
     """A `SwinV2Backbone` of a registered variant (or a `SwinV2Config`), optionally with weights.
 
     `out_indices` None selects every stage ((0, 1, 2, 3) for the official variants). `pretrained`
@@ -175,9 +189,21 @@ def create_backbone(name_or_config: str | SwinV2Config, out_indices: Sequence[in
 
 # Top-level prefixes of the parts of a detector / segmenter that are not the backbone (mmdet, mmseg,
 # mmpretrain classifiers, torchvision detection models, this module's SwinV2FPN / SwinV2Segmenter).
-_PART_NAMES = {"neck": "neck", "fpn": "neck", "decode_head": "head", "auxiliary_head": "head", "head": "head",
-               "rpn_head": "head", "roi_head": "head", "bbox_head": "head", "mask_head": "head", "rpn": "head",
-               "roi_heads": "head", "decoder": "head", "data_preprocessor": "preprocessing"}
+_PART_NAMES = {
+    "neck": "neck",
+    "fpn": "neck",
+    "decode_head": "head",
+    "auxiliary_head": "head",
+    "head": "head",
+    "rpn_head": "head",
+    "roi_head": "head",
+    "bbox_head": "head",
+    "mask_head": "head",
+    "rpn": "head",
+    "roi_heads": "head",
+    "decoder": "head",
+    "data_preprocessor": "preprocessing",
+}
 
 
 def _backbone_keys(sd: Mapping[str, Tensor], dropped: list[str]) -> dict[str, Tensor]:
@@ -193,9 +219,9 @@ def _backbone_keys(sd: Mapping[str, Tensor], dropped: list[str]) -> dict[str, Te
     out = {}
     for key, value in sd.items():
         if key.startswith(prefix):
-            out[key[len(prefix):]] = value
+            out[key[len(prefix) :]] = value
         else:
-            part = (key[len("backbone."):] if key.startswith("backbone.") else key).split(".")[0]
+            part = (key[len("backbone.") :] if key.startswith("backbone.") else key).split(".")[0]
             dropped.append(f"{key} (the {_PART_NAMES.get(part, 'rest of the model')}, not the backbone)")
     return out
 
@@ -203,10 +229,18 @@ def _backbone_keys(sd: Mapping[str, Tensor], dropped: list[str]) -> dict[str, Te
 # mmpretrain `SwinTransformerV2` -> native. Its stage i > 0 starts with the merging that ours ends stage
 # i - 1 with; its FFN is mmcv's (layers.0.0 = fc1, layers.1 = fc2); attention sits under `w_msa`.
 _MM_MERGE = re.compile(r"stages\.([1-9]\d*)\.downsample\.(.+)")
-_MM_BLOCK = re.compile(r"stages\.(\d+)\.blocks\.(\d+)\."
-                       r"(attn\.w_msa|ffn\.layers\.0\.0|ffn\.layers\.1|norm1|norm2|norm3)\.(.+)")
-_MM_BLOCK_PARTS = {"attn.w_msa": "attn", "ffn.layers.0.0": "mlp.fc1", "ffn.layers.1": "mlp.fc2", "norm1": "norm1",
-                   "norm2": "norm2", "norm3": "norm3"}  # norm3: SwinV2-H/G's extra norm, the same name in both
+_MM_BLOCK = re.compile(
+    r"stages\.(\d+)\.blocks\.(\d+)\."
+    r"(attn\.w_msa|ffn\.layers\.0\.0|ffn\.layers\.1|norm1|norm2|norm3)\.(.+)"
+)
+_MM_BLOCK_PARTS = {
+    "attn.w_msa": "attn",
+    "ffn.layers.0.0": "mlp.fc1",
+    "ffn.layers.1": "mlp.fc2",
+    "norm1": "norm1",
+    "norm2": "norm2",
+    "norm3": "norm3",
+}  # norm3: SwinV2-H/G's extra norm, the same name in both
 
 
 def is_mmpretrain_layout(keys: Sequence[str]) -> bool:
@@ -233,7 +267,7 @@ def mmpretrain_to_native(sd: Mapping[str, Tensor], dropped: list[str]) -> dict[s
             dropped.append(f"{key} (derived buffer, recomputed)")
             continue
         if key.startswith("patch_embed.projection."):
-            key = "patch_embed.proj." + key[len("patch_embed.projection."):]
+            key = "patch_embed.proj." + key[len("patch_embed.projection.") :]
         elif m := _MM_MERGE.fullmatch(key):
             key = f"layers.{int(m[1]) - 1}.downsample.{m[2]}"
             value = unfold_to_official_reduction(value) if m[2] == "reduction.weight" else value
@@ -249,20 +283,23 @@ def _encoder_to_native(sd: dict[str, Tensor], src: str, report: LoadReport) -> d
         report.src = "mmpretrain"
         return mmpretrain_to_native(sd, report.dropped)
     if src == "auto" and any(k.startswith("stages.") for k in sd):
-        raise InputError("these weights use mmdet / mmpretrain's `stages.*` layout without a SwinV2 CPB MLP "
-                         "(a Swin V1 backbone?); only mmpretrain's SwinTransformerV2 layout is converted")
+        raise InputError(
+            "these weights use mmdet / mmpretrain's `stages.*` layout without a SwinV2 CPB MLP "
+            "(a Swin V1 backbone?); only mmpretrain's SwinTransformerV2 layout is converted"
+        )
     conv = convert.to_native(sd, src)
     report.src = conv.src
     report.dropped += [f"{k} ({why})" for k, why in conv.dropped.items()]
     return dict(conv.state_dict)
 
 
-def _place_final_norm(sd: dict[str, Tensor], norms: dict[str, Tensor], backbone: SwinV2Backbone,
-                      report: LoadReport) -> None:
+def _place_final_norm(
+    sd: dict[str, Tensor], norms: dict[str, Tensor], backbone: SwinV2Backbone, report: LoadReport
+) -> None:
     """A classifier's final norm is the last stage's output norm (mmpretrain converts it so too)."""
     last = len(backbone.config.depths) - 1
     for key in [k for k in sd if k.startswith("norm.")]:
-        target = f"norm{last}.{key[len('norm.'):]}"
+        target = f"norm{last}.{key[len('norm.') :]}"
         value = sd.pop(key)
         if last in backbone.out_indices and target not in norms:
             norms[target] = value
@@ -273,8 +310,13 @@ def _place_final_norm(sd: dict[str, Tensor], norms: dict[str, Tensor], backbone:
         del sd[key]
 
 
-def load_backbone_weights(backbone: SwinV2Backbone, path_or_state_dict: str | os.PathLike | Mapping[str, Any], *,
-                          src: str = "auto", strict: bool = True) -> LoadReport:
+def load_backbone_weights(
+    backbone: SwinV2Backbone,
+    path_or_state_dict: str | os.PathLike | Mapping[str, Any],
+    *,
+    src: str = "auto",
+    strict: bool = True,
+) -> LoadReport:
     """Load a backbone, detector, segmenter or classifier checkpoint into `backbone`; what happened.
 
     Reads mmdet / mmseg / mmpretrain checkpoints (`backbone.` prefix, mmpretrain key names, `norm{i}`),
@@ -297,8 +339,11 @@ def load_backbone_weights(backbone: SwinV2Backbone, path_or_state_dict: str | os
     sd.update(norms)
     _compare(sd, backbone.state_dict(), report)
     if strict and not report.ok:
-        parts = [f"{n} ({len(getattr(report, n))}): {', '.join(getattr(report, n)[:6])}"
-                 for n in ("missing", "unexpected", "mismatched") if getattr(report, n)]
+        parts = [
+            f"{n} ({len(getattr(report, n))}): {', '.join(getattr(report, n)[:6])}"
+            for n in ("missing", "unexpected", "mismatched")
+            if getattr(report, n)
+        ]
         raise ValueError(f"{origin} ({report.src} format) does not fit the backbone: " + "; ".join(parts))
     target = backbone.state_dict()
     usable = {k: v for k, v in sd.items() if k in target and v.shape == target[k].shape}
@@ -336,8 +381,9 @@ class SwinV2FPN(nn.Module):
         from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
         self.body = body
-        self.fpn = FeaturePyramidNetwork(body.out_channels, out_channels,
-                                         extra_blocks=LastLevelMaxPool() if extra_pool else None)
+        self.fpn = FeaturePyramidNetwork(
+            body.out_channels, out_channels, extra_blocks=LastLevelMaxPool() if extra_pool else None
+        )
         self.out_channels = out_channels
 
     @property
@@ -345,7 +391,7 @@ class SwinV2FPN(nn.Module):
         """Names of the maps from the backbone (for MultiScaleRoIAlign); "pool" is not one."""
         return [str(i) for i in range(len(self.body.out_indices))]
 
-    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         return self.fpn(OrderedDict(zip(self.featmap_names, self.body(x))))
 
 
@@ -353,8 +399,9 @@ class SwinV2FPN(nn.Module):
 
 
 def _conv_gn_relu(c_in: int, c_out: int, groups: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.GroupNorm(groups, c_out),
-                         nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.GroupNorm(groups, c_out), nn.ReLU(inplace=True)
+    )
 
 
 class SemanticFPNHead(nn.Module):
@@ -364,8 +411,9 @@ class SemanticFPNHead(nn.Module):
     GroupNorm, not BatchNorm: dense-prediction batches are small, and GN does not care.
     """
 
-    def __init__(self, in_channels: Sequence[int], num_classes: int, channels: int = 64, groups: int = 8,
-                 dropout: float = 0.1) -> None:
+    def __init__(
+        self, in_channels: Sequence[int], num_classes: int, channels: int = 64, groups: int = 8, dropout: float = 0.1
+    ) -> None:
         super().__init__()
         self.lateral = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)
         self.smooth = nn.ModuleList(_conv_gn_relu(channels, channels, groups) for _ in in_channels)
@@ -377,11 +425,14 @@ class SemanticFPNHead(nn.Module):
         """Maps finest first -> (B, num_classes, H_0, W_0) logits at the finest map's resolution."""
         laterals = [conv(m) for conv, m in zip(self.lateral, maps)]
         for i in range(len(laterals) - 1, 0, -1):  # top-down: coarse context into the finer level
-            laterals[i - 1] = laterals[i - 1] + F.interpolate(laterals[i], size=laterals[i - 1].shape[-2:],
-                                                              mode="nearest")
+            laterals[i - 1] = laterals[i - 1] + F.interpolate(
+                laterals[i], size=laterals[i - 1].shape[-2:], mode="nearest"
+            )
         size = laterals[0].shape[-2:]
-        fused = sum(F.interpolate(conv(lat), size=size, mode="bilinear", align_corners=False) if j else conv(lat)
-                    for j, (conv, lat) in enumerate(zip(self.smooth, laterals)))
+        fused = sum(
+            F.interpolate(conv(lat), size=size, mode="bilinear", align_corners=False) if j else conv(lat)
+            for j, (conv, lat) in enumerate(zip(self.smooth, laterals))
+        )
         return self.classifier(self.dropout(self.fuse(fused)))
 
 

@@ -26,6 +26,7 @@ Every size from 1 px up runs: the stages use ceil division throughout, so no sta
 The eager forward gives the same logits as the model (it is how the tests check the formulas
 before any exporter is involved); it is slower than the model's own eager path and meant for export.
 """
+
 from __future__ import annotations
 
 import math
@@ -57,8 +58,10 @@ TensorPair = tuple[Tensor, Tensor]
 def _clamp(size: Tensor, window: int, shift: int) -> TensorPair:
     """(size, 0) where size <= window, else (window, shift): the official clamp along one axis."""
     clamped = size <= window
-    return (torch.where(clamped, size, torch.full_like(size, window)),
-            torch.where(clamped, torch.zeros_like(size), torch.full_like(size, shift)))
+    return (
+        torch.where(clamped, size, torch.full_like(size, window)),
+        torch.where(clamped, torch.zeros_like(size), torch.full_like(size, shift)),
+    )
 
 
 def effective_window(H: Tensor, W: Tensor, window: Pair, shift: Pair) -> tuple[TensorPair, TensorPair]:

@@ -36,6 +36,7 @@ after the graph. `read_sidecar` refuses, in one line, a sidecar of another expor
 export killed between the two). Exports into the same folder run one at a time, and the first one
 after a kill removes the temp files it left (`.<out>.XXXXXXXX.tmp`).
 """
+
 from __future__ import annotations
 
 import json
@@ -55,8 +56,8 @@ from torch import nn
 from ..errors import CheckpointError, InputError
 from ..model.transformer import SwinTransformerV2
 from ..outputs import atomic_file, write_output
-from ..weights.registry import model_info
 from ..units import new_unit_id, remove_stale_temps, torn, unit_lock
+from ..weights.registry import model_info
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,10 @@ class ExportReport:
 
     def __str__(self) -> str:
         shape = "height, width" if self.dynamic_size else f"{self.img_size}, {self.img_size}"
-        lines = [f"wrote {self.path} (opset {self.opset}, input {INPUT_NAME}: (batch, 3, {shape}) float32, "
-                 f"output {OUTPUT_NAME}) in {self.seconds:.1f}s"]
+        lines = [
+            f"wrote {self.path} (opset {self.opset}, input {INPUT_NAME}: (batch, 3, {shape}) float32, "
+            f"output {OUTPUT_NAME}) in {self.seconds:.1f}s"
+        ]
         if self.max_abs_diff:
             diffs = ", ".join(f"{d:.2e} at batch {b}" for b, d in self.max_abs_diff.items())
             at = (" at " + ", ".join(f"{h}x{w}" for h, w in self.checked_sizes) + " px") if self.dynamic_size else ""
@@ -91,8 +94,10 @@ class ExportReport:
         else:
             lines.append("ONNX Runtime check skipped")
         if self.dynamic_size:
-            lines.append(f"the graph takes any image size (batch, height and width dynamic); eval preprocessing "
-                         f"at {self.img_size} px")
+            lines.append(
+                f"the graph takes any image size (batch, height and width dynamic); eval preprocessing "
+                f"at {self.img_size} px"
+            )
         else:
             lines.append(f"the graph is fixed at {self.img_size}x{self.img_size} px: export again for other sizes")
         return "\n".join(lines)
@@ -104,9 +109,17 @@ def _export_graph(model: nn.Module, path: str, x: torch.Tensor, opset: int) -> N
         # the TorchScript exporter announces its successor (see the module docstring).
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-        torch.onnx.export(model, (x,), path, dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                          opset_version=opset, do_constant_folding=True)
+        torch.onnx.export(
+            model,
+            (x,),
+            path,
+            dynamo=False,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            opset_version=opset,
+            do_constant_folding=True,
+        )
 
 
 def _export_dynamic_graph(model: nn.Module, path: str, x: torch.Tensor, opset: int) -> None:
@@ -120,10 +133,17 @@ def _export_dynamic_graph(model: nn.Module, path: str, x: torch.Tensor, opset: i
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         # The crops to a dynamic even size are slices with tensor bounds, which constant folding skips.
         warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
-        torch.onnx.export(DynamicSizeForward(cast(SwinTransformerV2, model)), (x,), path, dynamo=False,
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset,
-                          do_constant_folding=True,
-                          dynamic_axes={INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch"}})
+        torch.onnx.export(
+            DynamicSizeForward(cast(SwinTransformerV2, model)),
+            (x,),
+            path,
+            dynamo=False,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamic_axes={INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch"}},
+        )
 
 
 def dynamic_check_sizes(img_size: int) -> list[tuple[int, int]]:
@@ -132,15 +152,22 @@ def dynamic_check_sizes(img_size: int) -> list[tuple[int, int]]:
     return [(img_size, img_size), ((img_size * 3 // 4) | 1, (img_size // 2 + 2) | 1)]
 
 
-def check_onnx(path: str | os.PathLike, model: nn.Module, img_size: int | tuple[int, int], *,
-               batch_sizes: Sequence[int] = (1, 3), seed: int = 0) -> dict[int, float]:
+def check_onnx(
+    path: str | os.PathLike,
+    model: nn.Module,
+    img_size: int | tuple[int, int],
+    *,
+    batch_sizes: Sequence[int] = (1, 3),
+    seed: int = 0,
+) -> dict[int, float]:
     """Max |ONNX Runtime - PyTorch| of the logits at each batch size, on seeded N(0,1) images of
     `img_size` (a side, or (height, width))."""
     try:
         import onnxruntime as ort
     except ImportError:
-        raise InputError("the export self-check needs onnxruntime (pip install onnxruntime), "
-                         "or skip it with --no-check") from None
+        raise InputError(
+            "the export self-check needs onnxruntime (pip install onnxruntime), or skip it with --no-check"
+        ) from None
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: ORT's warnings about unused initialisers are noise here
     ort_run = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
@@ -153,15 +180,25 @@ def check_onnx(path: str | os.PathLike, model: nn.Module, img_size: int | tuple[
             expected = model(x).float()
         got = torch.from_numpy(ort_run.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0])
         if got.shape != expected.shape:
-            raise InputError(f"{path}: ONNX Runtime returned {tuple(got.shape)} at batch {b}, {height}x{width} px, "
-                             f"PyTorch {tuple(expected.shape)}")
+            raise InputError(
+                f"{path}: ONNX Runtime returned {tuple(got.shape)} at batch {b}, {height}x{width} px, "
+                f"PyTorch {tuple(expected.shape)}"
+            )
         diffs[b] = float((got - expected).abs().max())
     return diffs
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike, *, img_size: int | None = None,
-                opset: int = DEFAULT_OPSET, check: bool = True, check_batches: Sequence[int] = (1, 3),
-                atol: float = 1e-4, dynamic_size: bool = False) -> ExportReport:
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    img_size: int | None = None,
+    opset: int = DEFAULT_OPSET,
+    check: bool = True,
+    check_batches: Sequence[int] = (1, 3),
+    atol: float = 1e-4,
+    dynamic_size: bool = False,
+) -> ExportReport:
     """Export `model` (B, 3, img_size, img_size) -> (B, num_classes) to ONNX at `path`.
 
     `img_size` defaults to the model's eval size (`model.info`'s preprocessing, else its
@@ -202,17 +239,21 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, img_size: int | No
             diffs = _check_sizes(tmp, model, sizes, check_batches) if check else {}
             bad = {b: d for b, d in diffs.items() if not d <= atol}  # `not <=` also catches NaN
             if bad:
-                raise InputError(f"ONNX Runtime differs from PyTorch by {max(bad.values()):.3g} (> {atol:g}) at "
-                                 f"batch {', '.join(map(str, bad))}; {path} was not written")
+                raise InputError(
+                    f"ONNX Runtime differs from PyTorch by {max(bad.values()):.3g} (> {atol:g}) at "
+                    f"batch {', '.join(map(str, bad))}; {path} was not written"
+                )
         _write_sidecar(path, model, img_size, opset, dynamic_size, unit)  # last: it describes the graph
-    report = ExportReport(os.fspath(path), img_size, opset, time.perf_counter() - start, atol, diffs,
-                          dynamic_size, sizes if check else [])
+    report = ExportReport(
+        os.fspath(path), img_size, opset, time.perf_counter() - start, atol, diffs, dynamic_size, sizes if check else []
+    )
     log.debug("%s", report)
     return report
 
 
-def _check_sizes(path: Path, model: nn.Module, sizes: Sequence[tuple[int, int]],
-                 batch_sizes: Sequence[int]) -> dict[int, float]:
+def _check_sizes(
+    path: Path, model: nn.Module, sizes: Sequence[tuple[int, int]], batch_sizes: Sequence[int]
+) -> dict[int, float]:
     """`check_onnx` at each (height, width) of `sizes`: per batch size, the largest difference of all."""
     diffs: dict[int, float] = {}
     for size in sizes:
@@ -222,8 +263,9 @@ def _check_sizes(path: Path, model: nn.Module, sizes: Sequence[tuple[int, int]],
     return diffs
 
 
-def _write_sidecar(path: Path, model: nn.Module, img_size: int, opset: int, dynamic_size: bool = False,
-                   unit: str | None = None) -> None:
+def _write_sidecar(
+    path: Path, model: nn.Module, img_size: int, opset: int, dynamic_size: bool = False, unit: str | None = None
+) -> None:
     """`<out>.json`: names, shapes, preprocessing and classes, so the .onnx can be used on its own.
     A dynamic graph has `"img_size": null` and `"dynamic_size": true`; `"eval_img_size"` (and the
     preprocessing's size) is the size its images are resized and cropped to in eval, `img_size`.
@@ -354,8 +396,10 @@ def graph_metadata(path: str | os.PathLike) -> dict[str, str]:
                 if number == 0 or f.tell() > size:
                     raise EOFError
     except (EOFError, ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not a complete ONNX graph (truncated or not protobuf: "
-                              f"{type(e).__name__}{': ' + str(e) if str(e) else ''})") from None
+        raise CheckpointError(
+            f"{path}: not a complete ONNX graph (truncated or not protobuf: "
+            f"{type(e).__name__}{': ' + str(e) if str(e) else ''})"
+        ) from None
     return props
 
 
@@ -384,6 +428,5 @@ def read_sidecar(graph: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{side}: holds a JSON {type(info).__name__}, not an object")
     if unit is not None and info.get("unit_id") != unit:
         said = f"export {info['unit_id']}" if info.get("unit_id") else "no export id (an older sidecar)"
-        raise torn(graph, f"the graph (export {unit}) and its sidecar {side.name} ({said}) come from different "
-                          f"exports")
+        raise torn(graph, f"the graph (export {unit}) and its sidecar {side.name} ({said}) come from different exports")
     return info

@@ -12,6 +12,7 @@ unreadable file never stops the run: it is reported, with its reason, and skippe
    "errors":  [{"path": str, "error": str}, ...]}
 `prob` is the softmax probability (0..1) of the class; `top` is sorted by it, highest first.
 """
+
 from __future__ import annotations
 
 import glob
@@ -61,7 +62,6 @@ def class_names_for(model: nn.Module) -> tuple[list[str], str]:
     return [str(i) for i in range(n)], "indices"
 
 
-
 # --------------------------------------------------------------------------- predict
 
 
@@ -91,8 +91,12 @@ def expand_paths(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[str], li
         else:
             errors.append({"path": arg, "error": "file not found"})
     if skipped:
-        log.warning("%d linked folders not followed, each leads to a folder already read (a symlink loop, or a "
-                    "second link to the same images): %s", len(skipped), ", ".join(skipped))
+        log.warning(
+            "%d linked folders not followed, each leads to a folder already read (a symlink loop, or a "
+            "second link to the same images): %s",
+            len(skipped),
+            ", ".join(skipped),
+        )
     return list(dict.fromkeys(files)), errors
 
 
@@ -121,8 +125,12 @@ class PredictionSet:
     class_names: list[str] = field(default_factory=list, repr=False)  # the model's, in index order
 
     def to_json(self) -> dict[str, Any]:
-        return {"topk": self.topk, "class_names_from": self.class_names_from, "results": self.results,
-                "errors": self.errors}
+        return {
+            "topk": self.topk,
+            "class_names_from": self.class_names_from,
+            "results": self.results,
+            "errors": self.errors,
+        }
 
 
 class _PredictSamples(Dataset):
@@ -148,8 +156,15 @@ class _PredictSamples(Dataset):
         return path, self.transform(img), None, thumb
 
 
-def _batches(files: Sequence[str], prep: EvalPreprocess, batch_size: int, errors: list[dict[str, str]],
-             thumbs: list[np.ndarray], n_thumbs: int, workers: int = 0) -> Iterator[tuple[list[str], torch.Tensor]]:
+def _batches(
+    files: Sequence[str],
+    prep: EvalPreprocess,
+    batch_size: int,
+    errors: list[dict[str, str]],
+    thumbs: list[np.ndarray],
+    n_thumbs: int,
+    workers: int = 0,
+) -> Iterator[tuple[list[str], torch.Tensor]]:
     """(paths, (B, 3, H, W) float tensor) batches of the readable files, preprocessed by `prep`, in
     order; unreadable ones go to `errors`. Images are decoded, resized and cropped one by one (with
     `workers` > 0 in that many loader processes, overlapping the model), and scaled and normalised
@@ -158,8 +173,9 @@ def _batches(files: Sequence[str], prep: EvalPreprocess, batch_size: int, errors
     from torch.utils.data import DataLoader
 
     resize_crop = eval_resize_crop(prep.img_size, prep.crop_pct, prep.interpolation)
-    loader = DataLoader(_PredictSamples(files, resize_crop, n_thumbs > 0), batch_size=batch_size,
-                        num_workers=workers, collate_fn=list)
+    loader = DataLoader(
+        _PredictSamples(files, resize_crop, n_thumbs > 0), batch_size=batch_size, num_workers=workers, collate_fn=list
+    )
     for items in loader:
         paths, tensors = [], []
         for path, x, reason, thumb in items:
@@ -188,10 +204,19 @@ def one_ahead(items: Iterator[T]) -> Iterator[T]:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, paths: Sequence[str | os.PathLike[str]], *, topk: int = 5, batch_size: int = 32,
-            device: str | torch.device = "cpu", preprocess: EvalPreprocess | None = None,
-            thumbnails: int = 0, amp_dtype: torch.dtype | None = None, runtime: Any = None,
-            workers: int = 0) -> PredictionSet:
+def predict(
+    model: nn.Module,
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    topk: int = 5,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    preprocess: EvalPreprocess | None = None,
+    thumbnails: int = 0,
+    amp_dtype: torch.dtype | None = None,
+    runtime: Any = None,
+    workers: int = 0,
+) -> PredictionSet:
     """Classify the images named by `paths` (files, folders, globs; see `expand_paths`).
 
     Each result holds the `topk` classes with their softmax probabilities (taken in fp32, also under
@@ -218,8 +243,9 @@ def predict(model: nn.Module, paths: Sequence[str | os.PathLike[str]], *, topk: 
         probs = logits.float().softmax(dim=-1)  # (B, C)
         p, idx = probs.topk(k, dim=-1)
         for path, pi, ii in zip(batch_paths, p.tolist(), idx.tolist()):
-            out.results.append({"path": path, "top": [{"index": i, "label": names[i], "prob": q}
-                                                      for q, i in zip(pi, ii)]})
+            out.results.append(
+                {"path": path, "top": [{"index": i, "label": names[i], "prob": q} for q, i in zip(pi, ii)]}
+            )
     return out
 
 
@@ -229,7 +255,7 @@ def grid_titles(paths: Sequence[str], *, max_chars: int = 40) -> list[str]:
     absolute = [os.path.abspath(p) for p in paths]
     base = os.path.commonpath([os.path.dirname(os.path.dirname(p)) for p in absolute])
     rel = [os.path.relpath(p, base) for p in absolute]
-    return [r if len(r) <= max_chars else "…" + r[-(max_chars - 1):] for r in rel]
+    return [r if len(r) <= max_chars else "…" + r[-(max_chars - 1) :] for r in rel]
 
 
 def save_prediction_grid(preds: PredictionSet, path: str | os.PathLike) -> Path:
@@ -250,5 +276,6 @@ def save_prediction_grid(preds: PredictionSet, path: str | os.PathLike) -> Path:
     marked = [c for c in correct if c is not None]
     if marked:
         title += f"; top-1 right for {sum(marked)} of the {len(marked)} whose folder names a class"
-    return plot_prediction_grid(preds.thumbnails, captions, path, titles=grid_titles([r["path"] for r in shown]),
-                                correct=correct, title=title)
+    return plot_prediction_grid(
+        preds.thumbnails, captions, path, titles=grid_titles([r["path"] for r in shown]), correct=correct, title=title
+    )

@@ -42,6 +42,7 @@ Processes using a cache folder take turns (`units.unit_lock`: check, build and l
 first one after a kill removes the temp files and folders it left there (`.NAME.XXXXXXXX.tmp`,
 `.int8-XXXXXXXX`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -66,8 +67,8 @@ from torch import nn
 from ..errors import InputError
 from ..hardware import cpu_name
 from ..outputs import atomic_write
-from ..weights.registry import model_info
 from ..units import remove_stale_temps, unit_lock
+from ..weights.registry import model_info
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,10 @@ def _import(module: str, runtime: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise RuntimeUnavailable(f"--runtime {runtime} needs the {module} package, which is not installed: "
-                                 f"pip install 'swinv2[{EXTRAS[runtime]}]'") from None
+        raise RuntimeUnavailable(
+            f"--runtime {runtime} needs the {module} package, which is not installed: "
+            f"pip install 'swinv2[{EXTRAS[runtime]}]'"
+        ) from None
 
 
 def installed(runtime: str) -> bool:
@@ -143,15 +146,21 @@ def check_supported(runtime: str, precision: str) -> None:
     if runtime != "torch":
         _import(runtime, runtime)
     if precision == "int8" and runtime != "openvino":
-        raise RuntimeUnavailable(f"--precision int8 is not supported by --runtime {runtime}: int8 is OpenVINO's "
-                                 f"post-training quantisation (--runtime openvino --calib DIR)")
+        raise RuntimeUnavailable(
+            f"--precision int8 is not supported by --runtime {runtime}: int8 is OpenVINO's "
+            f"post-training quantisation (--runtime openvino --calib DIR)"
+        )
     if precision == "bf16":
         if runtime == "onnxruntime":
-            raise RuntimeUnavailable("--precision bf16 is not supported by --runtime onnxruntime: its CPU provider "
-                                     "has no bf16 kernels; use --runtime openvino or torch")
+            raise RuntimeUnavailable(
+                "--precision bf16 is not supported by --runtime onnxruntime: its CPU provider "
+                "has no bf16 kernels; use --runtime openvino or torch"
+            )
         if not native_bf16(runtime):
-            raise RuntimeUnavailable(f"--precision bf16 refused: this CPU has no native bf16 (AVX-512 BF16 or AMX), "
-                                     f"{runtime} would emulate it, slower than fp32; use fp32 or int8")
+            raise RuntimeUnavailable(
+                f"--precision bf16 refused: this CPU has no native bf16 (AVX-512 BF16 or AMX), "
+                f"{runtime} would emulate it, slower than fp32; use fp32 or int8"
+            )
 
 
 # --------------------------------------------------------------------------- the export cache
@@ -174,8 +183,9 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "swinv2"
 
 
-def export_root(sha: str, *, weights: str | os.PathLike | None = None,
-                cache_dir: str | os.PathLike | None = None) -> Path:
+def export_root(
+    sha: str, *, weights: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None
+) -> Path:
     """The folder of a model's cached exports (see the module docstring)."""
     if cache_dir is not None:
         return Path(cache_dir) / "exports" / sha[:16]
@@ -225,8 +235,10 @@ def _bind_onnx(graph: Path) -> dict[str, Any]:
     from .export import UNIT_KEY, graph_metadata, read_sidecar, sidecar_path
 
     read_sidecar(graph)
-    return {"unit_id": graph_metadata(graph).get(UNIT_KEY),
-            "sha256": {p.name: _file_sha256(p) for p in (graph, sidecar_path(graph))}}
+    return {
+        "unit_id": graph_metadata(graph).get(UNIT_KEY),
+        "sha256": {p.name: _file_sha256(p) for p in (graph, sidecar_path(graph))},
+    }
 
 
 def _bind_ir(xml: Path) -> dict[str, Any]:
@@ -246,14 +258,18 @@ def _unbound(graph: Path, old: dict[str, Any], bind: Callable[[Path], dict[str, 
     changed = [name for name, sha in now["sha256"].items() if bound["sha256"].get(name) != sha]
     if changed:
         name = changed[0]
-        return (f"{name} is not the file its key was written with (SHA-256 {now['sha256'][name][:12]}... now, "
-                f"{str(bound['sha256'].get(name))[:12]}... then): replaced, damaged or of another write")
-    return None if now == bound else ("its files are not those its key was written with (an interrupted or "
-                                      "mixed write)")
+        return (
+            f"{name} is not the file its key was written with (SHA-256 {now['sha256'][name][:12]}... now, "
+            f"{str(bound['sha256'].get(name))[:12]}... then): replaced, damaged or of another write"
+        )
+    return (
+        None if now == bound else ("its files are not those its key was written with (an interrupted or mixed write)")
+    )
 
 
-def _cached(graph: Path, key: dict[str, Any], build: Callable[[Path], None],
-            bind: Callable[[Path], dict[str, Any]]) -> Path:
+def _cached(
+    graph: Path, key: dict[str, Any], build: Callable[[Path], None], bind: Callable[[Path], dict[str, Any]]
+) -> Path:
     """`graph`, made by `build(graph)` unless its key file matches `key` and its files are those the key
     binds (`bind(graph)`, stored as the key's "bound"). The key file is written after the files, so a
     graph without one (an interrupted write) is made again. Runs under the folder's lock."""
@@ -268,8 +284,13 @@ def _cached(graph: Path, key: dict[str, Any], build: Callable[[Path], None],
                 return graph
             log.warning("cached export %s does not match its key: %s; exporting again", graph, problem)
         elif old is not None and old.get("sha256") != key["sha256"]:
-            log.warning("stale cached export %s: the weights changed since it was made (sha256 %s... then, %s... "
-                        "now); exporting again", graph, str(old.get("sha256"))[:12], key["sha256"][:12])
+            log.warning(
+                "stale cached export %s: the weights changed since it was made (sha256 %s... then, %s... "
+                "now); exporting again",
+                graph,
+                str(old.get("sha256"))[:12],
+                key["sha256"][:12],
+            )
         elif old is not None:
             changed = ", ".join(k for k in key if old.get(k) != key[k]) or "its graph file is missing"
             log.info("cached export %s was made with other settings (%s); exporting again", graph, changed)
@@ -309,8 +330,14 @@ def fp32_onnx(model: nn.Module, root: Path, sha: str, img_size: int) -> Path:
     return _cached(root / f"{img_size}px-fp32.onnx", _key(sha, img_size, "fp32"), build, _bind_onnx)
 
 
-def _check_runtime(fn: Callable[[np.ndarray], np.ndarray], model: nn.Module, img_size: int, *,
-                   batch_sizes: Sequence[int] = (1, 3), atol: float = ATOL_FP32) -> dict[int, float]:
+def _check_runtime(
+    fn: Callable[[np.ndarray], np.ndarray],
+    model: nn.Module,
+    img_size: int,
+    *,
+    batch_sizes: Sequence[int] = (1, 3),
+    atol: float = ATOL_FP32,
+) -> dict[int, float]:
     """Max |fn - PyTorch| at each batch size on seeded N(0,1) images; raises above `atol`."""
     g = torch.Generator().manual_seed(0)
     diffs = {}
@@ -327,14 +354,15 @@ def _check_runtime(fn: Callable[[np.ndarray], np.ndarray], model: nn.Module, img
 # --------------------------------------------------------------------------- calibration (int8)
 
 
-def calibration_set(calib: str | os.PathLike, model: nn.Module, img_size: int, *,
-                    limit: int = CALIB_IMAGES) -> tuple[list[np.ndarray], str]:
+def calibration_set(
+    calib: str | os.PathLike, model: nn.Module, img_size: int, *, limit: int = CALIB_IMAGES
+) -> tuple[list[np.ndarray], str]:
     """Up to `limit` preprocessed (1, 3, S, S) images from the folder `calib` (searched recursively;
     evenly spaced over the sorted files, so every class folder contributes), and a fingerprint of
     which files they were (SHA-256 of their paths relative to `calib` and sizes)."""
     from ..images import BadImageError, eval_pipeline, load_image
-    from .predict import expand_paths
     from ..weights.registry import resolve_preprocess
+    from .predict import expand_paths
 
     calib = os.fspath(calib)
     if not os.path.isdir(calib):
@@ -358,8 +386,9 @@ def calibration_set(calib: str | os.PathLike, model: nn.Module, img_size: int, *
     return images, h.hexdigest()
 
 
-def int8_openvino(model: nn.Module, root: Path, sha: str, img_size: int,
-                  calib: str | os.PathLike | Sequence[np.ndarray] | None) -> Path:
+def int8_openvino(
+    model: nn.Module, root: Path, sha: str, img_size: int, calib: str | os.PathLike | Sequence[np.ndarray] | None
+) -> Path:
     """The NNCF-quantised OpenVINO IR (.xml + .bin) of `model` in the cache. `calib`: a folder of
     images, or preprocessed (1, 3, S, S) arrays; None only when an int8 entry for these weights is
     cached already."""
@@ -372,18 +401,24 @@ def int8_openvino(model: nn.Module, root: Path, sha: str, img_size: int,
     else:
         images = [np.asarray(a, dtype=np.float32) for a in calib]
         fingerprint = hashlib.sha256(b"".join(a.tobytes() for a in images)).hexdigest()
-    key = _key(sha, img_size, "int8", calib=fingerprint, quantiser="nncf, no smooth quant, fp32 patch embedding and head")
+    key = _key(
+        sha, img_size, "int8", calib=fingerprint, quantiser="nncf, no smooth quant, fp32 patch embedding and head"
+    )
     if calib is None:
         with _cache_folder(root):
             old = _read_key(xml.with_name(xml.name + ".key.json"))
             if old is None or not xml.exists() or any(old.get(k) != key[k] for k in ("sha256", "img_size")):
                 stale = " (the cached one is stale: the weights changed)" if old and old.get("sha256") != sha else ""
-                raise InputError(f"--precision int8 needs calibration images{stale}: --calib DIR, a folder of images "
-                                 f"like the ones to classify (e.g. the training set)")
+                raise InputError(
+                    f"--precision int8 needs calibration images{stale}: --calib DIR, a folder of images "
+                    f"like the ones to classify (e.g. the training set)"
+                )
             problem = _unbound(xml, old, _bind_ir)
             if problem is not None:
-                raise InputError(f"--precision int8 needs calibration images (the cached {xml.name} does not match "
-                                 f"its key: {problem}): --calib DIR, a folder of images like the ones to classify")
+                raise InputError(
+                    f"--precision int8 needs calibration images (the cached {xml.name} does not match "
+                    f"its key: {problem}): --calib DIR, a folder of images like the ones to classify"
+                )
         return xml
     onnx_path = fp32_onnx(model, root, sha, img_size)
 
@@ -391,12 +426,16 @@ def int8_openvino(model: nn.Module, root: Path, sha: str, img_size: int,
         try:
             nncf = importlib.import_module("nncf")
         except ImportError:
-            raise RuntimeUnavailable("int8 with --runtime openvino needs nncf, which is not installed: "
-                                     "pip install 'swinv2[openvino]'") from None
+            raise RuntimeUnavailable(
+                "int8 with --runtime openvino needs nncf, which is not installed: pip install 'swinv2[openvino]'"
+            ) from None
         nncf.set_log_level(logging.ERROR)
         ov_model = _ov_core().read_model(os.fspath(onnx_path))
-        log.info("int8: quantising with NNCF on %d calibration images%s", len(images),
-                 f" from {calib}" if isinstance(calib, (str, os.PathLike)) else "")
+        log.info(
+            "int8: quantising with NNCF on %d calibration images%s",
+            len(images),
+            f" from {calib}" if isinstance(calib, (str, os.PathLike)) else "",
+        )
         # SmoothQuant off: it moves activation outliers into the weights, and on SwinV2 (the trained demo
         # model, 360 val images) it cost 1.4 top-1 points against 0.3 without it (mean |logit delta|
         # 0.41 vs 0.09), at the same speed. The first and the last layer stay fp32, the usual rule for
@@ -407,8 +446,14 @@ def int8_openvino(model: nn.Module, root: Path, sha: str, img_size: int,
         advanced = AdvancedQuantizationParameters(smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1))
         keep_fp32 = nncf.IgnoredScope(patterns=[r".*patch_embed/proj/.*", r".*/head/.*"], validate=False)
         with _quiet_progress():
-            quantised = nncf.quantize(ov_model, nncf.Dataset(images), model_type=nncf.ModelType.TRANSFORMER,
-                                      subset_size=len(images), advanced_parameters=advanced, ignored_scope=keep_fp32)
+            quantised = nncf.quantize(
+                ov_model,
+                nncf.Dataset(images),
+                model_type=nncf.ModelType.TRANSFORMER,
+                subset_size=len(images),
+                advanced_parameters=advanced,
+                ignored_scope=keep_fp32,
+            )
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=".int8-") as tmp:
             ov.save_model(quantised, os.fspath(Path(tmp) / "m.xml"), compress_to_fp16=False)
             for name, dst in (("m.bin", path.with_suffix(".bin")), ("m.xml", path)):  # .xml last: the pair is done
@@ -447,8 +492,7 @@ def _openvino_fn(path: Path, precision: str, threads: int | None) -> Callable[[n
     # rest (softmax, norms, the CPB MLP) in bf16 where that is native: SwinV2-T 256 px batch 8 ran 1.18x
     # the bf16 model's speed that way, 1.02x with an f32 rest.
     rest_bf16 = precision == "bf16" or (precision == "int8" and native_bf16("openvino"))
-    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "bf16" if rest_bf16 else "f32",
-                              "PERFORMANCE_HINT": "LATENCY"}
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "bf16" if rest_bf16 else "f32", "PERFORMANCE_HINT": "LATENCY"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     # OpenVINO keeps what it compiled beside the graph and reuses it for the same graph file, settings
@@ -490,10 +534,15 @@ class Runtime:
         x = torch.as_tensor(x)
         if x.ndim != 4 or x.shape[1] != 3:
             raise InputError(f"expected (B, 3, H, W) images, got {tuple(x.shape)}")
-        if (self.name != "torch" and tuple(x.shape[2:]) != (self.img_size, self.img_size)
-                and not _takes_any_size(self.path)):
-            raise InputError(f"the {self.name} graph is fixed at {self.img_size}x{self.img_size} px; got "
-                             f"{x.shape[2]}x{x.shape[3]} (use --img-size {x.shape[2]} to export at that size)")
+        if (
+            self.name != "torch"
+            and tuple(x.shape[2:]) != (self.img_size, self.img_size)
+            and not _takes_any_size(self.path)
+        ):
+            raise InputError(
+                f"the {self.name} graph is fixed at {self.img_size}x{self.img_size} px; got "
+                f"{x.shape[2]}x{x.shape[3]} (use --img-size {x.shape[2]} to export at that size)"
+            )
         return self.infer(x.detach().cpu().float())
 
     def describe(self) -> str:
@@ -534,11 +583,18 @@ def _torch_infer(model: nn.Module, precision: str) -> Callable[[torch.Tensor], t
     return infer
 
 
-def load_runtime(model: nn.Module, runtime: str = "auto", precision: str = "fp32", *,
-                 weights: str | os.PathLike | None = None, img_size: int | None = None,
-                 calib: str | os.PathLike | Sequence[np.ndarray] | None = None,
-                 cache_dir: str | os.PathLike | None = None, threads: int | None = None,
-                 batch_size: int = 8) -> Runtime:
+def load_runtime(
+    model: nn.Module,
+    runtime: str = "auto",
+    precision: str = "fp32",
+    *,
+    weights: str | os.PathLike | None = None,
+    img_size: int | None = None,
+    calib: str | os.PathLike | Sequence[np.ndarray] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    threads: int | None = None,
+    batch_size: int = 8,
+) -> Runtime:
     """`model` (a loaded SwinTransformerV2, eval preprocessing in `model.info`) run by `runtime`
     ("torch", "onnxruntime", "openvino" or "auto") in `precision` ("fp32", "bf16", "int8").
 
@@ -552,8 +608,16 @@ def load_runtime(model: nn.Module, runtime: str = "auto", precision: str = "fp32
     if img_size is None:
         img_size = model_info(model).preprocess.img_size
     if runtime == "auto":
-        return _auto(model, precision, weights=weights, img_size=img_size, calib=calib, cache_dir=cache_dir,
-                     threads=threads, batch_size=batch_size)
+        return _auto(
+            model,
+            precision,
+            weights=weights,
+            img_size=img_size,
+            calib=calib,
+            cache_dir=cache_dir,
+            threads=threads,
+            batch_size=batch_size,
+        )
     check_supported(runtime, precision)
     model = model.eval().float().cpu()
     num_classes = model.config.num_classes
@@ -581,8 +645,15 @@ def _versions(runtimes: Sequence[str]) -> dict[str, str]:
     return {r: importlib.import_module(r).__version__ for r in runtimes}
 
 
-def time_runtimes(runtimes: dict[str, Runtime], x: torch.Tensor, *, passes: int = 2, calls: int = 3,
-                  warmup: int = 1, settle_s: float = 0.3) -> dict[str, float]:
+def time_runtimes(
+    runtimes: dict[str, Runtime],
+    x: torch.Tensor,
+    *,
+    passes: int = 2,
+    calls: int = 3,
+    warmup: int = 1,
+    settle_s: float = 0.3,
+) -> dict[str, float]:
     """Images/s of each runtime on `x`: each timed in a block of its own (`warmup` calls, then the
     median of `calls`), in `passes` passes with the order reversed each time; a runtime's best block
     counts. Not call by call in turns: ONNX Runtime's and OpenVINO's thread pools keep spinning for a
@@ -600,8 +671,9 @@ def time_runtimes(runtimes: dict[str, Runtime], x: torch.Tensor, *, passes: int 
     return best
 
 
-def _auto(model: nn.Module, precision: str, *, weights, img_size: int, calib, cache_dir, threads,
-          batch_size: int) -> Runtime:
+def _auto(
+    model: nn.Module, precision: str, *, weights, img_size: int, calib, cache_dir, threads, batch_size: int
+) -> Runtime:
     batch_size = min(batch_size, AUTO_MAX_BATCH)
     candidates = []
     reasons = []
@@ -614,10 +686,18 @@ def _auto(model: nn.Module, precision: str, *, weights, img_size: int, calib, ca
     if not candidates:
         raise RuntimeUnavailable(f"--runtime auto: no installed runtime runs {precision} here ({'; '.join(reasons)})")
     memo_path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / "runtime-auto.json"
-    memo_key = json.dumps({"machine": _machine(), "threads": threads or torch.get_num_threads(),
-                           "versions": _versions(c for c in candidates if c != "torch") | {"torch": torch.__version__},
-                           "config": model.config.to_dict(), "img_size": img_size, "batch": batch_size,
-                           "precision": precision}, sort_keys=True)
+    memo_key = json.dumps(
+        {
+            "machine": _machine(),
+            "threads": threads or torch.get_num_threads(),
+            "versions": _versions(c for c in candidates if c != "torch") | {"torch": torch.__version__},
+            "config": model.config.to_dict(),
+            "img_size": img_size,
+            "batch": batch_size,
+            "precision": precision,
+        },
+        sort_keys=True,
+    )
     memo = _read_key(memo_path) or {}
     kw = dict(weights=weights, img_size=img_size, calib=calib, cache_dir=cache_dir, threads=threads)
     if memo_key in memo and memo[memo_key]["pick"] in candidates:

@@ -62,6 +62,7 @@ Result fields (one dict per implementation and setting; `write_json` adds a `met
   max_abs_diff         max |logits - ours' logits| in fp32 eval at batch 1 (None for ours): proves
                        the peers run the same weights
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -126,6 +127,7 @@ def _switched(step: Callable[[], Any], paths: FastPaths) -> Callable[[], Any]:
     def run_switched() -> Any:
         with use_fast_paths(paths):
             return step()
+
     return run_switched
 
 
@@ -144,8 +146,9 @@ class _HFLogits(nn.Module):
 
 
 @torch.no_grad()
-def randomize_weights_(model: nn.Module, seed: int = 0, *, std: float = 0.02,
-                       logit_scales: tuple[float, float] | None = None) -> nn.Module:
+def randomize_weights_(
+    model: nn.Module, seed: int = 0, *, std: float = 0.02, logit_scales: tuple[float, float] | None = None
+) -> nn.Module:
     """Draws every parameter afresh: std `std`, norm weights around 1; logit scales kept, or drawn
     uniformly from `logit_scales` (the parity tests draw them on both sides of the log(100) clamp).
 
@@ -174,8 +177,9 @@ def check_peers(impls: Sequence[str]) -> None:
             raise InputError(f"unknown implementation {p!r} in --compare; choose from {', '.join(IMPLS[1:])}")
         package = PEER_PACKAGES.get(p)
         if package is not None and importlib.util.find_spec(package) is None:
-            raise InputError(f"--compare {p} needs the {package} package, which is not installed here: "
-                             f"pip install {package}")
+            raise InputError(
+                f"--compare {p} needs the {package} package, which is not installed here: pip install {package}"
+            )
 
 
 def build_impl(impl: str, config: SwinV2Config, state_dict: dict[str, Tensor]) -> nn.Module:
@@ -194,11 +198,22 @@ def build_impl(impl: str, config: SwinV2Config, state_dict: dict[str, Tensor]) -
         from timm.models.swin_transformer_v2 import checkpoint_filter_fn
 
         # The class timm.create_model builds for the registered names, here for any config.
-        model = TimmSwinV2(img_size=c.img_size, patch_size=c.patch_size, in_chans=c.in_chans,
-                           num_classes=c.num_classes, embed_dim=c.embed_dim, depths=c.depths,
-                           num_heads=c.num_heads, window_size=c.window_size, mlp_ratio=c.mlp_ratio,
-                           qkv_bias=c.qkv_bias, drop_rate=c.drop_rate, attn_drop_rate=c.attn_drop_rate,
-                           drop_path_rate=c.drop_path_rate, pretrained_window_sizes=c.pretrained_window_sizes)
+        model = TimmSwinV2(
+            img_size=c.img_size,
+            patch_size=c.patch_size,
+            in_chans=c.in_chans,
+            num_classes=c.num_classes,
+            embed_dim=c.embed_dim,
+            depths=c.depths,
+            num_heads=c.num_heads,
+            window_size=c.window_size,
+            mlp_ratio=c.mlp_ratio,
+            qkv_bias=c.qkv_bias,
+            drop_rate=c.drop_rate,
+            attn_drop_rate=c.attn_drop_rate,
+            drop_path_rate=c.drop_path_rate,
+            pretrained_window_sizes=c.pretrained_window_sizes,
+        )
         model.load_state_dict(checkpoint_filter_fn(state_dict, model))
         return model
     if impl == "hf":
@@ -206,12 +221,23 @@ def build_impl(impl: str, config: SwinV2Config, state_dict: dict[str, Tensor]) -
 
         from ..weights.convert import convert_state_dict
 
-        hf_cfg = Swinv2Config(image_size=c.img_size[0], patch_size=c.patch_size, num_channels=c.in_chans,
-                              embed_dim=c.embed_dim, depths=list(c.depths), num_heads=list(c.num_heads),
-                              window_size=c.window_size, pretrained_window_sizes=list(c.pretrained_window_sizes),
-                              mlp_ratio=c.mlp_ratio, qkv_bias=c.qkv_bias, hidden_dropout_prob=c.drop_rate,
-                              attention_probs_dropout_prob=c.attn_drop_rate, drop_path_rate=c.drop_path_rate,
-                              num_labels=c.num_classes, layer_norm_eps=1e-5)
+        hf_cfg = Swinv2Config(
+            image_size=c.img_size[0],
+            patch_size=c.patch_size,
+            num_channels=c.in_chans,
+            embed_dim=c.embed_dim,
+            depths=list(c.depths),
+            num_heads=list(c.num_heads),
+            window_size=c.window_size,
+            pretrained_window_sizes=list(c.pretrained_window_sizes),
+            mlp_ratio=c.mlp_ratio,
+            qkv_bias=c.qkv_bias,
+            hidden_dropout_prob=c.drop_rate,
+            attention_probs_dropout_prob=c.attn_drop_rate,
+            drop_path_rate=c.drop_path_rate,
+            num_labels=c.num_classes,
+            layer_norm_eps=1e-5,
+        )
         hf = Swinv2ForImageClassification(hf_cfg)
         hf.load_state_dict(convert_state_dict(state_dict, src="native", dst="hf", config=c))
         return _HFLogits(hf)
@@ -221,13 +247,23 @@ def build_impl(impl: str, config: SwinV2Config, state_dict: dict[str, Tensor]) -
         from ..weights.convert import convert_state_dict
 
         if any(c.pretrained_window_sizes):
-            raise InputError("torchvision's SwinV2 has no pretrained_window_sizes; compare this variant "
-                             "with timm or hf instead")
-        model = SwinTransformer(patch_size=[c.patch_size] * 2, embed_dim=c.embed_dim, depths=list(c.depths),
-                                num_heads=list(c.num_heads), window_size=[c.window_size] * 2,
-                                mlp_ratio=c.mlp_ratio, dropout=c.drop_rate, attention_dropout=c.attn_drop_rate,
-                                stochastic_depth_prob=c.drop_path_rate, num_classes=c.num_classes,
-                                block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2)
+            raise InputError(
+                "torchvision's SwinV2 has no pretrained_window_sizes; compare this variant with timm or hf instead"
+            )
+        model = SwinTransformer(
+            patch_size=[c.patch_size] * 2,
+            embed_dim=c.embed_dim,
+            depths=list(c.depths),
+            num_heads=list(c.num_heads),
+            window_size=[c.window_size] * 2,
+            mlp_ratio=c.mlp_ratio,
+            dropout=c.drop_rate,
+            attention_dropout=c.attn_drop_rate,
+            stochastic_depth_prob=c.drop_path_rate,
+            num_classes=c.num_classes,
+            block=SwinTransformerBlockV2,
+            downsample_layer=PatchMergingV2,
+        )
         model.load_state_dict(convert_state_dict(state_dict, src="native", dst="torchvision", config=c))
         return model
     raise InputError(f"unknown implementation {impl!r}; choose from {', '.join(IMPLS[1:])}")
@@ -236,13 +272,16 @@ def build_impl(impl: str, config: SwinV2Config, state_dict: dict[str, Tensor]) -
 # --------------------------------------------------------------------------- measuring one step
 
 
-def _make_step(module: nn.Module, *, train: bool, x: Tensor, dtype: torch.dtype,
-               device: torch.device) -> Callable[[], Any]:
+def _make_step(
+    module: nn.Module, *, train: bool, x: Tensor, dtype: torch.dtype, device: torch.device
+) -> Callable[[], Any]:
     """One benchmark call of `module` (already on `device`, cast for inference) as a closure."""
     if not train:
+
         def infer() -> Tensor:
             with torch.inference_mode():
                 return module(x)
+
         return infer
 
     half = dtype != torch.float32
@@ -263,14 +302,15 @@ def _make_step(module: nn.Module, *, train: bool, x: Tensor, dtype: torch.dtype,
     return train_step
 
 
-
 def _cpu_peak_from_trace(path: str) -> int:
     """Peak of the CPU allocator's running total in a chrome trace, above its value before the trace."""
     with open(path) as f:
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    mem = sorted((e for e in events if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0),
-                 key=lambda e: e["ts"])
+    mem = sorted(
+        (e for e in events if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0),
+        key=lambda e: e["ts"],
+    )
     if not mem:
         return 0
     start = mem[0]["args"]["Total Allocated"] - mem[0]["args"]["Bytes"]
@@ -335,18 +375,36 @@ def _check_dtype(dtype: str, device: torch.device) -> None:
     if dtype not in DTYPES:
         raise InputError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     if dtype == "fp16" and device.type != "cuda":
-        raise InputError("fp16 is benchmarked on CUDA only (CPU fp16 kernels are not a deployment path); "
-                         "use bf16 on CPU")
+        raise InputError(
+            "fp16 is benchmarked on CUDA only (CPU fp16 kernels are not a deployment path); use bf16 on CPU"
+        )
 
 
-def run(model: str, *, batch_sizes: Sequence[int] = (8,), img_sizes: Sequence[int | None] = (None,),
-        dtypes: Sequence[str] = ("fp32",), compile: bool = False, compile_kwargs: dict[str, Any] | None = None,
-        train: bool = False, device: str = "cpu", repeats: int = 5, warmup: int = 2, iters: int = 3,
-        compare: Sequence[str] = (), weights: str | os.PathLike | None = None, measure_memory: bool = True,
-        seed: int = 0, grad_checkpointing: bool = False, sequential_attention: bool = False,
-        ab: str | None = None, only: str | None = None, precisions: Sequence[str] = ("fp32",),
-        calib: str | os.PathLike | None = None,
-        runtime_cache: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+def run(
+    model: str,
+    *,
+    batch_sizes: Sequence[int] = (8,),
+    img_sizes: Sequence[int | None] = (None,),
+    dtypes: Sequence[str] = ("fp32",),
+    compile: bool = False,
+    compile_kwargs: dict[str, Any] | None = None,
+    train: bool = False,
+    device: str = "cpu",
+    repeats: int = 5,
+    warmup: int = 2,
+    iters: int = 3,
+    compare: Sequence[str] = (),
+    weights: str | os.PathLike | None = None,
+    measure_memory: bool = True,
+    seed: int = 0,
+    grad_checkpointing: bool = False,
+    sequential_attention: bool = False,
+    ab: str | None = None,
+    only: str | None = None,
+    precisions: Sequence[str] = ("fp32",),
+    calib: str | os.PathLike | None = None,
+    runtime_cache: str | os.PathLike | None = None,
+) -> list[dict[str, Any]]:
     """Benchmark `model` (a registry name) and the `compare` peers; one result dict per impl and setting.
 
     Runtimes in `compare` ("onnxruntime", "openvino") become rows "<runtime>/<precision>", one per entry
@@ -407,25 +465,48 @@ def run(model: str, *, batch_sizes: Sequence[int] = (8,), img_sizes: Sequence[in
             config = replace(base_config, img_size=(size, size))
             modules = {p: build_impl("ours" if p in switches else p, config, state_dict) for p in impls}
             diffs = _max_abs_diffs(modules, size, switches)
-            runtimes = _build_runtimes(runtime_names, precisions, modules[impls[0]], size, diffs, calib=calib,
-                                       cache_dir=runtime_cache)
+            runtimes = _build_runtimes(
+                runtime_names, precisions, modules[impls[0]], size, diffs, calib=calib, cache_dir=runtime_cache
+            )
             for dtype in dtypes:
                 for batch in batch_sizes:
-                    results += _bench_setting(modules, diffs, model=model, config=config, size=size, batch=batch,
-                                              dtype=dtype, compile=compile, compile_kwargs=compile_kwargs or {},
-                                              train=train, device=dev, repeats=repeats, warmup=warmup,
-                                              iters=iters, measure_memory=measure_memory, seed=seed,
-                                              grad_checkpointing=grad_checkpointing,
-                                              sequential_attention=sequential_attention, switches=switches,
-                                              runtimes=runtimes)
+                    results += _bench_setting(
+                        modules,
+                        diffs,
+                        model=model,
+                        config=config,
+                        size=size,
+                        batch=batch,
+                        dtype=dtype,
+                        compile=compile,
+                        compile_kwargs=compile_kwargs or {},
+                        train=train,
+                        device=dev,
+                        repeats=repeats,
+                        warmup=warmup,
+                        iters=iters,
+                        measure_memory=measure_memory,
+                        seed=seed,
+                        grad_checkpointing=grad_checkpointing,
+                        sequential_attention=sequential_attention,
+                        switches=switches,
+                        runtimes=runtimes,
+                    )
     return results
 
 
 @torch.no_grad()
-def _build_runtimes(names: Sequence[str], precisions: Sequence[str], ours: nn.Module, size: int,
-                    diffs: dict[str, float | None], *, calib: str | os.PathLike | None,
-                    cache_dir: str | os.PathLike | None) -> dict[str, tuple[Callable, str]]:
-    """"<runtime>/<precision>" -> (callable, precision) for every pair that runs here (others are skipped
+def _build_runtimes(
+    names: Sequence[str],
+    precisions: Sequence[str],
+    ours: nn.Module,
+    size: int,
+    diffs: dict[str, float | None],
+    *,
+    calib: str | os.PathLike | None,
+    cache_dir: str | os.PathLike | None,
+) -> dict[str, tuple[Callable, str]]:
+    """ "<runtime>/<precision>" -> (callable, precision) for every pair that runs here (others are skipped
     with a warning, e.g. bf16 on a CPU without it); their max |logits - ours fp32| go into `diffs`.
     int8 without `calib` is calibrated on 32 seeded N(0, 1) images."""
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))  # as in _max_abs_diffs
@@ -448,8 +529,7 @@ def _build_runtimes(names: Sequence[str], precisions: Sequence[str], ours: nn.Mo
 
 
 @torch.no_grad()
-def _max_abs_diffs(modules: dict[str, nn.Module], size: int,
-                   switches: dict[str, FastPaths]) -> dict[str, float | None]:
+def _max_abs_diffs(modules: dict[str, nn.Module], size: int, switches: dict[str, FastPaths]) -> dict[str, float | None]:
     """fp32 eval logits of every impl against the first (ours) on one seeded image; A/B rows switched."""
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
     outs = {}
@@ -466,13 +546,29 @@ def _max_abs_diffs(modules: dict[str, nn.Module], size: int,
     return diffs
 
 
-def _bench_setting(modules: dict[str, nn.Module], diffs: dict[str, float | None], *, model: str,
-                   config: SwinV2Config, size: int, batch: int, dtype: str, compile: bool,
-                   compile_kwargs: dict[str, Any], train: bool, device: torch.device, repeats: int,
-                   warmup: int, iters: int, measure_memory: bool, seed: int,
-                   grad_checkpointing: bool = False, sequential_attention: bool = False,
-                   switches: dict[str, FastPaths] | None = None,
-                   runtimes: dict[str, tuple[Callable, str]] | None = None) -> list[dict[str, Any]]:
+def _bench_setting(
+    modules: dict[str, nn.Module],
+    diffs: dict[str, float | None],
+    *,
+    model: str,
+    config: SwinV2Config,
+    size: int,
+    batch: int,
+    dtype: str,
+    compile: bool,
+    compile_kwargs: dict[str, Any],
+    train: bool,
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+    iters: int,
+    measure_memory: bool,
+    seed: int,
+    grad_checkpointing: bool = False,
+    sequential_attention: bool = False,
+    switches: dict[str, FastPaths] | None = None,
+    runtimes: dict[str, tuple[Callable, str]] | None = None,
+) -> list[dict[str, Any]]:
     """Warm-up, memory and interleaved timed rounds of every impl at one (batch, size, dtype); ratios
     against the first impl (ours unless `only`); impls in `switches` run ours under their switch."""
     switches = switches or {}
@@ -494,8 +590,7 @@ def _bench_setting(modules: dict[str, nn.Module], diffs: dict[str, float | None]
             m.eval().to(torch_dtype)
         weights_bytes = sum(t.numel() * t.element_size() for t in (*m.parameters(), *m.buffers()))
         run_m = torch.compile(m, **compile_kwargs) if compile else m
-        steps[p] = _make_step(run_m, train=train, x=x if train else x.to(torch_dtype), dtype=torch_dtype,
-                              device=device)
+        steps[p] = _make_step(run_m, train=train, x=x if train else x.to(torch_dtype), dtype=torch_dtype, device=device)
         if p in switches:
             steps[p] = _switched(steps[p], switches[p])
         compile_s = None
@@ -504,29 +599,59 @@ def _bench_setting(modules: dict[str, nn.Module], diffs: dict[str, float | None]
             if i == 0 and compile:
                 compile_s = t
         peak = peak_memory(steps[p], device) if measure_memory else None
-        rows[p] = dict(impl=p, model=model, mode="train" if train else "infer", device=str(device), dtype=dtype,
-                       compiled=compile, grad_checkpointing=grad_checkpointing and is_ours,
-                       sequential_attention=sequential_attention and is_ours,
-                       compile_s=compile_s, batch_size=batch, img_size=size, warmup=warmup,
-                       repeats=repeats, iters=iters, peak_mem_bytes=peak, weights_bytes=weights_bytes,
-                       gmacs_per_img=count_flops(config, size) / 1e9, max_abs_diff=diffs[p])
-        log.info("%s %s %s batch %d img %d: warmed up%s", p, rows[p]["mode"], dtype, batch, size,
-                 f", compiled in {compile_s:.1f}s" if compile_s is not None else "")
+        rows[p] = dict(
+            impl=p,
+            model=model,
+            mode="train" if train else "infer",
+            device=str(device),
+            dtype=dtype,
+            compiled=compile,
+            grad_checkpointing=grad_checkpointing and is_ours,
+            sequential_attention=sequential_attention and is_ours,
+            compile_s=compile_s,
+            batch_size=batch,
+            img_size=size,
+            warmup=warmup,
+            repeats=repeats,
+            iters=iters,
+            peak_mem_bytes=peak,
+            weights_bytes=weights_bytes,
+            gmacs_per_img=count_flops(config, size) / 1e9,
+            max_abs_diff=diffs[p],
+        )
+        log.info(
+            "%s %s %s batch %d img %d: warmed up%s",
+            p,
+            rows[p]["mode"],
+            dtype,
+            batch,
+            size,
+            f", compiled in {compile_s:.1f}s" if compile_s is not None else "",
+        )
 
     first = next(iter(rows))
     for p, (fn, precision) in (runtimes or {}).items():  # the runtimes: CPU inference on fp32 images
         steps[p] = functools.partial(fn, x.float())
         for _ in range(warmup):
             steps[p]()
-        rows[p] = dict(rows[first], impl=p, dtype=precision, compiled=False, compile_s=None, peak_mem_bytes=None,
-                       grad_checkpointing=False, sequential_attention=False, max_abs_diff=diffs[p],
-                       weights_bytes=None)
+        rows[p] = dict(
+            rows[first],
+            impl=p,
+            dtype=precision,
+            compiled=False,
+            compile_s=None,
+            peak_mem_bytes=None,
+            grad_checkpointing=False,
+            sequential_attention=False,
+            max_abs_diff=diffs[p],
+            weights_bytes=None,
+        )
     names = list(steps)
     round_times: dict[str, list[float]] = {p: [] for p in names}
     call_times: dict[str, list[float]] = {p: [] for p in names}
     faults = dict.fromkeys(names, 0)
     for r in range(repeats):
-        order = names[r % len(names):] + names[: r % len(names)]  # rotate: no impl always runs first
+        order = names[r % len(names) :] + names[: r % len(names)]  # rotate: no impl always runs first
         for p in order:
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             times = [timed(steps[p], device) for _ in range(iters)]
@@ -540,13 +665,19 @@ def _bench_setting(modules: dict[str, nn.Module], diffs: dict[str, float | None]
         med = statistics.median(per_round)
         paired = [t / o for t, o in zip(round_times[p], ours)]
         row = rows[p]
-        row.update(img_per_s=med, img_per_s_min=min(per_round), img_per_s_max=max(per_round),
-                   spread_pct=100 * (max(per_round) - min(per_round)) / med,
-                   latency_ms_p50=1e3 * _percentile(call_times[p], 50),
-                   latency_ms_p90=1e3 * _percentile(call_times[p], 90),
-                   gflop_per_s=2 * row["gmacs_per_img"] * med * (3 if train else 1),
-                   ours_speedup=statistics.median(paired), ours_speedup_min=min(paired),
-                   ours_speedup_max=max(paired), minor_faults_per_call=faults[p] / (repeats * iters))
+        row.update(
+            img_per_s=med,
+            img_per_s_min=min(per_round),
+            img_per_s_max=max(per_round),
+            spread_pct=100 * (max(per_round) - min(per_round)) / med,
+            latency_ms_p50=1e3 * _percentile(call_times[p], 50),
+            latency_ms_p90=1e3 * _percentile(call_times[p], 90),
+            gflop_per_s=2 * row["gmacs_per_img"] * med * (3 if train else 1),
+            ours_speedup=statistics.median(paired),
+            ours_speedup_min=min(paired),
+            ours_speedup_max=max(paired),
+            minor_faults_per_call=faults[p] / (repeats * iters),
+        )
         ours_peak, peak = rows[names[0]]["peak_mem_bytes"], row["peak_mem_bytes"]
         row["ours_mem_ratio"] = ours_peak / peak if ours_peak is not None and peak else None
     return [rows[p] for p in names]
@@ -577,20 +708,37 @@ def run_own_processes(impls: Sequence[str], bench_args: Sequence[str], *, rounds
                 os.unlink(path)
             for row in record["results"]:
                 runs.setdefault((row["mode"], row["dtype"], row["batch_size"], row["img_size"], impl), []).append(row)
-                log.info("process %d/%d: %s %.2f img/s, %.0f faults/call", r + 1, rounds, impl, row["img_per_s"],
-                         row["minor_faults_per_call"])
+                log.info(
+                    "process %d/%d: %s %.2f img/s, %.0f faults/call",
+                    r + 1,
+                    rounds,
+                    impl,
+                    row["img_per_s"],
+                    row["minor_faults_per_call"],
+                )
     results = []
     for (*setting, impl), rows in runs.items():
         ips = [row["img_per_s"] for row in rows]
         med = statistics.median(ips)
-        results.append(dict(
-            rows[0], impl=impl, processes=len(rows), img_per_s=med, img_per_s_min=min(ips), img_per_s_max=max(ips),
-            spread_pct=100 * (max(ips) - min(ips)) / med,
-            latency_ms_p50=statistics.median(row["latency_ms_p50"] for row in rows),
-            latency_ms_p90=statistics.median(row["latency_ms_p90"] for row in rows),
-            minor_faults_per_call=statistics.median(row["minor_faults_per_call"] for row in rows),
-            ours_speedup=statistics.median(row["img_per_s"] for row in runs[(*setting, "ours")]) / med,
-            ours_speedup_min=None, ours_speedup_max=None, ours_mem_ratio=None, max_abs_diff=None))
+        results.append(
+            dict(
+                rows[0],
+                impl=impl,
+                processes=len(rows),
+                img_per_s=med,
+                img_per_s_min=min(ips),
+                img_per_s_max=max(ips),
+                spread_pct=100 * (max(ips) - min(ips)) / med,
+                latency_ms_p50=statistics.median(row["latency_ms_p50"] for row in rows),
+                latency_ms_p90=statistics.median(row["latency_ms_p90"] for row in rows),
+                minor_faults_per_call=statistics.median(row["minor_faults_per_call"] for row in rows),
+                ours_speedup=statistics.median(row["img_per_s"] for row in runs[(*setting, "ours")]) / med,
+                ours_speedup_min=None,
+                ours_speedup_max=None,
+                ours_mem_ratio=None,
+                max_abs_diff=None,
+            )
+        )
     return results
 
 
@@ -617,9 +765,17 @@ def optimizer_steps(model: str, *, rounds: int = 15, weight_decay: float = 0.05)
             seconds[name].append(time.perf_counter() - start)
     default = statistics.median(seconds["default"])
     tensors = sum(1 for _ in base.parameters())
-    return [dict(model=model, optimizer=f"AdamW {name}", tensors=tensors, rounds=rounds,
-                 ms_per_step=1e3 * statistics.median(seconds[name]),
-                 x_default=default / statistics.median(seconds[name])) for name in kinds]
+    return [
+        dict(
+            model=model,
+            optimizer=f"AdamW {name}",
+            tensors=tensors,
+            rounds=rounds,
+            ms_per_step=1e3 * statistics.median(seconds[name]),
+            x_default=default / statistics.median(seconds[name]),
+        )
+        for name in kinds
+    ]
 
 
 # --------------------------------------------------------------------------- reporting
@@ -627,10 +783,15 @@ def optimizer_steps(model: str, *, rounds: int = 15, weight_decay: float = 0.05)
 
 def environment(device: str = "cpu") -> dict[str, Any]:
     """Where the numbers were measured: machine, versions, threads, date."""
-    env: dict[str, Any] = dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                               cpu=cpu_name(), cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
-                               python=platform.python_version(), torch=torch.__version__,
-                               platform=platform.platform())
+    env: dict[str, Any] = dict(
+        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        cpu=cpu_name(),
+        cpu_count=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        python=platform.python_version(),
+        torch=torch.__version__,
+        platform=platform.platform(),
+    )
     if torch.device(device).type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(torch.device(device))
     for lib in ("timm", "transformers", "torchvision"):
@@ -644,30 +805,61 @@ def environment(device: str = "cpu") -> dict[str, Any]:
 def format_table(results: Sequence[dict[str, Any]]) -> str:
     """A fixed-width text table of `run`'s results; 'faults' is minor page faults per call, 'ours x' how
     many times faster ours is."""
-    header = ("impl", "mode", "dtype", "compiled", "batch", "img", "img/s", "spread", "p50 ms", "p90 ms",
-              "peak MB", "faults", "ours x", "ours mem", "max|d|")
+    header = (
+        "impl",
+        "mode",
+        "dtype",
+        "compiled",
+        "batch",
+        "img",
+        "img/s",
+        "spread",
+        "p50 ms",
+        "p90 ms",
+        "peak MB",
+        "faults",
+        "ours x",
+        "ours mem",
+        "max|d|",
+    )
     rows = []
     for r in results:
         peak = r["peak_mem_bytes"]
-        rows.append((
-            r["impl"], r["mode"], r["dtype"], "yes" if r["compiled"] else "no", str(r["batch_size"]),
-            str(r["img_size"]), f"{r['img_per_s']:.2f}", f"{r['spread_pct']:.0f}%", f"{r['latency_ms_p50']:.1f}",
-            f"{r['latency_ms_p90']:.1f}", "-" if peak is None else f"{peak / 2**20:.1f}",
-            f"{r['minor_faults_per_call']:.0f}", f"{r['ours_speedup']:.2f}",
-            "-" if r["ours_mem_ratio"] is None else f"{r['ours_mem_ratio']:.2f}",
-            "-" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.1e}",
-        ))
+        rows.append(
+            (
+                r["impl"],
+                r["mode"],
+                r["dtype"],
+                "yes" if r["compiled"] else "no",
+                str(r["batch_size"]),
+                str(r["img_size"]),
+                f"{r['img_per_s']:.2f}",
+                f"{r['spread_pct']:.0f}%",
+                f"{r['latency_ms_p50']:.1f}",
+                f"{r['latency_ms_p90']:.1f}",
+                "-" if peak is None else f"{peak / 2**20:.1f}",
+                f"{r['minor_faults_per_call']:.0f}",
+                f"{r['ours_speedup']:.2f}",
+                "-" if r["ours_mem_ratio"] is None else f"{r['ours_mem_ratio']:.2f}",
+                "-" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.1e}",
+            )
+        )
     widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) if i > 3 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in [header] + rows]
+    lines = [
+        "  ".join(c.rjust(w) if i > 3 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        for row in [header] + rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-def write_json(path: str | os.PathLike, results: Sequence[dict[str, Any]], *,
-               meta: dict[str, Any] | None = None) -> None:
+def write_json(
+    path: str | os.PathLike, results: Sequence[dict[str, Any]], *, meta: dict[str, Any] | None = None
+) -> None:
     """{"meta": environment + `meta`, "results": [...]}, written to a temp file then renamed."""
     path = os.fspath(path)
-    record = {"meta": {**environment(results[0]["device"] if results else "cpu"), **(meta or {})},
-              "results": list(results)}
+    record = {
+        "meta": {**environment(results[0]["device"] if results else "cpu"), **(meta or {})},
+        "results": list(results),
+    }
     write_output(path, json.dumps(record, indent=1) + "\n")

@@ -6,6 +6,7 @@ C * H0 * W0 / 2**num_stages, and SwinV2-H/G's extra norms). Not counted: the CPB
 of the input. Windows (per stage, square or (h, w)), padding and the window clamp follow the model, so
 any input size is counted as it runs.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,9 @@ def _attention_macs(N: int, dim: int, heads: int) -> int:
     return N * dim * 3 * dim + 2 * heads * N * N * (dim // heads) + N * dim * dim
 
 
-def count_flops(model_or_name: SwinTransformerV2 | SwinV2Config | str,
-                img_size: int | tuple[int, int] | None = None) -> int:
+def count_flops(
+    model_or_name: SwinTransformerV2 | SwinV2Config | str, img_size: int | tuple[int, int] | None = None
+) -> int:
     """MACs of one forward pass of a model, config or registered name at `img_size` (default: nominal)."""
     if isinstance(model_or_name, str):
         cfg = get_variant(model_or_name).config

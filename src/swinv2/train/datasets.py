@@ -13,6 +13,7 @@
   files are dropped from their batch (never replaced by another sample under their label) and
   reported with the batch.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,8 +34,8 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from ..errors import DataError, InputError
-from ..outputs import IMG_EXTENSIONS, atomic_folder
 from ..images import BadImageError, folder_key, is_hidden, load_image, open_image, walk_folder
+from ..outputs import IMG_EXTENSIONS, atomic_folder
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 if TYPE_CHECKING:
@@ -42,10 +43,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-def train_transform(img_size: int, *, scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (0.75, 4 / 3),
-                    hflip: float = 0.5, color_jitter: float = 0.4, auto_augment: str | None = "rand-m9-mstd0.5-inc1",
-                    interpolation: str = "bicubic", re_prob: float = 0.25, re_mode: str = "pixel", re_count: int = 1,
-                    mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Callable:
+
+def train_transform(
+    img_size: int,
+    *,
+    scale: Sequence[float] = (0.08, 1.0),
+    ratio: Sequence[float] = (0.75, 4 / 3),
+    hflip: float = 0.5,
+    color_jitter: float = 0.4,
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1",
+    interpolation: str = "bicubic",
+    re_prob: float = 0.25,
+    re_mode: str = "pixel",
+    re_count: int = 1,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> Callable:
     """timm's training pipeline (`timm.data.create_transform(is_training=True)`), as the official code.
 
     Official rule kept where it applies: at img_size <= 32 an image already of the model's size is
@@ -54,10 +67,21 @@ def train_transform(img_size: int, *, scale: Sequence[float] = (0.08, 1.0), rati
     """
     from timm.data import create_transform
 
-    tf = create_transform(img_size, is_training=True, scale=cast("tuple[float, float]", tuple(scale)),
-                          ratio=cast("tuple[float, float]", tuple(ratio)), hflip=hflip,
-                          color_jitter=color_jitter, auto_augment=auto_augment, interpolation=interpolation,
-                          re_prob=re_prob, re_mode=re_mode, re_count=re_count, mean=tuple(mean), std=tuple(std))
+    tf = create_transform(
+        img_size,
+        is_training=True,
+        scale=cast("tuple[float, float]", tuple(scale)),
+        ratio=cast("tuple[float, float]", tuple(ratio)),
+        hflip=hflip,
+        color_jitter=color_jitter,
+        auto_augment=auto_augment,
+        interpolation=interpolation,
+        re_prob=re_prob,
+        re_mode=re_mode,
+        re_count=re_count,
+        mean=tuple(mean),
+        std=tuple(std),
+    )
     if img_size <= 32:
         tf.transforms[0] = SmallImageCrop(img_size, tf.transforms[0])
     for t in tf.transforms:
@@ -101,34 +125,60 @@ def _posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
     return ImageOps.posterize(img, bits_to_keep)
 
 
-def pretrain_transform(img_size: int, *, scale: Sequence[float] = (0.67, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
-                       hflip: float = 0.5, interpolation: str = "bilinear", mean: Sequence[float] = IMAGENET_MEAN,
-                       std: Sequence[float] = IMAGENET_STD) -> Callable:
+def pretrain_transform(
+    img_size: int,
+    *,
+    scale: Sequence[float] = (0.67, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+    hflip: float = 0.5,
+    interpolation: str = "bilinear",
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> Callable:
     """SimMIM's pretraining transform (microsoft/Swin-Transformer data/data_simmim_pt.py): random-resized
     crop (official: scale 0.67-1, torchvision's bilinear), horizontal flip, normalisation. The masks
     are drawn by the training loop (`simmim.MaskGenerator`), not here."""
     from torchvision import transforms
     from torchvision.transforms import InterpolationMode
 
-    return transforms.Compose([
-        transforms.RandomResizedCrop(img_size, scale=tuple(scale), ratio=tuple(ratio),
-                                     interpolation=InterpolationMode(interpolation)),
-        transforms.RandomHorizontalFlip(hflip),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-    ])
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(
+                img_size, scale=tuple(scale), ratio=tuple(ratio), interpolation=InterpolationMode(interpolation)
+            ),
+            transforms.RandomHorizontalFlip(hflip),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ]
+    )
 
 
-def build_mixup(num_classes: int, *, mixup: float, cutmix: float, cutmix_minmax: Sequence[float] | None = None,
-                prob: float = 1.0, switch_prob: float = 0.5, mode: str = "batch", label_smoothing: float = 0.1):
+def build_mixup(
+    num_classes: int,
+    *,
+    mixup: float,
+    cutmix: float,
+    cutmix_minmax: Sequence[float] | None = None,
+    prob: float = 1.0,
+    switch_prob: float = 0.5,
+    mode: str = "batch",
+    label_smoothing: float = 0.1,
+):
     """timm's Mixup/CutMix (soft targets incl. label smoothing), or None when both alphas are 0."""
     if not (mixup > 0 or cutmix > 0 or cutmix_minmax is not None) or prob <= 0:
         return None
     from timm.data import Mixup
 
-    return Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, cutmix_minmax=list(cutmix_minmax) if cutmix_minmax else None,
-                 prob=prob, switch_prob=switch_prob, mode=mode, label_smoothing=label_smoothing,
-                 num_classes=num_classes)
+    return Mixup(
+        mixup_alpha=mixup,
+        cutmix_alpha=cutmix,
+        cutmix_minmax=list(cutmix_minmax) if cutmix_minmax else None,
+        prob=prob,
+        switch_prob=switch_prob,
+        mode=mode,
+        label_smoothing=label_smoothing,
+        num_classes=num_classes,
+    )
 
 
 # --------------------------------------------------------------------------- class folders
@@ -148,8 +198,14 @@ def scan_class_folders(root: str | os.PathLike) -> list[str]:
     return classes
 
 
-def _walk_images(folder: Path, label: int, samples: list[tuple[str, int]], stray: list[str],
-                 seen: set[tuple[int, int]], skipped: list[str]) -> None:
+def _walk_images(
+    folder: Path,
+    label: int,
+    samples: list[tuple[str, int]],
+    stray: list[str],
+    seen: set[tuple[int, int]],
+    skipped: list[str],
+) -> None:
     """Append (path, label) for every image file under `folder` (see `walk_folder`: any depth, sorted,
     each real folder once, hidden entries skipped) to `samples`, and every other file to `stray`."""
     for dirpath, filenames in walk_folder(folder, seen=seen, skipped=skipped):
@@ -171,8 +227,9 @@ class ImageFolderDataset(Dataset):
     (linked folders not followed: loops and second links to a folder already read, see `walk_folder`).
     """
 
-    def __init__(self, root: str | os.PathLike, transform: Callable | None = None,
-                 class_names: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, root: str | os.PathLike, transform: Callable | None = None, class_names: Sequence[str] | None = None
+    ) -> None:
         self.root = Path(root)
         found = scan_class_folders(self.root)
         if class_names is None:
@@ -181,19 +238,23 @@ class ImageFolderDataset(Dataset):
             self.classes = list(class_names)
             extra = sorted(set(found) - set(self.classes))
             if extra:
-                raise DataError(f"{self.root}: class folders not among the {len(self.classes)} training classes: "
-                                 f"{', '.join(extra[:10])}{' ...' if len(extra) > 10 else ''}")
+                raise DataError(
+                    f"{self.root}: class folders not among the {len(self.classes)} training classes: "
+                    f"{', '.join(extra[:10])}{' ...' if len(extra) > 10 else ''}"
+                )
         self.missing_classes = sorted(set(self.classes) - set(found))
         self.transform = transform
         self.samples: list[tuple[str, int]] = []
-        self.stray: list[str] = [str(self.root / e.name) for e in os.scandir(self.root)
-                                 if e.is_file() and not is_hidden(e.name)]
+        self.stray: list[str] = [
+            str(self.root / e.name) for e in os.scandir(self.root) if e.is_file() and not is_hidden(e.name)
+        ]
         self.empty_classes: list[str] = []
         self.skipped_links: list[str] = []
         # The root and every class folder count as read from the start: a link from one class into
         # another, or up to the root, would give those images a second label.
-        seen = {folder_key(self.root)} | {folder_key(self.root / c) for c in self.classes
-                                           if c not in self.missing_classes}
+        seen = {folder_key(self.root)} | {
+            folder_key(self.root / c) for c in self.classes if c not in self.missing_classes
+        }
         for label, name in enumerate(self.classes):
             if name in self.missing_classes:
                 continue
@@ -254,19 +315,25 @@ def folder_warnings(ds: ImageFolderDataset, *, training: bool) -> list[str]:
     if ds.empty_classes:
         empty = f"{ds.root}: empty class folders: {_listed(ds.empty_classes)}"
         if training:
-            out.append(f"{empty}; each stays a class (so labels do not shift), so the model gets an output that no "
-                       f"image teaches and may still predict it for any image: add images or remove the folder")
+            out.append(
+                f"{empty}; each stays a class (so labels do not shift), so the model gets an output that no "
+                f"image teaches and may still predict it for any image: add images or remove the folder"
+            )
         else:
             out.append(f"{empty}; kept as classes, as in training, with no images to evaluate")
     if ds.stray:
-        out.append(f"{ds.root}: {len(ds.stray)} files ignored (not images, or outside class folders): "
-                   f"{_listed(ds.stray, 5)}")
+        out.append(
+            f"{ds.root}: {len(ds.stray)} files ignored (not images, or outside class folders): {_listed(ds.stray, 5)}"
+        )
     if ds.skipped_links:
-        out.append(f"{ds.root}: {len(ds.skipped_links)} linked folders not followed, each leads to a folder already "
-                   f"read (a symlink loop, or a second link to the same images): {_listed(ds.skipped_links, 5)}")
+        out.append(
+            f"{ds.root}: {len(ds.skipped_links)} linked folders not followed, each leads to a folder already "
+            f"read (a symlink loop, or a second link to the same images): {_listed(ds.skipped_links, 5)}"
+        )
     if ds.missing_classes:
-        out.append(f"{ds.root}: no folder for training classes {_listed(ds.missing_classes)} (they are never "
-                   f"evaluated)")
+        out.append(
+            f"{ds.root}: no folder for training classes {_listed(ds.missing_classes)} (they are never evaluated)"
+        )
     return out
 
 
@@ -283,8 +350,8 @@ class DataReport:
     """What `check_dataset` found: per split, class counts, image modes and unreadable files."""
 
     splits: dict[str, ImageFolderDataset] = field(default_factory=dict)
-    bad: dict[str, list[tuple[str, str]]] = field(default_factory=dict)     # split -> [(path, reason)]
-    modes: dict[str, Counter] = field(default_factory=dict)                 # split -> Counter(mode)
+    bad: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # split -> [(path, reason)]
+    modes: dict[str, Counter] = field(default_factory=dict)  # split -> Counter(mode)
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -311,16 +378,24 @@ class DataReport:
     @staticmethod
     def _classes(split: str, ds: ImageFolderDataset, counts: list[int]) -> list[str]:
         """The lines of a labelled split: its size, then a bar per class."""
-        lines = [f"{split}: {ds.root}: {len(ds)} images, {len(ds.classes)} classes "
-                 f"(per class min {min(counts)}, max {max(counts)}, mean {sum(counts) / len(counts):.1f})"]
+        lines = [
+            f"{split}: {ds.root}: {len(ds)} images, {len(ds.classes)} classes "
+            f"(per class min {min(counts)}, max {max(counts)}, mean {sum(counts) / len(counts):.1f})"
+        ]
         width = max(len(c) for c in ds.classes)
         for name, n in zip(ds.classes, counts):
             lines.append(f"  {name:<{width}}  {n:>7}  {'#' * round(40 * n / max(max(counts), 1))}")
         return lines
 
 
-def check_dataset(train_root: str | os.PathLike, val_root: str | os.PathLike | None = None, *,
-                  decode: bool = True, workers: int = 4, labels: bool = True) -> DataReport:
+def check_dataset(
+    train_root: str | os.PathLike,
+    val_root: str | os.PathLike | None = None,
+    *,
+    decode: bool = True,
+    workers: int = 4,
+    labels: bool = True,
+) -> DataReport:
     """Scan the class folders (and, with `decode`, decode every image) and report what is wrong.
     Without `labels` (pretraining) the folders are read as `ImageFilesDataset`s."""
     report = DataReport()
@@ -384,8 +459,17 @@ class ShardedSampler(Sampler):
     every sample goes to exactly one rank and nothing is padded.
     """
 
-    def __init__(self, num_samples: int, *, batch_size: int = 1, num_replicas: int = 1, rank: int = 0, seed: int = 0,
-                 shuffle: bool = True, drop_last: bool = True) -> None:
+    def __init__(
+        self,
+        num_samples: int,
+        *,
+        batch_size: int = 1,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+    ) -> None:
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} not in [0, {num_replicas})")
         self.num_samples, self.batch_size = num_samples, batch_size
@@ -410,13 +494,13 @@ class ShardedSampler(Sampler):
             order = list(range(self.num_samples))
         if self.drop_last:
             order = order[: self.batches_per_epoch * self.batch_size * self.num_replicas]
-        return order[self.rank:: self.num_replicas]
+        return order[self.rank :: self.num_replicas]
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        for index in self._local_order()[self.start:]:
+        for index in self._local_order()[self.start :]:
             yield index, sample_seed(self.seed, self.epoch, index)
 
     def __len__(self) -> int:
@@ -427,13 +511,19 @@ class ShardedSampler(Sampler):
         another number of ranks at the same global batch). `consumed`: this rank's samples of the
         epoch taken so far, when iteration has moved past `start`."""
         local = self.start if consumed is None else consumed
-        return {"epoch": self.epoch, "position": local * self.num_replicas, "seed": self.seed,
-                "num_samples": self.num_samples}
+        return {
+            "epoch": self.epoch,
+            "position": local * self.num_replicas,
+            "seed": self.seed,
+            "num_samples": self.num_samples,
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state["num_samples"] != self.num_samples:
-            raise InputError(f"the checkpoint's sampler covered {state['num_samples']} samples; the dataset now has "
-                             f"{self.num_samples}: the data changed, an exact resume is impossible")
+            raise InputError(
+                f"the checkpoint's sampler covered {state['num_samples']} samples; the dataset now has "
+                f"{self.num_samples}: the data changed, an exact resume is impossible"
+            )
         if state["position"] % self.num_replicas:
             raise InputError(f"sampler position {state['position']} is not a multiple of {self.num_replicas} ranks")
         self.epoch, self.start, self.seed = state["epoch"], state["position"] // self.num_replicas, state["seed"]
@@ -447,10 +537,10 @@ class Sample(NamedTuple):
 
 
 class Batch(NamedTuple):
-    images: Tensor                # (B, 3, H, W); B may be smaller than the batch size (bad files dropped)
-    labels: Tensor                # (B,) int64
-    indices: Tensor               # (B,) int64, dataset indices
-    bad: list[tuple[str, str]]    # (path, reason) of the files dropped from this batch
+    images: Tensor  # (B, 3, H, W); B may be smaller than the batch size (bad files dropped)
+    labels: Tensor  # (B,) int64
+    indices: Tensor  # (B,) int64, dataset indices
+    bad: list[tuple[str, str]]  # (path, reason) of the files dropped from this batch
 
 
 class SeededSamples(Dataset):
@@ -502,9 +592,16 @@ def _worker_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
-def make_loader(samples: SeededSamples, sampler: ShardedSampler, *, batch_size: int, workers: int,
-                pin_memory: bool = False, persistent_workers: bool = True,
-                drop_last: bool = False) -> DataLoader[Sample]:
+def make_loader(
+    samples: SeededSamples,
+    sampler: ShardedSampler,
+    *,
+    batch_size: int,
+    workers: int,
+    pin_memory: bool = False,
+    persistent_workers: bool = True,
+    drop_last: bool = False,
+) -> DataLoader[Sample]:
     """A DataLoader over `samples` in `sampler`'s order, batched by `collate`.
 
     It gets its own generator so that starting an epoch never draws from the global torch RNG
@@ -512,16 +609,26 @@ def make_loader(samples: SeededSamples, sampler: ShardedSampler, *, batch_size: 
     """
     from torch.utils.data import DataLoader
 
-    return DataLoader(samples, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
-                      pin_memory=pin_memory, drop_last=drop_last, persistent_workers=persistent_workers and workers > 0,
-                      worker_init_fn=_worker_signals if workers > 0 else None, generator=torch.Generator())
+    return DataLoader(
+        samples,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        persistent_workers=persistent_workers and workers > 0,
+        worker_init_fn=_worker_signals if workers > 0 else None,
+        generator=torch.Generator(),
+    )
 
 
 # --------------------------------------------------------------------------- the demo data
 
 
-def build_digits_folder(root: str | os.PathLike, *, img_size: int = 32, val_fraction: float = 0.2,
-                        seed: int = 0) -> Path:
+def build_digits_folder(
+    root: str | os.PathLike, *, img_size: int = 32, val_fraction: float = 0.2, seed: int = 0
+) -> Path:
     """scikit-learn's handwritten digits (1797 real 8x8 scans, shipped inside scikit-learn) as an
     image folder `root/{train,val}/<digit>/<n>.png`, upscaled to `img_size` (bicubic), split
     stratified and deterministically. Built once: an existing complete folder is reused; the build
@@ -537,8 +644,10 @@ def build_digits_folder(root: str | os.PathLike, *, img_size: int = 32, val_frac
     idx = np.arange(len(images))
     train_idx, val_idx = train_test_split(idx, test_size=val_fraction, random_state=seed, stratify=digits.target)
     if root.exists() and any(root.iterdir()):
-        raise FileExistsError(f"{root} exists but is not a complete digits folder (no .complete marker); "
-                              f"remove it or point data.root elsewhere")
+        raise FileExistsError(
+            f"{root} exists but is not a complete digits folder (no .complete marker); "
+            f"remove it or point data.root elsewhere"
+        )
     try:
         with atomic_folder(root) as tmp:
             for split, ids in (("train", train_idx), ("val", val_idx)):
@@ -547,8 +656,9 @@ def build_digits_folder(root: str | os.PathLike, *, img_size: int = 32, val_frac
                     d.mkdir(parents=True, exist_ok=True)
                     image = Image.fromarray(images[i], mode="L").resize((img_size, img_size), Image.Resampling.BICUBIC)
                     image.save(d / f"{i:04d}.png")
-            (tmp / ".complete").write_text(f"sklearn.datasets.load_digits, {img_size}px, val_fraction "
-                                           f"{val_fraction}, seed {seed}\n")
+            (tmp / ".complete").write_text(
+                f"sklearn.datasets.load_digits, {img_size}px, val_fraction {val_fraction}, seed {seed}\n"
+            )
     except OSError:  # another process finished first: keep theirs
         if not (root / ".complete").exists():
             raise

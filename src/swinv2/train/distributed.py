@@ -4,6 +4,7 @@ the rank-0 logging filter, reductions and model wrapping (DDP, or FSDP2 `fully_s
 One process is a world of size 1: every helper here is then a no-op, so the training loop has
 no separate single-process path.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -186,8 +187,9 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, env
     return optimizer.state_dict()
 
 
-def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
-                              env: DistEnv) -> None:
+def load_full_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], env: DistEnv
+) -> None:
     if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 

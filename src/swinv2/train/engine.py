@@ -24,6 +24,7 @@ and optimizer untouched), `train.max_bad_steps` in a row raise `NonFiniteError`;
 holding a non-finite tensor is ever written; unreadable images are dropped from their batch and
 listed once per epoch.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,8 +52,19 @@ from ..weights.registry import get_variant
 from ..weights.training_state import TRAINING_STATE_FORMAT as STATE_FORMAT  # the one tag of a training state
 from . import distributed as D
 from . import schedule
-from .datasets import (Batch, DataReport, ImageFolderDataset, SeededSamples, ShardedSampler, build_digits_folder,
-                       check_dataset, hygiene_warnings, make_loader, sample_seed, seed_everything)
+from .datasets import (
+    Batch,
+    DataReport,
+    ImageFolderDataset,
+    SeededSamples,
+    ShardedSampler,
+    build_digits_folder,
+    check_dataset,
+    hygiene_warnings,
+    make_loader,
+    sample_seed,
+    seed_everything,
+)
 from .faults import NonFiniteError, StopSignals, TrainingInterrupted, assert_finite, check_fits
 from .rundir import RunDir, RunFolderError, RunLockedError  # noqa: F401 (raised by fit)
 from .tasks import Task, task_for
@@ -95,9 +107,17 @@ def build_model(cfg: Config, num_classes: int) -> SwinTransformerV2:
     """The configured variant with `num_classes` outputs (0: none, as a SimMIM encoder), init weights
     loaded, patterns frozen. The trainer trains the task's module around it (`Task.wrap`)."""
     m = cfg.model
-    model = create_model(m.name, num_classes=num_classes, img_size=m.img_size, window_size=m.window_size,
-                         pretrained_window_sizes=m.pretrained_window_sizes, drop_path_rate=m.drop_path_rate,
-                         weights=m.weights, pretrained=m.pretrained, strict=m.weights_strict)
+    model = create_model(
+        m.name,
+        num_classes=num_classes,
+        img_size=m.img_size,
+        window_size=m.window_size,
+        pretrained_window_sizes=m.pretrained_window_sizes,
+        drop_path_rate=m.drop_path_rate,
+        weights=m.weights,
+        pretrained=m.pretrained,
+        strict=m.weights_strict,
+    )
     freeze(model, m.freeze)
     if cfg.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -141,9 +161,12 @@ def check_data(cfg: Config) -> DataReport:
     """`swinv2 train --check-data`: decode every image of the configured folders and report."""
     task = task_for(cfg)
     train_root, val_root = data_roots(cfg, task)
-    return check_dataset(train_root, val_root if val_root is not None and val_root.is_dir() else None,
-                         workers=max(cast(int, cfg.data.workers), 1),  # "auto": resolved by DataConfig
-                         labels=task.labelled)
+    return check_dataset(
+        train_root,
+        val_root if val_root is not None and val_root.is_dir() else None,
+        workers=max(cast(int, cfg.data.workers), 1),  # "auto": resolved by DataConfig
+        labels=task.labelled,
+    )
 
 
 def prepare_data(cfg: Config, env: D.DistEnv, task: Task) -> tuple[ImageFolderDataset, ImageFolderDataset | None]:
@@ -170,9 +193,13 @@ def prepare_data(cfg: Config, env: D.DistEnv, task: Task) -> tuple[ImageFolderDa
 def eval_preprocess(cfg: Config, model: TrainedModule) -> EvalPreprocess:
     d = cfg.data
     crop = d.crop_pct if d.crop_pct is not None else get_variant(cfg.model.name).preprocess.crop_pct
-    return EvalPreprocess(model.config.img_size[0], crop, d.interpolation,
-                          cast("tuple[float, float, float]", tuple(d.mean)),
-                          cast("tuple[float, float, float]", tuple(d.std)))
+    return EvalPreprocess(
+        model.config.img_size[0],
+        crop,
+        d.interpolation,
+        cast("tuple[float, float, float]", tuple(d.mean)),
+        cast("tuple[float, float, float]", tuple(d.std)),
+    )
 
 
 def check_run(cfg: Config, env: D.DistEnv, task: Task) -> torch.dtype | None:
@@ -180,13 +207,17 @@ def check_run(cfg: Config, env: D.DistEnv, task: Task) -> torch.dtype | None:
     Returns the autocast dtype (None: fp32)."""
     t = cfg.train
     if t.amp == "fp16" and env.device.type != "cuda":
-        log.warning("train.amp=fp16 on the CPU is slow (it exists for testing the loss scaler); "
-                    "use train.amp=none, or bf16 on a CPU with AVX-512 BF16 or AMX")
+        log.warning(
+            "train.amp=fp16 on the CPU is slow (it exists for testing the loss scaler); "
+            "use train.amp=none, or bf16 on a CPU with AVX-512 BF16 or AMX"
+        )
     if t.amp == "bf16":
         warn_if_bf16_emulated(env.device, "train.amp=bf16")
     if t.parallel == "fsdp" and t.ema and env.distributed:
-        raise ConfigError("train.ema is not supported with train.parallel=fsdp (the EMA would need its own "
-                          "sharding); use ddp, or turn the EMA off")
+        raise ConfigError(
+            "train.ema is not supported with train.parallel=fsdp (the EMA would need its own "
+            "sharding); use ddp, or turn the EMA off"
+        )
     task.check_parallel(t.parallel, env.distributed)
     return None if t.amp == "none" else DTYPES[t.amp]
 
@@ -214,8 +245,10 @@ def _check_format(tr: Trainer, state: dict[str, Any], source: Path) -> None:
 
 def _check_classes(tr: Trainer, state: dict[str, Any], source: Path) -> None:
     if state["classes"] != list(tr.classes):
-        raise InputError(f"{source}: trained on classes {state['classes'][:5]}... but the data now has "
-                         f"{tr.classes[:5]}...: the class map changed")
+        raise InputError(
+            f"{source}: trained on classes {state['classes'][:5]}... but the data now has "
+            f"{tr.classes[:5]}...: the class map changed"
+        )
 
 
 def _load_model(tr: Trainer, state: dict[str, Any], source: Path) -> None:
@@ -238,8 +271,10 @@ def _load_optimizer(tr: Trainer, state: dict[str, Any], source: Path) -> None:
     try:
         D.load_full_optimizer_state(tr.model, tr.optimizer, state["optimizer"], tr.env)
     except (RuntimeError, ValueError, KeyError) as e:  # e.g. another set of frozen parameters
-        raise InputError(f"{source}: the optimizer state does not fit this run (were other parameters "
-                         f"frozen?): {str(e).splitlines()[0]}") from None
+        raise InputError(
+            f"{source}: the optimizer state does not fit this run (were other parameters "
+            f"frozen?): {str(e).splitlines()[0]}"
+        ) from None
 
 
 def _load_scaler(tr: Trainer, state: dict[str, Any], source: Path) -> None:
@@ -255,19 +290,28 @@ def _load_sampler(tr: Trainer, state: dict[str, Any], source: Path) -> None:
     """The sampler's position, which must be where the (already loaded) progress says."""
     saved_world = state.get("world_size", 1)
     if saved_world != tr.env.world_size:
-        log.warning("%s was written by %d processes, resuming on %d: data order continues, per-rank "
-                    "randomness differs", source, saved_world, tr.env.world_size)
+        log.warning(
+            "%s was written by %d processes, resuming on %d: data order continues, per-rank randomness differs",
+            source,
+            saved_world,
+            tr.env.world_size,
+        )
     tr.sampler.load_state_dict(state["sampler"])
     expected = (tr.progress["epoch"], tr.progress["step_in_epoch"] * tr.sampler.batch_size)
     if (tr.sampler.epoch, tr.sampler.start) != expected:
-        raise InputError(f"{source}: sampler position {state['sampler']} does not match the progress "
-                         f"{tr.progress} (a different batch size, accumulation or number of processes?)")
+        raise InputError(
+            f"{source}: sampler position {state['sampler']} does not match the progress "
+            f"{tr.progress} (a different batch size, accumulation or number of processes?)"
+        )
 
 
 def _rows(key: str) -> Part:
     """A list of dict rows (metric history, best-k) held as the trainer's attribute `key`, copied both ways."""
-    return Part(key, lambda tr: [dict(r) for r in getattr(tr, key)],
-                lambda tr, state, _: setattr(tr, key, [dict(r) for r in state[key]]))
+    return Part(
+        key,
+        lambda tr: [dict(r) for r in getattr(tr, key)],
+        lambda tr, state, _: setattr(tr, key, [dict(r) for r in state[key]]),
+    )
 
 
 # The training state, in the order of the file's keys. Tensors and plain Python data only (it loads
@@ -277,15 +321,21 @@ STATE: tuple[Part, ...] = (
     Part("version", lambda tr: STATE_VERSION),
     Part("model", lambda tr: D.full_model_state(tr.model, tr.env), _load_model, finite=True),
     Part("ema", lambda tr: tr.ema.module.state_dict() if tr.ema is not None else None, _load_ema, finite=True),
-    Part("optimizer", lambda tr: D.full_optimizer_state(tr.model, tr.optimizer, tr.env), _load_optimizer,
-         finite=True),
-    Part("scheduler", lambda tr: tr.scheduler.state_dict(),
-         lambda tr, state, _: tr.scheduler.load_state_dict(state["scheduler"])),
+    Part("optimizer", lambda tr: D.full_optimizer_state(tr.model, tr.optimizer, tr.env), _load_optimizer, finite=True),
+    Part(
+        "scheduler",
+        lambda tr: tr.scheduler.state_dict(),
+        lambda tr, state, _: tr.scheduler.load_state_dict(state["scheduler"]),
+    ),
     Part("scaler", lambda tr: tr.scaler.state_dict() if tr.scaler is not None else None, _load_scaler, finite=True),
-    Part("progress", lambda tr: dict(tr.progress),
-         lambda tr, state, _: setattr(tr, "progress", dict(state["progress"]))),
-    Part("sampler", lambda tr: tr.sampler.state_dict(consumed=tr.progress["step_in_epoch"] * tr.sampler.batch_size),
-         _load_sampler),
+    Part(
+        "progress", lambda tr: dict(tr.progress), lambda tr, state, _: setattr(tr, "progress", dict(state["progress"]))
+    ),
+    Part(
+        "sampler",
+        lambda tr: tr.sampler.state_dict(consumed=tr.progress["step_in_epoch"] * tr.sampler.batch_size),
+        _load_sampler,
+    ),
     _rows("history"),
     _rows("best"),
     Part("classes", lambda tr: list(tr.classes), check=_check_classes),
@@ -353,14 +403,28 @@ class Trainer:
         self._build_loaders(cfg, env, self.model.config.img_size[0])
         self.total_batch = cfg.data.batch_size * self.accum * env.world_size
         self.steps_per_epoch = self.sampler.batches_per_epoch
-        self.optimizer, self.scheduler = schedule.build(self.model, cfg.optim, cfg.schedule,
-                                                        total_batch=self.total_batch,
-                                                        steps_per_epoch=self.steps_per_epoch, epochs=t.epochs)
+        self.optimizer, self.scheduler = schedule.build(
+            self.model,
+            cfg.optim,
+            cfg.schedule,
+            total_batch=self.total_batch,
+            steps_per_epoch=self.steps_per_epoch,
+            epochs=t.epochs,
+        )
         self.scaler = torch.amp.GradScaler(env.device.type) if t.amp == "fp16" else None
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
 
-        self.progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "bad_steps": 0, "consecutive_bad": 0,
-                         "overflow_steps": 0, "epoch_loss_sum": 0.0, "epoch_loss_steps": 0, "epoch_bad_files": {}}
+        self.progress = {
+            "epoch": 0,
+            "step_in_epoch": 0,
+            "global_step": 0,
+            "bad_steps": 0,
+            "consecutive_bad": 0,
+            "overflow_steps": 0,
+            "epoch_loss_sum": 0.0,
+            "epoch_loss_steps": 0,
+            "epoch_bad_files": {},
+        }
         self.history: list[dict[str, Any]] = []
         self.best: list[dict[str, Any]] = []
 
@@ -368,21 +432,35 @@ class Trainer:
         """Per-rank loaders (one sampler "batch" = the images of one optimizer step on this rank)."""
         d = cfg.data
         self.accum = cfg.optim.accum_steps
-        self.sampler = ShardedSampler(len(self.train_ds), batch_size=d.batch_size * self.accum,
-                                      num_replicas=env.world_size, rank=env.rank, seed=cfg.train.seed)
+        self.sampler = ShardedSampler(
+            len(self.train_ds),
+            batch_size=d.batch_size * self.accum,
+            num_replicas=env.world_size,
+            rank=env.rank,
+            seed=cfg.train.seed,
+        )
         pin = d.pin_memory and env.device.type == "cuda"
-        self.train_loader = make_loader(SeededSamples(self.train_ds, self.task.train_transform(img_size)),
-                                        self.sampler, batch_size=d.batch_size,
-                                        workers=cast(int, d.workers), pin_memory=pin,  # "auto": resolved
-                                        persistent_workers=d.persistent_workers)
+        self.train_loader = make_loader(
+            SeededSamples(self.train_ds, self.task.train_transform(img_size)),
+            self.sampler,
+            batch_size=d.batch_size,
+            workers=cast(int, d.workers),
+            pin_memory=pin,  # "auto": resolved
+            persistent_workers=d.persistent_workers,
+        )
         self.val_loader: DataLoader[Sample] | None = None
         if self.val_ds is not None:
-            val_sampler = ShardedSampler(len(self.val_ds), num_replicas=env.world_size, rank=env.rank,
-                                         shuffle=False, drop_last=False)
-            self.val_loader = make_loader(SeededSamples(self.val_ds, eval_pipeline(self.preprocess)), val_sampler,
-                                          batch_size=d.eval_batch_size or 2 * d.batch_size,
-                                          workers=cast(int, d.workers),  # "auto": resolved by DataConfig
-                                          pin_memory=pin, persistent_workers=d.persistent_workers)
+            val_sampler = ShardedSampler(
+                len(self.val_ds), num_replicas=env.world_size, rank=env.rank, shuffle=False, drop_last=False
+            )
+            self.val_loader = make_loader(
+                SeededSamples(self.val_ds, eval_pipeline(self.preprocess)),
+                val_sampler,
+                batch_size=d.eval_batch_size or 2 * d.batch_size,
+                workers=cast(int, d.workers),  # "auto": resolved by DataConfig
+                pin_memory=pin,
+                persistent_workers=d.persistent_workers,
+            )
 
     # ----------------------------------------------------------------------- state
 
@@ -439,7 +517,8 @@ class Trainer:
             raise NonFiniteError(
                 f"{self.progress['consecutive_bad']} consecutive steps with a non-finite loss or gradient "
                 f"(last at step {step}); stopping. Lower optim.lr, set optim.clip_grad, or use train.amp=bf16; "
-                f"the last checkpoint is in {self.rundir.checkpoint_dir}")
+                f"the last checkpoint is in {self.rundir.checkpoint_dir}"
+            )
         return {"loss": loss_mean, "grad_norm": grad_norm, "lr": lr, "n": n, "skipped": bad}
 
     def _forward_backward(self, micro_batches: list[Batch]) -> tuple[float, float]:
@@ -458,7 +537,7 @@ class Trainer:
             if not empty:
                 x, y = self.task.mix(x, y)
             sync = i == len(micro_batches) - 1 or not env.distributed or t.parallel != "ddp"
-            with (contextlib.nullcontext() if sync else cast("DistributedDataParallel", self.wrapped).no_sync()):
+            with contextlib.nullcontext() if sync else cast("DistributedDataParallel", self.wrapped).no_sync():
                 with torch.autocast(env.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                     loss = self.task.loss(self.forward, x, y, batch.indices, empty, self.progress["epoch"])
                 scaled = loss / len(micro_batches)
@@ -475,10 +554,21 @@ class Trainer:
         """Count and log a step with a non-finite loss or gradient (or no image on any rank); no update."""
         self.progress["bad_steps"] += 1
         self.progress["consecutive_bad"] += 1
-        what = ("no readable image on any rank" if n == 0 else
-                "non-finite loss" if not math.isfinite(loss_mean) else "non-finite gradient")
-        log.warning("step %d: %s (loss %s, grad norm %s): step skipped (%d in a row)", step, what, loss_mean,
-                    grad_norm, self.progress["consecutive_bad"])
+        what = (
+            "no readable image on any rank"
+            if n == 0
+            else "non-finite loss"
+            if not math.isfinite(loss_mean)
+            else "non-finite gradient"
+        )
+        log.warning(
+            "step %d: %s (loss %s, grad norm %s): step skipped (%d in a row)",
+            step,
+            what,
+            loss_mean,
+            grad_norm,
+            self.progress["consecutive_bad"],
+        )
         if self.scaler is not None:
             self.scaler.update()  # back off the scale as for an overflow
         return False
@@ -526,15 +616,27 @@ class Trainer:
         elapsed = time.perf_counter() - t0
         n_bad = self.rundir.report_bad_files(epoch, "train", self.progress["epoch_bad_files"])
         loss_sum, steps = self.progress["epoch_loss_sum"], self.progress["epoch_loss_steps"]
-        return {"train_loss": loss_sum / steps if steps else float("nan"), "img_per_s": images / max(elapsed, 1e-9),
-                "train_time_s": elapsed, "bad_images": n_bad}
+        return {
+            "train_loss": loss_sum / steps if steps else float("nan"),
+            "img_per_s": images / max(elapsed, 1e-9),
+            "train_time_s": elapsed,
+            "bad_images": n_bad,
+        }
 
     def _after_step(self, epoch: int, out: dict[str, float], stop: StopSignals) -> None:
         """At a step boundary: the step log line, and a checkpoint when one is due or a signal asks to stop."""
         gs = self.progress["global_step"]
         if gs % self.cfg.train.log_every == 0:
-            self.rundir.log_step({"step": gs, "epoch": epoch + 1, "loss": out["loss"], "lr": out["lr"],
-                                  "grad_norm": out["grad_norm"], "skipped": out["skipped"]})
+            self.rundir.log_step(
+                {
+                    "step": gs,
+                    "epoch": epoch + 1,
+                    "loss": out["loss"],
+                    "lr": out["lr"],
+                    "grad_norm": out["grad_norm"],
+                    "skipped": out["skipped"],
+                }
+            )
         if D.any_rank(stop.signum is not None, self.env):  # at this step boundary, on every rank
             path = self.save()
             raise TrainingInterrupted(stop.signum or signal.SIGTERM, path)
@@ -578,8 +680,12 @@ class Trainer:
         """Evaluate, record the metrics row, keep the best-k, checkpoint (the epoch's commit point)."""
         t = self.cfg.train
         evaluated = self.val_loader is not None and ((epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs)
-        row: dict[str, Any] = {"epoch": epoch + 1, "step": self.progress["global_step"],
-                               "lr": self.optimizer.param_groups[0]["lr"], **train_stats}
+        row: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "step": self.progress["global_step"],
+            "lr": self.optimizer.param_groups[0]["lr"],
+            **train_stats,
+        }
         if evaluated:
             plain = self.plain_model()
             row |= self.validate(epoch, plain)
@@ -604,10 +710,12 @@ class Trainer:
         if new_best is not None:
             assert plain is not None  # a new best comes of an evaluation, whose model end_epoch passes
             # Ranked on an EMA metric only where the EMA was validated (else _rank_best refused the metric).
-            best_model = (cast("ModelEmaV3", self.ema).module if self.cfg.train.best_metric.startswith("val_ema_")
-                          else plain)
-            self.rundir.write_best(new_best, state, self.task.weights_model(best_model), *names,
-                                   top=new_best is self.best[0])
+            best_model = (
+                cast("ModelEmaV3", self.ema).module if self.cfg.train.best_metric.startswith("val_ema_") else plain
+            )
+            self.rundir.write_best(
+                new_best, state, self.task.weights_model(best_model), *names, top=new_best is self.best[0]
+            )
         elif self.val_loader is None:
             self.rundir.write_weights(self.task.weights_model(self.plain_model()), *names)
 
@@ -631,8 +739,9 @@ class Trainer:
 
     # ----------------------------------------------------------------------- the run
 
-    def resume(self, explicit: str | Path | None, *, allow_config_change: bool = False,
-               start_over: bool = False) -> None:
+    def resume(
+        self, explicit: str | Path | None, *, allow_config_change: bool = False, start_over: bool = False
+    ) -> None:
         """Load `explicit` (errors are fatal) or the furthest valid checkpoint of the run directory;
         a config that differs from the checkpoint's in keys that change the run needs
         `allow_config_change`. An `explicit` checkpoint from elsewhere into a directory that holds a run
@@ -655,8 +764,14 @@ class Trainer:
         self.rundir.resumed(self.history, self.best, self.progress["global_step"])
         self.restore_weights_file()
         p = self.progress
-        log.info("resumed from %s: epoch %d, step %d of %d in the epoch (global step %d)", path, p["epoch"] + 1,
-                 p["step_in_epoch"], self.steps_per_epoch, p["global_step"])
+        log.info(
+            "resumed from %s: epoch %d, step %d of %d in the epoch (global step %d)",
+            path,
+            p["epoch"] + 1,
+            p["step_in_epoch"],
+            self.steps_per_epoch,
+            p["global_step"],
+        )
 
     def _refuse_replacing_a_run(self, source: Path) -> None:
         """A checkpoint of another run resumed into this directory would cut its history and prune its
@@ -667,9 +782,11 @@ class Trainer:
         found = D.broadcast_object(self.rundir.existing_run() if self.env.is_main else None, self.env)
         if found:
             shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
-            raise RunFolderError(f"--out {self.out} already holds a run ({shown}); resuming {source} there would "
-                                 f"replace it: drop --resume to continue that run, train into another --out, or "
-                                 f"pass --start-over to replace it")
+            raise RunFolderError(
+                f"--out {self.out} already holds a run ({shown}); resuming {source} there would "
+                f"replace it: drop --resume to continue that run, train into another --out, or "
+                f"pass --start-over to replace it"
+            )
 
     def restore_weights_file(self) -> None:
         """Write best.safetensors again from the state it should hold (the best-k leader's checkpoint,
@@ -693,8 +810,9 @@ class Trainer:
         elif self.val_loader is None and self.history:
             self.rundir.write_weights(self.task.weights_model(self.plain_model()), *names)
 
-    def run(self, resume: str | Path | None = None, *, allow_config_change: bool = False,
-            start_over: bool = False) -> dict[str, Any]:
+    def run(
+        self, resume: str | Path | None = None, *, allow_config_change: bool = False, start_over: bool = False
+    ) -> dict[str, Any]:
         t = self.cfg.train
         self.resume(resume, allow_config_change=allow_config_change, start_over=start_over)
         if self.progress["epoch"] >= t.epochs:
@@ -714,22 +832,38 @@ class Trainer:
 
     def _log_start(self) -> None:
         n_params = sum(p.numel() for p in self.model.parameters())
-        log.info("training %s (%.2fM params, %s) on %s x%d: %d images, %d steps/epoch of %d images, "
-                 "lr %.3g", self.cfg.model.name, n_params / 1e6, self.task.describe(self.classes), self.env.device,
-                 self.env.world_size, len(self.train_ds), self.steps_per_epoch, self.total_batch,
-                 self.scheduler.lr)
+        log.info(
+            "training %s (%.2fM params, %s) on %s x%d: %d images, %d steps/epoch of %d images, lr %.3g",
+            self.cfg.model.name,
+            n_params / 1e6,
+            self.task.describe(self.classes),
+            self.env.device,
+            self.env.world_size,
+            len(self.train_ds),
+            self.steps_per_epoch,
+            self.total_batch,
+            self.scheduler.lr,
+        )
 
 
-def fit(cfg: Config, out_dir: str | Path, *, resume: str | Path | None = None,
-        allow_config_change: bool = False, start_over: bool = False) -> dict[str, Any]:
+def fit(
+    cfg: Config,
+    out_dir: str | Path,
+    *,
+    resume: str | Path | None = None,
+    allow_config_change: bool = False,
+    start_over: bool = False,
+) -> dict[str, Any]:
     """Train as `cfg` says, writing the run directory `out_dir`; resume from `resume` or, if
     `out_dir` already holds checkpoints, from the valid one furthest along (`start_over`: replace the
     run in `out_dir` instead). Returns the run summary (paths, best and final metrics). Raises
     TrainingInterrupted on SIGTERM/SIGINT (after saving), RunLockedError if another process trains in
     `out_dir`, RunFolderError if `out_dir` holds the user's own files or a link where the run writes."""
     if resume is not None and not Path(resume).is_file():  # before anything is built or locked
-        raise FileNotFoundError(f"--resume {resume}: " + ("is a folder, not a checkpoint file" if Path(resume).is_dir()
-                                                          else "no such checkpoint file"))
+        raise FileNotFoundError(
+            f"--resume {resume}: "
+            + ("is a folder, not a checkpoint file" if Path(resume).is_dir() else "no such checkpoint file")
+        )
     threads = torch.get_num_threads()
     if cfg.train.threads:
         # On a small shared CPU, one intra-op thread per process (data in a worker process) is often

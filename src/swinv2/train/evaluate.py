@@ -6,6 +6,7 @@ fields are ignored; its `bad` files are counted separately). Under `torch.distri
 evaluates its own shard and the sums are all-reduced, so every rank returns the metrics of the
 whole set.
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,11 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from .datasets import ImageFolderDataset, Sample, collate, folder_warnings, scan_class_folders
 from ..errors import InputError
 from ..images import BadImageError, eval_pipeline, load_image
 from ..preprocess import EvalPreprocess
 from ..weights.registry import model_info, require_classifier, resolve_preprocess
+from .datasets import ImageFolderDataset, Sample, collate, folder_warnings, scan_class_folders
 
 if TYPE_CHECKING:
     from ..model.transformer import SwinTransformerV2
@@ -35,8 +36,14 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, *, device: str | torch.device = "cpu",
-             amp_dtype: torch.dtype | None = None, return_confusion: bool = False) -> dict[str, Any]:
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    device: str | torch.device = "cpu",
+    amp_dtype: torch.dtype | None = None,
+    return_confusion: bool = False,
+) -> dict[str, Any]:
     """Evaluate `model` (put in eval mode, restored afterwards) on every batch of `loader`.
 
     Returns {"loss": mean cross-entropy, "top1", "top5": percent, "n": images, "img_per_s",
@@ -67,12 +74,14 @@ def evaluate(model: nn.Module, loader: Iterable, *, device: str | torch.device =
             k = min(5, num_classes)
             topk = logits.topk(k, dim=1).indices  # (B, k)
             hits = topk == labels[:, None]
-            sums += torch.stack([
-                F.cross_entropy(logits, labels, reduction="sum").double(),
-                hits[:, 0].sum().double(),
-                hits.any(dim=1).sum().double(),
-                torch.tensor(float(labels.numel()), dtype=torch.float64, device=device),
-            ])
+            sums += torch.stack(
+                [
+                    F.cross_entropy(logits, labels, reduction="sum").double(),
+                    hits[:, 0].sum().double(),
+                    hits.any(dim=1).sum().double(),
+                    torch.tensor(float(labels.numel()), dtype=torch.float64, device=device),
+                ]
+            )
             if return_confusion:
                 if confusion is None:
                     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
@@ -119,8 +128,9 @@ def _num_classes(model: nn.Module) -> int:
 # --------------------------------------------------------------------------- evaluate a class folder
 
 
-def check_class_map(model_classes: Sequence[str] | None, num_classes: int, data_classes: Sequence[str], *,
-                    weights: str, data: str) -> list[str]:
+def check_class_map(
+    model_classes: Sequence[str] | None, num_classes: int, data_classes: Sequence[str], *, weights: str, data: str
+) -> list[str]:
     """The class list that maps the data's folders to the model's outputs; raises on a mismatch.
 
     Weights with class names: every class folder must be one of them (a val folder may lack some).
@@ -131,14 +141,18 @@ def check_class_map(model_classes: Sequence[str] | None, num_classes: int, data_
         unknown = [c for c in data_classes if c not in set(model_classes)]
         if unknown:
             shown = ", ".join(unknown[:8]) + (" ..." if len(unknown) > 8 else "")
-            raise InputError(f"class map mismatch: {data} has class folders {shown} that {weights} does not know "
-                             f"(its {len(model_classes)} classes: {', '.join(list(model_classes)[:8])}"
-                             f"{' ...' if len(model_classes) > 8 else ''})")
+            raise InputError(
+                f"class map mismatch: {data} has class folders {shown} that {weights} does not know "
+                f"(its {len(model_classes)} classes: {', '.join(list(model_classes)[:8])}"
+                f"{' ...' if len(model_classes) > 8 else ''})"
+            )
         return list(model_classes)
     if len(data_classes) != num_classes:
-        raise InputError(f"class map mismatch: {weights} has {num_classes} unnamed classes but {data} has "
-                         f"{len(data_classes)} class folders; without class names in the weights the sorted "
-                         f"folders must be exactly the model's classes")
+        raise InputError(
+            f"class map mismatch: {weights} has {num_classes} unnamed classes but {data} has "
+            f"{len(data_classes)} class folders; without class names in the weights the sorted "
+            f"folders must be exactly the model's classes"
+        )
     return list(data_classes)
 
 
@@ -193,14 +207,26 @@ def agreement(logits: torch.Tensor, reference: torch.Tensor) -> dict[str, float]
     images whose top-1 class is the same) and max / mean |difference|."""
     diff = (logits - reference).abs()
     same = (logits.argmax(dim=1) == reference.argmax(dim=1)).double().mean().item() if len(logits) else float("nan")
-    return {"top1_agreement": 100.0 * same, "max_abs_logit_diff": float(diff.max()) if diff.numel() else 0.0,
-            "mean_abs_logit_diff": float(diff.mean()) if diff.numel() else 0.0}
+    return {
+        "top1_agreement": 100.0 * same,
+        "max_abs_logit_diff": float(diff.max()) if diff.numel() else 0.0,
+        "mean_abs_logit_diff": float(diff.mean()) if diff.numel() else 0.0,
+    }
 
 
-def evaluate_folder(model: nn.Module, data: str | os.PathLike, *, weights: str = "the weights",
-                    batch_size: int = 64, workers: int = 0, device: str | torch.device = "cpu",
-                    preprocess: EvalPreprocess | None = None, amp_dtype: torch.dtype | None = None,
-                    runtime: Any = None, compare_fp32: bool = False) -> dict[str, Any]:
+def evaluate_folder(
+    model: nn.Module,
+    data: str | os.PathLike,
+    *,
+    weights: str = "the weights",
+    batch_size: int = 64,
+    workers: int = 0,
+    device: str | torch.device = "cpu",
+    preprocess: EvalPreprocess | None = None,
+    amp_dtype: torch.dtype | None = None,
+    runtime: Any = None,
+    compare_fp32: bool = False,
+) -> dict[str, Any]:
     """Top-1 / top-5 / loss / per-class accuracy of `model` on the class folder `data`.
 
     Returns `evaluate`'s metrics (loss, top1, top5, n, img_per_s, skipped; "top5" is None for a model
@@ -222,15 +248,19 @@ def evaluate_folder(model: nn.Module, data: str | os.PathLike, *, weights: str =
     data = os.fspath(data)
     require_classifier(model, weights)
     swin = cast("SwinTransformerV2", model)  # typed as a Module for callers, as in weights.registry
-    classes = check_class_map(model_info(swin).class_names, swin.config.num_classes,
-                              scan_class_folders(data), weights=weights, data=data)
+    classes = check_class_map(
+        model_info(swin).class_names, swin.config.num_classes, scan_class_folders(data), weights=weights, data=data
+    )
     prep = preprocess or resolve_preprocess(model)
     dataset = ImageFolderDataset(data, class_names=classes)
     warnings = folder_warnings(dataset, training=False)
     for w in warnings:
         log.warning("%s", w)
-    loader = _Reporting(DataLoader(_EvalSamples(dataset, eval_pipeline(prep)), batch_size=batch_size,
-                                   num_workers=workers, collate_fn=collate))
+    loader = _Reporting(
+        DataLoader(
+            _EvalSamples(dataset, eval_pipeline(prep)), batch_size=batch_size, num_workers=workers, collate_fn=collate
+        )
+    )
     net = runtime.as_module() if runtime is not None else model.to(device)
     if compare_fp32:
         net = _Recording(net)
@@ -238,20 +268,33 @@ def evaluate_folder(model: nn.Module, data: str | os.PathLike, *, weights: str =
     if compare_fp32:
         ref = _Recording(model.float().to(device))
         fp32 = evaluate(ref, loader.loader, device=device)  # the same images; unreadable ones reported once
-        metrics["fp32"] = {"top1": fp32["top1"], "img_per_s": fp32["img_per_s"],
-                           "top1_delta": metrics["top1"] - fp32["top1"],
-                           **agreement(torch.cat(cast(_Recording, net).logits or [torch.zeros(0, 0)]),
-                                       torch.cat(ref.logits or [torch.zeros(0, 0)]))}
+        metrics["fp32"] = {
+            "top1": fp32["top1"],
+            "img_per_s": fp32["img_per_s"],
+            "top1_delta": metrics["top1"] - fp32["top1"],
+            **agreement(
+                torch.cat(cast(_Recording, net).logits or [torch.zeros(0, 0)]),
+                torch.cat(ref.logits or [torch.zeros(0, 0)]),
+            ),
+        }
     if swin.config.num_classes <= 5:
         metrics["top5"] = None
     confusion = metrics.pop("confusion")
     correct = confusion.diag().tolist()
     counts = confusion.sum(dim=1).tolist()
-    per_class = [{"class": c, "n": n, "correct": k, "top1": 100.0 * k / n}
-                 for c, n, k in zip(classes, counts, correct) if n > 0]
-    return {**metrics, "classes": classes, "confusion": confusion.tolist(), "per_class": per_class,
-            "empty_classes": dataset.empty_classes, "warnings": warnings, "errors": loader.bad,
-            "preprocess": asdict(prep)}
+    per_class = [
+        {"class": c, "n": n, "correct": k, "top1": 100.0 * k / n} for c, n, k in zip(classes, counts, correct) if n > 0
+    ]
+    return {
+        **metrics,
+        "classes": classes,
+        "confusion": confusion.tolist(),
+        "per_class": per_class,
+        "empty_classes": dataset.empty_classes,
+        "warnings": warnings,
+        "errors": loader.bad,
+        "preprocess": asdict(prep),
+    }
 
 
 def save_eval_plots(report: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
@@ -263,6 +306,10 @@ def save_eval_plots(report: dict[str, Any], out_dir: str | os.PathLike) -> list[
     rows = report["per_class"]
     return [
         plot_confusion_matrix(report["confusion"], report["classes"], out / "confusion_matrix.png"),
-        plot_per_class_accuracy([r["top1"] for r in rows], [r["class"] for r in rows],
-                                out / "per_class_accuracy.png", counts=[r["n"] for r in rows]),
+        plot_per_class_accuracy(
+            [r["top1"] for r in rows],
+            [r["class"] for r in rows],
+            out / "per_class_accuracy.png",
+            counts=[r["n"] for r in rows],
+        ),
     ]

@@ -1,6 +1,7 @@
 """What a training run does when something goes wrong (docs/reliability.md): stop signals that
 checkpoint at the next step boundary, errors for unrecoverable states, and the checks that keep
 non-finite or mismatched tensors out of (and away from) checkpoints."""
+
 from __future__ import annotations
 
 import logging
@@ -20,8 +21,9 @@ class TrainingInterrupted(Exception):
     """SIGTERM/SIGINT arrived; a checkpoint was saved at the step boundary. `exit_code` = 128 + signal."""
 
     def __init__(self, signum: int, checkpoint: Path | None) -> None:
-        super().__init__(f"stopped by {signal.Signals(signum).name} after saving {checkpoint}; "
-                         f"run the same command again to resume")
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} after saving {checkpoint}; run the same command again to resume"
+        )
         self.signum, self.checkpoint, self.exit_code = signum, checkpoint, 128 + signum
 
 
@@ -43,7 +45,7 @@ class StopSignals:
         self.signum = signum
         log.warning("received %s: saving a checkpoint at the end of this step", signal.Signals(signum).name)
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGTERM, signal.SIGINT):
                 self._old[s] = signal.signal(s, self._handler)
@@ -74,9 +76,15 @@ def check_fits(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], 
     """Raise InputError listing missing, unexpected and mis-shaped keys of a state dict."""
     missing = [k for k in expected if k not in got]
     unexpected = [k for k in got if k not in expected]
-    shaped = [f"{k} {tuple(got[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items()
-              if k in got and tuple(got[k].shape) != tuple(v.shape)]
-    problems = [f"{name} ({len(keys)}): {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''}"
-                for name, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shaped)) if keys]
+    shaped = [
+        f"{k} {tuple(got[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in got and tuple(got[k].shape) != tuple(v.shape)
+    ]
+    problems = [
+        f"{name} ({len(keys)}): {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''}"
+        for name, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shaped))
+        if keys
+    ]
     if problems:
         raise InputError(f"{what} does not fit the model: " + "; ".join(problems))

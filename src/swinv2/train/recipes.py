@@ -24,6 +24,7 @@ checkpoints, best.safetensors), and hands its weights on:
   stages and resumes the interrupted one from its own checkpoints (engine.fit's auto-resume).
   `out/metrics.jsonl` and `out/curves.png` join the stages' metrics on one epoch axis.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,15 +33,16 @@ import json
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from ..errors import InputError
 from ..config import INHERIT, Config, ConfigError, check_task
-from ..model.transformer import SwinV2Config, SwinTransformerV2
+from ..errors import InputError
+from ..model.transformer import SwinTransformerV2, SwinV2Config
 from ..model.windows import pair, stage_windows
 from ..outputs import write_output
 from ..weights.registry import get_variant, model_config
@@ -57,18 +59,18 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 class StagePlan:
     """One stage, resolved: its config (initial weights and pretrained windows filled in) and what it freezes."""
 
-    index: int                          # 1-based
+    index: int  # 1-based
     count: int
     name: str
     dir: Path
-    cfg: Config                         # no stages; what engine.fit runs
-    init_from: str                      # "best" | "last": which weights of the previous stage start this one
-    set_keys: dict[str, Any]            # the stage's own keys, dotted
-    arch: SwinV2Config                  # the model this stage trains (class count: as configured or the variant's)
-    frozen: tuple[str, ...]             # parameter names model.freeze matches
+    cfg: Config  # no stages; what engine.fit runs
+    init_from: str  # "best" | "last": which weights of the previous stage start this one
+    set_keys: dict[str, Any]  # the stage's own keys, dotted
+    arch: SwinV2Config  # the model this stage trains (class count: as configured or the variant's)
+    frozen: tuple[str, ...]  # parameter names model.freeze matches
     frozen_values: int
     total_values: int
-    pretrained_note: str                # where pretrained_window_sizes came from
+    pretrained_note: str  # where pretrained_window_sizes came from
 
     @property
     def title(self) -> str:
@@ -85,8 +87,13 @@ class StagePlan:
 def next_pretrained_windows(prev: SwinV2Config) -> tuple[int | tuple[int, int], ...]:
     """pretrained_window_sizes for a model initialised from a model of architecture `prev`: per layer
     the CPB normaliser `prev` used (its pretrained window, else its effective window)."""
-    return tuple(p if pair(p) != (0, 0) else e for p, e in zip(prev.pretrained_window_sizes, stage_windows(
-        prev.img_size, prev.patch_size, prev.window_size, len(prev.depths))))
+    return tuple(
+        p if pair(p) != (0, 0) else e
+        for p, e in zip(
+            prev.pretrained_window_sizes,
+            stage_windows(prev.img_size, prev.patch_size, prev.window_size, len(prev.depths)),
+        )
+    )
 
 
 # --------------------------------------------------------------------------- planning
@@ -113,8 +120,14 @@ def _meta_model(arch: SwinV2Config) -> SwinTransformerV2:
 
 def _arch(cfg: Config) -> SwinV2Config:
     m = cfg.model
-    return model_config(m.name, num_classes=m.num_classes, img_size=m.img_size, window_size=m.window_size,
-                        pretrained_window_sizes=m.pretrained_window_sizes, drop_path_rate=m.drop_path_rate)
+    return model_config(
+        m.name,
+        num_classes=m.num_classes,
+        img_size=m.img_size,
+        window_size=m.window_size,
+        pretrained_window_sizes=m.pretrained_window_sizes,
+        drop_path_rate=m.drop_path_rate,
+    )
 
 
 def _n_layers(name: str) -> int | None:
@@ -128,8 +141,10 @@ def _frozen(model: SwinTransformerV2, patterns: Sequence[str], where: str) -> tu
     names = [n for n, _ in model.named_parameters()]
     for pat in patterns:
         if not any(fnmatch.fnmatchcase(n, pat) for n in names):
-            raise ConfigError(f"{where}: pattern {pat!r} matches no parameter (names look like {names[0]!r}, "
-                              f"'layers.0.blocks.0.attn.qkv.weight', {names[-1]!r})")
+            raise ConfigError(
+                f"{where}: pattern {pat!r} matches no parameter (names look like {names[0]!r}, "
+                f"'layers.0.blocks.0.attn.qkv.weight', {names[-1]!r})"
+            )
     return tuple(n for n in names if any(fnmatch.fnmatchcase(n, pat) for pat in patterns))
 
 
@@ -138,8 +153,10 @@ def plan_recipe(cfg: Config, out_dir: str | os.PathLike) -> list[StagePlan]:
     if not cfg.stages:
         raise ConfigError("the config has no stages: train it with engine.fit")
     if cfg.model.freeze:
-        raise ConfigError(f"model.freeze={list(cfg.model.freeze)} at the top level of a recipe: set the freezing "
-                          f"in every stage instead (stages.N.model.freeze, [] for none)")
+        raise ConfigError(
+            f"model.freeze={list(cfg.model.freeze)} at the top level of a recipe: set the freezing "
+            f"in every stage instead (stages.N.model.freeze, [] for none)"
+        )
     out = Path(out_dir)
     base = dataclasses.replace(cfg, stages=())
     names = [s.name for s in cfg.stages]
@@ -152,21 +169,30 @@ def plan_recipe(cfg: Config, out_dir: str | os.PathLike) -> list[StagePlan]:
             raise ConfigError(f"{where}.name: {stage.name!r} names two stages")
         keys = {k: v for sec in SECTIONS for k, v in _stage_keys(getattr(stage, sec), f"{sec}.").items()}
         if "model.freeze" not in keys:
-            raise ConfigError(f"{where}.model.freeze is not set: every stage states what it freezes "
-                              f"([] for nothing), so a stage cannot inherit a freeze by accident")
+            raise ConfigError(
+                f"{where}.model.freeze is not set: every stage states what it freezes "
+                f"([] for nothing), so a stage cannot inherit a freeze by accident"
+            )
         auto: dict[str, Any] = {}
         note = "configured"
         if plans:
             prev = plans[-1]
             if "model.weights" in keys or "model.pretrained" in keys:
                 which = "model.weights" if "model.weights" in keys else "model.pretrained"
-                raise ConfigError(f"{where}.{which}: a later stage starts from the previous stage's weights "
-                                  f"(choose which with {where}.init_from: best | last)")
-            auto = {"model.weights": str(prev.handoff(stage.init_from)), "model.weights_strict": True,
-                    "model.pretrained": None}  # the hand-off replaces any published start point
+                raise ConfigError(
+                    f"{where}.{which}: a later stage starts from the previous stage's weights "
+                    f"(choose which with {where}.init_from: best | last)"
+                )
+            auto = {
+                "model.weights": str(prev.handoff(stage.init_from)),
+                "model.weights_strict": True,
+                "model.pretrained": None,
+            }  # the hand-off replaces any published start point
             pws = next_pretrained_windows(prev.arch)
-            if "model.pretrained_window_sizes" not in keys and _n_layers(keys.get("model.name", base.model.name)) \
-                    in (len(pws), None):  # another layer count is reported by _check_fits below
+            if "model.pretrained_window_sizes" not in keys and _n_layers(keys.get("model.name", base.model.name)) in (
+                len(pws),
+                None,
+            ):  # another layer count is reported by _check_fits below
                 auto["model.pretrained_window_sizes"] = list(pws)
                 note = f"from {prev.title}"
         try:
@@ -184,8 +210,22 @@ def plan_recipe(cfg: Config, out_dir: str | os.PathLike) -> list[StagePlan]:
         elif scfg.model.weights and not Path(scfg.model.weights).exists():
             raise FileNotFoundError(f"model.weights not found: {scfg.model.weights} (set model.weights=PATH)")
         dir_name = f"stage{i + 1}_{stage.name}" if stage.name else f"stage{i + 1}"
-        plans.append(StagePlan(i + 1, len(cfg.stages), stage.name, out / dir_name, scfg, stage.init_from, keys, arch,
-                               frozen, sum(sizes[n] for n in frozen), sum(sizes.values()), note))
+        plans.append(
+            StagePlan(
+                i + 1,
+                len(cfg.stages),
+                stage.name,
+                out / dir_name,
+                scfg,
+                stage.init_from,
+                keys,
+                arch,
+                frozen,
+                sum(sizes[n] for n in frozen),
+                sum(sizes.values()),
+                note,
+            )
+        )
     return plans
 
 
@@ -203,8 +243,9 @@ def _check_fits(prev: StagePlan, model: SwinTransformerV2, where: str) -> None:
     diff = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
     if diff:
         shown = ", ".join(f"{k} {theirs.get(k, '-')} -> {mine.get(k, '-')}" for k in diff[:4])
-        raise ConfigError(f"{where}: the weights of {prev.title} do not fit this stage's model ({len(diff)} "
-                          f"tensors differ: {shown})")
+        raise ConfigError(
+            f"{where}: the weights of {prev.title} do not fit this stage's model ({len(diff)} tensors differ: {shown})"
+        )
 
 
 # --------------------------------------------------------------------------- logging
@@ -217,30 +258,42 @@ def _values(n: int) -> str:
 def describe_stage(plan: StagePlan, prev: StagePlan | None) -> list[str]:
     """The lines logged at the start of a stage: what it trains, from what, and what is frozen."""
     c, a = plan.cfg, plan.arch
-    src = (f"{prev.title}'s {plan.init_from} weights {c.model.weights}" if prev is not None
-           else (f"{c.model.weights}" if c.model.weights else "a fresh initialisation"))
+    src = (
+        f"{prev.title}'s {plan.init_from} weights {c.model.weights}"
+        if prev is not None
+        else (f"{c.model.weights}" if c.model.weights else "a fresh initialisation")
+    )
     pws = f"{list(a.pretrained_window_sizes)} ({plan.pretrained_note})" if any(a.pretrained_window_sizes) else "none"
-    lines = [f"{plan.title} in {plan.dir}: {c.train.epochs} epochs at {a.img_size[0]} px, window {a.window_size}, "
-             f"pretrained windows {pws}, from {src}",
-             f"{plan.title} sets: " + (", ".join(f"{k}={list(v) if isinstance(v, tuple) else v}"
-                                                 for k, v in plan.set_keys.items()) or "nothing")]
+    lines = [
+        f"{plan.title} in {plan.dir}: {c.train.epochs} epochs at {a.img_size[0]} px, window {a.window_size}, "
+        f"pretrained windows {pws}, from {src}",
+        f"{plan.title} sets: "
+        + (", ".join(f"{k}={list(v) if isinstance(v, tuple) else v}" for k, v in plan.set_keys.items()) or "nothing"),
+    ]
     pats = list(c.model.freeze)
     if plan.frozen:
-        lines.append(f"{plan.title} FROZEN by model.freeze={pats}: {len(plan.frozen)} tensors, "
-                     f"{_values(plan.frozen_values)} of {_values(plan.total_values)} values: {', '.join(plan.frozen)}")
+        lines.append(
+            f"{plan.title} FROZEN by model.freeze={pats}: {len(plan.frozen)} tensors, "
+            f"{_values(plan.frozen_values)} of {_values(plan.total_values)} values: {', '.join(plan.frozen)}"
+        )
     else:
         lines.append(f"{plan.title} freezes nothing (model.freeze=[]): all {_values(plan.total_values)} values train")
     if prev is not None:
         now, before = set(plan.frozen), set(prev.frozen)
         if now == before:
-            lines.append(f"{plan.title} freezing unchanged from {prev.title}" + (" (nothing frozen)" if not now else ""))
+            lines.append(
+                f"{plan.title} freezing unchanged from {prev.title}" + (" (nothing frozen)" if not now else "")
+            )
         else:
             if before - now:
-                lines.append(f"{plan.title} UNFROZEN since {prev.title}: "
-                             + ", ".join(n for n in prev.frozen if n not in now))
+                lines.append(
+                    f"{plan.title} UNFROZEN since {prev.title}: " + ", ".join(n for n in prev.frozen if n not in now)
+                )
             if now - before:
-                lines.append(f"{plan.title} newly frozen since {prev.title}: "
-                             + ", ".join(n for n in plan.frozen if n not in before))
+                lines.append(
+                    f"{plan.title} newly frozen since {prev.title}: "
+                    + ", ".join(n for n in plan.frozen if n not in before)
+                )
     return lines
 
 
@@ -285,15 +338,21 @@ def _finished(plan: StagePlan, rec: dict[str, Any], next_init: str | None) -> di
     if not entry or entry.get("status") != "done":
         return None
     if next_init is not None and not plan.handoff(next_init).exists():
-        log.warning("%s is recorded as finished but %s is missing: running it again (it resumes from its "
-                    "checkpoints)", plan.title, plan.handoff(next_init))
+        log.warning(
+            "%s is recorded as finished but %s is missing: running it again (it resumes from its checkpoints)",
+            plan.title,
+            plan.handoff(next_init),
+        )
         return None
     # The resolved config minus num_classes, which engine.fit fills in from the data.
     old, new = _flat(entry.get("config", {})), _flat(plan.cfg.to_dict())
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k != "model.num_classes")
     if changed:
-        log.warning("%s finished earlier with a different config (%s); keeping its results. Use a new --out to "
-                    "train it again", plan.title, ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6]))
+        log.warning(
+            "%s finished earlier with a different config (%s); keeping its results. Use a new --out to train it again",
+            plan.title,
+            ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6]),
+        )
     return entry
 
 
@@ -307,8 +366,9 @@ def _join_metrics(plans: Sequence[StagePlan], out: Path) -> list[dict[str, Any]]
         for line in path.read_text().splitlines():
             if line.strip():
                 row = json.loads(line)
-                rows.append(row | {"stage": p.index, "stage_name": p.name, "stage_epoch": row["epoch"],
-                                   "epoch": len(rows) + 1})
+                rows.append(
+                    row | {"stage": p.index, "stage_name": p.name, "stage_epoch": row["epoch"], "epoch": len(rows) + 1}
+                )
     return rows
 
 
@@ -324,8 +384,14 @@ def _write_joined(plans: Sequence[StagePlan], out: Path) -> None:
 # --------------------------------------------------------------------------- the run
 
 
-def fit_recipe(cfg: Config, out_dir: str | os.PathLike, *, resume: str | os.PathLike | None = None,
-               allow_config_change: bool = False, start_over: bool = False) -> dict[str, Any]:
+def fit_recipe(
+    cfg: Config,
+    out_dir: str | os.PathLike,
+    *,
+    resume: str | os.PathLike | None = None,
+    allow_config_change: bool = False,
+    start_over: bool = False,
+) -> dict[str, Any]:
     """Train every stage of `cfg` in turn under `out_dir` (see the module docstring).
 
     Finished stages (recorded in `out_dir/recipe.json`) are skipped; the first unfinished one
@@ -346,15 +412,24 @@ def fit_recipe(cfg: Config, out_dir: str | os.PathLike, *, resume: str | os.Path
         out.mkdir(parents=True, exist_ok=True)
         lock = _lock(out)
     try:
-        return _fit_stages(cfg, out, plans, fit, resume=resume, allow_config_change=allow_config_change,
-                           start_over=start_over)
+        return _fit_stages(
+            cfg, out, plans, fit, resume=resume, allow_config_change=allow_config_change, start_over=start_over
+        )
     finally:
         if lock is not None:
             lock.close()
 
 
-def _fit_stages(cfg: Config, out: Path, plans: Sequence[StagePlan], fit: Any, *, resume: str | os.PathLike | None,
-                allow_config_change: bool, start_over: bool) -> dict[str, Any]:
+def _fit_stages(
+    cfg: Config,
+    out: Path,
+    plans: Sequence[StagePlan],
+    fit: Any,
+    *,
+    resume: str | os.PathLike | None,
+    allow_config_change: bool,
+    start_over: bool,
+) -> dict[str, Any]:
     main = _is_main()
     if main:
         if start_over:
@@ -375,22 +450,33 @@ def _fit_stages(cfg: Config, out: Path, plans: Sequence[StagePlan], fit: Any, *,
         if main:
             for line in describe_stage(plan, prev):
                 log.info("%s", line)
-        summary = fit(plan.cfg, plan.dir, resume=explicit, allow_config_change=allow_config_change,
-                      start_over=start_over)
+        summary = fit(
+            plan.cfg, plan.dir, resume=explicit, allow_config_change=allow_config_change, start_over=start_over
+        )
         explicit = None
         summaries.append(summary)
         if main:
-            rec["stages"][plan.dir.name] = {"index": plan.index, "name": plan.name, "status": "done",
-                                            "init_weights": plan.cfg.model.weights, "frozen": list(plan.frozen),
-                                            "config": plan.cfg.to_dict(), "summary": summary}
+            rec["stages"][plan.dir.name] = {
+                "index": plan.index,
+                "name": plan.name,
+                "status": "done",
+                "init_weights": plan.cfg.model.weights,
+                "frozen": list(plan.frozen),
+                "config": plan.cfg.to_dict(),
+                "summary": summary,
+            }
             _write_json(out / "recipe.json", rec)
             _write_joined(plans, out)
             best = summary.get("best")
             log.info("%s finished: %s", plan.title, f"best {best}" if best else summary.get("final", {}))
     if main:
         _write_joined(plans, out)
-    return summaries[-1] | {"run_dir": str(out), "metrics": str(out / "metrics.jsonl"),
-                            "curves": str(out / "curves.png"), "stages": summaries}
+    return summaries[-1] | {
+        "run_dir": str(out),
+        "metrics": str(out / "metrics.jsonl"),
+        "curves": str(out / "curves.png"),
+        "stages": summaries,
+    }
 
 
 def shadowed_overrides(cfg: Config, overrides: Sequence[str]) -> list[str]:
@@ -404,7 +490,7 @@ def shadowed_overrides(cfg: Config, overrides: Sequence[str]) -> list[str]:
         for i, stage in enumerate(cfg.stages):
             sets = {k for sec in SECTIONS for k in _stage_keys(getattr(stage, sec), f"{sec}.")}
             if key in sets and f"stages.{i}.{key}" not in keys:
-                out.append(f"override {item!r} does not reach stage {i + 1}, which sets {key} itself; "
-                           f"use stages.{i}.{key}=...")
+                out.append(
+                    f"override {item!r} does not reach stage {i + 1}, which sets {key} itself; use stages.{i}.{key}=..."
+                )
     return out
-

@@ -1,20 +1,21 @@
 """The run directory of `swinv2 train --out DIR`, written by rank 0 only:
 
-    .lock                held by the training process (its pid and host inside); a second start refuses.
-                         Its presence marks the folder as a run's: a new --out that holds other files
-                         is refused (they are the user's), and nothing here is written through a link
-    config.yaml          the resolved config, written once the run starts (after a successful resume)
-    metrics.jsonl        one JSON object per epoch (epoch, train_loss, val_loss, val_top1, val_top5, lr,
-                         img_per_s, epoch_time_s, ...); rewritten from the training state on resume
-    steps.jsonl          every train.log_every steps: step, epoch, loss, lr, grad_norm, skipped
-    tensorboard/         TensorBoard events (train loss / LR / grad norm per log_every steps, val per epoch)
-    checkpoints/last.pt  the training state at the latest step boundary
-    checkpoints/best_epochNNNN.pt   the best-k training states by train.best_metric
-    best.safetensors     the best weights, self-describing (config, class names, eval preprocessing)
-    curves.png           loss, accuracy and LR curves
-    reconstructions/     SimMIM pretraining: masked input, reconstruction and original of a few val images per epoch
-    bad_images.jsonl     unreadable images met, one line per file and epoch (only if any)
+.lock                held by the training process (its pid and host inside); a second start refuses.
+                     Its presence marks the folder as a run's: a new --out that holds other files
+                     is refused (they are the user's), and nothing here is written through a link
+config.yaml          the resolved config, written once the run starts (after a successful resume)
+metrics.jsonl        one JSON object per epoch (epoch, train_loss, val_loss, val_top1, val_top5, lr,
+                     img_per_s, epoch_time_s, ...); rewritten from the training state on resume
+steps.jsonl          every train.log_every steps: step, epoch, loss, lr, grad_norm, skipped
+tensorboard/         TensorBoard events (train loss / LR / grad norm per log_every steps, val per epoch)
+checkpoints/last.pt  the training state at the latest step boundary
+checkpoints/best_epochNNNN.pt   the best-k training states by train.best_metric
+best.safetensors     the best weights, self-describing (config, class names, eval preprocessing)
+curves.png           loss, accuracy and LR curves
+reconstructions/     SimMIM pretraining: masked input, reconstruction and original of a few val images per epoch
+bad_images.jsonl     unreadable images met, one line per file and epoch (only if any)
 """
+
 from __future__ import annotations
 
 import errno
@@ -31,13 +32,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InputError, SwinV2Error
-from . import distributed as D
-from ..weights.files import save_weights
-from ..weights.training_state import find_resumable, save_training_state
 from ..config import Config
+from ..errors import InputError, SwinV2Error
 from ..outputs import write_output
 from ..preprocess import EvalPreprocess
+from ..weights.files import save_weights
+from ..weights.training_state import find_resumable, save_training_state
+from . import distributed as D
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -57,8 +58,18 @@ class RunFolderError(InputError):
 
 
 # What a run writes in its directory (the module doc); nothing else there is ever touched.
-RUN_FILES = (".lock", "config.yaml", "metrics.jsonl", "steps.jsonl", "bad_images.jsonl", "best.safetensors",
-             "curves.png", "checkpoints", "tensorboard", "reconstructions")
+RUN_FILES = (
+    ".lock",
+    "config.yaml",
+    "metrics.jsonl",
+    "steps.jsonl",
+    "bad_images.jsonl",
+    "best.safetensors",
+    "curves.png",
+    "checkpoints",
+    "tensorboard",
+    "reconstructions",
+)
 _RUN_FOLDERS = ("checkpoints", "tensorboard", "reconstructions")
 
 
@@ -84,16 +95,19 @@ def claim(out: Path, owned: Sequence[str] = RUN_FILES, folders: Sequence[str] = 
             links += [sub / n for n in sorted(os.listdir(sub)) if (sub / n).is_symlink()]
     if links:
         shown = ", ".join(f"{p.relative_to(out)} -> {os.readlink(p)}" for p in links[:4])
-        raise RunFolderError(f"run directory {out}: {shown}: a symbolic link where the run writes (a run never "
-                             f"writes through links); remove {'it' if len(links) == 1 else 'them'}, or train into "
-                             f"another --out")
+        raise RunFolderError(
+            f"run directory {out}: {shown}: a symbolic link where the run writes (a run never "
+            f"writes through links); remove {'it' if len(links) == 1 else 'them'}, or train into "
+            f"another --out"
+        )
     if ".lock" in entries:  # a run folder: what a run wrote there is its own, the rest is never touched
         return
     foreign = [n for n in entries if not (n in folders and (out / n).is_dir())]  # e.g. checkpoints/ copied over
     if foreign:
         shown = ", ".join(foreign[:6]) + (f", ... ({len(foreign) - 6} more)" if len(foreign) > 6 else "")
-        raise RunFolderError(f"--out {out} holds files no run wrote ({shown}); train into a new or empty folder "
-                             f"(nothing was changed)")
+        raise RunFolderError(
+            f"--out {out} holds files no run wrote ({shown}); train into a new or empty folder (nothing was changed)"
+        )
 
 
 # Descriptors of the run locks this process holds. A forked child (a DataLoader worker) gets a copy of
@@ -146,8 +160,10 @@ def _holder(text: str) -> str:
     that is no longer alive is said to be dead."""
     m = re.match(r"process (\d+) on (\S+)", text)
     if m and m.group(2) == socket.gethostname() and not _alive(int(m.group(1))):
-        return (f"process {m.group(1)}, which has ended (a process it started still holds the lock; it should "
-                f"end within seconds)")
+        return (
+            f"process {m.group(1)}, which has ended (a process it started still holds the lock; it should "
+            f"end within seconds)"
+        )
     return text or "another process"
 
 
@@ -158,16 +174,18 @@ def _lock(out: Path) -> RunLock:
         fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
     except OSError as e:
         if e.errno == errno.ELOOP:
-            raise RunFolderError(f"run directory {out}: .lock is a symbolic link; a run never writes through "
-                                 f"links: remove it") from None
+            raise RunFolderError(
+                f"run directory {out}: .lock is a symbolic link; a run never writes through links: remove it"
+            ) from None
         raise
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
         os.close(fd)
-        raise RunLockedError(f"run directory {out} is in use by {_holder(holder)}; wait for it to end, or train "
-                             f"into another --out") from None
+        raise RunLockedError(
+            f"run directory {out} is in use by {_holder(holder)}; wait for it to end, or train into another --out"
+        ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} (swinv2 train)\n".encode(), 0)
     return RunLock(fd)
@@ -230,8 +248,14 @@ class RunDir:
         for p in self.checkpoint_dir.iterdir():
             if keep is None or not (p.exists() and keep.exists() and p.samefile(keep)):
                 p.unlink()
-        for name in ("config.yaml", "metrics.jsonl", "steps.jsonl", "bad_images.jsonl", "best.safetensors",
-                     "curves.png"):
+        for name in (
+            "config.yaml",
+            "metrics.jsonl",
+            "steps.jsonl",
+            "bad_images.jsonl",
+            "best.safetensors",
+            "curves.png",
+        ):
             (self.out / name).unlink(missing_ok=True)
         for name in ("tensorboard", "reconstructions"):
             shutil.rmtree(self.out / name, ignore_errors=True)
@@ -276,8 +300,17 @@ class RunDir:
             save_training_state(path, state)
         return path
 
-    def write_best(self, entry: dict[str, Any], state: dict[str, Any], model: SwinTransformerV2, classes: list[str],
-                   preprocess: EvalPreprocess, model_name: str, *, top: bool) -> None:
+    def write_best(
+        self,
+        entry: dict[str, Any],
+        state: dict[str, Any],
+        model: SwinTransformerV2,
+        classes: list[str],
+        preprocess: EvalPreprocess,
+        model_name: str,
+        *,
+        top: bool,
+    ) -> None:
         """The new best-k member's training state, and best.safetensors when it ranks first. Written
         before last.pt: a kill in between leaves the best file as the newest complete checkpoint."""
         if self.is_main:
@@ -285,12 +318,14 @@ class RunDir:
         if top:
             self.write_weights(model, classes, preprocess, model_name)
 
-    def write_weights(self, model: SwinTransformerV2, classes: list[str], preprocess: EvalPreprocess,
-                      model_name: str) -> None:
+    def write_weights(
+        self, model: SwinTransformerV2, classes: list[str], preprocess: EvalPreprocess, model_name: str
+    ) -> None:
         """best.safetensors (rank 0): the best weights, or the latest for a run without validation data."""
         if self.is_main:
-            save_weights(model, self.out / "best.safetensors", class_names=classes, preprocess=preprocess,
-                         model_name=model_name)
+            save_weights(
+                model, self.out / "best.safetensors", class_names=classes, preprocess=preprocess, model_name=model_name
+            )
 
     def prune_best(self, best: list[dict[str, Any]]) -> None:
         """Remove best-k files that fell out of the list (or were left by a kill before pruning)."""
@@ -312,8 +347,16 @@ class RunDir:
             return _LogProgress(total, initial, desc, self.cfg.train.log_every)
         from tqdm import tqdm
 
-        return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr,
-                    disable=not (self.is_main and self.cfg.train.progress), unit="step")
+        return tqdm(
+            total=total,
+            initial=initial,
+            desc=desc,
+            leave=False,
+            dynamic_ncols=True,
+            file=sys.stderr,
+            disable=not (self.is_main and self.cfg.train.progress),
+            unit="step",
+        )
 
     def _writer(self) -> SummaryWriter | None:
         if self._tb is None and self.is_main and self.cfg.train.tensorboard:
@@ -354,11 +397,20 @@ class RunDir:
             merged.update(part)
         if merged and self.is_main:
             lines = "".join(f"\n  {p}: {r}" for p, r in sorted(merged.items()))
-            log.warning("epoch %d: %d unreadable %s images skipped (never replaced by another sample):%s",
-                        epoch + 1, len(merged), split, lines)
-            append_line(self.out / "bad_images.jsonl", "".join(
-                json.dumps({"epoch": epoch + 1, "split": split, "path": p, "error": r}) + "\n"
-                for p, r in sorted(merged.items())))
+            log.warning(
+                "epoch %d: %d unreadable %s images skipped (never replaced by another sample):%s",
+                epoch + 1,
+                len(merged),
+                split,
+                lines,
+            )
+            append_line(
+                self.out / "bad_images.jsonl",
+                "".join(
+                    json.dumps({"epoch": epoch + 1, "split": split, "path": p, "error": r}) + "\n"
+                    for p, r in sorted(merged.items())
+                ),
+            )
         return len(merged)
 
     def epoch_done(self, history: list[dict[str, Any]]) -> None:
@@ -367,8 +419,10 @@ class RunDir:
             return
         row = history[-1]
         append_line(self.out / "metrics.jsonl", json.dumps(row) + "\n")
-        self.scalars(row["step"], {f"epoch/{k}": v for k, v in row.items()
-                                   if isinstance(v, (int, float)) and k not in ("epoch", "step")})
+        self.scalars(
+            row["step"],
+            {f"epoch/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k not in ("epoch", "step")},
+        )
         if self._tb is not None:
             self._tb.flush()
         from ..plots import plot_training_curves
@@ -381,17 +435,33 @@ class RunDir:
         val = ""
         if "val_top1" in row:
             val = f"  val loss {row['val_loss']:.4f} top-1 {row['val_top1']:.2f}%" + (  # top-5 of <= 5 classes: 100%
-                f" top-5 {row['val_top5']:.2f}%" if (self.cfg.model.num_classes or 6) > 5 else "")
+                f" top-5 {row['val_top5']:.2f}%" if (self.cfg.model.num_classes or 6) > 5 else ""
+            )
             if "val_ema_top1" in row:
                 val += f" (EMA top-1 {row['val_ema_top1']:.2f}%)"
         elif "val_loss" in row:  # pretraining: a loss, no accuracy
-            val = f"  val loss {row['val_loss']:.4f}" + (f" (EMA {row['val_ema_loss']:.4f})" if "val_ema_loss" in row else "")
-        log.info("epoch %d/%d  train loss %.4f%s  lr %.2e  %.0f img/s  %.1fs  ETA %s", row["epoch"], epochs,
-                 row["train_loss"], val, row["lr"], row["img_per_s"], row["epoch_time_s"], _hms(eta))
+            val = f"  val loss {row['val_loss']:.4f}" + (
+                f" (EMA {row['val_ema_loss']:.4f})" if "val_ema_loss" in row else ""
+            )
+        log.info(
+            "epoch %d/%d  train loss %.4f%s  lr %.2e  %.0f img/s  %.1fs  ETA %s",
+            row["epoch"],
+            epochs,
+            row["train_loss"],
+            val,
+            row["lr"],
+            row["img_per_s"],
+            row["epoch_time_s"],
+            _hms(eta),
+        )
 
     def summary(self, history: list[dict[str, Any]], best: list[dict[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {"run_dir": str(self.out), "checkpoint": str(self.checkpoint_dir / "last.pt"),
-                               "curves": str(self.out / "curves.png"), "metrics": str(self.out / "metrics.jsonl")}
+        out: dict[str, Any] = {
+            "run_dir": str(self.out),
+            "checkpoint": str(self.checkpoint_dir / "last.pt"),
+            "curves": str(self.out / "curves.png"),
+            "metrics": str(self.out / "metrics.jsonl"),
+        }
         if (self.out / "best.safetensors").exists():
             out["weights"] = str(self.out / "best.safetensors")
         out["num_classes"] = self.cfg.model.num_classes
@@ -420,8 +490,15 @@ class _LogProgress:
             return
         rate = (self.n - self._n0) / max(time.perf_counter() - self._t0, 1e-9)
         values = "".join(f"  {k} {v}" for k, v in self.postfix.items())
-        log.info("%s  step %d/%d%s  %.2f step/s  ETA %s", self.desc, self.n, self.total, values, rate,
-                 _hms((self.total - self.n) / max(rate, 1e-9)))
+        log.info(
+            "%s  step %d/%d%s  %.2f step/s  ETA %s",
+            self.desc,
+            self.n,
+            self.total,
+            values,
+            rate,
+            _hms((self.total - self.n) / max(rate, 1e-9)),
+        )
 
     def close(self) -> None:
         pass

@@ -12,16 +12,18 @@
   `t_in_epochs=False`, as the official code builds it, plus the cool-down).
 * `build`: all of the above from the config's `optim` and `schedule` sections, in one call.
 """
+
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Protocol, Sequence, cast
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError
 from ..config import OptimConfig, ScheduleConfig
+from ..errors import ConfigError
 
 if TYPE_CHECKING:
     from ..model import SwinV2Config
@@ -69,8 +71,11 @@ def swin_layer_id(name: str, depths: Sequence[int]) -> int:
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict[str, Any]]:
     """[decay group, no-decay group] of the trainable parameters, each with `param_names`; with
     `layer_decay`, one (decay, no-decay) pair per layer id, top layer first, each with `lr_scale`."""
-    keywords = set(cast(_DecayKeywords, model).no_weight_decay_keywords()) \
-        if hasattr(model, "no_weight_decay_keywords") else set()
+    keywords = (
+        set(cast(_DecayKeywords, model).no_weight_decay_keywords())
+        if hasattr(model, "no_weight_decay_keywords")
+        else set()
+    )
     if layer_decay is not None:
         config = cast(_Configured, model).config
         depths, top = config.depths, sum(config.depths) + 1
@@ -78,8 +83,15 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
         for name, p in model.named_parameters():
             if p.requires_grad:
                 lid, exempt = swin_layer_id(name, depths), no_decay(name, p, keywords)
-                by_layer.setdefault((lid, exempt), {"params": [], "weight_decay": 0.0 if exempt else weight_decay,
-                                                    "lr_scale": layer_decay ** (top - lid), "layer_id": lid})
+                by_layer.setdefault(
+                    (lid, exempt),
+                    {
+                        "params": [],
+                        "weight_decay": 0.0 if exempt else weight_decay,
+                        "lr_scale": layer_decay ** (top - lid),
+                        "layer_id": lid,
+                    },
+                )
                 by_layer[(lid, exempt)]["params"].append((name, p))
         return [by_layer[k] for k in sorted(by_layer, key=lambda k: (-k[0], k[1]))]
     decay: list[tuple[str, nn.Parameter]] = []
@@ -88,18 +100,33 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
         if not p.requires_grad:
             continue
         (skip if no_decay(name, p, keywords) else decay).append((name, p))
-    groups: list[dict[str, Any]] = [{"params": decay, "weight_decay": weight_decay},
-                                    {"params": skip, "weight_decay": 0.0}]
+    groups: list[dict[str, Any]] = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": skip, "weight_decay": 0.0},
+    ]
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),
-                    eps: float = 1e-8, layer_decay: float | None = None) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    layer_decay: float | None = None,
+) -> torch.optim.AdamW:
     groups = param_groups(model, weight_decay, layer_decay)
     if not groups:
         raise ConfigError("no trainable parameters: every parameter is frozen (check model.freeze)")
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                             fused=_fusable([p for g in groups for _, p in g["params"]]) or None)
+    return torch.optim.AdamW(
+        groups,
+        lr=lr,
+        betas=betas,
+        eps=eps,
+        weight_decay=weight_decay,
+        fused=_fusable([p for g in groups for _, p in g["params"]]) or None,
+    )
 
 
 def _fusable(params: list[nn.Parameter]) -> bool:
@@ -108,12 +135,14 @@ def _fusable(params: list[nn.Parameter]) -> bool:
     (within float rounding) and measured 3.2-4.4x faster per step on the CPU for SwinV2-T (26-36
     against 113-116 ms, `swinv2 bench --optimizer-step`). FSDP's sharded parameters (DTensor) keep the
     default implementation."""
-    return all(type(p.data) is torch.Tensor and p.is_floating_point() and p.device.type in ("cpu", "cuda")
-               for p in params)
+    return all(
+        type(p.data) is torch.Tensor and p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params
+    )
 
 
-def scaled_lrs(lr: float, warmup_lr: float, min_lr: float, *, total_batch: int, base_batch: int,
-               scaling: str) -> tuple[float, float, float]:
+def scaled_lrs(
+    lr: float, warmup_lr: float, min_lr: float, *, total_batch: int, base_batch: int, scaling: str
+) -> tuple[float, float, float]:
     """(lr, warmup_lr, min_lr) x total_batch / base_batch under the linear rule, unchanged otherwise."""
     if scaling == "none":
         return lr, warmup_lr, min_lr
@@ -132,8 +161,18 @@ class WarmupCosineLR:
     one-epoch smoke test of a long recipe) stays in warm-up: warm-up comes first.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, *, lr: float, warmup_lr: float, min_lr: float,
-                 warmup_steps: int, total_steps: int, cooldown_steps: int = 0, cooldown_lr: float | None = None) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        lr: float,
+        warmup_lr: float,
+        min_lr: float,
+        warmup_steps: int,
+        total_steps: int,
+        cooldown_steps: int = 0,
+        cooldown_lr: float | None = None,
+    ) -> None:
         self.optimizer = optimizer
         self.lr, self.warmup_lr, self.min_lr = lr, warmup_lr, min_lr
         self.cooldown_lr = min_lr if cooldown_lr is None else cooldown_lr
@@ -164,9 +203,16 @@ class WarmupCosineLR:
         self._apply()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step_count, "lr": self.lr, "warmup_lr": self.warmup_lr, "min_lr": self.min_lr,
-                "cooldown_lr": self.cooldown_lr, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps,
-                "cooldown_steps": self.cooldown_steps}
+        return {
+            "step": self.step_count,
+            "lr": self.lr,
+            "warmup_lr": self.warmup_lr,
+            "min_lr": self.min_lr,
+            "cooldown_lr": self.cooldown_lr,
+            "warmup_steps": self.warmup_steps,
+            "total_steps": self.total_steps,
+            "cooldown_steps": self.cooldown_steps,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the position. The shape of the schedule comes from the current config (so a
@@ -175,19 +221,39 @@ class WarmupCosineLR:
         self._apply()
 
 
-def build(model: nn.Module, optim: OptimConfig, schedule: ScheduleConfig, *, total_batch: int,
-          steps_per_epoch: int, epochs: int) -> tuple[torch.optim.AdamW, WarmupCosineLR]:
+def build(
+    model: nn.Module,
+    optim: OptimConfig,
+    schedule: ScheduleConfig,
+    *,
+    total_batch: int,
+    steps_per_epoch: int,
+    epochs: int,
+) -> tuple[torch.optim.AdamW, WarmupCosineLR]:
     """The optimiser over `model`'s trainable parameters and its per-step schedule: the LRs scaled to
     `total_batch` images per step (`scaled_lrs`), warm-up and cool-down converted from epochs to steps."""
     o, s = optim, schedule
-    lr, warmup_lr, min_lr = scaled_lrs(o.lr, s.warmup_lr, s.min_lr, total_batch=total_batch,
-                                       base_batch=o.lr_base_batch, scaling=o.lr_scaling)
-    optimizer = build_optimizer(model, lr=lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps,
-                                layer_decay=o.layer_decay)
-    cooldown_lr = None if s.cooldown_lr is None else scaled_lrs(
-        s.cooldown_lr, 0, 0, total_batch=total_batch, base_batch=o.lr_base_batch, scaling=o.lr_scaling)[0]
+    lr, warmup_lr, min_lr = scaled_lrs(
+        o.lr, s.warmup_lr, s.min_lr, total_batch=total_batch, base_batch=o.lr_base_batch, scaling=o.lr_scaling
+    )
+    optimizer = build_optimizer(
+        model, lr=lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps, layer_decay=o.layer_decay
+    )
+    cooldown_lr = (
+        None
+        if s.cooldown_lr is None
+        else scaled_lrs(s.cooldown_lr, 0, 0, total_batch=total_batch, base_batch=o.lr_base_batch, scaling=o.lr_scaling)[
+            0
+        ]
+    )
     scheduler = WarmupCosineLR(
-        optimizer, lr=lr, warmup_lr=warmup_lr, min_lr=min_lr, warmup_steps=round(s.warmup_epochs * steps_per_epoch),
-        total_steps=epochs * steps_per_epoch, cooldown_steps=round(s.cooldown_epochs * steps_per_epoch),
-        cooldown_lr=cooldown_lr)
+        optimizer,
+        lr=lr,
+        warmup_lr=warmup_lr,
+        min_lr=min_lr,
+        warmup_steps=round(s.warmup_epochs * steps_per_epoch),
+        total_steps=epochs * steps_per_epoch,
+        cooldown_steps=round(s.cooldown_epochs * steps_per_epoch),
+        cooldown_lr=cooldown_lr,
+    )
     return optimizer, scheduler

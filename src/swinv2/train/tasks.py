@@ -9,6 +9,7 @@ encoder alone), the picture drawn after each evaluation and the description of t
 A task is made from the config before the model exists (the data and the model's head depend on it) and
 bound to the model's architecture, the process group and the autocast dtype by `bind` once they exist.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,13 +24,27 @@ from torch import nn
 from ..config import Config
 from ..errors import ConfigError
 from ..images import eval_pipeline
-from ..model.simmim import (MaskGenerator, SimMIM, check_geometry, encoder_stride, encoder_weights,
-                            reconstruction_images, reconstruction_loss)
+from ..model.simmim import (
+    MaskGenerator,
+    SimMIM,
+    check_geometry,
+    encoder_stride,
+    encoder_weights,
+    reconstruction_images,
+    reconstruction_loss,
+)
 from ..model.transformer import SwinTransformerV2, SwinV2Config
 from ..preprocess import EvalPreprocess
 from . import distributed as D
-from .datasets import (ImageFilesDataset, ImageFolderDataset, SeededSamples, build_mixup, pretrain_transform,
-                       sample_seed, train_transform)
+from .datasets import (
+    ImageFilesDataset,
+    ImageFolderDataset,
+    SeededSamples,
+    build_mixup,
+    pretrain_transform,
+    sample_seed,
+    train_transform,
+)
 from .evaluate import evaluate
 
 log = logging.getLogger(__name__)
@@ -107,8 +122,9 @@ class Task(ABC):
         return x, y
 
     @abstractmethod
-    def loss(self, forward: Forward, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, empty: bool,
-             epoch: int) -> torch.Tensor:
+    def loss(
+        self, forward: Forward, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, empty: bool, epoch: int
+    ) -> torch.Tensor:
         """A micro-batch's loss through `forward` (the wrapped model). An `empty` micro-batch (every file
         unreadable; `x` one zero image) gives a zero that still reaches every parameter, so the gradient
         all-reduce of DDP goes ahead."""
@@ -126,8 +142,14 @@ class Task(ABC):
         """`weights_model`'s tensors out of a state dict of the trained module."""
         return state
 
-    def picture(self, model: nn.Module, val_ds: ImageFolderDataset, preprocess: EvalPreprocess,
-                row: dict[str, Any], out_dir: Path) -> Path | None:
+    def picture(
+        self,
+        model: nn.Module,
+        val_ds: ImageFolderDataset,
+        preprocess: EvalPreprocess,
+        row: dict[str, Any],
+        out_dir: Path,
+    ) -> Path | None:
         """The figure drawn after an evaluation (on rank 0) under `out_dir`, or None: none by default."""
         return None
 
@@ -161,17 +183,35 @@ class Classification(Task):
 
     def train_transform(self, img_size: int) -> Callable:
         d, a = self.cfg.data, self.cfg.data.aug
-        return train_transform(img_size, scale=a.scale, ratio=a.ratio, hflip=a.hflip, color_jitter=a.color_jitter,
-                               auto_augment=a.auto_augment, interpolation=a.interpolation, re_prob=a.re_prob,
-                               re_mode=a.re_mode, re_count=a.re_count, mean=d.mean, std=d.std)
+        return train_transform(
+            img_size,
+            scale=a.scale,
+            ratio=a.ratio,
+            hflip=a.hflip,
+            color_jitter=a.color_jitter,
+            auto_augment=a.auto_augment,
+            interpolation=a.interpolation,
+            re_prob=a.re_prob,
+            re_mode=a.re_mode,
+            re_count=a.re_count,
+            mean=d.mean,
+            std=d.std,
+        )
 
     def bind(self, arch: SwinV2Config, num_classes: int, env: D.DistEnv, amp_dtype: torch.dtype | None) -> None:
         """Mixup/CutMix (None when off) and the loss for them."""
         super().bind(arch, num_classes, env, amp_dtype)
         a = self.cfg.data.aug
-        self.mixup = build_mixup(num_classes, mixup=a.mixup, cutmix=a.cutmix, cutmix_minmax=a.cutmix_minmax,
-                                 prob=a.mixup_prob, switch_prob=a.switch_prob, mode=a.mixup_mode,
-                                 label_smoothing=a.label_smoothing)
+        self.mixup = build_mixup(
+            num_classes,
+            mixup=a.mixup,
+            cutmix=a.cutmix,
+            cutmix_minmax=a.cutmix_minmax,
+            prob=a.mixup_prob,
+            switch_prob=a.switch_prob,
+            mode=a.mixup_mode,
+            label_smoothing=a.label_smoothing,
+        )
         self.criterion = build_criterion(self.cfg, self.mixup is not None)
 
     def even_out(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,8 +223,9 @@ class Classification(Task):
     def mix(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.mixup(x, y) if self.mixup is not None else (x, y)
 
-    def loss(self, forward: Forward, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, empty: bool,
-             epoch: int) -> torch.Tensor:
+    def loss(
+        self, forward: Forward, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, empty: bool, epoch: int
+    ) -> torch.Tensor:
         """The criterion on the logits."""
         out = forward(x)
         return out.sum() * 0.0 if empty else self.criterion(out, y)
@@ -192,8 +233,12 @@ class Classification(Task):
     def validate(self, model: nn.Module, batches: Iterable, prefix: str) -> dict[str, float]:
         """Cross-entropy, top-1 and top-5 (`evaluate.evaluate`)."""
         m = evaluate(model, batches, device=self.env.device, amp_dtype=self.amp_dtype)
-        return {f"{prefix}_loss": m["loss"], f"{prefix}_top1": m["top1"], f"{prefix}_top5": m["top5"],
-                f"{prefix}_n": m["n"]}
+        return {
+            f"{prefix}_loss": m["loss"],
+            f"{prefix}_top1": m["top1"],
+            f"{prefix}_top5": m["top5"],
+            f"{prefix}_n": m["n"],
+        }
 
     def describe(self, classes: list[str]) -> str:
         return f"{len(classes)} classes"
@@ -224,8 +269,12 @@ class SimMIMPretraining(Task):
         validation set unless `data.val_root` names one)."""
         d = self.cfg.data
         if not (root / d.train_dir).is_dir() and root.is_dir():
-            log.info("%s has no %s/ folder: pretraining on every image under it%s", root, d.train_dir,
-                     "" if d.val_root else " (no validation set; data.val_root may name one)")
+            log.info(
+                "%s has no %s/ folder: pretraining on every image under it%s",
+                root,
+                d.train_dir,
+                "" if d.val_root else " (no validation set; data.val_root may name one)",
+            )
             return root, Path(d.val_root) if d.val_root else None
         return super().data_roots(root)
 
@@ -253,16 +302,18 @@ class SimMIMPretraining(Task):
 
     def train_transform(self, img_size: int) -> Callable:
         d, a = self.cfg.data, self.cfg.data.aug
-        return pretrain_transform(img_size, scale=a.scale, ratio=a.ratio, hflip=a.hflip,
-                                  interpolation=a.interpolation, mean=d.mean, std=d.std)
+        return pretrain_transform(
+            img_size, scale=a.scale, ratio=a.ratio, hflip=a.hflip, interpolation=a.interpolation, mean=d.mean, std=d.std
+        )
 
     def bind(self, arch: SwinV2Config, num_classes: int, env: D.DistEnv, amp_dtype: torch.dtype | None) -> None:
         """The masks for the model's image size, the geometry checked."""
         super().bind(arch, num_classes, env, amp_dtype)
         s = self.cfg.simmim
         self.check_model(arch)
-        self.masks = MaskGenerator(arch.img_size, s.mask_patch_size or encoder_stride(arch), arch.patch_size,
-                                   s.mask_ratio)
+        self.masks = MaskGenerator(
+            arch.img_size, s.mask_patch_size or encoder_stride(arch), arch.patch_size, s.mask_ratio
+        )
 
     def train_masks(self, indices: torch.Tensor, epoch: int) -> torch.Tensor:
         """The masks of training images `indices` in `epoch`: a function of (seed, epoch, index)."""
@@ -272,8 +323,9 @@ class SimMIMPretraining(Task):
         """The masks of validation images `indices`: the same in every epoch and every run."""
         return self.masks([sample_seed(VAL_MASKS, int(i)) for i in indices])
 
-    def loss(self, forward: Forward, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, empty: bool,
-             epoch: int) -> torch.Tensor:
+    def loss(
+        self, forward: Forward, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, empty: bool, epoch: int
+    ) -> torch.Tensor:
         """The masked-pixel loss, which the SimMIM model returns."""
         masks = self.masks([0]) if empty else self.train_masks(indices, epoch)
         loss = forward(x, masks.to(x.device))
@@ -295,8 +347,14 @@ class SimMIMPretraining(Task):
     def weights_of(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return encoder_weights(state)
 
-    def picture(self, model: nn.Module, val_ds: ImageFolderDataset, preprocess: EvalPreprocess,
-                row: dict[str, Any], out_dir: Path) -> Path | None:
+    def picture(
+        self,
+        model: nn.Module,
+        val_ds: ImageFolderDataset,
+        preprocess: EvalPreprocess,
+        row: dict[str, Any],
+        out_dir: Path,
+    ) -> Path | None:
         """reconstructions/epochNNNN.png: masked input, reconstruction and original of `simmim.reconstructions`
         fixed val images (evenly spaced through the set), masked as in validation."""
         k = self.cfg.simmim.reconstructions
@@ -318,8 +376,11 @@ class SimMIMPretraining(Task):
         path = out_dir / "reconstructions" / f"epoch{epoch:04d}.png"
         path.parent.mkdir(exist_ok=True)
         loss = f", val loss {row['val_loss']:.4f}" if row.get("val_loss") is not None else ""
-        return plot_reconstructions(pictures, path, title=f"SimMIM epoch {epoch}{loss}: {self.masks.count} of "
-                                    f"{self.masks.squares} squares masked")
+        return plot_reconstructions(
+            pictures,
+            path,
+            title=f"SimMIM epoch {epoch}{loss}: {self.masks.count} of {self.masks.squares} squares masked",
+        )
 
     def describe(self, classes: list[str]) -> str:
         return f"SimMIM pretraining without labels: {self.masks.count} of {self.masks.squares} squares masked"

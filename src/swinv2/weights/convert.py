@@ -27,6 +27,7 @@ normalised by its own window). At 256 px with window 8 every stage coincides; ``
 at their native 256 px / window 8 therefore convert exactly. Its patch embedding also drops pixels
 of a size not divisible by 4 where ours pads.
 """
+
 from __future__ import annotations
 
 import logging
@@ -56,7 +57,7 @@ class Template:
         self.fields: list[tuple[int, str, int] | None] = []  # (a, var, b) for a*var+b; None for {*}
         parts, pos = [], 0
         for m in self._FIELD.finditer(text):
-            parts.append(re.escape(text[pos:m.start()]))
+            parts.append(re.escape(text[pos : m.start()]))
             if m.group(4):
                 parts.append("(.+)")
                 self.fields.append(None)
@@ -132,7 +133,7 @@ def unwrap(sd: Mapping[str, Any]) -> dict[str, Tensor]:
         sd = inner
     out = {k: v for k, v in sd.items() if isinstance(v, Tensor)}
     if out and all(k.startswith("module.") for k in out):
-        out = {k[len("module."):]: v for k, v in out.items()}
+        out = {k[len("module.") :]: v for k, v in out.items()}
     return out
 
 
@@ -147,8 +148,10 @@ def detect_format(sd: Mapping[str, Tensor]) -> str:
     for fmt in reversed(FORMATS):
         if fmt.detect is not None and fmt.detect(keys):
             return fmt.name
-    raise InputError(f"cannot tell the format of this state dict (first keys: {', '.join(keys[:4]) or 'none'}); "
-                     f"pass src= one of {', '.join(READABLE)}")
+    raise InputError(
+        f"cannot tell the format of this state dict (first keys: {', '.join(keys[:4]) or 'none'}); "
+        f"pass src= one of {', '.join(READABLE)}"
+    )
 
 
 def _rename(sd: dict[str, Tensor], fmt: str, to_native: bool) -> tuple[dict[str, Tensor], list[str]]:
@@ -239,8 +242,10 @@ def _merge_qkv(sd: dict[str, Tensor], conv: Conversion, fmt: WeightFormat, confi
         _check(all(t is not None for t in parts), f"{p}attn: query, key and value weights must all be present")
         qkv = cast("list[Tensor]", parts)  # all present: _check raised otherwise
         square = qkv[0].ndim == 2 and qkv[0].shape[0] == qkv[0].shape[1]
-        _check(len({tuple(t.shape) for t in qkv}) == 1 and square,
-               f"{p}attn: query/key/value weights must be square and equal, got {[tuple(t.shape) for t in qkv]}")
+        _check(
+            len({tuple(t.shape) for t in qkv}) == 1 and square,
+            f"{p}attn: query/key/value weights must be square and equal, got {[tuple(t.shape) for t in qkv]}",
+        )
         sd[p + "attn.qkv.weight"] = torch.cat(qkv, dim=0)
     return sd
 
@@ -251,8 +256,9 @@ def _split_qkv(sd: dict[str, Tensor], conv: Conversion, fmt: WeightFormat, confi
         w = sd.pop(p + "attn.qkv.weight", None)
         if w is None:
             continue
-        _check(w.ndim == 2 and w.shape[0] == 3 * w.shape[1],
-               f"{p}attn.qkv.weight: expected (3C, C), got {tuple(w.shape)}")
+        _check(
+            w.ndim == 2 and w.shape[0] == 3 * w.shape[1], f"{p}attn.qkv.weight: expected (3C, C), got {tuple(w.shape)}"
+        )
         for name, part in zip("qkv", w.chunk(3, dim=0)):
             sd[f"{p}attn.{name}.weight"] = part.clone()
     return sd
@@ -269,8 +275,10 @@ def _merge_tv_bias(sd: dict[str, Tensor], conv: Conversion, fmt: WeightFormat, c
         q, v = sd.pop(p + "attn.q_bias", None), sd.pop(p + "attn.v_bias", None)
         if q is None and v is None:
             continue
-        _check(q is not None and v is not None and q.shape == v.shape and q.ndim == 1,
-               f"{p}attn: q_bias and v_bias must both be present, (C,) each")
+        _check(
+            q is not None and v is not None and q.shape == v.shape and q.ndim == 1,
+            f"{p}attn: q_bias and v_bias must both be present, (C,) each",
+        )
         assert q is not None and v is not None  # _check raised otherwise
         sd[p + "attn.qkv_bias"] = torch.cat((q, torch.zeros_like(q), v))
     return sd
@@ -280,11 +288,18 @@ def _tv_buffers(sd: dict[str, Tensor], conv: Conversion, fmt: WeightFormat, conf
     """torchvision's persistent derived buffers, for the one window its SwinTransformer has."""
     _check(config is not None, "writing torchvision weights needs the model config (for its window size)")
     windows = set(config.stage_window_sizes)
-    _check(len(windows) == 1, f"torchvision's SwinTransformer has one window for all stages (window_size=[h, w]); "
-           f"this model's differ per stage: {config.window_size}")
+    _check(
+        len(windows) == 1,
+        f"torchvision's SwinTransformer has one window for all stages (window_size=[h, w]); "
+        f"this model's differ per stage: {config.window_size}",
+    )
     if any(pair(p) != (0, 0) for p in config.pretrained_window_sizes):
-        log.warning("torchvision has no pretrained_window_size: its CPB table is normalised by the window "
-                    "(%s), not by %s, so its outputs will differ", config.window_size, config.pretrained_window_sizes)
+        log.warning(
+            "torchvision has no pretrained_window_size: its CPB table is normalised by the window "
+            "(%s), not by %s, so its outputs will differ",
+            config.window_size,
+            config.pretrained_window_sizes,
+        )
     table, index = tv_derived_buffers(windows.pop())
     for p in _blocks(sd):
         sd[p + "attn.relative_coords_table"] = table.clone()
@@ -296,11 +311,16 @@ def _fixed_architecture(sd: dict[str, Tensor], conv: Conversion, fmt: WeightForm
     """timm's SwinTransformerV2, transformers and torchvision have no SwinV2-H/G extra main-branch norm
     and hard-code a CPB MLP of width CPB_HIDDEN."""
     extra = [k for k in sd if ".norm3." in k]
-    _check(not extra, f"{fmt.name} has no SwinV2-H/G extra norms (extra_norm_every_n_blocks); these weights have "
-           f"{len(extra)} such tensors ({extra[0] if extra else ''}): write native / official instead")
+    _check(
+        not extra,
+        f"{fmt.name} has no SwinV2-H/G extra norms (extra_norm_every_n_blocks); these weights have "
+        f"{len(extra)} such tensors ({extra[0] if extra else ''}): write native / official instead",
+    )
     cpb = [v for k, v in sd.items() if k.endswith("attn.cpb_mlp.0.weight")]
-    _check(all(t.shape[0] == CPB_HIDDEN for t in cpb), f"{fmt.name} hard-codes a CPB MLP of width {CPB_HIDDEN}; "
-           f"these weights have {cpb[0].shape[0] if cpb else '?'}")
+    _check(
+        all(t.shape[0] == CPB_HIDDEN for t in cpb),
+        f"{fmt.name} hard-codes a CPB MLP of width {CPB_HIDDEN}; these weights have {cpb[0].shape[0] if cpb else '?'}",
+    )
     return sd
 
 
@@ -359,8 +379,10 @@ def _mmpretrain_parts(sd: dict[str, Tensor], conv: Conversion, fmt: WeightFormat
             if int(m.group(1)) == last:
                 out[f"backbone.norm.{m.group(2)}"] = value
             else:
-                conv.dropped[key] = f"output norm of stage {m.group(1)} (a detection / segmentation backbone's; " \
-                                    f"a classifier normalises the last stage only)"
+                conv.dropped[key] = (
+                    f"output norm of stage {m.group(1)} (a detection / segmentation backbone's; "
+                    f"a classifier normalises the last stage only)"
+                )
         elif key.startswith(("backbone.", "head.")):
             out[key] = value
         else:
@@ -379,17 +401,25 @@ def _unfold_reduction(sd: dict[str, Tensor], conv: Conversion, fmt: WeightFormat
 
 # The steps a record may name ("rename", its key table, is applied by `_run` itself).
 STEPS: dict[str, Step] = {
-    "hf_prefix": _hf_prefix, "merge_qkv": _merge_qkv, "split_qkv": _split_qkv,
-    "split_tv_bias": _split_tv_bias, "merge_tv_bias": _merge_tv_bias, "tv_buffers": _tv_buffers,
+    "hf_prefix": _hf_prefix,
+    "merge_qkv": _merge_qkv,
+    "split_qkv": _split_qkv,
+    "split_tv_bias": _split_tv_bias,
+    "merge_tv_bias": _merge_tv_bias,
+    "tv_buffers": _tv_buffers,
     "fixed_architecture": _fixed_architecture,
-    "timm_layout": _timm_layout, "drop_v1": _drop_v1, "split_v1_bias": _split_v1_bias,
+    "timm_layout": _timm_layout,
+    "drop_v1": _drop_v1,
+    "split_v1_bias": _split_v1_bias,
     "drop_simmim": _drop_simmim,
-    "mmpretrain_parts": _mmpretrain_parts, "unfold_reduction": _unfold_reduction,
+    "mmpretrain_parts": _mmpretrain_parts,
+    "unfold_reduction": _unfold_reduction,
 }
 
 
-def _run(steps: tuple[str, ...], sd: dict[str, Tensor], conv: Conversion, fmt: WeightFormat, config: Any, *,
-         to_native: bool) -> dict[str, Tensor]:
+def _run(
+    steps: tuple[str, ...], sd: dict[str, Tensor], conv: Conversion, fmt: WeightFormat, config: Any, *, to_native: bool
+) -> dict[str, Tensor]:
     for step in steps:
         if step == "rename":
             sd, unmapped = _rename(sd, fmt.name, to_native)
@@ -421,8 +451,12 @@ def from_native(sd: Mapping[str, Tensor], dst: str, *, config: Any = None) -> Co
     conv = Conversion("native", dst, {})
     conv.state_dict = _run(fmt.write or (), _drop_derived(dict(sd)), conv, fmt, config, to_native=False)
     if conv.unmapped:
-        log.warning("%d key(s) have no %s name and were kept as they are: %s", len(conv.unmapped), dst,
-                    ", ".join(conv.unmapped[:5]))
+        log.warning(
+            "%d key(s) have no %s name and were kept as they are: %s",
+            len(conv.unmapped),
+            dst,
+            ", ".join(conv.unmapped[:5]),
+        )
     return conv
 
 
@@ -437,8 +471,9 @@ def convert(sd: Mapping[str, Any], src: str = "auto", dst: str = "native", *, co
     return out
 
 
-def convert_state_dict(sd: Mapping[str, Any], src: str = "auto", dst: str = "native", *,
-                       config: Any = None) -> dict[str, Tensor]:
+def convert_state_dict(
+    sd: Mapping[str, Any], src: str = "auto", dst: str = "native", *, config: Any = None
+) -> dict[str, Tensor]:
     """Map a SwinV2 state dict between formats: any readable one of `formats.FORMATS` in, any writable
     one out.
 
@@ -459,5 +494,18 @@ def map_head_rows(weight: Tensor, bias: Tensor | None, index: list[int]) -> tupl
     return weight[idx].clone(), None if bias is None else bias[idx].clone()
 
 
-__all__ = ["Conversion", "DERIVED_KEYS", "STEPS", "Template", "convert", "convert_state_dict", "detect_format",
-           "from_native", "map_head_rows", "to_native", "tv_derived_buffers", "unfold_to_official_reduction", "unwrap"]
+__all__ = [
+    "Conversion",
+    "DERIVED_KEYS",
+    "STEPS",
+    "Template",
+    "convert",
+    "convert_state_dict",
+    "detect_format",
+    "from_native",
+    "map_head_rows",
+    "to_native",
+    "tv_derived_buffers",
+    "unfold_to_official_reduction",
+    "unwrap",
+]

@@ -8,6 +8,7 @@ against the file's own tensor shapes (`check_tensors`, so a lying file is refuse
 its size is allocated), the preprocessing and the class names; and every tensor is finite. `read_weights`
 reads a file once, tensors and description together; `factory` builds the model from it.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,22 +37,47 @@ from .training_state import TRAINING_STATE_FORMAT, check_training_state
 # variant (registry.py: SwinV2-G has embed_dim 512, 4 stages, 42 blocks in a stage, a 4096-wide last
 # stage, CPB MLPs of 512), so no real file meets them; the tensors themselves then decide the rest
 # (`check_tensors`). Image and window sizes and class counts share the recipe schema's bounds (config.py).
-_ARCH_RANGES = {"patch_size": (1, MAX_IMG_SIZE), "in_chans": (1, 64), "num_classes": (0, MAX_CLASSES),
-                "embed_dim": (1, 8192), "cpb_hidden_dim": (1, 8192), "extra_norm_every_n_blocks": (0, 256)}
-_MAX_WIDTH = 65_536      # channels of the last stage, embed_dim * 2 ** (stages - 1)
-_MAX_BLOCKS = 256        # blocks in all stages together
+_ARCH_RANGES = {
+    "patch_size": (1, MAX_IMG_SIZE),
+    "in_chans": (1, 64),
+    "num_classes": (0, MAX_CLASSES),
+    "embed_dim": (1, 8192),
+    "cpb_hidden_dim": (1, 8192),
+    "extra_norm_every_n_blocks": (0, 256),
+}
+_MAX_WIDTH = 65_536  # channels of the last stage, embed_dim * 2 ** (stages - 1)
+_MAX_BLOCKS = 256  # blocks in all stages together
 _MAX_MLP_RATIO = 64.0
 _INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")  # torchvision's
 # The JSON type each field of a described config must have: checked before `SwinV2Config` converts it
 # (it would take "22" for depths (2, 2), or 2.7 for 2).
-_CONFIG_KINDS = {"img_size": "size", "patch_size": "int", "in_chans": "int", "num_classes": "int", "embed_dim": "int",
-                 "depths": "ints", "num_heads": "ints", "window_size": "windows", "pretrained_window_sizes": "windows",
-                 "mlp_ratio": "number", "qkv_bias": "bool", "drop_rate": "number", "attn_drop_rate": "number",
-                 "drop_path_rate": "number", "patch_norm": "bool", "cpb_hidden_dim": "int",
-                 "extra_norm_every_n_blocks": "int"}
-_KIND_TEXT = {"int": "an integer", "number": "a finite number", "bool": "true or false", "size": "an integer or "
-              "[height, width]", "ints": f"a list of at most {MAX_STAGES} integers", "windows": "an integer "
-              "or a list (one per stage) of integers or [height, width] pairs"}
+_CONFIG_KINDS = {
+    "img_size": "size",
+    "patch_size": "int",
+    "in_chans": "int",
+    "num_classes": "int",
+    "embed_dim": "int",
+    "depths": "ints",
+    "num_heads": "ints",
+    "window_size": "windows",
+    "pretrained_window_sizes": "windows",
+    "mlp_ratio": "number",
+    "qkv_bias": "bool",
+    "drop_rate": "number",
+    "attn_drop_rate": "number",
+    "drop_path_rate": "number",
+    "patch_norm": "bool",
+    "cpb_hidden_dim": "int",
+    "extra_norm_every_n_blocks": "int",
+}
+_KIND_TEXT = {
+    "int": "an integer",
+    "number": "a finite number",
+    "bool": "true or false",
+    "size": "an integer or [height, width]",
+    "ints": f"a list of at most {MAX_STAGES} integers",
+    "windows": "an integer or a list (one per stage) of integers or [height, width] pairs",
+}
 
 
 def _is_kind(v: Any, kind: str) -> bool:
@@ -78,8 +104,9 @@ def _config_from(d: Any, source: str, keys: Mapping[str, str] | None = None) -> 
         raise CheckpointError(f"{source}: a JSON {type(d).__name__}, not an object of SwinV2Config fields")
     unknown = sorted(map(str, set(d) - set(_CONFIG_KINDS)))
     if unknown:
-        raise CheckpointError(f"{source}: unknown keys {', '.join(map(shown, unknown[:5]))}; known: "
-                              f"{', '.join(_CONFIG_KINDS)}")
+        raise CheckpointError(
+            f"{source}: unknown keys {', '.join(map(shown, unknown[:5]))}; known: {', '.join(_CONFIG_KINDS)}"
+        )
     for field_name, value in d.items():
         if not _is_kind(value, _CONFIG_KINDS[field_name]):
             key = (keys or {}).get(field_name, field_name)
@@ -106,12 +133,15 @@ def _flat_ints(v: Any) -> list[int]:
 
 
 def _out_of_range(source: str, keys: Mapping[str, str] | None, name: str, value: Any, allowed: str) -> None:
-    raise CheckpointError(f"{source}: {(keys or {}).get(name, name)}: {shown(value)} is out of range ({allowed}); "
-                          f"refused before building anything from it")
+    raise CheckpointError(
+        f"{source}: {(keys or {}).get(name, name)}: {shown(value)} is out of range ({allowed}); "
+        f"refused before building anything from it"
+    )
 
 
 def check_ranges(cfg: SwinV2Config, source: str, keys: Mapping[str, str] | None = None) -> None:
     """CheckpointError naming `source` and the key if a field of `cfg` is outside what any real model has."""
+
     def refuse(name: str, value: Any, allowed: str) -> None:
         _out_of_range(source, keys, name, value, allowed)
 
@@ -121,8 +151,7 @@ def check_ranges(cfg: SwinV2Config, source: str, keys: Mapping[str, str] | None 
     if not all(1 <= s <= MAX_IMG_SIZE for s in cfg.img_size):
         refuse("img_size", cfg.img_size, f"1 to {MAX_IMG_SIZE} px")
     if not 1 <= len(cfg.depths) <= MAX_STAGES or min(cfg.depths) < 1 or sum(cfg.depths) > _MAX_BLOCKS:
-        refuse("depths", cfg.depths, f"1 to {MAX_STAGES} stages of at least 1 block, {_MAX_BLOCKS} blocks "
-               f"in all")
+        refuse("depths", cfg.depths, f"1 to {MAX_STAGES} stages of at least 1 block, {_MAX_BLOCKS} blocks in all")
     if cfg.num_features > _MAX_WIDTH:
         refuse("embed_dim", cfg.embed_dim, f"the last stage at most {_MAX_WIDTH} wide")
     if min(cfg.num_heads) < 1:
@@ -175,8 +204,9 @@ def _class_names(value: Any, num_classes: int, source: str) -> list[str]:
     if not (isinstance(value, list) and all(isinstance(n, str) for n in value)):
         raise CheckpointError(f"{source}: {shown(value)} is not a list of class names (strings)")
     if len(value) != num_classes:
-        raise CheckpointError(f"{source}: {len(value)} class names for a {num_classes}-class model (its head); "
-                              f"one name per class")
+        raise CheckpointError(
+            f"{source}: {len(value)} class names for a {num_classes}-class model (its head); one name per class"
+        )
     return value
 
 
@@ -190,6 +220,7 @@ def _tensor_architecture(sd: Mapping[str, torch.Tensor]) -> list[tuple[str, Any,
     """What native tensors themselves show of the architecture: (field, value, the tensor that shows it)
     for the fields that set every parameter's size (the patch embedding, blocks per stage, heads, MLP and
     CPB widths, classes); a field whose tensor is absent is (field, None, that tensor)."""
+
     def tensor(key: str, ndim: int) -> torch.Tensor | None:
         t = sd.get(key)
         return t if isinstance(t, torch.Tensor) and t.ndim == ndim else None
@@ -199,12 +230,15 @@ def _tensor_architecture(sd: Mapping[str, torch.Tensor]) -> list[tuple[str, Any,
         m = _BLOCK_KEY.match(k)
         if m:
             stages.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
-    found: list[tuple[str, Any, str]] = [("depths", tuple(len(stages[i]) for i in sorted(stages)),
-                                          "layers.N.blocks.M tensors")]
+    found: list[tuple[str, Any, str]] = [
+        ("depths", tuple(len(stages[i]) for i in sorted(stages)), "layers.N.blocks.M tensors")
+    ]
     patch = tensor("patch_embed.proj.weight", 4)
     patch_key = f"patch_embed.proj.weight {tuple(patch.shape)}" if patch is not None else "patch_embed.proj.weight"
-    found += [(name, None if patch is None else patch.shape[dim], patch_key)
-              for name, dim in (("embed_dim", 0), ("in_chans", 1), ("patch_size", 2))]
+    found += [
+        (name, None if patch is None else patch.shape[dim], patch_key)
+        for name, dim in (("embed_dim", 0), ("in_chans", 1), ("patch_size", 2))
+    ]
     for name, key, ndim in (("num_heads", "attn.logit_scale", 3), ("mlp_hidden", "mlp.fc1.weight", 2)):
         ts = [tensor(f"layers.{i}.blocks.0.{key}", ndim) for i in sorted(stages)]
         # cast: every `t` is a tensor where the tuple is built (the `all` check)
@@ -213,13 +247,24 @@ def _tensor_architecture(sd: Mapping[str, torch.Tensor]) -> list[tuple[str, Any,
     cpb = tensor("layers.0.blocks.0.attn.cpb_mlp.0.weight", 2)
     found.append(("cpb_hidden_dim", None if cpb is None else cpb.shape[0], "layers.0.blocks.0.attn.cpb_mlp.0.weight"))
     head = tensor("head.weight", 2)
-    found.append(("num_classes", 0 if head is None else head.shape[0],
-                  "no head.weight" if head is None else f"head.weight {tuple(head.shape)}"))
+    found.append(
+        (
+            "num_classes",
+            0 if head is None else head.shape[0],
+            "no head.weight" if head is None else f"head.weight {tuple(head.shape)}",
+        )
+    )
     return found
 
 
-def check_tensors(cfg: SwinV2Config, sd: Mapping[str, torch.Tensor], source: str,
-                   keys: Mapping[str, str] | None = None, *, complete: bool) -> None:
+def check_tensors(
+    cfg: SwinV2Config,
+    sd: Mapping[str, torch.Tensor],
+    source: str,
+    keys: Mapping[str, str] | None = None,
+    *,
+    complete: bool,
+) -> None:
     """CheckpointError if `cfg` (what `source` says) disagrees with the native tensors `sd` on a field
     that sets parameter sizes (`_tensor_architecture`): so the model built from `cfg` is no larger than
     the weights that fill it, and a lying file (embed_dim=30000 beside 24-wide tensors, a 10-class
@@ -227,15 +272,20 @@ def check_tensors(cfg: SwinV2Config, sd: Mapping[str, torch.Tensor], source: str
     describes itself, so every such tensor must be there to check (a description of the registry,
     `complete=False`, skips fields whose tensor the format lacks, e.g. SwinV1's heads)."""
     for name, value, tensor in _tensor_architecture(sd):
-        said = tuple(int(cfg.embed_dim * 2**i * cfg.mlp_ratio) for i in range(len(cfg.depths))) \
-            if name == "mlp_hidden" else getattr(cfg, name)
+        said = (
+            tuple(int(cfg.embed_dim * 2**i * cfg.mlp_ratio) for i in range(len(cfg.depths)))
+            if name == "mlp_hidden"
+            else getattr(cfg, name)
+        )
         if name == "num_classes" and not complete:
             continue  # the registry's class count follows the head (`_build`)
         key = (keys or {}).get(name, "mlp_ratio" if name == "mlp_hidden" else name)
         if value is None:
             if complete:
-                raise CheckpointError(f"{source} describes {key}, but the weights have no {tensor} to check it "
-                                      f"against: not a whole SwinV2 model")
+                raise CheckpointError(
+                    f"{source} describes {key}, but the weights have no {tensor} to check it "
+                    f"against: not a whole SwinV2 model"
+                )
             continue
         if value != said:
             if name == "mlp_hidden":
@@ -245,8 +295,9 @@ def check_tensors(cfg: SwinV2Config, sd: Mapping[str, torch.Tensor], source: str
             else:
                 what = f"{key} {shown(list(said) if isinstance(said, tuple) else said)}"
             has = list(value) if isinstance(value, tuple) else value
-            raise CheckpointError(f"{source} says {what}, but the weights have {has} ({tensor}); refused before "
-                                  f"building the model")
+            raise CheckpointError(
+                f"{source} says {what}, but the weights have {has} ({tensor}); refused before building the model"
+            )
 
 
 def check_same_model(weights: Weights, name: str, path: Path) -> None:
@@ -256,15 +307,19 @@ def check_same_model(weights: Weights, name: str, path: Path) -> None:
     said = weights.model_name
     if said is not None:
         if ALIASES.get(said, said) != variant.name:
-            raise InputError(f"{path}: the weights say they are {said}, --model says {name}; drop --model (these "
-                             f"weights describe their architecture) or pass weights of {name}")
+            raise InputError(
+                f"{path}: the weights say they are {said}, --model says {name}; drop --model (these "
+                f"weights describe their architecture) or pass weights of {name}"
+            )
         return
     for field_name in ("embed_dim", "depths", "num_heads", "patch_size", "in_chans"):
         ours, theirs = getattr(weights.config, field_name), getattr(variant.config, field_name)
         if ours != theirs:
-            raise InputError(f"{path}: the weights describe {field_name}={shown(ours)}, --model {name} has "
-                             f"{shown(theirs)}; drop --model (these weights describe their architecture) or pass "
-                             f"weights of {name}")
+            raise InputError(
+                f"{path}: the weights describe {field_name}={shown(ours)}, --model {name} has "
+                f"{shown(theirs)}; drop --model (these weights describe their architecture) or pass "
+                f"weights of {name}"
+            )
 
 
 # --------------------------------------------------------------------------- a weights file read once
@@ -310,8 +365,11 @@ def _described(path: Path) -> Weights:
     meta = read_metadata(path)
     if "swinv2.config" in meta:
         where = f"{path}: metadata"
-        said = {k: _metadata_json(meta, k, where) for k in ("swinv2.config", "swinv2.class_names", "swinv2.preprocess")
-                if k in meta}
+        said = {
+            k: _metadata_json(meta, k, where)
+            for k in ("swinv2.config", "swinv2.class_names", "swinv2.preprocess")
+            if k in meta
+        }
         cfg = _config_from(said["swinv2.config"], f"{where} swinv2.config")
         names = said.get("swinv2.class_names")
         if names is not None:
@@ -319,8 +377,9 @@ def _described(path: Path) -> Weights:
         prep = said.get("swinv2.preprocess")
         if prep is not None:
             prep = _preprocess(prep, f"{where} swinv2.preprocess")
-        return Weights(read_tensors(path), cfg, names, prep, meta.get("swinv2.model_name") or None,
-                        f"{where} swinv2.config")
+        return Weights(
+            read_tensors(path), cfg, names, prep, meta.get("swinv2.model_name") or None, f"{where} swinv2.config"
+        )
     if path.is_dir() and (path / "config.json").is_file():
         hf = read_hf_config(path)  # read once: the weights are checked against this very config
         where = str(path / "config.json")
@@ -345,8 +404,14 @@ def _described(path: Path) -> Weights:
         names = _class_names(obj["classes"], cfg.num_classes, f"{path}: classes") if cfg.num_classes else None
         prep = _preprocess(obj["preprocess"], f"{path}: preprocess")
         model_name = obj.get("model_name")
-        return Weights(tensors_of(_measured_weights(obj), path), cfg, names, prep,
-                        model_name if isinstance(model_name, str) and model_name else None, f"{path}: model_config")
+        return Weights(
+            tensors_of(_measured_weights(obj), path),
+            cfg,
+            names,
+            prep,
+            model_name if isinstance(model_name, str) and model_name else None,
+            f"{path}: model_config",
+        )
     return Weights(tensors_of(obj, path))
 
 

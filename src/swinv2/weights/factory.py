@@ -8,6 +8,7 @@ class count) and reporting key by key (`LoadReport`); `convert_file` converts a 
 format. The file is read once and its format converted once per load, so the detected format is
 logged once, after the load succeeded.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,10 +35,20 @@ from .safe_load import PathLike
 
 log = logging.getLogger(__name__)
 
-def create_model(name: str, *, num_classes: int | None = None, img_size: int | tuple[int, int] | None = None,
-                 window_size: int | tuple | None = None, pretrained_window_sizes: tuple | None = None,
-                 drop_path_rate: float | None = None, weights: Any = None, pretrained: bool | str | None = None,
-                 strict: bool = True, **kw: Any) -> SwinTransformerV2:
+
+def create_model(
+    name: str,
+    *,
+    num_classes: int | None = None,
+    img_size: int | tuple[int, int] | None = None,
+    window_size: int | tuple | None = None,
+    pretrained_window_sizes: tuple | None = None,
+    drop_path_rate: float | None = None,
+    weights: Any = None,
+    pretrained: bool | str | None = None,
+    strict: bool = True,
+    **kw: Any,
+) -> SwinTransformerV2:
     """Build a registered variant, optionally overriding its config and loading `weights` or `pretrained`.
 
     `weights` is a path or a state dict in any supported format (see `swinv2.load_weights`).
@@ -48,8 +59,15 @@ def create_model(name: str, *, num_classes: int | None = None, img_size: int | t
     """
     if pretrained and weights is not None:
         raise InputError(f"create_model({name!r}): pass weights or pretrained, not both")
-    cfg = model_config(name, num_classes=num_classes, img_size=img_size, window_size=window_size,
-                       pretrained_window_sizes=pretrained_window_sizes, drop_path_rate=drop_path_rate, **kw)
+    cfg = model_config(
+        name,
+        num_classes=num_classes,
+        img_size=img_size,
+        window_size=window_size,
+        pretrained_window_sizes=pretrained_window_sizes,
+        drop_path_rate=drop_path_rate,
+        **kw,
+    )
     if pretrained:
         weights = hub.fetch(hub.resolve_pretrained(name, pretrained))
     model = SwinTransformerV2(cfg)
@@ -105,8 +123,10 @@ def _build(weights: Weights, path: Path, name: str | None, src: str, overrides: 
         check_tensors(cfg, conv.state_dict, f"{path}: --model {name}", complete=False)
         preprocess = variant.preprocess
     else:
-        raise InputError(f"{path} does not describe its architecture; pass the registry model name "
-                         f"(--model NAME, see `swinv2 models`)")
+        raise InputError(
+            f"{path} does not describe its architecture; pass the registry model name "
+            f"(--model NAME, see `swinv2 models`)"
+        )
     new_cfg = config_with(cfg, **overrides)
     if new_cfg != cfg:
         check_ranges(new_cfg, f"load_model({path}) overrides")
@@ -115,8 +135,9 @@ def _build(weights: Weights, path: Path, name: str | None, src: str, overrides: 
     if new_cfg.img_size != cfg.img_size:
         preprocess = None
     model = SwinTransformerV2(new_cfg)
-    report, usable = _match(conv, model.state_dict(), str(path), strict=True,
-                            new_head=new_cfg.num_classes != cfg.num_classes)
+    report, usable = _match(
+        conv, model.state_dict(), str(path), strict=True, new_head=new_cfg.num_classes != cfg.num_classes
+    )
     _apply(model, usable, report)
     _detected(conv, src)
     model.info = ModelInfo(weights.model_name or name, class_names, preprocess or default_preprocess(new_cfg), report)
@@ -157,12 +178,12 @@ class LoadReport:
 
     src: str
     loaded: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)        # in the model, not in the weights
-    unexpected: list[str] = field(default_factory=list)     # in the weights, not in the model
-    mismatched: list[str] = field(default_factory=list)     # "key: weights (a, b) vs model (c, d)"
-    reshaped: list[str] = field(default_factory=list)       # transformed to fit, e.g. 22k -> 1k head rows
+    missing: list[str] = field(default_factory=list)  # in the model, not in the weights
+    unexpected: list[str] = field(default_factory=list)  # in the weights, not in the model
+    mismatched: list[str] = field(default_factory=list)  # "key: weights (a, b) vs model (c, d)"
+    reshaped: list[str] = field(default_factory=list)  # transformed to fit, e.g. 22k -> 1k head rows
     reinitialised: list[str] = field(default_factory=list)  # deliberately left at the model's init
-    dropped: list[str] = field(default_factory=list)        # "key (why)": in the weights, deliberately unused
+    dropped: list[str] = field(default_factory=list)  # "key (why)": in the weights, deliberately unused
 
     @property
     def ok(self) -> bool:
@@ -184,8 +205,9 @@ def imagenet_22k_to_1k() -> list[int]:
     return [int(line) for line in text.split()]
 
 
-def _fit_head(sd: dict[str, torch.Tensor], target: Mapping[str, torch.Tensor], report: LoadReport, *,
-              new_head: bool = True) -> None:
+def _fit_head(
+    sd: dict[str, torch.Tensor], target: Mapping[str, torch.Tensor], report: LoadReport, *, new_head: bool = True
+) -> None:
     """Make the checkpoint's classifier fit the model's, in place: map 22k -> 1k, drop or (`new_head`: a
     fine-tune, a new head on purpose) reinitialise. Without `new_head` a head that does not fit stays as
     it is, for the key check to report as missing or mis-shaped."""
@@ -199,13 +221,18 @@ def _fit_head(sd: dict[str, torch.Tensor], target: Mapping[str, torch.Tensor], r
     n_model = target["head.weight"].shape[0]
     if src_w is not None and src_w.shape == target["head.weight"].shape:
         return
-    if src_w is not None and src_w.shape[1:] == target["head.weight"].shape[1:] and src_w.shape[0] == 21841 \
-            and n_model == 1000:
+    if (
+        src_w is not None
+        and src_w.shape[1:] == target["head.weight"].shape[1:]
+        and src_w.shape[0] == 21841
+        and n_model == 1000
+    ):
         sd["head.weight"], bias = map_head_rows(src_w, sd.get("head.bias"), imagenet_22k_to_1k())
         if bias is not None:
             sd["head.bias"] = bias
-        report.reshaped += [f"{k} (21841 -> 1000 rows, official 22k->1k map)" for k in ("head.weight", "head.bias")
-                            if k in sd]
+        report.reshaped += [
+            f"{k} (21841 -> 1000 rows, official 22k->1k map)" for k in ("head.weight", "head.bias") if k in sd
+        ]
         log.info("classifier head mapped from 21841 to 1000 ImageNet-1k classes (official map)")
         return
     if not new_head:
@@ -217,8 +244,9 @@ def _fit_head(sd: dict[str, torch.Tensor], target: Mapping[str, torch.Tensor], r
     report.reinitialised += head
 
 
-def load_weights(model: nn.Module, path_or_state_dict: PathLike | Mapping[str, Any], *, src: str = "auto",
-                 strict: bool = True) -> LoadReport:
+def load_weights(
+    model: nn.Module, path_or_state_dict: PathLike | Mapping[str, Any], *, src: str = "auto", strict: bool = True
+) -> LoadReport:
     """Load weights of any supported format into a `SwinTransformerV2`; returns what happened.
 
     Window and resolution changes need nothing (no derived table is stored); a 21841-class head
@@ -238,8 +266,9 @@ def load_weights(model: nn.Module, path_or_state_dict: PathLike | Mapping[str, A
     return report
 
 
-def _match(conv: Conversion, target: Mapping[str, torch.Tensor], origin: str, *, strict: bool,
-           new_head: bool = True) -> tuple[LoadReport, dict[str, torch.Tensor]]:
+def _match(
+    conv: Conversion, target: Mapping[str, torch.Tensor], origin: str, *, strict: bool, new_head: bool = True
+) -> tuple[LoadReport, dict[str, torch.Tensor]]:
     """How converted weights fit a model whose state dict is `target`: the report, and the tensors to
     load. With `strict`, a missing, unexpected or mis-shaped key (or integers for a floating-point
     parameter) raises InputError listing them, before the model is touched. `new_head`: see `_fit_head`."""
@@ -258,11 +287,17 @@ def _match(conv: Conversion, target: Mapping[str, torch.Tensor], origin: str, *,
             report.mismatched.append(f"{key}: weights {sd[key].dtype} vs model {t.dtype}")
     report.unexpected = [k for k in sd if k not in target]
     if strict and not report.ok:
-        parts = [f"{n} ({len(getattr(report, n))}): {abbreviate(getattr(report, n))}"
-                 for n in ("missing", "unexpected", "mismatched") if getattr(report, n)]
+        parts = [
+            f"{n} ({len(getattr(report, n))}): {abbreviate(getattr(report, n))}"
+            for n in ("missing", "unexpected", "mismatched")
+            if getattr(report, n)
+        ]
         raise InputError(f"{origin} ({conv.src} format) does not fit the model: " + "; ".join(parts))
-    usable = {k: v for k, v in sd.items() if k in target and v.shape == target[k].shape
-              and v.is_floating_point() == target[k].is_floating_point()}
+    usable = {
+        k: v
+        for k, v in sd.items()
+        if k in target and v.shape == target[k].shape and v.is_floating_point() == target[k].is_floating_point()
+    }
     report.loaded = list(usable)
     return report, usable
 
@@ -280,8 +315,14 @@ def _apply(model: nn.Module, usable: Mapping[str, torch.Tensor], report: LoadRep
 # --------------------------------------------------------------------------- converting a file
 
 
-def convert_file(src: PathLike, dst: PathLike, *, src_format: str = "auto", dst_format: str | None = None,
-                 model_name: str | None = None) -> str:
+def convert_file(
+    src: PathLike,
+    dst: PathLike,
+    *,
+    src_format: str = "auto",
+    dst_format: str | None = None,
+    model_name: str | None = None,
+) -> str:
     """Convert a weights file or folder to another format; returns a summary for the user.
 
     With an architecture (our `.safetensors`, a Hugging Face folder, a training checkpoint, or `model_name`)
@@ -310,5 +351,12 @@ def convert_file(src: PathLike, dst: PathLike, *, src_format: str = "auto", dst_
     return "\n".join(lines + [f"wrote {dst} ({fmt})"])
 
 
-__all__ = ["LoadReport", "convert_file", "create_model", "imagenet_22k_to_1k", "load_model", "load_weights",
-           "resolve_weights"]
+__all__ = [
+    "LoadReport",
+    "convert_file",
+    "create_model",
+    "imagenet_22k_to_1k",
+    "load_model",
+    "load_weights",
+    "resolve_weights",
+]

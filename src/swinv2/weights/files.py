@@ -12,6 +12,7 @@ Every file is written atomically (`outputs.atomic_write`); a Hugging Face folder
 (`units`): one write id in its weights and its config.json, so a folder killed between its files is
 refused on read, never read as a mix. Files get the mode of any new file (0o666 less the umask).
 """
+
 from __future__ import annotations
 
 import json
@@ -111,8 +112,9 @@ def _read_hf_safetensors(path: Path, folder: Path, config: Mapping[str, Any] | N
         described = ours.get("unit_id") if isinstance(ours, dict) else None
         if described != unit:
             said = f"write {described}" if described else "no write id: an older config.json"
-            raise units.torn(folder, f"model.safetensors (write {unit}) and config.json ({said}) come from "
-                                     f"different writes")
+            raise units.torn(
+                folder, f"model.safetensors (write {unit}) and config.json ({said}) come from different writes"
+            )
     return tensors
 
 
@@ -141,14 +143,22 @@ def _shards(index: Path) -> list[str]:
     try:
         weight_map = json.loads(index.read_text()).get("weight_map")
     except (ValueError, AttributeError, RecursionError):  # not JSON (or not UTF-8), not an object, too deep
-        raise CheckpointError(f"{index}: not a JSON object {{\"weight_map\": {{key: shard file}}}}") from None
+        raise CheckpointError(f'{index}: not a JSON object {{"weight_map": {{key: shard file}}}}') from None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index}: weight_map is {shown(weight_map)}, not an object {{key: shard file}}")
     for key, shard in weight_map.items():
-        if not (isinstance(shard, str) and shard not in ("", ".", "..") and "/" not in shard and "\\" not in shard
-                and not os.path.isabs(shard) and "\0" not in shard):
-            raise CheckpointError(f"{index}: weight_map entry {shown(key)}: {shown(shard, 300)} is not a plain file "
-                                  f"name in the folder; refused (shards are read from the index's own folder only)")
+        if not (
+            isinstance(shard, str)
+            and shard not in ("", ".", "..")
+            and "/" not in shard
+            and "\\" not in shard
+            and not os.path.isabs(shard)
+            and "\0" not in shard
+        ):
+            raise CheckpointError(
+                f"{index}: weight_map entry {shown(key)}: {shown(shard, 300)} is not a plain file "
+                f"name in the folder; refused (shards are read from the index's own folder only)"
+            )
     return sorted(set(weight_map.values()))
 
 
@@ -166,11 +176,18 @@ def check_finite(sd: dict[str, torch.Tensor], origin: PathLike | str) -> dict[st
     """`sd`, if every floating-point tensor in it is finite; else CheckpointError naming the first few
     that are not, and how many. A NaN weight makes every output NaN ("loss nan"), an inf head one class
     for every image: never a number to report. Derived buffers are skipped (never loaded)."""
-    bad = [k for k, t in sd.items() if (t.is_floating_point() or t.is_complex()) and
-           k.rsplit(".", 1)[-1] not in DERIVED_KEYS and not bool(torch.isfinite(t).all())]
+    bad = [
+        k
+        for k, t in sd.items()
+        if (t.is_floating_point() or t.is_complex())
+        and k.rsplit(".", 1)[-1] not in DERIVED_KEYS
+        and not bool(torch.isfinite(t).all())
+    ]
     if bad:
-        raise CheckpointError(f"{origin}: non-finite weights (NaN or inf) in {len(bad)} tensor{'s' * (len(bad) != 1)}"
-                              f": {abbreviate(bad, 5)}; refused (from a diverged training run?)")
+        raise CheckpointError(
+            f"{origin}: non-finite weights (NaN or inf) in {len(bad)} tensor{'s' * (len(bad) != 1)}"
+            f": {abbreviate(bad, 5)}; refused (from a diverged training run?)"
+        )
     return sd
 
 
@@ -197,8 +214,9 @@ def tensors_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- writing weights
 
 
-def _descriptions(model: nn.Module, class_names: Sequence[str] | None, preprocess: EvalPreprocess | None,
-                  model_name: str | None) -> tuple[list[str] | None, EvalPreprocess, str | None]:
+def _descriptions(
+    model: nn.Module, class_names: Sequence[str] | None, preprocess: EvalPreprocess | None, model_name: str | None
+) -> tuple[list[str] | None, EvalPreprocess, str | None]:
     """(class names, eval preprocessing, registry name) to write with `model`'s weights: the arguments,
     else what its weights said (`model_info`), else (preprocessing) the official rule for its size."""
     swin = cast(SwinTransformerV2, model)  # typed as a Module for callers; a SwinV2 (or a wrapper of one) here
@@ -211,8 +229,14 @@ def _descriptions(model: nn.Module, class_names: Sequence[str] | None, preproces
     return names, preprocess or info.preprocess, model_name or info.model_name
 
 
-def save_weights(model: SwinTransformerV2, path: PathLike, *, class_names: Sequence[str] | None = None,
-                 preprocess: EvalPreprocess | None = None, model_name: str | None = None) -> None:
+def save_weights(
+    model: SwinTransformerV2,
+    path: PathLike,
+    *,
+    class_names: Sequence[str] | None = None,
+    preprocess: EvalPreprocess | None = None,
+    model_name: str | None = None,
+) -> None:
     """Write `model`'s weights to a self-describing `.safetensors` file, atomically.
 
     Metadata: "swinv2.config" (JSON of the config), "swinv2.class_names" (JSON list, if any),
@@ -224,8 +248,11 @@ def save_weights(model: SwinTransformerV2, path: PathLike, *, class_names: Seque
     if path.suffix != ".safetensors":
         raise InputError(f"{path}: weights are saved as .safetensors (got {path.suffix or 'no suffix'})")
     names, prep, model_name = _descriptions(model, class_names, preprocess, model_name)
-    meta = {**SAFETENSORS_FORMAT, "swinv2.config": json.dumps(model.config.to_dict()),
-            "swinv2.preprocess": json.dumps(asdict(prep))}
+    meta = {
+        **SAFETENSORS_FORMAT,
+        "swinv2.config": json.dumps(model.config.to_dict()),
+        "swinv2.preprocess": json.dumps(asdict(prep)),
+    }
     if names is not None:
         meta["swinv2.class_names"] = json.dumps(names)
     if model_name:
@@ -240,9 +267,15 @@ def _write_safetensors(path: Path, sd: Mapping[str, torch.Tensor], meta: dict[st
     atomic_write(path, lambda f: f.write(save(tensors, metadata=meta)))
 
 
-def write_weights(model: SwinTransformerV2, path: PathLike, fmt: str = "native", *,
-                  class_names: Sequence[str] | None = None, preprocess: EvalPreprocess | None = None,
-                  model_name: str | None = None) -> Path:
+def write_weights(
+    model: SwinTransformerV2,
+    path: PathLike,
+    fmt: str = "native",
+    *,
+    class_names: Sequence[str] | None = None,
+    preprocess: EvalPreprocess | None = None,
+    model_name: str | None = None,
+) -> Path:
     """Write `model`'s weights as `fmt`; returns the path written.
 
     native: our `.safetensors` (see `save_weights`). official: ``{"model": state_dict}`` `.pth`
@@ -267,9 +300,13 @@ def write_weights(model: SwinTransformerV2, path: PathLike, fmt: str = "native",
         names, prep, model_name = _descriptions(model, class_names, preprocess, model_name)
         unit = units.new_unit_id()  # one id for this write, in the weights and in config.json
         ours = {"model_name": model_name, "preprocess": asdict(prep), "unit_id": unit}
-        texts = {file: json.dumps(record, indent=2) + "\n" for file, record in (
-            ("preprocessor_config.json", hf_preprocessor_config(asdict(prep))),
-            ("config.json", hf_config_from_kwargs(model.config.to_dict(), names, extra=ours)))}
+        texts = {
+            file: json.dumps(record, indent=2) + "\n"
+            for file, record in (
+                ("preprocessor_config.json", hf_preprocessor_config(asdict(prep))),
+                ("config.json", hf_config_from_kwargs(model.config.to_dict(), names, extra=ours)),
+            )
+        }
         path.mkdir(parents=True, exist_ok=True)
         # One writer at a time in the folder; temp files of ours found then are of a killed write.
         with units.unit_lock(path) as taken:
@@ -278,8 +315,10 @@ def write_weights(model: SwinTransformerV2, path: PathLike, fmt: str = "native",
             # In HF_FILES order: the weights first, config.json (which describes them) last.
             _write_safetensors(path / "model.safetensors", sd, {**SAFETENSORS_FORMAT, UNIT_KEY: unit})
             for file, text in texts.items():
+
                 def write_text(f: IO[bytes], text: str = text) -> int:  # a lambda with a default: not inferable
                     return f.write(text.encode())
+
                 atomic_write(path / file, write_text)
     else:
         write_state_dict(sd, path, fmt)
@@ -296,6 +335,18 @@ def write_state_dict(sd: Mapping[str, torch.Tensor], path: Path, fmt: str) -> No
         atomic_write(path, lambda f: torch.save(obj, f))
 
 
-__all__ = ["HF_FILES", "SAFETENSORS_FORMAT", "UNIT_KEY", "check_finite", "read_hf_config", "read_hf_folder",
-           "read_metadata", "read_state_dict", "read_tensors", "save_weights", "tensors_of", "write_state_dict",
-           "write_weights"]
+__all__ = [
+    "HF_FILES",
+    "SAFETENSORS_FORMAT",
+    "UNIT_KEY",
+    "check_finite",
+    "read_hf_config",
+    "read_hf_folder",
+    "read_metadata",
+    "read_state_dict",
+    "read_tensors",
+    "save_weights",
+    "tensors_of",
+    "write_state_dict",
+    "write_weights",
+]

@@ -15,6 +15,7 @@ timm's ``head.fc``, and every layout with ``layers.`` or ``patch_embed.`` looks 
 
 This module imports no torch: the command line builds its options from it before anything loads.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,16 +35,16 @@ class WeightFormat:
     """One weight format: its name, how it is recognised, its key table and how it is written."""
 
     name: str
-    summary: str                                  # one line for `swinv2 convert --help`
+    summary: str  # one line for `swinv2 convert --help`
     detect: Callable[[Sequence[str]], bool] | None = None  # keys of an unwrapped state dict -> this layout?
-    rules: tuple[tuple[str, str], ...] = ()       # key table: (native template, this format's template)
-    read: tuple[str, ...] | None = ("rename",)    # steps from its keys to native ones (`convert.STEPS`)
-    write: tuple[str, ...] | None = None          # steps from native keys to its own; None: read only
-    writes: tuple[str, ...] = ()                  # suffixes of the files it writes (FOLDER: a folder)
-    guessed_from: tuple[str, ...] = ()            # output suffixes that select it when no --dst is given
-    wrap: str | None = None                       # the key a torch file of it keeps the state dict under
-    needs_model: bool = False                     # writing it needs the architecture, not a key mapping alone
-    reinitialised: str | None = None              # regex of native keys it cannot provide (left at init)
+    rules: tuple[tuple[str, str], ...] = ()  # key table: (native template, this format's template)
+    read: tuple[str, ...] | None = ("rename",)  # steps from its keys to native ones (`convert.STEPS`)
+    write: tuple[str, ...] | None = None  # steps from native keys to its own; None: read only
+    writes: tuple[str, ...] = ()  # suffixes of the files it writes (FOLDER: a folder)
+    guessed_from: tuple[str, ...] = ()  # output suffixes that select it when no --dst is given
+    wrap: str | None = None  # the key a torch file of it keeps the state dict under
+    needs_model: bool = False  # writing it needs the architecture, not a key mapping alone
+    reinitialised: str | None = None  # regex of native keys it cannot provide (left at init)
 
     @property
     def readable(self) -> bool:
@@ -103,8 +104,10 @@ HF_RULES = (
     ("layers.{i}.blocks.{j}.mlp.fc1.{*}", "swinv2.encoder.layers.{i}.blocks.{j}.intermediate.dense.{*}"),
     ("layers.{i}.blocks.{j}.mlp.fc2.{*}", "swinv2.encoder.layers.{i}.blocks.{j}.output.dense.{*}"),
     ("layers.{i}.blocks.{j}.attn.logit_scale", "swinv2.encoder.layers.{i}.blocks.{j}.attention.self.logit_scale"),
-    ("layers.{i}.blocks.{j}.attn.cpb_mlp.{*}",
-     "swinv2.encoder.layers.{i}.blocks.{j}.attention.self.continuous_position_bias_mlp.{*}"),
+    (
+        "layers.{i}.blocks.{j}.attn.cpb_mlp.{*}",
+        "swinv2.encoder.layers.{i}.blocks.{j}.attention.self.continuous_position_bias_mlp.{*}",
+    ),
     # q/k/v weights: the split `qkv.weight` (steps split_qkv / merge_qkv), under these interim names
     ("layers.{i}.blocks.{j}.attn.q.weight", "swinv2.encoder.layers.{i}.blocks.{j}.attention.self.query.weight"),
     ("layers.{i}.blocks.{j}.attn.k.weight", "swinv2.encoder.layers.{i}.blocks.{j}.attention.self.key.weight"),
@@ -156,8 +159,10 @@ MMPRETRAIN_RULES = (
 )
 
 # Native parameters a V1 checkpoint cannot provide: they keep the V2 model's initialisation.
-V1_REINITIALISED = (r"(attn\.logit_scale|attn\.cpb_mlp\.\d+\.(weight|bias)|blocks\.\d+\.norm[12]\.(weight|bias)"
-                    r"|downsample\.norm\.(weight|bias))$")
+V1_REINITIALISED = (
+    r"(attn\.logit_scale|attn\.cpb_mlp\.\d+\.(weight|bias)|blocks\.\d+\.norm[12]\.(weight|bias)"
+    r"|downsample\.norm\.(weight|bias))$"
+)
 
 TORCH_FILES = (".pth", ".pt", ".bin", ".safetensors")  # a state dict as a torch file, or a plain .safetensors
 
@@ -165,27 +170,75 @@ TORCH_FILES = (".pth", ".pt", ".bin", ".safetensors")  # a state dict as a torch
 # --------------------------------------------------------------------------- the records
 
 FORMATS: tuple[WeightFormat, ...] = (
-    WeightFormat("native", "our .safetensors: config, classes, eval preprocessing inside",
-                 _has_prefix("patch_embed.", "layers."), read=(), write=(), writes=(".safetensors",),
-                 guessed_from=(".safetensors",), needs_model=True),
-    WeightFormat("official", "microsoft/Swin-Transformer: {'model': state dict}",
-                 read=(), write=(), writes=(".pth", ".pt", ".bin"), guessed_from=(".pth", ".pt", ".bin"), wrap="model"),
-    WeightFormat("timm", "timm swinv2_*: merging at a stage's start, head.fc", is_timm_layout, TIMM_RULES,
-                 write=("fixed_architecture", "rename"), writes=TORCH_FILES),
-    WeightFormat("hf", "transformers Swinv2ForImageClassification / Swinv2Model",
-                 _has_prefix("swinv2.", "embeddings.patch_embeddings.", "encoder.layers."), HF_RULES,
-                 read=("hf_prefix", "rename", "merge_qkv"), write=("fixed_architecture", "split_qkv", "rename"),
-                 writes=(FOLDER,), guessed_from=("",), needs_model=True),
-    WeightFormat("torchvision", "torchvision swin_v2_t/s/b: features.N, derived buffers",
-                 _is_torchvision, TORCHVISION_RULES, read=("rename", "split_tv_bias"),
-                 write=("fixed_architecture", "merge_tv_bias", "tv_buffers", "rename"), writes=TORCH_FILES,
-                 needs_model=True),
-    WeightFormat("swinv1", "official Swin V1: shared parts; V2-only ones keep their init",
-                 _is_swinv1, read=("timm_layout", "drop_v1", "split_v1_bias"), reinitialised=V1_REINITIALISED),
-    WeightFormat("simmim", "SimMIM pretraining, official or ours: its encoder",
-                 _has_prefix("encoder.patch_embed."), SIMMIM_RULES, read=("drop_simmim", "rename")),
-    WeightFormat("mmpretrain", "mmpretrain SwinTransformerV2; mmdet / mmseg backbones",
-                 is_mmpretrain_layout, MMPRETRAIN_RULES, read=("mmpretrain_parts", "rename", "unfold_reduction")),
+    WeightFormat(
+        "native",
+        "our .safetensors: config, classes, eval preprocessing inside",
+        _has_prefix("patch_embed.", "layers."),
+        read=(),
+        write=(),
+        writes=(".safetensors",),
+        guessed_from=(".safetensors",),
+        needs_model=True,
+    ),
+    WeightFormat(
+        "official",
+        "microsoft/Swin-Transformer: {'model': state dict}",
+        read=(),
+        write=(),
+        writes=(".pth", ".pt", ".bin"),
+        guessed_from=(".pth", ".pt", ".bin"),
+        wrap="model",
+    ),
+    WeightFormat(
+        "timm",
+        "timm swinv2_*: merging at a stage's start, head.fc",
+        is_timm_layout,
+        TIMM_RULES,
+        write=("fixed_architecture", "rename"),
+        writes=TORCH_FILES,
+    ),
+    WeightFormat(
+        "hf",
+        "transformers Swinv2ForImageClassification / Swinv2Model",
+        _has_prefix("swinv2.", "embeddings.patch_embeddings.", "encoder.layers."),
+        HF_RULES,
+        read=("hf_prefix", "rename", "merge_qkv"),
+        write=("fixed_architecture", "split_qkv", "rename"),
+        writes=(FOLDER,),
+        guessed_from=("",),
+        needs_model=True,
+    ),
+    WeightFormat(
+        "torchvision",
+        "torchvision swin_v2_t/s/b: features.N, derived buffers",
+        _is_torchvision,
+        TORCHVISION_RULES,
+        read=("rename", "split_tv_bias"),
+        write=("fixed_architecture", "merge_tv_bias", "tv_buffers", "rename"),
+        writes=TORCH_FILES,
+        needs_model=True,
+    ),
+    WeightFormat(
+        "swinv1",
+        "official Swin V1: shared parts; V2-only ones keep their init",
+        _is_swinv1,
+        read=("timm_layout", "drop_v1", "split_v1_bias"),
+        reinitialised=V1_REINITIALISED,
+    ),
+    WeightFormat(
+        "simmim",
+        "SimMIM pretraining, official or ours: its encoder",
+        _has_prefix("encoder.patch_embed."),
+        SIMMIM_RULES,
+        read=("drop_simmim", "rename"),
+    ),
+    WeightFormat(
+        "mmpretrain",
+        "mmpretrain SwinTransformerV2; mmdet / mmseg backbones",
+        is_mmpretrain_layout,
+        MMPRETRAIN_RULES,
+        read=("mmpretrain_parts", "rename", "unfold_reduction"),
+    ),
 )
 
 BY_NAME = {f.name: f for f in FORMATS}
@@ -215,19 +268,38 @@ def guess_write_format(path: str | os.PathLike[str]) -> str:
     suffix = Path(path).suffix
     found = next((f.name for f in FORMATS if f.writable and suffix in f.guessed_from), None)
     if found is None:
-        raise InputError(f"{path}: cannot tell the format to write from {suffix!r}; pass --dst "
-                         f"({', '.join(WRITABLE)})")
+        raise InputError(f"{path}: cannot tell the format to write from {suffix!r}; pass --dst ({', '.join(WRITABLE)})")
     return found
 
 
 def table() -> str:
     """The formats as a plain-text table (name, read / write, what it writes, what it is): the help of
     `swinv2 convert`."""
-    rows = [(f.name, "read" + (", write" if f.writable else ""),
-             " ".join("folder" if s == FOLDER else s for s in f.writes) or "-", f.summary) for f in FORMATS]
+    rows = [
+        (
+            f.name,
+            "read" + (", write" if f.writable else ""),
+            " ".join("folder" if s == FOLDER else s for s in f.writes) or "-",
+            f.summary,
+        )
+        for f in FORMATS
+    ]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     return "\n".join(f"  {a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d}" for a, b, c, d in rows)
 
 
-__all__ = ["BY_NAME", "CPB_HIDDEN", "FOLDER", "FORMATS", "READABLE", "WRITABLE", "WeightFormat", "get_format",
-           "guess_write_format", "is_mmpretrain_layout", "is_timm_layout", "table", "writable_format"]
+__all__ = [
+    "BY_NAME",
+    "CPB_HIDDEN",
+    "FOLDER",
+    "FORMATS",
+    "READABLE",
+    "WRITABLE",
+    "WeightFormat",
+    "get_format",
+    "guess_write_format",
+    "is_mmpretrain_layout",
+    "is_timm_layout",
+    "table",
+    "writable_format",
+]

@@ -43,6 +43,7 @@ the cache is removed. Sources of a record are tried in order (timm's safetensors
 only "no such repo / file" moves on to the next one. This module imports `registry` only;
 `huggingface_hub` is imported when a file is looked up, so `import swinv2` stays fast.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -62,7 +63,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = {
     "timm": "timm 1.0.31 timm/models/swin_transformer_v2.py default_cfgs (hf_hub_id 'timm/' + NAME.TAG); files "
-            "as listed on huggingface.co/timm/swinv2_tiny_window8_256.ms_in1k",
+    "as listed on huggingface.co/timm/swinv2_tiny_window8_256.ms_in1k",
     "hf": "huggingface.co/models?other=swinv2 (the microsoft/swinv2-* repos; files config.json, pytorch_model.bin)",
     "official": "github.com/microsoft/Swin-Transformer MODELHUB.md (SwinV2 table, GitHub release v2.0.0)",
 }
@@ -79,8 +80,9 @@ class WeightsUnavailableError(SwinV2Error, OSError):
     `problem` is what went wrong and `record` the weights asked for: `in_config_words` restates the
     advice for a training config, whose keys differ from eval's and predict's options."""
 
-    def __init__(self, problem: str, record: WeightsRecord | None = None,
-                 from_config: tuple[str, str] | None = None) -> None:
+    def __init__(
+        self, problem: str, record: WeightsRecord | None = None, from_config: tuple[str, str] | None = None
+    ) -> None:
         super().__init__(problem if record is None else f"{problem}; {_manual(record, from_config)}")
         self.problem, self.record = problem, record
 
@@ -103,9 +105,9 @@ class HubFile:
 
     repo: str
     filename: str
-    format: str                 # the `convert.py` source format of its keys: "timm" | "hf"
-    sha256: str | None = None   # published SHA-256 (None: not published; the hub's ETag is checked instead)
-    size: int | None = None     # published size in bytes (None: not published)
+    format: str  # the `convert.py` source format of its keys: "timm" | "hf"
+    sha256: str | None = None  # published SHA-256 (None: not published; the hub's ETag is checked instead)
+    size: int | None = None  # published size in bytes (None: not published)
 
     def __str__(self) -> str:
         return f"{self.repo}/{self.filename}"
@@ -115,14 +117,14 @@ class HubFile:
 class WeightsRecord:
     """Pretrained weights for `variant`, addressed as ``variant.tag``."""
 
-    variant: str                # the registry variant the record is listed under
+    variant: str  # the registry variant the record is listed under
     tag: str
-    arch: str                   # the variant the file was trained as (another one for a 22k start point)
-    classes: str                # "imagenet-1k" | "imagenet-22k" (21841 classes, the official order)
+    arch: str  # the variant the file was trained as (another one for a 22k start point)
+    classes: str  # "imagenet-1k" | "imagenet-22k" (21841 classes, the official order)
     num_classes: int
-    top1: float | None          # official ImageNet-1k val top-1 of these weights in `variant` (None: not 1k)
+    top1: float | None  # official ImageNet-1k val top-1 of these weights in `variant` (None: not 1k)
     files: tuple[HubFile, ...]  # tried in this order
-    official_url: str           # the official release file, for a manual download (not on the hub)
+    official_url: str  # the official release file, for a manual download (not on the hub)
 
     @property
     def spec(self) -> str:
@@ -131,34 +133,66 @@ class WeightsRecord:
 
 # (timm key NAME.TAG, microsoft repo, official release file) as read from the sources above.
 _READ = (
-    ("swinv2_tiny_window8_256.ms_in1k", "microsoft/swinv2-tiny-patch4-window8-256",
-     "swinv2_tiny_patch4_window8_256.pth"),
-    ("swinv2_tiny_window16_256.ms_in1k", "microsoft/swinv2-tiny-patch4-window16-256",
-     "swinv2_tiny_patch4_window16_256.pth"),
-    ("swinv2_small_window8_256.ms_in1k", "microsoft/swinv2-small-patch4-window8-256",
-     "swinv2_small_patch4_window8_256.pth"),
-    ("swinv2_small_window16_256.ms_in1k", "microsoft/swinv2-small-patch4-window16-256",
-     "swinv2_small_patch4_window16_256.pth"),
-    ("swinv2_base_window8_256.ms_in1k", "microsoft/swinv2-base-patch4-window8-256",
-     "swinv2_base_patch4_window8_256.pth"),
-    ("swinv2_base_window16_256.ms_in1k", "microsoft/swinv2-base-patch4-window16-256",
-     "swinv2_base_patch4_window16_256.pth"),
-    ("swinv2_base_window12_192.ms_in22k", "microsoft/swinv2-base-patch4-window12-192-22k",
-     "swinv2_base_patch4_window12_192_22k.pth"),
-    ("swinv2_large_window12_192.ms_in22k", "microsoft/swinv2-large-patch4-window12-192-22k",
-     "swinv2_large_patch4_window12_192_22k.pth"),
-    ("swinv2_base_window12to16_192to256.ms_in22k_ft_in1k",
-     "microsoft/swinv2-base-patch4-window12to16-192to256-22kto1k-ft",
-     "swinv2_base_patch4_window12to16_192to256_22kto1k_ft.pth"),
-    ("swinv2_base_window12to24_192to384.ms_in22k_ft_in1k",
-     "microsoft/swinv2-base-patch4-window12to24-192to384-22kto1k-ft",
-     "swinv2_base_patch4_window12to24_192to384_22kto1k_ft.pth"),
-    ("swinv2_large_window12to16_192to256.ms_in22k_ft_in1k",
-     "microsoft/swinv2-large-patch4-window12to16-192to256-22kto1k-ft",
-     "swinv2_large_patch4_window12to16_192to256_22kto1k_ft.pth"),
-    ("swinv2_large_window12to24_192to384.ms_in22k_ft_in1k",
-     "microsoft/swinv2-large-patch4-window12to24-192to384-22kto1k-ft",
-     "swinv2_large_patch4_window12to24_192to384_22kto1k_ft.pth"),
+    (
+        "swinv2_tiny_window8_256.ms_in1k",
+        "microsoft/swinv2-tiny-patch4-window8-256",
+        "swinv2_tiny_patch4_window8_256.pth",
+    ),
+    (
+        "swinv2_tiny_window16_256.ms_in1k",
+        "microsoft/swinv2-tiny-patch4-window16-256",
+        "swinv2_tiny_patch4_window16_256.pth",
+    ),
+    (
+        "swinv2_small_window8_256.ms_in1k",
+        "microsoft/swinv2-small-patch4-window8-256",
+        "swinv2_small_patch4_window8_256.pth",
+    ),
+    (
+        "swinv2_small_window16_256.ms_in1k",
+        "microsoft/swinv2-small-patch4-window16-256",
+        "swinv2_small_patch4_window16_256.pth",
+    ),
+    (
+        "swinv2_base_window8_256.ms_in1k",
+        "microsoft/swinv2-base-patch4-window8-256",
+        "swinv2_base_patch4_window8_256.pth",
+    ),
+    (
+        "swinv2_base_window16_256.ms_in1k",
+        "microsoft/swinv2-base-patch4-window16-256",
+        "swinv2_base_patch4_window16_256.pth",
+    ),
+    (
+        "swinv2_base_window12_192.ms_in22k",
+        "microsoft/swinv2-base-patch4-window12-192-22k",
+        "swinv2_base_patch4_window12_192_22k.pth",
+    ),
+    (
+        "swinv2_large_window12_192.ms_in22k",
+        "microsoft/swinv2-large-patch4-window12-192-22k",
+        "swinv2_large_patch4_window12_192_22k.pth",
+    ),
+    (
+        "swinv2_base_window12to16_192to256.ms_in22k_ft_in1k",
+        "microsoft/swinv2-base-patch4-window12to16-192to256-22kto1k-ft",
+        "swinv2_base_patch4_window12to16_192to256_22kto1k_ft.pth",
+    ),
+    (
+        "swinv2_base_window12to24_192to384.ms_in22k_ft_in1k",
+        "microsoft/swinv2-base-patch4-window12to24-192to384-22kto1k-ft",
+        "swinv2_base_patch4_window12to24_192to384_22kto1k_ft.pth",
+    ),
+    (
+        "swinv2_large_window12to16_192to256.ms_in22k_ft_in1k",
+        "microsoft/swinv2-large-patch4-window12to16-192to256-22kto1k-ft",
+        "swinv2_large_patch4_window12to16_192to256_22kto1k_ft.pth",
+    ),
+    (
+        "swinv2_large_window12to24_192to384.ms_in22k_ft_in1k",
+        "microsoft/swinv2-large-patch4-window12to24-192to384-22kto1k-ft",
+        "swinv2_large_patch4_window12to24_192to384_22kto1k_ft.pth",
+    ),
 )
 # The official 22k -> 1k fine-tunes start from these 22k checkpoints (MODELHUB.md's "22K model" column).
 _STARTS_FROM = {
@@ -175,19 +209,34 @@ def _build_records() -> dict[str, tuple[WeightsRecord, ...]]:
         variant, tag = key.split(".")
         v = get_variant(variant)
         native[variant] = WeightsRecord(
-            variant=variant, tag=tag, arch=variant,
+            variant=variant,
+            tag=tag,
+            arch=variant,
             classes="imagenet-22k" if v.config.num_classes == 21841 else "imagenet-1k",
-            num_classes=v.config.num_classes, top1=v.top1,
-            files=(HubFile(f"timm/{key}", "model.safetensors", "timm"),
-                   HubFile(f"timm/{key}", "pytorch_model.bin", "timm"),
-                   HubFile(ms_repo, "pytorch_model.bin", "hf")),
-            official_url=OFFICIAL_RELEASE + official)
+            num_classes=v.config.num_classes,
+            top1=v.top1,
+            files=(
+                HubFile(f"timm/{key}", "model.safetensors", "timm"),
+                HubFile(f"timm/{key}", "pytorch_model.bin", "timm"),
+                HubFile(ms_repo, "pytorch_model.bin", "hf"),
+            ),
+            official_url=OFFICIAL_RELEASE + official,
+        )
     out: dict[str, tuple[WeightsRecord, ...]] = {name: (rec,) for name, rec in native.items()}
     for variant, start in _STARTS_FROM.items():  # the 22k start point, loaded into the fine-tune architecture
         src = native[start]
-        out[variant] += (WeightsRecord(variant=variant, tag=src.tag, arch=start, classes=src.classes,
-                                       num_classes=src.num_classes, top1=None, files=src.files,
-                                       official_url=src.official_url),)
+        out[variant] += (
+            WeightsRecord(
+                variant=variant,
+                tag=src.tag,
+                arch=start,
+                classes=src.classes,
+                num_classes=src.num_classes,
+                top1=None,
+                files=src.files,
+                official_url=src.official_url,
+            ),
+        )
     return out
 
 
@@ -280,23 +329,26 @@ def _manual(record: WeightsRecord, from_config: tuple[str, str] | None = None) -
     """What to do without the hub, in the words of the command that asked: eval / predict / export
     options, or config keys where a training config asked (`from_config`: the dotted key that set
     pretrained, e.g. "model.pretrained", and where it was set, e.g. the recipe file)."""
-    elsewhere = (f"on a machine with network run `swinv2 download {record.spec}` and copy its Hugging Face cache "
-                 f"into {cache_dir()} (HF_HUB_CACHE / HF_HOME), or fetch {record.official_url} yourself and ")
+    elsewhere = (
+        f"on a machine with network run `swinv2 download {record.spec}` and copy its Hugging Face cache "
+        f"into {cache_dir()} (HF_HUB_CACHE / HF_HOME), or fetch {record.official_url} yourself and "
+    )
     if from_config is None:
         return elsewhere + f"pass --weights FILE.pth --model {record.variant}"
     key, set_by = from_config
     section = key.rpartition(".")[0]
-    return elsewhere + (f"train from it with {section}.pretrained=false {section}.weights=FILE.pth ({key} was set "
-                        f"by {set_by})")
+    return elsewhere + (
+        f"train from it with {section}.pretrained=false {section}.weights=FILE.pth ({key} was set by {set_by})"
+    )
 
 
 @dataclass(frozen=True)
 class _Digest:
     """A digest a file must have, and whose word it is."""
 
-    algo: str                   # "sha256", or "git-sha1": git's blob id, sha1(b"blob SIZE\0" + content)
+    algo: str  # "sha256", or "git-sha1": git's blob id, sha1(b"blob SIZE\0" + content)
     hexdigest: str
-    size: int | None            # bytes, where known
+    size: int | None  # bytes, where known
     whose: str
 
 
@@ -304,8 +356,9 @@ _ALGO_NAMES = {"sha256": "SHA-256", "git-sha1": "git blob id"}
 _verified: set[tuple] = set()  # (blob path, dev, inode, size, mtime_ns, algo, digest) checked in this process
 
 
-def _published(source: HubFile, blob_name: str, listed: _Digest | None = None,
-               size: int | None = None) -> list[_Digest]:
+def _published(
+    source: HubFile, blob_name: str, listed: _Digest | None = None, size: int | None = None
+) -> list[_Digest]:
     """The digests a file of `source` stored as blob `blob_name` must have: the record's, the hub's
     file listing's (`listed`, after a download), and its blob name: huggingface_hub names a blob by the
     hub's ETag, the LFS SHA-256 of an LFS file or the git blob id of a file kept in git (`size`: the
@@ -327,8 +380,9 @@ def _listed(source: HubFile, revision: str | None) -> _Digest | None:
     (a mirror without the API, a network fault: the ETag is still checked)."""
     hf, constants = _hf()
     try:
-        (info,) = hf.HfApi(endpoint=constants.ENDPOINT).get_paths_info(source.repo, [source.filename],
-                                                                        revision=revision)
+        (info,) = hf.HfApi(endpoint=constants.ENDPOINT).get_paths_info(
+            source.repo, [source.filename], revision=revision
+        )
         if info.lfs is not None:
             return _Digest("sha256", info.lfs.sha256, info.lfs.size, "the hub's file listing (LFS SHA-256)")
         return _Digest("git-sha1", info.blob_id, info.size, "the hub's file listing (git blob id)")
@@ -354,20 +408,36 @@ def _verify(path: Path, source: HubFile, published: list[_Digest], *, downloaded
     blob = Path(os.path.realpath(path))
     if not published:
         if downloaded:
-            log.warning("%s: downloaded but not verified: the hub published no hash for it (its ETag %s is no "
-                        "SHA-256 or git blob id, and it has no file listing)", source, blob.name)
+            log.warning(
+                "%s: downloaded but not verified: the hub published no hash for it (its ETag %s is no "
+                "SHA-256 or git blob id, and it has no file listing)",
+                source,
+                blob.name,
+            )
         return
     st = blob.stat()
     seen = (str(blob), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     todo = [d for d in published if (*seen, d.algo, d.hexdigest) not in _verified]
     if not todo:
         return
-    problem = next((f"it is {st.st_size} bytes, not the {d.size} {d.whose} says" for d in todo
-                    if d.size is not None and d.size != st.st_size), None)
+    problem = next(
+        (
+            f"it is {st.st_size} bytes, not the {d.size} {d.whose} says"
+            for d in todo
+            if d.size is not None and d.size != st.st_size
+        ),
+        None,
+    )
     if problem is None:
         actual = _digests(blob, {d.algo for d in todo}, st.st_size)
-        problem = next((f"its {_ALGO_NAMES[d.algo]} {actual[d.algo][:16]}... is not {d.whose} {d.hexdigest[:16]}..."
-                        for d in todo if actual[d.algo] != d.hexdigest), None)
+        problem = next(
+            (
+                f"its {_ALGO_NAMES[d.algo]} {actual[d.algo][:16]}... is not {d.whose} {d.hexdigest[:16]}..."
+                for d in todo
+                if actual[d.algo] != d.hexdigest
+            ),
+            None,
+        )
     if problem is None:
         _verified.update((*seen, d.algo, d.hexdigest) for d in todo)
         return
@@ -377,12 +447,15 @@ def _verify(path: Path, source: HubFile, published: list[_Digest], *, downloaded
         except FileNotFoundError:
             pass
     what = "the download was corrupted" if downloaded else f"the cached file {blob} is corrupted"
-    raise WeightsHashError(f"{source}: {what}: {problem}; it was removed from the cache {cache_dir()}: run the "
-                           f"command again to download it afresh")
+    raise WeightsHashError(
+        f"{source}: {what}: {problem}; it was removed from the cache {cache_dir()}: run the "
+        f"command again to download it afresh"
+    )
 
 
-def _on_hub(rec: WeightsRecord, missing: list[str],
-            from_config: tuple[str, str] | None) -> Iterator[tuple[HubFile, Any]]:
+def _on_hub(
+    rec: WeightsRecord, missing: list[str], from_config: tuple[str, str] | None
+) -> Iterator[tuple[HubFile, Any]]:
     """Each of the record's files the hub has, in order, with its metadata (None where the hub answered
     with an error that a download retries), by one HEAD each without huggingface_hub's back-off, so
     that no network fails at once, in one line; the files it does not have are added to `missing`.
@@ -392,8 +465,12 @@ def _on_hub(rec: WeightsRecord, missing: list[str],
     from huggingface_hub.utils import HfHubHTTPError
 
     if constants.HF_HUB_OFFLINE:
-        raise WeightsUnavailableError(f"{rec.spec} is not in the cache {cache_dir()} and HF_HUB_OFFLINE is set "
-                                      f"(looked for {', '.join(map(str, rec.files))})", rec, from_config)
+        raise WeightsUnavailableError(
+            f"{rec.spec} is not in the cache {cache_dir()} and HF_HUB_OFFLINE is set "
+            f"(looked for {', '.join(map(str, rec.files))})",
+            rec,
+            from_config,
+        )
     for source in rec.files:
         try:
             meta = hf.get_hf_file_metadata(hf.hf_hub_url(source.repo, source.filename))
@@ -415,16 +492,21 @@ def _not_there() -> tuple[type[BaseException], ...]:
     return EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
 
-def _unreachable(rec: WeightsRecord, source: HubFile, e: BaseException,
-                 from_config: tuple[str, str] | None) -> WeightsUnavailableError:
-    return WeightsUnavailableError(f"{rec.spec}: cannot reach {_hf()[1].ENDPOINT} to download {source} and it is "
-                                   f"not in the cache {cache_dir()} ({_first_line(e)})", rec, from_config)
+def _unreachable(
+    rec: WeightsRecord, source: HubFile, e: BaseException, from_config: tuple[str, str] | None
+) -> WeightsUnavailableError:
+    return WeightsUnavailableError(
+        f"{rec.spec}: cannot reach {_hf()[1].ENDPOINT} to download {source} and it is "
+        f"not in the cache {cache_dir()} ({_first_line(e)})",
+        rec,
+        from_config,
+    )
 
 
-def _none_there(rec: WeightsRecord, missing: list[str],
-                from_config: tuple[str, str] | None) -> WeightsUnavailableError:
-    return WeightsUnavailableError(f"{rec.spec}: none of its files is on {_hf()[1].ENDPOINT}: {'; '.join(missing)}",
-                                   rec, from_config)
+def _none_there(rec: WeightsRecord, missing: list[str], from_config: tuple[str, str] | None) -> WeightsUnavailableError:
+    return WeightsUnavailableError(
+        f"{rec.spec}: none of its files is on {_hf()[1].ENDPOINT}: {'; '.join(missing)}", rec, from_config
+    )
 
 
 def _verify_cached(path: Path, source: HubFile) -> None:
@@ -480,8 +562,10 @@ def fetch(record: WeightsRecord | str) -> Path:
             missing.append(f"{source} ({type(e).__name__})")
             continue
         except Exception as e:  # httpx errors after the retries, size checks, disk full
-            raise WeightsDownloadError(f"{rec.spec}: download of {source} failed: {_first_line(e)}; nothing partial "
-                                       f"was kept, run the command again to retry") from None
+            raise WeightsDownloadError(
+                f"{rec.spec}: download of {source} failed: {_first_line(e)}; nothing partial "
+                f"was kept, run the command again to retry"
+            ) from None
         listed = _listed(source, meta.commit_hash if meta is not None else None)
         size = meta.size if meta is not None else None
         _verify(path, source, _published(source, Path(os.path.realpath(path)).name, listed, size), downloaded=True)

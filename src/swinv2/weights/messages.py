@@ -3,6 +3,7 @@
 A refusal names the file, the key and the value it found; a value or a list of keys from a file can be
 any size, so each is cut to a few dozen characters or a handful of names, the same way everywhere.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 def shown(value: Any, limit: int = 60) -> str:
     """`repr(value)`, cut to `limit` characters: a file's content quoted in a one-line message."""
     text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def abbreviate(keys: list[str], n: int = 6) -> str:

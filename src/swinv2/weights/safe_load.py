@@ -6,6 +6,7 @@ suggests `weights_only=False`; where it does not name the global (an opcode its 
 first), the pickle is read opcode by opcode, never run, to find it. A file that cannot be read now
 (permissions, an I/O error, a stale mount) is said to be so, never called corrupt.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,10 @@ def _cause(e: BaseException) -> str:
 
 
 def _refused(path: Path, name: str) -> UnsafeCheckpointError:
-    return UnsafeCheckpointError(f"{path}: refused to load: the pickle needs the global {name!r}, which is not "
-                                 f"allowed for a weights-only checkpoint (nothing was executed)")
+    return UnsafeCheckpointError(
+        f"{path}: refused to load: the pickle needs the global {name!r}, which is not "
+        f"allowed for a weights-only checkpoint (nothing was executed)"
+    )
 
 
 _PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}  # protocol <= 2 names, as pickle maps them
@@ -90,8 +93,10 @@ def _unsafe_global(path: Path) -> str | None:
     except ImportError:  # a torch without it: name the first global outside torch and collections
         allowed = None
     else:  # torch's list, and what the user allowed with `torch.serialization.add_safe_globals`
-        allowed = set(_get_allowed_globals()) | {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}"
-                                                 for g in torch.serialization.get_safe_globals()}
+        allowed = set(_get_allowed_globals()) | {
+            g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}"
+            for g in torch.serialization.get_safe_globals()
+        }
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as z:
@@ -139,8 +144,9 @@ def torch_load(path: PathLike) -> Any:
         unsafe = next((ln.strip() for ln in str(e).splitlines() if ln.strip().startswith(_UNSAFE_PREFIXES)), None)
         if unsafe:
             raise UnsafeCheckpointError(f"{path}: refused to load: {unsafe} (nothing was executed)") from None
-        raise CheckpointError(f"{path}: not a readable torch checkpoint (unsupported or corrupt pickle): "
-                              f"{_cause(e)}") from None
+        raise CheckpointError(
+            f"{path}: not a readable torch checkpoint (unsupported or corrupt pickle): {_cause(e)}"
+        ) from None
     except Exception as e:  # torch raises RuntimeError/EOFError/KeyError/... for torn or foreign bytes
         oserror = _os_error(e)
         if oserror is not None:  # the system failed to read it (EIO, ESTALE): not the file's fault

@@ -7,6 +7,7 @@ tagged `TRAINING_STATE_FORMAT` is checked for the keys resuming and reading its 
 file that loads but was cut down or edited is as unusable as a torn one. Files get the mode of any new
 file (0o666 less the umask).
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -47,7 +48,8 @@ def _check_plain(obj: Any, where: str) -> None:
     raise CheckpointError(
         f"training state {where} is a {type(obj).__module__}.{type(obj).__qualname__}; only tensors and plain "
         f"Python data (dict/list/tuple/int/float/str/bool/None) can be saved so that the file loads with "
-        f"weights_only=True")
+        f"weights_only=True"
+    )
 
 
 def save_training_state(path: PathLike, state: dict[str, Any]) -> None:
@@ -81,9 +83,18 @@ def load_training_state(path: PathLike) -> dict[str, Any]:
 # What a training state of `engine.fit` holds (`Trainer.state_dict`), each key with the types it may have;
 # "ema" and "scaler" are None where the run has none.
 _STATE_KEYS: dict[str, tuple[type, ...]] = {
-    "model": (dict,), "ema": (dict, type(None)), "optimizer": (dict,), "scheduler": (dict,),
-    "scaler": (dict, type(None)), "progress": (dict,), "sampler": (dict,), "history": (list,), "best": (list,),
-    "classes": (list,), "preprocess": (dict,)}
+    "model": (dict,),
+    "ema": (dict, type(None)),
+    "optimizer": (dict,),
+    "scheduler": (dict,),
+    "scaler": (dict, type(None)),
+    "progress": (dict,),
+    "sampler": (dict,),
+    "history": (list,),
+    "best": (list,),
+    "classes": (list,),
+    "preprocess": (dict,),
+}
 
 
 def check_training_state(state: Mapping[str, Any], path: PathLike) -> None:
@@ -96,11 +107,14 @@ def check_training_state(state: Mapping[str, Any], path: PathLike) -> None:
             raise CheckpointError(f"{path}: training state without {key!r} (damaged or edited); not usable")
         if not isinstance(state[key], types):
             wanted = " or ".join("None" if t is type(None) else t.__name__ for t in types)
-            raise CheckpointError(f"{path}: training state {key!r} holds a {type(state[key]).__name__}, not a "
-                                  f"{wanted} (damaged or edited); not usable")
+            raise CheckpointError(
+                f"{path}: training state {key!r} holds a {type(state[key]).__name__}, not a "
+                f"{wanted} (damaged or edited); not usable"
+            )
     if not all(isinstance(c, str) for c in state["classes"]):
-        raise CheckpointError(f"{path}: training state 'classes' holds {shown(state['classes'])}, not class names "
-                              f"(strings); not usable")
+        raise CheckpointError(
+            f"{path}: training state 'classes' holds {shown(state['classes'])}, not class names (strings); not usable"
+        )
 
 
 def find_resumable(directory: PathLike, pattern: str = "*.pt", *, remove_temp: bool = True) -> Path | None:
@@ -121,8 +135,9 @@ def find_resumable(directory: PathLike, pattern: str = "*.pt", *, remove_temp: b
     try:
         names = sorted(os.listdir(directory))  # Path.glob would take an unreadable folder for an empty one
     except OSError as e:
-        raise UnreadableFileError(f"{directory}: cannot be read: {e.strerror or e}; stopped without changing "
-                                  f"anything") from None
+        raise UnreadableFileError(
+            f"{directory}: cannot be read: {e.strerror or e}; stopped without changing anything"
+        ) from None
     best: tuple[tuple[int, bool, str], Path] | None = None
     for p in (directory / n for n in names if fnmatch.fnmatchcase(n, pattern) and not n.startswith(".")):
         if not p.is_file():
@@ -130,8 +145,10 @@ def find_resumable(directory: PathLike, pattern: str = "*.pt", *, remove_temp: b
         try:
             state = load_training_state(p)
         except UnreadableFileError as e:
-            raise UnreadableFileError(f"{e}; stopped without changing anything (a checkpoint that cannot be "
-                                      f"read is not skipped: fix its permissions or mount, or move it away)") from None
+            raise UnreadableFileError(
+                f"{e}; stopped without changing anything (a checkpoint that cannot be "
+                f"read is not skipped: fix its permissions or mount, or move it away)"
+            ) from None
         except OSError as e:  # CheckpointError (read and found torn), or the file vanished meanwhile
             log.warning("skipping checkpoint %s: %s", p, e)
             continue
@@ -151,5 +168,10 @@ def find_resumable(directory: PathLike, pattern: str = "*.pt", *, remove_temp: b
     return None if best is None else best[1]
 
 
-__all__ = ["TRAINING_STATE_FORMAT", "check_training_state", "find_resumable", "load_training_state",
-           "save_training_state"]
+__all__ = [
+    "TRAINING_STATE_FORMAT",
+    "check_training_state",
+    "find_resumable",
+    "load_training_state",
+    "save_training_state",
+]
