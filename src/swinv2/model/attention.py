@@ -61,9 +61,11 @@ def log_spaced_coords(
     """
     wh, ww = window
     span_w = 2 * ww - 1
-    k = torch.arange((2 * wh - 1) * span_w, device=device)
+    k = torch.arange((2 * wh - 1) * span_w, device=device)  # type: ignore[arg-type]  # a 0-dim tensor bound runs
     table = torch.stack((k // span_w - (wh - 1), k % span_w - (ww - 1)), dim=-1).float()
     # A window of 1 has the single offset 0; dividing by at least 1 keeps it 0 instead of 0/0.
+    dh: int | Tensor
+    dw: int | Tensor
     if pretrained_window[0] > 0:
         dh, dw = (max(v - 1, 1) for v in pretrained_window)
     else:

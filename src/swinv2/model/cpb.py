@@ -8,14 +8,16 @@ windows larger than the training window, how the log-spaced coordinates extrapol
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import windows
 from .attention import cpb_bias, cpb_input
-from .transformer import SwinTransformerV2
+from .transformer import BasicLayer, SwinTransformerBlock, SwinTransformerV2
 from .windows import Pair, compact, pair
 
 
@@ -45,11 +47,11 @@ def cpb_tables(model: SwinTransformerV2, window: int | Pair | None = None) -> li
         raise ValueError(f"window must be positive, got {window}")
     per_stage = stage_windows(model) if window is None else [window] * len(model.layers)
     tables = []
-    for i, (layer, w) in enumerate(zip(model.layers, per_stage)):
+    for i, (layer, w) in enumerate(zip(cast(Iterable[BasicLayer], model.layers), per_stage)):
         wh, ww = pair(w)
-        for j, block in enumerate(layer.blocks):
+        for j, block in enumerate(cast(Iterable[SwinTransformerBlock], layer.blocks)):
             attn = block.attn
-            weight = attn.cpb_mlp[0].weight
+            weight = cast(nn.Linear, attn.cpb_mlp[0]).weight
             coords = cpb_input((wh, ww), attn.pretrained_window_size, weight.device).to(weight.dtype)
             bias = cpb_bias(attn.cpb_mlp, coords)  # ((2h-1)(2w-1), nH)
             bias = bias.float().T.reshape(-1, 2 * wh - 1, 2 * ww - 1).cpu()

@@ -59,7 +59,9 @@ def _cosine_qkv_plain(qkv: Tensor, windows: int, heads: int, scale: Tensor) -> t
     return q.contiguous(), k.contiguous(), v.contiguous()
 
 
-def _cosine_qkv_forward(qkv: Tensor, windows: int, heads: int, scale: Tensor) -> tuple[Tensor, ...]:
+def _cosine_qkv_forward(
+    qkv: Tensor, windows: int, heads: int, scale: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(q/|q|*scale, k/|k|, v, |q|, |k|), the three outputs written straight into fresh contiguous
     (B, nW, nH, N, d) tensors: the op that normalises also does the layout change."""
     rows = _qkv_rows(qkv, windows, heads)
@@ -192,7 +194,8 @@ class _GeluLinear(torch.autograd.Function):
 
 def _softmax_then_flush(s: Tensor) -> Tensor:
     """softmax(s, dim=-1), then p if p > tiny else 0, in place on the fresh output."""
-    return F.threshold_(torch.softmax(s, dim=-1), torch.finfo(s.dtype).tiny, 0.0)
+    # torch.threshold_ is F.threshold_ (the same object), the one of the two torch's stubs list.
+    return torch.threshold_(torch.softmax(s, dim=-1), torch.finfo(s.dtype).tiny, 0.0)
 
 
 class _SoftmaxFlushed(torch.autograd.Function):

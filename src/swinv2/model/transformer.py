@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -225,7 +226,8 @@ class WindowAttention(nn.Module):
         elif counts is None or len(counts) != masks.shape[0]:
             raise ValueError("masks need counts: the number of consecutive windows per image under each mask")
         images = rows // sum(counts)
-        qkv_bias = None if self.q_bias is None else torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
+        v_bias = cast(Tensor, self.v_bias)  # set exactly when q_bias is
+        qkv_bias = None if self.q_bias is None else torch.cat((self.q_bias, torch.zeros_like(v_bias), v_bias))
         qkv = linear(x, self.qkv.weight, qkv_bias)  # (nW*B, N, 3C)
         logit_scale = torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()  # (nH, 1, 1)
         bias = self.attention_bias(window, masks)  # (len(counts), nH, N, N)
@@ -407,7 +409,7 @@ class BasicLayer(nn.Module):
 
     def _init_respostnorm(self) -> None:
         # Official init: post-norms start at zero, so every block starts as an identity map.
-        for blk in self.blocks:
+        for blk in cast(Iterable[SwinTransformerBlock], self.blocks):
             for norm in (blk.norm1, blk.norm2):
                 nn.init.zeros_(norm.weight)
                 nn.init.zeros_(norm.bias)
@@ -445,7 +447,7 @@ class SwinTransformerV2(nn.Module):
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
-        for layer in self.layers:
+        for layer in cast(Iterable[BasicLayer], self.layers):
             layer._init_respostnorm()
         self.register_load_state_dict_pre_hook(_drop_derived_keys)
 
@@ -465,7 +467,7 @@ class SwinTransformerV2(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward pass instead of storing its activations."""
-        for layer in self.layers:
+        for layer in cast(Iterable[BasicLayer], self.layers):
             layer.grad_checkpointing = enable
 
     def set_sequential_attention(self, enable: bool = True) -> None:
@@ -506,7 +508,7 @@ class SwinTransformerV2(nn.Module):
         `norm`, the last map goes through the final LayerNorm, as `forward_features` does."""
         x = self.pos_drop(self.patch_embed(x))
         maps = []
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(cast(Iterable[BasicLayer], self.layers)):
             x = layer.forward_blocks(x)
             out = self.norm(x) if (norm and i == len(self.layers) - 1) else x
             maps.append(out.permute(0, 3, 1, 2).contiguous())

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,8 @@ def pair(v: int | Sequence[int]) -> Pair:
         if len(v) != 2:
             raise ValueError(f"a window is an int or an (h, w) pair, got {v!r}")
         return int(v[0]), int(v[1])
-    return int(v), int(v)
+    w = cast(int, v)  # no tuple / list: an int (or anything int() takes)
+    return int(w), int(w)
 
 
 def stage_window_sizes(spec: WindowSpec, num_stages: int) -> tuple[Pair, ...]:
@@ -138,7 +139,9 @@ def relative_index(wh: int | Tensor, ww: int | Tensor) -> Tensor:
     keeps as shapes (the size-free export forward). Built from the (row, column) grid of the tokens: the
     same integers as flat-index arithmetic, but the form torch.compile fuses with the gather as it always
     has (the compiled logits stay bit for bit what they were)."""
-    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)  # (2, N)
+    # torch accepts 0-dim int tensors as arange bounds; its stubs list numbers only.
+    rows, cols = torch.arange(wh), torch.arange(ww)  # type: ignore[arg-type]
+    coords = torch.stack(torch.meshgrid(rows, cols, indexing="ij")).flatten(1)  # (2, N)
     rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (N, N, 2): (dy, dx) of each pair
     return (rel[..., 0] + (wh - 1)) * (2 * ww - 1) + rel[..., 1] + (ww - 1)
 

@@ -30,7 +30,8 @@ before any exporter is involved); it is slower than the model's own eager path a
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -90,18 +91,18 @@ def window_layout(H: Tensor, W: Tensor, window: TensorPair, shift: TensorPair, m
     (wh, ww), (sh, sw) = window, shift
     Hp, Wp = (H + wh - 1) // wh * wh, (W + ww - 1) // ww * ww
     N, cols = wh * ww, Wp // ww
-    t = torch.arange(Hp * Wp)
+    t = torch.arange(Hp * Wp)  # type: ignore[call-overload]  # 0-dim int64 sizes (traced shapes): torch accepts them
     k, n = t // N, t % N
     i, j = (k // cols) * wh + n // ww, (k % cols) * ww + n % ww  # rolled frame
     src_i, src_j = (i + sh) % Hp, (j + sw) % Wp
     gather = torch.where((src_i < H) & (src_j < W), src_i * W + src_j, H * W)
-    u = torch.arange(H * W)
+    u = torch.arange(H * W)  # type: ignore[call-overload]  # 0-dim int64 sizes (traced shapes): torch accepts them
     # Where each unpadded (u // W, u % W) lands in the rolled frame (+ Hp keeps the operands of % >= 0).
     ri, rj = (u // W - sh + Hp) % Hp, (u % W - sw + Wp) % Wp
     scatter = ((ri // wh) * cols + rj // ww) * N + (ri % wh) * ww + rj % ww
     mask = None
     if masked:
-        label = (_region(i, Hp, wh, sh) * 3 + _region(j, Wp, ww, sw)).view(-1, N)
+        label = (_region(i, Hp, wh, sh) * 3 + _region(j, Wp, ww, sw)).view(-1, N)  # type: ignore[call-overload]
         mask = (label[:, :, None] != label[:, None, :]).float() * MASK_VALUE  # (nW, N, N)
     return Layout(window, N, Hp * Wp // N, gather, scatter, mask)
 
@@ -116,8 +117,10 @@ def position_bias(attn: WindowAttention, window: TensorPair, square: bool) -> Te
 def window_attention(attn: WindowAttention, x: Tensor, layout: Layout, square: bool) -> Tensor:
     """The official scaled cosine attention of (B*nW, N, C) windows, images major; mask broadcast per window."""
     N, nH, C = layout.tokens, attn.num_heads, attn.proj.in_features  # C static: no Shape op in the graph
-    qkv_bias = None if attn.q_bias is None else torch.cat((attn.q_bias, torch.zeros_like(attn.v_bias), attn.v_bias))
-    qkv = F.linear(x, attn.qkv.weight, qkv_bias).reshape(-1, N, 3, nH, C // nH).permute(2, 0, 3, 1, 4)
+    v_bias = cast(Tensor, attn.v_bias)  # set exactly when q_bias is
+    qkv_bias = None if attn.q_bias is None else torch.cat((attn.q_bias, torch.zeros_like(v_bias), v_bias))
+    qkv = F.linear(x, attn.qkv.weight, qkv_bias).reshape(-1, N, 3, nH, C // nH)  # type: ignore[call-overload]
+    qkv = qkv.permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)  # one Split (indexing would be three Gathers, each a copy)
     scale = torch.clamp(attn.logit_scale, max=math.log(1.0 / 0.01)).exp()  # (nH, 1, 1)
     # cos(q, k) * scale with the scale folded into q/|q| (N x d, not N x N, products), as the fused
@@ -137,10 +140,12 @@ def window_attention(attn: WindowAttention, x: Tensor, layout: Layout, square: b
 def block_forward(blk: SwinTransformerBlock, x: Tensor, H: Tensor, W: Tensor, layout: Layout) -> Tensor:
     """Res-post-norm block (eval) on a (B, H, W, C) map: x + norm1(window attention), then x + norm2(mlp)."""
     C = blk.norm1.normalized_shape[0]
-    flat = F.pad(x.reshape(-1, H * W, C), (0, 0, 0, 1))  # row H*W: zeros, what padded tokens gather
-    windows = flat.index_select(1, layout.gather).reshape(-1, layout.tokens, C)  # (B*nW, N, C)
+    # Sizes H, W, N below are 0-dim int64 tensors (traced shapes), which torch's stubs do not list.
+    flat = F.pad(x.reshape(-1, H * W, C), (0, 0, 0, 1))  # type: ignore[call-overload]  # row H*W: zeros, padding
+    windows = flat.index_select(1, layout.gather).reshape(-1, layout.tokens, C)  # type: ignore[call-overload]
     out = window_attention(blk.attn, windows, layout, blk.window_size[0] == blk.window_size[1])
-    out = out.reshape(x.shape[0], -1, C).index_select(1, layout.scatter).reshape(-1, H, W, C)
+    out = out.reshape(x.shape[0], -1, C).index_select(1, layout.scatter)
+    out = out.reshape(-1, H, W, C)  # type: ignore[call-overload]
     x = x + blk.norm1(out)
     mlp = blk.mlp
     x = x + blk.norm2(mlp.fc2(F.gelu(mlp.fc1(x))))
@@ -153,7 +158,8 @@ def patch_merging(merge: PatchMerging, x: Tensor) -> Tensor:
     Hh, Wh, C = (shape[1] + 1) // 2, (shape[2] + 1) // 2, merge.norm.normalized_shape[0] // 2
     x = F.pad(x, (0, 0, 0, 1, 0, 1))[:, : 2 * Hh, : 2 * Wh]
     # Official order x0=[0::2,0::2], x1=[1::2,0::2], x2=[0::2,1::2], x3=[1::2,1::2] (as PatchMerging).
-    x = x.reshape(-1, Hh, 2, Wh, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(-1, Hh, Wh, 4 * C)
+    x = x.reshape(-1, Hh, 2, Wh, 2, C).permute(0, 1, 3, 4, 2, 5)  # type: ignore[call-overload]  # Hh, Wh: tensors
+    x = x.reshape(-1, Hh, Wh, 4 * C)  # type: ignore[call-overload]
     return merge.norm(F.linear(x, merge.reduction.weight))
 
 
@@ -162,7 +168,7 @@ def stage_forward(layer: BasicLayer, x: Tensor) -> Tensor:
     shape = torch._shape_as_tensor(x)  # (4,) int64; traced, it is the ONNX Shape of the live map
     H, W = shape[1], shape[2]
     layouts: dict[tuple[Pair, Pair], Layout] = {}
-    for blk in layer.blocks:
+    for blk in cast(Iterable[SwinTransformerBlock], layer.blocks):
         key = (blk.window_size, blk.shift_size)
         if key not in layouts:
             w, s = effective_window(H, W, *key)
@@ -189,6 +195,6 @@ class DynamicSizeForward(nn.Module):
         # padding gives: the tail beyond the last full patch is dropped, so no size-dependent pad.
         x = m.patch_embed.proj(F.pad(images, (0, p - 1, 0, p - 1))).permute(0, 2, 3, 1)
         x = m.patch_embed.norm(x)
-        for layer in m.layers:
+        for layer in cast(Iterable[BasicLayer], m.layers):
             x = stage_forward(layer, x)
         return m.forward_head(m.norm(x))

@@ -55,10 +55,10 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -66,7 +66,9 @@ from torch import nn
 
 from ..errors import InputError
 from ..hardware import cpu_name
+from ..model.transformer import SwinTransformerV2
 from ..outputs import atomic_write
+from ..preprocess import EvalPreprocess
 from ..units import remove_stale_temps, unit_lock
 from ..weights.registry import model_info
 
@@ -166,7 +168,7 @@ def check_supported(runtime: str, precision: str) -> None:
 # --------------------------------------------------------------------------- the export cache
 
 
-def weights_sha256(model: nn.Module) -> str:
+def weights_sha256(model: SwinTransformerV2) -> str:
     """SHA-256 of the model's config and state-dict tensors (names, dtypes, shapes, bytes)."""
     h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
     for name, t in sorted(model.state_dict().items()):
@@ -278,7 +280,7 @@ def _cached(
         old = _read_key(key_path) if key_path.exists() else None
         same = old is not None and {k: v for k, v in old.items() if k != "bound"} == key
         if same and graph.exists():
-            problem = _unbound(graph, old, bind)
+            problem = _unbound(graph, cast(dict[str, Any], old), bind)  # `same`: old is not None
             if problem is None:
                 log.debug("using the cached export %s", graph)
                 return graph
@@ -420,6 +422,7 @@ def int8_openvino(
                     f"its key: {problem}): --calib DIR, a folder of images like the ones to classify"
                 )
         return xml
+    images = cast(list[np.ndarray], images)  # calib is not None here: a calibration set
     onnx_path = fp32_onnx(model, root, sha, img_size)
 
     def build(path: Path) -> None:
@@ -458,7 +461,7 @@ def int8_openvino(
             ov.save_model(quantised, os.fspath(Path(tmp) / "m.xml"), compress_to_fp16=False)
             for name, dst in (("m.bin", path.with_suffix(".bin")), ("m.xml", path)):  # .xml last: the pair is done
                 with open(Path(tmp) / name, "rb") as src:
-                    atomic_write(dst, lambda f, src=src: shutil.copyfileobj(src, f))
+                    atomic_write(dst, functools.partial(shutil.copyfileobj, src))
 
     return _cached(xml, key, build, _bind_ir)
 
@@ -605,8 +608,9 @@ def load_runtime(
     Raises `RuntimeUnavailable` (a ValueError) with one line for a missing package or an unsupported
     precision.
     """
-    if img_size is None:
-        img_size = model_info(model).preprocess.img_size
+    model = cast(SwinTransformerV2, model)  # typed as a Module for callers; a SwinTransformerV2 here
+    if img_size is None:  # model_info fills the preprocessing in from the config where the weights gave none
+        img_size = cast(EvalPreprocess, model_info(model).preprocess).img_size
     if runtime == "auto":
         return _auto(
             model,
@@ -641,7 +645,7 @@ def _machine() -> str:
     return f"{cpu_name()} x{os.cpu_count()}"
 
 
-def _versions(runtimes: Sequence[str]) -> dict[str, str]:
+def _versions(runtimes: Iterable[str]) -> dict[str, str]:
     return {r: importlib.import_module(r).__version__ for r in runtimes}
 
 
@@ -672,7 +676,7 @@ def time_runtimes(
 
 
 def _auto(
-    model: nn.Module, precision: str, *, weights, img_size: int, calib, cache_dir, threads, batch_size: int
+    model: SwinTransformerV2, precision: str, *, weights, img_size: int, calib, cache_dir, threads, batch_size: int
 ) -> Runtime:
     batch_size = min(batch_size, AUTO_MAX_BATCH)
     candidates = []
@@ -712,7 +716,7 @@ def _auto(
     runtimes = {r: load_runtime(model, r, precision, **kw) for r in candidates}
     x = torch.randn(batch_size, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
     rates = time_runtimes(runtimes, x)
-    pick = max(rates, key=rates.get)
+    pick = max(rates, key=rates.__getitem__)
     memo[memo_key] = {"pick": pick, "img_per_s": rates, "date": time.strftime("%Y-%m-%d %H:%M")}
     try:
         memo_path.parent.mkdir(parents=True, exist_ok=True)

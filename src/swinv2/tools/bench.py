@@ -81,7 +81,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -145,10 +145,13 @@ class _HFLogits(nn.Module):
         return self.model(pixel_values=x).logits
 
 
+M = TypeVar("M", bound=nn.Module)
+
+
 @torch.no_grad()
 def randomize_weights_(
-    model: nn.Module, seed: int = 0, *, std: float = 0.02, logit_scales: tuple[float, float] | None = None
-) -> nn.Module:
+    model: M, seed: int = 0, *, std: float = 0.02, logit_scales: tuple[float, float] | None = None
+) -> M:
     """Draws every parameter afresh: std `std`, norm weights around 1; logit scales kept, or drawn
     uniformly from `logit_scales` (the parity tests draw them on both sides of the log(100) clamp).
 
@@ -212,7 +215,7 @@ def build_impl(impl: str, config: SwinV2Config, state_dict: dict[str, Tensor]) -
             drop_rate=c.drop_rate,
             attn_drop_rate=c.attn_drop_rate,
             drop_path_rate=c.drop_path_rate,
-            pretrained_window_sizes=c.pretrained_window_sizes,
+            pretrained_window_sizes=c.pretrained_window_sizes,  # type: ignore[arg-type]  # timm takes (h, w) pairs too
         )
         model.load_state_dict(checkpoint_filter_fn(state_dict, model))
         return model
@@ -221,15 +224,15 @@ def build_impl(impl: str, config: SwinV2Config, state_dict: dict[str, Tensor]) -
 
         from ..weights.convert import convert_state_dict
 
-        hf_cfg = Swinv2Config(
+        hf_cfg = Swinv2Config(  # type: ignore[call-arg]  # num_labels: a PreTrainedConfig kwarg, untyped
             image_size=c.img_size[0],
             patch_size=c.patch_size,
             num_channels=c.in_chans,
             embed_dim=c.embed_dim,
             depths=list(c.depths),
             num_heads=list(c.num_heads),
-            window_size=c.window_size,
-            pretrained_window_sizes=list(c.pretrained_window_sizes),
+            window_size=c.window_size,  # type: ignore[arg-type]  # passed as it is, as HF's own ints are
+            pretrained_window_sizes=list(c.pretrained_window_sizes),  # type: ignore[arg-type]  # likewise
             mlp_ratio=c.mlp_ratio,
             qkv_bias=c.qkv_bias,
             hidden_dropout_prob=c.drop_rate,
@@ -511,10 +514,10 @@ def _build_runtimes(
     int8 without `calib` is calibrated on 32 seeded N(0, 1) images."""
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))  # as in _max_abs_diffs
     ref = ours.eval()(x)
-    out = {}
+    out: dict[str, tuple[Callable, str]] = {}
     for name in names:
         for precision in precisions:
-            images = calib
+            images: str | os.PathLike | list[Any] | None = calib
             if precision == "int8" and images is None:
                 g = torch.Generator().manual_seed(0)
                 images = [torch.randn(1, 3, size, size, generator=g).numpy() for _ in range(32)]
@@ -540,9 +543,9 @@ def _max_abs_diffs(modules: dict[str, nn.Module], size: int, switches: dict[str,
     diffs: dict[str, float | None] = {ref: None}
     for p, out in outs.items():
         if p != ref:
-            diffs[p] = float((out - outs[ref]).abs().max())
-            if diffs[p] > 1e-3:
-                log.warning("%s logits differ from ours by %.3g: not the same computation", p, diffs[p])
+            diffs[p] = diff = float((out - outs[ref]).abs().max())
+            if diff > 1e-3:
+                log.warning("%s logits differ from ours by %.3g: not the same computation", p, diff)
     return diffs
 
 
@@ -581,15 +584,15 @@ def _bench_setting(
         m = copy.deepcopy(base).to(device)
         is_ours = p == "ours" or p in switches
         if is_ours and grad_checkpointing:
-            m.set_grad_checkpointing(True)
+            cast(SwinTransformerV2, m).set_grad_checkpointing(True)
         if is_ours and sequential_attention:
-            m.set_sequential_attention(True)
+            cast(SwinTransformerV2, m).set_sequential_attention(True)
         if train:
             m.train()
         else:
             m.eval().to(torch_dtype)
         weights_bytes = sum(t.numel() * t.element_size() for t in (*m.parameters(), *m.buffers()))
-        run_m = torch.compile(m, **compile_kwargs) if compile else m
+        run_m = cast(nn.Module, torch.compile(m, **compile_kwargs)) if compile else m  # an OptimizedModule
         steps[p] = _make_step(run_m, train=train, x=x if train else x.to(torch_dtype), dtype=torch_dtype, device=device)
         if p in switches:
             steps[p] = _switched(steps[p], switches[p])
@@ -718,6 +721,7 @@ def run_own_processes(impls: Sequence[str], bench_args: Sequence[str], *, rounds
                 )
     results = []
     for (*setting, impl), rows in runs.items():
+        ours_key = (*setting, "ours")  # not inside runs[...]: mypy reads x[(*a, b)] as 3.11's x[*a, b]
         ips = [row["img_per_s"] for row in rows]
         med = statistics.median(ips)
         results.append(
@@ -732,7 +736,7 @@ def run_own_processes(impls: Sequence[str], bench_args: Sequence[str], *, rounds
                 latency_ms_p50=statistics.median(row["latency_ms_p50"] for row in rows),
                 latency_ms_p90=statistics.median(row["latency_ms_p90"] for row in rows),
                 minor_faults_per_call=statistics.median(row["minor_faults_per_call"] for row in rows),
-                ours_speedup=statistics.median(row["img_per_s"] for row in runs[(*setting, "ours")]) / med,
+                ours_speedup=statistics.median(row["img_per_s"] for row in runs[ours_key]) / med,
                 ours_speedup_min=None,
                 ours_speedup_max=None,
                 ours_mem_ratio=None,
@@ -749,7 +753,7 @@ def optimizer_steps(model: str, *, rounds: int = 15, weight_decay: float = 0.05)
     from ..train.schedule import param_groups
 
     base = SwinTransformerV2(model_config(model))
-    kinds = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+    kinds: dict[str, dict[str, Any]] = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
     optimizers = {}
     for name, kwargs in kinds.items():
         m = copy.deepcopy(base)
