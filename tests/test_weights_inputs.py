@@ -474,7 +474,7 @@ def _hostile(files, tmp_path: Path, kind: str) -> Path:
 
 @pytest.mark.parametrize("kind", ["safetensors", "hf", "training_state"])
 def test_hostile_architecture_numbers_are_refused_in_bounded_time_and_memory(files, tmp_path, kind):
-    """A fresh `swinv2 eval` process: exit 2, one line naming the file and embed_dim, under 10 s and
+    """A fresh `swinv2 eval` process: exit 2, one line naming the file and embed_dim, under 10 s of CPU and
     2 GB peak resident memory (the whole process, torch included)."""
     weights = _hostile(files, tmp_path, kind)
     out, err = tmp_path / "stdout", tmp_path / "stderr"
@@ -507,7 +507,10 @@ def test_hostile_architecture_numbers_are_refused_in_bounded_time_and_memory(fil
     text = err.read_text()
     assert proc.returncode == 2, text
     assert text.count("\n") == 1 and "Traceback" not in text and "embed_dim" in text and str(weights) in text, text
-    assert elapsed < 10, elapsed
+    # The bound is on the CPU the process used (a build from the file's numbers is minutes of CPU): wall
+    # time on a machine shared with other work only gets a generous bound against a process that waits.
+    assert usage.ru_utime + usage.ru_stime < 10, (usage.ru_utime, usage.ru_stime)
+    assert elapsed < 60, elapsed
     assert usage.ru_maxrss * 1024 < 2 * 2**30, usage.ru_maxrss  # ru_maxrss: KiB on Linux
     assert not (tmp_path / "report.json").exists() and out.read_text() == ""
 
