@@ -22,7 +22,8 @@ from torch import nn
 from randomize import randomize_
 from swinv2 import create_backbone
 from swinv2.model.transformer import PatchMerging, SwinTransformerV2, SwinV2Config
-from swinv2.serve.backbone import SwinV2Backbone, load_backbone_weights, unfold_to_official_reduction
+from swinv2.serve.backbone import SwinV2Backbone, load_backbone_weights
+from swinv2.weights.convert import unfold_to_official_reduction
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TINY = SwinV2Config(

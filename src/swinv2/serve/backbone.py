@@ -29,8 +29,10 @@ from torch import Tensor, nn
 from ..errors import InputError
 from ..model.transformer import DERIVED_KEYS, BasicLayer, SwinTransformerV2, SwinV2Config
 from ..weights import convert, hub
+from ..weights.convert import unfold_to_official_reduction
 from ..weights.factory import LoadReport
 from ..weights.files import read_state_dict
+from ..weights.formats import is_mmpretrain_layout
 from ..weights.registry import config_with, model_config
 
 log = logging.getLogger(__name__)
@@ -241,21 +243,6 @@ _MM_BLOCK_PARTS = {
     "norm2": "norm2",
     "norm3": "norm3",
 }  # norm3: SwinV2-H/G's extra norm, the same name in both
-
-
-def is_mmpretrain_layout(keys: Sequence[str]) -> bool:
-    """mmpretrain's SwinV2 names its stages `stages.i` and its attention `attn.w_msa` with a CPB MLP."""
-    return any(k.startswith("stages.") and ".w_msa.cpb_mlp." in k for k in keys)
-
-
-def unfold_to_official_reduction(weight: Tensor) -> Tensor:
-    """A merging `reduction.weight` (2C, 4C) from mmcv's nn.Unfold input order to the official one.
-
-    Unfold lays the 4C inputs out channel-major, c * 4 + (2 * row + col); the official merging
-    concatenates the four neighbours [x(0,0), x(1,0), x(0,1), x(1,1)], neighbour-major.
-    """
-    out_ch, in_ch = weight.shape
-    return weight.reshape(out_ch, in_ch // 4, 4)[:, :, [0, 2, 1, 3]].transpose(1, 2).reshape(out_ch, in_ch)
 
 
 def mmpretrain_to_native(sd: Mapping[str, Tensor], dropped: list[str]) -> dict[str, Tensor]:
