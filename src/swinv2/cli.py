@@ -1183,6 +1183,97 @@ def _run_viz_cpb(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- data
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "data",
+        help="prepare training data: pack a folder or list file into shards",
+        description="Training data at scale. `swinv2 data pack SRC OUT` writes the images of SRC into "
+        "WebDataset-layout tar shards and a manifest (samples, bytes and SHA-256 per shard, class list and "
+        "counts), which `data.source: shards` trains from, locally or from s3://. Killed, the same command "
+        "finishes the pack.",
+    )
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    k = actions.add_parser(
+        "pack",
+        help="pack images into shards",
+        description="SRC: a folder of class folders, an official list file (train_map.txt: '<path><TAB><label>' "
+        "lines; ILSVRC2011fall_whole_map_train.txt: a JSON list) with its images in <prefix>.zip or the folder "
+        "<prefix>/ beside it, or with --unlabelled any folder of images. Images that do not decode are left out "
+        "and listed in the manifest.",
+    )
+    k.add_argument("src", metavar="SRC", help="class-folder tree, list file, or (with --unlabelled) image folder")
+    k.add_argument("out", metavar="OUT", help="the new shard folder (a killed pack there is finished)")
+    k.add_argument("--images", metavar="PATH", help="list files: the zip file or folder of the images")
+    k.add_argument(
+        "--classes",
+        metavar="PATH",
+        help="the class list, fixed: a shard set (its manifest) or a text file with one class per line; "
+        "pack a val split with the training shards' classes",
+    )
+    k.add_argument("--unlabelled", action="store_true", help="every image under SRC, without labels (pretraining)")
+    k.add_argument("--shard-samples", type=int, default=1000, metavar="N", help="samples per shard (default 1000)")
+    k.add_argument(
+        "--max-side",
+        type=int,
+        metavar="PX",
+        help="resize-on-write: images whose shorter side is longer are resized to it and stored as JPEG",
+    )
+    k.add_argument("--seed", type=int, default=0, help="the order samples are dealt into shards (default 0)")
+    k.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)), help="processes (default: CPUs)")
+    k.set_defaults(func=_run_data_pack)
+
+
+def _pack_classes(path: str | None) -> list[str] | None:
+    from pathlib import Path
+
+    from .errors import DataError
+
+    if path is None:
+        return None
+    p = Path(path)
+    if p.is_dir() or "://" in path:
+        from .train.shards import ShardDataset
+
+        return ShardDataset(path).classes
+    try:
+        names = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--classes: not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"--classes {path}: cannot read ({e})") from None
+    if not names:
+        raise DataError(f"--classes {path}: no class names in it")
+    return names
+
+
+def _run_data_pack(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .train.datasets import ImageFilesDataset, ImageFolderDataset, Samples
+    from .train.listfile import ListFileDataset, images_for
+    from .train.pack import PackOptions, pack_or_report
+
+    src = Path(args.src)
+    classes = _pack_classes(args.classes)
+    source: Samples
+    if args.unlabelled:
+        source = ImageFilesDataset(src)
+    elif src.is_file():
+        prefix = src.stem[: -len("_map")] if src.stem.endswith("_map") else "."
+        images = Path(args.images) if args.images else images_for(src.parent, prefix)
+        source = ListFileDataset(src, images, class_names=classes)
+    elif src.is_dir():
+        source = ImageFolderDataset(src, class_names=classes)
+    else:
+        raise FileNotFoundError(f"not found: {src}")
+    options = PackOptions(args.shard_samples, args.max_side, args.seed, max(1, args.workers))
+    print(pack_or_report(source, args.out, options, description=str(src)))
+    return 0
+
+
 # --------------------------------------------------------------------------- train
 
 
@@ -1344,6 +1435,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_bench,
     _add_viz_cpb,
     _add_train,
+    _add_data,
 ]
 
 

@@ -175,7 +175,17 @@ class DataConfig:
     train_dir: str = "train"
     val_dir: str = "val"
     val_root: str | None = None  # a separate val folder of classes (overrides root/val_dir)
-    source: Literal["folder", "digits"] = "folder"  # "digits": build root from scikit-learn's digits first
+    # folder: class folders; digits: build root from scikit-learn's digits first; list: the official
+    # `<train_dir>_map.txt` list files (images in <train_dir>.zip or <train_dir>/); shards: shard sets
+    # root/<train_dir>/ and root/<val_dir>/ written by `swinv2 data pack` (root may be s3://bucket/prefix).
+    source: Literal["folder", "digits", "list", "shards"] = "folder"
+    train_list: str | None = None  # list source: the training list under root (default <train_dir>_map.txt)
+    val_list: str | None = None  # list source: the val list under root (default <val_dir>_map.txt)
+    shuffle_shards: int = valid(8, "[1, 1048576]")  # shards: shards read together by the shuffle (locality)
+    cache_dir: str | None = None  # shards: downloads and verdicts (default $SWINV2_CACHE or ~/.cache/swinv2)
+    cache_limit_gb: float | None = valid(None, "> 0")  # shards from S3: bytes kept in the cache (None: all)
+    retries: int = valid(5, "[0, 100]")  # shards from S3: retries of a timeout or 5xx answer, with backoff
+    timeout: float = valid(60.0, "> 0")  # shards from S3: seconds to connect, and between bytes read
     batch_size: int = valid(128, f"[1, {MAX_BATCH}]")  # per process (official: 128 per GPU)
     eval_batch_size: int | None = valid(None, f"[1, {MAX_BATCH}]")  # None: 2 x batch_size
     # Data-loading processes; 0: load in the training process; auto: what this machine's CPUs keep busy

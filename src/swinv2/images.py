@@ -6,6 +6,7 @@ the training data alike, so it sits on the ground floor."""
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable, Iterator, Sequence
 
@@ -33,10 +34,11 @@ class BadImageError(DataError):
 # --------------------------------------------------------------------------- images
 
 
-def open_image(path: str | os.PathLike) -> tuple[Image.Image, str]:
-    """(RGB image, the file's original mode). Raises BadImageError naming `path`."""
+def open_image(path: str | os.PathLike, data: bytes | None = None) -> tuple[Image.Image, str]:
+    """(RGB image, the file's original mode). Raises BadImageError naming `path`. With `data`, the image
+    is decoded from those bytes (a member of a shard or a zip file) and `path` only names it."""
     try:
-        with Image.open(path) as im:
+        with Image.open(path if data is None else io.BytesIO(data)) as im:
             mode = im.mode
             im.load()  # decode fully now: a truncated file fails here, not later in a transform
             im = ImageOps.exif_transpose(im)  # apply (and drop) the EXIF orientation
@@ -44,7 +46,10 @@ def open_image(path: str | os.PathLike) -> tuple[Image.Image, str]:
     except FileNotFoundError:
         raise BadImageError(path, "file not found") from None
     except UnidentifiedImageError:
-        size = os.path.getsize(path) if os.path.exists(path) else -1
+        if data is not None:
+            size = len(data)
+        else:
+            size = os.path.getsize(path) if os.path.exists(path) else -1
         raise BadImageError(path, "empty file (0 bytes)" if size == 0 else "not an image PIL can identify") from None
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         raise BadImageError(path, f"cannot decode image ({type(e).__name__}: {e})") from None

@@ -518,3 +518,11 @@ def atomic_folder(path: PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def default_cache_dir() -> Path:
+    """swinv2's cache (exported graphs, downloaded shards): `$SWINV2_CACHE`, else `$XDG_CACHE_HOME/swinv2`,
+    else `~/.cache/swinv2`."""
+    if os.environ.get("SWINV2_CACHE"):
+        return Path(os.environ["SWINV2_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "swinv2"

@@ -67,7 +67,7 @@ from torch import nn
 from ..errors import InputError
 from ..hardware import cpu_name
 from ..model.transformer import SwinTransformerV2
-from ..outputs import atomic_write
+from ..outputs import atomic_write, default_cache_dir
 from ..preprocess import EvalPreprocess
 from ..units import remove_stale_temps, unit_lock
 from ..weights.registry import model_info
@@ -176,13 +176,6 @@ def weights_sha256(model: SwinTransformerV2) -> str:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
-
-
-def default_cache_dir() -> Path:
-    """`$SWINV2_CACHE`, else `$XDG_CACHE_HOME/swinv2`, else `~/.cache/swinv2`."""
-    if os.environ.get("SWINV2_CACHE"):
-        return Path(os.environ["SWINV2_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "swinv2"
 
 
 def export_root(

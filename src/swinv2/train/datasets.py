@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -34,7 +35,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from ..errors import DataError, InputError
-from ..images import BadImageError, folder_key, is_hidden, load_image, open_image, walk_folder
+from ..images import BadImageError, folder_key, is_hidden, open_image, walk_folder
 from ..outputs import IMG_EXTENSIONS, atomic_folder
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
 
@@ -181,6 +182,64 @@ def build_mixup(
     )
 
 
+# --------------------------------------------------------------------------- what training reads
+
+
+class Samples(Dataset):
+    """Encoded images by index, each with a label (-1: none), that training, `--check-data` and `data pack`
+    read: class folders here, list files (`listfile`) and shards (`shards`). Attributes every kind has:
+    `root` (what the messages name), `classes`, and the folder-hygiene lists `empty_classes`, `stray`,
+    `missing_classes` and `skipped_links` (empty where the kind has no folders)."""
+
+    root: Any
+    classes: list[str]
+    empty_classes: list[str]
+    stray: list[str]
+    missing_classes: list[str]
+    skipped_links: list[str]
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def label_of(self, index: int) -> int:
+        raise NotImplementedError
+
+    def where(self, index: int) -> str:
+        """The sample's place, for messages: a path, or a shard and key."""
+        raise NotImplementedError
+
+    def raw(self, index: int) -> bytes:
+        """The sample's encoded image bytes (BadImageError where they cannot be read)."""
+        raise NotImplementedError
+
+    def open(self, index: int) -> tuple[Image.Image, str]:
+        """(RGB image, original mode) of sample `index`; BadImageError naming `where(index)`."""
+        return open_image(self.where(index), self.raw(index))
+
+    def read(self, index: int) -> Image.Image:
+        return self.open(index)[0]
+
+    def class_counts(self) -> list[int]:
+        counts = Counter(self.label_of(i) for i in range(len(self)))
+        return [counts.get(i, 0) for i in range(len(self.classes))]
+
+    def check_storage(self) -> list[tuple[str, str]]:
+        """(file, reason) for each storage file that fails its own check (none for plain files)."""
+        return []
+
+    def fingerprint(self) -> str | None:
+        """What identifies the data beyond its size, checked on resume (None: nothing cheap does)."""
+        return None
+
+    def groups(self) -> list[int] | None:
+        """Sample counts of the consecutive runs of samples stored together (shards), in index order, so
+        that a shuffle can keep reads local (`ShardedSampler`); None: any order reads as fast."""
+        return None
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        return self.read(index), self.label_of(index)
+
+
 # --------------------------------------------------------------------------- class folders
 
 
@@ -217,7 +276,7 @@ def _walk_images(
                 stray.append(path)
 
 
-class ImageFolderDataset(Dataset):
+class ImageFolderDataset(Samples):
     """`root/<class>/**/<image>` -> (transform(image), class index).
 
     `class_names` fixes the class list (e.g. the training classes for a val folder): a val class
@@ -268,10 +327,25 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def label_of(self, index: int) -> int:
+        return self.samples[index][1]
+
+    def where(self, index: int) -> str:
+        return self.samples[index][0]
+
+    def raw(self, index: int) -> bytes:
+        path = self.samples[index][0]
+        try:
+            return Path(path).read_bytes()
+        except OSError as e:
+            raise BadImageError(path, f"cannot read ({e.strerror or type(e).__name__})") from None
+
+    def open(self, index: int) -> tuple[Image.Image, str]:
+        return open_image(self.samples[index][0])
+
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        path, label = self.samples[index]
-        img = load_image(path)
-        return (self.transform(img) if self.transform is not None else img), label
+        img = self.read(index)
+        return (self.transform(img) if self.transform is not None else img), self.label_of(index)
 
     def class_counts(self) -> list[int]:
         counts = Counter(label for _, label in self.samples)
@@ -306,7 +380,7 @@ def _listed(names: Sequence[str], limit: int = 10) -> str:
     return ", ".join(names[:limit]) + (f" ... (+{len(names) - limit})" if len(names) > limit else "")
 
 
-def folder_warnings(ds: ImageFolderDataset, *, training: bool) -> list[str]:
+def folder_warnings(ds: Samples, *, training: bool) -> list[str]:
     """One line per problem of one class folder: empty class folders (for a training folder: the
     model gets an output that no image teaches, and may still predict it), ignored files, linked
     folders not followed, and classes of a fixed class list without a folder. Training and `swinv2 eval`
@@ -337,7 +411,7 @@ def folder_warnings(ds: ImageFolderDataset, *, training: bool) -> list[str]:
     return out
 
 
-def hygiene_warnings(train: ImageFolderDataset, val: ImageFolderDataset | None = None) -> list[str]:
+def hygiene_warnings(train: Samples, val: Samples | None = None) -> list[str]:
     """One line per class-folder problem worth a warning before training (see `folder_warnings`)."""
     return folder_warnings(train, training=True) + ([] if val is None else folder_warnings(val, training=False))
 
@@ -349,7 +423,7 @@ def hygiene_warnings(train: ImageFolderDataset, val: ImageFolderDataset | None =
 class DataReport:
     """What `check_dataset` found: per split, class counts, image modes and unreadable files."""
 
-    splits: dict[str, ImageFolderDataset] = field(default_factory=dict)
+    splits: dict[str, Samples] = field(default_factory=dict)
     bad: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # split -> [(path, reason)]
     modes: dict[str, Counter] = field(default_factory=dict)  # split -> Counter(mode)
     warnings: list[str] = field(default_factory=list)
@@ -376,7 +450,7 @@ class DataReport:
         return "\n".join(lines)
 
     @staticmethod
-    def _classes(split: str, ds: ImageFolderDataset, counts: list[int]) -> list[str]:
+    def _classes(split: str, ds: Samples, counts: list[int]) -> list[str]:
         """The lines of a labelled split: its size, then a bar per class."""
         lines = [
             f"{split}: {ds.root}: {len(ds)} images, {len(ds.classes)} classes "
@@ -398,31 +472,38 @@ def check_dataset(
 ) -> DataReport:
     """Scan the class folders (and, with `decode`, decode every image) and report what is wrong.
     Without `labels` (pretraining) the folders are read as `ImageFilesDataset`s."""
-    report = DataReport()
     train = ImageFolderDataset(train_root) if labels else ImageFilesDataset(train_root)
-    report.splits["train"] = train
     val = None
     if val_root is not None and Path(val_root).exists():
         val = ImageFolderDataset(val_root, class_names=train.classes) if labels else ImageFilesDataset(val_root)
+    return check_samples(train, val, decode=decode, workers=workers)
+
+
+def check_samples(train: Samples, val: Samples | None = None, *, decode: bool = True, workers: int = 4) -> DataReport:
+    """The report of `check_dataset` for any kind of samples: hygiene, the storage's own check (shards:
+    each file against its manifest), and with `decode` every image decoded."""
+    report = DataReport()
+    report.splits["train"] = train
+    if val is not None:
         report.splits["val"] = val
     report.warnings = hygiene_warnings(train, val)
 
-    def probe(path: str) -> tuple[str, str | None]:
+    def probe(ds: Samples, index: int) -> tuple[str, str | None]:
         try:
-            return open_image(path)[1], None
+            return ds.open(index)[1], None
         except BadImageError as e:
             return "unreadable", e.reason
 
     for split, ds in report.splits.items():
-        report.bad[split], report.modes[split] = [], Counter()
-        if not decode:
+        report.bad[split], report.modes[split] = list(ds.check_storage()), Counter()
+        if not decode or report.bad[split]:
             continue
-        paths = [p for p, _ in ds.samples]
         with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decoders release the GIL
-            for path, (mode, reason) in zip(paths, pool.map(probe, paths)):
+            results = pool.map(functools.partial(probe, ds), range(len(ds)))
+            for index, (mode, reason) in enumerate(results):
                 report.modes[split][mode] += 1
                 if reason is not None:
-                    report.bad[split].append((path, reason))
+                    report.bad[split].append((ds.where(index), reason))
     return report
 
 
@@ -448,6 +529,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def block_order(groups: Sequence[int], block: int, seed: int) -> list[int]:
+    """A permutation of the `sum(groups)` sample indices that reads `block` groups at a time: the groups
+    (consecutive runs of indices, e.g. shards) in a seeded order, and the samples of each `block` of them
+    permuted among themselves."""
+    g = torch.Generator().manual_seed(seed)
+    starts = np.concatenate([[0], np.cumsum(groups)[:-1]]).astype(np.int64)
+    shards = torch.randperm(len(groups), generator=g).tolist()
+    order: list[int] = []
+    for b in range(0, len(shards), block):
+        members = np.concatenate(
+            [np.arange(starts[s], starts[s] + groups[s], dtype=np.int64) for s in shards[b : b + block]]
+        )
+        order += members[torch.randperm(len(members), generator=g).numpy()].tolist()
+    return order
+
+
 class ShardedSampler(Sampler):
     """Yields (sample index, sample seed) keys for one rank, resumable mid-epoch.
 
@@ -457,6 +554,10 @@ class ShardedSampler(Sampler):
     which makes each global batch the same set of samples whatever R is. `start` skips this rank's
     first samples of the epoch: the position of a resumed run. Without `drop_last` (evaluation),
     every sample goes to exactly one rank and nothing is padded.
+
+    With `groups` (the sample counts of consecutive shards, `Samples.groups`), the shuffle keeps reads
+    local: the shards are permuted, taken `block` at a time, and the samples of each block permuted
+    among themselves, so a stretch of the epoch reads `block` shards, not all of them.
     """
 
     def __init__(
@@ -469,7 +570,12 @@ class ShardedSampler(Sampler):
         seed: int = 0,
         shuffle: bool = True,
         drop_last: bool = True,
+        groups: Sequence[int] | None = None,
+        block: int = 8,
     ) -> None:
+        if groups is not None and sum(groups) != num_samples:
+            raise ValueError(f"groups hold {sum(groups)} samples, not {num_samples}")
+        self.groups, self.block = (list(groups) if groups is not None else None), max(1, block)
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} not in [0, {num_replicas})")
         self.num_samples, self.batch_size = num_samples, batch_size
@@ -487,7 +593,9 @@ class ShardedSampler(Sampler):
         return math.ceil(len(range(self.rank, self.num_samples, self.num_replicas)) / self.batch_size)
 
     def _local_order(self) -> list[int]:
-        if self.shuffle:
+        if self.shuffle and self.groups is not None:
+            order = self._block_order()
+        elif self.shuffle:
             g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch))
             order = torch.randperm(self.num_samples, generator=g).tolist()
         else:
@@ -495,6 +603,10 @@ class ShardedSampler(Sampler):
         if self.drop_last:
             order = order[: self.batches_per_epoch * self.batch_size * self.num_replicas]
         return order[self.rank :: self.num_replicas]
+
+    def _block_order(self) -> list[int]:
+        assert self.groups is not None
+        return block_order(self.groups, self.block, sample_seed(self.seed, self.epoch))
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
@@ -534,6 +646,7 @@ class Sample(NamedTuple):
     label: int
     index: int  # type: ignore[assignment]  # a field named as tuple.index (mypy: NamedTuple field shadowing)
     error: tuple[str, str] | None  # (path, reason) of an unreadable file
+    fatal: str | None = None  # a fault of the storage (a shard missing, changed, unreachable): stops the run
 
 
 class Batch(NamedTuple):
@@ -541,6 +654,15 @@ class Batch(NamedTuple):
     labels: Tensor  # (B,) int64
     indices: Tensor  # (B,) int64, dataset indices
     bad: list[tuple[str, str]]  # (path, reason) of the files dropped from this batch
+    fatal: str | None = None  # the first storage fault met: the reader raises it (`checked`)
+
+
+def checked(batch: Batch) -> Batch:
+    """`batch`, or the storage fault it carries raised as a DataError: a fault met in a loader worker
+    reaches the training process as one line, never as the worker's wrapped traceback."""
+    if batch.fatal is not None:
+        raise DataError(batch.fatal)
+    return batch
 
 
 class SeededSamples(Dataset):
@@ -548,7 +670,7 @@ class SeededSamples(Dataset):
     transform, so the augmentation of a sample depends on its key alone. Unreadable files give a
     Sample with `image=None` and the error, never another image."""
 
-    def __init__(self, dataset: ImageFolderDataset, transform: Callable) -> None:
+    def __init__(self, dataset: Samples, transform: Callable) -> None:
         self.dataset, self.transform = dataset, transform
 
     def __len__(self) -> int:
@@ -556,16 +678,21 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key: tuple[int, int] | int) -> Sample:
         index, seed = key if isinstance(key, tuple) else (key, 0)
-        path, label = self.dataset.samples[index]
         try:
-            img = load_image(path)
+            label = self.dataset.label_of(index)
+            img = self.dataset.read(index)
         except BadImageError as e:
-            return Sample(None, label, index, (path, e.reason))
+            return Sample(None, self.dataset.label_of(index), index, (e.path, e.reason))
+        except DataError as e:  # the storage itself: no sample of it can be trusted
+            return Sample(None, -1, index, None, str(e))
         seed_everything(seed)
         return Sample(self.transform(img), label, index, None)
 
 
 def collate(samples: list[Sample]) -> Batch:
+    fatal = next((s.fatal for s in samples if s.fatal is not None), None)
+    if fatal is not None:
+        return Batch(torch.empty(0), torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64), [], fatal)
     good = [s for s in samples if s.error is None]
     bad = [s.error for s in samples if s.error is not None]
     images = torch.stack([cast(Tensor, s.image) for s in good]) if good else torch.empty(0)  # no error: an image

@@ -51,15 +51,17 @@ from ..weights.factory import create_model
 from ..weights.registry import get_variant
 from ..weights.training_state import TRAINING_STATE_FORMAT as STATE_FORMAT  # the one tag of a training state
 from . import distributed as D
-from . import schedule
+from . import schedule, sources
 from .datasets import (
     Batch,
     DataReport,
-    ImageFolderDataset,
+    Samples,
     SeededSamples,
     ShardedSampler,
     build_digits_folder,
     check_dataset,
+    check_samples,
+    checked,
     hygiene_warnings,
     make_loader,
     sample_seed,
@@ -158,20 +160,40 @@ def data_roots(cfg: Config, task: Task, env: D.DistEnv | None = None) -> tuple[P
 
 
 def check_data(cfg: Config) -> DataReport:
-    """`swinv2 train --check-data`: decode every image of the configured folders and report."""
+    """`swinv2 train --check-data`: decode every image of the configured data and report (shards: each
+    checked against its manifest first)."""
     task = task_for(cfg)
+    workers = max(cast(int, cfg.data.workers), 1)  # "auto": resolved by DataConfig
+    if cfg.data.source in ("list", "shards"):
+        return check_samples(*open_datasets(cfg, task), workers=workers)
     train_root, val_root = data_roots(cfg, task)
     return check_dataset(
         train_root,
         val_root if val_root is not None and val_root.is_dir() else None,
-        workers=max(cast(int, cfg.data.workers), 1),  # "auto": resolved by DataConfig
+        workers=workers,
         labels=task.labelled,
     )
 
 
-def prepare_data(cfg: Config, env: D.DistEnv, task: Task) -> tuple[ImageFolderDataset, ImageFolderDataset | None]:
-    """The train and val datasets of `task`, hygiene reported; in strict mode every image decoded first."""
+def open_datasets(cfg: Config, task: Task, env: D.DistEnv | None = None) -> tuple[Samples, Samples | None]:
+    """The train and val `Samples` of `data.source` (see `sources`)."""
+    if not cfg.data.root:
+        raise ConfigError("data.root is not set (the folder holding train/ and val/ class folders)")
+    if cfg.data.source == "shards":
+        return sources.shard_sets(cfg.data, task)
+    if cfg.data.source == "list":
+        return sources.list_files(cfg.data, task)
     train_root, val_root = data_roots(cfg, task, env)
+    train, val = task.datasets(train_root, val_root)
+    if val is None and val_root is not None:
+        log.warning("no validation folder at %s: training without evaluation", val_root)
+    return train, val
+
+
+def prepare_data(cfg: Config, env: D.DistEnv, task: Task) -> tuple[Samples, Samples | None]:
+    """The train and val datasets of `task`, hygiene reported; in strict mode every image decoded first."""
+    if cfg.data.source == "digits":  # built (by rank 0) before anything reads it
+        data_roots(cfg, task, env)
     if cfg.data.strict:  # rank 0 decodes every image; every rank learns the verdict
         problem = None
         if env.is_main:
@@ -181,9 +203,7 @@ def prepare_data(cfg: Config, env: D.DistEnv, task: Task) -> tuple[ImageFolderDa
         problem = D.broadcast_object(problem, env)
         if problem:
             raise BadDataError(problem)
-    train, val = task.datasets(train_root, val_root)
-    if val is None and val_root is not None:
-        log.warning("no validation folder at %s: training without evaluation", val_root)
+    train, val = open_datasets(cfg, task, env)
     if env.is_main:
         for w in hygiene_warnings(train, val):
             log.warning("%s", w)
@@ -248,6 +268,16 @@ def _check_classes(tr: Trainer, state: dict[str, Any], source: Path) -> None:
         raise InputError(
             f"{source}: trained on classes {state['classes'][:5]}... but the data now has "
             f"{tr.classes[:5]}...: the class map changed"
+        )
+
+
+def _check_data(tr: Trainer, state: dict[str, Any], source: Path) -> None:
+    """Shards name their data by the manifest's hash: a resume on other shards is refused."""
+    saved, now = state.get("data"), tr.train_ds.fingerprint()
+    if saved is not None and now is not None and saved != now:
+        raise InputError(
+            f"{source}: trained on data with manifest {saved[:12]}, {tr.train_ds.root} now has {now[:12]}: "
+            f"the shards changed, an exact resume is impossible (--start-over to begin again)"
         )
 
 
@@ -339,6 +369,7 @@ STATE: tuple[Part, ...] = (
     _rows("history"),
     _rows("best"),
     Part("classes", lambda tr: list(tr.classes), check=_check_classes),
+    Part("data", lambda tr: tr.train_ds.fingerprint(), check=_check_data),
     Part("preprocess", lambda tr: dataclasses.asdict(tr.preprocess)),
     Part("model_name", lambda tr: tr.cfg.model.name),
     Part("model_config", lambda tr: tr.model.config.to_dict()),
@@ -357,6 +388,8 @@ class Trainer:
     env: D.DistEnv
     cfg: Config
     classes: list[str]
+    train_ds: Samples
+    val_ds: Samples | None
     model: TrainedModule
     preprocess: EvalPreprocess
     ema: ModelEmaV3 | None
@@ -438,6 +471,8 @@ class Trainer:
             num_replicas=env.world_size,
             rank=env.rank,
             seed=cfg.train.seed,
+            groups=self.train_ds.groups(),
+            block=d.shuffle_shards,
         )
         pin = d.pin_memory and env.device.type == "cuda"
         self.train_loader = make_loader(
@@ -599,7 +634,7 @@ class Trainer:
         it: Iterator[Batch] = iter(self.train_loader) if start_step < self.steps_per_epoch else iter(())
         try:
             for _ in range(start_step, self.steps_per_epoch):
-                micro = [next(it) for _ in range(self.accum)]
+                micro = [checked(next(it)) for _ in range(self.accum)]
                 for b in micro:
                     self.progress["epoch_bad_files"].update(dict(b.bad))
                 out = self.train_step(micro)
@@ -662,7 +697,7 @@ class Trainer:
 
         def batches() -> Iterator[Batch]:
             for b in val_loader:
-                bad.update(dict(b.bad))
+                bad.update(dict(checked(b).bad))
                 yield b
 
         # A plain module (not the DDP/FSDP wrapper): each rank evaluates its own shard with no

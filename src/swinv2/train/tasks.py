@@ -39,6 +39,7 @@ from . import distributed as D
 from .datasets import (
     ImageFilesDataset,
     ImageFolderDataset,
+    Samples,
     SeededSamples,
     build_mixup,
     pretrain_transform,
@@ -145,7 +146,7 @@ class Task(ABC):
     def picture(
         self,
         model: nn.Module,
-        val_ds: ImageFolderDataset,
+        val_ds: Samples,
         preprocess: EvalPreprocess,
         row: dict[str, Any],
         out_dir: Path,
@@ -350,7 +351,7 @@ class SimMIMPretraining(Task):
     def picture(
         self,
         model: nn.Module,
-        val_ds: ImageFolderDataset,
+        val_ds: Samples,
         preprocess: EvalPreprocess,
         row: dict[str, Any],
         out_dir: Path,
