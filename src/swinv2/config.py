@@ -181,6 +181,9 @@ class DataConfig:
     source: Literal["folder", "digits", "list", "shards"] = "folder"
     train_list: str | None = None  # list source: the training list under root (default <train_dir>_map.txt)
     val_list: str | None = None  # list source: the val list under root (default <val_dir>_map.txt)
+    # true: each epoch is whole global batches (the official code's drop_last), the few samples left over
+    # differ by epoch; false: every sample exactly once per epoch, the last step short.
+    drop_last: bool = True
     shuffle_shards: int = valid(8, "[1, 1048576]")  # shards: shards read together by the shuffle (locality)
     cache_dir: str | None = None  # shards: downloads and verdicts (default $SWINV2_CACHE or ~/.cache/swinv2)
     cache_limit_gb: float | None = valid(None, "> 0")  # shards from S3: bytes kept in the cache (None: all)

@@ -552,8 +552,9 @@ class ShardedSampler(Sampler):
     `drop_last`, the order is cut to whole global batches (`batch_size * num_replicas`), so every
     rank takes the same number of batches; rank r takes positions r, r + R, r + 2R, ... (R = replicas),
     which makes each global batch the same set of samples whatever R is. `start` skips this rank's
-    first samples of the epoch: the position of a resumed run. Without `drop_last` (evaluation),
-    every sample goes to exactly one rank and nothing is padded.
+    first samples of the epoch: the position of a resumed run. Without `drop_last` (evaluation, and
+    training with `data.drop_last: false`) every sample goes to exactly one rank once per epoch and
+    nothing is padded: the last global batch is short.
 
     With `groups` (the sample counts of consecutive shards, `Samples.groups`), the shuffle keeps reads
     local: the shards are permuted, taken `block` at a time, and the samples of each block permuted
@@ -587,10 +588,11 @@ class ShardedSampler(Sampler):
 
     @property
     def batches_per_epoch(self) -> int:
-        """Local batches per epoch (the same on every rank with drop_last)."""
+        """Steps per epoch, the same on every rank: whole global batches with drop_last; without, one more
+        for the samples left over (split r::R, so a rank's last batch may be short, or empty)."""
         if self.drop_last:
             return self.num_samples // (self.batch_size * self.num_replicas)
-        return math.ceil(len(range(self.rank, self.num_samples, self.num_replicas)) / self.batch_size)
+        return math.ceil(self.num_samples / (self.batch_size * self.num_replicas))
 
     def _local_order(self) -> list[int]:
         if self.shuffle and self.groups is not None:

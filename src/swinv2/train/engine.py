@@ -473,6 +473,7 @@ class Trainer:
             seed=cfg.train.seed,
             groups=self.train_ds.groups(),
             block=d.shuffle_shards,
+            drop_last=d.drop_last,
         )
         pin = d.pin_memory and env.device.type == "cuda"
         self.train_loader = make_loader(
@@ -633,8 +634,8 @@ class Trainer:
         images, t0 = 0.0, time.perf_counter()
         it: Iterator[Batch] = iter(self.train_loader) if start_step < self.steps_per_epoch else iter(())
         try:
-            for _ in range(start_step, self.steps_per_epoch):
-                micro = [checked(next(it)) for _ in range(self.accum)]
+            for step in range(start_step, self.steps_per_epoch):
+                micro = [self._next_batch(it, step) for _ in range(self.accum)]
                 for b in micro:
                     self.progress["epoch_bad_files"].update(dict(b.bad))
                 out = self.train_step(micro)
@@ -687,6 +688,16 @@ class Trainer:
         plain = SwinTransformerV2(self.model.config).to(self.env.device)
         plain.load_state_dict(D.full_model_state(self.model, self.env, everywhere=True))
         return plain
+
+    def _next_batch(self, it: Iterator[Batch], step: int) -> Batch:
+        """The next micro-batch; in the short last step of an epoch without drop_last, an empty one where
+        this rank has no samples left (it still takes part in the step, with zero weight)."""
+        try:
+            return checked(next(it))
+        except StopIteration:
+            if self.sampler.drop_last or step != self.steps_per_epoch - 1:
+                raise
+            return Batch(torch.empty(0), torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64), [])
 
     def validate(self, epoch: int, model: nn.Module) -> dict[str, float]:
         """The task's metrics (`Task.validate`) of the model (and the EMA) on the whole val set, reduced
