@@ -60,7 +60,9 @@ def test_a_pack_is_webdataset_tars_holding_the_original_bytes_and_a_manifest_tha
     assert manifest["samples"] == len(source) == 61
     assert manifest["classes"] == ["ant", "bee", "cat"] and manifest["class_counts"] == source.class_counts()
     assert [s["samples"] for s in manifest["shards"]] == [8] * 7 + [5]
-    originals = {str(Path(p).relative_to(folder / "train")): (Path(p).read_bytes(), label) for p, label in source.samples}
+    originals = {
+        str(Path(p).relative_to(folder / "train")): (Path(p).read_bytes(), label) for p, label in source.samples
+    }
     seen = []
     for shard in manifest["shards"]:
         path = packed / "train" / shard["name"]

@@ -202,6 +202,7 @@ class ShardDataset(Samples):
         self.stray, self.skipped_links = [], []
         self._firsts = [s.first for s in m.shards]
         self._open: OrderedDict[int, _Shard] = OrderedDict()
+        self._failed: dict[int, DataError] = {}
         self._pid = os.getpid()
 
     # ----------------------------------------------------------------------- Samples
@@ -216,12 +217,18 @@ class ShardDataset(Samples):
 
     def _shard(self, i: int) -> _Shard:
         if self._pid != os.getpid():  # a forked loader worker: its own file handles
-            self._open, self._pid = OrderedDict(), os.getpid()
+            self._open, self._failed, self._pid = OrderedDict(), {}, os.getpid()
         shard = self._open.get(i)
         if shard is None:
+            if i in self._failed:  # said once: the other samples of the batch do not try again
+                raise self._failed[i]
             info = self.manifest.shards[i]
-            path = self.store.fetch(info.name, info.bytes, info.sha256)
-            shard = _Shard(path, info, self.store.where(info.name), self.labelled)
+            try:
+                path = self.store.fetch(info.name, info.bytes, info.sha256)
+                shard = _Shard(path, info, self.store.where(info.name), self.labelled)
+            except DataError as e:
+                self._failed[i] = e
+                raise
             self._open[i] = shard
             while len(self._open) > OPEN_SHARDS:
                 self._open.popitem(last=False)[1].close()
@@ -268,5 +275,5 @@ class ShardDataset(Samples):
 
     def __getstate__(self) -> dict[str, Any]:  # workers started by spawn get no open files
         state = dict(self.__dict__)
-        state["_open"] = OrderedDict()
+        state["_open"], state["_failed"] = OrderedDict(), {}
         return state

@@ -170,7 +170,7 @@ class S3Store(Store):
             except ImportError:
                 raise InputError(f"{self.url}: reading shards from S3 needs boto3: pip install 'swinv2[s3]'") from None
             config = Config(
-                retries={"max_attempts": 1, "mode": "standard"},  # the retries are ours (`_retrying`)
+                retries={"total_max_attempts": 1, "mode": "standard"},  # the retries are ours (`_retrying`)
                 connect_timeout=self.timeout,
                 read_timeout=self.timeout,
             )
