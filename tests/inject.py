@@ -22,6 +22,7 @@ def install_faults(
     readonly: str | None = None,
     signal_group_at: list | None = None,
     children: str | None = None,
+    only_rank: int | None = None,
 ) -> None:
     """Patch this process (the driver's, or the test's own for `record`):
 
@@ -35,12 +36,15 @@ def install_faults(
     record: append {"step", "indices"} of every train step's samples to this JSONL file.
     dump_params: after training, save this rank's model state dict to DIR/rank{r}.pt.
     readonly: on ranks other than 0, any attempt to create or write a file under this folder raises.
+    only_rank: kill_at / signal_at act on this rank (torchrun's RANK) alone.
     """
     import builtins
     import io
 
     from swinv2.train import engine
 
+    if only_rank is not None and int(os.environ.get("RANK", "0")) != only_rank:
+        kill_at = signal_at = None
     if kill_at is not None or signal_at is not None or signal_group_at is not None:
         orig_step = torch.optim.AdamW.step
         calls = [0]
@@ -124,7 +128,11 @@ def record_batches(engine: Any, path: str) -> None:
         with open(path, "a") as f:
             f.write(
                 json.dumps(
-                    {"step": self.progress["global_step"], "indices": [i for b in micro for i in b.indices.tolist()]}
+                    {
+                        "step": self.progress["global_step"],
+                        "indices": [i for b in micro for i in b.indices.tolist()],
+                        **({"rank": int(os.environ["RANK"])} if "RANK" in os.environ else {}),
+                    }
                 )
                 + "\n"
             )

@@ -97,6 +97,9 @@ def load_state(out: Path, name: str = "last.pt") -> dict:
 def assert_same_state(a: dict, b: dict) -> None:
     """Model, EMA, optimizer, scheduler, scaler, progress and sampler position bit-identical."""
     for part in ("model", "ema"):
+        if a[part] is None or b[part] is None:  # a run without an EMA
+            assert a[part] is None and b[part] is None, part
+            continue
         assert a[part].keys() == b[part].keys()
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), f"{part}.{k}"
