@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all lint bench models clean
+.PHONY: demo demo-shards test test-all lint bench models clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,6 +14,14 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/swinv2 train --config configs/demo_digits.yaml --out runs/demo_digits
+
+# The demo from shards: the digits packed, then trained with data.source: shards.
+DIGITS := runs/.cache/digits32
+demo-shards: $(STAMP)
+	$(VENV)/bin/swinv2 data digits $(DIGITS)
+	$(VENV)/bin/swinv2 data pack $(DIGITS)/train $(DIGITS)_shards/train --shard-samples 128
+	$(VENV)/bin/swinv2 data pack $(DIGITS)/val $(DIGITS)_shards/val --shard-samples 128 --classes $(DIGITS)_shards/train
+	$(VENV)/bin/swinv2 train --config configs/demo_digits_shards.yaml --out runs/demo_digits_shards
 
 test: $(STAMP)
 	$(PY) -m pytest -q

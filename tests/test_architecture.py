@@ -55,9 +55,12 @@ LAYERS: dict[str, list[set[str]]] = {
         {"server"},  # `swinv2 serve`: the process, signals, drain
     ],
     "train": [
-        {"datasets", "distributed", "faults", "schedule"},  # data; process groups; faults; LR schedule
-        {"evaluate", "rundir"},  # metrics and `swinv2 eval`; the run directory
-        {"tasks"},  # classification and SimMIM: what the engine asks of a task
+        # data; process groups; faults; LR schedule; shard files in folders and object stores
+        {"datasets", "distributed", "faults", "schedule", "store"},
+        # metrics and `swinv2 eval`; the run directory; shard sets; the official list files
+        {"evaluate", "rundir", "shards", "listfile"},
+        {"tasks", "pack"},  # classification and SimMIM: what the engine asks of a task; `swinv2 data pack`
+        {"sources"},  # the data a config names
         {"engine"},  # training
         {"recipes"},  # multi-stage recipes over fit()
     ],

@@ -227,6 +227,10 @@ class Samples(Dataset):
         """(file, reason) for each storage file that fails its own check (none for plain files)."""
         return []
 
+    def storage_line(self) -> str | None:
+        """What `--check-data` says of the storage (shards: their count and size), or None."""
+        return None
+
     def fingerprint(self) -> str | None:
         """What identifies the data beyond its size, checked on resume (None: nothing cheap does)."""
         return None
@@ -440,6 +444,9 @@ class DataReport:
                 lines.append(f"{split}: {ds.root}: {len(ds)} images (no labels: class folders, if any, are ignored)")
             else:
                 lines += self._classes(split, ds, counts)
+            storage = ds.storage_line()
+            if storage is not None:
+                lines.append(f"  {storage}")
             modes = ", ".join(f"{m}: {n}" for m, n in self.modes[split].most_common())
             lines.append(f"  image modes: {modes or '-'}")
             for path, reason in self.bad.get(split, []):

@@ -262,6 +262,11 @@ class ShardDataset(Samples):
     def groups(self) -> list[int]:
         return [s.samples for s in self.manifest.shards]
 
+    def storage_line(self) -> str:
+        m = self.manifest
+        size = sum(s.bytes for s in m.shards) / 2**20
+        return f"{len(m.shards)} shards, {size:.1f} MiB, manifest {m.digest[:12]}"
+
     def check_storage(self) -> list[tuple[str, str]]:
         """Every shard fetched and checked against the manifest (size, SHA-256, members)."""
         bad = []
