@@ -58,7 +58,7 @@ LAYERS: dict[str, list[set[str]]] = {
         # data; process groups; faults; LR schedule; shard files in folders and object stores
         {"datasets", "distributed", "faults", "schedule", "store"},
         # metrics and `swinv2 eval`; the run directory; shard sets; the official list files
-        {"evaluate", "rundir", "shards", "listfile"},
+        {"evaluate", "rundir", "shards", "listfile", "hf_layout"},
         {"tasks", "pack"},  # classification and SimMIM: what the engine asks of a task; `swinv2 data pack`
         {"sources"},  # the data a config names
         {"engine"},  # training

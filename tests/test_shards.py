@@ -371,3 +371,48 @@ def test_pack_from_a_zipped_list_file_gives_the_shards_of_the_folder(folder, tmp
     assert a["classes"] == b["classes"] and a["class_counts"] == b["class_counts"]
     assert a["source_digest"] == b["source_digest"]  # the same images under the same names and labels
     assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
+
+
+# --------------------------------------------------------------------------- Hugging Face's layout
+
+
+@pytest.fixture(scope="module")
+def hf_files(folder, tmp_path_factory) -> dict:
+    """The folder's training images written by Hugging Face `datasets` itself: parquet (row groups of 16)
+    and a save_to_disk folder, with the class names in a ClassLabel."""
+    import datasets  # a dev dependency, installed by `make test`
+
+    tmp = tmp_path_factory.mktemp("hf")
+    source = ImageFolderDataset(folder / "train")
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=source.classes)})
+    rows = {"image": [{"bytes": Path(p).read_bytes(), "path": None} for p, _ in source.samples],
+            "label": [label for _, label in source.samples]}  # fmt: skip
+    ds = datasets.Dataset.from_dict(rows, features=features)
+    ds.to_parquet(str(tmp / "train-00000-of-00001.parquet"), batch_size=16)
+    ds.save_to_disk(str(tmp / "saved"))
+    return {"parquet": tmp / "train-00000-of-00001.parquet", "saved": tmp / "saved", "source": source}
+
+
+@pytest.mark.parametrize("kind", ["parquet", "saved"])
+def test_hugging_face_parquet_and_saved_folders_read_as_their_images(hf_files, kind):
+    from swinv2.train.hf_layout import HFDataset, is_hf_layout
+
+    path, source = hf_files[kind], hf_files["source"]
+    assert is_hf_layout(path)
+    ds = HFDataset(path)
+    assert ds.classes == source.classes and len(ds) == len(source) and ds.class_counts() == source.class_counts()
+    if kind == "parquet":
+        assert ds.groups() == [16, 16, 16, 13]  # the row groups: what the shuffle reads a few of at a time
+    for i in (0, 17, 60):
+        assert ds.label_of(i) == source.label_of(i)
+        assert ds.raw(i) == Path(source.where(i)).read_bytes()
+
+
+def test_pack_from_hugging_face_parquet_gives_the_folders_samples(hf_files, tmp_path):
+    assert pack_cli(hf_files["parquet"], tmp_path / "shards") == 0
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    source = hf_files["source"]
+    assert manifest["classes"] == source.classes and manifest["class_counts"] == source.class_counts()
+    shards = ShardDataset(tmp_path / "shards")
+    originals = sorted(Path(p).read_bytes() for p, _ in source.samples)
+    assert sorted(shards.raw(i) for i in range(len(shards))) == originals

@@ -1201,7 +1201,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
         help="pack images into shards",
         description="SRC: a folder of class folders, an official list file (train_map.txt: '<path><TAB><label>' "
         "lines; ILSVRC2011fall_whole_map_train.txt: a JSON list) with its images in <prefix>.zip or the folder "
-        "<prefix>/ beside it, or with --unlabelled any folder of images. Images that do not decode are left out "
+        "<prefix>/ beside it, Hugging Face image/label parquet files (a file, a folder or a glob) or a "
+        "save_to_disk folder, or with --unlabelled any folder of images. Images that do not decode are left out "
         "and listed in the manifest.",
     )
     k.add_argument("src", metavar="SRC", help="class-folder tree, list file, or (with --unlabelled) image folder")
@@ -1228,7 +1229,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
         "digits",
         help="write scikit-learn's digits as class folders (the demo's data)",
         description="scikit-learn's handwritten digits (1797 real scans shipped inside scikit-learn) as OUT/train "
-        "and OUT/val class folders, upscaled to --img-size, split 80/20 stratified; an existing complete folder is kept.",
+        "and OUT/val class folders, upscaled to --img-size, split 80/20 stratified; an existing complete folder "
+        "is kept.",
     )
     g.add_argument("out", metavar="OUT", help="the folder to write")
     g.add_argument("--img-size", type=int, default=32, help="image side in pixels (default 32)")
@@ -1271,13 +1273,16 @@ def _run_data_pack(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .train.datasets import ImageFilesDataset, ImageFolderDataset, Samples
+    from .train.hf_layout import HFDataset, is_hf_layout
     from .train.listfile import ListFileDataset, images_for
     from .train.pack import PackOptions, pack_or_report
 
     src = Path(args.src)
     classes = _pack_classes(args.classes)
     source: Samples
-    if args.unlabelled:
+    if is_hf_layout(src):
+        source = HFDataset(src, class_names=classes, label_column="" if args.unlabelled else "label")
+    elif args.unlabelled:
         source = ImageFilesDataset(src)
     elif src.is_file():
         prefix = src.stem[: -len("_map")] if src.stem.endswith("_map") else "."

@@ -177,8 +177,9 @@ class DataConfig:
     val_root: str | None = None  # a separate val folder of classes (overrides root/val_dir)
     # folder: class folders; digits: build root from scikit-learn's digits first; list: the official
     # `<train_dir>_map.txt` list files (images in <train_dir>.zip or <train_dir>/); shards: shard sets
-    # root/<train_dir>/ and root/<val_dir>/ written by `swinv2 data pack` (root may be s3://bucket/prefix).
-    source: Literal["folder", "digits", "list", "shards"] = "folder"
+    # root/<train_dir>/ and root/<val_dir>/ written by `swinv2 data pack` (root may be s3://bucket/prefix);
+    # hf: Hugging Face image/label parquet or save_to_disk folders at root/<train_dir>, root/<val_dir>.
+    source: Literal["folder", "digits", "list", "shards", "hf"] = "folder"
     train_list: str | None = None  # list source: the training list under root (default <train_dir>_map.txt)
     val_list: str | None = None  # list source: the val list under root (default <val_dir>_map.txt)
     # true: each epoch is whole global batches (the official code's drop_last), the few samples left over

@@ -164,7 +164,7 @@ def check_data(cfg: Config) -> DataReport:
     checked against its manifest first)."""
     task = task_for(cfg)
     workers = max(cast(int, cfg.data.workers), 1)  # "auto": resolved by DataConfig
-    if cfg.data.source in ("list", "shards"):
+    if cfg.data.source in ("list", "shards", "hf"):
         return check_samples(*open_datasets(cfg, task), workers=workers)
     train_root, val_root = data_roots(cfg, task)
     return check_dataset(
@@ -183,6 +183,8 @@ def open_datasets(cfg: Config, task: Task, env: D.DistEnv | None = None) -> tupl
         return sources.shard_sets(cfg.data, task)
     if cfg.data.source == "list":
         return sources.list_files(cfg.data, task)
+    if cfg.data.source == "hf":
+        return sources.hf_files(cfg.data, task)
     train_root, val_root = data_roots(cfg, task, env)
     train, val = task.datasets(train_root, val_root)
     if val is None and val_root is not None:

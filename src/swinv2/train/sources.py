@@ -3,6 +3,8 @@
 * `folder` (and `digits`, built first): class folders `data.root/<train_dir>/`, `<val_dir>/` (`datasets`);
 * `list`: the official list files, `data.root/<train_dir>_map.txt` with the images in
   `data.root/<train_dir>.zip` or the folder `data.root/<train_dir>/` (`listfile`);
+* `hf`: Hugging Face's image / label layout, `data.root/<train_dir>` and `<val_dir>` each a parquet
+  file, a folder of them, a glob (`data/train-*.parquet`) or a `save_to_disk` folder (`hf_layout`);
 * `shards`: shard sets `data.root/<train_dir>/` and `<val_dir>/`, where `data.root` may be
   `s3://bucket/prefix` (`shards`, written by `swinv2 data pack`).
 """
@@ -14,6 +16,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .datasets import Samples
+from .hf_layout import HFDataset, is_hf_layout
 from .listfile import ListFileDataset, images_for
 from .shards import ShardDataset
 from .store import NotInStore
@@ -58,3 +61,15 @@ def list_files(cfg_data, task: Task) -> tuple[Samples, Samples | None]:
     if not val_list.is_file():
         return train, None
     return train, ListFileDataset(val_list, images_for(root, d.val_dir), class_names=train.classes)
+
+
+def hf_files(cfg_data, task: Task) -> tuple[Samples, Samples | None]:
+    d = cfg_data
+    root = Path(d.root)
+    train = HFDataset(root / d.train_dir)
+    if task.labelled and not train.labelled:
+        raise ConfigError(f"{root / d.train_dir}: no label column; classification needs labels")
+    val_path = Path(d.val_root) if d.val_root else root / d.val_dir
+    if not is_hf_layout(val_path):
+        return train, None
+    return train, HFDataset(val_path, class_names=train.classes if task.labelled else None)
