@@ -541,15 +541,18 @@ def block_order(groups: Sequence[int], block: int, seed: int) -> list[int]:
     (consecutive runs of indices, e.g. shards) in a seeded order, and the samples of each `block` of them
     permuted among themselves."""
     g = torch.Generator().manual_seed(seed)
-    starts = np.concatenate([[0], np.cumsum(groups)[:-1]]).astype(np.int64)
-    shards = torch.randperm(len(groups), generator=g).tolist()
-    order: list[int] = []
-    for b in range(0, len(shards), block):
-        members = np.concatenate(
-            [np.arange(starts[s], starts[s] + groups[s], dtype=np.int64) for s in shards[b : b + block]]
-        )
-        order += members[torch.randperm(len(members), generator=g).numpy()].tolist()
-    return order
+    sizes = np.asarray(groups, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    shards = torch.randperm(len(sizes), generator=g).numpy()
+    taken = sizes[shards]
+    # the samples of the shards in their new order: each shard's run of indices, one after the other
+    offsets = np.concatenate([[0], np.cumsum(taken)[:-1]])
+    order = np.arange(int(taken.sum()), dtype=np.int64) - np.repeat(offsets - starts[shards], taken)
+    bounds = np.concatenate([[0], np.cumsum(taken)])[:: max(1, block)].tolist() + [int(taken.sum())]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if hi > lo:
+            order[lo:hi] = order[lo:hi][torch.randperm(hi - lo, generator=g).numpy()]
+    return order.tolist()
 
 
 class ShardedSampler(Sampler):
@@ -590,6 +593,7 @@ class ShardedSampler(Sampler):
         self.num_replicas, self.rank, self.seed = num_replicas, rank, seed
         self.shuffle, self.drop_last = shuffle, drop_last
         self.epoch, self.start = 0, 0
+        self._order: tuple[tuple[int, int, int], list[int]] | None = None
         if drop_last and self.batches_per_epoch == 0:
             raise InputError(f"{num_samples} samples make no full global batch of {batch_size} x {num_replicas}")
 
@@ -602,6 +606,14 @@ class ShardedSampler(Sampler):
         return math.ceil(self.num_samples / (self.batch_size * self.num_replicas))
 
     def _local_order(self) -> list[int]:
+        """This rank's order of epoch `self.epoch` (computed once per epoch: the DataLoader asks for the
+        sampler's length and its iterator, and at a million samples each order takes a second)."""
+        key = (self.epoch, self.seed, self.num_samples)
+        if self._order is None or self._order[0] != key:
+            self._order = (key, self._compute_order())
+        return self._order[1]
+
+    def _compute_order(self) -> list[int]:
         if self.shuffle and self.groups is not None:
             order = self._block_order()
         elif self.shuffle:

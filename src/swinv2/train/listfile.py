@@ -16,70 +16,72 @@ from __future__ import annotations
 import json
 import os
 import zipfile
-from collections import Counter
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ..errors import DataError
 from ..images import BadImageError
 from .datasets import Samples
 
 
-def read_list(path: Path) -> list[tuple[str, int]]:
-    """[(relative path, label)] of a list file: JSON `[[path, label], ...]`, or one `path<TAB>label`
-    (or `path label`) per line. A malformed entry is a DataError naming the file and line."""
+def read_list(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(paths, labels) of a list file: JSON `[[path, label], ...]`, or one `path<TAB>label` (or `path label`)
+    per line. Paths come back as a numpy bytes array and labels as int64, so that a list of 14M entries
+    costs two arrays, not 14M Python objects that every forked loader worker would copy page by page.
+    A malformed entry is a DataError naming the file and line."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise FileNotFoundError(f"list file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read the list file ({e})") from None
-    entries: list[tuple[str, int]] = []
+    names: list[str] = []
+    labels: list[int] = []
     if text.lstrip().startswith("["):
         try:
-            for i, (name, label) in enumerate(json.loads(text)):
-                entries.append((_checked_name(str(name), path, i + 1), _label(label, path, i + 1)))
+            for name, label in json.loads(text):
+                names.append(str(name))
+                labels.append(int(label))
         except (ValueError, TypeError) as e:
             raise DataError(f"{path}: not a JSON list of [path, label] pairs ({e})") from None
     else:
         for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            parts = line.rstrip("\r\n").split("\t") if "\t" in line else line.rsplit(None, 1)
-            if len(parts) < 2:
-                raise DataError(f"{path}:{n}: expected '<path><TAB><label>', got {line[:80]!r}")
-            entries.append((_checked_name(parts[0].strip(), path, n), _label(parts[1], path, n)))
-    if not entries:
+            name, tab, label = line.partition("\t")
+            if not tab:
+                name, _, label = line.strip().rpartition(" ")
+                if not name:
+                    if not line.strip():
+                        continue
+                    raise DataError(f"{path}:{n}: expected '<path><TAB><label>', got {line[:80]!r}")
+            try:
+                labels.append(int(label))
+            except ValueError:
+                raise DataError(f"{path}:{n}: label {label.strip()!r} is not a whole number") from None
+            names.append(name.strip())
+    if not names:
         raise DataError(f"{path}: the list file names no images")
-    return entries
+    label_array = np.asarray(labels, dtype=np.int64)
+    if label_array.min() < 0:
+        entry = int(np.argmin(label_array)) + 1
+        raise DataError(f"{path}: entry {entry}: negative label {int(label_array.min())}")
+    if not all(names):
+        raise DataError(f"{path}: entry {names.index('') + 1}: an empty image path")
+    return np.asarray([n.encode() for n in names]), label_array
 
 
-def _label(value: Any, path: Path, line: int) -> int:
-    try:
-        label = int(str(value).strip())
-    except ValueError:
-        raise DataError(f"{path}:{line}: label {value!r} is not a whole number") from None
-    if label < 0:
-        raise DataError(f"{path}:{line}: negative label {label}")
-    return label
-
-
-def _checked_name(name: str, path: Path, line: int) -> str:
-    if not name:
-        raise DataError(f"{path}:{line}: an empty image path")
-    return name
-
-
-def class_names_of(entries: list[tuple[str, int]]) -> list[str]:
+def class_names_of(names: np.ndarray, labels: np.ndarray) -> list[str]:
     """Each label's folder name where the labels and top-level folders pair one to one, else numbers."""
-    n = max(label for _, label in entries) + 1
-    folders: dict[int, set[str]] = {}
-    for name, label in entries:
-        head, sep, _ = name.lstrip("/").partition("/")
-        folders.setdefault(label, set()).add(head if sep else "")
-    names = [next(iter(folders[i])) if len(folders.get(i, ())) == 1 else "" for i in range(n)]
-    if all(names[i] for i in folders) and len({names[i] for i in folders}) == len(folders):
-        return [names[i] if i in folders else str(i) for i in range(n)]
+    n = int(labels.max()) + 1
+    heads = np.asarray([name.lstrip(b"/").partition(b"/")[0] if b"/" in name.lstrip(b"/") else b"" for name in names])
+    pairs = set(zip(labels.tolist(), heads.tolist()))
+    by_label: dict[int, set[bytes]] = {}
+    for label, head in pairs:
+        by_label.setdefault(label, set()).add(head)
+    folder = {label: next(iter(h)) for label, h in by_label.items() if len(h) == 1}
+    if len(folder) == len(by_label) and all(folder.values()) and len(set(folder.values())) == len(folder):
+        return [folder[i].decode() if i in folder else str(i) for i in range(n)]
     return [str(i) for i in range(n)]
 
 
@@ -88,34 +90,37 @@ class ListFileDataset(Samples):
 
     def __init__(self, list_file: str | os.PathLike, images: str | os.PathLike, class_names: list[str] | None = None):
         self.list_file, self.images = Path(list_file), Path(images)
-        self.entries = read_list(self.list_file)
+        self.names, self.labels = read_list(self.list_file)
         self.zip = self.images.suffix.lower() == ".zip"
         if self.zip and not self.images.is_file():
             raise FileNotFoundError(f"zip file not found: {self.images}")
         if not self.zip and not self.images.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.images}")
-        top = max(label for _, label in self.entries)
+        top = int(self.labels.max())
         if class_names is not None:
             if top >= len(class_names):
                 raise DataError(f"{self.list_file}: label {top} is beyond the {len(class_names)} training classes")
             self.classes = list(class_names)
         else:
-            self.classes = class_names_of(self.entries)
+            self.classes = class_names_of(self.names, self.labels)
         self.root = self.list_file
-        counts = Counter(label for _, label in self.entries)
-        self.empty_classes = [c for i, c in enumerate(self.classes) if not counts[i]] if class_names is None else []
+        counts = self.class_counts()
+        self.empty_classes = [c for c, k in zip(self.classes, counts) if not k] if class_names is None else []
         self.stray, self.missing_classes, self.skipped_links = [], [], []
         self._zip: zipfile.ZipFile | None = None
         self._pid = -1
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return len(self.labels)
 
     def label_of(self, index: int) -> int:
-        return self.entries[index][1]
+        return int(self.labels[index])
+
+    def name(self, index: int) -> str:
+        return self.names[index].decode()
 
     def where(self, index: int) -> str:
-        name = self.entries[index][0]
+        name = self.name(index)
         return f"{self.images}@/{name.lstrip('/')}" if self.zip else str(self.images / name)
 
     def _archive(self) -> zipfile.ZipFile:
@@ -127,7 +132,7 @@ class ListFileDataset(Samples):
         return self._zip
 
     def raw(self, index: int) -> bytes:
-        name = self.entries[index][0]
+        name = self.name(index)
         if self.zip:
             try:
                 return self._archive().read(name.lstrip("/"))
@@ -143,8 +148,7 @@ class ListFileDataset(Samples):
             raise BadImageError(self.where(index), f"cannot read ({e.strerror or type(e).__name__})") from None
 
     def class_counts(self) -> list[int]:
-        counts = Counter(label for _, label in self.entries)
-        return [counts.get(i, 0) for i in range(len(self.classes))]
+        return np.bincount(self.labels, minlength=len(self.classes)).tolist()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
