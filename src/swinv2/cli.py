@@ -1276,11 +1276,14 @@ def _run_data_pack(args: argparse.Namespace) -> int:
     from .train.hf_layout import HFDataset, is_hf_layout
     from .train.listfile import ListFileDataset, images_for
     from .train.pack import PackOptions, pack_or_report
+    from .train.shards import ShardDataset, is_shard_set
 
     src = Path(args.src)
     classes = _pack_classes(args.classes)
     source: Samples
-    if is_hf_layout(src):
+    if is_shard_set(args.src):  # repacked (other shard sizes, a resize), also from s3://
+        source = ShardDataset(args.src, class_names=classes)
+    elif is_hf_layout(src):
         source = HFDataset(src, class_names=classes, label_column="" if args.unlabelled else "label")
     elif args.unlabelled:
         source = ImageFilesDataset(src)
