@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from ..errors import DataError, InputError
-from ..images import BadImageError, folder_key, is_hidden, load_image, open_image, walk_folder
+from ..images import BadImageError, folder_key, is_hidden, load_image, load_image_reduced, open_image, walk_folder
 from ..outputs import IMG_EXTENSIONS, atomic_folder
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
 
@@ -58,7 +58,7 @@ def train_transform(
     re_count: int = 1,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
-) -> Callable:
+) -> TrainPipeline:
     """timm's training pipeline (`timm.data.create_transform(is_training=True)`), as the official code.
 
     Official rule kept where it applies: at img_size <= 32 an image already of the model's size is
@@ -88,7 +88,96 @@ def train_transform(
         for op in getattr(t, "ops", ()):
             if getattr(op, "name", "").startswith("Posterize"):
                 op.aug_fn = _posterize
-    return tf
+    return TrainPipeline(tf.transforms)
+
+
+class TrainPipeline:
+    """A training pipeline (called on a PIL image, as torchvision's `Compose` it replaces) that can also read
+    its sample from a file, `read(path)`, decoding a JPEG at a reduced size where the random-resized crop
+    allows it (`images.load_image_reduced`, the DCT-domain downscale of libjpeg).
+
+    The crop box is drawn first, by the crop transform's own `get_params` from the full-size
+    dimensions (which a JPEG's header gives without decoding), with the RNG state the plain path draws
+    it with: the same box for the same seed, and every later transform draws what it drew. The image
+    is then decoded at the largest reduction r in 1, 2, 4, 8 that keeps the box at least the output
+    size (h / r and w / r), and the box, divided by r, is resized from the reduced image. At r = 1, and
+    for any file that is not a JPEG stored upright, `read` is the plain path step for step (the same
+    pixels). At r > 1 the output differs from the plain path's by resampling only: the first 1/r of
+    the downscale is libjpeg's scaled IDCT instead of the resize filter.
+
+    `SeededSamples` calls `read` where a transform has one (a training transform), so evaluation
+    (`images.eval_pipeline`) never takes this path. `reduce=False` (or a first step other than a
+    random-resized crop with one interpolation) makes `read` the plain path."""
+
+    def __init__(self, transforms: Sequence[Callable], *, reduce: bool = True) -> None:
+        self.transforms = list(transforms)
+        self.reduce = reduce
+
+    def __call__(self, img: Any) -> Any:
+        for t in self.transforms:
+            img = t(img)
+        return img
+
+    def __repr__(self) -> str:
+        steps = "".join(f"\n    {t}" for t in self.transforms)
+        return f"{type(self).__name__}(reduce={self.reduce}){steps}"
+
+    def _crop(self) -> Any:
+        """The first step if `read` can take its box before decoding: timm's or torchvision's
+        random-resized crop with a single interpolation."""
+        from timm.data.transforms import RandomResizedCropAndInterpolation
+        from torchvision import transforms
+
+        crop = self.transforms[0] if self.transforms else None
+        if not isinstance(crop, (RandomResizedCropAndInterpolation, transforms.RandomResizedCrop)):
+            return None
+        return None if isinstance(crop.interpolation, (tuple, list)) else crop
+
+    def read(self, path: str | os.PathLike) -> Any:
+        """load_image(path), then this pipeline, with a JPEG decoded at a reduced size where the crop
+        allows (see the class). Draws from the RNGs exactly what `self(load_image(path))` draws."""
+        crop = self._crop() if self.reduce else None
+        if crop is None:
+            return self(load_image(path))
+        return self.apply_rest(read_crop(path, crop)[0])
+
+    def apply_rest(self, img: Image.Image) -> Any:
+        """Every step after the crop."""
+        for t in self.transforms[1:]:
+            img = t(img)
+        return img
+
+
+def _size_only(width: int, height: int) -> Tensor:
+    """An image size with no pixels, for a crop's `get_params` (torchvision reads a tensor's size from
+    its last two dimensions): a zero-stride view, nothing allocated."""
+    return torch.empty(()).expand(1, height, width)
+
+
+def read_crop(
+    path: str | os.PathLike, crop: Any, *, reduce: bool = True
+) -> tuple[Image.Image, int, tuple[int, int, int, int]]:
+    """(the crop `crop` (a random-resized crop) takes of the image at `path`, the reduction the image was
+    decoded at, the box (top, left, height, width) in full-size pixels): the box drawn by
+    `crop.get_params` from the full size, the image decoded at the largest reduction that keeps the box
+    at least `crop.size` (with `reduce`), the box resized from it."""
+    from torchvision.transforms import functional as F
+
+    out_h, out_w = crop.size
+    box: tuple[int, int, int, int] = (0, 0, 0, 0)
+
+    def pick(width: int, height: int) -> int:
+        nonlocal box
+        box = crop.get_params(_size_only(width, height), crop.scale, crop.ratio)
+        _, _, h, w = box
+        return max(1, min(h // out_h, w // out_w)) if reduce else 1
+
+    img, r = load_image_reduced(path, pick)
+    i, j, h, w = box
+    if r == 1:  # the plain path: torchvision's crop, then its resize
+        return F.resized_crop(img, i, j, h, w, [out_h, out_w], crop.interpolation), 1, box
+    resample = F.pil_modes_mapping[crop.interpolation]
+    return img.resize((out_w, out_h), resample, box=(j / r, i / r, (j + w) / r, (i + h) / r)), r, box
 
 
 class SmallImageCrop:
@@ -134,14 +223,14 @@ def pretrain_transform(
     interpolation: str = "bilinear",
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
-) -> Callable:
+) -> TrainPipeline:
     """SimMIM's pretraining transform (microsoft/Swin-Transformer data/data_simmim_pt.py): random-resized
     crop (official: scale 0.67-1, torchvision's bilinear), horizontal flip, normalisation. The masks
     are drawn by the training loop (`simmim.MaskGenerator`), not here."""
     from torchvision import transforms
     from torchvision.transforms import InterpolationMode
 
-    return transforms.Compose(
+    return TrainPipeline(
         [
             transforms.RandomResizedCrop(
                 img_size, scale=tuple(scale), ratio=tuple(ratio), interpolation=InterpolationMode(interpolation)
@@ -557,6 +646,13 @@ class SeededSamples(Dataset):
     def __getitem__(self, key: tuple[int, int] | int) -> Sample:
         index, seed = key if isinstance(key, tuple) else (key, 0)
         path, label = self.dataset.samples[index]
+        read = getattr(self.transform, "read", None)
+        if read is not None:  # a training pipeline that reads the file itself (TrainPipeline)
+            seed_everything(seed)  # reading draws nothing before the crop, which draws from this state
+            try:
+                return Sample(read(path), label, index, None)
+            except BadImageError as e:
+                return Sample(None, label, index, (path, e.reason))
         try:
             img = load_image(path)
         except BadImageError as e:
