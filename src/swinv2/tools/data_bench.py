@@ -18,9 +18,10 @@ Decoders ("impl"):
   turbojpeg       PyTurboJPEG (needs the system's libturbojpeg), where installed
 
 The process runs one torch thread, as a DataLoader worker does. In each of `repeats` rounds every
-decoder makes one pass over the images per stage and size, in an order rotated per round; a row's
-img_per_s is the median over rounds, its x_pillow the median of the per-round paired ratios to pillow
-(above 1: faster), so load from other processes hits both sides of a pair alike.
+decoder makes one pass over the images per stage and size, the decoders taking turns every `CHUNK`
+images in a rotating order, so load from other processes meets them all alike; a row's img_per_s is
+the median over rounds, its x_pillow the median of the per-round paired ratios to pillow (above 1:
+faster).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from ..train.datasets import TrainPipeline, read_crop, sample_seed, seed_everyth
 DECODERS = ("pillow", "pillow-reduced", "simplejpeg", "turbojpeg")
 STAGES = ("decode", "crop", "train")
 MAX_IMAGES = 500
+CHUNK = 10  # images each decoder takes in its turn: load from other processes meets them all alike
 # The images `--data samples` builds: ImageNet-like sizes (shorter side 300-500 px, JPEG quality 75-95)
 # cut, flipped and scaled from scikit-learn's two sample photographs (427 x 640).
 SAMPLE_COUNT = 500
@@ -164,10 +166,10 @@ def _step(decoder: str, stage: str, pipeline: TrainPipeline) -> Callable[[Path],
 # --------------------------------------------------------------------------- timing
 
 
-def _pass(step: Callable[[Path], Any], paths: Sequence[Path]) -> float:
-    """Seconds for one pass, each sample seeded as `SeededSamples` seeds it."""
+def _pass(step: Callable[[Path], Any], paths: Sequence[Path], first: int = 0) -> float:
+    """Seconds for one pass, each sample seeded as `SeededSamples` seeds it (sample k = first + its place)."""
     t0 = time.perf_counter()
-    for k, path in enumerate(paths):
+    for k, path in enumerate(paths, first):
         seed_everything(sample_seed(0, 0, k))
         step(path)
     return time.perf_counter() - t0
@@ -200,8 +202,13 @@ def run(
                 _pass(step, paths[: min(8, len(paths))])
             times: dict[str, list[float]] = {d: [] for d in names}
             for rnd in range(repeats):
-                for d in names[rnd % len(names) :] + names[: rnd % len(names)]:
-                    times[d].append(_pass(steps[d], paths))
+                spent = dict.fromkeys(names, 0.0)
+                for c, first in enumerate(range(0, len(paths), CHUNK)):  # decoders take turns, chunk by chunk
+                    turn = (rnd + c) % len(names)
+                    for d in names[turn:] + names[:turn]:
+                        spent[d] += _pass(steps[d], paths[first : first + CHUNK], first)
+                for d in names:
+                    times[d].append(spent[d])
             reduced = None
             if stage == "crop" and "pillow-reduced" in names:  # how often the crop let the JPEG decode reduced
                 reductions = []
