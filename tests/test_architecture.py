@@ -65,7 +65,7 @@ LAYERS: dict[str, list[set[str]]] = {
         {"recipes"},  # multi-stage recipes over fit()
     ],
     "tools": [
-        {"flops"},  # MACs
+        {"flops", "data_bench"},  # MACs; training-data throughput per JPEG decoder
         {"bench"},  # the side-by-side benchmark
     ],
     "top": [{"__init__", "cli"}, {"__main__"}],

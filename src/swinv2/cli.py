@@ -36,6 +36,7 @@ log = logging.getLogger("swinv2")
 # Well above the largest images SwinV2 was trained on (1536 px, SwinV2-G); a typo such as 1000000000
 # would otherwise be a resize target that allocates without bound.
 MAX_IMG_SIZE = 8192
+MAX_DATA_IMAGES = 500  # `bench --data`: images timed per pass
 # viz-cpb evaluates the bias MLP on (2w-1)^2 offsets per block and draws a (2w-1)-pixel map per head.
 MAX_CPB_WINDOW = 128
 
@@ -925,7 +926,16 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "'ours x' = how many times faster ours is (median of per-round paired ratios); "
         "'ours mem' = our peak memory / theirs. See swinv2.tools.bench for the method and JSON fields.",
     )
-    p.add_argument("--model", required=True, help="registry name (see `swinv2 models`)")
+    p.add_argument("--model", default=None, help="registry name (see `swinv2 models`); required unless --data")
+    p.add_argument(
+        "--data",
+        metavar="DIR",
+        default=None,
+        help="instead: training-data images/s per worker (one process, one thread) for the images under DIR "
+        f"(at most {MAX_DATA_IMAGES}), or `samples` for {MAX_DATA_IMAGES} JPEGs made from scikit-learn's sample "
+        "photos: JPEG decode, + random-resized crop, + the whole training transform (RandAugment), with each "
+        "decoder installed, as ratios to plain Pillow (--img-size: the crop sizes, default 192 256; --repeats)",
+    )
     p.add_argument(
         "--weights",
         default=None,
@@ -1063,6 +1073,10 @@ def _run_bench(args: argparse.Namespace) -> int:
     from .outputs import check_output
     from .tools import bench
 
+    if args.data is not None:
+        return _run_data_bench(args)
+    if args.model is None:
+        raise InputError("bench: give --model NAME (or --data DIR for the training-data throughput)")
     if args.json:
         check_output(
             args.json,
@@ -1133,6 +1147,32 @@ def _run_bench(args: argparse.Namespace) -> int:
             print(f"matmul peak ({dtype}, 2048^3): {meta[f'matmul_peak_gflop_s_{dtype}']:.0f} GFLOP/s")
     if args.json:
         bench.write_json(args.json, results, meta=meta)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _run_data_bench(args: argparse.Namespace) -> int:
+    """`swinv2 bench --data DIR`: training-data images/s per worker, per decoder (tools.data_bench)."""
+    import tempfile
+
+    from .outputs import check_output
+    from .tools import data_bench
+
+    if args.json:
+        check_output(args.json, "--json", kind="json")
+    sizes = [s for s in args.img_size if s is not None] or [192, 256]
+    with tempfile.TemporaryDirectory(prefix="swinv2-data-bench-") as tmp:
+        if args.data == "samples":
+            paths = data_bench.sample_jpegs(tmp, MAX_DATA_IMAGES)
+        else:
+            paths = data_bench.find_images(args.data, MAX_DATA_IMAGES)
+        decoders = data_bench.available_decoders()
+        print(f"{len(paths)} images from {args.data}; decoders: {', '.join(decoders)}; {args.repeats} rounds")
+        results = data_bench.run(paths, img_sizes=sizes, decoders=decoders, repeats=args.repeats)
+    print(data_bench.format_table(results))
+    print("img/s per worker (1 process, 1 thread); (x) = median paired ratio to pillow, above 1: faster")
+    if args.json:
+        data_bench.write_json(args.json, results, meta={"data": args.data})
         print(f"wrote {args.json}")
     return 0
 

@@ -37,12 +37,46 @@ class BadImageError(DataError):
 def open_image(path: str | os.PathLike, data: bytes | None = None) -> tuple[Image.Image, str]:
     """(RGB image, the file's original mode). Raises BadImageError naming `path`. With `data`, the image
     is decoded from those bytes (a member of a shard or a zip file) and `path` only names it."""
+    im, mode, _ = _open(path, None, data)
+    return im, mode
+
+
+# The reductions libjpeg can decode at (DCT scaling), largest first; Pillow's `Image.draft` picks one.
+JPEG_REDUCTIONS = (8, 4, 2, 1)
+EXIF_ORIENTATION = 0x0112
+
+
+def load_image_reduced(
+    path: str | os.PathLike, pick: Callable[[int, int], int], data: bytes | None = None
+) -> tuple[Image.Image, int]:
+    """(RGB image, reduction r): `load_image`, except that a JPEG stored upright may be decoded at 1/r
+    of its size in the DCT domain (r in 1, 2, 4, 8; libjpeg's scaled IDCT), which skips most of the
+    decoding work. `pick(width, height)` is called exactly once with the full upright size, before
+    decoding for such a JPEG (its header gives the size), after it for any other file, and returns
+    the reduction wanted; the largest of `JPEG_REDUCTIONS` not above it is used, and only for a JPEG
+    (anything else, and a JPEG with an EXIF rotation or flip, returns r = 1). Pixel (x, y) of the
+    reduced image covers the full image's [r x, r (x + 1)) x [r y, r (y + 1)), so a box in full-size
+    coordinates divided by r is the same region. Errors as `load_image`; `data` as in `open_image`."""
+    im, _, r = _open(path, pick, data)
+    return im, r
+
+
+def _open(
+    path: str | os.PathLike, pick: Callable[[int, int], int] | None, data: bytes | None = None
+) -> tuple[Image.Image, str, int]:
     try:
         with Image.open(path if data is None else io.BytesIO(data)) as im:
-            mode = im.mode
+            mode, reduction, picked = im.mode, 1, False
+            if pick is not None and im.format == "JPEG" and im.getexif().get(EXIF_ORIENTATION, 1) == 1:
+                w, h = im.size
+                wanted, picked = pick(w, h), True
+                r = next(r for r in JPEG_REDUCTIONS if r <= max(1, wanted))
+                if r > 1:
+                    drafted = im.draft(None, (w // r, h // r))  # Pillow picks r: w // (w // r) is in [r, 2r)
+                    reduction = 1 if drafted is None else round(w / drafted[1][2])
             im.load()  # decode fully now: a truncated file fails here, not later in a transform
             im = ImageOps.exif_transpose(im)  # apply (and drop) the EXIF orientation
-            return _to_rgb(im), mode
+            rgb = _to_rgb(im)
     except FileNotFoundError:
         raise BadImageError(path, "file not found") from None
     except UnidentifiedImageError:
@@ -53,6 +87,9 @@ def open_image(path: str | os.PathLike, data: bytes | None = None) -> tuple[Imag
         raise BadImageError(path, "empty file (0 bytes)" if size == 0 else "not an image PIL can identify") from None
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         raise BadImageError(path, f"cannot decode image ({type(e).__name__}: {e})") from None
+    if pick is not None and not picked:
+        pick(*rgb.size)
+    return rgb, mode, reduction
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

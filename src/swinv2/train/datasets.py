@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from ..errors import DataError, InputError
-from ..images import BadImageError, folder_key, is_hidden, open_image, walk_folder
+from ..images import BadImageError, folder_key, is_hidden, load_image_reduced, open_image, walk_folder
 from ..outputs import IMG_EXTENSIONS, atomic_folder
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
 
@@ -59,7 +59,7 @@ def train_transform(
     re_count: int = 1,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
-) -> Callable:
+) -> TrainPipeline:
     """timm's training pipeline (`timm.data.create_transform(is_training=True)`), as the official code.
 
     Official rule kept where it applies: at img_size <= 32 an image already of the model's size is
@@ -89,7 +89,97 @@ def train_transform(
         for op in getattr(t, "ops", ()):
             if getattr(op, "name", "").startswith("Posterize"):
                 op.aug_fn = _posterize
-    return tf
+    return TrainPipeline(tf.transforms)
+
+
+class TrainPipeline:
+    """A training pipeline (called on a PIL image, as torchvision's `Compose` it replaces) that can also read
+    its sample from a file, `read(path)`, decoding a JPEG at a reduced size where the random-resized crop
+    allows it (`images.load_image_reduced`, the DCT-domain downscale of libjpeg).
+
+    The crop box is drawn first, by the crop transform's own `get_params` from the full-size
+    dimensions (which a JPEG's header gives without decoding), with the RNG state the plain path draws
+    it with: the same box for the same seed, and every later transform draws what it drew. The image
+    is then decoded at the largest reduction r in 1, 2, 4, 8 that keeps the box at least the output
+    size (h / r and w / r), and the box, divided by r, is resized from the reduced image. At r = 1, and
+    for any file that is not a JPEG stored upright, `read` is the plain path step for step (the same
+    pixels). At r > 1 the output differs from the plain path's by resampling only: the first 1/r of
+    the downscale is libjpeg's scaled IDCT instead of the resize filter.
+
+    `SeededSamples` calls `read` where a transform has one (a training transform), so evaluation
+    (`images.eval_pipeline`) never takes this path. `reduce=False` (or a first step other than a
+    random-resized crop with one interpolation) makes `read` the plain path."""
+
+    def __init__(self, transforms: Sequence[Callable], *, reduce: bool = True) -> None:
+        self.transforms = list(transforms)
+        self.reduce = reduce
+
+    def __call__(self, img: Any) -> Any:
+        for t in self.transforms:
+            img = t(img)
+        return img
+
+    def __repr__(self) -> str:
+        steps = "".join(f"\n    {t}" for t in self.transforms)
+        return f"{type(self).__name__}(reduce={self.reduce}){steps}"
+
+    def _crop(self) -> Any:
+        """The first step if `read` can take its box before decoding: timm's or torchvision's
+        random-resized crop with a single interpolation."""
+        from timm.data.transforms import RandomResizedCropAndInterpolation
+        from torchvision import transforms
+
+        crop = self.transforms[0] if self.transforms else None
+        if not isinstance(crop, (RandomResizedCropAndInterpolation, transforms.RandomResizedCrop)):
+            return None
+        return None if isinstance(crop.interpolation, (tuple, list)) else crop
+
+    def read(self, path: str | os.PathLike, data: bytes | None = None) -> Any:
+        """load_image(path), then this pipeline, with a JPEG decoded at a reduced size where the crop
+        allows (see the class). Draws from the RNGs exactly what `self(load_image(path))` draws. With
+        `data`, the image is decoded from those bytes and `path` only names it (`images.open_image`)."""
+        crop = self._crop() if self.reduce else None
+        if crop is None:
+            return self(open_image(path, data)[0])
+        return self.apply_rest(read_crop(path, crop, data=data)[0])
+
+    def apply_rest(self, img: Image.Image) -> Any:
+        """Every step after the crop."""
+        for t in self.transforms[1:]:
+            img = t(img)
+        return img
+
+
+def _size_only(width: int, height: int) -> Tensor:
+    """An image size with no pixels, for a crop's `get_params` (torchvision reads a tensor's size from
+    its last two dimensions): a zero-stride view, nothing allocated."""
+    return torch.empty(()).expand(1, height, width)
+
+
+def read_crop(
+    path: str | os.PathLike, crop: Any, *, reduce: bool = True, data: bytes | None = None
+) -> tuple[Image.Image, int, tuple[int, int, int, int]]:
+    """(the crop `crop` (a random-resized crop) takes of the image at `path`, the reduction the image was
+    decoded at, the box (top, left, height, width) in full-size pixels): the box drawn by
+    `crop.get_params` from the full size, the image decoded at the largest reduction that keeps the box
+    at least `crop.size` (with `reduce`), the box resized from it."""
+    from torchvision.transforms import functional as F
+
+    out_h, out_w = crop.size
+    box: tuple[int, int, int, int] = (0, 0, 0, 0)
+
+    def pick(width: int, height: int) -> int:
+        nonlocal box
+        box = crop.get_params(_size_only(width, height), crop.scale, crop.ratio)
+        _, _, h, w = box
+        return max(1, min(h // out_h, w // out_w)) if reduce else 1
+
+    img, r = load_image_reduced(path, pick, data)
+    i, j, h, w = box
+    if r == 1:  # the plain path: torchvision's crop, then its resize
+        return F.resized_crop(img, i, j, h, w, [out_h, out_w], crop.interpolation), 1, box
+    resample = F.pil_modes_mapping[crop.interpolation]
+    return img.resize((out_w, out_h), resample, box=(j / r, i / r, (j + w) / r, (i + h) / r)), r, box
 
 
 class SmallImageCrop:
@@ -135,14 +225,14 @@ def pretrain_transform(
     interpolation: str = "bilinear",
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
-) -> Callable:
+) -> TrainPipeline:
     """SimMIM's pretraining transform (microsoft/Swin-Transformer data/data_simmim_pt.py): random-resized
     crop (official: scale 0.67-1, torchvision's bilinear), horizontal flip, normalisation. The masks
     are drawn by the training loop (`simmim.MaskGenerator`), not here."""
     from torchvision import transforms
     from torchvision.transforms import InterpolationMode
 
-    return transforms.Compose(
+    return TrainPipeline(
         [
             transforms.RandomResizedCrop(
                 img_size, scale=tuple(scale), ratio=tuple(ratio), interpolation=InterpolationMode(interpolation)
@@ -211,6 +301,11 @@ class Samples(Dataset):
     def raw(self, index: int) -> bytes:
         """The sample's encoded image bytes (BadImageError where they cannot be read)."""
         raise NotImplementedError
+
+    def source(self, index: int) -> tuple[str, bytes | None]:
+        """(name, encoded bytes) of sample `index` for a reader that decodes it itself; bytes None: the
+        name is a file to open."""
+        return self.where(index), self.raw(index)
 
     def open(self, index: int) -> tuple[Image.Image, str]:
         """(RGB image, original mode) of sample `index`; BadImageError naming `where(index)`."""
@@ -346,6 +441,9 @@ class ImageFolderDataset(Samples):
 
     def open(self, index: int) -> tuple[Image.Image, str]:
         return open_image(self.samples[index][0])
+
+    def source(self, index: int) -> tuple[str, bytes | None]:
+        return self.samples[index][0], None
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         img = self.read(index)
@@ -699,8 +797,13 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key: tuple[int, int] | int) -> Sample:
         index, seed = key if isinstance(key, tuple) else (key, 0)
+        read = getattr(self.transform, "read", None)
         try:
             label = self.dataset.label_of(index)
+            if read is not None:  # a training pipeline that reads the image itself (TrainPipeline)
+                name, data = self.dataset.source(index)
+                seed_everything(seed)  # reading draws nothing before the crop, which draws from this state
+                return Sample(read(name, data), label, index, None)
             img = self.dataset.read(index)
         except BadImageError as e:
             return Sample(None, self.dataset.label_of(index), index, (e.path, e.reason))
