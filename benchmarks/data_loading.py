@@ -13,7 +13,8 @@ Throughput (`--jpegs DIR`, a class-folder tree of real photographs, e.g. 20,000 
 scikit-learn's sample photos): images/s of the training pipeline (decode, RandomResizedCrop 192,
 RandAugment rand-m9-mstd0.5-inc1, random erasing, to tensor) through `make_loader` at 1 and 2 workers,
 batch 64, over the folder, the list file (images in a zip, as the official zip mode) and shards
-packed from it; the best of `--rounds` passes over the first `--images` samples of an epoch.
+packed from it, each with plain Pillow decoding and with the DCT-domain downscale (`TrainPipeline`'s
+reduced JPEG decode, the default); the best of `--rounds` passes over the first `--images` samples.
 
     python benchmarks/data_loading.py --jpegs DIR [--images 4000] [--rounds 2] [--startup 1000000]
 
@@ -201,21 +202,24 @@ def throughput(jpegs: Path, work: Path, images: int, rounds: int) -> list[dict]:
     rows = []
     for workers in (1, 2):
         for kind, ds in sources.items():
-            best = 0.0
-            for r in range(rounds):
-                sampler = ShardedSampler(len(ds), batch_size=64, seed=r, groups=ds.groups(), block=8)
-                loader = make_loader(SeededSamples(ds, transform), sampler, batch_size=64, workers=workers)
-                it, n = iter(loader), 0
-                next(it)  # workers started, first shards fetched
-                t0 = time.perf_counter()
-                for batch in it:
-                    n += len(batch.indices)
-                    if n >= images:
-                        break
-                best = max(best, n / (time.perf_counter() - t0))
-                del it, loader
-            rows.append({"source": kind, "workers": workers, "img_per_s": round(best, 1)})
-            print(f"throughput {kind} workers={workers}: {best:.1f} img/s", flush=True)
+            for decoder, reduce in (("Pillow", False), ("Pillow, DCT downscale", True)):
+                transform.reduce = reduce
+                best = 0.0
+                for r in range(rounds):
+                    sampler = ShardedSampler(len(ds), batch_size=64, seed=r, groups=ds.groups(), block=8)
+                    loader = make_loader(SeededSamples(ds, transform), sampler, batch_size=64, workers=workers)
+                    it, n = iter(loader), 0
+                    next(it)  # workers started, first shards fetched
+                    t0 = time.perf_counter()
+                    for batch in it:
+                        n += len(batch.indices)
+                        if n >= images:
+                            break
+                    best = max(best, n / (time.perf_counter() - t0))
+                    del it, loader
+                row = {"source": kind, "decoder": decoder, "workers": workers, "img_per_s": round(best, 1)}
+                rows.append(row)
+                print(f"throughput {row}", flush=True)
     return rows
 
 
@@ -263,12 +267,12 @@ def render(r: dict) -> str:
         lines += [
             f"Training pipeline (decode, RandomResizedCrop 192, RandAugment m9, erasing), {r['jpegs']:,} JPEGs:",
             "",
-            "| source | 1 worker (img/s) | 2 workers (img/s) |",
-            "|---|---:|---:|",
+            "| source | decoder | 1 worker (img/s) | 2 workers (img/s) |",
+            "|---|---|---:|---:|",
         ]
-        by = {(x["source"], x["workers"]): x["img_per_s"] for x in r["throughput"]}
-        for source in dict.fromkeys(x["source"] for x in r["throughput"]):
-            lines.append(f"| {source} | {by[(source, 1)]:.0f} | {by[(source, 2)]:.0f} |")
+        by = {(x["source"], x["decoder"], x["workers"]): x["img_per_s"] for x in r["throughput"]}
+        for source, decoder in dict.fromkeys((x["source"], x["decoder"]) for x in r["throughput"]):
+            lines.append(f"| {source} | {decoder} | {by[(source, decoder, 1)]:.0f} | {by[(source, decoder, 2)]:.0f} |")
     return "\n".join(lines) + "\n"
 
 
