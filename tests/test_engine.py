@@ -338,6 +338,7 @@ def test_the_training_state_is_its_table_and_a_resume_checks_before_it_loads(tmp
             "model_config",
             "config",
             "world_size",
+            "data",
         ]
     )
     assert [p.key for p in engine.STATE if p.finite] == ["model", "ema", "optimizer", "scaler"]

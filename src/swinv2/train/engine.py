@@ -371,12 +371,12 @@ STATE: tuple[Part, ...] = (
     _rows("history"),
     _rows("best"),
     Part("classes", lambda tr: list(tr.classes), check=_check_classes),
-    Part("data", lambda tr: tr.train_ds.fingerprint(), check=_check_data),
     Part("preprocess", lambda tr: dataclasses.asdict(tr.preprocess)),
     Part("model_name", lambda tr: tr.cfg.model.name),
     Part("model_config", lambda tr: tr.model.config.to_dict()),
     Part("config", lambda tr: tr.cfg.to_dict()),
     Part("world_size", lambda tr: tr.env.world_size),  # read by the sampler's load
+    Part("data", lambda tr: tr.train_ds.fingerprint(), check=_check_data),  # shards: the manifest's SHA-256
 )
 
 
