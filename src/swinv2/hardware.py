@@ -57,9 +57,10 @@ def bf16_matmul_slowdown(device: str | torch.device = "cpu", *, n: int = 256) ->
     Below 1 where bf16 is native (AVX-512 BF16 / AMX, or a GPU); far above 1 on a CPU without it, where
     PyTorch falls back to a generic kernel: on a 2-core AVX2 CPU, 60-80x at n = 256 and 150x at n = 512
     (1.2 against 179 GFLOP/s), and a SwinV2-T forward under bf16 autocast took 6.5x as long as in fp32.
-    Takes a few milliseconds, about 0.1 s where bf16 is emulated.
+    Takes a few milliseconds, about 0.1 s where bf16 is emulated. The fp32 matmul (a fraction of a
+    millisecond) is timed 20 times, its best taken: on a loaded machine a few of them lose the core.
     """
-    return matmul_peak(device, "fp32", n=n, repeats=3) / matmul_peak(device, "bf16", n=n, repeats=3)
+    return matmul_peak(device, "fp32", n=n, repeats=20) / matmul_peak(device, "bf16", n=n, repeats=3)
 
 
 def warn_if_bf16_emulated(device: str | torch.device, what: str) -> None:
