@@ -120,6 +120,7 @@ def test_peers_compute_the_same_logits(impl):
     assert (got - expected).abs().max() < 1e-5
 
 
+@pytest.mark.slow  # about 20 s
 def test_train_mode_times_a_real_optimizer_step():
     results = bench.run(
         MICRO, batch_sizes=(2,), train=True, dtypes=("fp32", "bf16"), repeats=1, iters=1, warmup=1, compare=("timm",)
@@ -230,6 +231,7 @@ def test_help_puts_the_developer_options_last_under_their_own_heading(capsys):
         assert f"\n  {flag} " in users, flag
 
 
+@pytest.mark.slow  # about 15 s
 def test_own_process_runs_each_implementation_alone_in_a_fresh_process(tmp_path):
     out = tmp_path / "own.json"
     assert (

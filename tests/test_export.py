@@ -30,7 +30,9 @@ def _ort_vs_torch(path, model, size: int, batch: int) -> float:
     return float(np.abs(got - expected).max())
 
 
-@pytest.mark.parametrize("name", ["swinv2_micro_window4_32", "swinv2_tiny_window8_256"])
+@pytest.mark.parametrize(
+    "name", ["swinv2_micro_window4_32", pytest.param("swinv2_tiny_window8_256", marks=pytest.mark.slow)]
+)  # SwinV2-T: about 45 s
 def test_onnx_runtime_matches_pytorch_at_batch_1_and_3(tmp_path, name):
     torch.manual_seed(0)
     model = randomize_(swinv2.create_model(name), std=0.02).eval()

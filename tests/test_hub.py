@@ -318,6 +318,7 @@ def test_resolution_of_names_tags_and_errors():
 # --------------------------------------------------------------------------- parity in each source format
 
 
+@pytest.mark.slow  # about 30 s; the CLI by-name test covers the path in `make test`
 def test_timm_safetensors_by_name_gives_timm_logits(fake_hub, tmp_path, tiny_timm):
     ref, data = tiny_timm
     sd = ref.state_dict()
@@ -355,6 +356,7 @@ def test_torch_file_when_the_repo_has_no_safetensors(fake_hub, micro_record):
     _close(_logits(create_model(MICRO, num_classes=10, pretrained="bin").eval(), x), _logits(model, x))
 
 
+@pytest.mark.slow  # about 25 s
 def test_microsoft_transformers_repo_when_timm_has_none(fake_hub):
     """The transformers weights (the microsoft/ repo) give transformers' own logits."""
     transformers = pytest.importorskip("transformers")

@@ -86,6 +86,7 @@ def test_any_input_size_gives_finite_logits_and_grads(size):
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
 
 
+@pytest.mark.slow  # about 20 s
 def test_1024px_on_the_real_tiny_architecture():
     model = randomize_(swinv2.create_model("swinv2_tiny_window8_256", num_classes=10, depths=(2, 2, 2, 2)), seed=3)
     model.set_grad_checkpointing(True)

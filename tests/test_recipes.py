@@ -190,6 +190,7 @@ def test_three_stages_hand_off_exact_weights_with_the_declared_freezing(tmp_path
 # --------------------------------------------------------------------------- kill and resume
 
 
+@pytest.mark.slow  # about 30 s
 def test_sigkill_in_stage_2_then_same_command_finishes_2_and_3_without_redoing_1(tmp_path):
     data = _image_folder(tmp_path / "data")
     stages = [

@@ -84,7 +84,7 @@ def resume_recording(cfg: Path, out: Path, record: Path, monkeypatch, *overrides
 # --------------------------------------------------------------------------- rows 1, 2: SIGKILL, mid-epoch
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
 def test_sigkill_at_a_random_step_then_resume_is_bit_identical(reference, tmp_path, monkeypatch, seed):
     kill_at = random.Random(seed).randrange(1, STEPS)
     out, record = tmp_path / "run", tmp_path / "batches.jsonl"
@@ -274,6 +274,7 @@ def test_no_checkpoint_ever_holds_a_non_finite_tensor(tmp_path):
 # --------------------------------------------------------------------------- row 8: fp16 loss scaling
 
 
+@pytest.mark.slow  # about 15 s
 def test_fp16_scaler_and_scheduler_survive_a_kill(tmp_path):
     cfg = tiny_config(tmp_path)
     fp16 = ("train.amp=fp16", "train.epochs=2")

@@ -312,6 +312,7 @@ def _onnx_read_back(graph: Path, a, b) -> str:
     raise AssertionError("the graph is neither A's nor B's")
 
 
+@pytest.mark.slow  # about 15 s
 def test_onnx_graph_and_sidecar_killed_between_them(tmp_path, two_models):
     pytest.importorskip("onnxruntime")
     from swinv2.serve.export import UNIT_KEY as GRAPH_KEY
@@ -379,6 +380,7 @@ def _logits(rt, model) -> float:
         return float((rt(x) - model(x)).abs().max())
 
 
+@pytest.mark.slow  # about 30 s
 def test_export_cache_killed_at_each_rename_runs_the_current_weights(tmp_path, two_models):
     """`swinv2 export --weights W --runtime onnxruntime` after W was retrained in place, killed at each
     rename of the cache entry (graph, sidecar, key); the next use runs W's weights, never the old
