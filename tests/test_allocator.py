@@ -41,6 +41,7 @@ def _faults_per_round(policy: str, **env: str) -> tuple[bool, list[int]]:
     return applied == "True", [int(f) for f in faults]
 
 
+@pytest.mark.slow  # about 8 s
 def test_retained_memory_is_reused_without_page_faults():
     """By default every round faults the whole block in; retained, rounds reuse mapped memory. When
     they start to varies with the machine's state: on an AVX-512 EPYC under load, runs faulted the

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 import swinv2
 from swinv2.cli import main
 
@@ -19,6 +21,7 @@ def test_models_lists_every_variant_with_its_numbers(capsys):
     assert demo.split()[4] == "none" and "in1k" not in demo  # the demo's model: no published weights
 
 
+@pytest.mark.slow  # about 10 s; the CLI's other tests run it in-process
 def test_python_dash_m_entry_point():
     res = subprocess.run([sys.executable, "-m", "swinv2", "models"], capture_output=True, text=True)
     assert res.returncode == 0 and "swinv2_micro_window4_32" in res.stdout

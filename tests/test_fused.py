@@ -44,6 +44,7 @@ def test_forward_is_the_plain_formula():
     assert torch.equal(gelu_linear(h.requires_grad_(), w, b), F.linear(F.gelu(h), w, b))
 
 
+@pytest.mark.slow  # about 8 s; the fused kernels' gradients are also compared with autograd's in make test
 def test_gradients_numerically():
     # (Not at a zero vector: there a finite difference leaves the clamped region; see the next test.)
     qkv = _qkv().requires_grad_()
@@ -113,6 +114,7 @@ def test_linear_gelu_is_the_plain_ops():
     assert torch.equal(xg.grad, ref)
 
 
+@pytest.mark.slow  # about 10 s
 def test_compiled_inference_is_one_graph_with_the_eager_logits(monkeypatch):
     """torch.compile(fullgraph=True) of fp32 CPU inference: no graph break, no recompile on a new
     input of the same size, the eager logits within 1e-5."""
@@ -216,7 +218,7 @@ def test_training_attention_gives_the_official_formula_gradients():
         assert err <= 1e-4, (name, err)
 
 
-@pytest.mark.parametrize("max_rows", [1, 4, 100])
+@pytest.mark.parametrize("max_rows", [pytest.param(1, marks=pytest.mark.slow), 4, 100])  # 1 row: about 6 s
 def test_sequential_attention_is_the_written_out_formula(max_rows):
     """Runs of 3, 2 and 1 windows of 2 images under three biases, cut into pieces of `max_rows` rows:
     outputs and all four gradients as autograd of the written-out formula, and a float64 gradcheck."""

@@ -183,7 +183,9 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(reference, tmp_pat
 # --------------------------------------------------------------------------- row 6: preemption
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize(
+    "signum, code", [(signal.SIGTERM, 143), pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)]
+)  # the same save path; SIGINT in make test-all
 def test_sigterm_sigint_checkpoint_at_the_step_boundary(reference, tmp_path, signum, code):
     out = tmp_path / "run"
     r = drive(tmp_path, {"signal_at": [5, int(signum)]}, reference["cfg"], out)

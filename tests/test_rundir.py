@@ -5,9 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from image_folders import make_image_folder
 
 
+@pytest.mark.slow  # about 12 s
 def test_a_log_file_gets_progress_lines_not_carriage_returns(tmp_path):
     """No tqdm redraws ('\\r') in a log file, but a progress line every train.log_every steps; and
     the empty class folder is warned about, naming it, before training."""

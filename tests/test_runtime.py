@@ -142,6 +142,7 @@ def _ort_logits(graph: Path, x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(run.run(None, {run.get_inputs()[0].name: x.numpy()})[0])
 
 
+@pytest.mark.slow  # about 17 s; the cache key's binding of the files' hashes is tested in make test
 def test_a_tampered_export_cache_entry_is_made_again_never_run(tmp_path, caplog, make_micro):
     """W.safetensors.exports/32px-fp32.onnx replaced behind the key's back, in each way the export id
     alone does not or does catch: another model's graph given the entry's id, one byte of a weight
@@ -541,6 +542,7 @@ print(subprocess.run([sys.executable, "-c", "print('child ok')"], capture_output
 """
 
 
+@pytest.mark.slow  # about 9 s
 def test_openvino_freed_on_another_thread_then_fork_survives():
     """OpenVINO's CPU plugin swaps the thread's signal stack and, torn down on another thread, left the
     main thread's pointing at freed memory: the next SIGCHLD killed the process (SIGSEGV)."""

@@ -290,6 +290,7 @@ def test_a_flat_root_of_images_is_the_pretraining_set(tmp_path, caplog):
         check_data(load_config(None, [f"data.root={root}"]))
 
 
+@pytest.mark.slow  # about 18 s; the shared resume path is tested on classification in make test
 def test_pretraining_run_resumes_bit_identically_after_a_kill(tmp_path, monkeypatch):
     root = flat_folder(tmp_path / "data")
     cfg = tmp_path / "tiny.yaml"

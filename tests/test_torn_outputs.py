@@ -154,6 +154,7 @@ def _read_back(folder: Path, a, b) -> str:
     raise AssertionError("the folder's weights are neither A's nor B's")
 
 
+@pytest.mark.slow  # about 11 s
 def test_hf_folder_killed_between_its_files_is_a_or_b_or_refused(tmp_path, two_models, capsys):
     """`swinv2 convert B.safetensors FOLDER --dst hf` over folder A, SIGKILLed at each of its renames."""
     a, b, b_file = two_models
@@ -406,6 +407,7 @@ def test_export_cache_killed_at_each_rename_runs_the_current_weights(tmp_path, t
         assert _logits(rt, new) <= 1e-4 and temps(root) == []
 
 
+@pytest.mark.slow  # about 8 s
 def test_export_cache_entry_of_another_write_is_made_again(tmp_path, two_models, caplog):
     """A graph (and sidecar) of another write beside an entry's key, e.g. a second process's write that
     interleaved, or a copy by hand: the key's binding catches it, the graph is made again."""
