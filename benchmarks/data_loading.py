@@ -232,7 +232,9 @@ def main_() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "data_loading")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
-    result: dict = {"cpu": _cpu(), "cores": len(os.sched_getaffinity(0)), "python": platform.python_version()}
+    previous = args.out / "data_loading.json"  # a part not run this time keeps its last numbers
+    result: dict = json.loads(previous.read_text()) if previous.exists() else {}
+    result.update({"cpu": _cpu(), "cores": len(os.sched_getaffinity(0)), "python": platform.python_version()})
     if args.startup:
         result["startup"] = startup(args.work / "startup", args.startup, args.rounds)
     if args.jpegs:
