@@ -29,6 +29,14 @@ train: {{epochs: 2, ema: false, log_every: 1, threads: 1, progress: false, tenso
 STEPS_PER_EPOCH = 3  # 16 images, global batch 3 x 2: 6 + 6 + 4
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _own_cache(tmp_path_factory):
+    """Shard downloads and verdicts go to a folder of this module's, never to the user's cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SWINV2_CACHE", str(tmp_path_factory.mktemp("swinv2_cache")))
+        yield
+
+
 def two_nodes(tmp: Path, faults: dict, cfg: Path, out: Path, timeout: float = 300) -> list[subprocess.CompletedProcess]:
     """Both node launchers, started together; each returns when its node ends."""
     driver = tmp / "driver.py"

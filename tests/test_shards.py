@@ -31,6 +31,14 @@ from swinv2.train.shards import ShardDataset
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _own_cache(tmp_path_factory):
+    """Shard downloads and verdicts go to a folder of this module's, never to the user's cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SWINV2_CACHE", str(tmp_path_factory.mktemp("swinv2_cache")))
+        yield
+
+
 def pack_cli(src: Path, out: Path, *args: str) -> int:
     return main(["data", "pack", str(src), str(out), "--workers", "1", *args])
 

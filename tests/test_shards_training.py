@@ -25,6 +25,14 @@ STEPS = 12
 SHARDS = ("data.source=shards",)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _own_cache(tmp_path_factory):
+    """Shard downloads and verdicts go to a folder of this module's, never to the user's cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SWINV2_CACHE", str(tmp_path_factory.mktemp("swinv2_cache")))
+        yield
+
+
 def read_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
