@@ -198,3 +198,17 @@ def test_an_official_zipped_list_file_trains_exactly_as_its_folder(tmp_path):
     a, b = load_state(tmp_path / "from_folder"), load_state(tmp_path / "from_list")
     assert_same_state(a, b)
     assert b["classes"] == ["a", "b"]
+
+
+def test_a_bounded_cache_keeps_the_most_recent_shards_and_every_read_is_right(reference, tmp_path, monkeypatch):
+    from swinv2.train.shards import ShardDataset
+
+    local = ShardDataset(reference["shards"] / "train")
+    limit = max(s.bytes for s in local.manifest.shards) + 1  # room for one shard
+    with s3_store(monkeypatch) as _:
+        upload(reference["shards"], "bucket", "shards")
+        remote = ShardDataset("s3://bucket/shards/train", cache_dir=tmp_path / "cache", cache_limit=limit)
+        for i in range(len(local)):  # shard after shard: each download evicts the one before
+            assert remote.raw(i) == local.raw(i) and remote.label_of(i) == local.label_of(i)
+    kept = list((tmp_path / "cache" / "shards").rglob("shard-*.tar"))
+    assert [p.name for p in kept] == [local.manifest.shards[-1].name]

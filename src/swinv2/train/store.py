@@ -248,13 +248,18 @@ class S3Store(Store):
     def _evict(self, keep: Path) -> None:
         if not self.cache_limit:
             return
-        files = [p for p in self.local.glob("shard-*") if p.is_file()]
-        total = sum(p.stat().st_size for p in files)
-        for p in sorted(files, key=lambda p: p.stat().st_mtime):
+        stats = []
+        for p in self.local.glob("shard-*"):
+            try:  # another process may evict the same file at the same time
+                stats.append((p, p.stat()))
+            except OSError:
+                continue
+        total = sum(st.st_size for _, st in stats)
+        for p, st in sorted(stats, key=lambda item: item[1].st_mtime):
             if total <= self.cache_limit:
                 break
             if p != keep:
-                total -= p.stat().st_size
+                total -= st.st_size
                 p.unlink(missing_ok=True)  # a process reading it keeps its open file
 
 
