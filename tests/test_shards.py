@@ -424,3 +424,31 @@ def test_pack_from_hugging_face_parquet_gives_the_folders_samples(hf_files, tmp_
     shards = ShardDataset(tmp_path / "shards")
     originals = sorted(Path(p).read_bytes() for p, _ in source.samples)
     assert sorted(shards.raw(i) for i in range(len(shards))) == originals
+
+
+def test_the_22k_recipe_reads_the_official_layout_and_its_shards_by_one_override(folder, tmp_path, capsys):
+    """configs/swinv2_base_window12_192_22k.yaml on ImageNet-22k's own layout (JSON lists, images under
+    data.root), then on shards packed from those lists with data.source=shards: the same data both ways."""
+    root = tmp_path / "in22k"
+    for split in ("train", "val"):
+        ds = ImageFolderDataset(folder / split)
+        entries = []
+        for p, label in ds.samples:
+            name = f"{ds.classes[label]}/{split}_{Path(p).name}"
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_bytes(Path(p).read_bytes())
+            entries.append([name, label])
+        (root / f"ILSVRC2011fall_whole_map_{split}.txt").write_text(json.dumps(entries))
+    recipe = str(Path(__file__).resolve().parents[1] / "configs" / "swinv2_base_window12_192_22k.yaml")
+    assert main(["train", "--config", recipe, "--check-data", f"data.root={root}"]) == 0
+    from_lists = capsys.readouterr().out
+    shards = tmp_path / "shards"
+    assert pack_cli(root / "ILSVRC2011fall_whole_map_train.txt", shards / "train") == 0
+    classes = ["--classes", str(shards / "train")]
+    assert pack_cli(root / "ILSVRC2011fall_whole_map_val.txt", shards / "val", *classes) == 0
+    capsys.readouterr()
+    assert main(["train", "--config", recipe, "--check-data", "data.source=shards", f"data.root={shards}"]) == 0
+    from_shards = capsys.readouterr().out
+    bars = lambda text: [line for line in text.splitlines() if line.startswith("  ") and "#" in line]  # noqa: E731
+    assert bars(from_lists) == bars(from_shards) and len(bars(from_lists)) == 6  # 3 classes, 2 splits
+    assert "61 images, 3 classes" in from_lists and "61 images, 3 classes" in from_shards

@@ -157,9 +157,13 @@ class ListFileDataset(Samples):
 
 
 def images_for(root: Path, prefix: str) -> Path:
-    """Where a list's images are, as the official code lays them out: `root/<prefix>.zip` if it exists,
-    else the folder `root/<prefix>` (`root` itself for a prefix of '' or '.')."""
-    if prefix in ("", "."):
-        return root
-    archive = root / f"{prefix}.zip"
-    return archive if archive.is_file() else root / prefix
+    """Where a list's images are, as the official code lays them out: `root/<prefix>.zip` if it exists
+    (zip mode), else the folder `root/<prefix>`, else `root` itself (ImageNet-22k's lists name their
+    images relative to the data folder)."""
+    if prefix not in ("", "."):
+        archive = root / f"{prefix}.zip"
+        if archive.is_file():
+            return archive
+        if (root / prefix).is_dir():
+            return root / prefix
+    return root
