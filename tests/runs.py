@@ -118,3 +118,8 @@ def assert_same_state(a: dict, b: dict) -> None:
 
 def steps_log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+
+
+def read_records(path: Path) -> list[dict]:
+    """The step records `inject.record_batches` appended to `path` (none if it was never written)."""
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

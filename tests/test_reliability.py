@@ -29,16 +29,12 @@ import torch
 
 from image_folders import make_image_folder
 from inject import record_batches
-from runs import assert_same_state, drive, load_state, steps_log, tiny_config, train
+from runs import assert_same_state, drive, load_state, read_records, steps_log, tiny_config, train
 
 STEPS = 12  # 16 images / batch 4 x 3 epochs
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def read_records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,6 @@ The tiny run is test_reliability's (runs.TINY): 16 images, batch 4, 3 epochs = 1
 
 from __future__ import annotations
 
-import json
 import random
 import signal
 import zipfile
@@ -18,7 +17,7 @@ import torch
 from image_folders import make_image_folder
 from inject import record_batches
 from object_store import s3_store, upload
-from runs import assert_same_state, drive, load_state, steps_log, tiny_config, train
+from runs import assert_same_state, drive, load_state, read_records, steps_log, tiny_config, train
 from swinv2.cli import main
 
 STEPS = 12
@@ -31,10 +30,6 @@ def _own_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SWINV2_CACHE", str(tmp_path_factory.mktemp("swinv2_cache")))
         yield
-
-
-def read_records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 @pytest.fixture(autouse=True)

@@ -776,6 +776,11 @@ class Batch(NamedTuple):
     fatal: str | None = None  # the first storage fault met: the reader raises it (`checked`)
 
 
+def empty_batch(fatal: str | None = None) -> Batch:
+    """A batch of no images: a rank's share of a short last step, or the carrier of a storage fault."""
+    return Batch(torch.empty(0), torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64), [], fatal)
+
+
 def checked(batch: Batch) -> Batch:
     """`batch`, or the storage fault it carries raised as a DataError: a fault met in a loader worker
     reaches the training process as one line, never as the worker's wrapped traceback."""
@@ -816,7 +821,7 @@ class SeededSamples(Dataset):
 def collate(samples: list[Sample]) -> Batch:
     fatal = next((s.fatal for s in samples if s.fatal is not None), None)
     if fatal is not None:
-        return Batch(torch.empty(0), torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64), [], fatal)
+        return empty_batch(fatal)
     good = [s for s in samples if s.error is None]
     bad = [s.error for s in samples if s.error is not None]
     images = torch.stack([cast(Tensor, s.image) for s in good]) if good else torch.empty(0)  # no error: an image

@@ -62,6 +62,7 @@ from .datasets import (
     check_dataset,
     check_samples,
     checked,
+    empty_batch,
     hygiene_warnings,
     make_loader,
     sample_seed,
@@ -699,7 +700,7 @@ class Trainer:
         except StopIteration:
             if self.sampler.drop_last or step != self.steps_per_epoch - 1:
                 raise
-            return Batch(torch.empty(0), torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64), [])
+            return empty_batch()
 
     def validate(self, epoch: int, model: nn.Module) -> dict[str, float]:
         """The task's metrics (`Task.validate`) of the model (and the EMA) on the whole val set, reduced
