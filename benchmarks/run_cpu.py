@@ -109,7 +109,7 @@ def runtime_rows(run, native_bf16: bool) -> list[dict]:
             if len(timed) > 1:
                 model = bench.randomize_weights_(swinv2.SwinTransformerV2(swinv2.weights.registry.model_config(MODEL)))
                 auto = runtime.load_runtime(model, "auto", precision, cache_dir=cache, calib=_noise_images())
-                pick = f"{auto.name}/{precision}"
+                pick = f"{auto.label}/{precision}"
                 # auto also weighs PyTorch itself: our eager fp32 is in this run; our bf16 (or int8) eager is
                 # timed when auto picks it
                 rates = {k: v["img_per_s"] for k, v in timed.items()}
@@ -494,14 +494,14 @@ def write_tables(out: Path) -> None:
     print(full)
 
 
-def update_block(table: str, path: Path) -> None:
-    """Put `table` between the file's bench markers, so that its table is always the latest `make bench` run."""
+def update_block(table: str, path: Path, markers: tuple[str, str] = MARKERS) -> None:
+    """Put `table` between the file's `markers`, so that its table is always the latest run's."""
     text = path.read_text()
-    start, end = text.find(MARKERS[0]), text.find(MARKERS[1])
+    start, end = text.find(markers[0]), text.find(markers[1])
     if start < 0 or end < start:
-        print(f"{path}: no {MARKERS[0]} ... {MARKERS[1]} block; table not copied there", file=sys.stderr)
+        print(f"{path}: no {markers[0]} ... {markers[1]} block; table not copied there", file=sys.stderr)
         return
-    write_output(path, text[: start + len(MARKERS[0])] + "\n" + table + "\n" + text[end:])
+    write_output(path, text[: start + len(markers[0])] + "\n" + table + "\n" + text[end:])
 
 
 if __name__ == "__main__":

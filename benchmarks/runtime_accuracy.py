@@ -13,8 +13,9 @@ Two sets, both built from data that ships inside scikit-learn (nothing is downlo
   the small model stayed at chance for as long as this script can afford).
 
 For each set and each runtime / precision this machine runs (torch fp32 is the reference; torch bf16
-and OpenVINO bf16 only where the CPU has native bf16, `swinv2.serve.runtime.native_bf16`; OpenVINO int8
-calibrated on 128 training images, evenly spread over the sorted training files; ONNX Runtime fp32),
+and OpenVINO bf16 only where the CPU has native bf16, `swinv2.serve.runtime.native_bf16`; OpenVINO and
+ONNX Runtime int8 calibrated on 128 training images, evenly spread over the sorted training files;
+ONNX Runtime fp32),
 the user's command does the measuring:
 
     swinv2 eval --weights W --data VAL --runtime R --precision P [--calib CALIB] --compare-fp32 --json OUT
@@ -261,6 +262,7 @@ COMBOS = [
     ("openvino", "bf16"),
     ("openvino", "int8"),
     ("onnxruntime", "fp32"),
+    ("onnxruntime", "int8"),
 ]
 
 
@@ -429,8 +431,9 @@ def markdown(record: dict) -> str:
             f"`{record['command']}` on {record['date']} ({record['machine']}; {record['wall_seconds']:.0f} s in all; "
             "runs found finished are reused, their training is not in it).",
             "",
-            f"{sets}. Each row is `swinv2 eval --runtime R --precision P --compare-fp32` (int8: NNCF calibrated on "
-            f"{CALIB_IMAGES} training images); Δ and agreement are against PyTorch fp32 on the same images. "
+            f"{sets}. Each row is `swinv2 eval --runtime R --precision P --compare-fp32` (int8: NNCF or ONNX "
+            f"Runtime, calibrated on {CALIB_IMAGES} training images); Δ and agreement are against PyTorch fp32 on "
+            "the same images. "
             "End-to-end img/s includes PNG decoding and resizing in one process; model-only img/s is the median of 25 "
             "calls on one batch of 64 val images, each runtime timed alone after warm-up (a shared machine: img/s is "
             "indicative only). Targets: bf16 within 0.3 points of fp32, "
@@ -442,33 +445,11 @@ def markdown(record: dict) -> str:
     )
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--work", default=str(WORK), help="data, runs, exports and eval reports (default %(default)s)")
-    p.add_argument("--results", default=str(RESULTS), help="writes RESULTS.json and RESULTS.md")
-    p.add_argument(
-        "--demo-from",
-        metavar="RUN",
-        default=None,
-        help="take the digits model from this finished run "
-        "of configs/demo_digits.yaml (e.g. runs/demo_digits) instead of training it",
-    )
-    p.add_argument("--fresh", action="store_true", help="rebuild the data folders, retrain, export again")
-    args = p.parse_args()
-    import logging
-
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    from swinv2.outputs import check_output, write_output
+def trained_sets(work: Path, demo_from: str | None, timings: dict[str, float]) -> list[dict]:
+    """Both sets built under `work/data` and their models trained (or reused, or adopted from
+    `demo_from`); each set's dict holds its key, label, root, recipe and training record. Adds the
+    seconds each step took to `timings`."""
     from swinv2.train.datasets import build_digits_folder
-
-    results = Path(args.results)
-    for suffix in (".json", ".md"):
-        check_output(results.with_suffix(suffix), "results")
-    work = Path(args.work).resolve()
-    if args.fresh and work.exists():
-        shutil.rmtree(work)
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
     digits = build_digits_folder(work / "data" / "digits32")
@@ -500,8 +481,8 @@ def main() -> int:
         overrides = quiet_data(s["root"])
         if s["key"] == "digits_on_photos":  # a fine-tune of the digits model (configs/digits_on_photos.yaml)
             overrides.append(f"model.weights={sets[0]['training']['weights']}")
-        if s["key"] == "digits" and args.demo_from and not (out / "result.json").is_file():
-            s["training"] = adopt(Path(args.demo_from), s["recipe"], overrides, out)
+        if s["key"] == "digits" and demo_from and not (out / "result.json").is_file():
+            s["training"] = adopt(Path(demo_from), s["recipe"], overrides, out)
         else:
             s["training"] = train(s["recipe"], overrides, out)
         timings[f"train_{s['key']}"] = round(time.perf_counter() - t0, 1)
@@ -510,6 +491,38 @@ def main() -> int:
             f"({s['training']['train_seconds']:.0f} s of training)",
             flush=True,
         )
+
+    return sets
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", default=str(WORK), help="data, runs, exports and eval reports (default %(default)s)")
+    p.add_argument("--results", default=str(RESULTS), help="writes RESULTS.json and RESULTS.md")
+    p.add_argument(
+        "--demo-from",
+        metavar="RUN",
+        default=None,
+        help="take the digits model from this finished run "
+        "of configs/demo_digits.yaml (e.g. runs/demo_digits) instead of training it",
+    )
+    p.add_argument("--fresh", action="store_true", help="rebuild the data folders, retrain, export again")
+    args = p.parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    from swinv2.outputs import check_output, write_output
+
+    results = Path(args.results)
+    for suffix in (".json", ".md"):
+        check_output(results.with_suffix(suffix), "results")
+    work = Path(args.work).resolve()
+    if args.fresh and work.exists():
+        shutil.rmtree(work)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    sets = trained_sets(work, args.demo_from, timings)
 
     for s in sets:
         t0 = time.perf_counter()

@@ -48,6 +48,11 @@ def test_onnx_runtime_matches_pytorch_at_batch_1_and_3(tmp_path, name):
     dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_param and not dims[0].dim_value
     assert [d.dim_value for d in dims[1:]] == [3, size, size]
+    # Each block's position bias is one constant of the graph, the small maps' one-window stages too:
+    # the CPB MLP is neither run nor kept (a quantiser would put its weights in int8).
+    graph = onnx.load(str(path), load_external_data=False).graph
+    assert not [n.name for n in graph.node if "cpb_mlp" in n.name or n.op_type == "Sigmoid"]
+    assert not [t.name for t in graph.initializer if "cpb_mlp" in t.name]
 
 
 def test_cli_export_prints_the_check_and_writes_the_sidecar(tmp_path, make_micro_weights, capsys):

@@ -119,13 +119,13 @@ def test_report_and_sidecar_say_the_graph_takes_any_size(exported):
 
 def test_the_runtime_accepts_any_size_for_a_dynamic_graph_only(exported, tmp_path):
     model, path, _ = exported
-    dynamic = R.Runtime("onnxruntime", "fp32", 32, 5, R._numpy_infer(R._onnxruntime_fn(path, 1)), path=str(path))
+    dynamic = R.Runtime("onnxruntime", "fp32", 32, 5, R._numpy_infer(R.onnxruntime_fn(path, 1)), path=str(path))
     x = _images(2, (45, 27))
     assert np.abs(dynamic(x).numpy() - _expected(model, x)).max() <= ATOL
     fixed_path = tmp_path / "fixed.onnx"
     export_onnx(model, fixed_path, check=False)
     fixed = R.Runtime(
-        "onnxruntime", "fp32", 32, 5, R._numpy_infer(R._onnxruntime_fn(fixed_path, 1)), path=str(fixed_path)
+        "onnxruntime", "fp32", 32, 5, R._numpy_infer(R.onnxruntime_fn(fixed_path, 1)), path=str(fixed_path)
     )
     with pytest.raises(ValueError, match="fixed at 32x32 px"):
         fixed(x)

@@ -334,46 +334,71 @@ def _eval(weights, root, tmp_path, *args) -> dict:
     return json.loads(out.read_text())
 
 
-def test_int8_keeps_the_top1_of_a_trained_model(trained, tmp_path, capsys):
-    pytest.importorskip("openvino")
-    pytest.importorskip("nncf")
+def _int8_ops(graph: Path) -> dict[str, bool]:
+    """Each linear and attention product of an int8 graph (its names) -> whether it runs in int8.
+    OpenVINO: the precision each op of the compiled graph runs in, as the CPU plugin reports it.
+    ONNX Runtime: every input comes out of a DequantizeLinear (its CPU provider then fuses the op into
+    an int8 kernel)."""
+    if graph.suffix == ".xml":
+        import openvino as ov
+
+        compiled = ov.Core().compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        ops = {}
+        for op in compiled.get_runtime_model().get_ordered_ops():
+            rt = op.get_rt_info()
+            if rt["layerType"].astype(str) in ("Convolution", "MatMul", "FullyConnected"):
+                name = f"{op.get_friendly_name()},{rt['originalLayersNames'].astype(str)}"
+                ops[name] = rt["runtimePrecision"].astype(str) in ("u8", "i8")
+        return ops
+    import onnx
+
+    nodes = onnx.load(graph, load_external_data=False).graph.node
+    made_by = {o: n.op_type for n in nodes for o in n.output}
+    return {
+        n.name: all(made_by.get(i) == "DequantizeLinear" for i in n.input)
+        for n in nodes
+        if n.op_type in ("Conv", "MatMul", "Gemm")
+    }
+
+
+@pytest.mark.parametrize("name", ONNX_RUNTIMES)
+def test_int8_keeps_the_top1_of_a_trained_model(trained, tmp_path, capsys, name):
+    if name == "openvino":
+        pytest.importorskip("nncf")
     weights, root = trained
+    cache = str(tmp_path / "cache")
     report = _eval(
         weights,
         root,
         tmp_path,
         "--runtime",
-        "openvino",
+        name,
         "--precision",
         "int8",
         "--calib",
         str(root / "train"),
         "--cache-dir",
-        str(tmp_path / "cache"),
+        cache,
     )
     ref = report["fp32"]
     assert ref["top1"] >= 90  # the model did learn the tints
     # 90 val images: one image is 1.1 points. int8 may move images near the decision boundary only.
     assert ref["top1_agreement"] >= 95 and abs(ref["top1_delta"]) <= 3.4
-    assert report["runtime"] == "openvino" and report["precision"] == "int8"
+    assert report["runtime"] == name and report["precision"] == "int8"
     assert "top-1 agreement" in capsys.readouterr().out
     # The quantised graph is cached: a second run needs no --calib.
-    report = _eval(
-        weights, root, tmp_path, "--runtime", "openvino", "--precision", "int8", "--cache-dir", str(tmp_path / "cache")
-    )
+    report = _eval(weights, root, tmp_path, "--runtime", name, "--precision", "int8", "--cache-dir", cache)
     assert report["fp32"]["top1_agreement"] == ref["top1_agreement"]
-    # The first and the last layer stay fp32: no quantiser feeds the patch embedding or the head, while
-    # the blocks' linears are quantised.
-    import openvino as ov
-
-    (xml,) = (tmp_path / "cache").rglob("*int8-openvino.xml")
-    fed = {}
-    for op in ov.Core().read_model(xml).get_ordered_ops():
-        if op.get_type_name() in ("Convolution", "MatMul"):
-            fed[op.get_friendly_name()] = {i.get_source_output().get_node().get_type_name() for i in op.inputs()}
-    kept = {n: f for n, f in fed.items() if "patch_embed/proj" in n or "/head/" in n}
-    assert len(kept) == 2 and not any("FakeQuantize" in f for f in kept.values()), kept
-    assert sum("FakeQuantize" in f for f in fed.values()) >= 8  # 4 blocks x (qkv, proj, fc1, fc2) at least
+    # The first and the last layer stay fp32, the blocks' linears and attention products run in int8,
+    # and the position bias is a constant: no CPB MLP is left to quantise.
+    (graph,) = (tmp_path / "cache").rglob(R.INT8_FILES[name].format(size=32))
+    ops = _int8_ops(graph)
+    kept = {n: q for n, q in ops.items() if "patch_embed/proj" in n or "/head/" in n or n.startswith("logits")}
+    assert len(kept) == 2 and not any(kept.values()), kept
+    blocks = {n: q for n, q in ops.items() if "/blocks." in n}
+    assert not [n for n in blocks if "cpb_mlp" in n]
+    # 4 blocks x (qkv, proj, fc1, fc2, q·kᵀ, attn·v) at least
+    assert len(blocks) >= 24 and all(blocks.values()), blocks
 
 
 def test_int8_without_calibration_images_is_one_line(trained, tmp_path, capsys):
@@ -421,9 +446,41 @@ def test_auto_picks_an_installed_runtime_and_says_which(trained, tmp_path):
     rt = R.load_runtime(model, "auto", "fp32", cache_dir=tmp_path, batch_size=2)
     assert rt.name in [r for r in R.RUNTIMES if R.installed(r)] and "auto picked" in rt.note and "now" in rt.note
     memo = json.loads((tmp_path / "runtime-auto.json").read_text())
-    assert [v["pick"] for v in memo.values()] == [rt.name]
+    assert [v["pick"] for v in memo.values()] == [rt.label]
     again = R.load_runtime(model, "auto", "fp32", cache_dir=tmp_path, batch_size=2)  # remembered, not re-timed
     assert again.name == rt.name and "measured" in again.note and "now" not in again.note
+
+
+def test_auto_int8_weighs_every_runtime_and_setting_and_keeps_the_fastest_measured(trained, tmp_path):
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    pytest.importorskip("onnxruntime")
+    weights, root = trained
+    model = swinv2.load_model(weights)
+    rt = R.load_runtime(model, "auto", "int8", calib=root / "train", cache_dir=tmp_path, batch_size=8)
+    (record,) = json.loads((tmp_path / "runtime-auto.json").read_text()).values()
+    rates = record["img_per_s"]
+    expected = {"onnxruntime", "openvino"} | ({"openvino x2 streams"} if R.auto_streams() > 1 else set())
+    assert set(rates) == expected  # torch has no int8
+    assert record["pick"] == rt.label == max(rates, key=rates.__getitem__)
+    assert rt.note.startswith(f"auto picked {rt.label}: ") and all(name in rt.note for name in rates)
+    # The CLI's int8 without --runtime is that choice, remembered (eval times batches of 8 too).
+    report = _eval(weights, root, tmp_path, "--precision", "int8", "--cache-dir", str(tmp_path))
+    assert report["runtime"] == rt.name and report["precision"] == "int8"
+
+
+def test_openvino_streams_split_the_batch_and_give_the_same_logits(tmp_path, make_micro):
+    pytest.importorskip("openvino")
+    model = make_micro(10).eval()
+    one = R.load_runtime(model, "openvino", "fp32", cache_dir=tmp_path)
+    two = R.load_runtime(model, "openvino", "fp32", cache_dir=tmp_path, streams=2)
+    assert two.label == "openvino x2 streams" and "x2 streams" in two.describe()
+    for batch in (1, 2, 5):  # a batch of one has one part; an odd batch, parts of 3 and 2
+        x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            expected = model(x)
+        assert two(x).shape == (batch, 10)
+        assert (two(x) - expected).abs().max() <= 1e-4 and (two(x) - one(x)).abs().max() <= 1e-4
 
 
 def test_export_into_the_cache_then_eval_uses_it(trained, tmp_path, capsys):

@@ -396,18 +396,24 @@ def _add_runtime_args(p: argparse.ArgumentParser, *, default_runtime: str | None
     p.add_argument(
         "--runtime",
         choices=("torch", "onnxruntime", "openvino", "auto"),
-        default=default_runtime,
+        default=None if default_runtime == "torch" else default_runtime,  # torch: `_runtime_for` decides
         help="what runs the model: PyTorch, or the exported ONNX graph (cached beside the weights) in ONNX "
         "Runtime or OpenVINO (pip install 'swinv2[onnxruntime]' / 'swinv2[openvino]'); auto: the fastest "
         "installed here, timed once per machine and precision"
-        + (f" (default {default_runtime})" if default_runtime else ""),
+        + (
+            " (default torch; auto with --precision int8)"
+            if default_runtime == "torch"
+            else f" (default {default_runtime})"
+            if default_runtime
+            else ""
+        ),
     )
     p.add_argument(
         "--precision",
         choices=("fp32", "bf16", "int8"),
         default="fp32",
-        help="bf16: OpenVINO or torch, only on CPUs with AVX-512 BF16 or AMX; int8: OpenVINO, post-training "
-        "quantised with NNCF on the --calib images (default fp32)",
+        help="bf16: OpenVINO or torch, only on CPUs with AVX-512 BF16 or AMX; int8: OpenVINO (NNCF) or ONNX "
+        "Runtime (its QDQ quantiser), post-training quantised on the --calib images (default fp32)",
     )
     p.add_argument(
         "--calib",
@@ -427,7 +433,10 @@ def _add_runtime_args(p: argparse.ArgumentParser, *, default_runtime: str | None
 
 
 def _runtime_for(args: argparse.Namespace, model, prep):
-    """The `runtime.Runtime` that --runtime / --precision ask for; None for plain PyTorch fp32 (with --amp)."""
+    """The `runtime.Runtime` that --runtime / --precision ask for; None for plain PyTorch fp32 (with --amp).
+    int8 without --runtime is the fastest int8 here (auto): PyTorch has none."""
+    if args.runtime is None:
+        args.runtime = "auto" if args.precision == "int8" else "torch"
     if args.runtime == "torch" and args.precision == "fp32":
         if args.calib:
             raise InputError("--calib is for --precision int8")
@@ -535,7 +544,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         f"{args.data}: {report['n']} images, {len(report['per_class'])} classes{skipped}; "
         f"{prep.img_size} px, crop {prep.crop_pct}, {prep.interpolation}"
         + ("" if amp_dtype is None else f", autocast {args.amp}")
-        + ("" if rt is None else f", {rt.name} {rt.precision}")
+        + ("" if rt is None else f", {rt.label} {rt.precision}")
     )
     top5 = "" if report["top5"] is None else f"top-5 {report['top5']:.2f}%  "  # None: 5 classes or fewer
     say(f"top-1 {report['top1']:.2f}%  {top5}loss {report['loss']:.4f}  ({report['img_per_s']:.1f} img/s)")
@@ -696,7 +705,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     print(
         f"{n} image{'s' * (n != 1)} in {end - start:.1f} s: {n / (end - start):.1f} img/s for the whole command, "
         f"{n / (end - ready):.1f} img/s once the model was loaded{' and the runtime compiled' if rt else ''} "
-        f"(reading, resizing and {rt.name if rt else 'torch'} {args.precision}; --workers {args.workers})",
+        f"(reading, resizing and {rt.label if rt else 'torch'} {args.precision}; --workers {args.workers})",
         file=sys.stderr,
     )
     if args.json is not None and not json_out:

@@ -108,6 +108,8 @@ def effective_window(H: int, W: int, window: int | Pair, shift: int | Pair) -> t
     (wh, ww), (sh, sw) = pair(window), pair(shift)
     if wh == ww:
         m = min(H, W)
+        if torch.jit.is_tracing():  # the fixed-size ONNX export traces sizes as 0-dim tensors: as an int,
+            m = int(m)  # the window keys the position-bias cache, whose bias is then one constant (export.py)
         return ((m, m), (0, 0)) if m <= wh else ((wh, ww), (sh, sw))
     return (min(H, wh), min(W, ww)), (0 if H <= wh else sh, 0 if W <= ww else sw)
 

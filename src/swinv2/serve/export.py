@@ -1,8 +1,9 @@
 """ONNX export with a dynamic batch axis, checked against PyTorch in ONNX Runtime before it is kept.
 
-By default the graph is traced at ONE image size: window padding, shift masks and the position-bias
-table are shape-dependent and become constants, so a model exported at 256 px runs at 256 px only;
-export again for another size (`img_size=`). The batch axis stays dynamic.
+By default the graph is traced at ONE image size: window padding, shift masks and each block's
+position bias (the CPB MLP's output) are shape-dependent and become constants, so a model exported
+at 256 px runs at 256 px only; export again for another size (`img_size=`). The batch axis stays
+dynamic.
 
 `dynamic_size=True` exports `dynamic_forward.DynamicSizeForward` instead: the same parameters and the
 official math, with the padding, roll, window partition, shift masks, each stage's effective window
@@ -104,6 +105,10 @@ class ExportReport:
 
 
 def _export_graph(model: nn.Module, path: str, x: torch.Tensor, opset: int) -> None:
+    # One eager pass first fills each block's position-bias cache (CPU inference, `attention.py`): traced
+    # after it, each (nH, N, N) bias is one constant of the graph, not the CPB MLP over a coordinate
+    # table run on every call. Quantisers then cannot reach it (they would put the MLP's weights in int8).
+    model(x)
     with warnings.catch_warnings():
         # Expected while tracing at a fixed size: shape tests become constants (TracerWarning), and
         # the TorchScript exporter announces its successor (see the module docstring).

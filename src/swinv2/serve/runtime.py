@@ -5,15 +5,19 @@ images (torch or numpy, normalised as in eval) to (B, num_classes) float32 logit
 
 * torch: the module itself (fp32), or a bf16 copy of it fed bf16 images (bf16).
 * onnxruntime, openvino: the graph `export.export_onnx` writes and checks (dynamic batch, one image
-  size), exported once and cached. OpenVINO runs bf16 through its inference-precision hint on the
-  same fp32 graph; int8 is NNCF post-training static quantisation of that graph (OpenVINO) on
-  calibration images from a folder, its unquantised rest in bf16 where the CPU has it. ONNX Runtime
-  has no bf16 CPU kernels worth the name (a bf16 graph runs through casts), so bf16 is refused there;
-  its static int8 of the same graph (QDQ, per channel) ran SwinV2-T at 0.7x OpenVINO's int8, so int8
-  is OpenVINO's.
+  size, each block's position bias a constant), exported once and cached. OpenVINO runs bf16 through
+  its inference-precision hint on the same fp32 graph. ONNX Runtime has no bf16 CPU kernels worth the
+  name (a bf16 graph runs through casts), so bf16 is refused there.
+* int8 is post-training static quantisation of that graph on calibration images from a folder, the
+  patch embedding and the head kept fp32: NNCF for OpenVINO (its unquantised rest in bf16 where the CPU
+  has it), ONNX Runtime's own QDQ quantiser for ONNX Runtime. Which is faster depends on the CPU: with
+  VNNI (AVX-512 or AVX-VNNI) OpenVINO's int8 kernels lead, on plain AVX2 ONNX Runtime's
+  (benchmarks/quantisers.py compares these and the other quantisers a user could pick, PyTorch's PT2E
+  among them: docs/performance.md).
 * auto: every installed runtime that supports the precision is timed once on this machine (same
-  batch, interleaved rounds) and the fastest is kept; the choice is remembered per machine, model
-  architecture, image size, batch and precision in `runtime-auto.json` under the cache folder.
+  batch, interleaved rounds), OpenVINO with one stream and with two (`settings`), and the fastest is
+  kept; the choice is remembered per machine, model architecture, image size, batch and precision in
+  `runtime-auto.json` under the cache folder.
 
 bf16 is refused where the CPU would emulate it (no AVX-512 BF16 / AMX): emulated bf16 is slower than
 fp32. A runtime whose package is missing fails with one line naming the extra to install.
@@ -84,7 +88,7 @@ ATOL_FP32 = 1e-4
 AUTO_MAX_BATCH = 8
 # What the export cache's graphs are made by, besides torch and opset: raise it whenever export.py or
 # the model's traced forward changes the graph written for the same weights, so old entries are made again.
-EXPORT_FORMAT = 2
+EXPORT_FORMAT = 3  # 3: position biases folded to constants
 
 
 class RuntimeUnavailable(InputError):
@@ -147,10 +151,10 @@ def check_supported(runtime: str, precision: str) -> None:
         raise RuntimeUnavailable(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     if runtime != "torch":
         _import(runtime, runtime)
-    if precision == "int8" and runtime != "openvino":
+    if precision == "int8" and runtime not in INT8_FILES:
         raise RuntimeUnavailable(
-            f"--precision int8 is not supported by --runtime {runtime}: int8 is OpenVINO's "
-            f"post-training quantisation (--runtime openvino --calib DIR)"
+            f"--precision int8 is not supported by --runtime {runtime}: int8 is post-training "
+            f"quantisation for --runtime openvino or onnxruntime (--calib DIR)"
         )
     if precision == "bf16":
         if runtime == "onnxruntime":
@@ -201,7 +205,7 @@ def _read_key(path: Path) -> dict[str, Any] | None:
         return None
 
 
-# Temp folders `int8_openvino` builds in (tempfile.TemporaryDirectory(prefix=...)), removed after a kill.
+# Temp folders `int8_graph` builds in (tempfile.TemporaryDirectory(prefix=...)), removed after a kill.
 _TEMP_DIRS = (".int8-",)
 
 
@@ -234,6 +238,11 @@ def _bind_onnx(graph: Path) -> dict[str, Any]:
         "unit_id": graph_metadata(graph).get(UNIT_KEY),
         "sha256": {p.name: _file_sha256(p) for p in (graph, sidecar_path(graph))},
     }
+
+
+def _bind_file(graph: Path) -> dict[str, Any]:
+    """What binds a one-file entry (ONNX Runtime's int8 graph): its SHA-256."""
+    return {"sha256": {graph.name: _file_sha256(graph)}}
 
 
 def _bind_ir(xml: Path) -> dict[str, Any]:
@@ -316,7 +325,7 @@ def fp32_onnx(model: nn.Module, root: Path, sha: str, img_size: int) -> Path:
         export_onnx(model, path, img_size=img_size, check=check)
         if not check:
             try:
-                diffs = _check_runtime(_openvino_fn(path, "fp32", None), model, img_size)
+                diffs = _check_runtime(openvino_fn(path, "fp32", None), model, img_size)
             except BaseException:
                 path.unlink(missing_ok=True)
                 raise
@@ -381,14 +390,33 @@ def calibration_set(
     return images, h.hexdigest()
 
 
-def int8_openvino(
-    model: nn.Module, root: Path, sha: str, img_size: int, calib: str | os.PathLike | Sequence[np.ndarray] | None
+# Each runtime's int8 graph in the cache and the quantiser that makes it (recorded in the entry's key,
+# so a graph of another quantiser or setting is made again). Chosen in benchmarks/quantisers.py, where
+# every quantiser and setting tried is timed and scored (docs/performance.md).
+INT8_FILES = {"openvino": "{size}px-int8-openvino.xml", "onnxruntime": "{size}px-int8-onnxruntime.onnx"}
+QUANTISERS = {
+    "openvino": "nncf, transformer, no smooth quant, fp32 patch embedding and head",
+    "onnxruntime": "onnxruntime static qdq, per channel, u8 activations, fp32 patch embedding and head",
+}
+# The first and the last layer stay fp32, the usual rule for post-training quantisation: raw pixels
+# into the patch embedding and the logits out of the head are where int8 rounding costs most decisions
+# (docs/performance.md), for a small share of the work. Node names of our export.
+KEEP_FP32 = (r".*patch_embed/proj/.*", r".*/head/.*")
+
+
+def int8_graph(
+    model: nn.Module,
+    root: Path,
+    sha: str,
+    img_size: int,
+    calib: str | os.PathLike | Sequence[np.ndarray] | None,
+    runtime: str = "openvino",
 ) -> Path:
-    """The NNCF-quantised OpenVINO IR (.xml + .bin) of `model` in the cache. `calib`: a folder of
-    images, or preprocessed (1, 3, S, S) arrays; None only when an int8 entry for these weights is
-    cached already."""
-    ov = _import("openvino", "openvino")
-    xml = root / f"{img_size}px-int8-openvino.xml"
+    """The int8 graph of `model` for `runtime` in the cache: NNCF's OpenVINO IR (.xml + .bin) or ONNX
+    Runtime's QDQ graph (.onnx). `calib`: a folder of images, or preprocessed (1, 3, S, S) arrays; None
+    only when an int8 entry for these weights is cached already."""
+    path = root / INT8_FILES[runtime].format(size=img_size)
+    bind = _bind_ir if runtime == "openvino" else _bind_file
     if calib is None:
         images, fingerprint = None, None
     elif isinstance(calib, (str, os.PathLike)):
@@ -396,82 +424,162 @@ def int8_openvino(
     else:
         images = [np.asarray(a, dtype=np.float32) for a in calib]
         fingerprint = hashlib.sha256(b"".join(a.tobytes() for a in images)).hexdigest()
-    key = _key(
-        sha, img_size, "int8", calib=fingerprint, quantiser="nncf, no smooth quant, fp32 patch embedding and head"
-    )
+    key = _key(sha, img_size, "int8", calib=fingerprint, quantiser=QUANTISERS[runtime])
     if calib is None:
         with _cache_folder(root):
-            old = _read_key(xml.with_name(xml.name + ".key.json"))
-            if old is None or not xml.exists() or any(old.get(k) != key[k] for k in ("sha256", "img_size")):
+            old = _read_key(path.with_name(path.name + ".key.json"))
+            if old is None or not path.exists() or any(old.get(k) != key[k] for k in ("sha256", "img_size")):
                 stale = " (the cached one is stale: the weights changed)" if old and old.get("sha256") != sha else ""
                 raise InputError(
                     f"--precision int8 needs calibration images{stale}: --calib DIR, a folder of images "
                     f"like the ones to classify (e.g. the training set)"
                 )
-            problem = _unbound(xml, old, _bind_ir)
+            problem = _unbound(path, old, bind)
+            if problem is None and old.get("quantiser") != key["quantiser"]:
+                problem = f"made by another quantiser ({old.get('quantiser')})"
             if problem is not None:
                 raise InputError(
-                    f"--precision int8 needs calibration images (the cached {xml.name} does not match "
+                    f"--precision int8 needs calibration images (the cached {path.name} does not match "
                     f"its key: {problem}): --calib DIR, a folder of images like the ones to classify"
                 )
-        return xml
+        return path
     images = cast(list[np.ndarray], images)  # calib is not None here: a calibration set
     onnx_path = fp32_onnx(model, root, sha, img_size)
+    quantise = quantise_openvino if runtime == "openvino" else quantise_onnxruntime
 
     def build(path: Path) -> None:
-        try:
-            nncf = importlib.import_module("nncf")
-        except ImportError:
-            raise RuntimeUnavailable(
-                "int8 with --runtime openvino needs nncf, which is not installed: pip install 'swinv2[openvino]'"
-            ) from None
-        nncf.set_log_level(logging.ERROR)
-        ov_model = _ov_core().read_model(os.fspath(onnx_path))
-        log.info(
-            "int8: quantising with NNCF on %d calibration images%s",
-            len(images),
-            f" from {calib}" if isinstance(calib, (str, os.PathLike)) else "",
+        where = f" from {calib}" if isinstance(calib, (str, os.PathLike)) else ""
+        log.info("int8: quantising for %s on %d calibration images%s", runtime, len(images), where)
+        quantise(onnx_path, images, path)
+
+    return _cached(path, key, build, bind)
+
+
+def quantise_openvino(
+    onnx_path: Path,
+    images: list[np.ndarray],
+    path: Path,
+    *,
+    smooth_quant: bool = False,
+    keep_fp32: Sequence[str] = KEEP_FP32,
+    preset: str | None = None,
+) -> None:
+    """NNCF's post-training quantisation of the fp32 graph, saved as OpenVINO IR at `path` (.xml last).
+    The defaults are what `--precision int8` ships; the others are the settings benchmarks/quantisers.py
+    compares (`keep_fp32`: regexes of node names left unquantised; `preset`: "performance" for
+    symmetric activations, "mixed", or None for the model type's default)."""
+    ov = _import("openvino", "openvino")
+    try:
+        nncf = importlib.import_module("nncf")
+    except ImportError:
+        raise RuntimeUnavailable(
+            "int8 with --runtime openvino needs nncf, which is not installed: pip install 'swinv2[openvino]'"
+        ) from None
+    nncf.set_log_level(logging.ERROR)
+    ov_model = _ov_core().read_model(os.fspath(onnx_path))
+    # SmoothQuant off: it moves activation outliers into the weights, and on SwinV2 (the trained demo
+    # model, 360 val images) it cost 1.4 top-1 points against 0.3 without it (mean |logit delta|
+    # 0.41 vs 0.09), at the same speed (benchmarks/quantisers.py measures it again with each setting).
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+
+    alphas = AdvancedSmoothQuantParameters() if smooth_quant else AdvancedSmoothQuantParameters(matmul=-1)
+    advanced = AdvancedQuantizationParameters(smooth_quant_alphas=alphas)
+    presets = {"performance": nncf.QuantizationPreset.PERFORMANCE, "mixed": nncf.QuantizationPreset.MIXED}
+    with _quiet_progress():
+        quantised = nncf.quantize(
+            ov_model,
+            nncf.Dataset(images),
+            model_type=nncf.ModelType.TRANSFORMER,
+            preset=presets[preset] if preset else None,
+            subset_size=len(images),
+            advanced_parameters=advanced,
+            ignored_scope=nncf.IgnoredScope(patterns=list(keep_fp32), validate=False) if keep_fp32 else None,
         )
-        # SmoothQuant off: it moves activation outliers into the weights, and on SwinV2 (the trained demo
-        # model, 360 val images) it cost 1.4 top-1 points against 0.3 without it (mean |logit delta|
-        # 0.41 vs 0.09), at the same speed. The first and the last layer stay fp32, the usual rule for
-        # post-training quantisation: raw pixels into the patch embedding and the logits out of the head
-        # are where int8 rounding costs most decisions (docs/performance.md), for a small share of the work.
-        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".int8-") as tmp:
+        ov.save_model(quantised, os.fspath(Path(tmp) / "m.xml"), compress_to_fp16=False)
+        for name, dst in (("m.bin", path.with_suffix(".bin")), ("m.xml", path)):  # .xml last: the pair is done
+            with open(Path(tmp) / name, "rb") as src:
+                atomic_write(dst, functools.partial(shutil.copyfileobj, src))
 
-        advanced = AdvancedQuantizationParameters(smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1))
-        keep_fp32 = nncf.IgnoredScope(patterns=[r".*patch_embed/proj/.*", r".*/head/.*"], validate=False)
+
+def attention_products(onnx_path: Path) -> list[str]:
+    """Names of the graph's MatMuls between two activations (q·kᵀ and attn·v): no initializer input."""
+    import onnx
+
+    graph = onnx.load(os.fspath(onnx_path), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer}
+    return [n.name for n in graph.node if n.op_type == "MatMul" and not weights.intersection(n.input)]
+
+
+def quantise_onnxruntime(
+    onnx_path: Path,
+    images: list[np.ndarray],
+    path: Path,
+    *,
+    keep_fp32: Sequence[str] = KEEP_FP32,
+    attention: bool = True,
+    fmt: str = "qdq",
+) -> None:
+    """ONNX Runtime's static quantisation of the fp32 graph, written to `path`: QDQ (QuantizeLinear /
+    DequantizeLinear pairs that its CPU provider fuses into int8 kernels; `fmt="qoperator"` for its
+    QLinear operators instead), per-channel int8 weights and uint8 activations with MinMax ranges over
+    `images`. The defaults ship; `attention=False` leaves the attention products in fp32."""
+    import re
+
+    import onnx
+
+    _import("onnxruntime", "onnxruntime")
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from .export import INPUT_NAME
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(images)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            x = next(self.it, None)
+            return None if x is None else {INPUT_NAME: x}
+
+    graph = onnx.load(os.fspath(onnx_path), load_external_data=False).graph
+    keep = [n.name for n in graph.node if any(re.fullmatch(p, n.name) for p in keep_fp32)]
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".int8-") as tmp:
+        out = Path(tmp) / "m.onnx"
         with _quiet_progress():
-            quantised = nncf.quantize(
-                ov_model,
-                nncf.Dataset(images),
-                model_type=nncf.ModelType.TRANSFORMER,
-                subset_size=len(images),
-                advanced_parameters=advanced,
-                ignored_scope=keep_fp32,
+            quantize_static(
+                os.fspath(onnx_path),
+                os.fspath(out),
+                Reader(),
+                quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator,
+                op_types_to_quantize=["MatMul", "Gemm", "Conv"],  # the linears and the attention products
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=keep,
+                extra_options={"MatMulConstBOnly": not attention},
             )
-        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".int8-") as tmp:
-            ov.save_model(quantised, os.fspath(Path(tmp) / "m.xml"), compress_to_fp16=False)
-            for name, dst in (("m.bin", path.with_suffix(".bin")), ("m.xml", path)):  # .xml last: the pair is done
-                with open(Path(tmp) / name, "rb") as src:
-                    atomic_write(dst, functools.partial(shutil.copyfileobj, src))
-
-    return _cached(xml, key, build, _bind_ir)
+        with open(out, "rb") as src:
+            atomic_write(path, functools.partial(shutil.copyfileobj, src))
 
 
 @contextlib.contextmanager
 def _quiet_progress():
-    """NNCF draws `rich` progress bars on the console; they are swallowed (errors still raise)."""
+    """NNCF draws `rich` progress bars on the console and ONNX Runtime's quantiser logs advice through
+    the root logger; both are swallowed (errors still raise)."""
     import io
 
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        yield
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 # --------------------------------------------------------------------------- the runtimes
 
 
-def _onnxruntime_fn(path: Path, threads: int | None) -> Callable[[np.ndarray], np.ndarray]:
+def onnxruntime_fn(path: Path, threads: int | None) -> Callable[[np.ndarray], np.ndarray]:
     ort = _import("onnxruntime", "onnxruntime")
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -482,13 +590,22 @@ def _onnxruntime_fn(path: Path, threads: int | None) -> Callable[[np.ndarray], n
     return lambda x: ort_run.run(None, {name: x})[0]
 
 
-def _openvino_fn(path: Path, precision: str, threads: int | None) -> Callable[[np.ndarray], np.ndarray]:
+def openvino_fn(
+    path: Path, precision: str, threads: int | None, streams: int = 1
+) -> Callable[[np.ndarray], np.ndarray]:
     core = _ov_core()
     # OpenVINO's CPU default on a bf16-capable CPU is bf16: fp32 asks for f32. int8 runs its unquantised
-    # rest (softmax, norms, the CPB MLP) in bf16 where that is native: SwinV2-T 256 px batch 8 ran 1.18x
-    # the bf16 model's speed that way, 1.02x with an f32 rest.
+    # rest (softmax, norms) in bf16 where that is native: SwinV2-T 256 px batch 8 ran 1.18x the bf16
+    # model's speed that way, 1.02x with an f32 rest.
     rest_bf16 = precision == "bf16" or (precision == "int8" and native_bf16("openvino"))
-    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "bf16" if rest_bf16 else "f32", "PERFORMANCE_HINT": "LATENCY"}
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "bf16" if rest_bf16 else "f32"}
+    # One stream (LATENCY): every thread works on the whole batch, op after op. More streams
+    # (THROUGHPUT): the batch is cut into `streams` parts run at once, each on its own share of the
+    # threads, so the small ops (norms, softmax, reshapes) of one part overlap the matmuls of another.
+    # Which is faster depends on the machine: `--runtime auto` times both.
+    config["PERFORMANCE_HINT"] = "LATENCY" if streams == 1 else "THROUGHPUT"
+    if streams > 1:
+        config["NUM_STREAMS"] = streams
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     # OpenVINO keeps what it compiled beside the graph and reuses it for the same graph file, settings
@@ -496,8 +613,23 @@ def _openvino_fn(path: Path, precision: str, threads: int | None) -> Callable[[n
     # later load of SwinV2-T took 0.2 s instead of 1.6.
     config["CACHE_DIR"] = os.fspath(path.parent / "openvino-compiled")
     compiled = core.compile_model(os.fspath(path), "CPU", config)
-    request = compiled.create_infer_request()
-    return lambda x: request.infer({0: x})[0].copy()
+    if streams == 1:
+        request = compiled.create_infer_request()
+        return lambda x: request.infer({0: x})[0].copy()
+    ov = _import("openvino", "openvino")
+    queue = ov.AsyncInferQueue(compiled, streams)
+    parts: dict[int, np.ndarray] = {}
+    queue.set_callback(lambda request, i: parts.__setitem__(i, request.get_output_tensor(0).data.copy()))
+
+    def infer(x: np.ndarray) -> np.ndarray:
+        chunks = np.array_split(x, min(streams, len(x)))
+        parts.clear()
+        for i, chunk in enumerate(chunks):
+            queue.start_async({0: np.ascontiguousarray(chunk)}, i)
+        queue.wait_all()
+        return np.concatenate([parts[i] for i in range(len(chunks))])
+
+    return infer
 
 
 def _takes_any_size(graph: str | None) -> bool:
@@ -525,6 +657,7 @@ class Runtime:
     infer: Callable[[torch.Tensor], torch.Tensor] = field(repr=False)
     path: str | None = None  # the graph it runs (None for torch)
     note: str = ""  # how it was chosen (auto) or what it runs
+    streams: int = 1  # OpenVINO: parts of a batch run at once (`openvino_fn`)
 
     def __call__(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
         x = torch.as_tensor(x)
@@ -541,9 +674,14 @@ class Runtime:
             )
         return self.infer(x.detach().cpu().float())
 
+    @property
+    def label(self) -> str:
+        """The runtime and its setting: "openvino", "openvino x2 streams"."""
+        return self.name + (f" x{self.streams} streams" if self.streams > 1 else "")
+
     def describe(self) -> str:
         where = f" ({self.path})" if self.path else ""
-        return f"{self.name} {self.precision}{where}" + (f"; {self.note}" if self.note else "")
+        return f"{self.label} {self.precision}{where}" + (f"; {self.note}" if self.note else "")
 
     def as_module(self) -> nn.Module:
         """This runtime as an `nn.Module` (for `evaluate`): forward(x) = self(x)."""
@@ -590,6 +728,7 @@ def load_runtime(
     cache_dir: str | os.PathLike | None = None,
     threads: int | None = None,
     batch_size: int = 8,
+    streams: int = 1,
 ) -> Runtime:
     """`model` (a loaded SwinTransformerV2, eval preprocessing in `model.info`) run by `runtime`
     ("torch", "onnxruntime", "openvino" or "auto") in `precision` ("fp32", "bf16", "int8").
@@ -597,9 +736,10 @@ def load_runtime(
     `img_size` defaults to the model's eval size; the ONNX runtimes' graphs are fixed at it. `weights`
     (the file the model came from) places the export cache beside it; `cache_dir` puts it there
     instead. `calib` is the folder of calibration images for int8. "auto" times batches of
-    `batch_size` images, at most `AUTO_MAX_BATCH` (the ranking, not the throughput, is what it needs).
-    Raises `RuntimeUnavailable` (a ValueError) with one line for a missing package or an unsupported
-    precision.
+    `batch_size` images, at most `AUTO_MAX_BATCH` (the ranking, not the throughput, is what it needs),
+    and weighs OpenVINO with one stream and with `auto_streams()`. `streams` > 1 runs an OpenVINO
+    batch as that many parts at once (`openvino_fn`). Raises `RuntimeUnavailable` (a ValueError)
+    with one line for a missing package or an unsupported precision.
     """
     model = cast(SwinTransformerV2, model)  # typed as a Module for callers; a SwinTransformerV2 here
     if img_size is None:  # model_info fills the preprocessing in from the config where the weights gave none
@@ -624,11 +764,14 @@ def load_runtime(
     root = export_root(sha, weights=weights, cache_dir=cache_dir)
     with _cache_folder(root):  # checked, made if needed and loaded while no other process changes the folder
         if precision == "int8":
-            graph = int8_openvino(model, root, sha, img_size, calib)
+            graph = int8_graph(model, root, sha, img_size, calib, runtime)
         else:
             graph = fp32_onnx(model, root, sha, img_size)
-        fn = _onnxruntime_fn(graph, threads) if runtime == "onnxruntime" else _openvino_fn(graph, precision, threads)
-    return Runtime(runtime, precision, img_size, num_classes, _numpy_infer(fn), path=os.fspath(graph))
+        if runtime == "onnxruntime":
+            fn, streams = onnxruntime_fn(graph, threads), 1
+        else:
+            fn = openvino_fn(graph, precision, threads, streams)
+    return Runtime(runtime, precision, img_size, num_classes, _numpy_infer(fn), path=os.fspath(graph), streams=streams)
 
 
 # --------------------------------------------------------------------------- auto
@@ -668,16 +811,32 @@ def time_runtimes(
     return best
 
 
+def auto_streams() -> int:
+    """The streams `--runtime auto` weighs beside one: two, or none where PyTorch runs on one thread."""
+    return 2 if torch.get_num_threads() >= 2 else 1
+
+
+def settings(runtime: str) -> list[tuple[str, int]]:
+    """(runtime, streams) settings `--runtime auto` times for `runtime`."""
+    if runtime == "openvino" and auto_streams() > 1:
+        return [(runtime, 1), (runtime, auto_streams())]
+    return [(runtime, 1)]
+
+
+def _label(runtime: str, streams: int) -> str:
+    return runtime + (f" x{streams} streams" if streams > 1 else "")
+
+
 def _auto(
     model: SwinTransformerV2, precision: str, *, weights, img_size: int, calib, cache_dir, threads, batch_size: int
 ) -> Runtime:
     batch_size = min(batch_size, AUTO_MAX_BATCH)
-    candidates = []
+    candidates: dict[str, tuple[str, int]] = {}
     reasons = []
     for r in RUNTIMES:
         try:
             check_supported(r, precision)
-            candidates.append(r)
+            candidates |= {_label(*setting): setting for setting in settings(r)}
         except RuntimeUnavailable as e:
             reasons.append(str(e))
     if not candidates:
@@ -687,26 +846,32 @@ def _auto(
         {
             "machine": _machine(),
             "threads": threads or torch.get_num_threads(),
-            "versions": _versions(c for c in candidates if c != "torch") | {"torch": torch.__version__},
+            "versions": _versions({r for r, _ in candidates.values() if r != "torch"}) | {"torch": torch.__version__},
             "config": model.config.to_dict(),
             "img_size": img_size,
             "batch": batch_size,
             "precision": precision,
+            "candidates": sorted(candidates),
         },
         sort_keys=True,
     )
     memo = _read_key(memo_path) or {}
     kw = dict(weights=weights, img_size=img_size, calib=calib, cache_dir=cache_dir, threads=threads)
+
+    def load(label: str) -> Runtime:
+        runtime, streams = candidates[label]
+        return load_runtime(model, runtime, precision, streams=streams, **kw)
+
     if memo_key in memo and memo[memo_key]["pick"] in candidates:
         rec = memo[memo_key]
-        rt = load_runtime(model, rec["pick"], precision, **kw)
+        rt = load(rec["pick"])
         rt.note = f"auto picked {rec['pick']}: " + _rates(rec["img_per_s"]) + f" (measured {rec['date']}, {memo_path})"
         return rt
     if len(candidates) == 1:
-        rt = load_runtime(model, candidates[0], precision, **kw)
+        rt = load(next(iter(candidates)))
         rt.note = f"auto: the only runtime here for {precision}"
         return rt
-    runtimes = {r: load_runtime(model, r, precision, **kw) for r in candidates}
+    runtimes = {label: load(label) for label in candidates}
     x = torch.randn(batch_size, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
     rates = time_runtimes(runtimes, x)
     pick = max(rates, key=rates.__getitem__)

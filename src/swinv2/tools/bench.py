@@ -93,6 +93,7 @@ from ..model.fast_paths import FastPaths, use_fast_paths
 from ..model.transformer import SwinTransformerV2, SwinV2Config
 from ..outputs import write_output
 from ..serve.runtime import load_runtime
+from ..serve.runtime import settings as runtime_settings
 from ..timing import sync, timed
 from ..train import distributed as D
 from ..weights.registry import model_config
@@ -509,7 +510,8 @@ def _build_runtimes(
     calib: str | os.PathLike | None,
     cache_dir: str | os.PathLike | None,
 ) -> dict[str, tuple[Callable, str]]:
-    """ "<runtime>/<precision>" -> (callable, precision) for every pair that runs here (others are skipped
+    """ "<runtime>/<precision>" -> (callable, precision) for every pair that runs here, OpenVINO also as
+    "openvino x2 streams/<precision>" (`runtime.settings`; pairs that do not run here are skipped
     with a warning, e.g. bf16 on a CPU without it); their max |logits - ours fp32| go into `diffs`.
     int8 without `calib` is calibrated on 32 seeded N(0, 1) images."""
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))  # as in _max_abs_diffs
@@ -521,13 +523,16 @@ def _build_runtimes(
             if precision == "int8" and images is None:
                 g = torch.Generator().manual_seed(0)
                 images = [torch.randn(1, 3, size, size, generator=g).numpy() for _ in range(32)]
-            try:
-                fn = load_runtime(ours, name, precision, img_size=size, calib=images, cache_dir=cache_dir)
-            except ValueError as e:  # runtime.RuntimeUnavailable: one line saying why
-                log.warning("%s/%s skipped: %s", name, precision, e)
-                continue
-            out[f"{name}/{precision}"] = (fn, precision)
-            diffs[f"{name}/{precision}"] = float((fn(x) - ref).abs().max())
+            for _, streams in runtime_settings(name):  # OpenVINO also with streams, as --runtime auto weighs it
+                try:
+                    rt = load_runtime(
+                        ours, name, precision, img_size=size, calib=images, cache_dir=cache_dir, streams=streams
+                    )
+                except ValueError as e:  # runtime.RuntimeUnavailable: one line saying why
+                    log.warning("%s/%s skipped: %s", name, precision, e)
+                    break
+                out[f"{rt.label}/{precision}"] = (rt, precision)
+                diffs[f"{rt.label}/{precision}"] = float((rt(x) - ref).abs().max())
     return out
 
 
