@@ -401,8 +401,8 @@ def test_int8_keeps_the_top1_of_a_trained_model(trained, tmp_path, capsys, name)
     assert len(blocks) >= 24 and all(blocks.values()), blocks
 
 
-def test_int8_without_calibration_images_is_one_line(trained, tmp_path, capsys):
-    pytest.importorskip("openvino")
+@pytest.mark.parametrize("name", ONNX_RUNTIMES)
+def test_int8_without_calibration_images_is_one_line(trained, tmp_path, capsys, name):
     weights, root = trained
     assert (
         main(
@@ -413,7 +413,7 @@ def test_int8_without_calibration_images_is_one_line(trained, tmp_path, capsys):
                 "--data",
                 str(root / "val"),
                 "--runtime",
-                "openvino",
+                name,
                 "--precision",
                 "int8",
                 "--cache-dir",
@@ -423,6 +423,7 @@ def test_int8_without_calibration_images_is_one_line(trained, tmp_path, capsys):
         == 2
     )
     assert "--calib DIR" in _one_line(capsys.readouterr().err)
+    assert not list((tmp_path / "cache").rglob("*int8*"))  # nothing half-made
 
 
 @pytest.mark.parametrize("name", ["openvino", "torch"])
