@@ -163,7 +163,6 @@ def _pt2e(ctx: Context) -> Fn:
 
 
 def variants(pt2e: bool, bf16: bool) -> list[Variant]:
-    shipped_ov, shipped_ort = SHIPPED_OV, SHIPPED_ORT
     out = [
         Variant("torch eager fp32", "fp32", "the reference", lambda ctx: _torch(ctx.model)),
         Variant("OpenVINO fp32", "fp32", "our ONNX graph", lambda ctx: _ov(ctx.onnx, "fp32", ctx)),
@@ -177,13 +176,13 @@ def variants(pt2e: bool, bf16: bool) -> list[Variant]:
             "int8",
             "transformer model type, min / max ranges over all images, 7-bit weights, SmoothQuant off, "
             "patch embedding and head fp32",
-            lambda ctx: _ov(_nncf(shipped_ov)(ctx), "int8", ctx),
+            lambda ctx: _ov(_nncf(SHIPPED_OV)(ctx), "int8", ctx),
         ),
         Variant(
             SHIPPED["openvino"] + ", 2 streams",
             "int8",
             "the same graph, THROUGHPUT hint: the batch in 2 parts at once",
-            lambda ctx: _ov(_nncf(shipped_ov)(ctx), "int8", ctx, streams=2),
+            lambda ctx: _ov(_nncf(SHIPPED_OV)(ctx), "int8", ctx, streams=2),
         ),
         Variant(
             "NNCF, NNCF's default ranges and overflow fix",
@@ -219,7 +218,7 @@ def variants(pt2e: bool, bf16: bool) -> list[Variant]:
             SHIPPED["onnxruntime"],
             "int8",
             "MinMax, per-channel s8 weights, u8 activations, patch embedding and head fp32",
-            lambda ctx: _ort(_ort_static(shipped_ort)(ctx), ctx),
+            lambda ctx: _ort(_ort_static(SHIPPED_ORT)(ctx), ctx),
         ),
         Variant(
             "ONNX Runtime QDQ, attention products fp32",
@@ -237,7 +236,7 @@ def variants(pt2e: bool, bf16: bool) -> list[Variant]:
             "ONNX Runtime QDQ graph in OpenVINO",
             "int8",
             "the shipped QDQ graph, read by OpenVINO",
-            lambda ctx: _ov(_ort_static(shipped_ort)(ctx), "int8", ctx),
+            lambda ctx: _ov(_ort_static(SHIPPED_ORT)(ctx), "int8", ctx),
         ),
         Variant(
             "ONNX Runtime dynamic",
@@ -342,15 +341,9 @@ def _group(node_type: str, node_name: str) -> str:
 def op_profile(path: Path, precision: str, threads: int, x: np.ndarray, rounds: int = 3) -> dict:
     """OpenVINO's per-op counters for one batch (the best of `rounds` after a warm-up), summed by op
     type and the precision it ran in (`exec_type`), and by `GROUPS`."""
-    from swinv2.serve.runtime import _ov_core, native_bf16
+    from swinv2.serve.runtime import _ov_core, openvino_config
 
-    rest_bf16 = precision == "bf16" or (precision == "int8" and native_bf16("openvino"))
-    config = {
-        "INFERENCE_PRECISION_HINT": "bf16" if rest_bf16 else "f32",
-        "PERFORMANCE_HINT": "LATENCY",
-        "INFERENCE_NUM_THREADS": threads,
-        "PERF_COUNT": True,
-    }
+    config = openvino_config(precision, threads) | {"PERF_COUNT": True}
     request = _ov_core().compile_model(os.fspath(path), "CPU", config).create_infer_request()
     request.infer({0: x})
     best = None
@@ -383,17 +376,14 @@ def op_profile(path: Path, precision: str, threads: int, x: np.ndarray, rounds: 
 
 def _val_set(val: Path, model: torch.nn.Module, img_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Every image of the class folders under `val`, preprocessed as eval does, and its label."""
-    from swinv2.images import eval_pipeline, load_image
+    from swinv2.images import eval_pipeline
+    from swinv2.train.datasets import ImageFolderDataset
     from swinv2.weights.registry import model_info, resolve_preprocess
 
-    names = model_info(model).class_names or sorted(p.name for p in val.iterdir() if p.is_dir())
     transform = eval_pipeline(resolve_preprocess(model, img_size=img_size))
-    xs, ys = [], []
-    for label, name in enumerate(names):
-        for f in sorted((val / name).glob("*.png")):
-            xs.append(transform(load_image(f)).numpy())
-            ys.append(label)
-    return np.stack(xs), np.array(ys)
+    data = ImageFolderDataset(val, transform, class_names=model_info(model).class_names)
+    xs, ys = zip(*(data[i] for i in range(len(data))))
+    return np.stack([x.numpy() for x in xs]), np.array(ys)
 
 
 def accuracy(vs: list[Variant], threads: int, work: Path) -> list[dict]:

@@ -608,10 +608,8 @@ def onnxruntime_fn(path: Path, threads: int | None) -> Callable[[np.ndarray], np
     return lambda x: ort_run.run(None, {name: x})[0]
 
 
-def openvino_fn(
-    path: Path, precision: str, threads: int | None, streams: int = 1
-) -> Callable[[np.ndarray], np.ndarray]:
-    core = _ov_core()
+def openvino_config(precision: str, threads: int | None, streams: int = 1) -> dict[str, Any]:
+    """OpenVINO's CPU settings for `precision` on `threads` threads (None: its own choice) in `streams`."""
     # OpenVINO's CPU default on a bf16-capable CPU is bf16: fp32 asks for f32. int8 runs its unquantised
     # rest (softmax, norms) in bf16 where that is native: SwinV2-T 256 px batch 8 ran 1.18x the bf16
     # model's speed that way, 1.02x with an f32 rest.
@@ -626,6 +624,14 @@ def openvino_fn(
         config["NUM_STREAMS"] = streams
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
+    return config
+
+
+def openvino_fn(
+    path: Path, precision: str, threads: int | None, streams: int = 1
+) -> Callable[[np.ndarray], np.ndarray]:
+    core = _ov_core()
+    config = openvino_config(precision, threads, streams)
     # OpenVINO keeps what it compiled beside the graph and reuses it for the same graph file, settings
     # and version; given the file's path (not a read model) it then skips reading the graph too: a
     # later load of SwinV2-T took 0.2 s instead of 1.6.
@@ -695,7 +701,7 @@ class Runtime:
     @property
     def label(self) -> str:
         """The runtime and its setting: "openvino", "openvino x2 streams"."""
-        return self.name + (f" x{self.streams} streams" if self.streams > 1 else "")
+        return _label(self.name, self.streams)
 
     def describe(self) -> str:
         where = f" ({self.path})" if self.path else ""
@@ -842,6 +848,7 @@ def settings(runtime: str) -> list[tuple[str, int]]:
 
 
 def _label(runtime: str, streams: int) -> str:
+    """How a (runtime, streams) setting is named in notes and in `runtime-auto.json`."""
     return runtime + (f" x{streams} streams" if streams > 1 else "")
 
 
